@@ -1,0 +1,51 @@
+"""Command-line flags from a config dataclass, so each script has one source of truth.
+
+Every script keeps its settings in one `@dataclass` whose fields carry a help text:
+
+    @dataclass
+    class Config:
+        steps: int = field(default=300, metadata={"help": "optimizer steps"})
+
+    cfg = parse_config(Config, description=__doc__)   # python script.py --steps=500
+
+The same dataclass is saved (as a plain dict) inside every checkpoint and rebuilt with
+`from_dict`, so a checkpoint alone says how it was made.
+"""
+import argparse
+import dataclasses
+import typing
+
+
+def _bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_config(cls, argv=None, description=None):
+    """Build an ArgumentParser from `cls`'s fields (`--some-name` for `some_name`) and parse argv."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            # `--flag` alone turns it on; `--flag=false` turns it off.
+            parser.add_argument(flag, type=_bool, nargs="?", const=True, default=default, help=help_text)
+        else:
+            base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+            choices = f.metadata.get("choices")
+            parser.add_argument(flag, type=base, default=default, choices=choices, help=help_text)
+    args = parser.parse_args(argv)
+    return cls(**vars(args))
+
+
+def from_dict(cls, values):
+    """Rebuild a config saved with dataclasses.asdict, ignoring keys this version does not know."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})

@@ -1,0 +1,530 @@
+"""
+Built-in synthetic image-caption data for PRIOR, with ground truth for every caption word.
+
+    python -m data.generate --out data/synth                    # default 'web' mix, about a minute on 2 cores
+    python -m data.generate --out data/synth_noisy --mix noisy  # presets: web, boiler, noisy
+    python -m data.generate --help                              # every knob, explained
+
+Scenes are 1-4 coloured shapes on a 3x3 grid. Captions imitate web alt-text: a consistent
+image description ("a photo of two red circles and a blue star at the top left") buried in
+- boilerplate: stock-photo/website phrases and glue words, predictable from text alone, and
+- noise: names, prices, dates, places, photo ids, independent of the image AND of the text.
+Every word carries a tag (image / boiler / noise), so we can check what PRIOR's reference LM
+down-weights: it should down-weight boilerplate, but it will UP-weight noise (it cannot
+predict it either), which is where PRIOR cannot help. Probes are multiple-choice caption
+fragments scored by likelihood (the models are never instruction tuned).
+Same config -> byte-identical files: every random draw comes from a seeded stream per split
+and every image from its own seed, so the worker count does not matter.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+import typing
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from multiprocessing import Pool
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- vocabulary
+SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring"]
+COLOURS = {  # clearly distinct hues; --colour-contrast pulls them towards grey (harder)
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 215, 40),
+    "purple": (140, 60, 190), "orange": (245, 135, 25), "cyan": (40, 205, 215), "pink": (245, 120, 190),
+    "white": (250, 250, 250), "black": (15, 15, 15), "brown": (130, 80, 35)}
+ROWS, COLS = ["top", "middle", "bottom"], ["left", "center", "right"]
+NUMS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+IMG, BOIL, NOISE = "image", "boiler", "noise"
+# caption intros, weighted: "a photo of" dominates so probe prompts are frequent caption prefixes
+INTROS = [("a photo of", 6), ("an image of", 1), ("a picture of", 1), ("photo of", 1),
+          ("close up of", 1), ("an illustration of", 1), ("", 2)]
+BOILER = ["stock photo", "royalty free stock photo", "royalty free image", "high resolution image",
+          "high quality image", "click to download", "all rights reserved", "available in high resolution",
+          "available in all sizes", "this picture shows", "free for commercial use", "download this image now",
+          "stock illustration", "vector illustration", "hd wallpaper", "best price online", "buy now",
+          "see more ideas about", "editorial use only", "license this photo", "view full size",
+          "share on facebook", "pin it on pinterest", "no attribution required", "copyright protected",
+          "image for your website", "find the perfect image", "premium quality", "free download"]
+SEPARATORS = [",", "-", "|", "."]
+FIRST = ["maria", "john", "anna", "li", "ahmed", "sofia", "david", "elena", "kenji", "fatima", "lucas",
+         "olga", "peter", "amara", "diego", "yuki", "sara", "omar", "ines", "tom", "nina", "raj", "eva", "igor"]
+LAST = ["lopez", "smith", "chen", "novak", "garcia", "muller", "rossi", "kim", "silva", "ivanov", "okafor",
+        "tanaka", "dubois", "jensen", "khan", "costa", "nowak", "berg", "santos", "white", "moreau", "haas"]
+PLACES = ["lisbon", "berlin", "tokyo", "lagos", "lima", "oslo", "cairo", "denver", "kyoto", "porto", "quito",
+          "dublin", "seoul", "milan", "austin", "hanoi", "perth", "zurich", "nairobi", "bogota", "riga", "accra"]
+MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september",
+          "october", "november", "december"]
+SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vel", "dor", "an", "bri", "ost", "um", "qua", "zel", "fin",
+             "ha", "jo", "ter", "ne", "pil", "gor", "shi", "wa", "ex"]
+
+# three caption-noise presets (fill image_share / noise_share / noise_vocab unless given explicitly)
+MIXES = {"web": dict(image_share=0.30, noise_share=0.25, noise_vocab=300),      # like real alt-text
+         "boiler": dict(image_share=0.30, noise_share=0.03, noise_vocab=20),     # predictable filler only
+         "noisy": dict(image_share=0.30, noise_share=0.55, noise_vocab=5000)}    # high-entropy filler
+
+
+@dataclass
+class GenConfig:
+    out: str = field(default="data/synth", metadata={"help": "output folder"})
+    seed: int = field(default=0, metadata={"help": "master seed; same config gives byte-identical files"})
+    mix: str = field(default="web", metadata={"help": f"caption filler preset {list(MIXES)}: sets the next "
+                                                      "three flags unless they are given"})
+    image_share: typing.Optional[float] = field(default=None, metadata={
+        "help": "target fraction of caption words that depend on the image (paper measured ~0.3)"})
+    noise_share: typing.Optional[float] = field(default=None, metadata={
+        "help": "target fraction of the NON-image words that are random noise (rest: boilerplate); "
+                "capped by the glue words of the description itself"})
+    noise_vocab: typing.Optional[int] = field(default=None, metadata={
+        "help": "distinct items per noise kind (names, prices, dates, places, ids, numbers): its entropy"})
+    n_ref: int = field(default=20000, metadata={"help": "text-only captions for the reference LM "
+                                                        "(fresh scenes, never equal to a train/val/test caption)"})
+    n_text: int = field(default=20000, metadata={"help": "more text-only captions (base LM / text mix)"})
+    n_label: int = field(default=5000, metadata={"help": "images with a short label as caption (stage 1)"})
+    n_train: int = field(default=20000, metadata={"help": "image-caption pairs for training"})
+    n_val: int = field(default=1000, metadata={"help": "image-caption pairs for validation"})
+    n_test: int = field(default=1000, metadata={"help": "image-caption pairs for testing"})
+    n_probe: int = field(default=500, metadata={"help": "rows per probe kind"})
+    image_size: int = field(default=48, metadata={"help": "image side in pixels (3x3 grid of cells)"})
+    min_objects: int = field(default=1, metadata={"help": "fewest objects per scene"})
+    max_objects: int = field(default=4, metadata={"help": "most objects per scene (at most 9)"})
+    n_shapes: int = field(default=6, metadata={"help": f"shapes used, first n of {SHAPES}"})
+    n_colours: int = field(default=8, metadata={"help": f"colours used, first n of {list(COLOURS)}"})
+    object_scale: float = field(default=1.0, metadata={"help": "object size multiplier; large radius = "
+                                                               "0.42 cell x scale (bigger = easier shapes)"})
+    small_ratio: float = field(default=0.65, metadata={"help": "radius of 'small' relative to 'large'"})
+    rotate: float = field(default=10.0, metadata={"help": "max random rotation of a shape, degrees"})
+    colour_jitter: float = field(default=15.0, metadata={"help": "max per-channel RGB jitter of an object"})
+    colour_contrast: float = field(default=1.0, metadata={"help": "scale colours around grey (<1: more "
+                                                                  "similar colours, harder)"})
+    bg_noise: float = field(default=8.0, metadata={"help": "std of per-pixel noise on the whole image"})
+    pair_prob: float = field(default=0.25, metadata={"help": "chance a scene has two objects of the same "
+                                                             "shape and colour ('two red circles')"})
+    cooccur_prob: float = field(default=0.3, metadata={"help": "chance an object takes the partner shape of "
+                                                               "another (co-occurrence for adversarial POPE)"})
+    shape_skew: float = field(default=0.6, metadata={"help": "shape frequency ~ rank^-skew (popular POPE)"})
+    pos_prob: float = field(default=0.5, metadata={"help": "chance a caption gives object positions"})
+    count_prob: float = field(default=0.25, metadata={"help": "chance a caption says 'three shapes :'"})
+    size_prob: float = field(default=0.35, metadata={"help": "chance an object phrase keeps its size"})
+    colour_prob: float = field(default=0.85, metadata={"help": "chance an object phrase keeps its colour"})
+    workers: int = field(default=2, metadata={"help": "processes for image rendering (output unaffected)"})
+
+
+def resolve(cfg):
+    """Fill the preset-controlled fields left at None from --mix."""
+    assert cfg.mix in MIXES, f"unknown --mix {cfg.mix}, choose from {list(MIXES)}"
+    for k, v in MIXES[cfg.mix].items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    assert 1 <= cfg.min_objects <= cfg.max_objects <= 9 and cfg.max_objects < cfg.n_shapes <= len(SHAPES)
+    assert 4 <= cfg.n_colours <= len(COLOURS) and 1 <= cfg.noise_vocab <= 10000 and 0 < cfg.image_share < 1
+    return cfg
+
+
+# ----------------------------------------------------------------------------- scenes
+def sample_scene(rng, cfg):
+    shapes, colours = SHAPES[:cfg.n_shapes], list(COLOURS)[:cfg.n_colours]
+    weights = [(i + 1) ** -cfg.shape_skew for i in range(len(shapes))]
+    partner = {s: shapes[(i + len(shapes) // 2) % len(shapes)] for i, s in enumerate(shapes)}
+    n = rng.randint(cfg.min_objects, cfg.max_objects)
+    objs = []
+    for i, cell in enumerate(rng.sample(range(9), n)):
+        if i == 1 and rng.random() < cfg.pair_prob:  # a twin: same shape and colour
+            shape, colour = objs[0]["shape"], objs[0]["colour"]
+        else:
+            if i and rng.random() < cfg.cooccur_prob:
+                shape = partner[rng.choice(objs)["shape"]]
+            else:
+                shape = rng.choices(shapes, weights)[0]
+            colour = rng.choice(colours)
+        objs.append(dict(shape=shape, colour=colour, size=rng.choice(["small", "large"]),
+                         row=ROWS[cell // 3], col=COLS[cell % 3]))
+    rng.shuffle(objs)
+    return objs
+
+
+def groups_of(scene, with_pos):
+    """Object phrases for a scene: one per object when positions are given, else identical
+    shape+colour objects merge into 'two red circles' (size kept only if they agree)."""
+    if with_pos:
+        return [dict(n=1, shape=o["shape"], colour=o["colour"], size=o["size"], pos=(o["row"], o["col"]))
+                for o in scene]
+    out = {}
+    for o in scene:
+        g = out.setdefault((o["shape"], o["colour"]), dict(n=0, shape=o["shape"], colour=o["colour"],
+                                                            size=o["size"], pos=None))
+        g["n"] += 1
+        g["size"] = g["size"] if g["size"] == o["size"] else None
+    return list(out.values())
+
+
+# ----------------------------------------------------------------------------- caption grammar
+def W(text, tag):  # "a photo of" -> [("a", tag), ("photo", tag), ("of", tag)]
+    return [(w, tag) for w in text.split()]
+
+
+def plural(shape, n):
+    return shape if n == 1 else shape + ("es" if shape.endswith("s") else "s")
+
+
+def pos_words(row, col):
+    if row == "middle" and col == "center":
+        return W("in the", BOIL) + [("center", IMG)]
+    if row == "middle":
+        return W("on the", BOIL) + [(col, IMG)]
+    if col == "center":
+        return W("at the", BOIL) + [(row, IMG)]
+    return W("at the", BOIL) + [(row, IMG), (col, IMG)]
+
+
+def object_words(g, with_shape=True):
+    """'a large red circle at the top left' / 'two blue stars'. The article is glue (boiler),
+    a number word is image content."""
+    attrs = [a for a in (g.get("size"), g.get("colour")) if a]
+    head = (attrs + [g["shape"]])[0]
+    w = [("an" if head[0] in "aeiou" else "a", BOIL)] if g["n"] == 1 else [(NUMS[g["n"]], IMG)]
+    w += [(a, IMG) for a in attrs]
+    if with_shape:
+        w.append((plural(g["shape"], g["n"]), IMG))
+        if g.get("pos"):
+            w += pos_words(*g["pos"])
+    return w
+
+
+def describe(groups):
+    """'A , B and C': one fixed list grammar, so a model can learn where objects start."""
+    w = []
+    for i, g in enumerate(groups):
+        if i:
+            w.append(("and" if i == len(groups) - 1 else ",", BOIL))
+        w += object_words(g)
+    return w
+
+
+def count_words(n):
+    return [(NUMS[n], IMG), (plural("shape", n), BOIL)]
+
+
+def label_words(scene):  # short label: 'two red circles and a blue square' (no size, no position)
+    return describe([dict(g, size=None) for g in groups_of(scene, False)])
+
+
+def noise_pools(cfg):
+    """V distinct items per noise kind, fixed per seed (ref LM and VLM see the same pools)."""
+    rng, V = random.Random(f"{cfg.seed}/noise"), cfg.noise_vocab
+
+    def distinct(make):
+        seen, items = set(), []
+        while len(items) < V:
+            x = make()
+            if x not in seen:
+                seen.add(x)
+                items.append(x)
+        return items
+
+    pseudo = lambda: "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))  # noqa: E731
+    last = LAST + [pseudo() for _ in range(max(0, 2 * V // len(FIRST) - len(LAST) + 1))]
+    places = PLACES + [pseudo() for _ in range(max(0, 2 * V - len(PLACES)))]
+    big = max(100, 4 * V)
+    return dict(
+        name=distinct(lambda: f"{rng.choice(FIRST)} {rng.choice(last)}"),
+        place=distinct(lambda: rng.choice(places)),
+        price=distinct(lambda: f"{rng.randint(1, big)}.{rng.choice(['99', '95', '49', '00'])}"),
+        date=distinct(lambda: f"{rng.choice(MONTHS)} {rng.randint(1, 28)} {rng.randint(1995, 2024)}"),
+        id=distinct(lambda: str(rng.randint(1000, 1000 + 10 * big))),
+        number=distinct(lambda: str(rng.randint(2, big))))
+
+
+# noise templates: the slot {} is noise, the rest is predictable glue (tagged boiler)
+NOISE_TEMPLATES = {"name": ["by {}", "{}", "photo by {}", "{}"], "place": ["in {}", "{}", "{}"],
+                   "price": ["$ {}", "{} usd", "only $ {}"], "date": ["{}", "{}", "posted on {}"],
+                   "id": ["img {}", "dsc {}", "# {}", "{}"], "number": ["{} views", "{}", "lot {}"]}
+
+
+def noise_segment(rng, pools):
+    kind = rng.choice(list(NOISE_TEMPLATES))
+    pre, post = rng.choice(NOISE_TEMPLATES[kind]).split("{}")
+    return W(pre, BOIL) + W(rng.choice(pools[kind]), NOISE) + W(post, BOIL)
+
+
+def caption(scene, rng, cfg, pools):
+    """One web-style caption: a description of the scene padded with boilerplate and noise
+    segments until image words make up ~image_share of it. Returns (text, tags)."""
+    with_pos = rng.random() < cfg.pos_prob
+    groups = groups_of(scene, with_pos)
+    rng.shuffle(groups)
+    for g in groups:  # drop attributes: web captions are incomplete
+        g["size"] = g["size"] if rng.random() < cfg.size_prob else None
+        g["colour"] = g["colour"] if rng.random() < cfg.colour_prob else None
+    core = W(rng.choices(*zip(*INTROS))[0], BOIL)
+    if rng.random() < cfg.count_prob:
+        core += count_words(len(scene)) + [(":", BOIL)]
+    core += describe(groups)
+    # word budgets: total = image / image_share; noise = noise_share of the rest
+    n_img = sum(t == IMG for _, t in core)
+    rest = n_img / cfg.image_share - n_img
+    noise_left = cfg.noise_share * rest
+    boil_left = rest - noise_left - (len(core) - n_img)
+    segs = []
+    # a segment that overshoots the budget is kept with probability budget/size: unbiased shares
+    while noise_left > 0:
+        seg = noise_segment(rng, pools)
+        k = sum(t == NOISE for _, t in seg)
+        if k > noise_left and rng.random() > noise_left / k:
+            break
+        segs.append(seg)
+        noise_left -= k
+        boil_left -= len(seg) - k + 1  # +1: the separator it brings
+    while boil_left > 0:
+        seg = W(rng.choice(BOILER), BOIL)
+        if len(seg) + 1 > boil_left and rng.random() > boil_left / (len(seg) + 1):
+            break
+        segs.append(seg)
+        boil_left -= len(seg) + 1
+    rng.shuffle(segs)
+    # the description leads most captions, so "a photo of ..." probe prompts are natural prefixes
+    segs.insert(0 if rng.random() < 0.6 else rng.randint(0, len(segs)), core)
+    words = []
+    for seg in segs:
+        if words:
+            words.append((rng.choice(SEPARATORS), BOIL))
+        words += seg
+    return " ".join(w for w, _ in words), [t for _, t in words]
+
+
+# ----------------------------------------------------------------------------- probes
+def probe(kind, scene, rng, cfg, stats):
+    """(prompt, correct, wrong choices) for one scene, or None if the scene does not fit."""
+    intro = "a photo of"
+    text = lambda words: " ".join(w for w, _ in words)  # noqa: E731
+    shapes, colours = SHAPES[:cfg.n_shapes], list(COLOURS)[:cfg.n_colours]
+    pairs = {(o["shape"], o["colour"]) for o in scene}
+    if kind.startswith("presence"):  # POPE as two continuations: present vs absent shape
+        present = {o["shape"] for o in scene}
+        absent = [s for s in shapes if s not in present]
+        g = dict(rng.choice(groups_of(scene, False)), size=None)
+        if kind == "presence_random":
+            a = rng.choice(absent)
+        elif kind == "presence_popular":  # most frequent absent shape in train
+            a = max(absent, key=lambda s: stats["freq"][s])
+        else:  # adversarial: absent shape co-occurring most with the present ones in train
+            a = max(absent, key=lambda s: (sum(stats["cooc"][p, s] for p in present), stats["freq"][s]))
+        return f"{intro} {text(object_words(g, with_shape=False))}", plural(g["shape"], g["n"]), [plural(a, g["n"])]
+    if kind == "colour":
+        g = rng.choice(groups_of(scene, False))
+        wrong = [c for c in colours if (g["shape"], c) not in pairs]
+        alt = lambda c: text(object_words(dict(g, colour=c, size=None)))  # noqa: E731
+        return intro, alt(g["colour"]), [alt(c) for c in rng.sample(wrong, min(3, len(wrong)))]
+    if kind == "count":
+        if cfg.min_objects == cfg.max_objects:
+            return None
+        counts = range(cfg.min_objects, cfg.max_objects + 1)
+        return intro, text(count_words(len(scene))), [text(count_words(n)) for n in counts if n != len(scene)]
+    if kind == "position":
+        unique = [o for o in scene if sum((p["shape"], p["colour"]) == (o["shape"], o["colour"]) for p in scene) == 1]
+        if not unique:
+            return None
+        o = rng.choice(unique)
+        g = dict(n=1, shape=o["shape"], colour=o["colour"])
+        others = [(r, c) for r in ROWS for c in COLS if (r, c) != (o["row"], o["col"])]
+        return (f"{intro} {text(object_words(g))}", text(pos_words(o["row"], o["col"])),
+                [text(pos_words(*rc)) for rc in rng.sample(others, 3)])
+    if kind == "retrieval":  # true description vs 3 that each change exactly one detail
+        with_pos = rng.random() < 0.5
+        groups = [dict(g, size=None) for g in groups_of(scene, with_pos)]
+        true, wrong = text(describe(groups)), []
+        for _ in range(100):
+            i = rng.randrange(len(groups))
+            g = dict(groups[i])
+            what = rng.choice(["colour", "shape", "position" if with_pos else "count"])
+            if what == "colour":
+                g["colour"] = rng.choice([c for c in colours if (g["shape"], c) not in pairs])
+            elif what == "shape":
+                g["shape"] = rng.choice([s for s in shapes if (s, g["colour"]) not in pairs])
+            elif what == "count":
+                g["n"] = g["n"] + 1 if g["n"] == 1 or rng.random() < 0.5 else g["n"] - 1
+            else:
+                used = {(o["row"], o["col"]) for o in scene}
+                g["pos"] = rng.choice([(r, c) for r in ROWS for c in COLS if (r, c) not in used])
+            d = text(describe(groups[:i] + [g] + groups[i + 1:]))
+            if d not in wrong:
+                wrong.append(d)
+            if len(wrong) == 3:
+                return intro, true, wrong
+        return None
+    raise ValueError(kind)
+
+
+PROBES = ["presence_random", "presence_popular", "presence_adversarial", "colour", "count",
+          "position", "retrieval"]
+
+
+# ----------------------------------------------------------------------------- rendering
+def _regular(k, r, start=-90.0, r2=None):  # k-gon (or 2k-point star when r2 is given), unit space
+    n = 2 * k if r2 else k
+    return [((r2 if r2 and i % 2 else r) * math.cos(math.radians(start + 360 * i / n)),
+             (r2 if r2 and i % 2 else r) * math.sin(math.radians(start + 360 * i / n))) for i in range(n)]
+
+
+_w, _l = 0.38, 1.15
+POLYGONS = {  # radii chosen so all shapes cover a similar area (area alone must not give it away)
+    "square": _regular(4, 1.22, 45), "diamond": _regular(4, 1.3, 0), "triangle": _regular(3, 1.45),
+    "hexagon": _regular(6, 1.1, 0), "star": _regular(5, 1.45, -90, 0.6),
+    "cross": [(_w, _l), (_w, _w), (_l, _w), (_l, -_w), (_w, -_w), (_w, -_l), (-_w, -_l), (-_w, -_w),
+              (-_l, -_w), (-_l, _w), (-_w, _w), (-_w, _l)]}
+
+
+def render(scene, cfg, key):
+    """Scene -> RGB image. Shapes are drawn 4x larger and box-downsampled (anti-aliasing)."""
+    S, SS = cfg.image_size, 4
+    rng = np.random.default_rng(key)
+    yy, xx = np.mgrid[0:S, 0:S] / S - 0.5
+    angle = rng.uniform(0, 2 * np.pi)  # background: random tone + tint + soft gradient
+    bg = rng.uniform(50, 200) + rng.uniform(-30, 30) * (xx * np.cos(angle) + yy * np.sin(angle))
+    img = bg[..., None] + rng.normal(0, 10, 3)
+    cell = S / 3
+    for o in scene:
+        r = 0.42 * cell * cfg.object_scale * (1.0 if o["size"] == "large" else cfg.small_ratio)
+        free = max(0.0, cell / 2 - r)  # jitter inside the cell without leaving it
+        cx = (COLS.index(o["col"]) + 0.5) * cell + rng.uniform(-free, free)
+        cy = (ROWS.index(o["row"]) + 0.5) * cell + rng.uniform(-free, free)
+        rot = math.radians(rng.uniform(-cfg.rotate, cfg.rotate))
+        mask = Image.new("L", (S * SS, S * SS), 0)
+        d = ImageDraw.Draw(mask)
+        box = lambda k: [SS * (cx - k * r), SS * (cy - k * r), SS * (cx + k * r), SS * (cy + k * r)]  # noqa
+        if o["shape"] in ("circle", "ring"):
+            d.ellipse(box(1.0), fill=255)
+            if o["shape"] == "ring":
+                d.ellipse(box(0.5), fill=0)
+        else:
+            d.polygon([(SS * (cx + r * (x * math.cos(rot) - y * math.sin(rot))),
+                        SS * (cy + r * (x * math.sin(rot) + y * math.cos(rot)))) for x, y in POLYGONS[o["shape"]]],
+                      fill=255)
+        a = np.asarray(mask.reduce(SS), np.float64)[..., None] / 255
+        rgb = 128 + cfg.colour_contrast * (np.array(COLOURS[o["colour"]]) - 128)
+        img = img * (1 - a) + (rgb + rng.uniform(-cfg.colour_jitter, cfg.colour_jitter, 3)) * a
+    img += rng.normal(0, cfg.bg_noise, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), "RGB")
+
+
+def _render_job(cfg, job):
+    path, scene, key = job
+    render(scene, cfg, key).save(path)
+
+
+# ----------------------------------------------------------------------------- main
+def shares(rows):
+    c = Counter(t for r in rows for t in r["tags"])
+    n = sum(c.values()) or 1
+    out = {k: round(c[k] / n, 4) for k in (IMG, BOIL, NOISE)}
+    out["noise_of_nonimage"] = round(c[NOISE] / max(1, c[NOISE] + c[BOIL]), 4)
+    out["words_per_caption"] = round(n / max(1, len(rows)), 2)
+    return out
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def generate(cfg):
+    cfg = resolve(cfg)
+    t0 = time.time()
+    pools, out = noise_pools(cfg), cfg.out
+    files, jobs, seen = {}, [], set()
+
+    def image_path(split, i, scene):
+        os.makedirs(os.path.join(out, "images", split), exist_ok=True)
+        rel = f"images/{split}/{i:06d}.png"
+        jobs.append((os.path.join(out, rel), scene, [cfg.seed, len(jobs)]))  # own seed per image
+        return rel
+
+    # image-caption splits first: their captions are what the ref LM must never see
+    for split in ("train", "val", "test"):
+        rng, rows = random.Random(f"{cfg.seed}/{split}"), []
+        for i in range(getattr(cfg, f"n_{split}")):
+            scene = sample_scene(rng, cfg)
+            text, tags = caption(scene, rng, cfg, pools)
+            seen.add(text)
+            rows.append(dict(id=f"{split}-{i:06d}", image=image_path(split, i, scene), caption=text, tags=tags,
+                             scene=scene, label=" ".join(w for w, _ in label_words(scene))))
+        files[split] = rows
+    for split in ("ref", "text"):  # text only, fresh scenes
+        rng, rows = random.Random(f"{cfg.seed}/{split}"), []
+        while len(rows) < getattr(cfg, f"n_{split}"):
+            text, tags = caption(sample_scene(rng, cfg), rng, cfg, pools)
+            if split == "text" or text not in seen:
+                rows.append(dict(id=f"{split}-{len(rows):06d}", caption=text, tags=tags))
+        files[split] = rows
+    rng, rows = random.Random(f"{cfg.seed}/label"), []
+    for i in range(cfg.n_label):  # short ImageNet-style labels, no filler
+        scene = sample_scene(rng, cfg)
+        words = label_words(scene)
+        rows.append(dict(id=f"label-{i:06d}", image=image_path("label", i, scene), caption=" ".join(w for w, _ in words),
+                         tags=[t for _, t in words], scene=scene))
+    files["label"] = rows
+
+    stats = dict(freq=Counter(o["shape"] for r in files["train"] for o in r["scene"]), cooc=Counter())
+    for r in files["train"]:
+        present = {o["shape"] for o in r["scene"]}
+        stats["cooc"].update((a, b) for a in present for b in present if a != b)
+    probes = {}
+    for kind in PROBES:
+        rng, rows = random.Random(f"{cfg.seed}/probe/{kind}"), []
+        while len(rows) < cfg.n_probe:
+            scene = sample_scene(rng, cfg)
+            p = probe(kind, scene, rng, cfg, stats)
+            if p is None:
+                continue
+            prompt, correct, wrong = p
+            choices = [correct] + wrong
+            rng.shuffle(choices)  # answer position uniformly random
+            i = len(rows)
+            rows.append(dict(id=f"{kind}-{i:06d}", image="../" + image_path(f"probes/{kind}", i, scene), prompt=prompt,
+                             choices=choices, answer=choices.index(correct), kind=kind, scene=scene))
+        probes[kind] = rows
+
+    # render all images; each has its own seed, so the pool's order does not matter
+    work = partial(_render_job, cfg)
+    if cfg.workers > 1:
+        with Pool(cfg.workers) as pool:
+            list(tqdm(pool.imap_unordered(work, jobs, chunksize=64), total=len(jobs), desc="images"))
+    else:
+        for job in tqdm(jobs, desc="images"):
+            work(job)
+
+    os.makedirs(os.path.join(out, "probes"), exist_ok=True)
+    for name, rows in files.items():
+        write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
+    for kind, rows in probes.items():
+        write_jsonl(os.path.join(out, "probes", f"{kind}.jsonl"), rows)
+    meta = dict(config={k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")},  # no effect on data
+                counts={**{k: len(v) for k, v in files.items()}, **{f"probes/{k}": len(v) for k, v in probes.items()}},
+                shares={k: shares(v) for k, v in files.items()},
+                shapes=SHAPES[:cfg.n_shapes], colours=list(COLOURS)[:cfg.n_colours],
+                train_shape_freq=dict(stats["freq"].most_common()))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"wrote {out} in {time.time() - t0:.1f}s  (mix={cfg.mix}: image_share={cfg.image_share} "
+          f"noise_share={cfg.noise_share} noise_vocab={cfg.noise_vocab})")
+    for k, s in meta["shares"].items():
+        print(f"  {k:6s} " + "  ".join(f"{a}={b}" for a, b in s.items()))
+    return meta
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(GenConfig):
+        typ = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))
+        p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=f.default, help=f.metadata["help"],
+                       **({"choices": list(MIXES)} if f.name == "mix" else {}))
+    return GenConfig(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    generate(parse_args())

@@ -1,0 +1,156 @@
+"""Train a text-only decoder LM on captions: the PRIOR reference LM (the paper's Eq. 2), or the base LM.
+
+    python reference_lm.py --data data/synth/ref.jsonl --out out/ref_lm.pt     # reference LM (scores captions)
+    python reference_lm.py --data data/synth/text.jsonl --out out/base_lm.pt   # base LM the VLMs start from
+
+The reference LM must train on captions disjoint from those it later scores (the paper: ~5M captions train
+it, another ~3M are scored): on captions it has memorised, p_ref is inflated and every weight shrinks.
+
+Captions are packed into rows of --row-len tokens with attention kept inside each caption and positions
+restarting at each caption (data/packing.py), so no compute is spent on padding. The checkpoint holds the
+weights, this config, the decoder config, the tokenizer fingerprint and the training-data fingerprint.
+"""
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import tokenizer as T
+from cli import parse_config
+from data.packing import Sample, pack
+from data.records import read_records
+from loss import ntp_loss
+from model import Decoder, DecoderConfig
+from utils import atomic_save, autocast, lr_at, pick_device, seed_everything, text_fingerprint
+
+
+@dataclass
+class RefConfig:
+    data: str = field(default="data/synth/ref.jsonl", metadata={"help": "caption file (JSONL or LLaVA JSON); images are not read"})
+    tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json from tokenizer.py"})
+    out: str = field(default="out/ref_lm.pt", metadata={"help": "checkpoint to write"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of captions held out for validation perplexity"})
+    n_layer: int = field(default=4, metadata={"help": "decoder layers"})
+    n_head: int = field(default=4, metadata={"help": "attention heads"})
+    d_model: int = field(default=256, metadata={"help": "decoder width"})
+    row_len: int = field(default=256, metadata={"help": "tokens per packed row"})
+    batch_rows: int = field(default=16, metadata={"help": "packed rows per optimizer step"})
+    steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
+    warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
+    eval_every: int = field(default=200, metadata={"help": "validate every N steps"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+
+def caption_samples(tok, records):
+    return [Sample(ids, index=i) for i, ids in enumerate(T.encode_captions(tok, [r.caption for r in records]))]
+
+
+def make_optimizer(params, lr, weight_decay):
+    """AdamW with decay on matrices only (norms, biases and 1-d gains are not decayed)."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=False)
+
+
+@torch.no_grad()
+def evaluate(model, samples, row_len, device, batch_rows=32):
+    """Mean NLL per token over all samples (packed, forward only)."""
+    model.eval()
+    batch = pack(samples, row_len)
+    total, count = 0.0, 0
+    for start in range(0, batch.input_ids.shape[0], batch_rows):
+        rows = slice(start, start + batch_rows)
+        labels = batch.labels[rows].to(device)
+        with autocast(device):
+            logits = model(batch.input_ids[rows].to(device), position_ids=batch.position_ids[rows].to(device),
+                           doc_ids=batch.doc_ids[rows].to(device))
+        n = int((labels != -100).sum())
+        total += float(ntp_loss(logits, labels)) * n
+        count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def train_lm(cfg):
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    tok = T.load_tokenizer(cfg.tokenizer)
+    records = read_records(cfg.data, require_image=False, check_files=False)
+    order = list(range(len(records)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = max(1, int(len(records) * cfg.val_fraction))
+    samples = caption_samples(tok, records)
+    val = [samples[i] for i in order[:n_val]]
+    train = [samples[i] for i in order[n_val:]]
+
+    dcfg = DecoderConfig(vocab_size=tok.get_vocab_size(), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         d_model=cfg.d_model, max_seq_len=cfg.row_len)
+    model = Decoder(dcfg).to(device)
+    opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"LM: {n_params / 1e6:.2f}M params, {len(train)} train / {len(val)} val captions from {cfg.data}")
+
+    rng = random.Random(cfg.seed + 1)
+    epoch_rows, cursor, tokens_seen, t_train = [], 0, 0, 0.0
+    history = []
+    bar = tqdm(range(cfg.steps), desc=f"train {os.path.basename(cfg.out)}", dynamic_ncols=True)
+    for step in bar:
+        if cursor + cfg.batch_rows > len(epoch_rows):  # new epoch: reshuffle captions and re-pack
+            rng.shuffle(train)
+            epoch = pack(train, cfg.row_len)
+            epoch_rows = list(zip(epoch.input_ids, epoch.labels, epoch.position_ids, epoch.doc_ids))
+            cursor = 0
+        rows = [torch.stack(x) for x in zip(*epoch_rows[cursor:cursor + cfg.batch_rows])]
+        cursor += cfg.batch_rows
+        input_ids, labels, position_ids, doc_ids = (x.to(device) for x in rows)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        t0 = time.perf_counter()
+        with autocast(device):
+            logits = model(input_ids, position_ids=position_ids, doc_ids=doc_ids)
+        loss = ntp_loss(logits, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t_train += time.perf_counter() - t0
+        tokens_seen += input_ids.numel()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            val_nll = evaluate(model, val, cfg.row_len, device)
+            history.append({"step": step + 1, "train_loss": loss.item(), "val_nll": val_nll})
+            tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, val nll {val_nll:.3f}, "
+                       f"val ppl {torch.tensor(val_nll).exp():.2f}")
+
+    train_tokens_per_s = tokens_seen / t_train
+    print(f"training throughput: {train_tokens_per_s:,.0f} tokens/s (forward + backward + step, {device})")
+    atomic_save({"model": model.state_dict(), "decoder_config": asdict(dcfg), "config": asdict(cfg),
+                 "tokenizer": T.fingerprint(tok), "data": text_fingerprint(records), "history": history,
+                 "train_tokens_per_s": train_tokens_per_s}, cfg.out)
+    with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
+        json.dump({"history": history, "train_tokens_per_s": train_tokens_per_s, "params": n_params}, f, indent=1)
+    print(f"saved {cfg.out}")
+    return model
+
+
+def load_lm(path, tok=None):
+    """Decoder from a reference_lm.py checkpoint; checks the tokenizer fingerprint when `tok` is given."""
+    from utils import check_fingerprint, load_checkpoint
+    ckpt = load_checkpoint(path)
+    if tok is not None:
+        check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), path, "the tokenizer in use")
+    model = Decoder(DecoderConfig(**ckpt["decoder_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+if __name__ == "__main__":
+    train_lm(parse_config(RefConfig, description=__doc__))

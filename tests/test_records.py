@@ -1,0 +1,192 @@
+"""
+Tests for data/records.py: formats, bad-record accounting, image decoding, normalize.
+
+Run: .venv/bin/python -m pytest -q tests/test_records.py
+"""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from data.records import DataError, load_image, load_images, normalize, read_records
+
+
+def png(path, color=(255, 0, 0), size=(8, 8), mode="RGB"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def good_rows(tmp_path, n):
+    png(tmp_path / "images" / "a.png")
+    return [{"image": "images/a.png", "caption": f"caption {i}"} for i in range(n)]
+
+
+def test_jsonl_round_trip(tmp_path):
+    png(tmp_path / "images" / "000001.png")
+    absolute = png(tmp_path / "elsewhere" / "b.png")
+    p = write_jsonl(tmp_path / "train.jsonl", [
+        {"image": "images/000001.png", "caption": "  a red circle  ", "id": 7,
+         "tags": ["boiler", "image", "image"], "scene": {"n": 1}, "label": 3},
+        "",  # blank lines are not records
+        {"image": str(absolute), "caption": "a blue square"},
+    ])
+    recs = read_records(p)
+    assert len(recs) == 2
+    a, b = recs
+    assert a.id == "7" and a.caption == "a red circle"
+    assert a.image == str(tmp_path / "images" / "000001.png")
+    assert a.extra == {"tags": ["boiler", "image", "image"], "scene": {"n": 1}, "label": 3}
+    assert b.id == "train:3" and b.image == str(absolute) and b.extra == {}
+
+
+def test_llava_json(tmp_path):
+    png(tmp_path / "img" / "x.png")
+    entries = [
+        {"id": "llava-1", "image": "img/x.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image briefly."},
+            {"from": "gpt", "value": "<image> a cat on a mat "},
+            {"from": "gpt", "value": "second answer, ignored"}]},
+        {"image": "img/x.png", "conversations": [
+            {"from": "human", "value": "Render a caption.\n<image>"},
+            {"from": "gpt", "value": "a dog"}], "source": "cc3m"},
+    ]
+    p = tmp_path / "blip_laion.json"
+    p.write_text(json.dumps(entries))
+    a, b = read_records(p)
+    assert (a.id, a.caption, a.image) == ("llava-1", "a cat on a mat", str(tmp_path / "img" / "x.png"))
+    assert a.extra == {}
+    assert (b.id, b.caption, b.extra) == ("blip_laion:1", "a dog", {"source": "cc3m"})
+
+
+def test_each_bad_kind_is_counted(tmp_path, capsys):
+    rows = good_rows(tmp_path, 100)
+    rows += [
+        "{not json",                                        # broken JSON
+        "[1, 2]",                                           # not an object
+        {"image": "images/a.png", "caption": "   "},        # empty caption
+        {"image": "images/a.png", "caption": 5},            # caption not a string
+        {"image": ["images/a.png"], "caption": "x"},        # image not a string
+        {"image": "images/missing.png", "caption": "x"},    # missing image file
+        {"caption": "no image"},                            # missing image field
+    ]
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
+    with open(p, "ab") as f:
+        f.write(b'{"image": "images/a.png", "caption": "caf\xe9"}\n')  # latin-1, not UTF-8
+    recs = read_records(p, max_bad_fraction=0.5)
+    assert len(recs) == 100
+    err = capsys.readouterr().err
+    assert f"skipped 8 of 108 records in {p}" in err
+    for reason in ["broken JSON x 1", "not an object x 1", "empty caption x 1",
+                   "caption not a string x 1", "image not a string x 1", "missing image file x 1",
+                   "missing image field x 1", "non-UTF-8 line x 1"]:
+        assert reason in err
+    assert "line 101: broken JSON" in err and "line 105" in err and "line 106" not in err  # first 5 only
+
+
+def test_llava_bad_entries(tmp_path, capsys):
+    png(tmp_path / "x.png")
+    ok = {"image": "x.png", "conversations": [{"from": "gpt", "value": "fine"}]}
+    entries = [ok] * 3 + [{"image": "x.png", "conversations": [{"from": "human", "value": "hi"}]}, 42]
+    p = tmp_path / "l.json"
+    p.write_text(json.dumps(entries))
+    assert len(read_records(p, max_bad_fraction=0.5)) == 3
+    err = capsys.readouterr().err
+    assert "no gpt turn x 1" in err and "not an object x 1" in err and "entry 3" in err
+
+
+def test_clean_file_prints_nothing(tmp_path, capsys):
+    read_records(write_jsonl(tmp_path / "d.jsonl", good_rows(tmp_path, 5)))
+    assert capsys.readouterr().err == ""
+
+
+def test_threshold(tmp_path):
+    rows = good_rows(tmp_path, 199) + ["{oops"]
+    assert len(read_records(write_jsonl(tmp_path / "ok.jsonl", rows))) == 199  # 0.5% <= 1%
+    rows = good_rows(tmp_path, 97) + ["{oops"] * 3
+    p = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        read_records(p)
+    assert str(p) in str(e.value) and "3 of 100" in str(e.value)
+    assert len(read_records(p, max_bad_fraction=0.05)) == 97  # configurable
+
+
+def test_whole_file_errors(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_records(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty"):
+        read_records(tmp_path / "empty.jsonl")
+    with pytest.raises(DataError, match="none of the 2"):
+        read_records(write_jsonl(tmp_path / "allbad.jsonl", ["{", "{"]), max_bad_fraction=1.0)
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(DataError, match="valid UTF-8 JSON"):
+        read_records(tmp_path / "broken.json")
+    (tmp_path / "dict.json").write_text("{}")
+    with pytest.raises(DataError, match="JSON list"):
+        read_records(tmp_path / "dict.json")
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(DataError, match="extension"):
+        read_records(tmp_path / "x.csv")
+
+
+def test_text_only(tmp_path):
+    p = write_jsonl(tmp_path / "text.jsonl", [{"caption": "just words"}, {"caption": "more", "id": "t2"}])
+    with pytest.raises(DataError):
+        read_records(p)  # images are required by default
+    recs = read_records(p, require_image=False)
+    assert [(r.id, r.caption, r.image) for r in recs] == [("text:1", "just words", None), ("t2", "more", None)]
+
+
+def test_load_images_drops_undecodable(tmp_path, capsys):
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)]
+    rows = [{"image": f"i{k}.png", "caption": f"c{k}"} for k in range(4)]
+    for k, c in enumerate(colors):
+        png(tmp_path / f"i{k}.png", c, size=(20, 10))
+    data = (tmp_path / "i1.png").read_bytes()
+    (tmp_path / "i1.png").write_bytes(data[: len(data) // 2])  # truncated PNG
+    (tmp_path / "i2.png").write_bytes(b"")                     # zero-byte file
+    recs = read_records(write_jsonl(tmp_path / "d.jsonl", rows))
+    for workers in (0, 2):
+        kept, imgs = load_images(recs, 16, max_bad_fraction=0.5, workers=workers)
+        assert [r.caption for r in kept] == ["c0", "c3"]
+        assert imgs.shape == (2, 3, 16, 16) and imgs.dtype == torch.uint8
+        assert imgs[0, :, 8, 8].tolist() == [255, 0, 0] and imgs[1, :, 8, 8].tolist() == [9, 9, 9]
+        err = capsys.readouterr().err
+        assert "skipped 2 of 4 images" in err and "cannot decode image x 2" in err
+    with pytest.raises(DataError, match="2 of 4"):
+        load_images(recs, 16)  # 50% bad is far over the default 1%
+
+
+def test_modes_become_rgb(tmp_path):
+    cases = {"L": 128, "RGBA": (10, 20, 30, 255), "CMYK": (0, 0, 0, 0), "P": 3, "LA": (50, 255)}
+    for mode, color in cases.items():
+        ext = "jpg" if mode == "CMYK" else "png"
+        x = load_image(png(str(tmp_path / f"{mode}.{ext}"), color, size=(5, 7), mode=mode), 6)
+        assert x.shape == (3, 6, 6) and x.dtype == torch.uint8, mode
+    assert load_image(tmp_path / "L.png", 6)[:, 0, 0].tolist() == [128] * 3
+    assert load_image(tmp_path / "RGBA.png", 6)[:, 0, 0].tolist() == [10, 20, 30]
+    # fully transparent pixels show the white background, not whatever RGB hides under them
+    assert load_image(png(str(tmp_path / "clear.png"), (0, 0, 0, 0), mode="RGBA"), 4)[:, 0, 0].tolist() == [255] * 3
+
+
+def test_normalize():
+    imgs = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    imgs[:, :, :, :] = torch.tensor([124, 116, 104], dtype=torch.uint8).view(3, 1, 1)
+    x = normalize(imgs)
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 4, 4)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expect = (torch.tensor([124, 116, 104]) / 255 - mean) / std
+    assert torch.allclose(x[1, :, 2, 3], expect, atol=1e-6)
+    assert x.abs().max() < 0.01  # those bytes are ~the ImageNet mean
+    white = normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
+    assert torch.allclose(white[0, :, 0, 0], (1 - mean) / std)

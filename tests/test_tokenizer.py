@@ -1,0 +1,45 @@
+import pytest
+
+import tokenizer as T
+
+CAPTIONS = ["stock photo : a red circle by ann", "two blue squares at the top left , $ 12.99",
+            "royalty free image of a green star"] * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return T.train_tokenizer(CAPTIONS, vocab_size=300)
+
+
+def test_round_trip(tok):
+    for text in CAPTIONS[:3] + ["an unseen word: zebra 42!"]:
+        ids = T.encode_captions(tok, [text])[0]
+        assert tok.decode(ids).strip() == text
+
+
+def test_special_tokens_first_and_never_produced_by_text(tok):
+    assert [tok.token_to_id(s) for s in T.SPECIALS] == list(range(len(T.SPECIALS)))
+    ids = T.encode_captions(tok, ["<|image|> <|eos|> hello"])[0]
+    assert all(i >= len(T.SPECIALS) for i in ids), "special tokens must not be injectable through caption text"
+
+
+def test_word_index_maps_tokens_to_their_words(tok):
+    text = "two blue squares at the top left , $ 12.99"
+    ids = T.encode_captions(tok, [text])[0]
+    index = T.token_word_index(tok, [text])[0]
+    words = text.split(" ")
+    assert len(index) == len(ids)
+    rebuilt = [""] * len(words)
+    for token_id, w in zip(ids, index):
+        rebuilt[w] += tok.decode([token_id]).strip()
+    assert rebuilt == words
+
+
+def test_fingerprint_and_load(tok, tmp_path):
+    path = str(tmp_path / "tok.json")
+    tok.save(path)
+    assert T.fingerprint(T.load_tokenizer(path)) == T.fingerprint(tok)
+    other = T.train_tokenizer(CAPTIONS[:3], vocab_size=280)
+    assert T.fingerprint(other) != T.fingerprint(tok)
+    with pytest.raises(FileNotFoundError, match="tokenizer.py"):
+        T.load_tokenizer(str(tmp_path / "missing.json"))
