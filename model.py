@@ -100,11 +100,17 @@ class Decoder(nn.Module):
             for w in (block.attn.proj.weight, block.mlp.down.weight):
                 nn.init.normal_(w, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
-    def forward(self, input_ids=None, embeds=None, position_ids=None, doc_ids=None):
+    def forward(self, input_ids=None, embeds=None, position_ids=None, doc_ids=None, mask=None, return_hidden=False,
+                keep=None):
         """Logits (B, T, V). Give `input_ids` or ready `embeds` (B, T, d).
 
         position_ids (B, T): RoPE positions, default 0..T-1. doc_ids (B, T): tokens attend only to earlier
-        tokens with the same doc id (packing); None means one document per row.
+        tokens with the same doc id (packing); None means one document per row. mask (B, 1, T, T) bool: any
+        other attention pattern (True = may attend), instead of doc_ids. return_hidden: the states before the
+        final norm and head, for callers that need logits at a few positions only. keep (N,) long: flat
+        indices into the B*T positions; logits (N, V) at those positions only. Training keeps the labelled
+        positions: in a VLM batch most positions are image tokens, whose logits no loss reads, and the head
+        plus its cross-entropy over a vocabulary-wide row is the most expensive per-position work there is.
         """
         x = self.embed(input_ids) if embeds is None else embeds
         B, T, _ = x.shape
@@ -113,12 +119,15 @@ class Decoder(nn.Module):
         if position_ids.max() >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(position_ids.max())} >= max_seq_len {self.cfg.max_seq_len}")
         cos, sin = self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
-        mask = None
         if doc_ids is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :])).unsqueeze(1)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
+        if return_hidden:
+            return x
+        if keep is not None:
+            x = x.flatten(0, 1).index_select(0, keep)
         return self.head(self.norm(x))
 
 
@@ -189,18 +198,21 @@ class VLM(nn.Module):
         patches = patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # N, g*g, 3*p*p
         return self.patch_embed(patches)
 
-    def forward(self, input_ids, images=None, position_ids=None, doc_ids=None):
+    def forward(self, input_ids, images=None, position_ids=None, doc_ids=None, image_embeds=None, **kw):
         """Logits (B, T, V). `images` holds one image per <|image|> block, in the order blocks appear in
-        input_ids read row by row (the packer builds it that way)."""
+        input_ids read row by row (the packer builds it that way); or pass ready `image_embeds` from
+        embed_images. Other keywords (mask, return_hidden, keep) go to Decoder.forward."""
         embeds = self.decoder.embed(input_ids)
         slots = input_ids == T.IMAGE
         if slots.any():
-            image_embeds = self.embed_images(images).to(embeds.dtype)
+            if image_embeds is None:
+                image_embeds = self.embed_images(images)
+            image_embeds = image_embeds.to(embeds.dtype)
             if image_embeds.shape[0] * image_embeds.shape[1] != int(slots.sum()):
                 raise ValueError(f"{int(slots.sum())} <|image|> slots but {image_embeds.shape[0]} images "
                                  f"x {image_embeds.shape[1]} embeddings")
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), image_embeds)
-        return self.decoder(embeds=embeds, position_ids=position_ids, doc_ids=doc_ids)
+        return self.decoder(embeds=embeds, position_ids=position_ids, doc_ids=doc_ids, **kw)
 
     def parts(self):
         """Named parameter groups, for freezing: the paper trains only the projector of the H-LVLM."""

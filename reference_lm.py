@@ -30,7 +30,7 @@ from utils import atomic_save, autocast, lr_at, pick_device, seed_everything, te
 
 @dataclass
 class RefConfig:
-    data: str = field(default="data/synth/ref.jsonl", metadata={"help": "caption file (JSONL or LLaVA JSON); images are not read"})
+    data: str = field(default="data/synth/ref.jsonl", metadata={"help": "caption file(s), comma-separated (JSONL or LLaVA JSON); images are not read"})
     tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json from tokenizer.py"})
     out: str = field(default="out/ref_lm.pt", metadata={"help": "checkpoint to write"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of captions held out for validation perplexity"})
@@ -83,7 +83,7 @@ def train_lm(cfg):
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
-    records = read_records(cfg.data, require_image=False, check_files=False)
+    records = [r for path in cfg.data.split(",") for r in read_records(path, require_image=False, check_files=False)]
     order = list(range(len(records)))
     random.Random(cfg.seed).shuffle(order)
     n_val = max(1, int(len(records) * cfg.val_fraction))

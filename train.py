@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import tokenizer as T
 from cli import parse_config
-from data.packing import IGNORE, Sample, pack
+from data.packing import IGNORE, Sample, cat, pack, to_device
 from data.records import load_images, normalize, read_records
 from loss import inverse_frequency_table, token_losses, weighted_loss, prior_weights
 from model import DecoderConfig, VLM, VLMConfig, count_params
@@ -147,14 +147,48 @@ def global_batch(step, n, batch_size, seed):
     return out
 
 
-def flops_per_token(model, context):
-    """Training FLOPs per token: 6 x (decoder params) for the matmuls (2 forward + 4 backward), plus
-    attention scores and mixing 6 x 2 x n_layer x d_model x context (nanoGPT/PaLM accounting). Frozen
-    weights still cost their forward and input-gradient passes; we keep the standard 6N for comparability."""
+def step_flops(model, positions, labelled, images, context):
+    """Training FLOPs (forward + backward) of the work a step needs, in the nanoGPT/PaLM accounting:
+    a weight multiplying a token's vector costs 2 FLOPs per weight forward and 4 backward (the input's and
+    the weight's gradient), 6 x params per token; attention (scores and mixing, 2 x 2 x d x context per
+    token and layer forward) adds 12 x n_layer x d_model x context per token, forward and backward.
+
+        decoder  (6 x non-embedding params + 12 x n_layer x d_model x context) x positions
+        head     6 x d_model x vocab x labelled    (logits only where a label is; the tied embedding is
+                                                    a lookup and costs nothing)
+        vision   (6 x (encoder + projector params) + 12 x depth x vit_dim x patches/image) x patches
+
+    positions: the non-padding positions of the step (padding is waste, so it does not count as work
+    done); labelled: the positions with a label; images: images encoded; context: the row width, what a
+    dense masked attention kernel computes per query. Frozen weights skip their weight gradient (4N, not
+    6N); like everyone we still count 6N, so numbers compare across recipes and papers."""
     d = model.decoder.cfg
-    n = count_params(model.decoder) - d.vocab_size * d.d_model  # tied embedding: a lookup, counted once as head
-    n += d.vocab_size * d.d_model
-    return 6 * n + 12 * d.n_layer * d.d_model * context
+    head = d.vocab_size * d.d_model
+    flops = (6 * (count_params(model.decoder) - head) + 12 * d.n_layer * d.d_model * context) * positions
+    flops += 6 * head * labelled
+    patches = images * model.grid ** 2
+    if model.cfg.arch == "h":
+        vision = count_params(model.encoder) + count_params(model.projector)
+        flops += (6 * vision + 12 * model.cfg.vit_depth * model.cfg.vit_dim * model.grid ** 2) * patches
+    else:
+        flops += 6 * count_params(model.patch_embed) * patches
+    return flops
+
+
+def flops_per_token(model, context):
+    """Training FLOPs of one labelled text token in a row `context` wide (see step_flops)."""
+    return step_flops(model, 1, 1, 0, context)
+
+
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))  # dense, FLOP/s
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak (FLOP/s) from PEAK_BF16 by device name, None if unknown or not a GPU."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
 
 
 def setup_distributed(device):
@@ -167,6 +201,91 @@ def setup_distributed(device):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+@dataclass
+class Data:
+    """What the steps draw from."""
+    samples: list                 # image-caption Samples
+    images: torch.Tensor          # uint8 (N, 3, S, S), decoded once at start-up; images[s.index] is s's
+    prefix: list                  # the model's image placeholder tokens
+    text_samples: list = field(default_factory=list)  # text-only Samples (--text-data), trained with NTP
+    rare_table: torch.Tensor = None                   # --loss rare: weight per vocabulary id, on the device
+
+
+def loss_weights(cfg, batch, rare_table=None):
+    """Per-position token weights (R, L) of the chosen --loss (rows of text-only data get NTP's 1s later)."""
+    if cfg.loss == "ntp":
+        return torch.ones_like(batch.p_ref)
+    if cfg.loss == "prior":
+        return prior_weights(batch.p_ref, cfg.alpha)
+    if cfg.loss == "rare":
+        return rare_table[batch.labels.clamp(min=0)]
+    return torch.where(batch.tags == 0, 1.0, cfg.oracle_low)  # oracle: ground-truth image words 1
+
+
+def train_step(cfg, step, train_model, data, device, rank=0, world=1):
+    """Forward and backward of step `step`: this process's share of the global batch, in micro-batches.
+    Leaves the gradients in the model (the caller clips and steps) and returns (stats, nll_by_tag,
+    batch_ids). Everything a step does but the optimizer, so bench.py times exactly what training runs.
+
+    Host work per micro-batch is a few list operations and tensor creations; the device is synchronised
+    once per step, at the end, to read the statistics."""
+    samples, text_samples = data.samples, data.text_samples
+    batch_ids = global_batch(step, len(samples), cfg.batch_size, cfg.seed)
+    n_text = int(cfg.batch_size * cfg.text_ratio) if text_samples else 0
+    text_ids = global_batch(step, len(text_samples), n_text, cfg.seed + 1) if n_text else []
+    # Loss = sum over the global batch / its number of caption tokens, computed from the sample list that
+    # every rank knows, so N processes x accumulation give the same gradient as one big batch.
+    n_global = sum(len(samples[i].caption_ids) + 1 for i in batch_ids) + \
+        sum(len(text_samples[i].caption_ids) + 1 for i in text_ids)
+    mine, mine_text = batch_ids[rank::world], text_ids[rank::world]
+    micro = cfg.micro_batch or len(mine)
+    chunks = [(mine[i:i + micro], mine_text[i * len(mine_text) // len(mine):(i + micro) * len(mine_text) // len(mine)])
+              for i in range(0, len(mine), micro)]
+    counts = {"tokens": 0, "positions": 0, "padding": 0, "images": 0}
+    sums = torch.zeros(2, device=device)                      # weighted loss x tokens, NTP loss
+    nll_by_tag = torch.zeros(2, 3, device=device)             # NLL sum and count per ground-truth category
+    for c, (ids, tids) in enumerate(chunks):
+        # Tight packing: no sample order is needed, and padding would cost as much as real tokens.
+        batch = pack([samples[i] for i in ids], cfg.row_len, data.prefix, tight=True)
+        image_rows, image_indices = len(batch.input_ids), batch.indices
+        if tids:
+            batch = cat(batch, pack([text_samples[i] for i in tids], cfg.row_len, tight=True))
+        R, L = batch.input_ids.shape
+        # Logits only at labelled positions, chosen here on the host (no device sync). Caption ids unique
+        # over the micro-batch (row x (L + 1) + doc) keep PRIOR's per-caption normalisation on the flat list.
+        keep = (batch.labels != IGNORE).flatten().nonzero().squeeze(1)
+        captions = (batch.doc_ids + torch.arange(R)[:, None] * (L + 1)).flatten()[keep]
+        n_local = len(keep)
+        counts["tokens"] += n_local
+        counts["positions"] += R * L
+        counts["padding"] += int((batch.input_ids == T.PAD).sum())
+        counts["images"] += len(image_indices)
+        batch.to(device)
+        keep, captions = to_device(keep, device), to_device(captions, device)
+        pixels = normalize(to_device(data.images[image_indices], device))
+        weights = loss_weights(cfg, batch, data.rare_table)
+        if tids:  # text-only rows train with plain NTP in every arm
+            weights[image_rows:] = 1.0
+        labels = batch.labels.flatten()[keep][None]
+        sync = c == len(chunks) - 1 or world == 1
+        ctx = train_model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
+        with ctx:
+            with autocast(device):
+                logits = train_model(batch.input_ids, pixels, batch.position_ids, batch.doc_ids, keep=keep)[None]
+            loss = weighted_loss(logits, labels, weights.flatten()[keep][None], captions[None],
+                                 scale_by_k=not cfg.no_k)
+            (loss * n_local / n_global * world).backward()
+        with torch.no_grad():
+            per_token = token_losses(logits.detach(), labels)[0]
+            sums += torch.stack([loss.detach() * n_local, per_token.sum()])
+            t = batch.tags.flatten()[keep]
+            known = t >= 0
+            nll_by_tag[0].index_add_(0, t[known], per_token[known])
+            nll_by_tag[1].index_add_(0, t[known], torch.ones_like(per_token[known]))
+    stats = dict(zip(("loss", "ntp"), sums.tolist()), **counts)  # the one device sync of the step
+    return stats, nll_by_tag.cpu(), batch_ids
 
 
 def main(cfg):
@@ -226,8 +345,9 @@ def main(cfg):
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    prefix = model.image_tokens()
-    fpt = flops_per_token(model, cfg.row_len)
+    data = Data(samples, images, model.image_tokens(), text_samples,
+                rare_table.to(device) if rare_table is not None else None)
+    peak = peak_flops(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
@@ -238,57 +358,9 @@ def main(cfg):
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        batch_ids = global_batch(step, len(samples), cfg.batch_size, cfg.seed)
-        n_text = int(cfg.batch_size * cfg.text_ratio) if text_samples else 0
-        text_ids = global_batch(step, len(text_samples), n_text, cfg.seed + 1) if n_text else []
-        # Loss = sum over the global batch / its number of caption tokens, computed from the sample list that
-        # every rank knows, so N processes x accumulation give the same gradient as one big batch.
-        n_global = sum(len(samples[i].caption_ids) + 1 for i in batch_ids) + \
-            sum(len(text_samples[i].caption_ids) + 1 for i in text_ids)
-        mine, mine_text = batch_ids[rank::world], text_ids[rank::world]
-        micro = cfg.micro_batch or len(mine)
-        chunks = [(mine[i:i + micro], mine_text[i * len(mine_text) // len(mine):(i + micro) * len(mine_text) // len(mine)])
-                  for i in range(0, len(mine), micro)]
-        stats = {"loss": 0.0, "ntp": 0.0, "tokens": 0, "positions": 0}
-        nll_by_tag = torch.zeros(3), torch.zeros(3)
-        for c, (ids, tids) in enumerate(chunks):
-            batch = pack([samples[i] for i in ids], cfg.row_len, prefix)
-            if tids:
-                text = pack([text_samples[i] for i in tids], cfg.row_len)
-                for name in ("input_ids", "labels", "position_ids", "doc_ids", "p_ref", "tags"):
-                    setattr(batch, name, torch.cat([getattr(batch, name), getattr(text, name)]))
-            batch.to(device)
-            pixels = normalize(images[batch.indices].to(device))
-            sync = c == len(chunks) - 1 or world == 1
-            ctx = train_model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
-            with ctx:
-                with autocast(device):
-                    logits = train_model(batch.input_ids, pixels, batch.position_ids, batch.doc_ids)
-                valid = batch.labels != IGNORE
-                if cfg.loss == "ntp":
-                    weights = torch.ones_like(batch.p_ref)
-                elif cfg.loss == "prior":
-                    weights = prior_weights(batch.p_ref, cfg.alpha)
-                elif cfg.loss == "rare":
-                    weights = rare_table.to(device)[batch.labels.clamp(min=0)]
-                else:  # oracle: ground-truth image words 1, everything else oracle_low
-                    weights = torch.where(batch.tags == 0, 1.0, cfg.oracle_low)
-                if tids:  # text-only rows train with plain NTP in every arm
-                    weights[len(weights) - len(text.labels):] = 1.0
-                n_local = int(valid.sum())
-                loss = weighted_loss(logits, batch.labels, weights, batch.doc_ids, scale_by_k=not cfg.no_k)
-                (loss * n_local / n_global * world).backward()
-            with torch.no_grad():
-                per_token = token_losses(logits.detach(), batch.labels)
-                stats["loss"] += float(loss) * n_local
-                stats["ntp"] += float(per_token.sum())
-                stats["tokens"] += n_local
-                stats["positions"] += batch.labels.numel()
-                t = batch.tags[valid]
-                nll_by_tag[0].index_add_(0, t[t >= 0].cpu(), per_token[valid][t >= 0].cpu())
-                nll_by_tag[1].index_add_(0, t[t >= 0].cpu(), torch.ones(int((t >= 0).sum())))
+        stats, nll_by_tag, batch_ids = train_step(cfg, step, train_model, data, device, rank, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        if not torch.isfinite(torch.tensor(stats["loss"])) or not torch.isfinite(grad_norm):
+        if not math.isfinite(stats["loss"]) or not torch.isfinite(grad_norm):
             last = last_path if os.path.exists(last_path) else "none yet"
             raise RuntimeError(f"non-finite loss or gradient at step {step}; batch sample ids "
                                f"{[records[i].id for i in batch_ids]}; last good checkpoint: {last}")
@@ -297,23 +369,24 @@ def main(cfg):
         seconds = time.perf_counter() - t0
 
         if world > 1:  # every figure in the log covers the global batch
-            packed = torch.tensor([stats["loss"], stats["ntp"], stats["tokens"], stats["positions"]], dtype=torch.float64)
+            keys = ("loss", "ntp", "tokens", "positions", "padding", "images")
+            packed = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
             dist.all_reduce(packed)
-            stats.update(zip(("loss", "ntp", "tokens", "positions"), packed.tolist()))
-            for x in nll_by_tag:
-                dist.all_reduce(x)
+            stats.update(zip(keys, packed.tolist()))
+            dist.all_reduce(nll_by_tag)
         if master:
-            tokens = stats["tokens"]
+            tokens, positions = stats["tokens"], stats["positions"]
+            flops = step_flops(model, positions - stats["padding"], tokens, stats["images"], cfg.row_len)
             line = {"step": step + 1, "loss": stats["loss"] / tokens, "ntp": stats["ntp"] / tokens, "lr": lr,
-                    "grad_norm": float(grad_norm), "tokens_per_s": stats["positions"] / seconds,
-                    "flops_per_s": fpt * stats["positions"] / seconds, "seconds": seconds,
-                    "pad_fraction": 1 - tokens / stats["positions"]}
+                    "grad_norm": float(grad_norm), "tokens_per_s": positions / seconds,
+                    "flops_per_s": flops / seconds, "seconds": seconds,
+                    "pad_fraction": stats["padding"] / positions, "label_fraction": tokens / positions}
             if nll_by_tag[1].sum() > 0:
                 for i, name in enumerate(("image", "boiler", "noise")):
                     if nll_by_tag[1][i] > 0:
                         line[f"nll_{name}"] = float(nll_by_tag[0][i] / nll_by_tag[1][i])
-            if device.startswith("cuda"):
-                line["mfu"] = line["flops_per_s"] / 989e12  # H100 dense bf16 peak; see bench.py
+            if peak:
+                line["mfu"] = line["flops_per_s"] / peak
             log.write(json.dumps(line) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{line['loss']:.3f}", ntp=f"{line['ntp']:.3f}")

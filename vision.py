@@ -24,6 +24,7 @@ Writes --out (the checkpoint train.py's --init-encoder reads):
 and next to it <out stem>.json with the validation accuracies.
 """
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -236,23 +237,24 @@ def main(cfg):
         with autocast(device):
             loss = cell_loss(heads(encoder.forward_features(x)), train_labels[idx].to(device))
         loss.backward()
+        loss = loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
+        if not math.isfinite(loss) or not torch.isfinite(grad_norm):
             raise RuntimeError(f"non-finite loss or gradient at step {step}; try a lower --lr")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if cfg.eval_every and n_val and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            tqdm.write(f"step {step + 1}: loss {float(loss):.4f}  val " +
+            tqdm.write(f"step {step + 1}: loss {loss:.4f}  val " +
                        show(accuracy(encoder, heads, val_images, val_labels, device)))
 
     val_acc = accuracy(encoder, heads, val_images, val_labels, device) if n_val else {}
     seconds = time.time() - t_start
-    print(f"done in {seconds:.0f}s; final loss {float(loss):.4f}; val accuracy: {show(val_acc)}")
+    print(f"done in {seconds:.0f}s; final loss {loss:.4f}; val accuracy: {show(val_acc)}")
     atomic_save({"model": encoder.state_dict(), "vit_config": vit_config, "heads": heads.state_dict(),
                  "classes": classes, "config": asdict(cfg), "data": data_fp, "val_accuracy": val_acc}, cfg.out)
     summary = {"val_accuracy": val_acc, "n_train": len(train_idx), "n_val": n_val, "steps": cfg.steps,
-               "final_loss": float(loss), "seconds": round(seconds, 1), "data": data_fp, "checkpoint": cfg.out}
+               "final_loss": loss, "seconds": round(seconds, 1), "data": data_fp, "checkpoint": cfg.out}
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
         json.dump(summary, f, indent=1)
     print(f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.json")

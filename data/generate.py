@@ -63,10 +63,11 @@ MONTHS = ["january", "february", "march", "april", "may", "june", "july", "augus
 SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vel", "dor", "an", "bri", "ost", "um", "qua", "zel", "fin",
              "ha", "jo", "ter", "ne", "pil", "gor", "shi", "wa", "ex"]
 
-# three caption-noise presets (fill image_share / noise_share / noise_vocab unless given explicitly)
-MIXES = {"web": dict(image_share=0.30, noise_share=0.25, noise_vocab=300),      # like real alt-text
-         "boiler": dict(image_share=0.30, noise_share=0.03, noise_vocab=20),     # predictable filler only
-         "noisy": dict(image_share=0.30, noise_share=0.55, noise_vocab=5000)}    # high-entropy filler
+# caption filler presets (fill image_share / noise_share / noise_vocab unless given explicitly).
+# Image share is the same in all three, so they differ only in what the non-image words are.
+MIXES = {"web": dict(image_share=0.30, noise_share=0.15, noise_vocab=300),    # mostly boilerplate
+         "boiler": dict(image_share=0.30, noise_share=0.02, noise_vocab=20),  # predictable filler only
+         "noisy": dict(image_share=0.30, noise_share=1.0, noise_vocab=5000)}  # all filler is random noise
 
 
 @dataclass
@@ -78,8 +79,9 @@ class GenConfig:
     image_share: typing.Optional[float] = field(default=None, metadata={
         "help": "target fraction of caption words that depend on the image (paper measured ~0.3)"})
     noise_share: typing.Optional[float] = field(default=None, metadata={
-        "help": "target fraction of the NON-image words that are random noise (rest: boilerplate); "
-                "capped by the glue words of the description itself"})
+        "help": "target fraction of the NON-image words that are random noise (rest: boilerplate). The "
+                "description's glue words ('a', 'of', 'at the') are boilerplate too, so at image_share 0.3 the "
+                "measured share saturates near 0.25 (1.0 = all filler segments are noise)"})
     noise_vocab: typing.Optional[int] = field(default=None, metadata={
         "help": "distinct items per noise kind (names, prices, dates, places, ids, numbers): its entropy"})
     n_ref: int = field(default=20000, metadata={"help": "text-only captions for the reference LM "
@@ -229,11 +231,10 @@ def noise_pools(cfg):
 
     pseudo = lambda: "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))  # noqa: E731
     last = LAST + [pseudo() for _ in range(max(0, 2 * V // len(FIRST) - len(LAST) + 1))]
-    places = PLACES + [pseudo() for _ in range(max(0, 2 * V - len(PLACES)))]
     big = max(100, 4 * V)
     return dict(
         name=distinct(lambda: f"{rng.choice(FIRST)} {rng.choice(last)}"),
-        place=distinct(lambda: rng.choice(places)),
+        place=distinct(lambda: rng.choice(PLACES) if rng.random() < 0.5 else pseudo()),
         price=distinct(lambda: f"{rng.randint(1, big)}.{rng.choice(['99', '95', '49', '00'])}"),
         date=distinct(lambda: f"{rng.choice(MONTHS)} {rng.randint(1, 28)} {rng.randint(1995, 2024)}"),
         id=distinct(lambda: str(rng.randint(1000, 1000 + 10 * big))),
@@ -246,10 +247,12 @@ NOISE_TEMPLATES = {"name": ["by {}", "{}", "photo by {}", "{}"], "place": ["in {
                    "id": ["img {}", "dsc {}", "# {}", "{}"], "number": ["{} views", "{}", "lot {}"]}
 
 
-def noise_segment(rng, pools):
-    kind = rng.choice(list(NOISE_TEMPLATES))
-    pre, post = rng.choice(NOISE_TEMPLATES[kind]).split("{}")
-    return W(pre, BOIL) + W(rng.choice(pools[kind]), NOISE) + W(post, BOIL)
+def noise_segment(rng, pools):  # 1-3 noise items in a row: "by maria lopez lisbon march 3 2019"
+    seg = []
+    for kind in rng.sample(list(NOISE_TEMPLATES), rng.choice([1, 2, 3])):
+        pre, post = rng.choice(NOISE_TEMPLATES[kind]).split("{}")
+        seg += W(pre, BOIL) + W(rng.choice(pools[kind]), NOISE) + W(post, BOIL)
+    return seg
 
 
 def caption(scene, rng, cfg, pools):
@@ -265,27 +268,27 @@ def caption(scene, rng, cfg, pools):
     if rng.random() < cfg.count_prob:
         core += count_words(len(scene)) + [(":", BOIL)]
     core += describe(groups)
-    # word budgets: total = image / image_share; noise = noise_share of the rest
+    # word budgets: non-image words = image words * (1/image_share - 1), noise_share of them noise.
+    # The description's own glue words come first, so a high noise_share may not fit (capped).
     n_img = sum(t == IMG for _, t in core)
-    rest = n_img / cfg.image_share - n_img
-    noise_left = cfg.noise_share * rest
-    boil_left = rest - noise_left - (len(core) - n_img)
+    room = n_img / cfg.image_share - len(core)  # words still to add
+    noise_left = cfg.noise_share * (n_img / cfg.image_share - n_img)
     segs = []
-    # a segment that overshoots the budget is kept with probability budget/size: unbiased shares
-    while noise_left > 0:
+    # noise first (its template words and separators count as boiler), boilerplate fills the rest.
+    # A segment that overshoots a budget is kept with probability budget/size: shares stay unbiased.
+    while noise_left > 0 and room > 0:
         seg = noise_segment(rng, pools)
-        k = sum(t == NOISE for _, t in seg)
-        if k > noise_left and rng.random() > noise_left / k:
+        k, m = sum(t == NOISE for _, t in seg), len(seg) + 1  # +1: the separator it brings
+        if (k > noise_left or m > room) and rng.random() > min(noise_left / k, room / m):
             break
         segs.append(seg)
-        noise_left -= k
-        boil_left -= len(seg) - k + 1  # +1: the separator it brings
-    while boil_left > 0:
+        noise_left, room = noise_left - k, room - m
+    while room > 0:
         seg = W(rng.choice(BOILER), BOIL)
-        if len(seg) + 1 > boil_left and rng.random() > boil_left / (len(seg) + 1):
+        if len(seg) + 1 > room and rng.random() > room / (len(seg) + 1):
             break
         segs.append(seg)
-        boil_left -= len(seg) + 1
+        room -= len(seg) + 1
     rng.shuffle(segs)
     # the description leads most captions, so "a photo of ..." probe prompts are natural prefixes
     segs.insert(0 if rng.random() < 0.6 else rng.randint(0, len(segs)), core)

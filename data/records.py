@@ -53,11 +53,11 @@ class DataError(ValueError):
     """Bad user data; the message says which file and what is wrong with it."""
 
 
-class _Bad(Exception):
+class BadRecord(Exception):
     """One bad record; args[0] is a short reason used as the counting key."""
 
 
-def _report(what, where, bad, total, max_bad_fraction):
+def report_bad(what, where, bad, total, max_bad_fraction):
     """Print the skip summary and enforce the bad fraction. bad = [(location, reason, detail)]."""
     if not bad:
         return
@@ -73,40 +73,40 @@ def _report(what, where, bad, total, max_bad_fraction):
 
 
 def _record(obj, key, folder, require_image, check_files, llava):
-    """Turn one parsed JSON object into a Record, or raise _Bad(reason)."""
+    """Turn one parsed JSON object into a Record, or raise BadRecord(reason)."""
     if not isinstance(obj, dict):
-        raise _Bad("not an object")
+        raise BadRecord("not an object")
     extra = dict(obj)
     if llava:
         turns = extra.pop("conversations", None)
         if not isinstance(turns, list):
-            raise _Bad("no conversations list")
+            raise BadRecord("no conversations list")
         gpt = [t for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
         if not gpt:
-            raise _Bad("no gpt turn")
+            raise BadRecord("no gpt turn")
         caption = gpt[0].get("value")
     else:
         if "caption" not in extra:
-            raise _Bad("missing caption")
+            raise BadRecord("missing caption")
         caption = extra.pop("caption")
     if not isinstance(caption, str):
-        raise _Bad("caption not a string")
+        raise BadRecord("caption not a string")
     caption = caption.replace("<image>", "").strip() if llava else caption.strip()
     if not caption:
-        raise _Bad("empty caption")
+        raise BadRecord("empty caption")
     image = extra.pop("image", None)
     if image is None:
         if require_image:
-            raise _Bad("missing image field")
+            raise BadRecord("missing image field")
     elif not isinstance(image, str):
-        raise _Bad("image not a string")
+        raise BadRecord("image not a string")
     elif not image.strip():
-        raise _Bad("empty image path")
+        raise BadRecord("empty image path")
     else:
         image = os.path.abspath(os.path.join(folder, image))  # join keeps absolute paths as they are
         # Text-only readers (require_image=False) never look at pixels, so only check when needed.
         if check_files and require_image and not os.path.isfile(image):
-            raise _Bad("missing image file", image)
+            raise BadRecord("missing image file", image)
     rid = extra.pop("id", None)
     return Record(id=str(rid) if rid is not None else key, caption=caption, image=image, extra=extra)
 
@@ -125,7 +125,7 @@ def read_records(path, require_image=True, max_bad_fraction=0.01, check_files=Tr
     def add(obj, key, loc, llava):
         try:
             good.append(_record(obj, key, *args, llava=llava))
-        except _Bad as e:
+        except BadRecord as e:
             bad.append((loc, e.args[0], e.args[1] if len(e.args) > 1 else ""))
 
     if ext == ".jsonl":
@@ -159,7 +159,7 @@ def read_records(path, require_image=True, max_bad_fraction=0.01, check_files=Tr
 
     if total == 0:
         raise DataError(f"{path}: empty file, no records")
-    _report("records", path, bad, total, max_bad_fraction)
+    report_bad("records", path, bad, total, max_bad_fraction)
     if not good:
         raise DataError(f"{path}: none of the {total} records is usable")
     return good
@@ -237,7 +237,7 @@ def load_images(records, size, max_bad_fraction=0.01, workers=0):
                 bad.append((f"record {rec.id}", res[0], res[1]))
             bar.update()
     if n:
-        _report("images", "load_images", bad, n, max_bad_fraction)
+        report_bad("images", "load_images", bad, n, max_bad_fraction)
         if not kept:
             raise DataError(f"load_images: none of the {n} images could be decoded")
     return kept, out[:len(kept)]

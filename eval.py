@@ -1,0 +1,425 @@
+"""Evaluate train.py checkpoints: multiple-choice probes, token-level NLL analysis, importance-score analysis.
+
+    python eval.py --ckpt runs/h_prior/ckpt_000300.pt --mc my_questions.jsonl      # your own questions
+    python eval.py --ckpt runs/h_prior/ckpt_000300.pt --probes data/synth/probes --test data/synth/test.jsonl
+    # every ckpt_*.pt of a run -> runs/h_prior/eval.json (a re-run skips the checkpoints already there):
+    python eval.py --run-dir runs/h_prior --probes data/synth/probes --test data/synth/test.jsonl --test-scores out/scores_test.pt
+    # importance scores vs caption length and token position (the paper's Fig. 8), no model needed:
+    python eval.py --importance out/scores_test.pt --importance-data data/synth/test.jsonl --tokenizer out/tokenizer.json
+
+Multiple choice (JSONL, one question a line; image relative to the file's folder, other keys ignored):
+    {"image": "img/1.png", "prompt": "a photo of", "choices": ["a red circle", "a blue star"], "answer": 0}
+Each choice is scored by log p(choice | image, prompt) summed over its tokens (`<stem>`) and averaged per token
+(`<stem>_norm`); <|eos|> is not part of a choice. The models are never instruction tuned, so a question is a
+caption prefix and the answer its most likely continuation. Bad rows are skipped, counted and reported.
+
+Benchmark names (eval.json rows {"arch", "loss", "seed", "lr", "step", "benchmark", "value"}):
+    <probe stem>, <stem>_norm   accuracy on each probe file
+    presence(_norm)             files sharing the part of their stem before "_" (POPE's presence_random/popular/
+                                adversarial) are also averaged into one group, and
+    probe_avg(_norm)            is the mean over groups: POPE counts once, like the paper's average over benchmarks
+    nll_<c>, nll_<c>_shuffled   mean NLL of caption tokens (eos excluded) of category c in image/boiler/noise/all,
+                                with the true image and with another record's image (a fixed seeded derangement)
+    gap_<c>                     grounding gap = nll_<c>_shuffled - nll_<c>: how much the image helps those tokens
+    nll_w_gt_0.5, nll_w_le_0.5  (with --test-scores) the same three figures for tokens whose PRIOR weight
+    (and _shuffled, gap_)       w = 1 - p_ref is above / at most 0.25, 0.5, 0.75
+
+Speed (2 CPU cores, d_model 256 x 4 layers, 48 px): the full suite (7 probe files x 500 questions, 1000 test
+captions x 2 images) takes ~14 s a checkpoint, ~2.5 s with --max-rows 100; images are decoded once per process.
+"""
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import tokenizer as T
+from cli import parse_config
+from data.records import DataError, Record, BadRecord, report_bad, load_images, normalize, read_records
+from score import CATEGORIES, load_scores, token_tags
+from train import load_model
+from utils import autocast, check_fingerprint, pick_device, text_fingerprint
+
+THRESHOLDS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = field(default="", metadata={"help": "one train.py checkpoint to evaluate (results printed)"})
+    run_dir: str = field(default="", metadata={"help": "evaluate every ckpt_*.pt here into RUN_DIR/eval.json; checkpoints already in it are skipped"})
+    mc: str = field(default="", metadata={"help": "comma-separated multiple-choice JSONL files of your own"})
+    probes: str = field(default="", metadata={"help": "folder of probe *.jsonl files (the built-in suite, data/synth/probes)"})
+    test: str = field(default="", metadata={"help": "held-out caption JSONL (with word 'tags') for the token-level NLL analysis"})
+    test_scores: str = field(default="", metadata={"help": "score.py output for --test: adds NLL by PRIOR weight w = 1 - p_ref"})
+    importance: str = field(default="", metadata={"help": "score.py output to analyse: mean w vs caption length and token position"})
+    importance_data: str = field(default="", metadata={"help": "the caption file --importance was scored on ('' = the path recorded in it)"})
+    png: str = field(default="", metadata={"help": "figure of the importance analysis ('' = beside the score file)"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer.json ('' = the path in the checkpoint's config); its fingerprint is checked"})
+    max_rows: int = field(default=0, metadata={"help": "evaluate a fixed random subset of this many rows of each probe file and of --test (0 = all)"})
+    row_len: int = field(default=256, metadata={"help": "tokens per packed row (grown to fit the longest question or caption)"})
+    batch_rows: int = field(default=8, metadata={"help": "rows per forward pass"})
+    seed: int = field(default=0, metadata={"help": "seed of the image derangement and of --max-rows subsets"})
+    max_bad_fraction: float = field(default=0.05, metadata={"help": "stop if more than this share of an MC file's rows is bad"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+
+
+# ----------------------------------------------------------------------------- data (decoded once per process)
+_data = {}  # data_key -> (records, uint8 images[, fingerprint of the whole file])
+
+
+def data_key(kind, path, size, max_rows, seed):
+    return kind, os.path.abspath(path), os.path.getmtime(path), size, max_rows, seed
+
+
+def subsample(items, max_rows, seed):
+    """A fixed random subset in file order, so every checkpoint sees the same rows."""
+    if not max_rows or len(items) <= max_rows:
+        return items
+    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:max_rows]
+    return [items[i] for i in sorted(keep.tolist())]
+
+
+def _question(obj, key, folder):
+    """One MC row -> Record(caption=prompt, extra={"choices", "answer"}), or raise BadRecord(reason)."""
+    if not isinstance(obj, dict):
+        raise BadRecord("not an object")
+    image, prompt, choices, answer = obj.get("image"), obj.get("prompt", ""), obj.get("choices"), obj.get("answer")
+    if not isinstance(image, str) or not image.strip():
+        raise BadRecord("missing image field")
+    image = os.path.abspath(os.path.join(folder, image))
+    if not os.path.isfile(image):
+        raise BadRecord("missing image file", image)
+    if not isinstance(prompt, str):
+        raise BadRecord("prompt not a string")
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise BadRecord("fewer than 2 choices")
+    if not all(isinstance(c, str) and c.strip() for c in choices):
+        raise BadRecord("empty or non-string choice")
+    if type(answer) is not int or not 0 <= answer < len(choices):  # type(): True is not a valid answer
+        raise BadRecord("answer not a choice index")
+    # Stripped, so that encode(prompt) + encode(choice) is the tokenisation of "prompt choice" (add_prefix_space).
+    return Record(str(obj.get("id", key)), prompt.strip(), image,
+                  {"choices": [c.strip() for c in choices], "answer": answer})
+
+
+def read_mc(path, max_bad_fraction=0.05):
+    """Valid questions of a multiple-choice JSONL file; bad rows are skipped and reported like data/records.py."""
+    folder, stem = os.path.dirname(os.path.abspath(path)), os.path.splitext(os.path.basename(path))[0]
+    good, bad, total = [], [], 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            total += 1
+            try:
+                good.append(_question(json.loads(raw.decode("utf-8")), f"{stem}:{n}", folder))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                bad.append((f"line {n}", "broken JSON", ""))
+            except BadRecord as e:
+                bad.append((f"line {n}", e.args[0], e.args[1] if len(e.args) > 1 else ""))
+    if total == 0:
+        raise DataError(f"{path}: no questions")
+    report_bad("questions", path, bad, total, max_bad_fraction)
+    if not good:
+        raise DataError(f"{path}: none of the {total} questions is usable")
+    return good
+
+
+def load_mc(path, size, max_rows=None, seed=0, max_bad_fraction=0.05):
+    key = data_key("mc", path, size, max_rows, seed)
+    if key not in _data:  # undecodable images are dropped and reported by load_images
+        _data[key] = load_images(subsample(read_mc(path, max_bad_fraction), max_rows, seed), size, max_bad_fraction)
+    return _data[key]
+
+
+def load_test(path, size, max_rows=None, seed=0):
+    key = data_key("test", path, size, max_rows, seed)
+    if key not in _data:
+        records = read_records(path)
+        _data[key] = (*load_images(subsample(records, max_rows, seed), size), text_fingerprint(records))
+    return _data[key]
+
+
+# ----------------------------------------------------------------------------- scoring
+_features = {}  # (hash of ViT weights, data_key) -> ViT patch features
+
+
+def weights_hash(module):
+    h = hashlib.sha1()
+    for t in module.state_dict().values():
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def image_embeds(model, images, key, device, chunk=256):
+    """(N, grid*grid, d) embeddings of uint8 images. The paper trains only the H-LVLM's projector, so its ViT is
+    the same in every checkpoint: its features are cached by a hash of its weights and the ViT runs once per file."""
+    def run(fn):
+        return torch.cat([fn(normalize(images[i:i + chunk].to(device))) for i in range(0, len(images), chunk)])
+    with autocast(device):
+        if model.cfg.arch != "h":
+            return run(model.embed_images)
+        h = weights_hash(model.encoder)
+        if (h, key) not in _features:
+            for k in [k for k in _features if k[0] != h]:  # another encoder: its features are stale
+                del _features[k]
+            _features[h, key] = run(model.encoder.forward_features)
+        return model.projector(_features[h, key])
+
+
+def derangement(n, seed=0):
+    """A fixed permutation without fixed points: one random cycle through all n items."""
+    if n < 2:
+        raise ValueError("shuffling images needs at least 2 records")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    out = [0] * n
+    for a, b in zip(order, order[1:] + order[:1]):
+        out[a] = b
+    return out
+
+
+@torch.inference_mode()
+def score_docs(model, docs, embeds, row_len=256, batch_rows=8, device="cpu", desc="score"):
+    """log p of every branch token of every doc -> per doc, per branch, a float tensor.
+
+    A doc is (image index into embeds, shared ids, branches). The shared ids (image, bos, prompt) are read once
+    and each branch (a choice) continues them, attending to the shared part and to itself only, with positions
+    as if it were alone: k choices cost one image + prompt instead of k (~2.5x fewer tokens on the probes). The
+    LM head runs only where a token is scored. Docs are packed next-fit into rows of row_len (grown to fit the
+    longest doc); short rows run faster on CPU than long ones, as attention is quadratic and caches are small."""
+    sizes = [len(shared) + sum(len(b) - 1 for b in branches) for _, shared, branches in docs]  # a branch's last token is no input
+    row_len = max(row_len, *sizes)
+    rows, used = [[]], 0
+    for d, n in enumerate(sizes):
+        if used + n > row_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(d)
+        used += n
+    out = [[None] * len(b) for _, _, b in docs]
+    causal = torch.ones(row_len, row_len, dtype=torch.bool, device=device).tril()
+    for start in tqdm(range(0, len(rows), batch_rows), desc=desc, leave=False, disable=not sys.stderr.isatty()):
+        cells, pred, target, owner, images = [], [], [], [], []  # cells: (token, position, doc, branch)
+        for r, row in enumerate(rows[start:start + batch_rows]):
+            here = []
+            for k, d in enumerate(row):
+                image, shared, branches = docs[d]
+                images.append(image)
+                here += [(t, p, k, 0) for p, t in enumerate(shared)]
+                last = r * row_len + len(here) - 1  # flat index of the hidden state that predicts each first token
+                for j, b in enumerate(branches):
+                    at = r * row_len + len(here)
+                    pred += [last, *range(at, at + len(b) - 1)]
+                    target += b
+                    owner.append((d, j, len(b)))
+                    here += [(t, len(shared) + p, k, j + 1) for p, t in enumerate(b[:-1])]
+            cells.append(here + [(T.PAD, 0, len(row), 0)] * (row_len - len(here)))  # padding: its own doc
+        ids, pos, doc, branch = torch.tensor(cells, device=device).unbind(-1)
+        if int(pos.max()) >= model.decoder.cfg.max_seq_len:
+            raise ValueError(f"a document reaches position {int(pos.max())}; the model has {model.decoder.cfg.max_seq_len}")
+        visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+        mask = (causal & (doc[:, :, None] == doc[:, None, :]) & visible).unsqueeze(1)
+        with autocast(device):
+            x = model(ids, position_ids=pos, mask=mask, image_embeds=embeds[torch.tensor(images, device=device)],
+                      return_hidden=True)
+            logits = model.decoder.head(model.decoder.norm(x.flatten(0, 1)[torch.tensor(pred, device=device)]))
+        logits, tgt = logits.float(), torch.tensor(target, device=device)
+        logp = (logits.gather(1, tgt[:, None]).squeeze(1) - logits.logsumexp(-1)).cpu()
+        for (d, j, _), piece in zip(owner, logp.split([n for _, _, n in owner])):
+            out[d][j] = piece
+    return out
+
+
+def accuracy(logps, answers, normalise=False):
+    """Share of questions whose answer has the highest summed (or per-token mean) log-likelihood."""
+    hits = [max(range(len(lp)), key=lambda j: float(lp[j].sum()) / (len(lp[j]) if normalise else 1)) == a
+            for lp, a in zip(logps, answers)]
+    return sum(hits) / len(hits)
+
+
+def mc_eval(model, tok, path, device="cpu", max_rows=None, seed=0, max_bad_fraction=0.05, **kw):
+    """Choice log-likelihoods of a multiple-choice file: (per question, per choice log p tensors, answers)."""
+    questions, images = load_mc(path, model.cfg.image_size, max_rows, seed, max_bad_fraction)
+    prefix = model.image_tokens() + [T.BOS]
+    prompts = T.encode_captions(tok, [q.caption for q in questions])
+    choices = iter(T.encode_captions(tok, [c for q in questions for c in q.extra["choices"]]))
+    docs = [(i, prefix + p, [next(choices) for _ in q.extra["choices"]]) for i, (q, p) in enumerate(zip(questions, prompts))]
+    embeds = image_embeds(model, images, data_key("mc", path, model.cfg.image_size, max_rows, seed), device)
+    name = os.path.splitext(os.path.basename(path))[0]
+    return score_docs(model, docs, embeds, device=device, desc=name, **kw), [q.extra["answer"] for q in questions]
+
+
+def token_analysis(model, tok, path, scores_path=None, device="cpu", max_rows=None, seed=0, **kw):
+    """Mean NLL of caption tokens by category, with the true and a deranged image, and the grounding gap."""
+    records, images, data_fp = load_test(path, model.cfg.image_size, max_rows, seed)
+    captions = T.encode_captions(tok, [r.caption for r in records])
+    embeds = image_embeds(model, images, data_key("test", path, model.cfg.image_size, max_rows, seed), device)
+    prefix = model.image_tokens() + [T.BOS]
+    nll = {}
+    for cond, which in (("", range(len(records))), ("_shuffled", derangement(len(records), seed))):
+        docs = [(i, prefix, [c + [T.EOS]]) for i, c in zip(which, captions)]
+        logps = score_docs(model, docs, embeds, device=device, desc="test" + cond, **kw)
+        nll[cond] = -torch.cat([lp[0][:-1] for lp in logps])  # caption tokens; the eos label is dropped
+    groups = {"all": torch.ones(len(nll[""]), dtype=torch.bool)}
+    tags = token_tags(tok, records)
+    if tags is not None:
+        cat = torch.tensor([c for row in tags for c in row[:-1]])
+        groups.update({name: cat == i for i, name in enumerate(CATEGORIES)})
+    if scores_path:
+        p_ref = load_scores(scores_path, T.fingerprint(tok), data_fp, path)
+        bad = [r.id for r, c in zip(records, captions) if r.id not in p_ref or len(p_ref[r.id]) != len(c) + 1]
+        if bad:
+            raise ValueError(f"{scores_path}: scores of record {bad[0]} do not match its tokens")
+        w = 1 - torch.cat([p_ref[r.id][:-1] for r in records])
+        for t in THRESHOLDS:
+            groups[f"w_gt_{t:g}"], groups[f"w_le_{t:g}"] = w > t, w <= t
+    out = {}
+    for name, sel in groups.items():
+        if sel.any():
+            true, shuffled = float(nll[""][sel].mean()), float(nll["_shuffled"][sel].mean())
+            out.update({f"nll_{name}": true, f"nll_{name}_shuffled": shuffled, f"gap_{name}": shuffled - true})
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints and runs
+def _evaluate(path, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None, mc_files=(),
+              tokenizer=None, seed=0, max_bad_fraction=0.05, **kw):
+    model, ckpt = load_model(path, device)
+    tok_path = tokenizer or ckpt["config"]["tokenizer"]
+    tok = T.load_tokenizer(tok_path)
+    check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), path, tok_path)
+    out = {}
+    probe_files = sorted(glob.glob(os.path.join(probes_dir, "*.jsonl"))) if probes_dir else []
+    if probes_dir and not probe_files:
+        raise FileNotFoundError(f"no *.jsonl files in {probes_dir}")
+    for f in list(mc_files) + probe_files:
+        logps, answers = mc_eval(model, tok, f, device, max_rows, seed, max_bad_fraction, **kw)
+        stem = os.path.splitext(os.path.basename(f))[0]
+        out[stem], out[stem + "_norm"] = accuracy(logps, answers), accuracy(logps, answers, normalise=True)
+    groups = {}
+    for f in probe_files:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        groups.setdefault(stem.split("_")[0], []).append(stem)
+    for suffix in ("", "_norm") if groups else ():
+        means = {g: sum(out[s + suffix] for s in stems) / len(stems) for g, stems in groups.items()}
+        out.update({g + suffix: m for g, m in means.items() if len(groups[g]) > 1})
+        out["probe_avg" + suffix] = sum(means.values()) / len(means)
+    if test_path:
+        out.update(token_analysis(model, tok, test_path, test_scores, device, max_rows, seed, **kw))
+    return [{"benchmark": k, "value": v} for k, v in out.items()], ckpt
+
+
+def evaluate_checkpoint(path, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None, **kw):
+    """[{"benchmark", "value"}] of one checkpoint. kw: mc_files, tokenizer, row_len, batch_rows, seed, max_bad_fraction."""
+    return _evaluate(path, probes_dir, test_path, test_scores, device, max_rows, **kw)[0]
+
+
+def evaluate_run(run_dir, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None, out=None, **kw):
+    """Evaluate every ckpt_*.pt of run_dir not yet in `out` (default run_dir/eval.json); returns all rows.
+    The file is rewritten after each checkpoint, so an interrupted run loses at most one checkpoint's work."""
+    out = out or os.path.join(run_dir, "eval.json")
+    rows = []
+    if os.path.exists(out):
+        with open(out) as f:
+            rows = json.load(f)
+    done = {r["step"] for r in rows}
+    ckpts = sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")))
+    todo = [p for p in ckpts if int(re.search(r"ckpt_(\d+)\.pt$", p).group(1)) not in done]
+    for path in tqdm(todo, desc=f"eval {os.path.basename(os.path.normpath(run_dir))}", disable=not todo or not sys.stderr.isatty()):
+        t0 = time.perf_counter()
+        results, ckpt = _evaluate(path, probes_dir, test_path, test_scores, device, max_rows, **kw)
+        c = ckpt["config"]
+        rows += [{"arch": c["arch"], "loss": c["loss"], "seed": c["seed"], "lr": c["lr"], "step": ckpt["step"], **r}
+                 for r in results]
+        with open(out + ".tmp", "w") as f:  # one row a line: readable, diffable, still one JSON list
+            f.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+        os.replace(out + ".tmp", out)
+        tqdm.write(f"{path}: {len(results)} benchmarks in {time.perf_counter() - t0:.1f}s")
+    return rows
+
+
+# ----------------------------------------------------------------------------- importance scores (Fig. 8)
+def pearson(x, y):
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    return float((x * y).sum() / (x.norm() * y.norm()))
+
+
+def importance_analysis(scores_path, data_path=None, tokenizer_path="out/tokenizer.json", png_path=None, n_bins=8):
+    """Mean PRIOR weight w = 1 - p_ref (caption tokens, eos excluded) against caption length in tokens (binned,
+    and Pearson r between a caption's length and its mean w) and against token position. data_path defaults to
+    the caption file that score.py recorded in the score file."""
+    tok = T.load_tokenizer(tokenizer_path)
+    data_path = data_path or torch.load(scores_path, weights_only=True)["fingerprint"]["data_path"]
+    records = read_records(data_path, require_image=False, check_files=False)
+    p_ref = load_scores(scores_path, T.fingerprint(tok), text_fingerprint(records), data_path)
+    ws = [1 - p_ref[r.id][:-1].double() for r in records if len(p_ref[r.id]) > 1]
+    lengths = torch.tensor([len(w) for w in ws], dtype=torch.float64)
+    means = torch.stack([w.mean() for w in ws])
+    lo, hi = int(lengths.min()), int(lengths.max()) + 1
+    edges = sorted({round(lo + (hi - lo) * k / n_bins) for k in range(n_bins + 1)})
+    bins = []
+    for a, b in zip(edges, edges[1:]):
+        sel = (lengths >= a) & (lengths < b)
+        if sel.any():
+            bins.append({"min_len": a, "max_len": b - 1, "captions": int(sel.sum()), "mean_w": float(means[sel].mean())})
+    grid = torch.full((len(ws), hi - 1), float("nan"), dtype=torch.float64)
+    for i, w in enumerate(ws):
+        grid[i, :len(w)] = w
+    counts = (~grid.isnan()).sum(0)
+    report = {"captions": len(ws), "tokens": int(lengths.sum()), "mean_w": float(torch.cat(ws).mean()),
+              "pearson_r": pearson(lengths, means), "length_bins": bins,
+              "position": {"mean_w": grid.nanmean(0).tolist(), "captions": counts.tolist()}}
+    if png_path:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+        a.plot([(x["min_len"] + x["max_len"]) / 2 for x in bins], [x["mean_w"] for x in bins], "o-")
+        a.set(xlabel="caption length (tokens)", ylabel="mean w = 1 - p_ref", title=f"Pearson r = {report['pearson_r']:.3f}")
+        shown = int((counts >= max(1, len(ws) // 100)).sum())  # positions that at least 1% of captions reach
+        b.plot(range(shown), report["position"]["mean_w"][:shown], ".-")
+        b.set(xlabel="token position", ylabel="mean w", title=f"{report['captions']} captions")
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=110)
+        plt.close(fig)
+    return report
+
+
+def main(cfg):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    kw = dict(probes_dir=cfg.probes or None, test_path=cfg.test or None, test_scores=cfg.test_scores or None,
+              device=pick_device(cfg.device), max_rows=cfg.max_rows or None, mc_files=[f for f in cfg.mc.split(",") if f],
+              tokenizer=cfg.tokenizer or None, row_len=cfg.row_len, batch_rows=cfg.batch_rows, seed=cfg.seed,
+              max_bad_fraction=cfg.max_bad_fraction)
+    if not (cfg.ckpt or cfg.run_dir or cfg.importance):
+        raise SystemExit("nothing to do: give --ckpt, --run-dir or --importance (see --help)")
+    if (cfg.ckpt or cfg.run_dir) and not (kw["probes_dir"] or kw["test_path"] or kw["mc_files"]):
+        raise SystemExit("give --mc, --probes and/or --test to evaluate on")
+    if cfg.run_dir:
+        rows = evaluate_run(cfg.run_dir, **kw)
+        print(f"{cfg.run_dir}/eval.json: {len(rows)} rows, steps {sorted({r['step'] for r in rows})}")
+    if cfg.ckpt:
+        t0 = time.perf_counter()
+        results = evaluate_checkpoint(cfg.ckpt, **kw)
+        for r in results:
+            print(f"{r['benchmark']:24s} {r['value']:.4f}")
+        print(f"({time.perf_counter() - t0:.1f}s)  accuracy: summed log-likelihood; _norm: per-token mean")
+    if cfg.importance:
+        png = cfg.png or os.path.splitext(cfg.importance)[0] + "_importance.png"
+        rep = importance_analysis(cfg.importance, cfg.importance_data or None, cfg.tokenizer or "out/tokenizer.json", png)
+        print(f"{rep['captions']} captions, mean w {rep['mean_w']:.3f}, Pearson r(length, mean w) = {rep['pearson_r']:.3f}")
+        for b in rep["length_bins"]:
+            print(f"  length {b['min_len']:3d}-{b['max_len']:3d}: mean w {b['mean_w']:.3f} ({b['captions']} captions)")
+        print(f"figure: {png}")
+
+
+if __name__ == "__main__":
+    main(parse_config(EvalConfig, description=__doc__))

@@ -1,0 +1,320 @@
+"""The main job: PRIOR vs NTP, end to end, on the built-in data, following the paper's recipe.
+
+    bash run.sh                               # = python experiment.py (CPU preset, ~20 min on 2 cores)
+    python experiment.py --preset smoke       # a 2-minute miniature of every stage (what the tests run)
+    python experiment.py --preset gpu         # bigger data, models and steps (see PRESETS)
+    python experiment.py --stage prepare      # only data -> tokenizer -> reference LM -> scores -> report
+
+Stages (each skipped when its output exists, so a re-run after an interruption resumes where it stopped):
+  1. data        data/generate.py, one data set per caption mix (--mixes): "web" (mostly predictable
+                 boilerplate) and "noisy" (much high-entropy noise that the reference LM cannot predict)
+  2. tokenizer   byte-level BPE on the text-only and training captions of every mix
+  3. reference   reference_lm.py on each mix's ref.jsonl, disjoint from the captions it scores; score.py on
+                 train.jsonl (training weights) and test.jsonl (analysis), with the relevance report
+  4. base LM     reference_lm.py on text.jsonl of all mixes: the pretrained LM both VLM families start from
+     vision      vision.py: the pretrained ViT of the H-LVLM (stands in for CLIP)
+  5. U stage 1   the U-LVLM learns image -> short label first (the paper's 500 ImageNet steps)
+  6. lr grid     NTP and PRIOR at several learning rates (seed 0), chosen by validation probes
+  7. main        per mix x family x loss (ntp, prior, oracle) x seed, at each loss's best lr; H-LVLM trains
+                 only its projector on the frozen ViT and LM; U-LVLM trains everything, captions mixed 1:1
+                 with text-only data
+  8. eval        every checkpoint: probes, token-level NLL, grounding gap (eval.py)
+  9. report      results.json, results.md and the plots (report.py)
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from cli import parse_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Sizes per preset. "cpu" is tuned to finish in about 20 minutes on a 2-core laptop CPU; "smoke" exercises
+# every stage in about two minutes; "gpu" is a starting point for one GPU (use --parallel 1).
+PRESETS = {
+    "smoke": dict(
+        data=dict(n_ref=600, n_text=600, n_label=200, n_train=400, n_val=50, n_test=60, n_probe=24),
+        vocab=512, lm=dict(n_layer=1, n_head=2, d_model=32, steps=30, batch_rows=4, row_len=128, lr=3e-3, warmup=5),
+        vit=dict(steps=20, batch_size=32), seeds=2, lrs={"h": [3e-3], "u": [3e-3]},
+        vlm=dict(steps=6, batch_size=8, save_every=3, warmup=2, row_len=128), stage1_steps=4,
+        eval_rows=24, mixes="web"),
+    "cpu": dict(
+        data=dict(n_ref=10000, n_text=10000, n_label=3000, n_train=8000, n_val=300, n_test=600, n_probe=300),
+        vocab=1024, lm=dict(n_layer=4, n_head=4, d_model=128, steps=400, batch_rows=8, row_len=256, lr=3e-3, warmup=40),
+        vit=dict(steps=300, batch_size=64), seeds=3, lrs={"h": [1e-3, 3e-3, 1e-2], "u": [3e-4, 1e-3, 3e-3]},
+        vlm=dict(steps=150, batch_size=32, save_every=50, warmup=15, row_len=256), stage1_steps=100,
+        eval_rows=300, mixes="web,noisy"),
+    "gpu": dict(
+        data=dict(n_ref=100000, n_text=100000, n_label=20000, n_train=100000, n_val=1000, n_test=2000, n_probe=1000),
+        vocab=2048, lm=dict(n_layer=8, n_head=8, d_model=512, steps=3000, batch_rows=64, row_len=512, lr=1e-3, warmup=200),
+        vit=dict(steps=3000, batch_size=256), seeds=3, lrs={"h": [3e-4, 1e-3, 3e-3], "u": [1e-4, 3e-4, 1e-3]},
+        vlm=dict(steps=2000, batch_size=256, save_every=200, warmup=60, row_len=1024), stage1_steps=500,
+        eval_rows=0, mixes="web,noisy"),
+}
+
+
+@dataclass
+class ExperimentConfig:
+    out: str = field(default="out", metadata={"help": "output folder: data, models, runs, results.md"})
+    preset: str = field(default="cpu", metadata={"help": "sizes: smoke, cpu or gpu (see PRESETS)", "choices": list(PRESETS)})
+    stage: str = field(default="all", metadata={"help": "prepare = data, tokenizer, reference LM, scores; all = everything", "choices": ["prepare", "all"]})
+    mixes: str = field(default="", metadata={"help": "caption mixes to compare ('' = the preset's), e.g. web,noisy"})
+    archs: str = field(default="h,u", metadata={"help": "model families: h (ViT -> projector -> LM), u (encoder-free)"})
+    losses: str = field(default="ntp,prior,oracle", metadata={"help": "arms of the main comparison"})
+    seeds: int = field(default=0, metadata={"help": "seeds per arm (0 = the preset's)"})
+    parallel: int = field(default=2, metadata={"help": "training runs at once (each with cpu_threads // parallel threads)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    seed: int = field(default=0, metadata={"help": "data-generation seed"})
+
+
+class Experiment:
+    def __init__(self, cfg):
+        self.cfg, self.p = cfg, PRESETS[cfg.preset]
+        self.out = os.path.abspath(cfg.out)
+        self.mixes = (cfg.mixes or self.p["mixes"]).split(",")
+        self.threads = max(1, (os.cpu_count() or 2) // max(1, cfg.parallel))
+        self.log = open(os.path.join(self._mk(self.out), "experiment.log"), "a")
+
+    def _mk(self, path):
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def path(self, *parts):
+        return os.path.join(self.out, *parts)
+
+    def run(self, args, log_name, threads=None):
+        """Run one of the project's scripts in a subprocess; its output goes to a log file under out/logs."""
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads)}
+        log_path = os.path.join(self._mk(self.path("logs")), log_name + ".log")
+        cmd = [sys.executable, *args]
+        self.log.write(" ".join(cmd) + "\n")
+        self.log.flush()
+        with open(log_path, "w") as log:
+            done = subprocess.run(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            tail = open(log_path).read()[-2500:]
+            raise SystemExit(f"step failed: {' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
+        return log_path
+
+    @staticmethod
+    def flags(d):
+        return [x for k, v in d.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+    # ---- stages 1-4: data and the pretrained pieces -------------------------------------------------------
+    def prepare(self):
+        for mix in self.mixes:
+            data = self.path(f"data_{mix}")
+            if not os.path.exists(os.path.join(data, "meta.json")):
+                step(f"data ({mix} mix)")
+                self.run(["-m", "data.generate", "--out", data, "--mix", mix, "--seed", str(self.cfg.seed),
+                          *self.flags(self.p["data"])], f"data_{mix}", threads=1)
+        tok = self.path("tokenizer.json")
+        if not os.path.exists(tok):
+            step("tokenizer")
+            files = ",".join(self.path(f"data_{m}", f) for m in self.mixes for f in ("text.jsonl", "train.jsonl"))
+            self.run(["tokenizer.py", "--data", files, "--out", tok, "--vocab-size", str(self.p["vocab"])], "tokenizer")
+        lm = self.flags(self.p["lm"]) + ["--tokenizer", tok, "--device", self.cfg.device]
+        jobs = []
+        for mix in self.mixes:
+            if not os.path.exists(self.path(f"ref_lm_{mix}.pt")):
+                jobs.append((["reference_lm.py", "--data", self.path(f"data_{mix}", "ref.jsonl"),
+                              "--out", self.path(f"ref_lm_{mix}.pt"), *lm], f"ref_lm_{mix}"))
+        step("reference LM per mix" + (" (done)" if not jobs else ""))
+        self.parallel(jobs)
+        for mix in self.mixes:
+            for split in ("train", "test"):
+                out = self.path(f"scores_{mix}_{split}.pt")
+                if not os.path.exists(out):
+                    log = self.run(["score.py", "--ref", self.path(f"ref_lm_{mix}.pt"), "--tokenizer", tok,
+                                    "--data", self.path(f"data_{mix}", f"{split}.jsonl"), "--out", out,
+                                    "--device", self.cfg.device], f"score_{mix}_{split}", threads=os.cpu_count())
+                    if split == "train":
+                        print(f"  relevance report ({mix} mix, weights of the training captions):")
+                        for line in open(log):
+                            if line.startswith(("scored", "mean weight", "ROC-AUC")):
+                                print("   ", line.rstrip())
+
+    def pretrain(self):
+        jobs = []
+        if not os.path.exists(self.path("base_lm.pt")):
+            text = ",".join(self.path(f"data_{m}", "text.jsonl") for m in self.mixes)
+            jobs.append((["reference_lm.py", "--data", text, "--out", self.path("base_lm.pt"), "--seed", "1",
+                          *self.flags(self.p["lm"]), "--tokenizer", self.path("tokenizer.json"),
+                          "--device", self.cfg.device], "base_lm"))
+        if "h" in self.archs and not os.path.exists(self.path("vit.pt")):
+            jobs.append((["vision.py", "--data", self.path(f"data_{self.mixes[0]}", "label.jsonl"),
+                          "--out", self.path("vit.pt"), "--device", self.cfg.device,
+                          *self.flags(self.p["vit"])], "vit"))
+        step("base LM and vision encoder" + (" (done)" if not jobs else ""))
+        self.parallel(jobs)
+
+    # ---- stages 5-8: the VLM runs ---------------------------------------------------------------------------
+    @property
+    def archs(self):
+        return self.cfg.archs.split(",")
+
+    def train_args(self, mix, arch, loss, lr, seed, out_dir):
+        data = self.path(f"data_{mix}")
+        v = self.p["vlm"]
+        args = ["train.py", "--data", os.path.join(data, "train.jsonl"), "--tokenizer", self.path("tokenizer.json"),
+                "--scores", self.path(f"scores_{mix}_train.pt"), "--out-dir", out_dir, "--arch", arch,
+                "--loss", loss, "--lr", str(lr), "--seed", str(seed), "--device", self.cfg.device,
+                "--init-decoder", self.path("base_lm.pt"), "--resume", *self.flags(v)]
+        if arch == "h":  # the paper's H-LVLM: pretrained, frozen encoder and LM; only the projector trains
+            args += ["--init-encoder", self.path("vit.pt"), "--train", "projector"]
+        else:  # the paper's U-LVLM: starts from stage 1, all weights train, captions mixed 1:1 with text
+            args += ["--init-from", self.stage1_ckpt(mix), "--text-data", os.path.join(data, "text.jsonl")]
+        return args
+
+    def stage1_ckpt(self, mix):
+        return self.path("runs", mix, "u_stage1", f"ckpt_{self.p['stage1_steps']:06d}.pt")
+
+    def stage1(self):
+        jobs = []
+        for mix in self.mixes:
+            if not os.path.exists(self.stage1_ckpt(mix)):
+                v = {**self.p["vlm"], "steps": self.p["stage1_steps"], "save_every": self.p["stage1_steps"]}
+                jobs.append((["train.py", "--data", self.path(f"data_{mix}", "label.jsonl"), "--arch", "u",
+                              "--tokenizer", self.path("tokenizer.json"), "--init-decoder", self.path("base_lm.pt"),
+                              "--out-dir", os.path.dirname(self.stage1_ckpt(mix)), "--lr", "1e-3",
+                              "--device", self.cfg.device, "--resume", *self.flags(v)], f"u_stage1_{mix}"))
+        step("U-LVLM stage 1: image -> label" + (" (done)" if not jobs else ""))
+        self.parallel(jobs)
+
+    def run_dir(self, mix, arch, loss, lr, seed):
+        return self.path("runs", mix, arch, f"{loss}_lr{lr:g}_s{seed}")
+
+    def finished(self, run_dir):
+        return os.path.exists(os.path.join(run_dir, f"ckpt_{self.p['vlm']['steps']:06d}.pt"))
+
+    def train_all(self, specs, title):
+        jobs = [(self.train_args(*s, self.run_dir(*s)), "train_" + "_".join(map(str, s)))
+                for s in specs if not self.finished(self.run_dir(*s))]
+        step(f"{title}: {len(specs)} runs, {len(jobs)} to train")
+        self.parallel(jobs)
+
+    def evaluate(self, run_dirs, probes, test=None, test_scores=None, title="eval"):
+        jobs = []
+        for d in run_dirs:
+            args = ["eval.py", "--run-dir", d, "--probes", probes, "--max-rows", str(self.p["eval_rows"]),
+                    "--device", self.cfg.device]
+            if test:
+                args += ["--test", test]
+            if test_scores:
+                args += ["--test-scores", test_scores]
+            jobs.append((args, "eval_" + os.path.relpath(d, self.path("runs")).replace(os.sep, "_")))
+        step(f"{title}: {len(jobs)} runs")
+        self.parallel(jobs)
+
+    def parallel(self, jobs):
+        if not jobs:
+            return
+        from tqdm import tqdm
+        with ThreadPoolExecutor(max(1, self.cfg.parallel)) as pool, tqdm(total=len(jobs), desc="  jobs", leave=False) as bar:
+            for f in [pool.submit(self.run, args, name) for args, name in jobs]:
+                f.result()
+                bar.update()
+
+    def rows(self, run_dir, **extra):
+        path = os.path.join(run_dir, "eval.json")
+        return [{**r, **extra} for r in json.load(open(path))] if os.path.exists(path) else []
+
+    def choose_lrs(self, mix, arch):
+        """Best lr per loss on the *validation* probes (seed 0): tuning on test probes would flatter both."""
+        chosen, grid_rows = {}, []
+        for loss in ("ntp", "prior"):
+            scores = {}
+            for lr in self.p["lrs"][arch]:
+                rows = self.rows(self.run_dir(mix, arch, loss, lr, 0) + "_val")
+                final = [r for r in rows if r["benchmark"] == "probe_avg"]
+                if final:
+                    last = max(final, key=lambda r: r["step"])
+                    scores[lr] = last["value"]
+                grid_rows += [{**r, "mix": mix, "phase": "grid"} for r in rows]
+            chosen[loss] = max(scores, key=scores.get)
+        chosen["oracle"] = chosen["ntp"]  # the oracle is a control: same step size as NTP
+        for loss in self.cfg.losses.split(","):
+            chosen.setdefault(loss, chosen["ntp"])
+        return chosen, grid_rows
+
+    def experiment(self):
+        seeds = self.cfg.seeds or self.p["seeds"]
+        losses = self.cfg.losses.split(",")
+        results, chosen_all = [], {}
+        for mix in self.mixes:
+            data = self.path(f"data_{mix}")
+            for arch in self.archs:
+                # lr grid: NTP and PRIOR, seed 0, evaluated on validation probes; mix "web" only, reused for others
+                grid_mix = self.mixes[0]
+                if mix == grid_mix:
+                    specs = [(mix, arch, loss, lr, 0) for loss in ("ntp", "prior") for lr in self.p["lrs"][arch]]
+                    self.train_all(specs, f"lr grid ({mix}, {arch.upper()}-LVLM)")
+                    val_dirs = []
+                    for s in specs:  # evaluate a copy-free view: the grid run's checkpoints, val probes
+                        d = self.run_dir(*s)
+                        v = d + "_val"
+                        os.makedirs(v, exist_ok=True)
+                        last = f"ckpt_{self.p['vlm']['steps']:06d}.pt"
+                        if not os.path.exists(os.path.join(v, last)):
+                            os.link(os.path.join(d, last), os.path.join(v, last))
+                        val_dirs.append(v)
+                    self.evaluate(val_dirs, os.path.join(data, "probes_val"), title="  eval lr grid on val probes")
+                chosen, grid_rows = self.choose_lrs(grid_mix, arch)
+                chosen_all[f"{mix}/{arch}"] = chosen
+                results += [r for r in grid_rows if mix == grid_mix]
+                print(f"  {arch.upper()}-LVLM learning rates: " + ", ".join(f"{k} {v:g}" for k, v in chosen.items()))
+                specs = [(mix, arch, loss, chosen[loss], seed) for loss in losses for seed in range(seeds)]
+                self.train_all(specs, f"main ({mix}, {arch.upper()}-LVLM)")
+                dirs = [self.run_dir(*s) for s in specs]
+                self.evaluate(dirs, os.path.join(data, "probes"), os.path.join(data, "test.jsonl"),
+                              self.path(f"scores_{mix}_test.pt"), title="  eval every checkpoint")
+                for s, d in zip(specs, dirs):
+                    results += self.rows(d, mix=mix, phase="main")
+        with open(self.path("results.json"), "w") as f:
+            json.dump(results, f)
+        with open(self.path("chosen_lrs.json"), "w") as f:
+            json.dump(chosen_all, f, indent=1)
+        return results
+
+    def analyses(self):
+        for mix in self.mixes:
+            png = self.path(f"importance_{mix}.png")
+            if not os.path.exists(png):
+                self.run(["eval.py", "--importance", self.path(f"scores_{mix}_train.pt"), "--importance-data",
+                          self.path(f"data_{mix}", "train.jsonl"), "--tokenizer", self.path("tokenizer.json"),
+                          "--png", png], f"importance_{mix}")
+            shutil.copy(self.path(f"scores_{mix}_train.png"), self.path(f"token_weights_{mix}.png"))
+
+
+def step(text):
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def main(cfg):
+    t0 = time.time()
+    exp = Experiment(cfg)
+    print(f"PRIOR vs NTP, preset {cfg.preset}: mixes {exp.mixes}, families {cfg.archs}, losses {cfg.losses}, "
+          f"{cfg.seeds or exp.p['seeds']} seeds, {cfg.parallel} runs at a time -> {exp.out}")
+    with open(exp.path("experiment_config.json"), "w") as f:
+        json.dump({"config": asdict(cfg), "preset": exp.p}, f, indent=1)
+    exp.prepare()
+    if cfg.stage == "prepare":
+        print(f"prepared in {time.time() - t0:.0f}s: scores and relevance reports in {exp.out}")
+        return
+    exp.pretrain()
+    if "u" in exp.archs:
+        exp.stage1()
+    rows = exp.experiment()
+    exp.analyses()
+    import report
+    md = report.write_report(rows, exp.out)
+    print(f"done in {(time.time() - t0) / 60:.1f} min: {md}")
+
+
+if __name__ == "__main__":
+    main(parse_config(ExperimentConfig, description=__doc__))

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The main job: the whole PRIOR-vs-NTP experiment on the built-in data (see experiment.py --help).
+set -euo pipefail
+cd "$(dirname "$0")"
+source setup.sh
+exec .venv/bin/python experiment.py "$@"

@@ -1,0 +1,284 @@
+"""Tests for eval.py: choice log-likelihoods against plain single-sequence forward passes, accuracy definitions,
+the image derangement, the grounding gap, bad rows, run-directory resume and the importance analysis.
+
+Run: .venv/bin/python -m pytest tests/test_eval.py
+"""
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+
+import pytest
+import torch
+from PIL import Image
+
+import eval as E
+import tokenizer as T
+from cli import parse_config
+from data.packing import Sample, pack
+from data.records import DataError, load_image, normalize, read_records
+from loss import token_losses
+from model import DecoderConfig, VLM, VLMConfig
+from score import CATEGORIES, save_scores
+from utils import text_fingerprint
+
+CAPTIONS = [  # (caption, per-word tags) for the held-out caption file
+    ("a photo of a red circle . stock photo by maria lopez", "b b b b i i b b b b n n"),
+    ("two blue squares at the top left | buy now", "i i i b b i i b b b"),
+    ("maria lopez , a green star . royalty free image", "n n b b i i b b b b"),
+    ("a photo of three stars and a red square", "b b b i i b b i i"),
+    ("stock photo : a blue circle at the bottom", "b b b b i i b b i"),
+]
+TAG = {"i": "image", "b": "boiler", "n": "noise"}
+PROMPTS = ["a photo of", "", "a photo of a red", "two blue", "stock photo : a"]
+CHOICES = [["red circle", "two blue squares", "green star"], ["circle", "square"],
+           ["circle at the top left", "star", "square", "star at the bottom"], ["squares", "circles"],
+           ["blue circle", "green star at the top"]]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    return str(path)
+
+
+def save_ckpt(model, tok, path, step, arch, tok_path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg), "step": step,
+                "config": {"arch": arch, "loss": "prior", "seed": 3, "lr": 2e-3, "tokenizer": tok_path},
+                "tokenizer": T.fingerprint(tok), "data": "none"}, path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    g = torch.Generator().manual_seed(0)
+    os.makedirs(root / "img")
+    for i in range(6):  # random pixels, so every image gives the model a very different context
+        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(root / "img" / f"{i}.png")
+    tok = T.train_tokenizer([c for c, _ in CAPTIONS] + PROMPTS + [c for cs in CHOICES for c in cs], vocab_size=300)
+    tok_path = str(root / "tok.json")
+    tok.save(tok_path)
+    test = write_jsonl(root / "test.jsonl", [{"id": f"t{i}", "image": f"img/{i}.png", "caption": c,
+                                               "tags": [TAG[t] for t in tags.split()]} for i, (c, tags) in enumerate(CAPTIONS)])
+    questions = write_jsonl(root / "questions.jsonl", [{"image": f"img/{i}.png", "prompt": p, "choices": c, "answer": 0}
+                                                       for i, (p, c) in enumerate(zip(PROMPTS, CHOICES))])
+    models, ckpts = {}, {}
+    for arch in "hu":
+        torch.manual_seed(1)
+        model = VLM(VLMConfig(arch=arch, image_size=16, patch_size=8, vit_dim=32, vit_depth=1, vit_heads=2,
+                              decoder=DecoderConfig(vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, d_model=32,
+                                                    max_seq_len=128)))
+        with torch.no_grad():  # sharper than the 0.02-std init, so images and choices change the log-probs a lot
+            for p in model.parameters():
+                p.mul_(4)
+        models[arch] = model.eval()
+        ckpts[arch] = str(root / f"run_{arch}" / "ckpt_000010.pt")
+        save_ckpt(model, tok, ckpts[arch], 10, arch, tok_path)
+    return dict(root=root, tok=tok, tok_path=tok_path, test=test, questions=questions, models=models, ckpts=ckpts)
+
+
+def hand_logprobs(model, image_path, context, target):
+    """log p of each target token after [image, bos, context], from one plain, unpacked model() call."""
+    seq = model.image_tokens() + [T.BOS] + context + target
+    with torch.no_grad():
+        logp = model(torch.tensor([seq]), normalize(load_image(image_path, 16)[None])).log_softmax(-1)[0]
+    start = len(seq) - len(target)
+    return torch.stack([logp[start - 1 + i, t] for i, t in enumerate(target)])
+
+
+def enc(tok, text):
+    return T.encode_captions(tok, [text])[0]
+
+
+@pytest.mark.parametrize("arch", ["h", "u"])
+def test_choice_loglik_is_single_sequence_forward(world, arch):
+    """Choice tokens only: prompt in the context but not scored, <|eos|> not scored."""
+    model, tok = world["models"][arch], world["tok"]
+    logps, answers = E.mc_eval(model, tok, world["questions"])
+    image = str(world["root"] / "img" / "0.png")
+    for j, choice in enumerate(CHOICES[0]):
+        expected = hand_logprobs(model, image, enc(tok, PROMPTS[0]), enc(tok, choice))
+        assert len(logps[0][j]) == len(enc(tok, choice))
+        torch.testing.assert_close(logps[0][j], expected, atol=1e-4, rtol=1e-4)
+    # scoring the choice alone (no prompt) must give something else: the prompt really is context
+    alone = hand_logprobs(model, image, [], enc(tok, CHOICES[0][0]))
+    assert (alone - logps[0][0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["h", "u"])
+@pytest.mark.parametrize("row_len,batch_rows", [(256, 4), (64, 1), (128, 2)])
+def test_packed_equals_unbatched(world, arch, row_len, batch_rows):
+    model, tok = world["models"][arch], world["tok"]
+    logps, _ = E.mc_eval(model, tok, world["questions"], row_len=row_len, batch_rows=batch_rows)
+    for i, (prompt, choices) in enumerate(zip(PROMPTS, CHOICES)):
+        for j, choice in enumerate(choices):
+            expected = hand_logprobs(model, str(world["root"] / "img" / f"{i}.png"), enc(tok, prompt), enc(tok, choice))
+            torch.testing.assert_close(logps[i][j], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_caption_scoring_matches_training_packing(world):
+    """The caption path of the token analysis gives the training loss's per-token NLL (data/packing + loss.py)."""
+    model, tok = world["models"]["h"], world["tok"]
+    records = read_records(world["test"])
+    captions = T.encode_captions(tok, [r.caption for r in records])
+    images = torch.stack([load_image(r.image, 16) for r in records])
+    batch = pack([Sample(c, index=i) for i, c in enumerate(captions)], 128, model.image_tokens())
+    with torch.no_grad():
+        logits = model(batch.input_ids, normalize(images[batch.indices]), batch.position_ids, batch.doc_ids)
+    nll = token_losses(logits, batch.labels)[batch.labels != -100]
+    embeds = E.image_embeds(model, images, "train-check", "cpu")
+    docs = [(i, model.image_tokens() + [T.BOS], [c + [T.EOS]]) for i, c in enumerate(captions)]
+    ours = torch.cat([-lp[0] for lp in E.score_docs(model, docs, embeds, row_len=100, batch_rows=2)])
+    torch.testing.assert_close(ours, nll, atol=1e-4, rtol=1e-4)
+
+
+def test_accuracy_one_and_zero(world, capsys):
+    model, tok, root = world["models"]["h"], world["tok"], world["root"]
+    rows = {"prefer": [], "avoid": []}
+    for i, (prompt, choices) in enumerate(zip(PROMPTS, CHOICES)):
+        two = choices[:2]
+        sums = [float(hand_logprobs(model, str(root / "img" / f"{i}.png"), enc(tok, prompt), enc(tok, c)).sum()) for c in two]
+        best = max(range(2), key=lambda j: sums[j])
+        rows["prefer"].append({"image": f"img/{i}.png", "prompt": prompt, "choices": two, "answer": best})
+        rows["avoid"].append({"image": f"img/{i}.png", "prompt": prompt, "choices": two, "answer": 1 - best})
+    prefer, avoid = (write_jsonl(root / f"{k}.jsonl", v) for k, v in rows.items())
+    res = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], mc_files=[prefer, avoid])}
+    assert res["prefer"] == 1.0 and res["avoid"] == 0.0
+    assert res["prefer_norm"] + res["avoid_norm"] == pytest.approx(1.0)  # two choices: one of the two is right
+    E.main(parse_config(E.EvalConfig, ["--ckpt", world["ckpts"]["h"], "--mc", prefer]))
+    out = capsys.readouterr().out
+    assert "prefer " in out and "1.0000" in out
+
+
+def test_length_normalised_is_mean_per_token():
+    logps = [[torch.tensor([-1.0, -1.0, -1.0]), torch.tensor([-2.0])],  # sums -3 vs -2, means -1 vs -2
+             [torch.tensor([-0.5, -0.5]), torch.tensor([-3.0, -0.1, -0.1])]]  # sums -1 vs -3.2, means -0.5 vs -1.07
+    assert E.accuracy(logps, [0, 0]) == 0.5
+    assert E.accuracy(logps, [0, 0], normalise=True) == 1.0
+    assert E.accuracy(logps, [1, 1]) == 0.5
+
+
+def test_derangement():
+    for n in range(2, 40):
+        for seed in range(3):
+            d = E.derangement(n, seed)
+            assert sorted(d) == list(range(n)) and all(d[i] != i for i in range(n))
+            assert d == E.derangement(n, seed)
+    assert E.derangement(50, 0) != E.derangement(50, 1)
+    with pytest.raises(ValueError):
+        E.derangement(1)
+
+
+def test_grounding_gap(world, tmp_path):
+    model, tok = world["models"]["u"], world["tok"]
+    records = read_records(world["test"])
+    p = [torch.tensor([0.1, 0.3, 0.6, 0.9])[torch.arange(len(enc(tok, r.caption)) + 1) % 4] for r in records]
+    scores = str(tmp_path / "scores_test.pt")
+    save_scores(scores, [r.id for r in records], p, {"tokenizer": T.fingerprint(tok), "data": text_fingerprint(records)})
+    res = E.token_analysis(model, tok, world["test"], scores, seed=5)
+
+    perm = E.derangement(len(records), 5)
+    nll = {"": [], "_shuffled": []}
+    cats, ws = [], []
+    for i, r in enumerate(records):
+        ids, words = enc(tok, r.caption), T.token_word_index(tok, [r.caption])[0]
+        nll[""].append(-hand_logprobs(model, r.image, [], ids))
+        nll["_shuffled"].append(-hand_logprobs(model, records[perm[i]].image, [], ids))
+        cats += [r.extra["tags"][w] if w >= 0 else None for w in words]  # -1: a lone space token
+        ws += (1 - p[i][:-1]).tolist()
+    nll = {k: torch.cat(v) for k, v in nll.items()}
+    groups = {c: [x == c for x in cats] for c in CATEGORIES}
+    groups["all"] = [True] * len(cats)
+    groups["w_gt_0.5"], groups["w_le_0.25"] = [w > 0.5 for w in ws], [w <= 0.25 for w in ws]
+    for name, sel in groups.items():
+        sel = torch.tensor(sel)
+        true, shuffled = nll[""][sel].mean(), nll["_shuffled"][sel].mean()
+        assert res[f"nll_{name}"] == pytest.approx(float(true), abs=1e-4)
+        assert res[f"nll_{name}_shuffled"] == pytest.approx(float(shuffled), abs=1e-4)
+        assert res[f"gap_{name}"] == pytest.approx(res[f"nll_{name}_shuffled"] - res[f"nll_{name}"], abs=1e-9)
+    assert abs(res["gap_all"]) > 1e-3  # the image really was swapped
+    assert {"nll_w_gt_0.75", "nll_w_le_0.75", "gap_w_gt_0.25"} <= set(res)
+
+
+def test_bad_mc_rows_counted(world, tmp_path, capsys):
+    root = world["root"]
+    with open(tmp_path / "garbage.png", "wb") as f:
+        f.write(b"not a png at all")
+    good = {"image": str(root / "img" / "1.png"), "prompt": "a photo of", "choices": ["red circle", "star"], "answer": 1}
+    rows = [good] * 5 + [
+        {**good, "image": str(tmp_path / "garbage.png")},  # undecodable: dropped by load_images
+        {**good, "answer": 2}, {**good, "answer": True}, {**good, "choices": ["star"]}, {**good, "choices": ["star", " "]},
+        {**good, "image": "nowhere.png"}, '{"image": broken json', "[1, 2]"]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    questions, images = E.load_mc(path, 16, max_bad_fraction=1.0)
+    assert len(questions) == len(images) == 5
+    err = capsys.readouterr().err
+    assert "skipped 7 of 13 questions" in err and "answer not a choice index x 2" in err
+    assert "skipped 1 of 6 images" in err
+    logps, answers = E.mc_eval(world["models"]["h"], world["tok"], path, max_bad_fraction=1.0)
+    assert len(logps) == 5 and answers == [1] * 5
+    with pytest.raises(DataError):
+        E.read_mc(path, max_bad_fraction=0.1)
+
+
+def test_run_dir_resumes(world, tmp_path, monkeypatch):
+    model, tok, root = world["models"]["h"], world["tok"], world["root"]
+    probes = tmp_path / "probes"
+    os.makedirs(probes)
+    for name in ("presence_a", "presence_b", "colour"):
+        shutil.copy(world["questions"], probes / f"{name}.jsonl")
+    for name in ("presence_a", "presence_b", "colour"):  # image paths are relative to the probe folder
+        rows = [dict(json.loads(line), image=str(root / json.loads(line)["image"])) for line in open(probes / f"{name}.jsonl")]
+        write_jsonl(probes / f"{name}.jsonl", rows)
+    run = tmp_path / "run"
+    for step in (10, 20):
+        save_ckpt(model, tok, str(run / f"ckpt_{step:06d}.pt"), step, "h", world["tok_path"])
+    calls = []
+    real = E._evaluate
+    monkeypatch.setattr(E, "_evaluate", lambda path, *a, **k: calls.append(path) or real(path, *a, **k))
+    kw = dict(probes_dir=str(probes), test_path=world["test"], max_rows=4)
+    rows = E.evaluate_run(str(run), **kw)
+    assert len(calls) == 2 and sorted({r["step"] for r in rows}) == [10, 20]
+    assert all(set(r) == {"arch", "loss", "seed", "lr", "step", "benchmark", "value"} for r in rows)
+    assert all((r["arch"], r["loss"], r["seed"], r["lr"]) == ("h", "prior", 3, 2e-3) for r in rows)
+    at10 = {r["benchmark"]: r["value"] for r in rows if r["step"] == 10}
+    assert {"presence_a", "presence_b_norm", "colour", "nll_image", "gap_all", "nll_noise_shuffled"} <= set(at10)
+    assert at10["presence"] == pytest.approx((at10["presence_a"] + at10["presence_b"]) / 2)
+    assert at10["probe_avg"] == pytest.approx((at10["presence"] + at10["colour"]) / 2)
+    assert json.load(open(run / "eval.json")) == rows
+
+    save_ckpt(model, tok, str(run / "ckpt_000030.pt"), 30, "h", world["tok_path"])
+    calls.clear()
+    rows = E.evaluate_run(str(run), **kw)
+    assert [os.path.basename(c) for c in calls] == ["ckpt_000030.pt"]
+    assert sorted({r["step"] for r in rows}) == [10, 20, 30] and len(rows) == 3 * len(at10)
+    calls.clear()
+    E.evaluate_run(str(run), **kw)
+    assert calls == []
+
+
+def test_importance_pearson(world, tmp_path):
+    tok = world["tok"]
+    records = read_records(world["test"])
+    p = [torch.linspace(0.05, 0.05 + 0.8 * i / len(records), len(enc(tok, r.caption)) + 1) for i, r in enumerate(records)]
+    scores = str(tmp_path / "s.pt")
+    save_scores(scores, [r.id for r in records], p, {"tokenizer": T.fingerprint(tok), "data": text_fingerprint(records)})
+    png = str(tmp_path / "fig.png")
+    rep = E.importance_analysis(scores, world["test"], world["tok_path"], png, n_bins=3)
+    lengths = [len(enc(tok, r.caption)) for r in records]
+    means = [float((1 - q[:-1]).mean()) for q in p]  # eos excluded
+    assert rep["pearson_r"] == pytest.approx(statistics.correlation(lengths, means), abs=1e-3)
+    assert rep["captions"] == len(records) and rep["tokens"] == sum(lengths)
+    assert sum(b["captions"] for b in rep["length_bins"]) == len(records)
+    assert rep["position"]["mean_w"][0] == pytest.approx(statistics.mean(1 - float(q[0]) for q in p), abs=1e-3)
+    assert rep["position"]["captions"][max(lengths) - 1] == lengths.count(max(lengths))
+    assert os.path.getsize(png) > 1000
+
+
+def test_help_explains_flags(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(E.EvalConfig, ["--help"], description=E.__doc__)
+    out = capsys.readouterr().out
+    assert "--test-scores" in out and "--max-rows" in out and "grounding gap" in out
