@@ -68,6 +68,12 @@ def load_rows(path):
         return [_normal(r) for r in json.load(f)]
 
 
+def judged(rows):
+    """Rows that get a verdict. NLL with a wrong image (nll_*_shuffled) is neither better low nor high on its
+    own: it enters only through the grounding gap (gap_* = shuffled - true), so it stays in results.json only."""
+    return [r for r in rows if "_shuffled" not in r["benchmark"]]
+
+
 def _normal(row):
     row = dict(row)
     row["mix"], row["phase"] = row.get("mix") or "web", row.get("phase") or "main"
@@ -127,7 +133,7 @@ def summarize(rows):
     """Nested dict out[mix][arch] with, for the main runs, "final" and "best" parts ({"step", "n", "stats",
     "vs_ntp"} per loss), "curves" (loss -> bench -> [(step, stats)]), and for the grid runs "grid"
     (loss -> lr -> stats at that run's final step) and "best_lr" (loss -> lr)."""
-    rows = [_normal(r) for r in rows]
+    rows = judged([_normal(r) for r in rows])
     main, grid = _tree(rows, "main", False), _tree(rows, "grid", True)
     out = {}
     for mix, arch in sorted(set(main) | set(grid), key=lambda k: (k[0] != "web", k)):
@@ -160,6 +166,7 @@ def summarize(rows):
 def fmt(x, sign=False, pct=False):
     if x is None or math.isnan(x):
         return "–"
+    x = 0.0 if round(x, 3) == 0 else x  # no "-0.000": a rounded zero has no sign
     return f"{100 * x:+.1f}%" if pct else f"{x:+.3f}" if sign else f"{x:.3f}"
 
 
@@ -169,12 +176,12 @@ def pm(s):
 
 def _table(fam, part):
     losses, vs = fam["losses"], part["vs_ntp"]
-    head = ["benchmark", ""] + [f"{name(l)} (n={part['n'][l]}, step {part['step'][l]})" for l in losses]
+    head = ["benchmark"] + [f"{name(l)} (n={part['n'][l]}, step {part['step'][l]})" for l in losses]
     for l in vs:
         head += [f"{name(l)} − NTP", f"{name(l)} vs NTP", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b in fam["benchmarks"]:
-        cells = [f"`{b}`", "↓" if lower_better(b) else "↑"] + [pm(part["stats"][l].get(b)) for l in losses]
+        cells = [f"`{b}` {'↓' if lower_better(b) else '↑'}"] + [pm(part["stats"][l].get(b)) for l in losses]
         for l in vs:
             c = vs[l].get(b)
             cells += [fmt(c["diff"], sign=True), fmt(c["rel"], pct=True), c["verdict"]] if c else ["–"] * 3

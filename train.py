@@ -17,6 +17,9 @@ Losses (--loss): ntp (plain next-token prediction), prior (w = (1 - p_ref)^alpha
 normalised, Eq. 4), rare (inverse token frequency, the paper's rare-word baseline), oracle (the generator's
 ground truth: image-related words 1, others --oracle-low; the best any token weighting could do).
 
+Speed: python bench.py measures this script's step (tokens/s, FLOP/s against the machine's matmul, MFU on a
+GPU); --compile fuses the many small elementwise kernels (worth it on a GPU; ~20-40 s to compile on a CPU).
+
 Writes to --out-dir: config.json, log.jsonl (one line per step), ckpt_<step>.pt (weights, every --save-every
 steps, for eval.py) and last.pt (weights, optimizer, step and RNG: `--resume` continues bit for bit).
 """
@@ -243,7 +246,8 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
     micro = cfg.micro_batch or len(mine)
     chunks = [(mine[i:i + micro], mine_text[i * len(mine_text) // len(mine):(i + micro) * len(mine_text) // len(mine)])
               for i in range(0, len(mine), micro)]
-    counts = {"tokens": 0, "positions": 0, "padding": 0, "images": 0}
+    # tokens: labelled positions; context: non-padding positions x row width (for step_flops' attention)
+    counts = {"tokens": 0, "positions": 0, "padding": 0, "images": 0, "context": 0}
     sums = torch.zeros(2, device=device)                      # weighted loss x tokens, NTP loss
     nll_by_tag = torch.zeros(2, 3, device=device)             # NLL sum and count per ground-truth category
     for c, (ids, tids) in enumerate(chunks):
@@ -260,7 +264,9 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
         n_local = len(keep)
         counts["tokens"] += n_local
         counts["positions"] += R * L
-        counts["padding"] += int((batch.input_ids == T.PAD).sum())
+        padding = int((batch.input_ids == T.PAD).sum())
+        counts["padding"] += padding
+        counts["context"] += (R * L - padding) * L
         counts["images"] += len(image_indices)
         batch.to(device)
         keep, captions = to_device(keep, device), to_device(captions, device)
@@ -281,11 +287,11 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
             per_token = token_losses(logits.detach(), labels)[0]
             sums += torch.stack([loss.detach() * n_local, per_token.sum()])
             t = batch.tags.flatten()[keep]
-            known = t >= 0
-            nll_by_tag[0].index_add_(0, t[known], per_token[known])
-            nll_by_tag[1].index_add_(0, t[known], torch.ones_like(per_token[known]))
+            known = t >= 0  # masks, not boolean indexing: that would wait for the GPU
+            nll_by_tag[0].index_add_(0, t.clamp(min=0), torch.where(known, per_token, 0.0))
+            nll_by_tag[1].index_add_(0, t.clamp(min=0), known.float())
     stats = dict(zip(("loss", "ntp"), sums.tolist()), **counts)  # the one device sync of the step
-    return stats, nll_by_tag.cpu(), batch_ids
+    return stats, nll_by_tag, batch_ids
 
 
 def main(cfg):
@@ -344,7 +350,7 @@ def main(cfg):
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, dynamic=True)  # batch shapes change every step (tight packing)
     data = Data(samples, images, model.image_tokens(), text_samples,
                 rare_table.to(device) if rare_table is not None else None)
     peak = peak_flops(device)
@@ -369,14 +375,15 @@ def main(cfg):
         seconds = time.perf_counter() - t0
 
         if world > 1:  # every figure in the log covers the global batch
-            keys = ("loss", "ntp", "tokens", "positions", "padding", "images")
-            packed = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+            keys = ("loss", "ntp", "tokens", "positions", "padding", "images", "context")
+            packed = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)  # NCCL: GPU only
             dist.all_reduce(packed)
             stats.update(zip(keys, packed.tolist()))
             dist.all_reduce(nll_by_tag)
+        nll_by_tag = nll_by_tag.cpu()
         if master:
-            tokens, positions = stats["tokens"], stats["positions"]
-            flops = step_flops(model, positions - stats["padding"], tokens, stats["images"], cfg.row_len)
+            tokens, positions, real = stats["tokens"], stats["positions"], stats["positions"] - stats["padding"]
+            flops = step_flops(model, real, tokens, stats["images"], stats["context"] / real)
             line = {"step": step + 1, "loss": stats["loss"] / tokens, "ntp": stats["ntp"] / tokens, "lr": lr,
                     "grad_norm": float(grad_norm), "tokens_per_s": positions / seconds,
                     "flops_per_s": flops / seconds, "seconds": seconds,

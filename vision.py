@@ -6,7 +6,7 @@ generator gives us for free: every image is a 3x3 grid of cells, each empty or h
 shape, a colour and a size. The ViT learns to say, for every cell, what is in it.
 
     python -m data.generate --out data/synth                          # the data (once)
-    python vision.py --data data/synth/label.jsonl --out out/vit.pt   # this stage, ~2-3 min on 2 CPU cores
+    python vision.py --data data/synth/label.jsonl --out out/vit.pt   # this stage, ~2.5 min on a CPU core
     python train.py --arch h --init-decoder out/base_lm.pt --init-encoder out/vit.pt --train projector ...
 
 Why per-cell heads on the patch tokens: the projector reads the ViT's patch tokens one by one, never a
@@ -14,8 +14,15 @@ pooled vector, so what the LM can learn is only what the patch tokens carry. The
 mean of the patch tokens covering a cell (a fixed linear pooling, no attention of their own), and a linear
 classifier on that mean: to name the object in a cell, the cell's own patch tokens must encode it, linearly.
 
+Defaults (1000 steps of 32 images, ~7 epochs of label.jsonl's 4,750 training images) reach, on the 250
+held-out images: shape 0.89, colour 1.00, size 1.00, empty-vs-object 1.00, whole scene right 0.78, in 148 s
+with --threads 1 on a shared 2-core CPU (0.12-0.2 s a step). Shape is the slow one to learn; colour and size
+are solved within ~300 steps. On a CPU that other jobs also use, --threads 1 is much faster than 2 (two
+OpenMP threads wait on each other whenever one of them is descheduled).
+
 Labels are positional, so augmentation must not move anything: no flips, no crops, no colour jitter (colour
-is a label too). The only augmentation is a little per-pixel Gaussian noise (--pixel-noise).
+is a label too). The only augmentation offered is per-pixel Gaussian noise (--pixel-noise), off by default:
+at this budget the model is not yet overfitting much and 0.1 did not help (shape 0.89 vs 0.91 without).
 
 Writes --out (the checkpoint train.py's --init-encoder reads):
     {"model": encoder state_dict, "vit_config": {image_size, patch_size, vit_dim, vit_depth, vit_heads},
@@ -57,19 +64,19 @@ class Config:
     vit_dim: int = field(default=192, metadata={"help": "ViT width"})
     vit_depth: int = field(default=4, metadata={"help": "ViT blocks"})
     vit_heads: int = field(default=3, metadata={"help": "ViT attention heads"})
-    steps: int = field(default=600, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=64, metadata={"help": "images per step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "images per step"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     warmup: int = field(default=50, metadata={"help": "linear warm-up steps, then cosine to lr/10"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on matrices"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    pixel_noise: float = field(default=0.1, metadata={"help": "std of Gaussian noise added to normalised pixels (0 = none)"})
-    eval_every: int = field(default=200, metadata={"help": "print validation accuracy every N steps (0 = only at the end)"})
+    pixel_noise: float = field(default=0.0, metadata={"help": "std of Gaussian noise added to normalised pixels (0 = none)"})
+    eval_every: int = field(default=250, metadata={"help": "print validation accuracy every N steps (0 = only at the end)"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, split and batch order"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of records is bad"})
     workers: int = field(default=0, metadata={"help": "processes for decoding images at start-up"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default; 1 is fastest on a busy shared CPU)"})
 
 
 # ----------------------------------------------------------------------------- labels
@@ -93,6 +100,10 @@ def scenes_of(records, path="data"):
             what = "has no 'scene' field" if scene is None else f"has a 'scene' that is not a list ({type(scene).__name__})"
             raise DataError(f"{path}: record {r.id} {what}. vision.py trains on the generator's ground truth: "
                             f"use data/synth/label.jsonl or train.jsonl from `python -m data.generate`")
+        for obj in scene:
+            missing = [k for k in ("row", "col") + ATTRS if not isinstance(obj, dict) or k not in obj]
+            if missing:
+                raise DataError(f"{path}: record {r.id}: scene object {obj!r} lacks {missing}")
     return [r.extra["scene"] for r in records]
 
 
@@ -180,11 +191,13 @@ def show(acc):
 
 # ----------------------------------------------------------------------------- training
 def main(cfg):
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
 
     records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
     scenes_of(records, cfg.data)  # fail before spending time decoding images
@@ -209,8 +222,6 @@ def main(cfg):
 
     vit_config = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, vit_dim=cfg.vit_dim,
                       vit_depth=cfg.vit_depth, vit_heads=cfg.vit_heads)
-    if cfg.image_size % cfg.patch_size:
-        raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     torch.manual_seed(cfg.seed)
     encoder = build_vit(VLMConfig(**vit_config)).to(device)
     heads = CellHeads(cfg.vit_dim, classes, cfg.image_size, cfg.patch_size).to(device)
@@ -227,10 +238,10 @@ def main(cfg):
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
+        if pos + cfg.batch_size > len(order):  # new epoch, new shuffle; a short tail is dropped (drop_last)
+            order, pos = torch.randperm(len(train_idx), generator=gen), 0
         idx = order[pos:pos + cfg.batch_size]
         pos += cfg.batch_size
-        if pos >= len(order):  # a fresh shuffle every epoch; the tail of the old one is used first
-            order, pos = torch.randperm(len(train_idx), generator=gen), 0
         x = normalize(train_images[idx].to(device))
         if cfg.pixel_noise > 0:
             x = x + cfg.pixel_noise * torch.randn(x.shape, generator=gen).to(device)
@@ -249,12 +260,14 @@ def main(cfg):
                        show(accuracy(encoder, heads, val_images, val_labels, device)))
 
     val_acc = accuracy(encoder, heads, val_images, val_labels, device) if n_val else {}
-    seconds = time.time() - t_start
-    print(f"done in {seconds:.0f}s; final loss {loss:.4f}; val accuracy: {show(val_acc)}")
+    seconds, cpu_seconds = time.time() - t_start, time.process_time() - cpu_start
+    print(f"done in {seconds:.0f}s ({cpu_seconds:.0f} CPU-s); final loss {loss:.4f}; val accuracy: {show(val_acc)}")
     atomic_save({"model": encoder.state_dict(), "vit_config": vit_config, "heads": heads.state_dict(),
                  "classes": classes, "config": asdict(cfg), "data": data_fp, "val_accuracy": val_acc}, cfg.out)
     summary = {"val_accuracy": val_acc, "n_train": len(train_idx), "n_val": n_val, "steps": cfg.steps,
-               "final_loss": loss, "seconds": round(seconds, 1), "data": data_fp, "checkpoint": cfg.out}
+               "batch_size": cfg.batch_size, "final_loss": loss, "seconds": round(seconds, 1),
+               "cpu_seconds": round(cpu_seconds, 1), "threads": torch.get_num_threads(), "data": data_fp,
+               "checkpoint": cfg.out}
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
         json.dump(summary, f, indent=1)
     print(f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.json")

@@ -39,29 +39,27 @@ COLOURS = {  # clearly distinct hues; --colour-contrast pulls them towards grey 
     "purple": (140, 60, 190), "orange": (245, 135, 25), "cyan": (40, 205, 215), "pink": (245, 120, 190),
     "white": (250, 250, 250), "black": (15, 15, 15), "brown": (130, 80, 35)}
 ROWS, COLS = ["top", "middle", "bottom"], ["left", "center", "right"]
-NUMS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+NUMS = "zero one two three four five six seven eight nine ten".split()
 IMG, BOIL, NOISE = "image", "boiler", "noise"
-# caption intros, weighted: "a photo of" dominates so probe prompts are frequent caption prefixes
-INTROS = [("a photo of", 6), ("an image of", 1), ("a picture of", 1), ("photo of", 1),
-          ("close up of", 1), ("an illustration of", 1), ("", 2)]
-BOILER = ["stock photo", "royalty free stock photo", "royalty free image", "high resolution image",
-          "high quality image", "click to download", "all rights reserved", "available in high resolution",
-          "available in all sizes", "this picture shows", "free for commercial use", "download this image now",
-          "stock illustration", "vector illustration", "hd wallpaper", "best price online", "buy now",
-          "see more ideas about", "editorial use only", "license this photo", "view full size",
-          "share on facebook", "pin it on pinterest", "no attribution required", "copyright protected",
-          "image for your website", "find the perfect image", "premium quality", "free download"]
+# caption intros and their weights: "a photo of" dominates, so probe prompts are common caption prefixes
+INTROS = ["a photo of", "an image of", "a picture of", "photo of", "close up of", "an illustration of", ""]
+INTRO_WEIGHTS = [6, 1, 1, 1, 1, 1, 2]
+BOILER = ("stock photo;royalty free stock photo;royalty free image;high resolution image;high quality image;"
+          "click to download;all rights reserved;available in high resolution;available in all sizes;"
+          "this picture shows;free for commercial use;download this image now;stock illustration;"
+          "vector illustration;hd wallpaper;best price online;buy now;see more ideas about;editorial use only;"
+          "license this photo;view full size;share on facebook;pin it on pinterest;no attribution required;"
+          "copyright protected;image for your website;find the perfect image;premium quality;free download").split(";")
 SEPARATORS = [",", "-", "|", "."]
-FIRST = ["maria", "john", "anna", "li", "ahmed", "sofia", "david", "elena", "kenji", "fatima", "lucas",
-         "olga", "peter", "amara", "diego", "yuki", "sara", "omar", "ines", "tom", "nina", "raj", "eva", "igor"]
-LAST = ["lopez", "smith", "chen", "novak", "garcia", "muller", "rossi", "kim", "silva", "ivanov", "okafor",
-        "tanaka", "dubois", "jensen", "khan", "costa", "nowak", "berg", "santos", "white", "moreau", "haas"]
-PLACES = ["lisbon", "berlin", "tokyo", "lagos", "lima", "oslo", "cairo", "denver", "kyoto", "porto", "quito",
-          "dublin", "seoul", "milan", "austin", "hanoi", "perth", "zurich", "nairobi", "bogota", "riga", "accra"]
-MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september",
-          "october", "november", "december"]
-SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vel", "dor", "an", "bri", "ost", "um", "qua", "zel", "fin",
-             "ha", "jo", "ter", "ne", "pil", "gor", "shi", "wa", "ex"]
+# noise material; pseudo-words from SYLLABLES extend names and places when --noise-vocab asks for more
+FIRST = ("maria john anna li ahmed sofia david elena kenji fatima lucas olga peter amara diego yuki sara omar ines "
+         "tom nina raj eva igor").split()
+LAST = ("lopez smith chen novak garcia muller rossi kim silva ivanov okafor tanaka dubois jensen khan costa nowak "
+        "berg santos white moreau haas").split()
+PLACES = ("lisbon berlin tokyo lagos lima oslo cairo denver kyoto porto quito dublin seoul milan austin hanoi perth "
+          "zurich nairobi bogota riga accra").split()
+MONTHS = "january february march april may june july august september october november december".split()
+SYLLABLES = "ka lo mi ren tu sa vel dor an bri ost um qua zel fin ha jo ter ne pil gor shi wa ex".split()
 
 # caption filler presets (fill image_share / noise_share / noise_vocab unless given explicitly).
 # Image share is the same in all three, so they differ only in what the non-image words are.
@@ -70,51 +68,51 @@ MIXES = {"web": dict(image_share=0.30, noise_share=0.15, noise_vocab=300),    # 
          "noisy": dict(image_share=0.30, noise_share=1.0, noise_vocab=5000)}  # all filler is random noise
 
 
+def opt(default, help):  # a config field with the help text argparse shows
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class GenConfig:
-    out: str = field(default="data/synth", metadata={"help": "output folder"})
-    seed: int = field(default=0, metadata={"help": "master seed; same config gives byte-identical files"})
-    mix: str = field(default="web", metadata={"help": f"caption filler preset {list(MIXES)}: sets the next "
-                                                      "three flags unless they are given"})
-    image_share: typing.Optional[float] = field(default=None, metadata={
-        "help": "target fraction of caption words that depend on the image (paper measured ~0.3)"})
-    noise_share: typing.Optional[float] = field(default=None, metadata={
-        "help": "target fraction of the NON-image words that are random noise (rest: boilerplate). The "
-                "description's glue words ('a', 'of', 'at the') are boilerplate too, so at image_share 0.3 the "
-                "measured share saturates near 0.25 (1.0 = all filler segments are noise)"})
-    noise_vocab: typing.Optional[int] = field(default=None, metadata={
-        "help": "distinct items per noise kind (names, prices, dates, places, ids, numbers): its entropy"})
-    n_ref: int = field(default=20000, metadata={"help": "text-only captions for the reference LM "
-                                                        "(fresh scenes, never equal to a train/val/test caption)"})
-    n_text: int = field(default=20000, metadata={"help": "more text-only captions (base LM / text mix)"})
-    n_label: int = field(default=5000, metadata={"help": "images with a short label as caption (stage 1)"})
-    n_train: int = field(default=20000, metadata={"help": "image-caption pairs for training"})
-    n_val: int = field(default=1000, metadata={"help": "image-caption pairs for validation"})
-    n_test: int = field(default=1000, metadata={"help": "image-caption pairs for testing"})
-    n_probe: int = field(default=500, metadata={"help": "rows per probe kind"})
-    image_size: int = field(default=48, metadata={"help": "image side in pixels (3x3 grid of cells)"})
-    min_objects: int = field(default=1, metadata={"help": "fewest objects per scene"})
-    max_objects: int = field(default=4, metadata={"help": "most objects per scene (at most 9)"})
-    n_shapes: int = field(default=6, metadata={"help": f"shapes used, first n of {SHAPES}"})
-    n_colours: int = field(default=8, metadata={"help": f"colours used, first n of {list(COLOURS)}"})
-    object_scale: float = field(default=1.0, metadata={"help": "object size multiplier; large radius = "
-                                                               "0.42 cell x scale (bigger = easier shapes)"})
-    small_ratio: float = field(default=0.65, metadata={"help": "radius of 'small' relative to 'large'"})
-    rotate: float = field(default=10.0, metadata={"help": "max random rotation of a shape, degrees"})
-    colour_jitter: float = field(default=15.0, metadata={"help": "max per-channel RGB jitter of an object"})
-    colour_contrast: float = field(default=1.0, metadata={"help": "scale colours around grey (<1: more "
-                                                                  "similar colours, harder)"})
-    bg_noise: float = field(default=8.0, metadata={"help": "std of per-pixel noise on the whole image"})
-    pair_prob: float = field(default=0.25, metadata={"help": "chance a scene has two objects of the same "
-                                                             "shape and colour ('two red circles')"})
-    cooccur_prob: float = field(default=0.3, metadata={"help": "chance an object takes the partner shape of "
-                                                               "another (co-occurrence for adversarial POPE)"})
-    shape_skew: float = field(default=0.6, metadata={"help": "shape frequency ~ rank^-skew (popular POPE)"})
-    pos_prob: float = field(default=0.5, metadata={"help": "chance a caption gives object positions"})
-    count_prob: float = field(default=0.25, metadata={"help": "chance a caption says 'three shapes :'"})
-    size_prob: float = field(default=0.35, metadata={"help": "chance an object phrase keeps its size"})
-    colour_prob: float = field(default=0.85, metadata={"help": "chance an object phrase keeps its colour"})
-    workers: int = field(default=2, metadata={"help": "processes for image rendering (output unaffected)"})
+    out: str = opt("data/synth", "output folder")
+    seed: int = opt(0, "master seed; same config gives byte-identical files")
+    mix: str = opt("web", f"caption filler preset {list(MIXES)}: sets the next three flags unless given")
+    image_share: typing.Optional[float] = opt(None, "target fraction of caption words that depend on the image "
+                                                    "(the paper measured ~0.3)")
+    noise_share: typing.Optional[float] = opt(None, "target fraction of the NON-image words that are random noise "
+                                                    "(rest: boilerplate). The description's glue words ('a', 'of', "
+                                                    "'at the') are boilerplate too, so at image_share 0.3 the "
+                                                    "measured share saturates near 0.25 (1.0: all filler is noise)")
+    noise_vocab: typing.Optional[int] = opt(None, "distinct items per noise kind (names, places, prices, dates, "
+                                                  "ids, numbers): how high the noise entropy is")
+    n_ref: int = opt(20000, "text-only captions for the reference LM (fresh scenes, never a train/val/test caption)")
+    n_text: int = opt(20000, "more text-only captions (base LM pre-training / text-only mix)")
+    n_label: int = opt(5000, "images with a short label as caption (stage 1 of the encoder-free model)")
+    n_train: int = opt(20000, "image-caption pairs for training")
+    n_val: int = opt(1000, "image-caption pairs for validation")
+    n_test: int = opt(1000, "image-caption pairs for testing")
+    n_probe: int = opt(500, "rows per probe kind")
+    image_size: int = opt(48, "image side in pixels (a 3x3 grid of cells)")
+    min_objects: int = opt(1, "fewest objects per scene")
+    max_objects: int = opt(4, "most objects per scene (below --n-shapes)")
+    n_shapes: int = opt(6, f"shapes used, the first n of {SHAPES}")
+    n_colours: int = opt(8, f"colours used, the first n of {list(COLOURS)}")
+    object_scale: float = opt(1.0, "object size multiplier; large radius = 0.42 cell x scale (bigger: easier)")
+    small_ratio: float = opt(0.75, "radius of 'small' objects relative to 'large' ones (smaller: harder)")
+    jitter: float = opt(1.0, "how far an object may drift from its cell centre, as a share of the free room "
+                              "(0: fixed centres, easier for a patch-8 ViT)")
+    rotate: float = opt(10.0, "max random rotation of a shape in degrees (keep < 45: square vs diamond)")
+    colour_jitter: float = opt(15.0, "max per-channel RGB jitter of an object's colour")
+    colour_contrast: float = opt(1.0, "scale colours around grey (< 1: more similar colours, harder)")
+    bg_noise: float = opt(8.0, "std of per-pixel noise over the whole image")
+    pair_prob: float = opt(0.25, "chance a scene has two objects of one shape and colour ('two red circles')")
+    cooccur_prob: float = opt(0.3, "chance an object takes the partner shape of another (adversarial POPE)")
+    shape_skew: float = opt(0.6, "shape frequency ~ rank^-skew (popular POPE)")
+    pos_prob: float = opt(0.5, "chance a caption gives object positions")
+    count_prob: float = opt(0.25, "chance a caption counts the objects ('three shapes :')")
+    size_prob: float = opt(0.35, "chance an object phrase keeps its size")
+    colour_prob: float = opt(0.85, "chance an object phrase keeps its colour")
+    workers: int = opt(2, "processes rendering images (the output does not depend on it)")
 
 
 def resolve(cfg):
@@ -168,6 +166,10 @@ def groups_of(scene, with_pos):
 # ----------------------------------------------------------------------------- caption grammar
 def W(text, tag):  # "a photo of" -> [("a", tag), ("photo", tag), ("of", tag)]
     return [(w, tag) for w in text.split()]
+
+
+def text_of(words):  # [(word, tag), ...] -> "word word ..."
+    return " ".join(w for w, _ in words)
 
 
 def plural(shape, n):
@@ -264,7 +266,7 @@ def caption(scene, rng, cfg, pools):
     for g in groups:  # drop attributes: web captions are incomplete
         g["size"] = g["size"] if rng.random() < cfg.size_prob else None
         g["colour"] = g["colour"] if rng.random() < cfg.colour_prob else None
-    core = W(rng.choices(*zip(*INTROS))[0], BOIL)
+    core = W(rng.choices(INTROS, INTRO_WEIGHTS)[0], BOIL)
     if rng.random() < cfg.count_prob:
         core += count_words(len(scene)) + [(":", BOIL)]
     core += describe(groups)
@@ -297,14 +299,13 @@ def caption(scene, rng, cfg, pools):
         if words:
             words.append((rng.choice(SEPARATORS), BOIL))
         words += seg
-    return " ".join(w for w, _ in words), [t for _, t in words]
+    return text_of(words), [t for _, t in words]
 
 
 # ----------------------------------------------------------------------------- probes
 def probe(kind, scene, rng, cfg, stats):
     """(prompt, correct, wrong choices) for one scene, or None if the scene does not fit."""
-    intro = "a photo of"
-    text = lambda words: " ".join(w for w, _ in words)  # noqa: E731
+    intro, text = "a photo of", text_of
     shapes, colours = SHAPES[:cfg.n_shapes], list(COLOURS)[:cfg.n_colours]
     pairs = {(o["shape"], o["colour"]) for o in scene}
     if kind.startswith("presence"):  # POPE as two continuations: present vs absent shape
@@ -324,8 +325,6 @@ def probe(kind, scene, rng, cfg, stats):
         alt = lambda c: text(object_words(dict(g, colour=c, size=None)))  # noqa: E731
         return intro, alt(g["colour"]), [alt(c) for c in rng.sample(wrong, min(3, len(wrong)))]
     if kind == "count":
-        if cfg.min_objects == cfg.max_objects:
-            return None
         counts = range(cfg.min_objects, cfg.max_objects + 1)
         return intro, text(count_words(len(scene))), [text(count_words(n)) for n in counts if n != len(scene)]
     if kind == "position":
@@ -393,7 +392,7 @@ def render(scene, cfg, key):
     cell = S / 3
     for o in scene:
         r = 0.42 * cell * cfg.object_scale * (1.0 if o["size"] == "large" else cfg.small_ratio)
-        free = max(0.0, cell / 2 - r)  # jitter inside the cell without leaving it
+        free = cfg.jitter * max(0.0, cell / 2 - r)  # jitter inside the cell without leaving it
         cx = (COLS.index(o["col"]) + 0.5) * cell + rng.uniform(-free, free)
         cy = (ROWS.index(o["row"]) + 0.5) * cell + rng.uniform(-free, free)
         rot = math.radians(rng.uniform(-cfg.rotate, cfg.rotate))
@@ -455,7 +454,7 @@ def generate(cfg):
             text, tags = caption(scene, rng, cfg, pools)
             seen.add(text)
             rows.append(dict(id=f"{split}-{i:06d}", image=image_path(split, i, scene), caption=text, tags=tags,
-                             scene=scene, label=" ".join(w for w, _ in label_words(scene))))
+                             scene=scene, label=text_of(label_words(scene))))
         files[split] = rows
     for split in ("ref", "text"):  # text only, fresh scenes
         rng, rows = random.Random(f"{cfg.seed}/{split}"), []
@@ -468,7 +467,7 @@ def generate(cfg):
     for i in range(cfg.n_label):  # short ImageNet-style labels, no filler
         scene = sample_scene(rng, cfg)
         words = label_words(scene)
-        rows.append(dict(id=f"label-{i:06d}", image=image_path("label", i, scene), caption=" ".join(w for w, _ in words),
+        rows.append(dict(id=f"label-{i:06d}", image=image_path("label", i, scene), caption=text_of(words),
                          tags=[t for _, t in words], scene=scene))
     files["label"] = rows
 
@@ -478,6 +477,8 @@ def generate(cfg):
         stats["cooc"].update((a, b) for a in present for b in present if a != b)
     probes = {}
     for kind in PROBES:
+        if kind == "count" and cfg.min_objects == cfg.max_objects:
+            continue  # nothing to choose between
         rng, rows = random.Random(f"{cfg.seed}/probe/{kind}"), []
         while len(rows) < cfg.n_probe:
             scene = sample_scene(rng, cfg)

@@ -60,7 +60,7 @@ def write_scenes(folder, n, seed=0, with_scene=True):
 def tiny_config(data, out, **kw):
     base = dict(data=str(data), out=str(out), image_size=48, patch_size=8, vit_dim=32, vit_depth=1,
                 vit_heads=2, steps=40, batch_size=16, lr=3e-3, warmup=5, pixel_noise=0.0, eval_every=0,
-                val_fraction=0.1, threads=2)
+                val_fraction=0.1, threads=1)
     base.update(kw)
     return vision.Config(**base)
 
@@ -70,7 +70,11 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scenes")
     data = write_scenes(folder, 48)
     cfg = tiny_config(data, folder / "out" / "vit.pt")
-    encoder, heads, summary = vision.main(cfg)
+    threads = torch.get_num_threads()  # threads=1: a tiny model gains nothing from more, and a busy CPU loses
+    try:
+        encoder, heads, summary = vision.main(cfg)
+    finally:
+        torch.set_num_threads(threads)  # process-wide setting: leave it as the other tests expect
     return cfg, data, summary
 
 
@@ -120,7 +124,7 @@ def test_training_lowers_the_loss(trained):
     encoder, heads = build_vit(vcfg), vision.CellHeads(cfg.vit_dim, ckpt["classes"], cfg.image_size, cfg.patch_size)
     encoder.load_state_dict(ckpt["model"])
     heads.load_state_dict(ckpt["heads"])
-    assert loss_of(encoder, heads) < 0.6 * fresh
+    assert loss_of(encoder, heads) < 0.3 * fresh  # ~0.4 vs ~4 in practice
     # the accuracy file and the checkpoint agree, with every attribute reported
     with open(os.path.splitext(cfg.out)[0] + ".json") as f:
         report = json.load(f)
@@ -151,5 +155,9 @@ def test_checkpoint_loads_through_init_encoder(trained, tmp_path):
 def test_records_without_scene_are_refused(tmp_path):
     data = write_scenes(tmp_path, 4, with_scene=False)
     with pytest.raises(DataError, match="record s0 has no 'scene' field"):
-        vision.main(tiny_config(data, tmp_path / "vit.pt"))
+        vision.main(tiny_config(data, tmp_path / "vit.pt", threads=0))  # 0: leave torch threads alone
     assert not (tmp_path / "vit.pt").exists()
+    bad = read_records(write_scenes(tmp_path / "b", 2))
+    del bad[1].extra["scene"][0]["colour"]
+    with pytest.raises(DataError, match=r"record s1: scene object .* lacks \['colour'\]"):
+        vision.scenes_of(bad)

@@ -1,0 +1,178 @@
+"""
+Tests for the synthetic data generator (CPU, a few seconds):
+
+    python -m pytest tests/test_generate.py -q
+"""
+import filecmp
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from data.generate import COLOURS, COLS, MIXES, NUMS, PROBES, ROWS, SHAPES, GenConfig, generate, parse_args  # noqa
+
+TINY = dict(n_ref=300, n_text=40, n_label=20, n_train=300, n_val=20, n_test=20, n_probe=40, workers=1)
+
+
+def make(out, **kw):
+    return generate(GenConfig(out=str(out), **{**TINY, **kw}))
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    out = tmp_path_factory.mktemp("web")
+    make(out, image_size=40)
+    return out
+
+
+# ----------------------------------------------------------------------------- a small parser of the caption language
+def singular(word):
+    for s in SHAPES:
+        if word in (s, s + "s", s + "es"):
+            return s
+
+
+def parse(text):
+    """Object phrases in a caption fragment -> [(n, colour, shape, (row, col) or None)]."""
+    t, out, i = text.split(), [], 0
+    while i < len(t):
+        if t[i] not in ("a", "an") and t[i] not in NUMS[2:]:
+            i += 1
+            continue
+        n, j = (1 if t[i] in ("a", "an") else NUMS.index(t[i])), i + 1
+        if j < len(t) and t[j] in ("small", "large"):
+            j += 1
+        colour = t[j] if j < len(t) and t[j] in COLOURS else None
+        j += colour is not None
+        if j >= len(t) or not singular(t[j]):
+            i += 1  # "a photo of": not an object
+            continue
+        shape, j, pos = singular(t[j]), j + 1, None
+        if t[j:j + 2] in (["at", "the"], ["on", "the"], ["in", "the"]):
+            where, j = [], j + 2
+            while j < len(t) and t[j] in ROWS + COLS:
+                where.append(t[j])
+                j += 1
+            row = next((w for w in where if w in ("top", "bottom")), "middle")
+            pos = (row, next((w for w in where if w in ("left", "right")), "center"))
+        out.append((n, colour, shape, pos))
+        i = j
+    return out
+
+
+def n_of(scene, shape, colour=None, pos=None):
+    return sum(o["shape"] == shape and colour in (None, o["colour"]) and pos in (None, (o["row"], o["col"]))
+               for o in scene)
+
+
+def true_of(kind, scene, prompt, choice):
+    """Is prompt + choice a true statement about the scene?"""
+    if kind == "count":
+        return NUMS.index(choice.split()[0]) == len(scene)
+    phrases = parse(f"{prompt} {choice}")
+    if kind == "retrieval":
+        if phrases[0][3]:  # one phrase per object, with its position
+            return Counter((c, s, p) for _, c, s, p in phrases) == Counter(
+                (o["colour"], o["shape"], (o["row"], o["col"])) for o in scene)
+        return Counter({(c, s): n for n, c, s, _ in phrases}) == Counter((o["colour"], o["shape"]) for o in scene)
+    (n, colour, shape, pos), = phrases
+    if kind.startswith("presence"):
+        return n_of(scene, shape) > 0
+    if kind == "position":
+        return n_of(scene, shape, colour) == 1 and n_of(scene, shape, colour, pos) == 1
+    return n_of(scene, shape, colour) == n  # colour
+
+
+# ----------------------------------------------------------------------------- tests
+def test_deterministic(tmp_path):
+    kw = dict(n_ref=50, n_text=10, n_label=5, n_train=30, n_val=5, n_test=5, n_probe=5)
+    make(tmp_path / "a", **kw)
+    make(tmp_path / "b", **{**kw, "workers": 2})  # the worker count must not matter either
+    a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert a == b and len(a) > 50
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", [str(p) for p in a], shallow=False)
+    assert not mismatch and not errors
+
+
+def test_tags_align(web):
+    for name in ("train", "val", "test", "ref", "text", "label"):
+        for r in read(web / f"{name}.jsonl"):
+            words = r["caption"].split(" ")
+            assert len(words) == len(r["tags"]) and all(words), r
+            assert set(r["tags"]) <= {"image", "boiler", "noise"}
+            assert r["caption"] == r["caption"].lower()
+            assert ("image" in r) == (name not in ("ref", "text"))
+
+
+def test_ids_unique_and_ref_disjoint(web):
+    rows = {n: read(web / f"{n}.jsonl") for n in ("train", "val", "test", "ref", "text", "label")}
+    rows.update({k: read(web / "probes" / f"{k}.jsonl") for k in PROBES})
+    ids = [r["id"] for rs in rows.values() for r in rs]
+    assert len(ids) == len(set(ids))
+    seen = {r["caption"] for n in ("train", "val", "test") for r in rows[n]}
+    assert not seen & {r["caption"] for r in rows["ref"]}
+
+
+def test_images(web):
+    for name in ("train", "label"):
+        for r in read(web / f"{name}.jsonl")[:10]:
+            im = Image.open(web / r["image"])
+            assert im.size == (40, 40) and im.mode == "RGB"
+
+
+def test_label_matches_scene(web):
+    for r in read(web / "train.jsonl"):
+        assert true_of("retrieval", r["scene"], "", r["label"])
+
+
+def test_probes_valid(web):
+    for kind in PROBES:
+        rows = read(web / "probes" / f"{kind}.jsonl")
+        assert len(rows) == TINY["n_probe"]
+        assert len({r["answer"] for r in rows}) > 1  # the answer position varies
+        for r in rows:
+            assert r["kind"] == kind and 0 <= r["answer"] < len(r["choices"]) and len(r["choices"]) >= 2
+            assert len(set(r["choices"])) == len(r["choices"])
+            assert os.path.isfile(web / "probes" / r["image"])
+            for i, c in enumerate(r["choices"]):
+                assert true_of(kind, r["scene"], r["prompt"], c) == (i == r["answer"]), (r, c)
+
+
+def test_answer_position_uniform(web):
+    answers = Counter(r["answer"] for k in ("colour", "position", "retrieval")
+                      for r in read(web / "probes" / f"{k}.jsonl"))
+    assert all(answers[i] > 10 for i in range(4)), answers
+
+
+def test_shares(web, tmp_path):
+    small = dict(n_label=0, n_val=0, n_test=0, n_probe=2, n_text=0, n_train=50)
+    meta = json.loads((web / "meta.json").read_text())
+    assert abs(meta["shares"]["ref"]["image"] - MIXES["web"]["image_share"]) < 0.03
+    boiler = make(tmp_path / "boiler", mix="boiler", **small)["shares"]["ref"]
+    noisy = make(tmp_path / "noisy", mix="noisy", **small)["shares"]["ref"]
+    assert boiler["noise_of_nonimage"] < 0.05 < 0.15 < noisy["noise_of_nonimage"]
+    assert abs(noisy["image"] - boiler["image"]) < 0.03  # the presets differ in filler only
+
+
+def test_presets_and_cli():
+    assert {"web", "boiler", "noisy"} <= set(MIXES)
+    cfg = parse_args(["--mix", "noisy", "--noise-vocab", "7", "--image-size", "32"])
+    assert (cfg.mix, cfg.noise_vocab, cfg.image_size, cfg.noise_share) == ("noisy", 7, 32, None)
+    assert all(f.metadata.get("help") for f in fields(GenConfig))
+    help_text = subprocess.run([sys.executable, str(ROOT / "data" / "generate.py"), "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    assert all("--" + f.name.replace("_", "-") in help_text for f in fields(GenConfig))
