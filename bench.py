@@ -2,12 +2,13 @@
 step comes to the machine's own limit (in the spirit of nanoGPT's bench.py).
 
     python bench.py                                        # train.py's default model (--preset small)
-    python bench.py --preset bench --json out/bench.json   # decoder width 384, the numbers README quotes
+    python bench.py --preset bench --json out/bench.json   # decoder width 384: README's Performance table
     python bench.py --preset tiny                          # a few seconds: the test
 
 Every number is the median over --steps repetitions after --warmup untimed ones:
   train step    train.train_step + gradient clip + AdamW, exactly what train.py runs per step, for NTP and
-                for PRIOR alternately on the same model and the same batches; their ratio is PRIOR's cost.
+                for PRIOR alternately on the same model and the same batches; PRIOR's cost is the median of
+                the per-step ratios (each pair moments apart, so load changes during the run cancel).
   FLOP/s        train.step_flops (6 x params x tokens + attention, documented there) / step time, next to
                 the FLOP/s of a big matmul measured in the same run (fp32 on CPU, bf16 on CUDA): the
                 practical ceiling. On CUDA also MFU = FLOP/s / the GPU's dense bf16 peak (train.PEAK_BF16).
@@ -19,7 +20,9 @@ Data: the built-in generator (python -m data.generate, realistic caption lengths
 PNGs into a temporary folder; if it cannot run, synthetic 25-45-token captions and random PNGs stand in.
 The reference LM and the VLM are freshly initialised: speed does not depend on the weights.
 
-Other processes share the CPU: the table prints the 1-minute load average; re-run when it is below ~0.5.
+Other processes share the CPU: the table prints the load average before the timed steps and how many cores
+other processes kept busy during them; trust the numbers when that is ~0 (re-run otherwise). --profile
+prints where a forward+backward's time goes (matmul, attention, everything else).
 """
 import dataclasses
 import json
@@ -57,14 +60,14 @@ PRESETS = {
     "bench": dict(d_model=384, n_layer=6, n_head=6),
 }
 # (timed steps, generated pairs, reference captions, matmul side on CPU, tokenizer vocabulary)
-SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (10, 1024, 2000, 2048, 2048), "bench": (10, 1024, 2000, 2048, 2048)}
+SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (20, 1024, 2000, 2048, 2048), "bench": (20, 1024, 2000, 2048, 2048)}
 
 
 @dataclass
 class BenchConfig:
     preset: str = field(default="small", metadata={"help": "tiny: seconds, for tests; small: train.py's default model; bench: decoder width 384 x 6 layers", "choices": list(PRESETS)})
     arch: str = field(default="h", metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", "choices": ["h", "u"]})
-    steps: int = field(default=0, metadata={"help": "timed train steps per loss, median reported (0 = the preset's: 3 tiny, 10 otherwise)"})
+    steps: int = field(default=0, metadata={"help": "timed train steps per loss, median reported (0 = the preset's: 3 tiny, 20 otherwise)"})
     warmup: int = field(default=2, metadata={"help": "untimed steps per loss first (allocator, caches, torch.compile)"})
     batch_size: int = field(default=0, metadata={"help": "image-caption samples per step (0 = the preset's: 8 tiny, else train.py's 32)"})
     row_len: int = field(default=0, metadata={"help": "tokens per packed row at most (0 = the preset's: 64 tiny, else train.py's 256)"})
@@ -119,7 +122,7 @@ def timed(fn, device):
     return time.perf_counter() - t0, out
 
 
-def matmul_flops(device, n, reps=10):
+def matmul_flops(device, n, reps=20):
     """FLOP/s of an n x n x n matmul, the practical ceiling: fp32 on CPU, bf16 on CUDA (what autocast uses)."""
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
@@ -211,7 +214,9 @@ def main(cfg):
     r["other_processes_cores"] = ((cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])) / wall if cpu0 and cpu1 else None
     r["train_step_s_ntp"] = statistics.median(times["ntp"])
     r["train_step_s_prior"] = statistics.median(times["prior"])
-    r["prior_over_ntp_step_time"] = r["train_step_s_prior"] / r["train_step_s_ntp"]
+    # Paired: each step's PRIOR time over the same step's NTP time (same batch, moments apart), so a change
+    # in machine load during the run cancels out; then the median.
+    r["prior_over_ntp_step_time"] = statistics.median(p / n for p, n in zip(times["prior"], times["ntp"]))
     r["train_step_s_optimizer"] = statistics.median(times["optimizer"])  # gradient clip + AdamW, in both
 
     # Work per step, averaged over the timed steps (both arms see the same batches).
