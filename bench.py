@@ -60,14 +60,14 @@ PRESETS = {
     "bench": dict(d_model=384, n_layer=6, n_head=6),
 }
 # (timed steps, generated pairs, reference captions, matmul side on CPU, tokenizer vocabulary)
-SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (20, 1024, 2000, 2048, 2048), "bench": (20, 1024, 2000, 2048, 2048)}
+SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (30, 1024, 2000, 2048, 2048), "bench": (30, 1024, 2000, 2048, 2048)}
 
 
 @dataclass
 class BenchConfig:
     preset: str = field(default="small", metadata={"help": "tiny: seconds, for tests; small: train.py's default model; bench: decoder width 384 x 6 layers", "choices": list(PRESETS)})
     arch: str = field(default="h", metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", "choices": ["h", "u"]})
-    steps: int = field(default=0, metadata={"help": "timed train steps per loss, median reported (0 = the preset's: 3 tiny, 20 otherwise)"})
+    steps: int = field(default=0, metadata={"help": "timed train steps per loss, median reported (0 = the preset's: 3 tiny, 30 otherwise)"})
     warmup: int = field(default=2, metadata={"help": "untimed steps per loss first (allocator, caches, torch.compile)"})
     batch_size: int = field(default=0, metadata={"help": "image-caption samples per step (0 = the preset's: 8 tiny, else train.py's 32)"})
     row_len: int = field(default=0, metadata={"help": "tokens per packed row at most (0 = the preset's: 64 tiny, else train.py's 256)"})
