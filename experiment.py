@@ -1,25 +1,28 @@
 """The main job: PRIOR vs NTP, end to end, on the built-in data, following the paper's recipe.
 
     bash run.sh                               # = python experiment.py (CPU preset, ~20 min on 2 cores)
-    python experiment.py --preset smoke       # a 2-minute miniature of every stage (what the tests run)
-    python experiment.py --preset gpu         # bigger data, models and steps (see PRESETS)
+    python experiment.py --preset smoke       # a 1-minute miniature of every stage (tests/test_experiment.py)
+    python experiment.py --preset gpu --parallel 1 --nproc 8   # bigger data, models and steps (see PRESETS);
+                                              # each train.py run under torchrun on 8 GPUs
     python experiment.py --stage prepare      # only data -> tokenizer -> reference LM -> scores -> report
 
 Stages (each skipped when its output exists, so a re-run after an interruption resumes where it stopped):
   1. data        data/generate.py, one data set per caption mix (--mixes): "web" (mostly predictable
                  boilerplate) and "noisy" (much high-entropy noise that the reference LM cannot predict)
   2. tokenizer   byte-level BPE on the text-only and training captions of every mix
-  3. reference   reference_lm.py on each mix's ref.jsonl, disjoint from the captions it scores; score.py on
-                 train.jsonl (training weights) and test.jsonl (analysis), with the relevance report
-  4. base LM     reference_lm.py on text.jsonl of all mixes: the pretrained LM both VLM families start from
+  3. in parallel, as chains of jobs (--parallel at a time):
+     reference   reference_lm.py on each mix's ref.jsonl, disjoint from the captions it scores; then score.py
+                 on train.jsonl (training weights) and test.jsonl (analysis), with the relevance report
+     base LM     reference_lm.py on text.jsonl of all mixes (a separate, longer run): the pretrained LM both
+                 VLM families start from; then the U-LVLM's stage 1 (image -> short label, the paper's 500
+                 ImageNet steps)
      vision      vision.py: the pretrained ViT of the H-LVLM (stands in for CLIP)
-  5. U stage 1   the U-LVLM learns image -> short label first (the paper's 500 ImageNet steps)
-  6. lr grid     NTP and PRIOR at several learning rates (seed 0), chosen by validation probes
-  7. main        per mix x family x loss (ntp, prior, oracle) x seed, at each loss's best lr; H-LVLM trains
+  4. lr grid     NTP and PRIOR at three learning rates (seed 0), chosen by validation NLL of image tokens
+  5. main        per mix x family x loss (ntp, prior, oracle) x seed, at each loss's best lr; H-LVLM trains
                  only its projector on the frozen ViT and LM; U-LVLM trains everything, captions mixed 1:1
                  with text-only data
-  8. eval        every checkpoint: probes, token-level NLL, grounding gap (eval.py)
-  9. report      results.json, results.md and the plots (report.py)
+  6. eval        every checkpoint: probes, token-level NLL, grounding gap (eval.py)
+  7. report      results.json, results.md and the plots (report.py)
 """
 import json
 import os
@@ -40,20 +43,27 @@ PRESETS = {
     "smoke": dict(
         data=dict(n_ref=600, n_text=600, n_label=200, n_train=400, n_val=50, n_test=60, n_probe=24),
         vocab=512, lm=dict(n_layer=1, n_head=2, d_model=32, steps=30, batch_rows=4, row_len=128, lr=3e-3, warmup=5),
-        vit=dict(steps=20, batch_size=32), seeds=2, lrs={"h": [3e-3], "u": [3e-3]},
-        vlm=dict(steps=6, batch_size=8, save_every=3, warmup=2, row_len=128), stage1_steps=4,
+        base_lm=dict(steps=40),
+        vit=dict(steps=20, batch_size=32, patch_size=16), seeds=2, lrs={"h": [3e-3], "u": [3e-3]},
+        vlm=dict(steps=6, batch_size=8, save_every=3, warmup=2, row_len=128, patch_size=16), stage1_steps=4,
         eval_rows=24, mixes="web"),
+    # 48 px scenes on a 3x3 grid, 16 px patches: one image token per grid cell (9 for the H-LVLM's ViT,
+    # 14 with the U-LVLM's row markers), so a caption, not the image, is most of a sequence.
     "cpu": dict(
         data=dict(n_ref=10000, n_text=10000, n_label=3000, n_train=8000, n_val=300, n_test=600, n_probe=300),
         vocab=1024, lm=dict(n_layer=4, n_head=4, d_model=128, steps=300, batch_rows=8, row_len=256, lr=3e-3, warmup=30),
-        vit=dict(steps=300, batch_size=64), seeds=3, lrs={"h": [1e-3, 3e-3, 1e-2], "u": [3e-4, 1e-3, 3e-3]},
-        vlm=dict(steps=100, batch_size=32, save_every=25, warmup=10, row_len=256), stage1_steps=100,
-        eval_rows=300, mixes="web,noisy"),
+        base_lm=dict(steps=1200),
+        vit=dict(steps=300, batch_size=64, patch_size=16), seeds=3,
+        lrs={"h": [3e-3, 1e-2, 3e-2], "u": [3e-4, 1e-3, 3e-3]},
+        vlm=dict(steps=200, batch_size=32, save_every=50, warmup=10, row_len=256, patch_size=16), stage1_steps=600,
+        eval_rows=200, mixes="web,noisy"),
     "gpu": dict(
         data=dict(n_ref=100000, n_text=100000, n_label=20000, n_train=100000, n_val=1000, n_test=2000, n_probe=1000),
         vocab=2048, lm=dict(n_layer=8, n_head=8, d_model=512, steps=3000, batch_rows=64, row_len=512, lr=1e-3, warmup=200),
-        vit=dict(steps=3000, batch_size=256), seeds=3, lrs={"h": [3e-4, 1e-3, 3e-3], "u": [1e-4, 3e-4, 1e-3]},
-        vlm=dict(steps=2000, batch_size=256, save_every=200, warmup=60, row_len=1024), stage1_steps=500,
+        base_lm=dict(steps=10000),
+        vit=dict(steps=3000, batch_size=256, patch_size=16), seeds=3,
+        lrs={"h": [3e-4, 1e-3, 3e-3], "u": [1e-4, 3e-4, 1e-3]},
+        vlm=dict(steps=2000, batch_size=256, save_every=200, warmup=60, row_len=1024, patch_size=16), stage1_steps=500,
         eval_rows=0, mixes="web,noisy"),
 }
 
@@ -69,6 +79,7 @@ class ExperimentConfig:
     losses: str = field(default="ntp,prior,oracle", metadata={"help": "arms of the main comparison"})
     seeds: int = field(default=0, metadata={"help": "seeds per arm (0 = the preset's)"})
     parallel: int = field(default=2, metadata={"help": "training runs at once (each with cpu_threads // parallel threads)"})
+    nproc: int = field(default=1, metadata={"help": "processes per training run, launched with torchrun --standalone (e.g. the GPU count, with --parallel 1)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     seed: int = field(default=0, metadata={"help": "data-generation seed"})
 
@@ -92,7 +103,7 @@ class Experiment:
         """Run one of the project's scripts in a subprocess; its output goes to a log file under out/logs."""
         env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads)}
         log_path = os.path.join(self._mk(self.path("logs")), log_name + ".log")
-        cmd = [sys.executable, *args]
+        cmd = [sys.executable, *self.launcher(args), *args]
         self.log.write(" ".join(cmd) + "\n")
         self.log.flush()
         with open(log_path, "w") as log:
@@ -102,12 +113,18 @@ class Experiment:
             raise SystemExit(f"step failed: {' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
         return log_path
 
+    def launcher(self, args):
+        """train.py runs under torchrun when --nproc > 1 (DDP: NCCL on GPUs, gloo on CPU); the rest run plainly."""
+        if args[0] == "train.py" and self.cfg.nproc > 1:
+            return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.cfg.nproc}"]
+        return []
+
     @staticmethod
     def flags(d):
         return [x for k, v in d.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
     # ---- stages 1-4: data and the pretrained pieces -------------------------------------------------------
-    def prepare(self):
+    def prepare(self, with_pretrain=False):
         for mix in self.mixes:
             data = self.path(f"data_{mix}")
             if not os.path.exists(os.path.join(data, "meta.json")):
@@ -119,40 +136,62 @@ class Experiment:
             step("tokenizer")
             files = ",".join(self.path(f"data_{m}", f) for m in self.mixes for f in ("text.jsonl", "train.jsonl"))
             self.run(["tokenizer.py", "--data", files, "--out", tok, "--vocab-size", str(self.p["vocab"])], "tokenizer")
+        # Everything after the tokenizer runs as chains of jobs in one pool (a chain's jobs in order):
+        # per mix, the reference LM and then its scores; with --stage all also the base LM and then the
+        # U-LVLM's stage 1, and the ViT. The base-LM chain is the longest, so it starts first.
         lm = self.flags(self.p["lm"]) + ["--tokenizer", tok, "--device", self.cfg.device]
-        jobs = []
+        chains, reports = [], []
         for mix in self.mixes:
+            chain = []
             if not os.path.exists(self.path(f"ref_lm_{mix}.pt")):
-                jobs.append((["reference_lm.py", "--data", self.path(f"data_{mix}", "ref.jsonl"),
-                              "--out", self.path(f"ref_lm_{mix}.pt"), *lm], f"ref_lm_{mix}"))
-        step("reference LM per mix" + (" (done)" if not jobs else ""))
-        self.parallel(jobs)
-        for mix in self.mixes:
+                chain.append((["reference_lm.py", "--data", self.path(f"data_{mix}", "ref.jsonl"),
+                               "--out", self.path(f"ref_lm_{mix}.pt"), *lm], f"ref_lm_{mix}"))
             for split in ("train", "test"):
                 out = self.path(f"scores_{mix}_{split}.pt")
                 if not os.path.exists(out):
-                    log = self.run(["score.py", "--ref", self.path(f"ref_lm_{mix}.pt"), "--tokenizer", tok,
-                                    "--data", self.path(f"data_{mix}", f"{split}.jsonl"), "--out", out,
-                                    "--device", self.cfg.device], f"score_{mix}_{split}", threads=os.cpu_count())
+                    chain.append((["score.py", "--ref", self.path(f"ref_lm_{mix}.pt"), "--tokenizer", tok,
+                                   "--data", self.path(f"data_{mix}", f"{split}.jsonl"), "--out", out,
+                                   "--device", self.cfg.device], f"score_{mix}_{split}"))
                     if split == "train":
-                        print(f"  relevance report ({mix} mix, weights of the training captions):")
-                        for line in open(log):
-                            if line.startswith(("scored", "mean weight", "ROC-AUC")):
-                                print("   ", line.rstrip())
+                        reports.append((mix, f"score_{mix}_{split}"))
+            chains.append(chain)
+        names = ["reference LM and scores per mix"]
+        if with_pretrain:
+            chains = self.pretrain_chains() + chains
+            names += ["base LM", "vision encoder"] + (["U-LVLM stage 1"] if "u" in self.archs else [])
+        chains = [c for c in chains if c]
+        step(", ".join(names) + (" (done)" if not chains else ""))
+        self.parallel(chains)
+        for mix, name in reports:
+            print(f"  relevance report ({mix} mix, weights of the training captions):")
+            for line in open(self.path("logs", name + ".log")):
+                if line.startswith(("scored", "mean weight", "ROC-AUC")):
+                    print("   ", line.rstrip())
 
-    def pretrain(self):
-        jobs = []
+    def pretrain_chains(self):
+        """[base LM, then the U-LVLM's stage 1] and [ViT]. The base LM (text-only documents of every mix; a
+        separate run from the reference LM) trains longer than the reference LM: the frozen LM of the H-LVLM
+        has to have learned to use what its context says about a scene, or no projector can make it read an
+        image. Stage 1 (the paper's 500 ImageNet steps) teaches the encoder-free U-LVLM to see, on short labels."""
+        lm_chain, vit_chain = [], []
         if not os.path.exists(self.path("base_lm.pt")):
             text = ",".join(self.path(f"data_{m}", "text.jsonl") for m in self.mixes)
-            jobs.append((["reference_lm.py", "--data", text, "--out", self.path("base_lm.pt"), "--seed", "1",
-                          *self.flags(self.p["lm"]), "--tokenizer", self.path("tokenizer.json"),
-                          "--device", self.cfg.device], "base_lm"))
+            base = {**self.p["lm"], **self.p["base_lm"]}
+            lm_chain.append((["reference_lm.py", "--data", text, "--out", self.path("base_lm.pt"), "--seed", "1",
+                              *self.flags(base), "--tokenizer", self.path("tokenizer.json"),
+                              "--device", self.cfg.device], "base_lm"))
+        for mix in self.mixes:
+            if "u" in self.archs_for(mix) and not os.path.exists(self.stage1_ckpt(mix)):
+                v = {**self.p["vlm"], "steps": self.p["stage1_steps"], "save_every": self.p["stage1_steps"]}
+                lm_chain.append((["train.py", "--data", self.path(f"data_{mix}", "label.jsonl"), "--arch", "u",
+                                  "--tokenizer", self.path("tokenizer.json"), "--init-decoder", self.path("base_lm.pt"),
+                                  "--out-dir", os.path.dirname(self.stage1_ckpt(mix)), "--lr", "1e-3",
+                                  "--device", self.cfg.device, "--resume", *self.flags(v)], f"u_stage1_{mix}"))
         if "h" in self.archs and not os.path.exists(self.path("vit.pt")):
-            jobs.append((["vision.py", "--data", self.path(f"data_{self.mixes[0]}", "label.jsonl"),
-                          "--out", self.path("vit.pt"), "--device", self.cfg.device,
-                          *self.flags(self.p["vit"])], "vit"))
-        step("base LM and vision encoder" + (" (done)" if not jobs else ""))
-        self.parallel(jobs)
+            vit_chain.append((["vision.py", "--data", self.path(f"data_{self.mixes[0]}", "label.jsonl"),
+                               "--out", self.path("vit.pt"), "--device", self.cfg.device,
+                               *self.flags(self.p["vit"])], "vit"))
+        return [lm_chain, vit_chain]
 
     # ---- stages 5-8: the VLM runs ---------------------------------------------------------------------------
     @property
@@ -178,17 +217,15 @@ class Experiment:
     def stage1_ckpt(self, mix):
         return self.path("runs", mix, "u_stage1", f"ckpt_{self.p['stage1_steps']:06d}.pt")
 
-    def stage1(self):
-        jobs = []
-        for mix in self.mixes:
-            if "u" in self.archs_for(mix) and not os.path.exists(self.stage1_ckpt(mix)):
-                v = {**self.p["vlm"], "steps": self.p["stage1_steps"], "save_every": self.p["stage1_steps"]}
-                jobs.append((["train.py", "--data", self.path(f"data_{mix}", "label.jsonl"), "--arch", "u",
-                              "--tokenizer", self.path("tokenizer.json"), "--init-decoder", self.path("base_lm.pt"),
-                              "--out-dir", os.path.dirname(self.stage1_ckpt(mix)), "--lr", "1e-3",
-                              "--device", self.cfg.device, "--resume", *self.flags(v)], f"u_stage1_{mix}"))
-        step("U-LVLM stage 1: image -> label" + (" (done)" if not jobs else ""))
-        self.parallel(jobs)
+    def estimate(self):
+        """How many training runs this configuration makes, and how long the preset took where we measured it."""
+        seeds, losses = self.cfg.seeds or self.p["seeds"], self.cfg.losses.split(",")
+        grid = sum(2 * len(self.p["lrs"][a]) for a in self.archs_for(self.mixes[0]))
+        main = sum(len(losses) * seeds - 2 for m in self.mixes for a in self.archs_for(m) if m == self.mixes[0]) + \
+            sum(len(losses) * seeds for m in self.mixes[1:] for a in self.archs_for(m))
+        measured = self.p.get("measured", "not measured yet")
+        return (f"estimate: {grid} lr-grid runs + {main} more main runs of {self.p['vlm']['steps']} steps, each "
+                f"evaluated at every checkpoint; {measured}. Re-running skips finished stages and runs.")
 
     def run_dir(self, mix, arch, loss, lr, seed):
         return self.path("runs", mix, arch, f"{loss}_lr{lr:g}_s{seed}")
@@ -217,13 +254,21 @@ class Experiment:
         self.parallel(jobs)
 
     def parallel(self, jobs):
+        """Run jobs --parallel at a time, each on cpu_threads // parallel threads (never more threads than
+        cores: an oversubscribed OpenMP pool slows a run many times over). A job is (args, log name), or a
+        list of them, run one after the other."""
         if not jobs:
             return
         from tqdm import tqdm
-        with ThreadPoolExecutor(max(1, self.cfg.parallel)) as pool, tqdm(total=len(jobs), desc="  jobs", leave=False) as bar:
-            for f in [pool.submit(self.run, args, name) for args, name in jobs]:
+        chains = [j if isinstance(j, list) else [j] for j in jobs]
+        with ThreadPoolExecutor(max(1, self.cfg.parallel)) as pool, \
+                tqdm(total=sum(map(len, chains)), desc="  jobs", leave=False) as bar:
+            def run_chain(chain):
+                for args, name in chain:
+                    self.run(args, name)
+                    bar.update()
+            for f in [pool.submit(run_chain, c) for c in chains]:
                 f.result()
-                bar.update()
 
     def rows(self, run_dir, **extra):
         path = os.path.join(run_dir, "eval.json")
@@ -301,15 +346,13 @@ def main(cfg):
     exp = Experiment(cfg)
     print(f"PRIOR vs NTP, preset {cfg.preset}: mixes {exp.mixes}, families {cfg.archs}, losses {cfg.losses}, "
           f"{cfg.seeds or exp.p['seeds']} seeds, {cfg.parallel} runs at a time -> {exp.out}")
+    print(exp.estimate())
     with open(exp.path("experiment_config.json"), "w") as f:
         json.dump({"config": asdict(cfg), "preset": exp.p}, f, indent=1)
-    exp.prepare()
+    exp.prepare(with_pretrain=cfg.stage == "all")
     if cfg.stage == "prepare":
         print(f"prepared in {time.time() - t0:.0f}s: scores and relevance reports in {exp.out}")
         return
-    exp.pretrain()
-    if "u" in exp.archs:
-        exp.stage1()
     rows = exp.experiment()
     exp.analyses()
     import report

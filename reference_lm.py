@@ -30,7 +30,7 @@ from utils import atomic_save, autocast, lr_at, pick_device, seed_everything, te
 
 @dataclass
 class RefConfig:
-    data: str = field(default="data/synth/ref.jsonl", metadata={"help": "caption file(s), comma-separated (JSONL or LLaVA JSON); images are not read"})
+    data: str = field(default="data/synth/ref.jsonl", metadata={"help": "caption file(s), comma-separated: JSONL, LLaVA or COCO JSON, or .tar shards (see data/records.py); images are not read"})
     tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json from tokenizer.py"})
     out: str = field(default="out/ref_lm.pt", metadata={"help": "checkpoint to write"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of captions held out for validation perplexity"})

@@ -79,7 +79,7 @@ def token_word_index(tok, captions):
 @dataclass
 class TokenizerConfig:
     data: str = field(default="data/synth/text.jsonl,data/synth/train.jsonl",
-                      metadata={"help": "comma-separated caption files (JSONL or LLaVA JSON) to learn merges from"})
+                      metadata={"help": "comma-separated caption files (JSONL, LLaVA or COCO JSON, .tar shards: see data/records.py) to learn merges from"})
     out: str = field(default="out/tokenizer.json", metadata={"help": "where to write tokenizer.json"})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size including special tokens"})
 

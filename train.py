@@ -4,12 +4,18 @@ One process (CPU or one GPU):
     python train.py --arch h --loss prior --scores out/scores_train.pt --out-dir runs/h_prior
 Several GPUs, or several CPU processes (gloo):
     torchrun --standalone --nproc_per_node=4 train.py --arch h --loss prior --out-dir runs/h_prior
-Several machines (run on each, with its --node_rank):
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+Several machines: the same command on each, with its own --node_rank (0 on HOST, whose rank 0 writes --out-dir;
+every machine needs the data, tokenizer and scores at the same paths):
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
+Sharded (FSDP2: weights, gradients and optimizer state split over the processes instead of copied; CPU too):
+    torchrun --standalone --nproc_per_node=8 train.py --fsdp ...
 
 The paper's recipes:
     H-LVLM: pretrained frozen ViT and LM, only the projector trains:
         python train.py --arch h --init-decoder out/base_lm.pt --init-encoder out/vit.pt --train projector ...
+    H-LVLM with a pretrained timm ViT (e.g. CLIP) whose state dict was saved once with torch.save:
+        python train.py --arch h --vision timm:vit_base_patch16_clip_224.openai --vision-weights clip_b16.pt \
+            --train projector --row-len 320 ...
     U-LVLM: decoder from the base LM, everything trains, captions mixed 1:1 with text-only data:
         python train.py --arch u --init-decoder out/base_lm.pt --text-data data/synth/text.jsonl ...
 
@@ -40,16 +46,16 @@ from cli import parse_config
 from data.packing import IGNORE, Sample, cat, pack, to_device
 from data.records import load_images, normalize, read_records
 from loss import inverse_frequency_table, token_losses, weighted_loss, prior_weights
-from model import DecoderConfig, VLM, VLMConfig, count_params
+from model import DecoderConfig, VLM, VLMConfig, count_params, load_vision_weights
 from reference_lm import make_optimizer
-from score import load_scores, token_tags
+from score import count_overlong, load_scores, token_tags
 from utils import (atomic_save, autocast, check_fingerprint, load_checkpoint, lr_at, pick_device,
                    seed_everything, text_fingerprint)
 
 
 @dataclass
 class TrainConfig:
-    data: str = field(default="data/synth/train.jsonl", metadata={"help": "image-caption pairs (JSONL or LLaVA JSON)"})
+    data: str = field(default="data/synth/train.jsonl", metadata={"help": "image-caption pairs: JSONL, LLaVA JSON, COCO captions (captions.json::image_folder) or webdataset .tar shards (see data/records.py)"})
     tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json"})
     scores: str = field(default="out/scores_train.pt", metadata={"help": "score.py output for --data (needed by --loss prior)"})
     out_dir: str = field(default="runs/default", metadata={"help": "where config, log and checkpoints go"})
@@ -62,6 +68,9 @@ class TrainConfig:
     init_decoder: str = field(default="", metadata={"help": "base-LM checkpoint from reference_lm.py to start the decoder from ('' = scratch)"})
     init_encoder: str = field(default="", metadata={"help": "vision-encoder checkpoint from vision.py to start the ViT from ('' = scratch)"})
     init_from: str = field(default="", metadata={"help": "a train.py checkpoint to start all weights from (e.g. the U-LVLM's stage 1)"})
+    vision: str = field(default="", metadata={"help": "H-LVLM encoder: '' = the built-in ViT (--vit-*, --init-encoder); 'timm:<name>' = that timm model, built offline; image size, patches and width then come from it"})
+    vision_weights: str = field(default="", metadata={"help": "local file with the --vision timm model's state dict (torch.save(model.state_dict(), path), or .safetensors); nothing is downloaded"})
+    vision_kwargs: str = field(default="", metadata={"help": "extra timm.create_model arguments for --vision as JSON, e.g. '{\"img_size\": 336}' (the weights must fit them)"})
     text_data: str = field(default="", metadata={"help": "text-only captions mixed into every batch with NTP loss ('' = none)"})
     text_ratio: float = field(default=1.0, metadata={"help": "text-only samples per image-caption sample when --text-data is set"})
     image_size: int = field(default=48, metadata={"help": "images are resized to this square size"})
@@ -88,6 +97,7 @@ class TrainConfig:
     workers: int = field(default=0, metadata={"help": "processes for decoding images at start-up"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    fsdp: bool = field(default=False, metadata={"help": "with several processes, shard weights, gradients and optimizer state (FSDP2 fully_shard per decoder block and the root) instead of DDP's full copies"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
 
 
@@ -100,8 +110,19 @@ def build_model(cfg, tok):
         base = load_checkpoint(cfg.init_decoder)
         check_fingerprint("tokenizer", base["tokenizer"], T.fingerprint(tok), cfg.init_decoder, cfg.tokenizer)
         dcfg = DecoderConfig(**{**base["decoder_config"], "max_seq_len": max(cfg.row_len, base["decoder_config"]["max_seq_len"])})
+    if cfg.vision and cfg.init_encoder:
+        raise ValueError("--vision (a timm encoder) and --init-encoder (a vision.py ViT) are two encoders: give one")
+    if cfg.vision_weights and not cfg.vision:
+        raise ValueError("--vision-weights needs --vision timm:<name>, the model the weights belong to")
+    if cfg.vision_weights and cfg.init_from:
+        raise ValueError("--init-from already holds the encoder's weights: drop --vision-weights")
+    try:
+        vision_kwargs = json.loads(cfg.vision_kwargs) if cfg.vision_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--vision-kwargs is not JSON ({e}): {cfg.vision_kwargs!r}") from None
     vcfg = VLMConfig(arch=cfg.arch, image_size=cfg.image_size, patch_size=cfg.patch_size, vit_dim=cfg.vit_dim,
-                     vit_depth=cfg.vit_depth, vit_heads=cfg.vit_heads, decoder=dcfg)
+                     vit_depth=cfg.vit_depth, vit_heads=cfg.vit_heads, decoder=dcfg, vision=cfg.vision,
+                     vision_kwargs=vision_kwargs)
     if cfg.init_encoder:
         enc = load_checkpoint(cfg.init_encoder)
         e = enc["vit_config"]
@@ -116,6 +137,10 @@ def build_model(cfg, tok):
         model.decoder.load_state_dict(base["model"])
     if enc is not None:
         model.encoder.load_state_dict(enc["model"])
+    if cfg.vision_weights:
+        load_vision_weights(model.encoder, cfg.vision_weights)
+    elif cfg.vision and not cfg.init_from:
+        print(f"warning: no --vision-weights: the {cfg.vision} encoder starts from random weights", file=sys.stderr)
     if cfg.init_from:
         model.load_state_dict(start["model"])
     if cfg.train == "projector":
@@ -235,6 +260,7 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
     Host work per micro-batch is a few list operations and tensor creations; the device is synchronised
     once per step, at the end, to read the statistics."""
     samples, text_samples = data.samples, data.text_samples
+    fsdp = world > 1 and hasattr(train_model, "set_requires_gradient_sync")
     batch_ids = global_batch(step, len(samples), cfg.batch_size, cfg.seed)
     n_text = int(cfg.batch_size * cfg.text_ratio) if text_samples else 0
     text_ids = global_batch(step, len(text_samples), n_text, cfg.seed + 1) if n_text else []
@@ -276,7 +302,9 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
             weights[image_rows:] = 1.0
         labels = batch.labels.flatten()[keep][None]
         sync = c == len(chunks) - 1 or world == 1
-        ctx = train_model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
+        ctx = train_model.no_sync() if (world > 1 and not sync and not fsdp) else torch.enable_grad()
+        if fsdp:  # FSDP2's no_sync: keep full gradients until the last micro-batch, then reduce-scatter once
+            train_model.set_requires_gradient_sync(sync)
         with ctx:
             with autocast(device):
                 logits = train_model(batch.input_ids, pixels, batch.position_ids, batch.doc_ids, keep=keep)[None]
@@ -294,6 +322,42 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
     return stats, nll_by_tag, batch_ids
 
 
+def shard(model, opt, cfg, device):
+    """FSDP2: fully_shard each decoder block, then the root (encoder, projector, embeddings, final norm: one
+    unit). Each process keeps 1/world of every weight, gradient and optimizer moment; a block's full weights
+    are gathered just for its forward and backward. Weights stay fp32 in the all-gathers (no
+    MixedPrecisionPolicy): under autocast the matmuls run in bf16 anyway, while norms, embeddings and the
+    residual stream keep fp32. fully_shard swaps the parameters for sharded ones, so the optimizer is made
+    again over them, carrying over the state `opt` holds when resuming (by parameter name)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    full = StateDictOptions(full_state_dict=True)
+    state = get_optimizer_state_dict(model, opt, options=full) if opt.state else None
+    # An explicit mesh: fully_shard's default is a CUDA mesh whenever CUDA exists, even for --device cpu.
+    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (dist.get_world_size(),))
+    for block in model.decoder.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    if state is not None:
+        set_optimizer_state_dict(model, opt, state, options=full)
+    return opt
+
+
+def full_state(model, opt, sharded):
+    """Weights and optimizer state as one unsharded process holds them. Sharded (FSDP): a collective that every
+    rank must join, gathering full tensors onto rank 0's CPU (the others get empty dicts), so a checkpoint
+    of a sharded run loads anywhere (load_model, eval.py, a run without --fsdp); the optimizer state is then
+    keyed by parameter name, which --resume reads with or without --fsdp."""
+    if not sharded:
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    gather = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=gather), get_optimizer_state_dict(model, opt, options=gather)
+
+
 def main(cfg):
     device = pick_device(cfg.device)
     rank, world, device = setup_distributed(device)
@@ -304,11 +368,17 @@ def main(cfg):
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
+    # The model first: its encoder decides the image size (a timm model's, or --init-encoder's ViT).
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, tok).to(device)
+    if len(model.image_tokens()) + 2 > cfg.row_len:
+        raise ValueError(f"an image takes {len(model.image_tokens())} tokens: --row-len {cfg.row_len} leaves no "
+                         f"room for a caption; raise --row-len")
 
     records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
     data_fp = text_fingerprint(records)
     p_ref = load_scores(cfg.scores, T.fingerprint(tok), data_fp, cfg.data) if cfg.loss == "prior" else None
-    records, images = load_images(records, cfg.image_size, cfg.max_bad_fraction, cfg.workers)
+    records, images = load_images(records, model.cfg.image_size, cfg.max_bad_fraction, cfg.workers)
     tags = token_tags(tok, records)
     if cfg.loss == "oracle" and tags is None:
         raise ValueError(f"--loss oracle needs the generator's ground-truth 'tags' field in {cfg.data}")
@@ -321,12 +391,17 @@ def main(cfg):
     text_samples = []
     if cfg.text_data:
         text_samples = make_samples(tok, read_records(cfg.text_data, require_image=False, check_files=False))
+    for what, group, room in (("image-caption", samples, cfg.row_len - len(model.image_tokens())),
+                              ("text-only", text_samples, cfg.row_len)):
+        n_long, lost = count_overlong(group, room)  # pack() keeps their first tokens and <|eos|>
+        if n_long and master:
+            print(f"warning: {n_long} of {len(group)} {what} samples are longer than --row-len {cfg.row_len} "
+                  f"allows ({room} positions after the image); training keeps their start and drops {lost} "
+                  f"caption tokens in all (raise --row-len to keep them)", file=sys.stderr)
     rare_table = None
     if cfg.loss == "rare":
         rare_table = inverse_frequency_table([s.caption_ids + [T.EOS] for s in samples], tok.get_vocab_size())
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tok).to(device)
     opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     step = 0
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -335,7 +410,11 @@ def main(cfg):
         state = load_checkpoint(last_path)
         check_fingerprint("caption data", state["data"], data_fp, last_path, cfg.data)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if state.get("optimizer_format") == "fqn":  # from an --fsdp run: keyed by parameter name
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state["optimizer"])
         step = state["step"]
         torch.set_rng_state(state["rng"]["torch"])
         if master:
@@ -347,7 +426,12 @@ def main(cfg):
         print(f"{cfg.arch}-LVLM, loss {cfg.loss}: {count_params(model) / 1e6:.2f}M params, "
               f"{count_params(model, True) / 1e6:.3f}M trainable; {len(samples)} pairs; {world} process(es) on {device}")
     train_model = model
-    if world > 1:
+    sharded = cfg.fsdp and world > 1
+    if cfg.fsdp and not sharded and master:
+        print("--fsdp: one process, nothing to shard; training unsharded")
+    if sharded:  # in place: model is now the sharded module
+        opt = shard(model, opt, cfg, device)
+    elif world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     if cfg.compile:
         train_model = torch.compile(train_model, dynamic=True)  # batch shapes change every step (tight packing)
@@ -366,6 +450,8 @@ def main(cfg):
             g["lr"] = lr
         stats, nll_by_tag, batch_ids = train_step(cfg, step, train_model, data, device, rank, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        if sharded:  # a DTensor over the shards' gradients
+            grad_norm = grad_norm.full_tensor()
         if not math.isfinite(stats["loss"]) or not torch.isfinite(grad_norm):
             last = last_path if os.path.exists(last_path) else "none yet"
             raise RuntimeError(f"non-finite loss or gradient at step {step}; batch sample ids "
@@ -399,11 +485,13 @@ def main(cfg):
             bar.set_postfix(loss=f"{line['loss']:.3f}", ntp=f"{line['ntp']:.3f}")
         done = step + 1
         scheduled, stopping = done % cfg.save_every == 0 or done == cfg.steps, done == cfg.stop_at
+        if scheduled or stopping:
+            model_state, opt_state = full_state(model, opt, sharded)  # sharded: every rank joins
         if master and (scheduled or stopping):
-            weights_only = {"model": model.state_dict(), "step": done, **meta}
+            weights_only = {"model": model_state, "step": done, **meta}
             if scheduled:  # the evaluated series: every --save-every steps and the last
                 atomic_save(weights_only, os.path.join(cfg.out_dir, f"ckpt_{done:06d}.pt"))
-            atomic_save({**weights_only, "optimizer": opt.state_dict(),
+            atomic_save({**weights_only, "optimizer": opt_state, **({"optimizer_format": "fqn"} if sharded else {}),
                          "schedule": {"lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps},
                          "rng": {"torch": torch.get_rng_state()}}, last_path)
         if stopping:

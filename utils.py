@@ -3,6 +3,7 @@ import contextlib
 import hashlib
 import math
 import os
+import pickle
 import random
 
 import torch
@@ -64,8 +65,23 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def safe_load(source, name, what="a checkpoint", error=ValueError):
+    """torch.load with weights_only=True, so a file from an untrusted source cannot run code when loaded; every
+    failure becomes one `error` that names the file (never torch's advice to retry with weights_only=False)."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # objects a weights-only load refuses
+        culprit = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+        raise error(f"{name}: holds Python objects that a safe (weights-only) load refuses"
+                    f"{' (' + culprit + ')' if culprit else ''}; it is not {what} made by this project, and "
+                    f"loading it unsafely could run code: not loaded") from None
+    except Exception as e:  # a file cut short, or not a torch file at all
+        first_line = (str(e).splitlines() or [""])[0][:300]
+        raise error(f"{name}: cannot read it as {what} ({type(e).__name__}: {first_line}); it may be cut short "
+                    f"or made by something else") from None
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    # weights_only: a checkpoint from an untrusted source cannot run code when loaded.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_load(path, path)

@@ -7,8 +7,11 @@ Built-in synthetic image-caption data for PRIOR, with ground truth for every cap
 
 Scenes are 1-4 coloured shapes on a 3x3 grid. Captions imitate web alt-text: a consistent
 image description ("a photo of two red circles and a blue star at the top left") buried in
-- boilerplate: stock-photo/website phrases and glue words, predictable from text alone, and
+- boilerplate: stock-photo/website phrases and glue words, predictable from text alone (each caption
+  comes from one of --n-sites sites, and a site always writes the same template), and
 - noise: names, prices, dates, places, photo ids, independent of the image AND of the text.
+Glue words never depend on the image ("a", never "an"; "at the" for every position; "and" between
+objects), so the tags are honest: a boilerplate word is one a text-only model could predict.
 Every word carries a tag (image / boiler / noise), so we can check what PRIOR's reference LM
 down-weights: it should down-weight boilerplate, but it will UP-weight noise (it cannot
 predict it either), which is where PRIOR cannot help. Probes are multiple-choice caption
@@ -108,8 +111,11 @@ class GenConfig:
     pair_prob: float = opt(0.25, "chance a scene has two objects of one shape and colour ('two red circles')")
     cooccur_prob: float = opt(0.3, "chance an object takes the partner shape of another (adversarial POPE)")
     shape_skew: float = opt(0.6, "shape frequency ~ rank^-skew (popular POPE)")
-    pos_prob: float = opt(0.5, "chance a caption gives object positions")
-    count_prob: float = opt(0.25, "chance a caption counts the objects ('three shapes :')")
+    n_sites: int = opt(40, "web sites captions come from; each writes its boilerplate from one template")
+    pos_prob: float = opt(0.5, "chance a site's captions give object positions")
+    count_prob: float = opt(0.25, "chance a site's captions count the objects ('three shapes :')")
+    text_context: float = opt(1.0, "chance a text-only document starts with a full description of its scene "
+                                   "(teaches the base LM to use context; never in the reference LM's captions)")
     size_prob: float = opt(0.35, "chance an object phrase keeps its size")
     colour_prob: float = opt(0.85, "chance an object phrase keeps its colour")
     workers: int = opt(2, "processes rendering images (the output does not depend on it)")
@@ -177,10 +183,12 @@ def plural(shape, n):
 
 
 def pos_words(row, col):
+    """'at the top left', 'at the center'. Always "at the": with "in the center" / "on the left" the glue
+    word would give the position away, so a text-only model could not predict it (it depends on the image)."""
     if row == "middle" and col == "center":
-        return W("in the", BOIL) + [("center", IMG)]
+        return W("at the", BOIL) + [("center", IMG)]
     if row == "middle":
-        return W("on the", BOIL) + [(col, IMG)]
+        return W("at the", BOIL) + [(col, IMG)]
     if col == "center":
         return W("at the", BOIL) + [(row, IMG)]
     return W("at the", BOIL) + [(row, IMG), (col, IMG)]
@@ -188,10 +196,9 @@ def pos_words(row, col):
 
 def object_words(g, with_shape=True):
     """'a large red circle at the top left' / 'two blue stars'. The article is glue (boiler),
-    a number word is image content."""
+    a number word is image content. Always "a", never "an": "an" would announce "orange" before it comes."""
     attrs = [a for a in (g.get("size"), g.get("colour")) if a]
-    head = (attrs + [g["shape"]])[0]
-    w = [("an" if head[0] in "aeiou" else "a", BOIL)] if g["n"] == 1 else [(NUMS[g["n"]], IMG)]
+    w = [("a", BOIL)] if g["n"] == 1 else [(NUMS[g["n"]], IMG)]
     w += [(a, IMG) for a in attrs]
     if with_shape:
         w.append((plural(g["shape"], g["n"]), IMG))
@@ -201,11 +208,12 @@ def object_words(g, with_shape=True):
 
 
 def describe(groups):
-    """'A , B and C': one fixed list grammar, so a model can learn where objects start."""
+    """'A and B and C': one fixed list grammar, so a model can learn where objects start ('A , B and C'
+    would make the glue word tell how many objects are left, which only the image knows)."""
     w = []
     for i, g in enumerate(groups):
         if i:
-            w.append(("and" if i == len(groups) - 1 else ",", BOIL))
+            w.append(("and", BOIL))
         w += object_words(g)
     return w
 
@@ -249,25 +257,44 @@ NOISE_TEMPLATES = {"name": ["by {}", "{}", "photo by {}", "{}"], "place": ["in {
                    "id": ["img {}", "dsc {}", "# {}", "{}"], "number": ["{} views", "{}", "lot {}"]}
 
 
-def noise_segment(rng, pools):  # 1-3 noise items in a row: "by maria lopez lisbon march 3 2019"
+def make_sites(cfg):
+    """The web sites captions come from. A site writes all its alt-text from one template: the same intro,
+    separator, stock phrases and noise fields, in the same order, and the same habits (positions given or
+    not, a count or not). That is what makes real boilerplate predictable from text: a reference LM learns
+    each site's template, so once a caption's first words give the site away, the rest of its boilerplate
+    is predictable and only the noise values (and the image words) are not."""
+    rng = random.Random(f"{cfg.seed}/sites")
+    sites = []
+    for _ in range(cfg.n_sites):
+        noise = [[(kind, rng.choice(NOISE_TEMPLATES[kind])) for kind in rng.sample(list(NOISE_TEMPLATES), rng.choice([1, 2, 3]))]
+                 for _ in range(3)]  # up to three noise segments, e.g. "photo by {name} {date}"
+        sites.append(dict(intro=rng.choices(INTROS, INTRO_WEIGHTS)[0], sep=rng.choice(SEPARATORS),
+                          boiler=rng.sample(BOILER, 6), noise=noise, desc_first=rng.random() < 0.8,
+                          noise_first=rng.random() < 0.5, pos=rng.random() < cfg.pos_prob,
+                          count=rng.random() < cfg.count_prob))
+    return sites
+
+
+def noise_segment(rng, pools, slots):  # [(kind, "photo by {}"), ...] -> "photo by maria lopez march 3 2019"
     seg = []
-    for kind in rng.sample(list(NOISE_TEMPLATES), rng.choice([1, 2, 3])):
-        pre, post = rng.choice(NOISE_TEMPLATES[kind]).split("{}")
+    for kind, template in slots:
+        pre, post = template.split("{}")
         seg += W(pre, BOIL) + W(rng.choice(pools[kind]), NOISE) + W(post, BOIL)
     return seg
 
 
-def caption(scene, rng, cfg, pools):
-    """One web-style caption: a description of the scene padded with boilerplate and noise
-    segments until image words make up ~image_share of it. Returns (text, tags)."""
-    with_pos = rng.random() < cfg.pos_prob
-    groups = groups_of(scene, with_pos)
+def caption(scene, rng, cfg, pools, sites):
+    """One web-style caption from a random site: the site's intro and a description of the scene, padded
+    with the site's boilerplate and noise segments until image words make up ~image_share of it.
+    Returns (text, tags)."""
+    site = rng.choice(sites)
+    groups = groups_of(scene, site["pos"])
     rng.shuffle(groups)
     for g in groups:  # drop attributes: web captions are incomplete
         g["size"] = g["size"] if rng.random() < cfg.size_prob else None
         g["colour"] = g["colour"] if rng.random() < cfg.colour_prob else None
-    core = W(rng.choices(INTROS, INTRO_WEIGHTS)[0], BOIL)
-    if rng.random() < cfg.count_prob:
+    core = W(site["intro"], BOIL)
+    if site["count"]:
         core += count_words(len(scene)) + [(":", BOIL)]
     core += describe(groups)
     # word budgets: non-image words = image words * (1/image_share - 1), noise_share of them noise.
@@ -275,31 +302,44 @@ def caption(scene, rng, cfg, pools):
     n_img = sum(t == IMG for _, t in core)
     room = n_img / cfg.image_share - len(core)  # words still to add
     noise_left = cfg.noise_share * (n_img / cfg.image_share - n_img)
-    segs = []
-    # noise first (its template words and separators count as boiler), boilerplate fills the rest.
-    # A segment that overshoots a budget is kept with probability budget/size: shares stay unbiased.
+    noise, boiler = [], []
+    # noise first (its template words and separators count as boiler), boilerplate fills the rest, each
+    # in the site's order. A segment that overshoots a budget is kept with probability budget/size, so
+    # shares stay unbiased.
     while noise_left > 0 and room > 0:
-        seg = noise_segment(rng, pools)
+        seg = noise_segment(rng, pools, site["noise"][len(noise) % len(site["noise"])])
         k, m = sum(t == NOISE for _, t in seg), len(seg) + 1  # +1: the separator it brings
         if (k > noise_left or m > room) and rng.random() > min(noise_left / k, room / m):
             break
-        segs.append(seg)
+        noise.append(seg)
         noise_left, room = noise_left - k, room - m
     while room > 0:
-        seg = W(rng.choice(BOILER), BOIL)
+        seg = W(site["boiler"][len(boiler) % len(site["boiler"])], BOIL)
         if len(seg) + 1 > room and rng.random() > room / (len(seg) + 1):
             break
-        segs.append(seg)
+        boiler.append(seg)
         room -= len(seg) + 1
-    rng.shuffle(segs)
-    # the description leads most captions, so "a photo of ..." probe prompts are natural prefixes
-    segs.insert(0 if rng.random() < 0.6 else rng.randint(0, len(segs)), core)
+    segs = noise + boiler if site["noise_first"] else boiler + noise
+    # the description leads most sites' captions, so "a photo of ..." probe prompts are natural prefixes
+    segs = [core] + segs if site["desc_first"] else segs + [core]
     words = []
     for seg in segs:
         if words:
-            words.append((rng.choice(SEPARATORS), BOIL))
+            words.append((site["sep"], BOIL))
         words += seg
     return text_of(words), [t for _, t in words]
+
+
+def text_document(scene, rng, cfg, pools, sites):
+    """A text-only document: with probability text_context, a full description of the scene (every object
+    with its size, colour and position) before a caption of it, the way a web page repeats in its text
+    what its alt-text says. A base LM trained on such text learns to use what its context says about the
+    scene, which the frozen LM of the H-LVLM needs to read the projector's output (a real LLM can)."""
+    text, tags = caption(scene, rng, cfg, pools, sites)
+    if rng.random() >= cfg.text_context:
+        return text, tags
+    full = describe(groups_of(scene, True)) + [(".", BOIL)]
+    return f"{text_of(full)} {text}", [t for _, t in full] + tags
 
 
 # ----------------------------------------------------------------------------- probes
@@ -437,7 +477,7 @@ def write_jsonl(path, rows):
 def generate(cfg):
     cfg = resolve(cfg)
     t0 = time.time()
-    pools, out = noise_pools(cfg), cfg.out
+    pools, sites, out = noise_pools(cfg), make_sites(cfg), cfg.out
     files, jobs, seen = {}, [], set()
 
     def image_path(split, i, scene):
@@ -451,7 +491,7 @@ def generate(cfg):
         rng, rows = random.Random(f"{cfg.seed}/{split}"), []
         for i in range(getattr(cfg, f"n_{split}")):
             scene = sample_scene(rng, cfg)
-            text, tags = caption(scene, rng, cfg, pools)
+            text, tags = caption(scene, rng, cfg, pools, sites)
             seen.add(text)
             rows.append(dict(id=f"{split}-{i:06d}", image=image_path(split, i, scene), caption=text, tags=tags,
                              scene=scene, label=text_of(label_words(scene))))
@@ -459,7 +499,11 @@ def generate(cfg):
     for split in ("ref", "text"):  # text only, fresh scenes
         rng, rows = random.Random(f"{cfg.seed}/{split}"), []
         while len(rows) < getattr(cfg, f"n_{split}"):
-            text, tags = caption(sample_scene(rng, cfg), rng, cfg, pools)
+            scene = sample_scene(rng, cfg)
+            if split == "text":
+                text, tags = text_document(scene, rng, cfg, pools, sites)
+            else:
+                text, tags = caption(scene, rng, cfg, pools, sites)
             if split == "text" or text not in seen:
                 rows.append(dict(id=f"{split}-{len(rows):06d}", caption=text, tags=tags))
         files[split] = rows

@@ -1,31 +1,48 @@
 """
-The one reader for caption data: JSONL caption files and LLaVA pre-training JSON,
-turned into a list of `Record`s, plus image decoding into one uint8 tensor.
+The one reader for caption data: JSONL caption files, LLaVA pre-training JSON, COCO captions and tar
+shards in webdataset layout, all turned into the same `Record`s, plus image decoding into uint8 tensors.
 
-Formats (picked by extension):
+Formats (picked by extension, then by shape):
   .jsonl  one object a line: {"image": "images/000123.png", "caption": "a red circle ..."}
           image paths are relative to the JSONL file's folder (absolute paths work too);
           every other field ("id", "tags", "scene", ...) is kept in Record.extra.
           Text-only files (for the text-only reference LM) simply have no "image" key:
           read them with require_image=False (an "image" field, if any, is then resolved
           but its file is not checked: a text-only reader never opens it).
-  .json   a LLaVA list [{"id", "image", "conversations": [{"from": "human", ...},
+  .json   a list: LLaVA [{"id", "image", "conversations": [{"from": "human", ...},
           {"from": "gpt", "value": caption}]}]; the caption is the first gpt turn, the
           human prompt and "<image>" markers are dropped.
-          Default ids are "<file stem>:<line number>" (1-based) for .jsonl and
-          "<file stem>:<list index>" (0-based) for .json.
+  .json   an object: COCO captions {"images": [{"id", "file_name"}], "annotations":
+          [{"id", "image_id", "caption"}]}, one record per caption (id: the annotation's id);
+          "image_id" and other annotation fields go to Record.extra. The image folder must be
+          named (see below), since COCO keeps images apart from the annotations.
+  .tar    webdataset shards: members key.jpg|jpeg|png|webp and key.txt (the caption, UTF-8)
+          or key.json ({"caption": ..., optional "id" and other fields}); give one shard, a
+          folder of them, a glob ("shards/*.tar") or a range ("shards/{000000..000099}.tar").
+          Record.image is then the shard's path and Record.image_span the member's (offset,
+          size) inside it; id: the json's "id", else the key. See data/shards.py, which also
+          streams shards across torchrun ranks and DataLoader workers.
+  Default ids are "<file stem>:<line number>" (1-based) for .jsonl and "<file stem>:<list
+  index>" (0-based) for LLaVA / COCO.
+
+Where the images are: "path::folder" (or images_root=folder) reads image paths relative to
+`folder` (relative to the current directory, like any path argument) instead of the data file's
+folder. Needed for COCO (`captions_train2017.json::train2017`) and handy for LLaVA-558K, whose
+"image" fields are relative to its images/ folder. Every script's --data takes this form.
 
 Bad records are skipped, counted per reason and reported on stderr; if more than
 max_bad_fraction of a file is bad we raise DataError instead of quietly training on
 what is left of a corrupt file. Blank lines in a JSONL file are not records and are
-ignored.
+ignored. `iter_records` streams the same records with a `Tally` for data too big to list.
 
 Usage:
     from data.records import read_records, load_images, normalize
     recs = read_records("data/synth/train.jsonl")
+    recs = read_records("coco/annotations/captions_train2017.json::coco/train2017")
     recs, imgs = load_images(recs, size=48)      # imgs: uint8 (N, 3, 48, 48)
     x = normalize(imgs[:64].to(device))           # float32, ImageNet mean/std
 """
+import io
 import json
 import os
 import sys
@@ -43,10 +60,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Record:
-    id: str               # "id" field if present, else "<file stem>:<line>" / "<file stem>:<index>"
+    id: str               # "id" field if present, else "<file stem>:<line>" / "<file stem>:<index>" / tar key
     caption: str          # stripped
-    image: str | None     # absolute path, None for text-only
+    image: str | None     # absolute path (of the image, or of the tar shard holding it), None for text-only
     extra: dict = field(default_factory=dict)  # every other field, untouched
+    image_span: tuple | None = None  # (offset, size) of the image's bytes inside `image` (tar member); None: whole file
 
 
 class DataError(ValueError):
@@ -57,19 +75,65 @@ class BadRecord(Exception):
     """One bad record; args[0] is a short reason used as the counting key."""
 
 
+class Tally:
+    """Bad-record accounting of one pass over a data source, in bounded memory (counts per reason and
+    the first five problems), so a stream of any length can be checked with the max-bad-fraction rule."""
+
+    def __init__(self, what="records", where=""):
+        self.what, self.where = what, where
+        self.total = 0   # records seen, good or bad
+        self.good = 0    # records handed on
+        self.counts = Counter()
+        self.first = []  # (location, reason, detail) of the first few problems
+
+    @property
+    def n_bad(self):
+        return sum(self.counts.values())
+
+    def bad(self, location, reason, detail=""):
+        self.counts[reason] += 1
+        if len(self.first) < 5:
+            self.first.append((location, reason, detail))
+
+    def merge(self, other):
+        """Add another tally's counts (e.g. of another worker)."""
+        self.total += other.total
+        self.good += other.good
+        self.counts.update(other.counts)
+        self.first = (self.first + other.first)[:5]
+
+    def report(self, max_bad_fraction):
+        """Print the skip summary (if anything was skipped) and raise DataError above max_bad_fraction."""
+        if not self.counts:
+            return
+        n_bad = self.n_bad
+        counts = sorted(self.counts.items(), key=lambda kv: -kv[1])  # stable: first seen first among ties
+        summary = (f"skipped {n_bad} of {self.total} {self.what} in {self.where}: "
+                   + ", ".join(f"{r} x {n}" for r, n in counts))
+        first = "\n".join(f"  {loc}: {reason}{': ' + detail if detail else ''}" for loc, reason, detail in self.first)
+        print(summary + "\n" + first, file=sys.stderr)
+        frac = n_bad / max(1, self.total)
+        if frac > max_bad_fraction:
+            raise DataError(f"{self.where}: {n_bad} of {self.total} {self.what} are bad ({frac:.2%}), more than "
+                            f"max_bad_fraction={max_bad_fraction:.2%}; first problems:\n{first}\n"
+                            f"fix the data or raise max_bad_fraction")
+
+    def finish(self, max_bad_fraction):
+        """The end-of-pass checks read_records makes: not empty, not too many bad, at least one good."""
+        if self.total == 0:
+            raise DataError(f"{self.where}: empty file, no {self.what}")
+        self.report(max_bad_fraction)
+        if self.good == 0:
+            raise DataError(f"{self.where}: none of the {self.total} {self.what} is usable")
+
+
 def report_bad(what, where, bad, total, max_bad_fraction):
     """Print the skip summary and enforce the bad fraction. bad = [(location, reason, detail)]."""
-    if not bad:
-        return
-    counts = Counter(reason for _, reason, _ in bad).most_common()
-    summary = f"skipped {len(bad)} of {total} {what} in {where}: " + ", ".join(f"{r} x {n}" for r, n in counts)
-    first = "\n".join(f"  {loc}: {reason}{': ' + detail if detail else ''}" for loc, reason, detail in bad[:5])
-    print(summary + "\n" + first, file=sys.stderr)
-    frac = len(bad) / total
-    if frac > max_bad_fraction:
-        raise DataError(f"{where}: {len(bad)} of {total} {what} are bad ({frac:.2%}), more than "
-                        f"max_bad_fraction={max_bad_fraction:.2%}; first problems:\n{first}\n"
-                        f"fix the data or raise max_bad_fraction")
+    tally = Tally(what, where)
+    for loc, reason, detail in bad:
+        tally.bad(loc, reason, detail)
+    tally.total = total
+    tally.report(max_bad_fraction)
 
 
 def _record(obj, key, folder, require_image, check_files, llava):
@@ -111,63 +175,143 @@ def _record(obj, key, folder, require_image, check_files, llava):
     return Record(id=str(rid) if rid is not None else key, caption=caption, image=image, extra=extra)
 
 
-def read_records(path, require_image=True, max_bad_fraction=0.01, check_files=True):
-    """Read a .jsonl caption file or a LLaVA .json file into a list of Records (see module doc)."""
+def split_source(path, images_root=None):
+    """'captions.json::images' -> ('captions.json', 'images'); a path that exists as it is stays whole."""
     path = os.fspath(path)
+    if "::" in path and not os.path.exists(path):
+        path, root = path.rsplit("::", 1)
+        if images_root is not None and os.path.abspath(root) != os.path.abspath(images_root):
+            raise DataError(f"{path}: two image folders given, {root!r} (after ::) and images_root={images_root!r}")
+        images_root = root
+    if images_root is not None and not os.path.isdir(images_root):
+        raise DataError(f"{path}: image folder {images_root} does not exist")
+    return path, images_root
+
+
+def iter_records(path, require_image=True, check_files=True, images_root=None, tally=None):
+    """Stream the Records of a data source (see the module doc); bad ones are counted in `tally`.
+
+    Whole-file problems (no such file, not JSON, unknown format) raise DataError. The caller checks the tally
+    at the end (tally.finish(max_bad_fraction)), as read_records does."""
+    path, images_root = split_source(path, images_root)
+    if tally is None:
+        tally = Tally("records", path)
+    tally.where = tally.where or path
+    from data import shards  # here, not at the top: data/shards.py imports this module
+    if shards.is_shard_spec(path):
+        if images_root is not None:
+            raise DataError(f"{path}: tar shards hold their images; an image folder ({images_root}) makes no sense here")
+        yield from shards.iter_shard_records(path, require_image, check_files, tally)
+        return
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = os.path.abspath(images_root) if images_root is not None else os.path.dirname(os.path.abspath(path))
     stem = os.path.splitext(os.path.basename(path))[0]
     ext = os.path.splitext(path)[1].lower()
-    args = (folder, require_image, check_files)
-    good, bad, total = [], [], 0
 
-    def add(obj, key, loc, llava):
+    def make(obj, key, loc, llava=False):
+        tally.total += 1
         try:
-            good.append(_record(obj, key, *args, llava=llava))
+            rec = _record(obj, key, folder, require_image, check_files, llava)
         except BadRecord as e:
-            bad.append((loc, e.args[0], e.args[1] if len(e.args) > 1 else ""))
+            tally.bad(loc, e.args[0], e.args[1] if len(e.args) > 1 else "")
+            return None
+        tally.good += 1
+        return rec
 
     if ext == ".jsonl":
         with open(path, "rb") as f:  # bytes, so one non-UTF-8 line is one bad record, not a dead file
             for n, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
-                total += 1
                 try:
                     obj = json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError:
-                    bad.append((f"line {n}", "non-UTF-8 line", ""))
+                    tally.total += 1
+                    tally.bad(f"line {n}", "non-UTF-8 line")
                     continue
                 except json.JSONDecodeError as e:
-                    bad.append((f"line {n}", "broken JSON", str(e)))
+                    tally.total += 1
+                    tally.bad(f"line {n}", "broken JSON", str(e))
                     continue
-                add(obj, f"{stem}:{n}", f"line {n}", llava=False)
+                rec = make(obj, f"{stem}:{n}", f"line {n}")
+                if rec is not None:
+                    yield rec
     elif ext == ".json":
         try:
             with open(path, encoding="utf-8") as f:
                 entries = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"{path}: not a valid UTF-8 JSON file ({e})") from None
+        if isinstance(entries, dict) and "annotations" in entries:
+            yield from _iter_coco(entries, path, stem, images_root, require_image, check_files, tally)
+            return
         if not isinstance(entries, list):
-            raise DataError(f"{path}: expected a JSON list of LLaVA entries, got {type(entries).__name__}")
-        total = len(entries)
+            raise DataError(f"{path}: expected a JSON list of LLaVA entries or a COCO captions object "
+                            f"with \"images\" and \"annotations\", got {type(entries).__name__}")
         for i, obj in enumerate(entries):
-            add(obj, f"{stem}:{i}", f"entry {i}", llava=True)
+            rec = make(obj, f"{stem}:{i}", f"entry {i}", llava=True)
+            if rec is not None:
+                yield rec
     else:
-        raise DataError(f"{path}: unknown extension {ext!r}; use .jsonl (captions) or .json (LLaVA)")
+        raise DataError(f"{path}: unknown extension {ext!r}; use .jsonl (captions), .json (LLaVA or COCO) "
+                        f"or .tar shards")
 
-    if total == 0:
-        raise DataError(f"{path}: empty file, no records")
-    report_bad("records", path, bad, total, max_bad_fraction)
-    if not good:
-        raise DataError(f"{path}: none of the {total} records is usable")
+
+def _iter_coco(obj, path, stem, images_root, require_image, check_files, tally):
+    """Records of a COCO captions file: one per annotation, its image found through image_id."""
+    images, annotations = obj.get("images"), obj.get("annotations")
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise DataError(f"{path}: a COCO captions file needs lists \"images\" and \"annotations\"")
+    if images_root is None and require_image:
+        raise DataError(f"{path}: COCO captions keep their images elsewhere; name the image folder: "
+                        f"--data {path}::path/to/images (or images_root= in Python)")
+    folder = os.path.abspath(images_root) if images_root is not None else os.path.dirname(os.path.abspath(path))
+    names = {}
+    for im in images:
+        if isinstance(im, dict) and isinstance(im.get("id"), (int, str)) and isinstance(im.get("file_name"), str):
+            names[im["id"]] = im["file_name"]
+    for i, ann in enumerate(annotations):
+        tally.total += 1
+        try:
+            if not isinstance(ann, dict):
+                raise BadRecord("not an object")
+            image_id = ann.get("image_id")
+            if not isinstance(image_id, (int, str)) or image_id not in names:
+                raise BadRecord("unknown image_id", repr(image_id))
+            rec = _record({**ann, "image": names[image_id]}, f"{stem}:{i}", folder, require_image, check_files,
+                          llava=False)
+        except BadRecord as e:
+            tally.bad(f"annotation {i}", e.args[0], e.args[1] if len(e.args) > 1 else "")
+            continue
+        tally.good += 1
+        yield rec
+
+
+def read_records(path, require_image=True, max_bad_fraction=0.01, check_files=True, images_root=None):
+    """Read any supported caption source (module doc) into a list of Records; bad ones skipped and counted."""
+    tally = Tally("records", split_source(path, images_root)[0])
+    good = list(iter_records(path, require_image, check_files, images_root, tally))
+    tally.finish(max_bad_fraction)
     return good
 
 
-def _decode(path, size):
-    """Decode one image file to RGB bytes (size*size*3, HWC), bicubic-resized to exactly size x size."""
-    with Image.open(path) as im:
+def _open(path, span=None):
+    """The image's bytes as a file object: the whole file, or `span` = (offset, size) inside it (a tar member)."""
+    if span is None:
+        return path
+    offset, size = span
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{path}: image member at byte {offset} is cut short ({len(data)} of {size} bytes)")
+    return io.BytesIO(data)
+
+
+def _decode(src, size):
+    """Decode one image (a path or file object) to RGB bytes (size*size*3, HWC), bicubic-resized to size x size."""
+    with Image.open(src) as im:
         im.load()  # decode now, so truncated files fail here and not later
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             # Composite on white: plain convert("RGB") would expose whatever colour hides
@@ -184,24 +328,30 @@ def _to_tensor(buf, size):
     return torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 
-def load_image(path, size):
-    """Decode one image file to uint8 (3, size, size) RGB, bicubic-resized to exactly size x size."""
-    return _to_tensor(_decode(path, size), size).contiguous()
+def load_image(path, size, span=None):
+    """Decode one image file (or the tar member at `span` inside it) to uint8 (3, size, size) RGB."""
+    return _to_tensor(_decode(_open(path, span), size), size).contiguous()
+
+
+def decode_image_bytes(data, size):
+    """Encoded image bytes (e.g. a tar member) -> uint8 (3, size, size) RGB; raises on undecodable bytes."""
+    return _to_tensor(_decode(io.BytesIO(data), size), size).contiguous()
 
 
 def _try_load(job):
-    """Worker: (path, size) -> RGB bytes, or (reason, detail) if the file can't be decoded.
+    """Worker: (path, size, span) -> RGB bytes, or (reason, detail) if the image can't be decoded.
 
     Bytes, not tensors: torch sends tensors between processes through shared-memory
     handles, which for thousands of tiny images is ~10x slower than pickling bytes.
     """
-    path, size = job
+    path, size, span = job
     try:
-        return _decode(path, size)
+        return _decode(_open(path, span), size)
     except FileNotFoundError:
         return ("missing image file", path)
     except Exception as e:  # PIL raises many types for bad files; any of them means "skip this one"
-        return ("cannot decode image", f"{path}: {type(e).__name__}: {e}")
+        where = path if span is None else f"{path} at byte {span[0]}"
+        return ("cannot decode image", f"{where}: {type(e).__name__}: {e}")
 
 
 def _decode_all(jobs, workers):
@@ -227,7 +377,7 @@ def load_images(records, size, max_bad_fraction=0.01, workers=0):
                         f"was the file read with require_image=False?")
     out = torch.empty((n, 3, size, size), dtype=torch.uint8)
     kept, bad = [], []
-    jobs = [(r.image, size) for r in records]
+    jobs = [(r.image, size, r.image_span) for r in records]
     with tqdm(total=n, desc="decoding images", unit="img", disable=not sys.stderr.isatty()) as bar:
         for rec, res in zip(records, _decode_all(jobs, workers)):
             if isinstance(res, bytes):

@@ -176,3 +176,37 @@ def test_presets_and_cli():
     help_text = subprocess.run([sys.executable, str(ROOT / "data" / "generate.py"), "--help"],
                                capture_output=True, text=True, check=True).stdout
     assert all("--" + f.name.replace("_", "-") in help_text for f in fields(GenConfig))
+
+
+def test_glue_words_do_not_depend_on_the_image(web):
+    """A boilerplate word inside a description must be predictable from text: the glue between two image
+    words is only "a", "at the", "and" (no "an", no "in the center" / "on the left", no "," vs "and")."""
+    allowed = {"a", "and", "and a", "at the", "at the", "shape :", "shapes :", "shape : a", "shapes : a"}
+    for r in read(web / "train.jsonl"):
+        words, tags = r["caption"].split(), r["tags"]
+        image_at = [i for i, t in enumerate(tags) if t == "image"]
+        for a, b in zip(image_at, image_at[1:]):
+            glue = " ".join(words[a + 1:b])
+            if glue and all(t == "boiler" for t in tags[a + 1:b]):
+                assert glue in allowed, (glue, r["caption"])
+
+
+def test_sites_repeat_their_boilerplate(web):
+    """Each caption's stock phrases come from its site's fixed list, so the same phrase sequences recur."""
+    runs = Counter()
+    for r in read(web / "ref.jsonl"):
+        words, tags = r["caption"].split(), r["tags"]
+        runs[" ".join(w for w, t in zip(words, tags) if t == "boiler")[-30:]] += 1
+    assert runs.most_common(1)[0][1] >= 5  # site templates recur (random phrase draws would not)
+
+
+def test_text_documents_describe_their_scene_first(web):
+    """Text-only documents open with a full description (every object with colour and position), then a
+    caption of the same scene: the base LM learns to use its context."""
+    for r in read(web / "text.jsonl"):
+        context, _, rest = r["caption"].partition(" . ")
+        objects = parse(context)
+        assert objects and all(c is not None and p is not None for _, c, _, p in objects), context
+        described = Counter((c, s) for _, c, s, _ in objects)
+        for n, c, s, _ in parse(rest):  # every object the caption names is in the context
+            assert described[(c, s) if c else next(k for k in described if k[1] == s)] >= 1, r["caption"]

@@ -83,3 +83,129 @@ def test_config_round_trip():
     from dataclasses import asdict
     cfg = tiny_vlm("u").cfg
     assert VLMConfig.from_dict(asdict(cfg)) == cfg
+
+
+# ----------------------------------------------------------------------------- KV cache and generation
+from model import KVCache, generate  # noqa: E402
+
+
+def spread(model, std=0.5):
+    """Larger random weights, so a tiny untrained model does not repeat one token forever (a weak test)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["h", "u"])
+def test_cached_decoding_equals_full_recompute(arch):
+    model = spread(tiny_vlm(arch))
+    prompt = [model.image_tokens() + [T.BOS, 10, 11], model.image_tokens() + [T.BOS, 12, 13]]
+    ids, images = torch.tensor(prompt), torch.randn(2, 3, 16, 16)
+    fast, fast_logits = generate(model, ids, images, 12, eos_id=None, return_logits=True)
+    slow, slow_logits = generate(model, ids, images, 12, eos_id=None, return_logits=True, use_cache=False)
+    assert fast == slow and len(fast[0]) == 12
+    assert len(set(fast[0])) > 2 and fast[0] != fast[1]  # the rows really decode different things
+    torch.testing.assert_close(fast_logits, slow_logits, atol=1e-5, rtol=1e-5)
+    # the same with the other row's image: the cache carries the image, not just the text
+    other = generate(model, ids, images.flip(0), 12, eos_id=None)
+    assert other != fast
+
+
+def test_cache_fed_in_chunks_equals_one_pass():
+    """Several new tokens after cached ones (causal with an offset), then single tokens."""
+    torch.manual_seed(0)
+    model = spread(Decoder(DecoderConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=16)))
+    ids = torch.randint(10, 64, (2, 10))
+    full = model(ids)
+    cache = KVCache(10)
+    parts = [model(ids[:, a:b], cache=cache) for a, b in ((0, 5), (5, 8), (8, 9), (9, 10))]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.pos == 10
+    with pytest.raises(ValueError, match="KV cache full"):
+        model(ids[:, :1], cache=cache)
+
+
+def test_sampling_is_reproducible_and_stops_at_eos():
+    model = spread(tiny_vlm("h"))
+    ids, images = torch.tensor([model.image_tokens() + [T.BOS, 10]]), torch.randn(1, 3, 16, 16)
+
+    def sample(seed, **kw):
+        return generate(model, ids, images, 15, temperature=1.0, top_k=20, eos_id=None,
+                        generator=torch.Generator().manual_seed(seed), **kw)
+    assert sample(0) == sample(0) != sample(1)
+    assert sample(0) == sample(0, use_cache=False)
+    greedy = generate(model, ids, images, 15, eos_id=None)
+    assert generate(model, ids, images, 15, temperature=1.0, top_k=1, eos_id=None) == greedy
+    stop = next(i for i in range(1, 15) if greedy[0][i] not in greedy[0][:i])
+    assert generate(model, ids, images, 15, eos_id=greedy[0][stop]) == [greedy[0][:stop]]
+    # special tokens other than eos are never drawn, even at a high temperature
+    assert not any(t in (T.PAD, T.BOS, T.IMAGE, T.VISION, T.VISION_END, T.VROW) for t in sum(
+        (generate(model, ids, images, 15, temperature=3.0, eos_id=None, generator=torch.Generator().manual_seed(s))[0]
+         for s in range(5)), []))
+
+
+# ----------------------------------------------------------------------------- timm encoders
+import timm  # noqa: E402
+
+from model import TimmEncoder, load_vision_weights  # noqa: E402
+
+SMALL_VIT = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
+
+
+def small_timm_vlm():
+    torch.manual_seed(0)
+    return VLM(VLMConfig(arch="h", vision="timm:vit_tiny_patch16_224", vision_kwargs=SMALL_VIT,
+                         decoder=DecoderConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, max_seq_len=64)))
+
+
+def test_timm_encoder_gives_patch_tokens_with_its_own_normalisation():
+    from data.records import normalize
+    model = small_timm_vlm()
+    assert model.cfg.image_size == 32 and model.cfg.patch_size == 8 and model.cfg.vit_dim == 32
+    assert model.image_tokens() == [T.IMAGE] * 16  # 4 x 4 patches; the class token does not reach the LM
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    vit = model.encoder.model  # vit_tiny's own statistics are mean = std = 0.5, not ImageNet's
+    expected = vit.forward_features((pixels.float() / 255 - 0.5) / 0.5)[:, vit.num_prefix_tokens:]
+    torch.testing.assert_close(model.encoder.forward_features(normalize(pixels)), expected, atol=1e-4, rtol=1e-4)
+    ids = torch.tensor([model.image_tokens() + [T.BOS, 10]] * 2)
+    assert model(ids, normalize(pixels)).shape == (2, 18, 64)
+
+
+def test_timm_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="no model 'vit_tiny_patch16_22'.*close matches: .*vit_tiny_patch16_224"):
+        VLM(VLMConfig(vision="timm:vit_tiny_patch16_22"))
+    with pytest.raises(ValueError, match="'timm:<model name>'"):
+        VLM(VLMConfig(vision="vit_tiny_patch16_224"))
+    with pytest.raises(ValueError, match="needs arch 'h'"):
+        VLM(VLMConfig(arch="u", vision="timm:vit_tiny_patch16_224"))
+    model = small_timm_vlm()
+    with pytest.raises(FileNotFoundError, match="no vision weights file at .*nope.pt"):
+        load_vision_weights(model.encoder, str(tmp_path / "nope.pt"))
+    state = model.encoder.model.state_dict()
+    bad = {k: v for k, v in state.items() if k != "pos_embed"}
+    bad["extra.weight"] = torch.zeros(2)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"1 missing keys: pos_embed; 1 unexpected keys: extra.weight"):
+        load_vision_weights(model.encoder, str(tmp_path / "bad.pt"))
+    other = TimmEncoder("vit_tiny_patch16_224", {**SMALL_VIT, "img_size": 16})  # 2 x 2 patches
+    torch.save(other.model.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"wrong shapes: pos_embed \(file \(1, 5, 32\), model \(1, 17, 32\)\)"):
+        load_vision_weights(model.encoder, str(tmp_path / "other.pt"))
+
+
+def test_timm_weights_load_from_torch_save_and_safetensors(tmp_path):
+    model, source = small_timm_vlm(), TimmEncoder("vit_tiny_patch16_224", SMALL_VIT)
+    state = {**source.model.state_dict(), "head.weight": torch.zeros(10, 32), "head.bias": torch.zeros(10)}
+    torch.save(state, tmp_path / "w.pt")
+    assert load_vision_weights(model.encoder, str(tmp_path / "w.pt")) == ["head.bias", "head.weight"]
+    for k, v in source.model.state_dict().items():
+        assert torch.equal(model.encoder.model.state_dict()[k], v), k
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+    fresh = TimmEncoder("vit_tiny_patch16_224", SMALL_VIT)
+    save_file({k: v.contiguous() for k, v in fresh.model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    load_vision_weights(model.encoder, str(tmp_path / "w.safetensors"))
+    assert torch.equal(model.encoder.model.pos_embed, fresh.model.pos_embed)

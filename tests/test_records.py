@@ -190,3 +190,140 @@ def test_normalize():
     assert x.abs().max() < 0.01  # those bytes are ~the ImageNet mean
     white = normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
     assert torch.allclose(white[0, :, 0, 0], (1 - mean) / std)
+
+
+# ----------------------------------------------------------------------------- COCO, image folders, tar shards
+
+def png_bytes(color=(255, 0, 0), size=(8, 8)):
+    import io
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shard(path, samples):
+    """samples: [(key, {ext: bytes})] -> a webdataset-layout tar, members in the order given."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_coco_captions(tmp_path):
+    png(tmp_path / "coco" / "train2017" / "000000000009.png")
+    png(tmp_path / "coco" / "train2017" / "b.png")
+    ann = {"images": [{"id": 9, "file_name": "000000000009.png"}, {"id": 25, "file_name": "b.png"}],
+           "annotations": [{"id": 48, "image_id": 9, "caption": " A plate of food. "},
+                           {"id": 67, "image_id": 9, "caption": "Two cups."},
+                           {"id": 70, "image_id": 25, "caption": "A giraffe."},
+                           {"id": 71, "image_id": 99, "caption": "no such image"}]}
+    (tmp_path / "coco" / "annotations").mkdir()
+    p = tmp_path / "coco" / "annotations" / "captions_train2017.json"
+    p.write_text(json.dumps(ann))
+    with pytest.raises(DataError, match="name the image folder"):
+        read_records(p)
+    folder = tmp_path / "coco" / "train2017"
+    for recs in (read_records(f"{p}::{folder}", max_bad_fraction=0.5),
+                 read_records(p, images_root=folder, max_bad_fraction=0.5)):
+        assert [(r.id, r.caption, os.path.basename(r.image)) for r in recs] == [
+            ("48", "A plate of food.", "000000000009.png"), ("67", "Two cups.", "000000000009.png"),
+            ("70", "A giraffe.", "b.png")]
+        assert recs[0].extra == {"image_id": 9}
+    assert len(read_records(p, require_image=False, max_bad_fraction=0.5)) == 3  # text only: no folder needed
+    with pytest.raises(DataError, match="does not exist"):
+        read_records(f"{p}::{tmp_path / 'nope'}")
+
+
+def test_llava_with_image_folder(tmp_path):
+    png(tmp_path / "LLaVA-Pretrain" / "images" / "00453" / "004539375.png")
+    entries = [{"id": "004539375", "image": "00453/004539375.png",
+                "conversations": [{"from": "human", "value": "<image>\nRender a clear caption."},
+                                  {"from": "gpt", "value": "select luxury furniture"}]}]
+    p = tmp_path / "LLaVA-Pretrain" / "blip_laion_cc_sbu_558k.json"
+    p.write_text(json.dumps(entries))
+    (r,) = read_records(f"{p}::{tmp_path / 'LLaVA-Pretrain' / 'images'}")
+    assert r.image == str(tmp_path / "LLaVA-Pretrain" / "images" / "00453" / "004539375.png")
+    with pytest.raises(DataError, match="missing image file"):
+        read_records(p)  # relative to the JSON's folder, where the images are not
+
+
+def test_tar_shards_read_as_records(tmp_path):
+    red, blue = png_bytes((255, 0, 0)), png_bytes((0, 0, 255), (12, 6))
+    write_shard(tmp_path / "shard-000000.tar", [
+        ("000001", {"jpg": red, "txt": b" a red square "}),
+        ("000002", {"png": blue, "json": json.dumps({"caption": "a blue one", "url": "http://x", "id": "b2"}).encode()}),
+        ("000003", {"png": red, "txt": b"txt wins", "json": b'{"caption": "json loses", "w": 8}'})])
+    write_shard(tmp_path / "shard-000001.tar", [("sub/000004", {"jpeg": red, "txt": "caf\u00e9".encode()})])
+    for spec in (tmp_path, tmp_path / "shard-*.tar", tmp_path / "shard-{000000..000001}.tar"):
+        recs = read_records(spec)
+        assert [(r.id, r.caption, r.extra) for r in recs] == [
+            ("000001", "a red square", {}), ("b2", "a blue one", {"url": "http://x"}),
+            ("000003", "txt wins", {"w": 8}), ("sub/000004", "caf\u00e9", {})]
+    assert recs[0].image == str(tmp_path / "shard-000000.tar") and recs[0].image_span[1] == len(red)
+    kept, imgs = load_images(recs, 4)
+    assert imgs.shape == (4, 3, 4, 4) and imgs[1, :, 2, 2].tolist() == [0, 0, 255]
+    assert load_image(recs[0].image, 4, recs[0].image_span)[:, 0, 0].tolist() == [255, 0, 0]
+    with pytest.raises(DataError, match="2 of 2 shards do not exist"):
+        read_records(tmp_path / "x-{0..1}.tar")
+    with pytest.raises(DataError, match="matches no"):
+        read_records(tmp_path / "nothing-*.tar")
+
+
+def _stream_ids(spec, world, workers, **kw):
+    """Ids each (rank, worker) yields: a real DataLoader per simulated rank."""
+    from torch.utils.data import DataLoader
+    from data.shards import ShardStream
+    seen = []
+    for rank in range(world):
+        ds = ShardStream(spec, image_size=4, rank=rank, world=world, **kw)
+        for epoch_batch in DataLoader(ds, batch_size=3, num_workers=workers):
+            assert epoch_batch["image"].dtype == torch.uint8 and epoch_batch["image"].shape[1:] == (3, 4, 4)
+            seen += epoch_batch["id"]
+    return seen
+
+
+@pytest.mark.parametrize("n_shards", [6, 3])  # more shards than the 4 readers (split by shard), and fewer (by sample)
+def test_stream_sees_every_sample_once_across_ranks_and_workers(tmp_path, capfd, n_shards):
+    expected = []
+    for s in range(n_shards):
+        samples = [(f"{s:02d}{i:03d}", {"png": png_bytes((s * 40, i * 20, 0)), "txt": f"cap {s} {i}".encode()})
+                   for i in range(5 + s)]  # shards of different sizes
+        expected += [k for k, _ in samples]
+        if s == 1:
+            samples.append(("01bad", {"png": png_bytes(), "txt": b"\xff\xfe bad"}))  # skipped and counted
+        write_shard(tmp_path / f"{s:06d}.tar", samples)
+    seen = _stream_ids(tmp_path, world=2, workers=2, max_bad_fraction=0.5)
+    assert sorted(seen) == sorted(expected)  # nothing lost, nothing twice
+    assert "non-UTF-8 caption x 1" in capfd.readouterr().err  # counted by the one reader that owns it
+    from data.shards import ShardStream
+    ds = ShardStream(tmp_path, rank=0, world=1, shuffle=True, shuffle_buffer=4, max_bad_fraction=0.5)
+    orders = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        orders.append([s["id"] for s in ds])
+        assert sorted(orders[-1]) == sorted(expected)
+    assert orders[0] != orders[1]  # reshuffled each epoch, still exactly once
+
+
+def test_write_shards_round_trip(tmp_path):
+    """python -m data.shards turns any source into shards whose records (and so fingerprint) are the same."""
+    from data.shards import main as shards_main
+    from utils import text_fingerprint
+    png(tmp_path / "images" / "a.png", (1, 2, 3))
+    png(tmp_path / "images" / "b.jpg", (200, 100, 50))
+    rows = [{"image": "images/a.png", "caption": f"caption {i}", "tags": ["x", str(i)]} for i in range(5)]
+    rows.insert(2, {"image": "images/b.jpg", "caption": "a jpeg", "id": "j"})
+    src = read_records(write_jsonl(tmp_path / "d.jsonl", rows))
+    shards_main(["--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "shards"), "--per-shard", "4"])
+    assert sorted(os.listdir(tmp_path / "shards")) == ["000000.tar", "000001.tar"]
+    back = read_records(tmp_path / "shards")
+    assert [(r.id, r.caption, r.extra) for r in back] == [(r.id, r.caption, r.extra) for r in src]
+    assert text_fingerprint(back) == text_fingerprint(src)  # scores of the JSONL fit the shards
+    _, a = load_images(src, 8)
+    _, b = load_images(back, 8)
+    assert torch.equal(a, b)  # the same bytes, not re-encoded

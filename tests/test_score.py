@@ -1,9 +1,11 @@
+import os
+
 import pytest
 import torch
 
 import score
 import tokenizer as T
-from data.records import read_records
+from data.records import DataError, read_records
 from reference_lm import load_lm
 from utils import text_fingerprint
 
@@ -53,3 +55,110 @@ def test_report_written(tiny):
     report = json.load(open(str(tiny["scores"]).replace(".pt", ".json")))
     assert set(report["relevance"]["auc"]) == {"image_vs_boiler", "image_vs_noise", "image_vs_rest"}
     assert report["score_tokens_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------- streaming, sharded scoring
+
+def _cfg(tiny, out, **kw):
+    base = dict(ref=str(tiny["ref_lm"]), tokenizer=str(tiny["tokenizer"]), data=str(tiny["train"]), out=str(out),
+                row_len=128, device="cpu")
+    return score.ScoreConfig(**{**base, **kw})
+
+
+def _fps(tiny):
+    tok = T.load_tokenizer(str(tiny["tokenizer"]))
+    return T.fingerprint(tok), text_fingerprint(read_records(str(tiny["train"])))
+
+
+def _same_scores(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=0)  # other packing: float noise, then uint16
+
+
+def test_stream_fingerprint_is_text_fingerprint(tiny):
+    n, fp = score.data_pass(_cfg(tiny, "unused"))
+    assert (n, fp) == (48, _fps(tiny)[1])
+
+
+def test_stream_one_process_matches_one_file(tiny, tmp_path):
+    out = tmp_path / "s" / "scores.pt"
+    report = score.main(_cfg(tiny, out, stream=True, chunk=7))  # 48 captions: 7 chunk frames + the end frame
+    index = torch.load(out, weights_only=True)
+    assert index["format"] == score.INDEX_FORMAT and index["records"] == 48
+    assert [s["file"] for s in index["shards"]] == [os.path.join("scores.shards", "rank-00000-of-00001.bin")]
+    blocks, end, _ = score._load_shard(str(tmp_path / "s" / index["shards"][0]["file"]))
+    assert len(blocks) == 7 and end["records"] == 48
+    assert report["captions"] == 48 and "relevance" in report and (tmp_path / "s" / "scores.png").exists()
+    _same_scores(score.load_scores(str(out), *_fps(tiny)), score.load_scores(str(tiny["scores"]), *_fps(tiny)))
+
+
+def _rank_main(rank, world, port, cfg):
+    """One torchrun-like process: the env torchrun would set, then score.py's main."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    score.main(cfg)
+
+
+def test_two_processes_gloo_write_shards_and_index(tiny, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "scores.pt"
+    mp.spawn(_rank_main, args=(2, port, _cfg(tiny, out, chunk=10)), nprocs=2)  # no --stream: torchrun implies it
+    index = torch.load(out, weights_only=True)
+    assert [s["records"] for s in index["shards"]] == [24, 24]  # round-robin: 48 records, 2 ranks
+    assert sorted(os.listdir(tmp_path / "scores.shards")) == ["rank-00000-of-00002.bin", "rank-00001-of-00002.bin"]
+    _same_scores(score.load_scores(str(out), *_fps(tiny)), score.load_scores(str(tiny["scores"]), *_fps(tiny)))
+
+
+def test_index_refuses_damaged_or_foreign_shards(tiny, tmp_path):
+    out = tmp_path / "scores.pt"
+    score.main(_cfg(tiny, out, stream=True, chunk=16))
+    tok_fp, data_fp = _fps(tiny)
+    with pytest.raises(ValueError) as err:  # fingerprints are checked on the index, naming both sides
+        score.load_scores(str(out), tok_fp, "0123456789abcdef", "my_captions.jsonl")
+    assert "0123456789abcdef" in str(err.value) and "my_captions.jsonl" in str(err.value) and str(out) in str(err.value)
+    shard = tmp_path / "scores.shards" / "rank-00000-of-00001.bin"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-100])                                  # cut short
+    with pytest.raises(DataError, match="cut short"):
+        score.load_scores(str(out), tok_fp, data_fp)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF                                 # same size, other content
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match=f"{shard}.*(sha256|cannot read)"):
+        score.load_scores(str(out), tok_fp, data_fp)
+    shard.unlink()                                                  # missing
+    with pytest.raises(DataError, match="missing"):
+        score.load_scores(str(out), tok_fp, data_fp)
+    shard.write_bytes(good)
+    assert len(score.load_scores(str(out), tok_fp, data_fp)) == 48  # and back to normal
+
+
+def test_overlong_captions_are_scored_and_counted(tiny, tmp_path, capsys):
+    import json
+    rows = [json.loads(l) for l in open(tiny["train"])][:3]
+    rows[1]["caption"] = " ".join(["stock photo : a red circle by ann"] * 20)  # ~140 tokens, context is 64
+    for r in rows:
+        r["image"] = str(tiny["root"] / r["image"])
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = score.main(_cfg(tiny, tmp_path / "s.pt", data=str(data)))
+    assert report["overlong"]["captions"] == 1 and report["overlong"]["context"] == 64
+    assert "1 captions are longer than the reference LM's context of 64" in capsys.readouterr().err
+    tok = T.load_tokenizer(str(tiny["tokenizer"]))
+    recs = read_records(str(data))
+    p = score.load_scores(str(tmp_path / "s.pt"), T.fingerprint(tok), text_fingerprint(recs))
+    ids = T.encode_captions(tok, [recs[1].caption])[0]
+    long = p[recs[1].id]
+    assert len(long) == len(ids) + 1  # still one score per label, so training accepts it
+    assert (long[63:] == 0).all() and (long[:63] > 0).all()  # scored while it fits, weight 1 after
+    model, _ = load_lm(str(tiny["ref_lm"]), tok)
+    with torch.no_grad():
+        seq = torch.tensor([[T.BOS] + ids[:63]])
+        probs = model.eval()(seq).softmax(-1)[0, torch.arange(63), torch.tensor(ids[:63])]
+    torch.testing.assert_close(long[:63], probs, atol=2e-5, rtol=0)

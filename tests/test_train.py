@@ -113,3 +113,79 @@ def test_two_processes_equal_one(tiny, tmp_path):
     a, b = weights(tmp_path / "n1" / "last.pt"), weights(tmp_path / "n2" / "last.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def log_losses(path):
+    import json
+    return [json.loads(l)["loss"] for l in open(path)]
+
+
+def test_fsdp_two_processes_equal_one_and_checkpoints_load_anywhere(tiny, tmp_path):
+    """FSDP2 on 2 gloo CPU processes (with gradient accumulation) follows the 1-process run, and the checkpoints
+    move between sharded and unsharded runs: a plain run stops at step 1, a 2-process --fsdp run resumes it
+    (optimizer state carried into the shards) and stops at 3, a plain run resumes that to step 4."""
+    kw = dict(loss="prior", steps=4, save_every=1)
+    train.main(config(tiny, tmp_path / "one", **kw))
+    train.main(config(tiny, tmp_path / "mixed", stop_at=1, **kw))
+    args = ["--data", str(tiny["train"]), "--tokenizer", str(tiny["tokenizer"]), "--scores", str(tiny["scores"]),
+            "--loss", "prior", "--image-size", "16", "--patch-size", "4", "--vit-dim", "16", "--vit-depth", "1",
+            "--vit-heads", "2", "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--batch-size", "8",
+            "--row-len", "64", "--steps", "4", "--warmup", "2", "--lr", "3e-3", "--save-every", "1", "--device", "cpu",
+            "--threads", "1", "--fsdp", "--micro-batch", "2", "--resume", "--stop-at", "3",
+            "--out-dir", str(tmp_path / "mixed")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *args]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    fsdp_ckpt = load_checkpoint(tmp_path / "mixed" / "last.pt")
+    assert fsdp_ckpt["step"] == 3 and fsdp_ckpt["optimizer_format"] == "fqn"
+    # gathered, not sharded: a plain process rebuilds the model from it, equal to the 1-process run's
+    rebuilt, _ = train.load_model(str(tmp_path / "mixed" / "ckpt_000003.pt"))
+    for k, v in weights(tmp_path / "one" / "ckpt_000003.pt").items():
+        torch.testing.assert_close(rebuilt.state_dict()[k], v, atol=1e-5, rtol=1e-4)
+    train.main(config(tiny, tmp_path / "mixed", resume=True, **kw))
+    assert log_losses(tmp_path / "mixed" / "log.jsonl") == pytest.approx(log_losses(tmp_path / "one" / "log.jsonl"), rel=1e-5)
+    a, b = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "mixed" / "last.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_timm_encoder_from_weights_file_trains_only_the_projector(tiny, tmp_path):
+    import json
+    import timm
+    from model import TimmEncoder
+    kwargs = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    torch.manual_seed(123)  # weights unlike the ones train.py's seeded build would make
+    source = TimmEncoder("vit_tiny_patch16_224", kwargs).model.state_dict()
+    torch.save(source, tmp_path / "vit.pt")
+    cfg = config(tiny, tmp_path / "run", vision="timm:vit_tiny_patch16_224", vision_weights=str(tmp_path / "vit.pt"),
+                 vision_kwargs=json.dumps(kwargs), train="projector", steps=2, save_every=2)
+    model = train.main(cfg)
+    # image size and token count come from the timm model, not --image-size 16 / --patch-size 4
+    assert model.cfg.image_size == 32 and len(model.image_tokens()) == 16 and model.cfg.vit_dim == 32
+    for k, v in source.items():  # frozen: still exactly the file's weights after training
+        assert torch.equal(model.encoder.model.state_dict()[k], v), k
+    torch.manual_seed(0)
+    start = train.build_model(cfg, train.T.load_tokenizer(str(tiny["tokenizer"])))
+    for name in ("decoder", "projector"):
+        same = all(torch.equal(p, q) for p, q in zip(model.parts()[name].parameters(), start.parts()[name].parameters()))
+        assert same == (name == "decoder"), name
+    # a backward pass reaches the projector only
+    ids = torch.tensor([model.image_tokens() + [train.T.BOS, 20, 21]])
+    model(ids, torch.randn(1, 3, 32, 32)).sum().backward()
+    for name, part in model.parts().items():
+        assert all((p.grad is not None) == (name == "projector") for p in part.parameters()), name
+    # the checkpoint alone rebuilds it, offline and without the weights file
+    os.remove(tmp_path / "vit.pt")
+    rebuilt, ckpt = train.load_model(str(tmp_path / "run" / "ckpt_000002.pt"))
+    assert ckpt["model_config"]["vision"] == "timm:vit_tiny_patch16_224"
+    images = torch.randn(1, 3, 32, 32)
+    assert torch.equal(model.eval()(ids, images), rebuilt(ids, images))
+    with pytest.raises(FileNotFoundError, match="no vision weights file"):
+        train.main(config(tiny, tmp_path / "r2", vision="timm:vit_tiny_patch16_224", vision_weights=str(tmp_path / "vit.pt")))
+    with pytest.raises(ValueError, match="two encoders"):
+        train.main(config(tiny, tmp_path / "r3", vision="timm:vit_tiny_patch16_224", init_encoder="x.pt"))
+    with pytest.raises(ValueError, match="row-len"):
+        train.main(config(tiny, tmp_path / "r4", vision="timm:vit_tiny_patch16_224", row_len=64))  # 196 tokens

@@ -1,0 +1,90 @@
+"""Caption an image with a train.py checkpoint, decoding with the KV cache (model.generate).
+
+    python caption.py --ckpt runs/h_prior/last.pt --image my.png
+    python caption.py --ckpt runs/h_prior/last.pt --image my.png --prompt "a photo of" --greedy
+    python caption.py --ckpt runs/h_prior/last.pt --image my.png --temperature 0.8 --top-k 20 --seed 0
+
+The model sees what it was trained on: the image's placeholder tokens (model.image_tokens()), <|bos|>, then the
+prompt's tokens; it continues until <|eos|> or --max-new-tokens. Prints the prompt and its continuation. The
+tokenizer is the one the checkpoint's run recorded (--tokenizer to point elsewhere; a different tokenizer is
+refused). For evaluators: `model.generate(model, input_ids, images, max_new_tokens, temperature=0)` decodes a
+batch greedily, and `caption()` below does one image end to end.
+"""
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+import tokenizer as T
+from cli import parse_config
+from data.records import load_image, normalize
+from model import generate
+from utils import autocast, check_fingerprint, pick_device
+
+
+@dataclass
+class CaptionConfig:
+    ckpt: str = field(default="runs/default/last.pt", metadata={"help": "train.py checkpoint (last.pt or ckpt_<step>.pt)"})
+    image: str = field(default="", metadata={"help": "image file to caption (any format PIL reads)"})
+    prompt: str = field(default="", metadata={"help": "text the caption starts with, e.g. 'a photo of' ('' = none)"})
+    greedy: bool = field(default=False, metadata={"help": "always take the most likely token (ignores --temperature and --top-k)"})
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0 = greedy)"})
+    top_k: int = field(default=20, metadata={"help": "sample among the k most likely tokens (0 = all)"})
+    max_new_tokens: int = field(default=40, metadata={"help": "stop after this many new tokens if no <|eos|> came"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampling: the same seed gives the same caption"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer.json ('' = the one recorded in the checkpoint)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+
+def read_image(path, size):
+    """uint8 (3, size, size), or an error that says what is wrong with the file."""
+    try:
+        return load_image(path, size)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no image file at {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not an image file") from None
+    except Exception as e:  # PIL raises many types for files it cannot decode
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def load(ckpt_path, tokenizer_path="", device="cpu"):
+    """(model, tokenizer) from a train.py checkpoint; the tokenizer must be the one the run used."""
+    from train import load_model  # here: train imports the whole training stack
+    model, ckpt = load_model(ckpt_path, device)
+    tok_path = tokenizer_path or ckpt["config"]["tokenizer"]
+    tok = T.load_tokenizer(tok_path)
+    check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), ckpt_path, tok_path)
+    return model, tok
+
+
+def caption(model, tok, image, prompt="", max_new_tokens=40, temperature=0.0, top_k=None, seed=0):
+    """The caption text (prompt included) of one uint8 (3, S, S) image."""
+    device = next(model.parameters()).device
+    prompt_ids = T.encode_captions(tok, [prompt])[0] if prompt else []
+    ids = torch.tensor([model.image_tokens() + [T.BOS] + prompt_ids], device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with autocast(device):
+        new = generate(model, ids, normalize(image.to(device))[None], max_new_tokens, temperature,
+                       top_k or None, generator=generator)[0]
+    return tok.decode(prompt_ids + new).strip()
+
+
+def main(argv=None):
+    cfg = parse_config(CaptionConfig, argv, description=__doc__)
+    if not cfg.image:
+        raise SystemExit("caption.py: give an image with --image")
+    device = pick_device(cfg.device)
+    try:  # the user's inputs (files, a prompt longer than the model takes): one line, no traceback
+        model, tok = load(cfg.ckpt, cfg.tokenizer, device)
+        image = read_image(cfg.image, model.cfg.image_size)
+        text = caption(model, tok, image, cfg.prompt, cfg.max_new_tokens, 0.0 if cfg.greedy else cfg.temperature,
+                       cfg.top_k, cfg.seed)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"caption.py: {e}") from None
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
