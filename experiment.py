@@ -17,7 +17,8 @@ Stages (each skipped when its output exists, so a re-run after an interruption r
                  VLM families start from; then the U-LVLM's stage 1 (image -> short label, the paper's 500
                  ImageNet steps)
      vision      vision.py: the pretrained ViT of the H-LVLM (stands in for CLIP)
-  4. lr grid     NTP and PRIOR at three learning rates (seed 0), chosen by validation NLL of image tokens
+  4. lr grid     NTP and PRIOR at three learning rates (seed 0), each loss's lr chosen by its probe average on
+                 the validation probes (never the test probes)
   5. main        per mix x family x loss (ntp, prior, oracle) x seed, at each loss's best lr; H-LVLM trains
                  only its projector on the frozen ViT and LM; U-LVLM trains everything, captions mixed 1:1
                  with text-only data
@@ -41,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # every stage in about two minutes; "gpu" is a starting point for one GPU (use --parallel 1).
 PRESETS = {
     "smoke": dict(
-        data=dict(n_ref=600, n_text=600, n_label=200, n_train=400, n_val=50, n_test=60, n_probe=24),
+        data=dict(n_ref=600, n_text=600, n_label=200, n_train=400, n_val=50, n_test=60, n_probe=24, n_probe_val=12),
         vocab=512, lm=dict(n_layer=1, n_head=2, d_model=32, steps=30, batch_rows=4, row_len=128, lr=3e-3, warmup=5),
         base_lm=dict(steps=40),
         vit=dict(steps=20, batch_size=32, patch_size=16), seeds=2, lrs={"h": [3e-3], "u": [3e-3]},
@@ -50,7 +51,8 @@ PRESETS = {
     # 48 px scenes on a 3x3 grid, 16 px patches: one image token per grid cell (9 for the H-LVLM's ViT,
     # 14 with the U-LVLM's row markers), so a caption, not the image, is most of a sequence.
     "cpu": dict(
-        data=dict(n_ref=10000, n_text=10000, n_label=3000, n_train=8000, n_val=300, n_test=600, n_probe=300),
+        data=dict(n_ref=10000, n_text=10000, n_label=3000, n_train=8000, n_val=300, n_test=600, n_probe=300,
+                  n_probe_val=200),
         vocab=1024, lm=dict(n_layer=4, n_head=4, d_model=128, steps=300, batch_rows=8, row_len=256, lr=3e-3, warmup=30),
         base_lm=dict(steps=1200),
         vit=dict(steps=300, batch_size=64, patch_size=16), seeds=3,
@@ -58,7 +60,8 @@ PRESETS = {
         vlm=dict(steps=200, batch_size=32, save_every=50, warmup=10, row_len=256, patch_size=16), stage1_steps=600,
         eval_rows=200, mixes="web,noisy"),
     "gpu": dict(
-        data=dict(n_ref=100000, n_text=100000, n_label=20000, n_train=100000, n_val=1000, n_test=2000, n_probe=1000),
+        data=dict(n_ref=100000, n_text=100000, n_label=20000, n_train=100000, n_val=1000, n_test=2000, n_probe=1000,
+                  n_probe_val=500),
         vocab=2048, lm=dict(n_layer=8, n_head=8, d_model=512, steps=3000, batch_rows=64, row_len=512, lr=1e-3, warmup=200),
         base_lm=dict(steps=10000),
         vit=dict(steps=3000, batch_size=256, patch_size=16), seeds=3,
@@ -275,17 +278,19 @@ class Experiment:
         return [{**r, **extra} for r in json.load(open(path))] if os.path.exists(path) else []
 
     def choose_lrs(self, mix, arch):
-        """Best lr per loss: the lowest NLL of image-related tokens on the *validation* captions (seed 0).
-        Tuning on the test probes would flatter whichever method is tuned; both methods want this number low."""
+        """Best lr per loss (seed 0): the highest probe average on the *validation* probes (probes_val/, other
+        scenes than the test probes), ties broken by the lower image-token NLL on the validation captions.
+        Tuning on the test probes would flatter whichever method is tuned."""
         chosen, grid_rows = {}, []
         for loss in ("ntp", "prior"):
             scores = {}
             for lr in self.p["lrs"][arch]:
-                rows = [r for r in self.rows(self.run_dir(mix, arch, loss, lr, 0) + "_val") if r["benchmark"] == "nll_image"]
-                if rows:
-                    scores[lr] = max(rows, key=lambda r: r["step"])["value"]
+                rows = self.rows(self.run_dir(mix, arch, loss, lr, 0) + "_val")
+                final = {r["benchmark"]: r["value"] for r in rows if r["step"] == max(x["step"] for x in rows)}
+                if "probe_avg" in final:
+                    scores[lr] = (round(final["probe_avg"], 6), -final.get("nll_image", 0.0))
                 grid_rows += [{**r, "mix": mix, "phase": "grid", "lr": lr, "loss": loss, "seed": 0} for r in rows]
-            chosen[loss] = min(scores, key=scores.get)
+            chosen[loss] = max(scores, key=scores.get)
         for loss in self.cfg.losses.split(","):
             chosen.setdefault(loss, chosen["ntp"])  # the oracle (a control) and others: NTP's step size
         return chosen, grid_rows
@@ -309,7 +314,8 @@ class Experiment:
                         if not os.path.exists(os.path.join(v, last)):
                             os.link(os.path.join(d, last), os.path.join(v, last))
                         val_dirs.append(v)
-                    self.evaluate(val_dirs, None, os.path.join(data, "val.jsonl"), title="  eval lr grid on val captions")
+                    self.evaluate(val_dirs, os.path.join(data, "probes_val"), os.path.join(data, "val.jsonl"),
+                                  title="  eval lr grid on validation probes and captions")
                 chosen, grid_rows = self.choose_lrs(grid_mix, arch)
                 chosen_all[f"{mix}/{arch}"] = chosen
                 results += [r for r in grid_rows if mix == grid_mix]

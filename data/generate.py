@@ -94,7 +94,8 @@ class GenConfig:
     n_train: int = opt(20000, "image-caption pairs for training")
     n_val: int = opt(1000, "image-caption pairs for validation")
     n_test: int = opt(1000, "image-caption pairs for testing")
-    n_probe: int = opt(500, "rows per probe kind")
+    n_probe: int = opt(500, "rows per probe kind (test probes, probes/)")
+    n_probe_val: int = opt(200, "rows per probe kind for validation (probes_val/: choosing learning rates)")
     image_size: int = opt(48, "image side in pixels (a 3x3 grid of cells)")
     min_objects: int = opt(1, "fewest objects per scene")
     max_objects: int = opt(4, "most objects per scene (below --n-shapes)")
@@ -520,22 +521,27 @@ def generate(cfg):
         present = {o["shape"] for o in r["scene"]}
         stats["cooc"].update((a, b) for a in present for b in present if a != b)
     probes = {}
-    for kind in PROBES:
-        if kind == "count" and cfg.min_objects == cfg.max_objects:
-            continue  # nothing to choose between
-        rng, rows = random.Random(f"{cfg.seed}/probe/{kind}"), []
-        while len(rows) < cfg.n_probe:
-            scene = sample_scene(rng, cfg)
-            p = probe(kind, scene, rng, cfg, stats)
-            if p is None:
-                continue
-            prompt, correct, wrong = p
-            choices = [correct] + wrong
-            rng.shuffle(choices)  # answer position uniformly random
-            i = len(rows)
-            rows.append(dict(id=f"{kind}-{i:06d}", image="../" + image_path(f"probes/{kind}", i, scene), prompt=prompt,
-                             choices=choices, answer=choices.index(correct), kind=kind, scene=scene))
-        probes[kind] = rows
+    for folder, n_rows, tag in (("probes", cfg.n_probe, "probe"), ("probes_val", cfg.n_probe_val, "probe_val")):
+        # probes_val: the same kinds on other scenes, for choices made during training (learning rates), so
+        # the test probes are never used to tune anything
+        for kind in PROBES:
+            if kind == "count" and cfg.min_objects == cfg.max_objects:
+                continue  # nothing to choose between
+            rng, rows = random.Random(f"{cfg.seed}/{tag}/{kind}"), []
+            while len(rows) < n_rows:
+                scene = sample_scene(rng, cfg)
+                p = probe(kind, scene, rng, cfg, stats)
+                if p is None:
+                    continue
+                prompt, correct, wrong = p
+                choices = [correct] + wrong
+                rng.shuffle(choices)  # answer position uniformly random
+                i = len(rows)
+                rows.append(dict(id=f"{'val-' if folder == 'probes_val' else ''}{kind}-{i:06d}",
+                                 image="../" + image_path(f"{folder}/{kind}", i, scene), prompt=prompt,
+                                 choices=choices, answer=choices.index(correct), kind=kind, scene=scene))
+            if rows:
+                probes[f"{folder}/{kind}"] = rows
 
     # render all images; each has its own seed, so the pool's order does not matter
     work = partial(_render_job, cfg)
@@ -546,13 +552,14 @@ def generate(cfg):
         for job in tqdm(jobs, desc="images"):
             work(job)
 
-    os.makedirs(os.path.join(out, "probes"), exist_ok=True)
+    for folder in ("probes", "probes_val"):
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
     for name, rows in files.items():
         write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
-    for kind, rows in probes.items():
-        write_jsonl(os.path.join(out, "probes", f"{kind}.jsonl"), rows)
+    for name, rows in probes.items():
+        write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
     meta = dict(config={k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")},  # no effect on data
-                counts={**{k: len(v) for k, v in files.items()}, **{f"probes/{k}": len(v) for k, v in probes.items()}},
+                counts={**{k: len(v) for k, v in files.items()}, **{k: len(v) for k, v in probes.items()}},
                 shares={k: shares(v) for k, v in files.items()},
                 shapes=SHAPES[:cfg.n_shapes], colours=list(COLOURS)[:cfg.n_colours],
                 train_shape_freq=dict(stats["freq"].most_common()))

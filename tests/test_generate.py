@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data.generate import COLOURS, COLS, MIXES, NUMS, PROBES, ROWS, SHAPES, GenConfig, generate, parse_args  # noqa
 
-TINY = dict(n_ref=300, n_text=40, n_label=20, n_train=300, n_val=20, n_test=20, n_probe=40, workers=1)
+TINY = dict(n_ref=300, n_text=40, n_label=20, n_train=300, n_val=20, n_test=20, n_probe=40, n_probe_val=20, workers=1)
 
 
 def make(out, **kw):
@@ -120,8 +120,10 @@ def test_tags_align(web):
 
 def test_ids_unique_and_ref_disjoint(web):
     rows = {n: read(web / f"{n}.jsonl") for n in ("train", "val", "test", "ref", "text", "label")}
-    rows.update({k: read(web / "probes" / f"{k}.jsonl") for k in PROBES})
+    rows.update({f"{d}/{k}": read(web / d / f"{k}.jsonl") for d in ("probes", "probes_val") for k in PROBES})
     ids = [r["id"] for rs in rows.values() for r in rs]
+    test_images = {r["image"] for k in PROBES for r in rows[f"probes/{k}"]}
+    assert not test_images & {r["image"] for k in PROBES for r in rows[f"probes_val/{k}"]}
     assert len(ids) == len(set(ids))
     seen = {r["caption"] for n in ("train", "val", "test") for r in rows[n]}
     assert not seen & {r["caption"] for r in rows["ref"]}
@@ -139,15 +141,16 @@ def test_label_matches_scene(web):
         assert true_of("retrieval", r["scene"], "", r["label"])
 
 
-def test_probes_valid(web):
+@pytest.mark.parametrize("folder", ["probes", "probes_val"])
+def test_probes_valid(web, folder):
     for kind in PROBES:
-        rows = read(web / "probes" / f"{kind}.jsonl")
-        assert len(rows) == TINY["n_probe"]
+        rows = read(web / folder / f"{kind}.jsonl")
+        assert len(rows) == TINY["n_probe" if folder == "probes" else "n_probe_val"]
         assert len({r["answer"] for r in rows}) > 1  # the answer position varies
         for r in rows:
             assert r["kind"] == kind and 0 <= r["answer"] < len(r["choices"]) and len(r["choices"]) >= 2
             assert len(set(r["choices"])) == len(r["choices"])
-            assert os.path.isfile(web / "probes" / r["image"])
+            assert os.path.isfile(web / folder / r["image"])
             for i, c in enumerate(r["choices"]):
                 assert true_of(kind, r["scene"], r["prompt"], c) == (i == r["answer"]), (r, c)
 
