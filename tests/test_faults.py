@@ -33,20 +33,7 @@ from utils import atomic_save, load_checkpoint, text_fingerprint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def png_bytes(color=(200, 10, 10), size=(8, 8)):
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_shard(path, samples):
-    with tarfile.open(path, "w") as tf:
-        for key, parts in samples:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return path
+from test_records import png_bytes, write_shard  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def good_samples(n, start=0):
