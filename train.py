@@ -21,13 +21,22 @@ The paper's recipes:
 
 Losses (--loss): ntp (plain next-token prediction), prior (w = (1 - p_ref)^alpha from score.py, per-caption
 normalised, Eq. 4), rare (inverse token frequency, the paper's rare-word baseline), oracle (the generator's
-ground truth: image-related words 1, others --oracle-low; the best any token weighting could do).
+ground truth: image-related words 1, others --oracle-low; the best any token weighting could do), attn (weights
+from a small contrastive model's text-to-image attention, the paper's attention-weighting baseline: make them
+with `python objectives.py`), and two related methods not in the paper: rho1 (Rho-1: keep the top --rho1-keep
+of the tokens by excess loss over the reference LM's, online) and cal (CAL: clamp(logit with the image - logit
+with another sample's image, 1, 5), smoothed, batch-normalised; one more forward without gradient).
+Auxiliary objectives (--objective, added to the caption loss with --aux-weight; objectives.py): itm (image-text
+matching), itc (image-text contrastive), recon (reconstruct the image's patches from the decoder's outputs at
+the image positions): the paper's other Table 1 baselines. Their heads train even with --train projector.
 
 Speed: python bench.py measures this script's step (tokens/s, FLOP/s against the machine's matmul, MFU on a
 GPU); --compile fuses the many small elementwise kernels (worth it on a GPU; ~20-40 s to compile on a CPU).
 
-Writes to --out-dir: config.json, log.jsonl (one line per step), ckpt_<step>.pt (weights, every --save-every
-steps, for eval.py) and last.pt (weights, optimizer, step and RNG: `--resume` continues bit for bit).
+Writes to --out-dir: config.json, log.jsonl (one line per step; with --objective also "aux", the mean auxiliary
+loss), ckpt_<step>.pt (weights, every --save-every steps, for eval.py; an --objective's heads are in it too, under
+aux.*, and load_model leaves them out) and last.pt (weights, optimizer, step and RNG: `--resume` continues bit
+for bit).
 """
 import json
 import math
@@ -47,6 +56,7 @@ from data.packing import IGNORE, Sample, cat, pack, to_device
 from data.records import load_images, normalize, read_records
 from loss import inverse_frequency_table, token_losses, weighted_loss, prior_weights
 from model import DecoderConfig, VLM, VLMConfig, count_params, load_vision_weights
+from objectives import MicroBatch, attach_heads, host_positions, micro_batch_loss, split_state
 from reference_lm import make_optimizer
 from score import count_overlong, load_scores, token_tags
 from utils import (atomic_save, autocast, check_fingerprint, load_checkpoint, lr_at, pick_device,
@@ -60,7 +70,12 @@ class TrainConfig:
     scores: str = field(default="out/scores_train.pt", metadata={"help": "score.py output for --data (needed by --loss prior)"})
     out_dir: str = field(default="runs/default", metadata={"help": "where config, log and checkpoints go"})
     arch: str = field(default="h", metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", "choices": ["h", "u"]})
-    loss: str = field(default="ntp", metadata={"help": "token weighting of the caption loss", "choices": ["ntp", "prior", "rare", "oracle"]})
+    loss: str = field(default="ntp", metadata={"help": "token weighting of the caption loss: ntp, prior (--scores), rare (inverse frequency), oracle (ground-truth tags), attn (--attn-scores from objectives.py), rho1 (Rho-1 selection by excess loss over -log p_ref from --scores; --rho1-keep), cal (CAL: weight clamp(logit with image - logit with another sample's image, 1, 5), 3-token moving average, batch mean 1; +1 forward without gradient)", "choices": ["ntp", "prior", "rare", "oracle", "attn", "rho1", "cal"]})
+    objective: str = field(default="none", metadata={"help": "auxiliary objective added to the caption loss (objectives.py): none, itm (image-text matching head at each caption's last token, mismatches = the batch's images rolled by one; ~2.2x step time), itc (InfoNCE between the pooled image states and a text-only pass's caption state; ~1.3x), recon (linear head at the image positions regresses each patch's normalised pixels, MSE; ~1.05x). Its heads train with --train projector too", "choices": ["none", "itm", "itc", "recon"]})
+    aux_weight: float = field(default=1.0, metadata={"help": "weight of the --objective loss: loss = caption loss + aux_weight x auxiliary loss"})
+    rho1_keep: float = field(default=0.6, metadata={"help": "--loss rho1: share of each micro-batch's caption tokens kept (top by excess loss); 1 = NTP"})
+    itc_dim: int = field(default=64, metadata={"help": "--objective itc: width of the image and text projections"})
+    attn_scores: str = field(default="out/attn_scores_train.pt", metadata={"help": "--loss attn: per-token weights for --data in score-file format, from `python objectives.py`"})
     alpha: float = field(default=1.0, metadata={"help": "PRIOR exponent: w = (1 - p_ref)^alpha"})
     no_k: bool = field(default=False, metadata={"help": "drop the factor k (caption length) from PRIOR's normalisation (ablation)"})
     oracle_low: float = field(default=0.1, metadata={"help": "oracle weight of image-unrelated words (image-related words get 1)"})
@@ -141,19 +156,28 @@ def build_model(cfg, tok):
         load_vision_weights(model.encoder, cfg.vision_weights)
     elif cfg.vision and not cfg.init_from:
         print(f"warning: no --vision-weights: the {cfg.vision} encoder starts from random weights", file=sys.stderr)
+    start_aux = {}
     if cfg.init_from:
-        model.load_state_dict(start["model"])
+        vlm_state, start_aux = split_state(start["model"])  # heads of an --objective run: not part of the VLM
+        model.load_state_dict(vlm_state)
     if cfg.train == "projector":
         for name, part in model.parts().items():
             part.requires_grad_(name == "projector")
+    # Auxiliary heads (--objective) after everything else: the VLM's initialisation draws the same random
+    # numbers with or without them. Not in model.parts(): they train with --train projector too.
+    heads = attach_heads(model, cfg.objective, cfg.itc_dim)
+    if heads is not None and start_aux and start.get("config", {}).get("objective") == cfg.objective:
+        heads.load_state_dict(start_aux)  # --init-from a run with the same objective: keep its heads
     return model
 
 
 def load_model(path, device="cpu"):
-    """A VLM rebuilt from a train.py checkpoint alone (config inside), plus the checkpoint dict."""
+    """A VLM rebuilt from a train.py checkpoint alone (config inside), plus the checkpoint dict. Auxiliary
+    heads (--objective: itm, itc, recon) are left out; they stay in ckpt["model"] under aux.*."""
     ckpt = load_checkpoint(path)
     model = VLM(VLMConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    # Heads of an --objective run (keys aux.*) are training-only: evaluation and captioning use the VLM alone.
+    model.load_state_dict(split_state(ckpt["model"])[0])
     return model.to(device).eval(), ckpt
 
 
@@ -249,13 +273,37 @@ def loss_weights(cfg, batch, rare_table=None):
         return prior_weights(batch.p_ref, cfg.alpha)
     if cfg.loss == "rare":
         return rare_table[batch.labels.clamp(min=0)]
-    return torch.where(batch.tags == 0, 1.0, cfg.oracle_low)  # oracle: ground-truth image words 1
+    if cfg.loss == "attn":  # the scorer's attention weights travel in the p_ref field (see main)
+        return batch.p_ref.float()
+    if cfg.loss == "oracle":
+        return torch.where(batch.tags == 0, 1.0, cfg.oracle_low)  # ground-truth image words 1
+    return torch.ones_like(batch.p_ref)  # rho1, cal: weights made online in objectives.micro_batch_loss
 
 
-def train_step(cfg, step, train_model, data, device, rank=0, world=1):
+def plain_path(cfg):
+    """True when a step is one forward and a per-caption weighted loss (ntp, prior, rare, oracle, attn without an
+    --objective): the original, fastest path. Others (rho1, cal, any --objective) go through
+    objectives.micro_batch_loss."""
+    return cfg.loss in ("ntp", "prior", "rare", "oracle", "attn") and cfg.objective == "none"
+
+
+def unwrap(module):
+    """The bare model inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or module._orig_mod
+    return module
+
+
+def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None):
     """Forward and backward of step `step`: this process's share of the global batch, in micro-batches.
     Leaves the gradients in the model (the caller clips and steps) and returns (stats, nll_by_tag,
     batch_ids). Everything a step does but the optimizer, so bench.py times exactly what training runs.
+    model: the bare VLM inside train_model (default: unwrapped from it), for the auxiliary heads.
+
+    Scaling: the caption loss of a micro-batch counts by its share of the global batch's caption tokens, the
+    auxiliary loss (--objective) by its share of the global batch's samples, so accumulation and processes
+    give the mean over the batch. --loss rho1 selects and --loss cal normalises within each micro-batch of
+    each process (the whole batch with one process and no --micro-batch).
 
     Host work per micro-batch is a few list operations and tensor creations; the device is synchronised
     once per step, at the end, to read the statistics."""
@@ -274,7 +322,10 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
               for i in range(0, len(mine), micro)]
     # tokens: labelled positions; context: non-padding positions x row width (for step_flops' attention)
     counts = {"tokens": 0, "positions": 0, "padding": 0, "images": 0, "context": 0}
-    sums = torch.zeros(2, device=device)                      # weighted loss x tokens, NTP loss
+    sums = torch.zeros(3, device=device)                      # weighted loss x tokens, NTP loss, aux x samples
+    plain = plain_path(cfg)
+    if not plain and model is None:
+        model = unwrap(train_model)
     nll_by_tag = torch.zeros(2, 3, device=device)             # NLL sum and count per ground-truth category
     for c, (ids, tids) in enumerate(chunks):
         # Tight packing: no sample order is needed, and padding would cost as much as real tokens.
@@ -294,6 +345,13 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
         counts["padding"] += padding
         counts["context"] += (R * L - padding) * L
         counts["images"] += len(image_indices)
+        if not plain:  # host-side positions for the auxiliary objectives (cheap; no device sync)
+            eos, slots, image_labels = host_positions(batch, image_rows)
+            text = None
+            if cfg.objective == "itc":  # the same captions without their images, in the images' order
+                tb = pack([samples[i] for i in image_indices], cfg.row_len)
+                text = tuple(to_device(t, device) for t in
+                             (tb.input_ids, tb.position_ids, tb.doc_ids, (tb.labels == T.EOS).flatten().nonzero().squeeze(1)))
         batch.to(device)
         keep, captions = to_device(keep, device), to_device(captions, device)
         pixels = normalize(to_device(data.images[image_indices], device))
@@ -306,19 +364,31 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
         if fsdp:  # FSDP2's no_sync: keep full gradients until the last micro-batch, then reduce-scatter once
             train_model.set_requires_gradient_sync(sync)
         with ctx:
-            with autocast(device):
-                logits = train_model(batch.input_ids, pixels, batch.position_ids, batch.doc_ids, keep=keep)[None]
-            loss = weighted_loss(logits, labels, weights.flatten()[keep][None], captions[None],
-                                 scale_by_k=not cfg.no_k)
-            (loss * n_local / n_global * world).backward()
+            aux = None
+            if plain:
+                with autocast(device):
+                    logits = train_model(batch.input_ids, pixels, batch.position_ids, batch.doc_ids, keep=keep)[None]
+                loss = weighted_loss(logits, labels, weights.flatten()[keep][None], captions[None],
+                                     scale_by_k=not cfg.no_k)
+                total = loss * n_local / n_global * world
+            else:
+                mb = MicroBatch(batch.input_ids, batch.position_ids, batch.doc_ids, pixels, keep, labels, captions[None],
+                                weights.flatten()[keep][None], batch.p_ref.flatten()[keep][None], image_rows,
+                                image_labels, len(image_indices), to_device(eos, device), to_device(slots, device), text)
+                logits, loss, aux = micro_batch_loss(cfg, model, train_model, mb, device)
+                total = loss * n_local / n_global * world
+                if aux is not None:
+                    total = total + cfg.aux_weight * aux * (len(ids) / cfg.batch_size * world)
+            total.backward()
         with torch.no_grad():
             per_token = token_losses(logits.detach(), labels)[0]
-            sums += torch.stack([loss.detach() * n_local, per_token.sum()])
+            aux_sum = aux.detach().float() * len(ids) if aux is not None else torch.zeros((), device=device)
+            sums += torch.stack([loss.detach() * n_local, per_token.sum(), aux_sum])
             t = batch.tags.flatten()[keep]
             known = t >= 0  # masks, not boolean indexing: that would wait for the GPU
             nll_by_tag[0].index_add_(0, t.clamp(min=0), torch.where(known, per_token, 0.0))
             nll_by_tag[1].index_add_(0, t.clamp(min=0), known.float())
-    stats = dict(zip(("loss", "ntp"), sums.tolist()), **counts)  # the one device sync of the step
+    stats = dict(zip(("loss", "ntp", "aux"), sums.tolist()), **counts)  # the one device sync of the step
     return stats, nll_by_tag, batch_ids
 
 
@@ -366,6 +436,11 @@ def main(cfg):
     master = rank == 0
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
+    if cfg.fsdp and world > 1 and (cfg.loss == "cal" or cfg.objective != "none"):
+        raise ValueError("--fsdp with several processes does not support --loss cal or an --objective (their extra "
+                         "forwards and heads run outside the sharded forward); use DDP (drop --fsdp)")
+    if not 0 < cfg.rho1_keep <= 1:
+        raise ValueError(f"--rho1-keep must be in (0, 1], got {cfg.rho1_keep}")
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
     # The model first: its encoder decides the image size (a timm model's, or --init-encoder's ViT).
@@ -377,7 +452,11 @@ def main(cfg):
 
     records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
     data_fp = text_fingerprint(records)
-    p_ref = load_scores(cfg.scores, T.fingerprint(tok), data_fp, cfg.data) if cfg.loss == "prior" else None
+    p_ref = None
+    if cfg.loss in ("prior", "rho1"):
+        p_ref = load_scores(cfg.scores, T.fingerprint(tok), data_fp, cfg.data)
+    elif cfg.loss == "attn":  # per-token weights in score-file format: they ride in the p_ref field
+        p_ref = load_scores(cfg.attn_scores, T.fingerprint(tok), data_fp, cfg.data)
     records, images = load_images(records, model.cfg.image_size, cfg.max_bad_fraction, cfg.workers)
     tags = token_tags(tok, records)
     if cfg.loss == "oracle" and tags is None:
@@ -386,7 +465,8 @@ def main(cfg):
     if p_ref is not None:
         bad = next((s for s in samples if len(s.p_ref) != len(s.caption_ids) + 1), None)
         if bad is not None:
-            raise ValueError(f"{cfg.scores}: record {records[bad.index].id} has {len(bad.p_ref)} scores for "
+            raise ValueError(f"{cfg.attn_scores if cfg.loss == 'attn' else cfg.scores}: record {records[bad.index].id} "
+                             f"has {len(bad.p_ref)} scores for "
                              f"{len(bad.caption_ids) + 1} tokens")
     text_samples = []
     if cfg.text_data:
@@ -448,7 +528,7 @@ def main(cfg):
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        stats, nll_by_tag, batch_ids = train_step(cfg, step, train_model, data, device, rank, world)
+        stats, nll_by_tag, batch_ids = train_step(cfg, step, train_model, data, device, rank, world, model)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         if sharded:  # a DTensor over the shards' gradients
             grad_norm = grad_norm.full_tensor()
@@ -461,7 +541,7 @@ def main(cfg):
         seconds = time.perf_counter() - t0
 
         if world > 1:  # every figure in the log covers the global batch
-            keys = ("loss", "ntp", "tokens", "positions", "padding", "images", "context")
+            keys = ("loss", "ntp", "aux", "tokens", "positions", "padding", "images", "context")
             packed = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)  # NCCL: GPU only
             dist.all_reduce(packed)
             stats.update(zip(keys, packed.tolist()))
@@ -474,6 +554,8 @@ def main(cfg):
                     "grad_norm": float(grad_norm), "tokens_per_s": positions / seconds,
                     "flops_per_s": flops / seconds, "seconds": seconds,
                     "pad_fraction": stats["padding"] / positions, "label_fraction": tokens / positions}
+            if cfg.objective != "none":  # mean auxiliary loss per sample; the objective is loss + aux_weight x aux
+                line["aux"] = stats["aux"] / cfg.batch_size
             if nll_by_tag[1].sum() > 0:
                 for i, name in enumerate(("image", "boiler", "noise")):
                     if nll_by_tag[1][i] > 0:

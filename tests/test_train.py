@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -189,3 +190,92 @@ def test_timm_encoder_from_weights_file_trains_only_the_projector(tiny, tmp_path
         train.main(config(tiny, tmp_path / "r3", vision="timm:vit_tiny_patch16_224", init_encoder="x.pt"))
     with pytest.raises(ValueError, match="row-len"):
         train.main(config(tiny, tmp_path / "r4", vision="timm:vit_tiny_patch16_224", row_len=64))  # 196 tokens
+
+
+# ----------------------------------------------------------------------------- baselines: rho1, cal, --objective
+
+@pytest.mark.parametrize("arch", ["h", "u"])
+@pytest.mark.parametrize("loss,objective", [("rho1", "none"), ("cal", "none"), ("ntp", "itm"), ("ntp", "itc"),
+                                            ("ntp", "recon"), ("prior", "itc")])
+def test_baselines_train_end_to_end(tiny, tmp_path, arch, loss, objective):
+    """Each new choice runs 2 steps of train.py (U-LVLM with text-only rows mixed in); the log carries the
+    auxiliary loss, the checkpoints carry the heads, and train.load_model (eval.py's loader) rebuilds the VLM
+    from them without the heads, with identical logits."""
+    import json
+    model = train.main(config(tiny, tmp_path, arch=arch, loss=loss, objective=objective, steps=2, save_every=2,
+                              text_data=str(tiny["text"]) if arch == "u" else "")).eval()
+    lines = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    assert [l["step"] for l in lines] == [1, 2]
+    assert all(math.isfinite(l["loss"]) for l in lines)
+    assert ("aux" in lines[0]) == (objective != "none")
+    if objective != "none":
+        assert lines[0]["aux"] > 0 and math.isfinite(lines[0]["aux"])
+    ckpt = load_checkpoint(tmp_path / "ckpt_000002.pt")
+    assert any(k.startswith("aux.") for k in ckpt["model"]) == (objective != "none")
+    rebuilt, _ = train.load_model(str(tmp_path / "ckpt_000002.pt"))
+    assert not hasattr(rebuilt, "aux")
+    ids = torch.tensor([model.image_tokens() + [1, 20, 21, 22]])
+    images = torch.randn(1, 3, 16, 16)
+    assert torch.equal(model(ids, images), rebuilt(ids, images))
+
+
+@pytest.mark.parametrize("loss,objective", [("rho1", "itc"), ("cal", "itm")])
+def test_resume_is_bitwise_identical_with_heads(tiny, tmp_path, loss, objective):
+    kw = dict(loss=loss, objective=objective, steps=4, save_every=2)
+    train.main(config(tiny, tmp_path / "straight", **kw))
+    train.main(config(tiny, tmp_path / "stopped", stop_at=2, **kw))
+    train.main(config(tiny, tmp_path / "stopped", resume=True, **kw))
+    a, b = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "stopped" / "last.pt")
+    assert any(k.startswith("aux.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert log_losses(tmp_path / "straight" / "log.jsonl") == log_losses(tmp_path / "stopped" / "log.jsonl")
+
+
+def test_init_from_a_run_with_heads(tiny, tmp_path):
+    train.main(config(tiny, tmp_path / "a", objective="itm", steps=2, save_every=2))
+    start = weights(tmp_path / "a" / "ckpt_000002.pt")
+    # into a plain run: the heads are left behind
+    plain = train.main(config(tiny, tmp_path / "b", init_from=str(tmp_path / "a" / "ckpt_000002.pt"), steps=1, lr=0.0))
+    assert not hasattr(plain, "aux")
+    # into a run with the same objective: the heads come along (lr 0: nothing moves)
+    same = train.main(config(tiny, tmp_path / "c", objective="itm", init_from=str(tmp_path / "a" / "ckpt_000002.pt"),
+                             steps=1, lr=0.0))
+    assert torch.equal(same.aux.itm.weight, start["aux.itm.weight"])
+
+
+def test_projector_only_with_an_objective_trains_projector_and_heads(tiny, tmp_path):
+    model = train.main(config(tiny, tmp_path, train="projector", objective="recon", steps=3))
+    torch.manual_seed(0)
+    start = train.build_model(config(tiny, tmp_path, train="projector", objective="recon"),
+                              train.T.load_tokenizer(str(tiny["tokenizer"])))
+    parts = {**model.parts(), "aux": model.aux}
+    for name, part in parts.items():
+        before = start.aux if name == "aux" else start.parts()[name]
+        same = all(torch.equal(p, q) for p, q in zip(part.parameters(), before.parameters()))
+        assert same == (name not in ("projector", "aux")), name
+
+
+def test_new_flags_have_help():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for flag in ("--objective", "--aux-weight", "--rho1-keep", "--itc-dim", "--attn-scores", "rho1", "cal", "attn"):
+        assert flag in done.stdout, flag
+
+
+def test_two_processes_with_cal_and_itm(tiny, tmp_path):
+    """DDP (2 gloo processes, accumulation) with the extra forwards: CAL's without gradient, ITM's with."""
+    import json
+    args = ["--data", str(tiny["train"]), "--tokenizer", str(tiny["tokenizer"]), "--loss", "cal", "--objective", "itm",
+            "--image-size", "16", "--patch-size", "4", "--vit-dim", "16", "--vit-depth", "1", "--vit-heads", "2",
+            "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--batch-size", "8", "--micro-batch", "2",
+            "--row-len", "64", "--steps", "2", "--save-every", "2", "--device", "cpu", "--threads", "1",
+            "--out-dir", str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *args]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    assert len(lines) == 2 and all(math.isfinite(l["aux"]) for l in lines)
+    assert any(k.startswith("aux.itm") for k in weights(tmp_path / "last.pt"))

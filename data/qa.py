@@ -1,0 +1,193 @@
+"""Question-answer pairs about the built-in scenes, for a short instruction-tuning stage and its evaluation.
+
+    python -m data.qa --data out/data_web/train.jsonl --out out/paper/instruct/qa_train.jsonl --per-scene 2
+    python -m data.qa --data out/data_web/test.jsonl --out out/paper/instruct/qa_test.jsonl --per-scene 0
+
+Every question is read off the generator's ground truth, the "scene" field of the given split's records
+(1-4 objects with shape, colour, size, grid row and column), never from another split: the tuning set comes
+from train.jsonl's scenes, the evaluation set from test.jsonl's (neither from the probes). Kinds:
+
+    count      how many shapes are there?          -> three            (choices: the counts one..max)
+    colour     what colour is the circle?          -> red              (asked only of a shape seen once)
+    shape      what shape is at the top left?      -> circle           (the object in that grid cell)
+    position   where is the red circle?            -> at the top left  (asked only of a unique shape+colour)
+    presence   is there a star?                    -> yes / no         (present or absent shape, 50:50)
+
+Position phrases are the generator's own (`data.generate.pos_words`): "at the top left", "at the left"
+(middle row), "at the top" (centre column), "at the center".
+
+One output line per question, in both formats the project reads:
+    {"id": "train-000012/colour", "image": "<relative to the output file>", "caption": "question: what colour
+     is the circle? answer: red", "prompt": "question: what colour is the circle? answer:", "target": "red",
+     "choices": [...], "answer": <index of target in choices>, "kind": "colour", "source": "train-000012"}
+train.py trains on "caption" (image, caption); eval.py --mc scores "choices" by likelihood after "prompt";
+eval.qa_generate compares the greedy continuation of "prompt" with the correct choice (exact match).
+
+`answer_only_scores` writes a score file for such a file that train.py's --loss prior turns into a loss on
+the answer tokens only (see its docstring): no change to train.py is needed.
+"""
+import argparse
+import json
+import os
+import random
+
+from data.generate import COLOURS, NUMS, SHAPES, pos_words, text_of
+
+KINDS = ("count", "colour", "shape", "position", "presence")
+PROMPT = "question: {} answer:"
+
+
+def position_phrase(row, col):
+    """'at the top left', 'at the left', 'at the top', 'at the center' (the generator's wording)."""
+    return text_of(pos_words(row, col))
+
+
+def all_positions():
+    return [position_phrase(r, c) for r in ("top", "middle", "bottom") for c in ("left", "center", "right")]
+
+
+def vocabulary(scenes, meta=None):
+    """(shapes, colours, max objects) of a data set: from its meta.json when given, else from its scenes."""
+    if meta:
+        cfg = meta.get("config", {})
+        return list(meta["shapes"]), list(meta["colours"]), int(cfg.get("max_objects", 4))
+    shapes = sorted({o["shape"] for s in scenes for o in s}, key=lambda x: SHAPES.index(x) if x in SHAPES else 99)
+    colours = sorted({o["colour"] for s in scenes for o in s}, key=lambda x: list(COLOURS).index(x) if x in COLOURS else 99)
+    return shapes, colours, max(4, max((len(s) for s in scenes), default=4))
+
+
+def scene_questions(scene, rng, shapes, colours, max_objects=4, kinds=KINDS):
+    """Every question of `kinds` that has one unambiguous answer in this scene: a list of
+    {"kind", "question", "target", "choices"} (the target is one of the choices)."""
+    out = []
+    shape_count = {s: sum(o["shape"] == s for o in scene) for s in {o["shape"] for o in scene}}
+    pair_count = {}
+    for o in scene:
+        pair_count[o["shape"], o["colour"]] = pair_count.get((o["shape"], o["colour"]), 0) + 1
+    for kind in kinds:
+        if kind == "count":
+            choices = NUMS[1:max(max_objects, len(scene)) + 1]
+            out.append(dict(kind=kind, question="how many shapes are there?", target=NUMS[len(scene)], choices=choices))
+        elif kind == "colour":
+            single = [o for o in scene if shape_count[o["shape"]] == 1]
+            if single:
+                o = rng.choice(single)
+                out.append(dict(kind=kind, question=f"what colour is the {o['shape']}?", target=o["colour"],
+                                choices=list(colours)))
+        elif kind == "shape":
+            o = rng.choice(scene)  # one object per grid cell, so the cell names it
+            out.append(dict(kind=kind, question=f"what shape is {position_phrase(o['row'], o['col'])}?",
+                            target=o["shape"], choices=list(shapes)))
+        elif kind == "position":
+            unique = [o for o in scene if pair_count[o["shape"], o["colour"]] == 1]
+            if unique:
+                o = rng.choice(unique)
+                out.append(dict(kind=kind, question=f"where is the {o['colour']} {o['shape']}?",
+                                target=position_phrase(o["row"], o["col"]), choices=all_positions()))
+        elif kind == "presence":
+            present = sorted(shape_count)
+            absent = [s for s in shapes if s not in shape_count]
+            if absent and rng.random() < 0.5:
+                out.append(dict(kind=kind, question=f"is there a {rng.choice(absent)}?", target="no", choices=["yes", "no"]))
+            else:
+                out.append(dict(kind=kind, question=f"is there a {rng.choice(present)}?", target="yes", choices=["yes", "no"]))
+        else:
+            raise ValueError(f"unknown question kind {kind!r}; choose from {KINDS}")
+    return out
+
+
+def read_scenes(path):
+    """[(record id, image path relative to the file's folder, scene)] of a generator JSONL file."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if not isinstance(r.get("scene"), list) or "image" not in r:
+                raise ValueError(f"{path}:{n}: no 'scene' or 'image' field: QA needs the generator's ground truth "
+                                 f"(python -m data.generate)")
+            rows.append((str(r.get("id", f"{os.path.basename(path)}:{n}")), r["image"], r["scene"]))
+    return rows
+
+
+def build_qa(src, out, per_scene=2, seed=0, kinds=KINDS, max_scenes=0):
+    """Questions about the scenes of `src` (a generator JSONL file), written to `out`; returns the records.
+    per_scene: questions per scene, of different kinds drawn at random (0 = one of every kind that applies).
+    max_scenes: use only the first N scenes (0 = all)."""
+    scenes = read_scenes(src)
+    if max_scenes:
+        scenes = scenes[:max_scenes]
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(src)), "meta.json")
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
+    shapes, colours, max_objects = vocabulary([s for _, _, s in scenes], meta)
+    rng = random.Random(f"{seed}/qa/{os.path.basename(src)}")
+    src_dir, out_dir = os.path.dirname(os.path.abspath(src)), os.path.dirname(os.path.abspath(out))
+    records = []
+    for sid, image, scene in scenes:
+        qs = scene_questions(scene, rng, shapes, colours, max_objects, kinds)
+        if per_scene:
+            rng.shuffle(qs)
+            qs = qs[:per_scene]
+        rel = os.path.relpath(os.path.join(src_dir, image), out_dir)
+        for q in qs:  # at most one question of a kind per scene: "<scene id>/<kind>" is unique
+            prompt = PROMPT.format(q["question"])
+            records.append(dict(id=f"{sid}/{q['kind']}", image=rel, caption=f"{prompt} {q['target']}", prompt=prompt,
+                                target=q["target"], choices=q["choices"], answer=q["choices"].index(q["target"]),
+                                kind=q["kind"], source=sid))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return records
+
+
+def answer_only_scores(qa_path, tokenizer_path, out):
+    """A score file for a QA file that makes train.py's `--loss prior` a loss on the answers only.
+
+    p_ref = 1 on the prompt's tokens ("question: ... answer:") and 0 on the answer's tokens and <|eos|>, so
+    PRIOR's weights w = (1 - p_ref)^alpha are 0 on the question and 1 on the answer: with the per-caption
+    normalisation each answer token gets the factor k / (answer tokens + 1), k the QA text's length, i.e.
+    exactly the masked loss of instruction tuning, rescaled so each sample weighs what it weighs under
+    NTP. The file carries the tokenizer's and the QA captions' fingerprints, as score.py's files do; its
+    "reference" says that no reference LM made it. Refuses a file whose prompt does not tokenise as a
+    prefix of its caption (the mask would be off by a token)."""
+    import torch
+
+    import tokenizer as T
+    from data.records import read_records
+    from score import save_scores
+    from utils import text_fingerprint
+
+    tok = T.load_tokenizer(tokenizer_path)
+    records = read_records(qa_path, require_image=False, check_files=False)
+    full = T.encode_captions(tok, [r.caption for r in records])
+    prompts = T.encode_captions(tok, [r.extra["prompt"] for r in records])
+    p_ref = []
+    for r, c, p in zip(records, full, prompts):
+        if c[:len(p)] != p or len(c) == len(p):
+            raise ValueError(f"{qa_path}: record {r.id}: the prompt's tokens are not a proper prefix of the caption's")
+        p_ref.append(torch.tensor([1.0] * len(p) + [0.0] * (len(c) - len(p) + 1)))
+    fp = {"tokenizer": T.fingerprint(tok), "data": text_fingerprint(records), "data_path": os.path.abspath(qa_path),
+          "reference": "answer-mask", "reference_path": "data/qa.py answer_only_scores (p_ref 1 = question, 0 = answer)"}
+    save_scores(out, [r.id for r in records], p_ref, fp)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="a generator JSONL split with 'scene' fields (train.jsonl, test.jsonl)")
+    p.add_argument("--out", required=True, help="QA JSONL to write (image paths relative to its folder)")
+    p.add_argument("--per-scene", type=int, default=2, help="questions per scene (0 = one of every kind that applies)")
+    p.add_argument("--kinds", default=",".join(KINDS), help="question kinds, comma-separated")
+    p.add_argument("--max-scenes", type=int, default=0, help="use only the first N scenes (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    rows = build_qa(a.data, a.out, a.per_scene, a.seed, tuple(a.kinds.split(",")), a.max_scenes)
+    kinds = {}
+    for r in rows:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    print(f"wrote {len(rows)} questions to {a.out}: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
+
+
+if __name__ == "__main__":
+    main()
