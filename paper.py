@@ -463,7 +463,7 @@ def ablation(args):
                   "arm: the main job's recipe, data and initialisation, the final checkpoint, evaluated as the "
                   "main job evaluates.")
     md += [f"- {steps} steps of batch {s.batch()}, lr NTP {lrs['ntp']:g}, every PRIOR arm {lrs['prior']:g} "
-           f"(chosen_lrs.json: chosen for NTP and PRIOR alpha 1 on validation image-token NLL; the other arms "
+           f"(chosen_lrs.json: chosen for NTP and PRIOR alpha 1 by their probe average on the validation probes; the other arms "
            f"were not tuned), seeds 0-{seeds - 1}; eval rows per probe file / test captions: {s.eval_rows or 'all'}",
            f"- reused main-job runs (same settings): {', '.join(sorted({os.path.relpath(d, s.src) for d in reused.values()})) or 'none'}",
            f"- wall time of this command: {(time.time() - t0) / 60:.1f} min", "",
