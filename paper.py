@@ -2,6 +2,7 @@
 reusing what the main job (experiment.py) left in its output folder.
 
     python paper.py ablation [--from out] [--arch h] [--seeds 3]      # Fig. 5: alpha in {0.5, 1, 2, 4}, no k
+    python paper.py baselines [--from out] [--arch h]                 # Table 1: ITM, ITC, recon, attn, rare, Rho-1, CAL
     python paper.py scaling  [--from out] [--sizes 800,1600,...]      # Figs. 6-7: L(D) = (D / D_c)^alpha_D
     python paper.py instruct [--from out]                             # instruction tuning, generated answers
     python paper.py <command> --plan                                  # what it would run, and an estimate
@@ -18,6 +19,12 @@ ablation   PRIOR with alpha in --alphas and PRIOR without the factor k (train.py
            chosen lrs (PRIOR's lr for every PRIOR variant), --seeds seeds, --steps steps; the final checkpoint
            evaluated by eval.py exactly as the main job evaluates (probes, token NLL, grounding gap). The
            main job's NTP and PRIOR (alpha 1) runs are reused when their settings match (--no-reuse: never).
+baselines  Table 1: rare-word weighting, attention weighting (token weights from a small contrastive model on
+           the same captions, objectives.py, standing in for CLIP), NTP + ITM / ITC / reconstruction, and Rho-1
+           and CAL (not in the paper), each in the main job's recipe. Each gets its own lr: the preset's grid
+           at seed 0, chosen by the validation probes (as the main job chooses NTP's and PRIOR's), then the
+           other seeds there; next to the main job's NTP, PRIOR and oracle runs (reused), evaluated as they
+           were. Also: how well PRIOR's and the attention scorer's weights find the image words.
 scaling    NTP and PRIOR trained for --epochs epochs on nested subsets of train.jsonl (its first n records;
            default 6 sizes, log-spaced over 10x up to all of it), each with its own cosine schedule. D = the
            caption tokens (with <|eos|>) the run's batches hold, counted exactly with train.global_batch.
@@ -133,15 +140,22 @@ class Setup:
         if not os.path.exists(path):
             return False
         have = json.load(open(path))["config"]
+        # the artefacts folder may have moved since (copied, renamed): read its old paths as the new ones
+        rel = os.path.relpath(os.path.abspath(run_dir), self.src)
+        old_root = have.get("out_dir", "")[:-len(rel)].rstrip(os.sep) if have.get("out_dir", "").endswith(rel) else ""
+        if old_root and old_root != self.src:
+            have = {k: self.src + v[len(old_root):] if isinstance(v, str) and v.startswith(old_root + os.sep) else v
+                    for k, v in have.items()}
         want = vars(parse_config(train.TrainConfig, [str(a) for a in args[1:]]))
         default = vars(parse_config(train.TrainConfig, []))  # a flag newer than the run: its default is what ran
         skip = {"out_dir", "resume", "device", "threads", "workers", "stop_at", "save_every", "compile", "fsdp", "micro_batch"}
         return all(have.get(k, default[k]) == v for k, v in want.items() if k not in skip)
 
-    def eval_args(self, run_dir, rows=None, test_scores=True):
+    def eval_args(self, run_dir, rows=None, test_scores=True, probes=None, test=None):
+        """eval.py on the test probes and captions (or the given ones: the validation split for an lr grid)."""
         args = ["eval.py", "--run-dir", run_dir, "--max-rows", str(self.eval_rows if rows is None else rows),
-                "--device", self.device, "--probes", os.path.join(self.data, "probes"),
-                "--test", os.path.join(self.data, "test.jsonl")]
+                "--device", self.device, "--probes", probes or os.path.join(self.data, "probes"),
+                "--test", test or os.path.join(self.data, "test.jsonl")]
         if test_scores and os.path.exists(self.path(f"scores_{self.mix}_test.pt")):
             args += ["--test-scores", self.path(f"scores_{self.mix}_test.pt")]
         return args
@@ -227,6 +241,10 @@ class Setup:
         elif script == "score.py":
             import score as mod
             cfg = parse_config(mod.ScoreConfig, argv)
+        elif script == "objectives.py":
+            import objectives
+            mod = argparse.Namespace(main=objectives.train_attention_scorer)
+            cfg = parse_config(objectives.AttnConfig, argv)
         else:
             raise ValueError(script)
         log = self._log(name)
@@ -276,6 +294,32 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def bar_plot(st, keys, labels, show, colors, default_color, title, png):
+    """One panel per benchmark in `show`: each arm's seed mean ± std as a bar, its seeds as dots, NTP's mean as
+    a dashed line; the y range fits the data (differences of a few percent stay visible)."""
+    from report import lower_better
+    plt = _plt()
+    fig, axes = plt.subplots(1, max(1, len(show)), figsize=(max(4.2, 0.55 * len(keys) + 1.5) * max(1, len(show)), 3.8))
+    for ax, b in zip(np.atleast_1d(axes), show):
+        m = [st[k][b]["mean"] for k in keys]
+        e = [st[k][b]["std"] for k in keys]
+        ax.bar(range(len(keys)), m, yerr=e, capsize=4, color=[colors.get(k, default_color) for k in keys], alpha=0.8)
+        for i, k in enumerate(keys):
+            pts = list(st[k][b]["by_seed"].values())
+            ax.plot([i] * len(pts), pts, "k.", ms=4)
+        lo = min(min(mi - ei for mi, ei in zip(m, e)), min(v for k in keys for v in st[k][b]["by_seed"].values()))
+        hi = max(max(mi + ei for mi, ei in zip(m, e)), max(v for k in keys for v in st[k][b]["by_seed"].values()))
+        pad = (hi - lo) * 0.3 or abs(hi) * 0.05 or 0.01
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.axhline(st["ntp"][b]["mean"], color="tab:gray", ls="--", lw=0.8)
+        ax.set_xticks(range(len(keys)), [labels[k] for k in keys], rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{b} {'↓' if lower_better(b) else '↑'}")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def write_json(path, obj):
@@ -353,30 +397,12 @@ def ablation(args):
            "groups (chance: 0.5 for presence, 0.25 for each other group, with the generator's defaults); `nll_image`: NLL of image-related caption words with the true image; "
            "`gap_image`: NLL with another image minus with the true one (how much the image helps).", ""]
 
-    plt = _plt()
-    show = [b for b in ("probe_avg", "nll_image", "gap_image") if b in st.get("ntp", {})]
     keys = [k for k, *_ in arms if k in st]
     labels = {k: lab for k, lab, *_ in arms}
-    fig, axes = plt.subplots(1, max(1, len(show)), figsize=(4.2 * max(1, len(show)), 3.8))
-    for ax, b in zip(np.atleast_1d(axes), show):
-        m = [st[k][b]["mean"] for k in keys]
-        e = [st[k][b]["std"] for k in keys]
-        ax.bar(range(len(keys)), m, yerr=e, capsize=4, color=["tab:gray"] + ["tab:orange"] * (len(keys) - 1), alpha=0.8)
-        for i, k in enumerate(keys):
-            pts = list(st[k][b]["by_seed"].values())
-            ax.plot([i] * len(pts), pts, "k.", ms=4)
-        lo = min(min(mi - ei for mi, ei in zip(m, e)), min(v for k in keys for v in st[k][b]["by_seed"].values()))
-        hi = max(max(mi + ei for mi, ei in zip(m, e)), max(v for k in keys for v in st[k][b]["by_seed"].values()))
-        pad = (hi - lo) * 0.3 or abs(hi) * 0.05 or 0.01
-        ax.set_ylim(lo - pad, hi + pad)
-        ax.axhline(st["ntp"][b]["mean"], color="tab:gray", ls="--", lw=0.8)
-        ax.set_xticks(range(len(keys)), [labels[k] for k in keys], rotation=35, ha="right", fontsize=8)
-        ax.set_title(f"{b} {'↓' if report.lower_better(b) else '↑'}")
-    fig.suptitle(f"PRIOR ablation ({s.mix}, {s.arch.upper()}-LVLM; mean ± std over {seeds} seeds)", fontsize=10)
-    fig.tight_layout()
     png = os.path.join(s.out, "ablation.png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    bar_plot(st, keys, labels, [b for b in ("probe_avg", "nll_image", "gap_image") if b in st.get("ntp", {})],
+             {"ntp": "tab:gray"}, "tab:orange", f"PRIOR ablation ({s.mix}, {s.arch.upper()}-LVLM; mean ± std over "
+             f"{seeds} seeds)", png)
     md += ["![ablation](ablation.png)", ""]
     md += ["## Every benchmark", ""] + table(
         ["benchmark"] + [labels[k] for k in keys],
@@ -802,6 +828,191 @@ def instruct(args):
     return s.out
 
 
+# ============================================================================= baselines (Table 1)
+def baseline_arms(attn_scores):
+    """(key, label, train.py flags) of each baseline; each replaces --loss (and adds an --objective) in the main
+    job's recipe. ITM, ITC and reconstruction are added to NTP, as the paper combines them."""
+    return [("rare", "rare-word weighting", ["--loss", "rare"]),
+            ("attn", "attention weighting", ["--loss", "attn", "--attn-scores", attn_scores]),
+            ("itm", "NTP + ITM", ["--loss", "ntp", "--objective", "itm"]),
+            ("itc", "NTP + ITC", ["--loss", "ntp", "--objective", "itc"]),
+            ("recon", "NTP + reconstruction", ["--loss", "ntp", "--objective", "recon"]),
+            ("rho1", "Rho-1 (not in the paper)", ["--loss", "rho1"]),
+            ("cal", "CAL (not in the paper)", ["--loss", "cal"])]
+
+
+def weight_relevance(s, score_file, attention):
+    """Mean token weight by ground-truth word kind and image-vs-rest ROC-AUC of a score file on the training
+    captions: w = 1 - p_ref for PRIOR's file, the stored weight for the attention scorer's."""
+    import tokenizer as T
+    from data.records import read_records
+    from score import load_scores, relevance_report, token_tags
+    from utils import text_fingerprint
+    data = os.path.join(s.data, "train.jsonl")
+    tok = T.load_tokenizer(s.path("tokenizer.json"))
+    records = read_records(data, check_files=False)
+    stored = load_scores(score_file, T.fingerprint(tok), text_fingerprint(records), data)
+    tags = token_tags(tok, records)
+    if tags is None:
+        return None
+    values = [1 - stored[r.id].float() if attention else stored[r.id].float() for r in records]
+    return relevance_report(values, tags)  # it takes p_ref: 1 - attention weight gives w = attention weight
+
+
+def baselines(args):
+    import report
+    t0 = time.time()
+    s = Setup(args, "baselines")
+    chosen, steps, seeds = s.lrs(), s.steps(), args.seeds or (1 if args.quick else s.p["seeds"])
+    attn_scores = os.path.join(s.out, "attn_scores_train.pt")
+    wanted = [k for k in args.arms.split(",") if k]
+    arms = [a for a in baseline_arms(attn_scores) if a[0] in wanted]
+    unknown = set(wanted) - {a[0] for a in baseline_arms("")}
+    if unknown:
+        raise SystemExit(f"paper.py baselines: unknown --arms {sorted(unknown)}; choose from "
+                         f"{[a[0] for a in baseline_arms('')]}")
+    grid = [float(x) for x in args.lrs.split(",")] if args.lrs else \
+        ([chosen["ntp"]] if args.quick or args.lr else list(s.p["lrs"][s.arch]))
+    if args.lr:
+        grid = [args.lr]
+
+    def run_dir(key, lr, seed):
+        return os.path.join(s.out, "runs", s.mix, s.arch, f"{key}_lr{lr:g}_s{seed}_steps{steps}")
+
+    # the main job's NTP, PRIOR and oracle runs are the reference rows; trained here only when missing
+    refs = [(loss, {"ntp": "NTP", "prior": "PRIOR", "oracle": "oracle (ground-truth weights)"}[loss])
+            for loss in ("ntp", "prior", "oracle") if loss in chosen]
+    ref_plan, reused = [], {}
+    for loss, _ in refs:
+        for seed in range(seeds):
+            d = run_dir(loss, chosen[loss], seed)
+            targs = s.train_args(loss, chosen[loss], seed, d)
+            main = None if args.quick else s.main_run(loss, chosen[loss], seed)
+            if main and s.final_rows(main, steps) and s.same_run(main, targs):
+                reused[loss, seed] = main
+            else:
+                ref_plan.append((loss, seed, d, targs))
+    grid_plan = [(k, lr, run_dir(k, lr, 0), s.train_args("ntp", lr, 0, run_dir(k, lr, 0), extra=flags))
+                 for k, _, flags in arms for lr in grid]
+    n_more = len(arms) * (seeds - 1)
+    print(f"baselines ({s.mix}, {s.arch.upper()}-LVLM): {len(arms)} baselines; lr grid {grid} at seed 0 "
+          f"({len(grid_plan)} runs, chosen on the validation probes), then seeds 1-{seeds - 1} at each one's "
+          f"chosen lr ({n_more} runs); NTP/PRIOR/oracle: {len(reused)} main-job runs reused, {len(ref_plan)} to run")
+    print(s.estimate(steps * (len(grid_plan) + n_more + len(ref_plan)) * 1.4, len(grid_plan) + n_more + len(ref_plan),
+                     2 * len(grid_plan) + n_more + len(ref_plan),
+                     note=" x1.4 for the baselines' extra forwards (objectives.py's measured costs)"))
+    if args.plan:
+        return None
+    s.check_own([(d, a) for *_, d, a in grid_plan] + [(d, a) for *_, d, a in ref_plan])
+
+    # 1. the attention-weighting baseline's scorer (the paper: CLIP's attention; ours: a small contrastive model
+    #    on the same captions, its image side the main job's ViT)
+    if "attn" in wanted and not os.path.exists(attn_scores):
+        s.run_jobs([(["objectives.py", "--data", os.path.join(s.data, "train.jsonl"), "--tokenizer",
+                      s.path("tokenizer.json"), "--init-encoder", s.path("vit.pt"), "--device", s.device,
+                      "--out", attn_scores, *(["--steps", "3", "--batch-size", "8"] if args.quick else [])],
+                     "attn_scorer")], "attention scorer")
+    # 2. the lr grid at seed 0, each final checkpoint evaluated on the validation probes and captions
+    last = f"ckpt_{steps:06d}.pt"
+    s.run_jobs([(a, f"train_{k}_lr{lr:g}_s0") for k, lr, d, a in grid_plan
+                if not os.path.exists(os.path.join(d, last))], "lr grid")
+    val_jobs = []
+    for k, lr, d, _ in grid_plan:
+        v = d + "_val"
+        os.makedirs(v, exist_ok=True)
+        if not os.path.exists(os.path.join(v, last)):
+            os.link(os.path.join(d, last), os.path.join(v, last))
+        if not s.final_rows(v, steps):
+            val_jobs.append((s.eval_args(v, probes=os.path.join(s.data, "probes_val"),
+                                         test=os.path.join(s.data, "val.jsonl"), test_scores=False), f"eval_{k}_lr{lr:g}_val"))
+    s.run_jobs(val_jobs, "evaluate the lr grid on validation probes")
+    val, lr_of = {}, {}
+    for k, lr, d, _ in grid_plan:
+        f = s.final_rows(d + "_val", steps)
+        val.setdefault(k, {})[lr] = f
+    for k in val:  # as experiment.choose_lrs: best validation probe average, ties to the lower image NLL
+        lr_of[k] = max(val[k], key=lambda lr: (round(val[k][lr].get("probe_avg", -1), 6), -val[k][lr].get("nll_image", 0)))
+    # 3. the other seeds at each baseline's chosen lr, and any missing reference run
+    flags_of = {k: f for k, _, f in arms}
+    seed_plan = [(k, sd, run_dir(k, lr_of[k], sd), s.train_args("ntp", lr_of[k], sd, run_dir(k, lr_of[k], sd),
+                                                               extra=flags_of[k]))
+                 for k, _, _ in arms for sd in range(1, seeds)]
+    s.check_own([(d, a) for *_, d, a in seed_plan])
+    s.run_jobs([(a, f"train_{k}_s{sd}") for k, sd, d, a in seed_plan + ref_plan
+                if not os.path.exists(os.path.join(d, last))], "train the other seeds")
+    runs = {(k, 0): run_dir(k, lr_of[k], 0) for k, _, _ in arms}
+    runs.update({(k, sd): d for k, sd, d, _ in seed_plan + ref_plan})
+    runs.update(reused)
+    s.run_jobs([(s.eval_args(d), f"eval_{k}_s{sd}") for (k, sd), d in sorted(runs.items())
+                if not s.final_rows(d, steps)], "evaluate on the test probes")
+
+    values = {}
+    for (k, sd), d in runs.items():
+        for b, v in s.final_rows(d, steps).items():
+            values.setdefault(k, {}).setdefault(b, {})[sd] = v
+    st = {k: {b: report.stats(v) for b, v in bs.items()} for k, bs in values.items()}
+    vs = {k: {b: report.compare(st[k][b], st["ntp"][b], b, "prior") for b in st[k] if b in st["ntp"]}
+          for k in st if k != "ntp"}
+    labels = {**dict(refs), **{k: lab for k, lab, _ in arms}}
+    keys = [k for k in [r for r, _ in refs] + [a[0] for a in arms] if k in st]
+    lr_used = {**{k: chosen[k] for k, _ in refs}, **lr_of}
+    relevance = {}
+    if not args.quick or os.path.exists(attn_scores):
+        relevance["PRIOR: w = 1 - p_ref"] = weight_relevance(s, s.path(f"scores_{s.mix}_train.pt"), False)
+        if os.path.exists(attn_scores):
+            relevance["attention weighting"] = weight_relevance(s, attn_scores, True)
+
+    md = s.header("Baselines (the paper's Table 1) and two related token-selection methods",
+                  "Each baseline in the main job's recipe (same data, initialisation, steps and batch; H-LVLM: "
+                  "only the projector trains), next to the main job's NTP, PRIOR and oracle runs. Every baseline "
+                  "gets its own learning rate from the main job's lr grid, chosen at seed 0 by the validation "
+                  "probes as the main job chooses NTP's and PRIOR's; the final checkpoint is evaluated on the "
+                  "test probes and captions as the main job evaluates.")
+    md += [f"- {steps} steps of batch {s.batch()}, seeds 0-{seeds - 1}; eval rows per probe file / test captions: "
+           f"{s.eval_rows or 'all'}; wall time of this command: {(time.time() - t0) / 60:.1f} min",
+           f"- reused main-job runs: {', '.join(sorted({os.path.relpath(d, s.src) for d in reused.values()})) or 'none'}",
+           "", "## Mean ± sample std over seeds (final step); change vs NTP", "",
+           "Relative change vs NTP, positive = better; * = |difference| > 2 Welch standard errors (clear).", ""]
+    show = [b for b in ("probe_avg", "presence", "colour", "count", "position", "retrieval", "nll_image",
+                        "gap_image", "nll_boiler") if b in st.get("ntp", {})]
+    head = ["method", "lr", "n"] + [f"`{b}` {'↓' if report.lower_better(b) else '↑'}" for b in show] + ["`probe_avg` vs NTP", "`nll_image` vs NTP"]
+    rows = []
+    for k in keys:
+        row = [labels[k], f"{lr_used[k]:g}", str(st[k][show[0]]["n"]) if show else "0"]
+        row += [report.pm(st[k].get(b)) for b in show]
+        for b in ("probe_avg", "nll_image"):
+            c = vs.get(k, {}).get(b)
+            row.append("–" if c is None else report.fmt(c["rel"], pct=True) + (" *" if c["clear"] else ""))
+        rows.append(row)
+    md += table(head, rows)
+    md += ["", "## Learning-rate grid (seed 0, validation probes and captions, final step)", ""]
+    md += table(["method"] + [f"lr {lr:g}: `probe_avg` / `nll_image`" for lr in grid] + ["chosen"],
+                [[labels[k]] + [f"{val[k][lr].get('probe_avg', float('nan')):.3f} / {val[k][lr].get('nll_image', float('nan')):.3f}"
+                                for lr in grid] + [f"{lr_of[k]:g}"] for k in val])
+    if relevance:
+        md += ["", "## How well each weighting finds the image words (training captions, ground-truth tags)", ""]
+        md += table(["weights", "mean w: image", "boiler", "noise", "AUC image vs boiler", "image vs noise", "image vs rest"],
+                    [[name, *(report.fmt(r["mean_w"][c]) for c in ("image", "boiler", "noise")),
+                      *(report.fmt(r["auc"][a]) for a in ("image_vs_boiler", "image_vs_noise", "image_vs_rest"))]
+                     for name, r in relevance.items() if r])
+    md += ["", "`probe_avg`: mean accuracy over the probe groups (chance 0.5 for presence, 0.25 for the others); "
+           "`nll_image` / `nll_boiler`: NLL of image-related / boilerplate caption words with the true image; "
+           "`gap_image`: NLL with another image minus with the true one. Every benchmark is in results.json.", ""]
+    png = os.path.join(s.out, "baselines.png")
+    bar_plot(st, keys, labels, [b for b in ("probe_avg", "nll_image", "gap_image") if b in st.get("ntp", {})],
+             {"ntp": "tab:gray", "prior": "tab:orange", "oracle": "tab:green"}, "tab:blue",
+             f"Baselines ({s.mix}, {s.arch.upper()}-LVLM; mean ± std over {seeds} seeds)", png)
+    md += ["![baselines](baselines.png)", ""]
+    open(os.path.join(s.out, "results.md"), "w").write("\n".join(md) + "\n")
+    write_json(os.path.join(s.out, "results.json"), {
+        "arms": [{"key": k, "label": labels[k], "lr": lr_used[k], "flags": flags_of.get(k, ["--loss", k])} for k in keys],
+        "steps": steps, "seeds": seeds, "stats": st, "vs_ntp": vs, "lr_grid": {k: {f"{lr:g}": v for lr, v in g.items()}
+                                                                              for k, g in val.items()},
+        "chosen_lr": lr_of, "relevance": relevance, "reused": {f"{k}/s{sd}": d for (k, sd), d in reused.items()}})
+    print(f"done in {(time.time() - t0) / 60:.1f} min: {os.path.join(s.out, 'results.md')}, {png}")
+    return s.out
+
+
 # ============================================================================= command line
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -831,6 +1042,9 @@ def parser():
     sc.add_argument("--epochs", type=float, default=1.0, help="passes over each subset (default 1: D = data size)")
     sc.add_argument("--methods", default="ntp,prior")
     sc.add_argument("--targets", default="probe_avg,nll_image", help="benchmarks to fit (positive values; default: probe_avg,nll_image)")
+    bl = common(sub.add_parser("baselines", help="Table 1: the paper's baselines, Rho-1 and CAL, each at its best lr"))
+    bl.add_argument("--arms", default="rare,attn,itm,itc,recon,rho1,cal", help="baselines to run (default: all)")
+    bl.add_argument("--lrs", default="", help="lr grid for the baselines, comma-separated (default: the preset's, the main job's grid)")
     it = common(sub.add_parser("instruct", help="instruction tuning on scene QA, generated-answer exact match"))
     it.add_argument("--methods", default="ntp,prior")
     it.add_argument("--it-steps", type=int, default=0, help="instruction-tuning steps (0 = 100; the paper: 20; --quick: 3)")
@@ -846,7 +1060,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     args.argv = argv
-    return {"ablation": ablation, "scaling": scaling, "instruct": instruct}[args.command](args)
+    return {"ablation": ablation, "baselines": baselines, "scaling": scaling, "instruct": instruct}[args.command](args)
 
 
 if __name__ == "__main__":

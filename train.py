@@ -581,6 +581,10 @@ def main(cfg):
     if log:
         log.close()
     if world > 1:
+        # Tear down together: a rank that destroys its gloo connections while a peer is still in the last
+        # all-reduce or writing the checkpoint can abort at exit ("terminate called without an active exception").
+        dist.barrier()
+        del train_model  # DDP's reducer holds the group; let it go before the group does
         dist.destroy_process_group()
     return model
 

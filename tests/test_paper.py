@@ -200,3 +200,31 @@ def test_instruct_quick(mini_out, tmp_path):
     md = read(out / "results.md")
     assert "`em_avg` ↑" in md and "`mc_avg` ↑" in md and "PRIOR − NTP after tuning" in md
     assert os.path.getsize(out / "instruct.png") > 10_000
+
+
+def test_baselines_quick(mini_out, tmp_path):
+    out = tmp_path / "baselines"
+    paper.main(["baselines", "--from", str(mini_out), "--out", str(out), "--quick", "--arms", "attn,itm,rho1"])
+    res = json.loads(read(out / "results.json"))
+    assert set(res["stats"]) == {"ntp", "prior", "attn", "itm", "rho1"}
+    # each baseline trains with its own flags in the main job's recipe, at its lr from the grid
+    configs = {}
+    for d in (out / "runs" / "web" / "h").iterdir():
+        if d.name.endswith("_val"):
+            assert (d / "eval.json").exists() and not (d / "config.json").exists()  # a grid run's checkpoint, on val
+            continue
+        c = json.loads(read(d / "config.json"))["config"]
+        configs[d.name.split("_lr")[0]] = (c["loss"], c["objective"], c["train"], c["steps"])
+    assert configs == {"ntp": ("ntp", "none", "projector", 2), "prior": ("prior", "none", "projector", 2),
+                       "attn": ("attn", "none", "projector", 2), "itm": ("ntp", "itm", "projector", 2),
+                       "rho1": ("rho1", "none", "projector", 2)}
+    assert (out / "attn_scores_train.pt").exists()
+    assert set(res["chosen_lr"]) == {"attn", "itm", "rho1"} and set(res["lr_grid"]["itm"]) == {"0.003"}
+    rel = res["relevance"]["attention weighting"]
+    assert 0 <= rel["mean_w"]["image"] <= 1 and 0 <= rel["auc"]["image_vs_rest"] <= 1
+    md = read(out / "results.md")
+    for label in ("| NTP |", "| PRIOR |", "| attention weighting |", "| NTP + ITM |", "| Rho-1 (not in the paper) |"):
+        assert label in md, label
+    assert "Learning-rate grid" in md and os.path.getsize(out / "baselines.png") > 10_000
+    with pytest.raises(SystemExit, match="unknown --arms"):
+        paper.main(["baselines", "--from", str(mini_out), "--out", str(out), "--quick", "--arms", "clip"])
