@@ -148,7 +148,7 @@ class Setup:
                     for k, v in have.items()}
         want = vars(parse_config(train.TrainConfig, [str(a) for a in args[1:]]))
         default = vars(parse_config(train.TrainConfig, []))  # a flag newer than the run: its default is what ran
-        skip = {"out_dir", "resume", "device", "threads", "workers", "stop_at", "save_every", "compile", "fsdp", "micro_batch"}
+        skip = {"out_dir", "resume", "device", "threads", "workers", "image_cache", "stop_at", "save_every", "compile", "fsdp", "micro_batch"}
         return all(have.get(k, default[k]) == v for k, v in want.items() if k not in skip)
 
     def eval_args(self, run_dir, rows=None, test_scores=True, probes=None, test=None):
@@ -492,9 +492,13 @@ def scaling(args):
     print(f"scaling ({s.mix}, {s.arch.upper()}-LVLM): {', '.join(methods)} on {len(sizes)} subsets of {train_path} "
           f"({', '.join(map(str, sizes))} records; {args.epochs:g} epoch(s) of batch {batch}: "
           f"{', '.join(str(steps_of[n]) for n in sizes)} steps), {seeds} seed(s); lr {', '.join(f'{m} {lrs[m]:g}' for m in methods)}")
+    report_path = s.path(f"scores_{s.mix}_train.json")  # the main job's scoring report: its measured speed
+    measured = json.load(open(report_path)).get("score_tokens_per_s") if os.path.exists(report_path) else None
+    score_speed = measured or 6500
     print(s.estimate(total_steps, len(runs), len(runs), other_jobs=len(need_scores),
-                     extra_s=sum(need_scores) * 28 / 6500 / s.parallel,
-                     note="; scoring the subsets assuming ~6,500 tokens/s (score.py, measured once on the 2-core CPU)"))
+                     extra_s=sum(need_scores) * 28 / score_speed / s.parallel,
+                     note=f"; scoring the subsets at ~{score_speed:,.0f} tokens/s of ~28 per caption ("
+                          f"{'measured in ' + os.path.basename(report_path) if measured else 'a guess'})"))
     if args.plan:
         return None
     for n in sizes:

@@ -53,7 +53,7 @@ from tqdm import tqdm
 import tokenizer as T
 from cli import parse_config
 from data.packing import IGNORE, Sample, cat, pack, to_device
-from data.records import load_images, normalize, read_records
+from data.records import images_cached, load_images, normalize, read_records
 from loss import inverse_frequency_table, token_losses, weighted_loss, prior_weights
 from model import DecoderConfig, VLM, VLMConfig, count_params, load_vision_weights
 from objectives import MicroBatch, attach_heads, host_positions, micro_batch_loss, split_state
@@ -110,6 +110,7 @@ class TrainConfig:
     stop_at: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this step, e.g. to fit a time slot; --resume continues (0 = run to --steps)"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of records is bad"})
     workers: int = field(default=0, metadata={"help": "processes for decoding images at start-up"})
+    image_cache: str = field(default="", metadata={"help": "keep the decoded images in this file (memory-mapped) instead of in memory: memory stays flat for any number of images, and a re-run with the same images reads it instead of decoding ('' = in memory)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     fsdp: bool = field(default=False, metadata={"help": "with several processes, shard weights, gradients and optimizer state (FSDP2 fully_shard per decoder block and the root) instead of DDP's full copies"})
@@ -457,7 +458,12 @@ def main(cfg):
         p_ref = load_scores(cfg.scores, T.fingerprint(tok), data_fp, cfg.data)
     elif cfg.loss == "attn":  # per-token weights in score-file format: they ride in the p_ref field
         p_ref = load_scores(cfg.attn_scores, T.fingerprint(tok), data_fp, cfg.data)
-    records, images = load_images(records, model.cfg.image_size, cfg.max_bad_fraction, cfg.workers)
+    if cfg.image_cache and world > 1 and not master:
+        # rank 0 decodes into the file, the others wait for it (polling, not a barrier: decoding a large set can
+        # outlast a collective's timeout; if rank 0 fails, torchrun stops the others)
+        while not images_cached(records, model.cfg.image_size, cfg.image_cache):
+            time.sleep(1.0)
+    records, images = load_images(records, model.cfg.image_size, cfg.max_bad_fraction, cfg.workers, cfg.image_cache)
     tags = token_tags(tok, records)
     if cfg.loss == "oracle" and tags is None:
         raise ValueError(f"--loss oracle needs the generator's ground-truth 'tags' field in {cfg.data}")

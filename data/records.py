@@ -40,6 +40,7 @@ Usage:
     recs = read_records("data/synth/train.jsonl")
     recs = read_records("coco/annotations/captions_train2017.json::coco/train2017")
     recs, imgs = load_images(recs, size=48)      # imgs: uint8 (N, 3, 48, 48)
+    recs, imgs = load_images(recs, 48, cache="out/images_48.u8")  # the same, kept in a file, not in memory
     x = normalize(imgs[:64].to(device))           # float32, ImageNet mean/std
 """
 import io
@@ -364,10 +365,14 @@ def _decode_all(jobs, workers):
         yield from pool.imap(_try_load, jobs, chunksize=max(1, min(256, len(jobs) // (4 * workers))))
 
 
-def load_images(records, size, max_bad_fraction=0.01, workers=0):
+def load_images(records, size, max_bad_fraction=0.01, workers=0, cache=""):
     """Decode every record's image once into uint8 (N, 3, size, size); drop (and report) undecodable ones.
 
     Returns (kept_records, images) in the input order, images[i] belonging to kept_records[i].
+    With `cache` (a file path) the decoded images go to that file instead of memory, and the returned tensor
+    maps it (torch.from_file): the OS pages in the images a batch touches, so memory stays flat however many
+    images there are (LLaVA-558K at 224 px is 84 GB of pixels). A later call with the same records, size and
+    image files (paths, byte sizes, modification times) maps the file again without decoding anything.
     """
     records = list(records)
     n = len(records)
@@ -375,9 +380,11 @@ def load_images(records, size, max_bad_fraction=0.01, workers=0):
     if missing:
         raise DataError(f"load_images: {len(missing)} records have no image (first: {missing[0]}); "
                         f"was the file read with require_image=False?")
+    jobs = [(r.image, size, r.image_span) for r in records]
+    if cache:
+        return _cached_images(records, jobs, size, max_bad_fraction, workers, cache)
     out = torch.empty((n, 3, size, size), dtype=torch.uint8)
     kept, bad = [], []
-    jobs = [(r.image, size, r.image_span) for r in records]
     with tqdm(total=n, desc="decoding images", unit="img", disable=not sys.stderr.isatty()) as bar:
         for rec, res in zip(records, _decode_all(jobs, workers)):
             if isinstance(res, bytes):
@@ -386,11 +393,82 @@ def load_images(records, size, max_bad_fraction=0.01, workers=0):
             else:
                 bad.append((f"record {rec.id}", res[0], res[1]))
             bar.update()
+    _check_decoded(bad, kept, n, max_bad_fraction)
+    return kept, out[:len(kept)]
+
+
+def _check_decoded(bad, kept, n, max_bad_fraction):
     if n:
         report_bad("images", "load_images", bad, n, max_bad_fraction)
         if not kept:
             raise DataError(f"load_images: none of the {n} images could be decoded")
-    return kept, out[:len(kept)]
+
+
+def _images_key(records, size):
+    """What a cache file must match: the size, and each record's id and image file (path, span, bytes, mtime)."""
+    import hashlib
+    h = hashlib.sha256(f"v1 {size}".encode())
+    stats = {}
+    for r in records:
+        if r.image not in stats:
+            try:
+                st = os.stat(r.image)
+                stats[r.image] = f"{st.st_size} {st.st_mtime_ns}"
+            except OSError:
+                stats[r.image] = "missing"
+        h.update(f"\n{r.id}\t{r.image}\t{r.image_span}\t{stats[r.image]}".encode())
+    return h.hexdigest()
+
+
+def _cache_meta(cache, key, per_image):
+    """The cache's .json if it is complete and made from these images (key), else None."""
+    try:
+        meta = json.load(open(cache + ".json"))
+        if meta.get("key") == key and os.path.getsize(cache) == len(meta["kept"]) * per_image:
+            return meta
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def images_cached(records, size, cache):
+    """Whether `cache` holds these records' images at this size (what load_images(..., cache=) would map)."""
+    return _cache_meta(cache, _images_key(list(records), size), 3 * size * size) is not None
+
+
+def _cached_images(records, jobs, size, max_bad_fraction, workers, cache):
+    """load_images through a file: `cache` holds the kept images' pixels back to back, `cache`.json the key,
+    which records were kept and why the others were not. The .json is written last, so a run killed while
+    decoding leaves no cache that looks complete."""
+    n, per_image = len(records), 3 * size * size
+    key, meta_path = _images_key(records, size), cache + ".json"
+    meta = _cache_meta(cache, key, per_image)
+    if meta is None and os.path.exists(meta_path):
+        print(f"load_images: {cache} was made from other images or settings; decoding again", file=sys.stderr)
+    if meta is None:
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+        tmp = f"{cache}.tmp{os.getpid()}"
+        kept_index, bad = [], []
+        with open(tmp, "wb") as f, tqdm(total=n, desc=f"decoding images to {os.path.basename(cache)}", unit="img",
+                                        disable=not sys.stderr.isatty()) as bar:
+            for i, (rec, res) in enumerate(zip(records, _decode_all(jobs, workers))):
+                if isinstance(res, bytes):  # HWC bytes; the file holds CHW, as the tensor does
+                    f.write(_to_tensor(res, size).contiguous().numpy().tobytes())
+                    kept_index.append(i)
+                else:
+                    bad.append((f"record {rec.id}", res[0], res[1]))
+                bar.update()
+        os.replace(tmp, cache)
+        meta = {"key": key, "size": size, "n": n, "kept": kept_index, "bad": bad}
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump(meta, f)
+        os.replace(meta_path + ".tmp", meta_path)
+    kept = [records[i] for i in meta["kept"]]
+    _check_decoded([tuple(b) for b in meta["bad"]], kept, n, max_bad_fraction)
+    if not kept:  # an empty input (a non-empty one with nothing decodable has raised above)
+        return kept, torch.empty((0, 3, size, size), dtype=torch.uint8)
+    images = torch.from_file(cache, shared=False, size=len(kept) * per_image, dtype=torch.uint8)
+    return kept, images.view(len(kept), 3, size, size)
 
 
 def normalize(images_uint8):

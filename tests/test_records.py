@@ -167,6 +167,42 @@ def test_load_images_drops_undecodable(tmp_path, capsys):
         load_images(recs, 16)  # 50% bad is far over the default 1%
 
 
+def test_image_cache_equals_memory_and_is_reused(tmp_path, capsys, monkeypatch):
+    import data.records as R
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9), (1, 2, 3)]
+    rows = [{"image": f"i{k}.png", "caption": f"c{k}"} for k in range(5)]
+    for k, c in enumerate(colors):
+        png(tmp_path / f"i{k}.png", c, size=(20, 10))
+    (tmp_path / "i2.png").write_bytes(b"")  # a bad one: skipped and reported with or without the cache
+    recs = read_records(write_jsonl(tmp_path / "d.jsonl", rows))
+    kept, imgs = load_images(recs, 16, max_bad_fraction=0.5)
+    cache = str(tmp_path / "cache" / "images.u8")
+    assert not R.images_cached(recs, 16, cache)
+    for workers in (0, 2):
+        kept_c, imgs_c = load_images(recs, 16, max_bad_fraction=0.5, workers=workers, cache=cache)
+        assert [r.id for r in kept_c] == [r.id for r in kept] and torch.equal(imgs_c, imgs)
+        assert "skipped 1 of 5 images" in capsys.readouterr().err
+    assert R.images_cached(recs, 16, cache) and not R.images_cached(recs, 8, cache)
+    assert os.path.getsize(cache) == 4 * 3 * 16 * 16
+    # a second call maps the file: nothing is decoded, the bad record is still reported and counted
+    monkeypatch.setattr(R, "_try_load", lambda job: pytest.fail("decoded again"))
+    kept_c, imgs_c = load_images(recs, 16, max_bad_fraction=0.5, cache=cache)
+    assert torch.equal(imgs_c, imgs) and "skipped 1 of 5 images" in capsys.readouterr().err
+    with pytest.raises(DataError, match="1 of 5"):
+        load_images(recs, 16, cache=cache)  # the threshold applies to a cached result too
+    # a changed image file (or other records, or another size) makes it decode again
+    monkeypatch.undo()
+    png(tmp_path / "i0.png", (7, 7, 7), size=(20, 10))
+    os.utime(tmp_path / "i0.png", ns=(1, 1))
+    assert not R.images_cached(recs, 16, cache)
+    kept_c, imgs_c = load_images(recs, 16, max_bad_fraction=0.5, cache=cache)
+    assert "decoding again" in capsys.readouterr().err and imgs_c[0, :, 8, 8].tolist() == [7, 7, 7]
+    # a cut-off pixel file (e.g. a full disk) is not taken for a cache
+    with open(cache, "r+b") as f:
+        f.truncate(100)
+    assert not R.images_cached(recs, 16, cache)
+
+
 def test_modes_become_rgb(tmp_path):
     cases = {"L": 128, "RGBA": (10, 20, 30, 255), "CMYK": (0, 0, 0, 0), "P": 3, "LA": (50, 255)}
     for mode, color in cases.items():

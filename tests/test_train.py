@@ -100,7 +100,8 @@ def test_non_finite_loss_stops_with_a_useful_message(tiny, tmp_path):
 
 
 def test_two_processes_equal_one(tiny, tmp_path):
-    """torchrun with 2 gloo processes and half the batch each gives the 1-process result (float tolerance)."""
+    """torchrun with 2 gloo processes and half the batch each gives the 1-process result (float tolerance); the
+    2-process run keeps its images in an --image-cache file (rank 0 decodes, rank 1 waits and maps it)."""
     args = ["--data", str(tiny["train"]), "--tokenizer", str(tiny["tokenizer"]), "--scores", str(tiny["scores"]),
             "--loss", "prior", "--image-size", "16", "--patch-size", "4", "--vit-dim", "16", "--vit-depth", "1",
             "--vit-heads", "2", "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--batch-size", "8",
@@ -109,8 +110,11 @@ def test_two_processes_equal_one(tiny, tmp_path):
     for n in (1, 2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                os.path.join(ROOT, "train.py"), *args, "--out-dir", str(tmp_path / f"n{n}")]
+        if n == 2:
+            cmd += ["--image-cache", str(tmp_path / "cache" / "images_16.u8")]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+    assert os.path.getsize(tmp_path / "cache" / "images_16.u8") % (3 * 16 * 16) == 0
     a, b = weights(tmp_path / "n1" / "last.pt"), weights(tmp_path / "n2" / "last.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
