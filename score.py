@@ -539,8 +539,12 @@ def main(cfg):
     model, ckpt = load_lm(cfg.ref, tok)
     try:
         if cfg.stream or world > 1:
-            return score_stream(cfg, tok, model, ckpt, device, rank, world)
-        return score_one_file(cfg, tok, model, ckpt, device)
+            result = score_stream(cfg, tok, model, ckpt, device, rank, world)
+        else:
+            result = score_one_file(cfg, tok, model, ckpt, device)
+        if started:  # tear down together (see the end of train.main)
+            dist.barrier()
+        return result
     finally:
         if started:
             dist.destroy_process_group()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Copy what the main job (bash run.sh) and paper.py wrote under out/ (git-ignored) into results/ (tracked), so
+# that README can link the tables and plots our runs produced. Usage: bash results/collect.sh [out]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+src=${1:-out}
+[ -f "$src/results.md" ] || { echo "collect.sh: $src/results.md is missing: run the main job first (bash run.sh)" >&2; exit 1; }
+mkdir -p results/main
+cp "$src/results.md" results/main/
+# the plots results.md shows, and the importance-score (Fig. 8) and token-weight (Fig. 1) pictures
+for png in $(grep -o '([a-z_]*\.png)' "$src/results.md" | tr -d '()') $(cd "$src" && ls importance_*.png token_weights_*.png); do
+    cp "$src/$png" results/main/
+done
+for cmd in ablation baselines scaling instruct; do
+    if [ -f "$src/paper/$cmd/results.md" ]; then
+        mkdir -p "results/$cmd"
+        cp "$src/paper/$cmd/results.md" "$src/paper/$cmd/"*.png "results/$cmd/"
+    fi
+done
+echo "copied into results/: $(cd results && find . -name '*.md' -o -name '*.png' | sort | tr '\n' ' ')"
