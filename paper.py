@@ -8,7 +8,8 @@ reusing what the main job (experiment.py) left in its output folder.
     python paper.py <command> --plan                                  # what it would run, and an estimate
     python paper.py <command> --quick                                 # seconds: a check on smoke artefacts
 
-Each writes <from>/paper/<command>/results.md, results.json, a PNG and its runs (train.py / eval.py
+Each writes <from>/paper/<command>/results.md (paper/<command>_u/ for --arch u, _<mix> for another mix than
+the main job's first), results.json, a PNG and its runs (train.py / eval.py
 outputs) and logs; a re-run skips the finished runs, as experiment.py does. What it reads from --from:
 experiment_config.json (the preset the artefacts were made with), data_<mix>/, tokenizer.json,
 scores_<mix>_{train,test}.pt, ref_lm_<mix>.pt (scaling), base_lm.pt and vit.pt (H-LVLM),
@@ -88,7 +89,9 @@ class Setup:
         self.arch = args.arch
         self.device = exp_cfg.device
         self.parallel = args.parallel or (1 if args.quick else max(1, exp_cfg.parallel))
-        self.out = os.path.abspath(args.out or os.path.join(self.src, "paper", command))
+        # one folder per command, family and mix, so that `--arch u` does not overwrite the H-LVLM's report
+        folder = command + ("" if self.arch == "h" else f"_{self.arch}") + ("" if self.mix == self.exp.mixes[0] else f"_{self.mix}")
+        self.out = os.path.abspath(args.out or os.path.join(self.src, "paper", folder))
         os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
         self.data = self.path(f"data_{self.mix}")
         self.eval_rows = args.eval_rows if args.eval_rows is not None else (8 if args.quick else self.p["eval_rows"])

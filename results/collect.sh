@@ -11,10 +11,11 @@ cp "$src/results.md" results/main/
 for png in $(grep -o '([a-z_]*\.png)' "$src/results.md" | tr -d '()') $(cd "$src" && ls importance_*.png token_weights_*.png); do
     cp "$src/$png" results/main/
 done
-for cmd in ablation baselines scaling instruct; do
-    if [ -f "$src/paper/$cmd/results.md" ]; then
-        mkdir -p "results/$cmd"
-        cp "$src/paper/$cmd/results.md" "$src/paper/$cmd/"*.png "results/$cmd/"
+for dir in "$src"/paper/*/; do  # ablation, baselines, scaling, instruct (and _u / _<mix> variants)
+    name=$(basename "$dir")
+    if [ -f "$dir/results.md" ]; then
+        mkdir -p "results/$name"
+        cp "$dir/results.md" "$dir"*.png "results/$name/"
     fi
 done
 echo "copied into results/: $(cd results && find . -name '*.md' -o -name '*.png' | sort | tr '\n' ' ')"
