@@ -228,3 +228,26 @@ def test_baselines_quick(mini_out, tmp_path):
     assert "Learning-rate grid" in md and os.path.getsize(out / "baselines.png") > 10_000
     with pytest.raises(SystemExit, match="unknown --arms"):
         paper.main(["baselines", "--from", str(mini_out), "--out", str(out), "--quick", "--arms", "clip"])
+
+
+def test_same_run_reads_a_moved_artefacts_folder(mini_out, tmp_path):
+    """A main-job run made when the artefacts folder lived elsewhere (copied, renamed) still counts as the same
+    run: its recorded paths are read relative to the folder it was in. Another setting does not."""
+    import train
+    from cli import parse_config
+    args = paper.parser().parse_args(["ablation", "--from", str(mini_out), "--out", str(tmp_path / "o"), "--quick"])
+    s = paper.Setup(args, "ablation")
+    run = os.path.join(s.src, "runs", "web", "h", "ntp_moved_folder")
+    targs = s.train_args("ntp", 3e-3, 0, run)
+    config = vars(parse_config(train.TrainConfig, [str(a) for a in targs[1:]]))
+    old = "/elsewhere/out"
+    moved = {k: old + v[len(s.src):] if isinstance(v, str) and v.startswith(s.src + os.sep) else v
+             for k, v in config.items()}
+    assert moved["data"].startswith(old) and moved["out_dir"].startswith(old)
+    os.makedirs(run)
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump({"config": moved}, f)
+    assert s.same_run(run, targs)
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump({"config": {**moved, "lr": 1e-2}}, f)
+    assert not s.same_run(run, targs)
