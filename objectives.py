@@ -170,6 +170,12 @@ def micro_batch_loss(cfg, model, train_model, mb, device):
     (the VLM, or its DDP / compiled wrapper). The caption loss follows cfg.loss; text-only rows always train
     with NTP (factor 1). Both losses are means over this micro-batch (tokens, resp. samples)."""
     decoder = model.decoder
+    # The extra forwards (CAL's, ITM's, ITC's) run on the bare model, not through DDP: DDP supports one forward
+    # per backward, and a second one through the wrapper re-arms its reducer mid-step (in CI a gloo rank then
+    # aborted at exit, about one run in thirty). Their gradients still reach the same parameters, and DDP's
+    # hooks all-reduce each parameter's summed gradient once, in the backward.
+    wrapped = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
+    extra_model = model if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else train_model
     R_img = mb.image_rows
     image_part = slice(0, R_img)
     with autocast(device):
@@ -196,7 +202,7 @@ def micro_batch_loss(cfg, model, train_model, mb, device):
         with torch.no_grad():
             if mb.n_images >= 2:
                 with autocast(device):
-                    null = train_model(mb.input_ids[image_part], mb.pixels.roll(1, 0), mb.position_ids[image_part],
+                    null = extra_model(mb.input_ids[image_part], mb.pixels.roll(1, 0), mb.position_ids[image_part],
                                        mb.doc_ids[image_part], keep=mb.keep[:mb.image_labels])
                 without = torch.cat([null.float()[None], logits[:, mb.image_labels:].float()], 1)
             else:
@@ -211,7 +217,7 @@ def micro_batch_loss(cfg, model, train_model, mb, device):
         h = decoder.norm(flat.index_select(0, mb.eos))
         if mb.n_images >= 2:
             with autocast(device):
-                xm = train_model(mb.input_ids[image_part], mb.pixels.roll(1, 0), mb.position_ids[image_part],
+                xm = extra_model(mb.input_ids[image_part], mb.pixels.roll(1, 0), mb.position_ids[image_part],
                                  mb.doc_ids[image_part], return_hidden=True)
             hm = decoder.norm(xm.flatten(0, 1).index_select(0, mb.eos))
             aux = itm_loss(heads.itm, h, hm)
@@ -223,7 +229,7 @@ def micro_batch_loss(cfg, model, train_model, mb, device):
         t_ids, t_pos, t_doc, t_eos = mb.text
         trains = any(p.requires_grad for p in decoder.parameters())
         with torch.set_grad_enabled(trains and torch.is_grad_enabled()), autocast(device):
-            xt = train_model(t_ids, None, t_pos, t_doc, return_hidden=True)
+            xt = extra_model(t_ids, None, t_pos, t_doc, return_hidden=True)
             text = decoder.norm(xt.flatten(0, 1).index_select(0, t_eos))
         if mb.n_images >= 2:
             aux = itc_loss(heads, image, text)

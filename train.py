@@ -597,3 +597,10 @@ def main(cfg):
 
 if __name__ == "__main__":
     main(parse_config(TrainConfig, description=__doc__))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Finished cleanly, process group destroyed, files closed: skip the interpreter's teardown, where a
+        # leftover gloo thread can still abort the process ("terminate called without an active exception";
+        # seen in CI about once in thirty 2-process runs) and turn a finished run into a failed one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
