@@ -25,8 +25,9 @@ Captions longer than the reference LM's context (min(--row-len, the model's max_
 scored on the tokens that fit; the rest get p_ref = 0, i.e. weight 1, as plain NTP would give them. They are
 counted and reported, never dropped, so every record keeps one score per label.
 
-When the captions carry the generator's ground-truth word tags ("image", "boiler", "noise"), it reports how
-well the weights find image-related tokens (ROC-AUC, mean weight per category) and draws a picture like the
+When the captions carry the generator's ground-truth word tags (image, glue, boiler, noise), it reports how
+well the weights find image-related tokens (ROC-AUC, mean weight per category, the share of each category
+that the reference LM predicts with p_ref > 0.5) and draws a picture like the
 paper's Fig. 1: a few captions with each token shaded by its weight (with --stream: on the first
 --report-captions captions of rank 0's share).
 """
@@ -51,7 +52,7 @@ from reference_lm import caption_samples, load_lm
 from utils import (atomic_save, autocast, check_fingerprint, file_fingerprint, pick_device, safe_load,
                    text_fingerprint)
 
-CATEGORIES = ("image", "boiler", "noise")
+CATEGORIES = ("image", "boiler", "noise", "glue")  # the generator's word tags (data/generate.py)
 INDEX_FORMAT = "prior-scores-index-1"
 SHARD_MAGIC = b"PRIOR-SCORES-SHARD-1\n"
 
@@ -343,7 +344,9 @@ def relevance_report(p_ref, tags):
     by = {name: w[t == i] for i, name in enumerate(CATEGORIES)}
     other = torch.cat([by["boiler"], by["noise"]])
     report = {"mean_w": {k: float(v.mean()) if len(v) else None for k, v in by.items()},
-              "share": {k: len(v) / max(1, int((t >= 0).sum())) for k, v in by.items()}}
+              "share": {k: len(v) / max(1, int((t >= 0).sum())) for k, v in by.items()},
+              # tokens the reference LM predicts well (p_ref > 0.5, w < 0.5): for image words, PRIOR's risk
+              "predicted": {k: float((v < 0.5).float().mean()) if len(v) else None for k, v in by.items()}}
     report["auc"] = {}
     for name, neg in (("image_vs_boiler", by["boiler"]), ("image_vs_noise", by["noise"]), ("image_vs_rest", other)):
         report["auc"][name] = roc_auc(by["image"], neg) if len(by["image"]) and len(neg) else None
@@ -383,6 +386,8 @@ def _relevance(report, tok, records, samples, p_ref):
           ", ".join(f"{k} {v:.3f} ({rel['share'][k]:.0%} of tokens)" for k, v in rel["mean_w"].items() if v is not None))
     print("ROC-AUC of w for image-related tokens: " +
           ", ".join(f"{k} {v:.3f}" for k, v in rel["auc"].items() if v is not None))
+    print("share predicted by the reference LM (p_ref > 0.5): " +
+          ", ".join(f"{k} {v:.3f}" for k, v in rel["predicted"].items() if v is not None))
 
 
 def _overlong_note(n_long, n_labels, ctx, where):

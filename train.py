@@ -58,7 +58,7 @@ from loss import inverse_frequency_table, token_losses, weighted_loss, prior_wei
 from model import DecoderConfig, VLM, VLMConfig, count_params, load_vision_weights
 from objectives import MicroBatch, attach_heads, host_positions, micro_batch_loss, split_state
 from reference_lm import make_optimizer
-from score import count_overlong, load_scores, token_tags
+from score import CATEGORIES, count_overlong, load_scores, token_tags
 from utils import (atomic_save, autocast, check_fingerprint, load_checkpoint, lr_at, pick_device,
                    seed_everything, text_fingerprint)
 
@@ -276,8 +276,9 @@ def loss_weights(cfg, batch, rare_table=None):
         return rare_table[batch.labels.clamp(min=0)]
     if cfg.loss == "attn":  # the scorer's attention weights travel in the p_ref field (see main)
         return batch.p_ref.float()
-    if cfg.loss == "oracle":
-        return torch.where(batch.tags == 0, 1.0, cfg.oracle_low)  # ground-truth image words 1
+    if cfg.loss == "oracle":  # ground-truth tags: image words and glue (its form depends on the image) 1
+        related = (batch.tags == CATEGORIES.index("image")) | (batch.tags == CATEGORIES.index("glue"))
+        return torch.where(related, 1.0, cfg.oracle_low)
     return torch.ones_like(batch.p_ref)  # rho1, cal: weights made online in objectives.micro_batch_loss
 
 
@@ -327,7 +328,7 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None
     plain = plain_path(cfg)
     if not plain and model is None:
         model = unwrap(train_model)
-    nll_by_tag = torch.zeros(2, 3, device=device)             # NLL sum and count per ground-truth category
+    nll_by_tag = torch.zeros(2, len(CATEGORIES), device=device)             # NLL sum and count per ground-truth category
     for c, (ids, tids) in enumerate(chunks):
         # Tight packing: no sample order is needed, and padding would cost as much as real tokens.
         batch = pack([samples[i] for i in ids], cfg.row_len, data.prefix, tight=True)
@@ -563,7 +564,7 @@ def main(cfg):
             if cfg.objective != "none":  # mean auxiliary loss per sample; the objective is loss + aux_weight x aux
                 line["aux"] = stats["aux"] / cfg.batch_size
             if nll_by_tag[1].sum() > 0:
-                for i, name in enumerate(("image", "boiler", "noise")):
+                for i, name in enumerate(CATEGORIES):
                     if nll_by_tag[1][i] > 0:
                         line[f"nll_{name}"] = float(nll_by_tag[0][i] / nll_by_tag[1][i])
             if peak:

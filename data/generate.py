@@ -2,7 +2,7 @@
 Built-in synthetic image-caption data for PRIOR, with ground truth for every caption word.
 
     python -m data.generate --out data/synth                    # default 'web' mix, about a minute on 2 cores
-    python -m data.generate --out data/synth_noisy --mix noisy  # presets: web, boiler, noisy
+    python -m data.generate --out data/synth_hard --mix hard    # presets: web, hard, boiler, noisy
     python -m data.generate --help                              # every knob, explained
 
 Scenes are 1-4 coloured shapes on a 3x3 grid. Captions imitate web alt-text: a consistent
@@ -10,12 +10,19 @@ image description ("a photo of two red circles and a blue star at the top left")
 - boilerplate: stock-photo/website phrases and glue words, predictable from text alone (each caption
   comes from one of --n-sites sites, and a site always writes the same template), and
 - noise: names, prices, dates, places, photo ids, independent of the image AND of the text.
-Glue words never depend on the image ("a", never "an"; "at the" for every position; "and" between
-objects), so the tags are honest: a boilerplate word is one a text-only model could predict.
-Every word carries a tag (image / boiler / noise), so we can check what PRIOR's reference LM
-down-weights: it should down-weight boilerplate, but it will UP-weight noise (it cannot
-predict it either), which is where PRIOR cannot help. Probes are multiple-choice caption
-fragments scored by likelihood (the models are never instruction tuned).
+Every word carries a tag, so we can check what PRIOR's reference LM down-weights:
+- image: names what is in the image (shape, colour, size, count, position words);
+- glue: not a visual word, but whether it is there depends on the image: the article "a" (versus a
+  number word), "and" (one fewer than the objects), "shape"/"shapes" after a count, and the separator
+  that ends the description (its place depends on how long the description is);
+- boiler: predictable from the text alone ("at the", stock phrases, template words, the site's intro);
+- noise: names, prices, dates, ids, independent of the image and of the text.
+PRIOR should down-weight boilerplate, but it will UP-weight noise (it cannot predict it either), and
+in the "hard" mix it will also DOWN-weight image words that the text gives away (a shape's usual
+colour, a site's usual shapes, a title that repeats the description): the mix where PRIOR can lose.
+Probes are multiple-choice caption fragments scored by likelihood (the models are never instruction tuned).
+No validation, test or probe scene equals a training scene, and no training-side text (reference LM,
+base LM, labels) holds a validation, test or probe scene or caption: the evaluation measures generalisation.
 Same config -> byte-identical files: every random draw comes from a seeded stream per split
 and every image from its own seed, so the worker count does not matter.
 """
@@ -43,7 +50,7 @@ COLOURS = {  # clearly distinct hues; --colour-contrast pulls them towards grey 
     "white": (250, 250, 250), "black": (15, 15, 15), "brown": (130, 80, 35)}
 ROWS, COLS = ["top", "middle", "bottom"], ["left", "center", "right"]
 NUMS = "zero one two three four five six seven eight nine ten".split()
-IMG, BOIL, NOISE = "image", "boiler", "noise"
+IMG, BOIL, NOISE, GLUE = "image", "boiler", "noise", "glue"
 # caption intros and their weights: "a photo of" dominates, so probe prompts are common caption prefixes
 INTROS = ["a photo of", "an image of", "a picture of", "photo of", "close up of", "an illustration of", ""]
 INTRO_WEIGHTS = [6, 1, 1, 1, 1, 1, 2]
@@ -65,10 +72,15 @@ MONTHS = "january february march april may june july august september october no
 SYLLABLES = "ka lo mi ren tu sa vel dor an bri ost um qua zel fin ha jo ter ne pil gor shi wa ex".split()
 
 # caption filler presets (fill image_share / noise_share / noise_vocab unless given explicitly).
-# Image share is the same in all three, so they differ only in what the non-image words are.
+# Image share is the same in all of them, so they differ in what the non-image words are and in how much the
+# text gives the image words away.
 MIXES = {"web": dict(image_share=0.30, noise_share=0.15, noise_vocab=300),    # mostly boilerplate
          "boiler": dict(image_share=0.30, noise_share=0.02, noise_vocab=20),  # predictable filler only
-         "noisy": dict(image_share=0.30, noise_share=1.0, noise_vocab=5000)}  # all filler is random noise
+         # noise is most of the non-image words: bare noise fields (no "photo by"), few stock phrases
+         "noisy": dict(image_share=0.30, noise_share=1.0, noise_vocab=5000, bare_noise=1.0),
+         # image words that text predicts (PRIOR's risk) and boilerplate that it predicts only in part
+         "hard": dict(image_share=0.30, noise_share=0.15, noise_vocab=300, colour_corr=0.7, site_shapes=0.7,
+                      title_prob=0.5, boiler_vary=0.5)}
 
 
 def opt(default, help):  # a config field with the help text argparse shows
@@ -88,6 +100,16 @@ class GenConfig:
                                                     "measured share saturates near 0.25 (1.0: all filler is noise)")
     noise_vocab: typing.Optional[int] = opt(None, "distinct items per noise kind (names, places, prices, dates, "
                                                   "ids, numbers): how high the noise entropy is")
+    colour_corr: typing.Optional[float] = opt(None, "chance an object has its shape's usual colour (text predicts "
+                                                    "the shape from the colour)")
+    site_shapes: typing.Optional[float] = opt(None, "chance an object's shape is one of its caption site's two "
+                                                    "favourite shapes")
+    title_prob: typing.Optional[float] = opt(None, "chance a site repeats a short title of the scene (image words "
+                                                   "that the description predicts)")
+    boiler_vary: typing.Optional[float] = opt(None, "chance a stock phrase is drawn at random instead of from the "
+                                                    "site's template (partly predictable boilerplate)")
+    bare_noise: typing.Optional[float] = opt(None, "chance a noise field comes without its template words "
+                                                   "('maria lopez' instead of 'photo by maria lopez')")
     n_ref: int = opt(20000, "text-only captions for the reference LM (fresh scenes, never a train/val/test caption)")
     n_text: int = opt(20000, "more text-only captions (base LM pre-training / text-only mix)")
     n_label: int = opt(5000, "images with a short label as caption (stage 1 of the encoder-free model)")
@@ -125,6 +147,9 @@ class GenConfig:
 def resolve(cfg):
     """Fill the preset-controlled fields left at None from --mix."""
     assert cfg.mix in MIXES, f"unknown --mix {cfg.mix}, choose from {list(MIXES)}"
+    for k in ("colour_corr", "site_shapes", "title_prob", "boiler_vary", "bare_noise"):
+        if getattr(cfg, k) is None and k not in MIXES[cfg.mix]:
+            setattr(cfg, k, 0.0)
     for k, v in MIXES[cfg.mix].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -134,7 +159,14 @@ def resolve(cfg):
 
 
 # ----------------------------------------------------------------------------- scenes
-def sample_scene(rng, cfg):
+def usual_colour(shape, colours):
+    """The colour a shape comes in most often when --colour-corr is set (a fixed pairing)."""
+    return colours[SHAPES.index(shape) % len(colours)]
+
+
+def sample_scene(rng, cfg, site=None):
+    """1-4 objects on distinct cells. With --site-shapes a caption's site favours two shapes, and with
+    --colour-corr shapes favour their usual colour: then the text predicts image words."""
     shapes, colours = SHAPES[:cfg.n_shapes], list(COLOURS)[:cfg.n_colours]
     weights = [(i + 1) ** -cfg.shape_skew for i in range(len(shapes))]
     partner = {s: shapes[(i + len(shapes) // 2) % len(shapes)] for i, s in enumerate(shapes)}
@@ -144,15 +176,23 @@ def sample_scene(rng, cfg):
         if i == 1 and rng.random() < cfg.pair_prob:  # a twin: same shape and colour
             shape, colour = objs[0]["shape"], objs[0]["colour"]
         else:
-            if i and rng.random() < cfg.cooccur_prob:
+            if site and cfg.site_shapes and rng.random() < cfg.site_shapes:
+                shape = rng.choice(site["shapes"])
+            elif i and rng.random() < cfg.cooccur_prob:
                 shape = partner[rng.choice(objs)["shape"]]
             else:
                 shape = rng.choices(shapes, weights)[0]
-            colour = rng.choice(colours)
+            usual = cfg.colour_corr and rng.random() < cfg.colour_corr
+            colour = usual_colour(shape, colours) if usual else rng.choice(colours)
         objs.append(dict(shape=shape, colour=colour, size=rng.choice(["small", "large"]),
                          row=ROWS[cell // 3], col=COLS[cell % 3]))
     rng.shuffle(objs)
     return objs
+
+
+def scene_key(scene):
+    """Order-free identity of a scene, for de-duplication."""
+    return tuple(sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"]) for o in scene))
 
 
 def groups_of(scene, with_pos):
@@ -196,10 +236,11 @@ def pos_words(row, col):
 
 
 def object_words(g, with_shape=True):
-    """'a large red circle at the top left' / 'two blue stars'. The article is glue (boiler),
-    a number word is image content. Always "a", never "an": "an" would announce "orange" before it comes."""
+    """'a large red circle at the top left' / 'two blue stars'. The article is glue (it says "one", where
+    a number word would say more), a number word is image content. Always "a", never "an": "an" would
+    announce "orange" before it comes."""
     attrs = [a for a in (g.get("size"), g.get("colour")) if a]
-    w = [("a", BOIL)] if g["n"] == 1 else [(NUMS[g["n"]], IMG)]
+    w = [("a", GLUE)] if g["n"] == 1 else [(NUMS[g["n"]], IMG)]
     w += [(a, IMG) for a in attrs]
     if with_shape:
         w.append((plural(g["shape"], g["n"]), IMG))
@@ -210,17 +251,18 @@ def object_words(g, with_shape=True):
 
 def describe(groups):
     """'A and B and C': one fixed list grammar, so a model can learn where objects start ('A , B and C'
-    would make the glue word tell how many objects are left, which only the image knows)."""
+    would make the glue word tell how many objects are left, which only the image knows). "and" itself is
+    glue: whether another object follows depends on the image."""
     w = []
     for i, g in enumerate(groups):
         if i:
-            w.append(("and", BOIL))
+            w.append(("and", GLUE))
         w += object_words(g)
     return w
 
 
 def count_words(n):
-    return [(NUMS[n], IMG), (plural("shape", n), BOIL)]
+    return [(NUMS[n], IMG), (plural("shape", n), GLUE)]  # "shape" or "shapes": the count decides
 
 
 def label_words(scene):  # short label: 'two red circles and a blue square' (no size, no position)
@@ -273,22 +315,28 @@ def make_sites(cfg):
                           boiler=rng.sample(BOILER, 6), noise=noise, desc_first=rng.random() < 0.8,
                           noise_first=rng.random() < 0.5, pos=rng.random() < cfg.pos_prob,
                           count=rng.random() < cfg.count_prob))
+    extra = random.Random(f"{cfg.seed}/site-habits")
+    for site in sites:
+        site.update(shapes=extra.sample(SHAPES[:cfg.n_shapes], 2), title=extra.random() < cfg.title_prob,
+                    title_first=extra.random() < 0.5)
     return sites
 
 
-def noise_segment(rng, pools, slots):  # [(kind, "photo by {}"), ...] -> "photo by maria lopez march 3 2019"
+def noise_segment(rng, pools, slots, bare=0.0):  # [(kind, "photo by {}"), ...] -> "photo by maria lopez ..."
     seg = []
     for kind, template in slots:
+        if bare and rng.random() < bare:  # --bare-noise: the value without its template words
+            template = "{}"
         pre, post = template.split("{}")
         seg += W(pre, BOIL) + W(rng.choice(pools[kind]), NOISE) + W(post, BOIL)
     return seg
 
 
-def caption(scene, rng, cfg, pools, sites):
-    """One web-style caption from a random site: the site's intro and a description of the scene, padded
-    with the site's boilerplate and noise segments until image words make up ~image_share of it.
-    Returns (text, tags)."""
-    site = rng.choice(sites)
+def caption(scene, rng, cfg, pools, sites, site=None):
+    """One web-style caption from a site (random unless given): the site's intro and a description of the
+    scene, padded with the site's boilerplate and noise segments until image words make up ~image_share of
+    it; sites with a title habit also repeat a short label of the scene. Returns (text, tags)."""
+    site = site or rng.choice(sites)
     groups = groups_of(scene, site["pos"])
     rng.shuffle(groups)
     for g in groups:  # drop attributes: web captions are incomplete
@@ -298,45 +346,55 @@ def caption(scene, rng, cfg, pools, sites):
     if site["count"]:
         core += count_words(len(scene)) + [(":", BOIL)]
     core += describe(groups)
+    title = label_words(scene) if site["title"] else []  # the scene again, in short: text predicts it
     # word budgets: non-image words = image words * (1/image_share - 1), noise_share of them noise.
     # The description's own glue words come first, so a high noise_share may not fit (capped).
-    n_img = sum(t == IMG for _, t in core)
-    room = n_img / cfg.image_share - len(core)  # words still to add
+    n_img = sum(t == IMG for _, t in core + title)
+    room = n_img / cfg.image_share - len(core) - len(title)  # words still to add
     noise_left = cfg.noise_share * (n_img / cfg.image_share - n_img)
     noise, boiler = [], []
     # noise first (its template words and separators count as boiler), boilerplate fills the rest, each
     # in the site's order. A segment that overshoots a budget is kept with probability budget/size, so
     # shares stay unbiased.
     while noise_left > 0 and room > 0:
-        seg = noise_segment(rng, pools, site["noise"][len(noise) % len(site["noise"])])
-        k, m = sum(t == NOISE for _, t in seg), len(seg) + 1  # +1: the separator it brings
+        seg = noise_segment(rng, pools, site["noise"][len(noise) % len(site["noise"])], cfg.bare_noise)
+        # +1: the separator it brings (bare noise runs on without separators: "maria lopez 14.99 lisbon")
+        k, m = sum(t == NOISE for _, t in seg), len(seg) + (not cfg.bare_noise)
         if (k > noise_left or m > room) and rng.random() > min(noise_left / k, room / m):
             break
         noise.append(seg)
         noise_left, room = noise_left - k, room - m
     while room > 0:
-        seg = W(site["boiler"][len(boiler) % len(site["boiler"])], BOIL)
+        phrase = site["boiler"][len(boiler) % len(site["boiler"])]
+        if cfg.boiler_vary and rng.random() < cfg.boiler_vary:  # off-template: only partly predictable
+            phrase = rng.choice(BOILER)
+        seg = W(phrase, BOIL)
         if len(seg) + 1 > room and rng.random() > room / (len(seg) + 1):
             break
         boiler.append(seg)
         room -= len(seg) + 1
+    if cfg.bare_noise and noise:
+        noise = [sum(noise, [])]
     segs = noise + boiler if site["noise_first"] else boiler + noise
     # the description leads most sites' captions, so "a photo of ..." probe prompts are natural prefixes
     segs = [core] + segs if site["desc_first"] else segs + [core]
-    words = []
+    if title:
+        segs = [title] + segs if site["title_first"] else segs + [title]
+    words, after_image = [], False
     for seg in segs:
-        if words:
-            words.append((site["sep"], BOIL))
+        if words:  # a separator right after the description or title: where it falls depends on the image
+            words.append((site["sep"], GLUE if after_image else BOIL))
         words += seg
+        after_image = seg is core or seg is title
     return text_of(words), [t for _, t in words]
 
 
-def text_document(scene, rng, cfg, pools, sites):
+def text_document(scene, rng, cfg, pools, sites, site=None):
     """A text-only document: with probability text_context, a full description of the scene (every object
     with its size, colour and position) before a caption of it, the way a web page repeats in its text
     what its alt-text says. A base LM trained on such text learns to use what its context says about the
     scene, which the frozen LM of the H-LVLM needs to read the projector's output (a real LLM can)."""
-    text, tags = caption(scene, rng, cfg, pools, sites)
+    text, tags = caption(scene, rng, cfg, pools, sites, site)
     if rng.random() >= cfg.text_context:
         return text, tags
     full = describe(groups_of(scene, True)) + [(".", BOIL)]
@@ -464,7 +522,7 @@ def _render_job(cfg, job):
 def shares(rows):
     c = Counter(t for r in rows for t in r["tags"])
     n = sum(c.values()) or 1
-    out = {k: round(c[k] / n, 4) for k in (IMG, BOIL, NOISE)}
+    out = {k: round(c[k] / n, 4) for k in (IMG, GLUE, BOIL, NOISE)}
     out["noise_of_nonimage"] = round(c[NOISE] / max(1, c[NOISE] + c[BOIL]), 4)
     out["words_per_caption"] = round(n / max(1, len(rows)), 2)
     return out
@@ -487,34 +545,27 @@ def generate(cfg):
         jobs.append((os.path.join(out, rel), scene, [cfg.seed, len(jobs)]))  # own seed per image
         return rel
 
-    # image-caption splits first: their captions are what the ref LM must never see
+    # Image-caption splits first: their captions are what the ref LM must never see. Val and test scenes
+    # and captions differ from every training one (a test scene seen in training would measure memory).
+    train_scenes, train_captions, eval_scenes, eval_captions = set(), set(), set(), set()
+    dropped = Counter()
     for split in ("train", "val", "test"):
         rng, rows = random.Random(f"{cfg.seed}/{split}"), []
-        for i in range(getattr(cfg, f"n_{split}")):
-            scene = sample_scene(rng, cfg)
-            text, tags = caption(scene, rng, cfg, pools, sites)
+        while len(rows) < getattr(cfg, f"n_{split}"):
+            site = rng.choice(sites) if cfg.site_shapes else None  # site first: it picks the shapes
+            scene = sample_scene(rng, cfg, site)
+            text, tags = caption(scene, rng, cfg, pools, sites, site)
+            key = scene_key(scene)
+            if split != "train" and (key in train_scenes or text in train_captions):
+                dropped[split] += 1
+                continue
+            (train_scenes if split == "train" else eval_scenes).add(key)
+            (train_captions if split == "train" else eval_captions).add(text)
             seen.add(text)
+            i = len(rows)
             rows.append(dict(id=f"{split}-{i:06d}", image=image_path(split, i, scene), caption=text, tags=tags,
                              scene=scene, label=text_of(label_words(scene))))
         files[split] = rows
-    for split in ("ref", "text"):  # text only, fresh scenes
-        rng, rows = random.Random(f"{cfg.seed}/{split}"), []
-        while len(rows) < getattr(cfg, f"n_{split}"):
-            scene = sample_scene(rng, cfg)
-            if split == "text":
-                text, tags = text_document(scene, rng, cfg, pools, sites)
-            else:
-                text, tags = caption(scene, rng, cfg, pools, sites)
-            if split == "text" or text not in seen:
-                rows.append(dict(id=f"{split}-{len(rows):06d}", caption=text, tags=tags))
-        files[split] = rows
-    rng, rows = random.Random(f"{cfg.seed}/label"), []
-    for i in range(cfg.n_label):  # short ImageNet-style labels, no filler
-        scene = sample_scene(rng, cfg)
-        words = label_words(scene)
-        rows.append(dict(id=f"label-{i:06d}", image=image_path("label", i, scene), caption=text_of(words),
-                         tags=[t for _, t in words], scene=scene))
-    files["label"] = rows
 
     stats = dict(freq=Counter(o["shape"] for r in files["train"] for o in r["scene"]), cooc=Counter())
     for r in files["train"]:
@@ -530,9 +581,13 @@ def generate(cfg):
             rng, rows = random.Random(f"{cfg.seed}/{tag}/{kind}"), []
             while len(rows) < n_rows:
                 scene = sample_scene(rng, cfg)
+                if scene_key(scene) in train_scenes:
+                    dropped[folder] += 1
+                    continue
                 p = probe(kind, scene, rng, cfg, stats)
                 if p is None:
                     continue
+                eval_scenes.add(scene_key(scene))
                 prompt, correct, wrong = p
                 choices = [correct] + wrong
                 rng.shuffle(choices)  # answer position uniformly random
@@ -542,6 +597,33 @@ def generate(cfg):
                                  choices=choices, answer=choices.index(correct), kind=kind, scene=scene))
             if rows:
                 probes[f"{folder}/{kind}"] = rows
+
+    # Training-side text and labels, on fresh scenes: never an evaluation scene, never a split's caption.
+    for split in ("ref", "text"):
+        rng, rows = random.Random(f"{cfg.seed}/{split}"), []
+        while len(rows) < getattr(cfg, f"n_{split}"):
+            site = rng.choice(sites) if cfg.site_shapes else None
+            scene = sample_scene(rng, cfg, site)
+            if split == "text":
+                text, tags = text_document(scene, rng, cfg, pools, sites, site)
+            else:
+                text, tags = caption(scene, rng, cfg, pools, sites, site)
+            # a text document is "<full description> . <caption>": its caption part must be new too
+            if scene_key(scene) in eval_scenes or text in seen or text.partition(" . ")[2] in seen:
+                dropped[split] += 1
+                continue
+            rows.append(dict(id=f"{split}-{len(rows):06d}", caption=text, tags=tags))
+        files[split] = rows
+    rng, rows = random.Random(f"{cfg.seed}/label"), []
+    while len(rows) < cfg.n_label:  # short ImageNet-style labels, no filler
+        scene = sample_scene(rng, cfg)
+        if scene_key(scene) in eval_scenes:
+            dropped["label"] += 1
+            continue
+        words, i = label_words(scene), len(rows)
+        rows.append(dict(id=f"label-{i:06d}", image=image_path("label", i, scene), caption=text_of(words),
+                         tags=[t for _, t in words], scene=scene))
+    files["label"] = rows
 
     # render all images; each has its own seed, so the pool's order does not matter
     work = partial(_render_job, cfg)
@@ -562,7 +644,8 @@ def generate(cfg):
                 counts={**{k: len(v) for k, v in files.items()}, **{k: len(v) for k, v in probes.items()}},
                 shares={k: shares(v) for k, v in files.items()},
                 shapes=SHAPES[:cfg.n_shapes], colours=list(COLOURS)[:cfg.n_colours],
-                train_shape_freq=dict(stats["freq"].most_common()))
+                train_shape_freq=dict(stats["freq"].most_common()),
+                dropped_as_duplicates=dict(sorted(dropped.items())))
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     print(f"wrote {out} in {time.time() - t0:.1f}s  (mix={cfg.mix}: image_share={cfg.image_share} "

@@ -113,7 +113,7 @@ def test_tags_align(web):
         for r in read(web / f"{name}.jsonl"):
             words = r["caption"].split(" ")
             assert len(words) == len(r["tags"]) and all(words), r
-            assert set(r["tags"]) <= {"image", "boiler", "noise"}
+            assert set(r["tags"]) <= {"image", "glue", "boiler", "noise"}
             assert r["caption"] == r["caption"].lower()
             assert ("image" in r) == (name not in ("ref", "text"))
 
@@ -122,11 +122,66 @@ def test_ids_unique_and_ref_disjoint(web):
     rows = {n: read(web / f"{n}.jsonl") for n in ("train", "val", "test", "ref", "text", "label")}
     rows.update({f"{d}/{k}": read(web / d / f"{k}.jsonl") for d in ("probes", "probes_val") for k in PROBES})
     ids = [r["id"] for rs in rows.values() for r in rs]
-    test_images = {r["image"] for k in PROBES for r in rows[f"probes/{k}"]}
-    assert not test_images & {r["image"] for k in PROBES for r in rows[f"probes_val/{k}"]}
     assert len(ids) == len(set(ids))
     seen = {r["caption"] for n in ("train", "val", "test") for r in rows[n]}
     assert not seen & {r["caption"] for r in rows["ref"]}
+
+
+def key(scene):
+    return tuple(sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"]) for o in scene))
+
+
+def test_no_evaluation_scene_or_caption_in_training(web):
+    """Val, test and probe scenes never equal a training scene; no training-side text (reference LM, base
+    LM) or label image holds an evaluation scene or caption."""
+    rows = {n: read(web / f"{n}.jsonl") for n in ("train", "val", "test", "text", "ref", "label")}
+    probes = [r for d in ("probes", "probes_val") for k in PROBES for r in read(web / d / f"{k}.jsonl")]
+    train = {key(r["scene"]) for r in rows["train"]}
+    evaluation = [key(r["scene"]) for r in rows["val"] + rows["test"] + probes]
+    assert len(evaluation) > 100 and not train & set(evaluation)
+    assert not {key(r["scene"]) for r in rows["label"]} & set(evaluation)
+    eval_captions = {r["caption"] for r in rows["val"] + rows["test"]}
+    assert not eval_captions & {r["caption"] for r in rows["train"]}
+    for r in rows["text"] + rows["ref"]:
+        assert r["caption"] not in eval_captions and r["caption"].partition(" . ")[2] not in eval_captions
+    meta = json.loads((web / "meta.json").read_text())
+    assert sum(meta["dropped_as_duplicates"].values()) > 0  # at these sizes some draws repeat: they were dropped
+
+
+def test_glue_is_what_depends_on_the_image(web):
+    """'a' before an object, 'and' between objects, 'shape(s)' after a count and the separator after the
+    description are tagged glue (their presence depends on the image); nothing else is."""
+    for r in read(web / "train.jsonl") + read(web / "label.jsonl"):
+        words, tags = r["caption"].split(), r["tags"]
+        for i, (w, t) in enumerate(zip(words, tags)):
+            if t == "glue":
+                assert w in ("a", "and", "shape", "shapes") or not w.isalnum(), (w, r["caption"])
+            if w == "and" and 0 < i < len(words) - 1 and tags[i - 1] == "image":
+                assert t == "glue", r["caption"]
+            if w in ("shape", "shapes") and tags[i - 1] == "image":
+                assert t == "glue", r["caption"]
+        n_and = sum(w == "and" and t == "glue" for w, t in zip(words, tags))
+        if "label" in r:  # captions of image-caption pairs: groups in the description = 'and's + 1
+            assert n_and >= len({(o["shape"], o["colour"]) for o in r["scene"]}) - 1 or n_and >= len(r["scene"]) - 1
+
+
+def test_hard_mix_lets_text_predict_image_words(tmp_path):
+    """In the hard mix a shape usually comes in its own colour, sites favour their shapes, some captions
+    repeat a title, and stock phrases leave their site's template: the web mix has none of this."""
+    def colour_given_shape(rows):
+        pairs = Counter((o["shape"], o["colour"]) for r in rows for o in r["scene"])
+        top = Counter()
+        for (s, c), n in pairs.items():
+            top[s] = max(top[s], n)
+        return sum(top.values()) / sum(pairs.values())
+    kw = dict(n_ref=20, n_text=10, n_label=5, n_train=400, n_val=5, n_test=5, n_probe=5, n_probe_val=5)
+    make(tmp_path / "web", **kw)
+    make(tmp_path / "hard", mix="hard", **kw)
+    web, hard = read(tmp_path / "web" / "train.jsonl"), read(tmp_path / "hard" / "train.jsonl")
+    assert colour_given_shape(hard) > 0.6 > 0.3 > colour_given_shape(web)
+    titled = lambda rows: sum(r["caption"].startswith(r["label"] + " ") or r["caption"].endswith(" " + r["label"])
+                              for r in rows) / len(rows)  # noqa: E731
+    assert titled(hard) > titled(web) + 0.15  # (a web caption can end with its label by chance: ~6%)
 
 
 def test_images(web):
