@@ -202,6 +202,20 @@ def prior_loss(logits, labels, p_ref, alpha=1.0, scale_by_k=True,
 # -----------------------------------------------------------------------------
 # rare-word baseline (paper, Table 1)
 
+def shuffle_within_captions(p_ref):
+    """The control for PRIOR: each caption's scores permuted among its own tokens (eos included). The same
+    multiset of weights per caption, so the same loss scale and the same spread, but on the wrong tokens:
+    if PRIOR beats this, it is the choice of tokens that helps, not reweighting as such. The permutation
+    depends only on the record id (not on the training seed), so every seed trains on the same control.
+    p_ref: {record id: (k + 1,) tensor} as score.py writes it."""
+    import hashlib
+    out = {}
+    for rid, p in p_ref.items():
+        g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(str(rid).encode()).digest()[:8], "little"))
+        out[rid] = p[torch.randperm(len(p), generator=g)]
+    return out
+
+
 def inverse_frequency_table(token_id_lists, vocab_size, smoothing=1.0):
     """Per-vocabulary weight favouring rare tokens, (V,) float32.
 

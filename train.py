@@ -20,8 +20,9 @@ The paper's recipes:
         python train.py --arch u --init-decoder out/base_lm.pt --text-data data/synth/text.jsonl ...
 
 Losses (--loss): ntp (plain next-token prediction), prior (w = (1 - p_ref)^alpha from score.py, per-caption
-normalised, Eq. 4), rare (inverse token frequency, the paper's rare-word baseline), oracle (the generator's
-ground truth: image-related words 1, others --oracle-low; the best any token weighting could do), attn (weights
+normalised, Eq. 4), prior_shuffled (each caption's PRIOR weights permuted among its own tokens: a control that
+keeps the weights but not their tokens), rare (inverse token frequency, the paper's rare-word baseline), oracle
+(the generator's tags: image and glue words 1, others --oracle-low; a reference point, not a bound), attn (weights
 from a small contrastive model's text-to-image attention, the paper's attention-weighting baseline: make them
 with `python objectives.py`), and two related methods not in the paper: rho1 (Rho-1: keep the top --rho1-keep
 of the tokens by excess loss over the reference LM's, online) and cal (CAL: clamp(logit with the image - logit
@@ -54,7 +55,7 @@ import tokenizer as T
 from cli import parse_config
 from data.packing import IGNORE, Sample, cat, pack, to_device
 from data.records import images_cached, load_images, normalize, read_records
-from loss import inverse_frequency_table, token_losses, weighted_loss, prior_weights
+from loss import inverse_frequency_table, prior_weights, shuffle_within_captions, token_losses, weighted_loss
 from model import DecoderConfig, VLM, VLMConfig, count_params, load_vision_weights
 from objectives import MicroBatch, attach_heads, host_positions, micro_batch_loss, split_state
 from reference_lm import make_optimizer
@@ -70,7 +71,7 @@ class TrainConfig:
     scores: str = field(default="out/scores_train.pt", metadata={"help": "score.py output for --data (needed by --loss prior)"})
     out_dir: str = field(default="runs/default", metadata={"help": "where config, log and checkpoints go"})
     arch: str = field(default="h", metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", "choices": ["h", "u"]})
-    loss: str = field(default="ntp", metadata={"help": "token weighting of the caption loss: ntp, prior (--scores), rare (inverse frequency), oracle (ground-truth tags), attn (--attn-scores from objectives.py), rho1 (Rho-1 selection by excess loss over -log p_ref from --scores; --rho1-keep), cal (CAL: weight clamp(logit with image - logit with another sample's image, 1, 5), 3-token moving average, batch mean 1; +1 forward without gradient)", "choices": ["ntp", "prior", "rare", "oracle", "attn", "rho1", "cal"]})
+    loss: str = field(default="ntp", metadata={"help": "token weighting of the caption loss: ntp, prior (--scores), prior_shuffled (PRIOR's weights permuted within each caption: a control), rare (inverse frequency), oracle (ground-truth tags), attn (--attn-scores from objectives.py), rho1 (Rho-1 selection by excess loss over -log p_ref from --scores; --rho1-keep), cal (CAL: weight clamp(logit with image - logit with another sample's image, 1, 5), 3-token moving average, batch mean 1; +1 forward without gradient)", "choices": ["ntp", "prior", "prior_shuffled", "rare", "oracle", "attn", "rho1", "cal"]})
     objective: str = field(default="none", metadata={"help": "auxiliary objective added to the caption loss (objectives.py): none, itm (image-text matching head at each caption's last token, mismatches = the batch's images rolled by one; ~2.2x step time), itc (InfoNCE between the pooled image states and a text-only pass's caption state; ~1.3x), recon (linear head at the image positions regresses each patch's normalised pixels, MSE; ~1.05x). Its heads train with --train projector too", "choices": ["none", "itm", "itc", "recon"]})
     aux_weight: float = field(default=1.0, metadata={"help": "weight of the --objective loss: loss = caption loss + aux_weight x auxiliary loss"})
     rho1_keep: float = field(default=0.6, metadata={"help": "--loss rho1: share of each micro-batch's caption tokens kept (top by excess loss); 1 = NTP"})
@@ -78,7 +79,7 @@ class TrainConfig:
     attn_scores: str = field(default="out/attn_scores_train.pt", metadata={"help": "--loss attn: per-token weights for --data in score-file format, from `python objectives.py`"})
     alpha: float = field(default=1.0, metadata={"help": "PRIOR exponent: w = (1 - p_ref)^alpha"})
     no_k: bool = field(default=False, metadata={"help": "drop the factor k (caption length) from PRIOR's normalisation (ablation)"})
-    oracle_low: float = field(default=0.1, metadata={"help": "oracle weight of image-unrelated words (image-related words get 1)"})
+    oracle_low: float = field(default=0.1, metadata={"help": "oracle weight of boiler and noise words (image and glue words get 1)"})
     train: str = field(default="all", metadata={"help": "which parts train: all, or projector (encoder and decoder frozen, the paper's H-LVLM recipe)", "choices": ["all", "projector"]})
     init_decoder: str = field(default="", metadata={"help": "base-LM checkpoint from reference_lm.py to start the decoder from ('' = scratch)"})
     init_encoder: str = field(default="", metadata={"help": "vision-encoder checkpoint from vision.py to start the ViT from ('' = scratch)"})
@@ -270,7 +271,7 @@ def loss_weights(cfg, batch, rare_table=None):
     """Per-position token weights (R, L) of the chosen --loss (rows of text-only data get NTP's 1s later)."""
     if cfg.loss == "ntp":
         return torch.ones_like(batch.p_ref)
-    if cfg.loss == "prior":
+    if cfg.loss in ("prior", "prior_shuffled"):  # prior_shuffled: p_ref was permuted per caption in main
         return prior_weights(batch.p_ref, cfg.alpha)
     if cfg.loss == "rare":
         return rare_table[batch.labels.clamp(min=0)]
@@ -286,7 +287,7 @@ def plain_path(cfg):
     """True when a step is one forward and a per-caption weighted loss (ntp, prior, rare, oracle, attn without an
     --objective): the original, fastest path. Others (rho1, cal, any --objective) go through
     objectives.micro_batch_loss."""
-    return cfg.loss in ("ntp", "prior", "rare", "oracle", "attn") and cfg.objective == "none"
+    return cfg.loss in ("ntp", "prior", "prior_shuffled", "rare", "oracle", "attn") and cfg.objective == "none"
 
 
 def unwrap(module):
@@ -455,8 +456,10 @@ def main(cfg):
     records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
     data_fp = text_fingerprint(records)
     p_ref = None
-    if cfg.loss in ("prior", "rho1"):
+    if cfg.loss in ("prior", "prior_shuffled", "rho1"):
         p_ref = load_scores(cfg.scores, T.fingerprint(tok), data_fp, cfg.data)
+        if cfg.loss == "prior_shuffled":
+            p_ref = shuffle_within_captions(p_ref)
     elif cfg.loss == "attn":  # per-token weights in score-file format: they ride in the p_ref field
         p_ref = load_scores(cfg.attn_scores, T.fingerprint(tok), data_fp, cfg.data)
     if cfg.image_cache and world > 1 and not master:

@@ -283,3 +283,101 @@ def test_two_processes_with_cal_and_itm(tiny, tmp_path):
     lines = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert len(lines) == 2 and all(math.isfinite(l["aux"]) for l in lines)
     assert any(k.startswith("aux.itm") for k in weights(tmp_path / "last.pt"))
+
+
+# ----------------------------------------------------------------------------- training really reweights
+def spread_scores(tiny, tmp_path):
+    """The tiny reference LM is barely trained (p_ref ~ 0.01 everywhere): a score file of the same captions
+    with p_ref spread over [0, 0.95], so that PRIOR's weights clearly differ from NTP's."""
+    from score import save_scores
+    blob = torch.load(tiny["scores"], weights_only=True)
+    p_ref = train.load_scores(str(tiny["scores"]), blob["fingerprint"]["tokenizer"], blob["fingerprint"]["data"])
+    g = torch.Generator().manual_seed(0)
+    path = str(tmp_path / "spread.pt")
+    save_scores(path, list(p_ref), [0.95 * torch.rand(len(p), generator=g) for p in p_ref.values()], blob["fingerprint"])
+    return path
+
+
+def test_logged_prior_loss_equals_a_hand_computation(tiny, tmp_path):
+    """Step 1's logged loss (computed before the first update) equals PRIOR's Eq. 4 written out by hand on the
+    initial model, one caption at a time: sum_c sum_i k_c w_i / sum_j w_j * nll_i / sum_c k_c with w = 1 - p_ref.
+    If training ignored the weights (all ones) the log would show the plain NTP mean instead."""
+    import json
+    import torch.nn.functional as F
+    from data.packing import pack
+    from data.records import load_images, normalize, read_records
+    from score import load_scores
+    cfg = config(tiny, tmp_path, loss="prior", steps=1, save_every=1, scores=str(spread_scores(tiny, tmp_path)))
+    train.main(cfg)
+    logged = json.loads(open(tmp_path / "log.jsonl").readline())
+    tok = train.T.load_tokenizer(cfg.tokenizer)
+    torch.manual_seed(cfg.seed)
+    model = train.build_model(cfg, tok).eval()
+    records = read_records(cfg.data)
+    p_ref = load_scores(cfg.scores, train.T.fingerprint(tok), train.text_fingerprint(records))
+    records, images = load_images(records, model.cfg.image_size)
+    samples = train.make_samples(tok, records, p_ref)
+    weighted = plain = tokens = 0.0
+    with torch.no_grad():
+        for i in train.global_batch(0, len(samples), cfg.batch_size, cfg.seed):
+            b = pack([samples[i]], cfg.row_len, model.image_tokens())
+            logits = model(b.input_ids, normalize(images[[i]]), b.position_ids, b.doc_ids)
+            valid = b.labels[0] != -100
+            nll = -F.log_softmax(logits[0].double(), -1)[valid].gather(1, b.labels[0][valid][:, None])[:, 0]
+            w = 1 - torch.tensor(samples[i].p_ref, dtype=torch.float64)
+            k = len(nll)
+            weighted += float((k * w / w.sum() * nll).sum())
+            plain += float(nll.sum())
+            tokens += k
+    # At initialisation every token's NLL is near log(V), so the weighting moves the mean only a little, but
+    # 20x more than the tolerance (float32 sums of ~500 NLLs of ~5.6, packed differently: ~1e-6 relative).
+    assert abs(weighted - plain) / tokens > 0.002
+    assert logged["loss"] == pytest.approx(weighted / tokens, rel=2e-5)
+    assert logged["ntp"] == pytest.approx(plain / tokens, rel=2e-5)
+
+
+def test_uniform_prior_weights_are_ntp_bit_for_bit_and_real_ones_are_not(tiny, tmp_path):
+    """PRIOR with p_ref = 0 everywhere (w = 1) is NTP exactly (the factor k_c w / sum w is 1.0); with spread
+    p_ref the first update already differs. (Another constant gives NTP only to rounding: sum_j w_j in float32
+    is not exactly k w.)"""
+    from score import save_scores
+    blob = torch.load(tiny["scores"], weights_only=True)
+    p_ref = train.load_scores(str(tiny["scores"]), blob["fingerprint"]["tokenizer"], blob["fingerprint"]["data"])
+    uniform = str(tmp_path / "uniform.pt")
+    save_scores(uniform, list(p_ref), [torch.zeros_like(p) for p in p_ref.values()], blob["fingerprint"])
+    for name, loss, scores in (("ntp", "ntp", tiny["scores"]), ("flat", "prior", uniform),
+                               ("prior", "prior", spread_scores(tiny, tmp_path))):
+        train.main(config(tiny, tmp_path / name, loss=loss, scores=str(scores), steps=2, save_every=2))
+    ntp, flat, prior = (weights(tmp_path / n / "ckpt_000002.pt") for n in ("ntp", "flat", "prior"))
+    assert all(torch.equal(ntp[k], flat[k]) for k in ntp)
+    assert not all(torch.equal(ntp[k], prior[k]) for k in ntp)
+
+
+def test_shuffled_prior_permutes_each_captions_weights(tiny, tmp_path):
+    """The control keeps each caption's multiset of scores but moves them to other tokens, the same way for
+    every seed; its training differs from PRIOR's."""
+    from loss import shuffle_within_captions
+    blob = torch.load(tiny["scores"], weights_only=True)
+    p_ref = train.load_scores(str(tiny["scores"]), blob["fingerprint"]["tokenizer"], blob["fingerprint"]["data"])
+    a, b = shuffle_within_captions(p_ref), shuffle_within_captions(p_ref)
+    moved = 0
+    for rid, p in p_ref.items():
+        assert torch.equal(a[rid], b[rid]) and torch.equal(a[rid].sort().values, p.sort().values)
+        moved += not torch.equal(a[rid], p)
+    assert moved > 0.8 * len(p_ref)
+    spread = str(spread_scores(tiny, tmp_path))
+    for loss in ("prior", "prior_shuffled"):
+        train.main(config(tiny, tmp_path / loss, loss=loss, steps=2, save_every=2, scores=spread))
+    x, y = (weights(tmp_path / n / "ckpt_000002.pt") for n in ("prior", "prior_shuffled"))
+    assert not all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_oracle_weights_follow_the_tags():
+    """The tag oracle: image and glue words 1, boiler and noise --oracle-low; unknown positions (-1) low too
+    (they carry no loss)."""
+    from types import SimpleNamespace
+    from score import CATEGORIES
+    tags = torch.tensor([[CATEGORIES.index(c) for c in ("image", "glue", "boiler", "noise")] + [-1]])
+    batch = SimpleNamespace(tags=tags, p_ref=torch.zeros(1, 5), labels=torch.zeros(1, 5, dtype=torch.long))
+    cfg = train.TrainConfig(loss="oracle", oracle_low=0.25)
+    assert train.loss_weights(cfg, batch).tolist() == [[1.0, 1.0, 0.25, 0.25, 0.25]]
