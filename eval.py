@@ -18,7 +18,10 @@ Benchmark names (eval.json rows {"arch", "loss", "seed", "lr", "step", "benchmar
     presence(_norm)             files sharing the part of their stem before "_" (POPE's presence_random/popular/
                                 adversarial) are also averaged into one group, and
     probe_avg(_norm)            is the mean over groups: POPE counts once, like the paper's average over benchmarks
-    nll_<c>, nll_<c>_shuffled   mean NLL of caption tokens (eos excluded) of category c in image/boiler/noise/all,
+    probe_cc_avg                the chance-corrected probe average, mean over groups of (acc - chance)/(1 - chance)
+                                with chance = mean of 1/choices: 0 = guessing, 1 = perfect (the main job's primary
+                                endpoint); probe_cc_avg_nocount leaves the count group out
+    nll_<c>, nll_<c>_shuffled   mean NLL of caption tokens (eos excluded) of category c in image/glue/boiler/noise/all,
                                 with the true image and with another record's image (a fixed seeded derangement)
     gap_<c>                     grounding gap = nll_<c>_shuffled - nll_<c>: how much the image helps those tokens
     nll_w_gt_0.5, nll_w_le_0.5  (with --test-scores) the same three figures for tokens whose PRIOR weight
@@ -299,10 +302,12 @@ def _evaluate(path, probes_dir=None, test_path=None, test_scores=None, device="c
     probe_files = sorted(glob.glob(os.path.join(probes_dir, "*.jsonl"))) if probes_dir else []
     if probes_dir and not probe_files:
         raise FileNotFoundError(f"no *.jsonl files in {probes_dir}")
+    chance = {}
     for f in list(mc_files) + probe_files:
         logps, answers = mc_eval(model, tok, f, device, max_rows, seed, max_bad_fraction, **kw)
         stem = os.path.splitext(os.path.basename(f))[0]
         out[stem], out[stem + "_norm"] = accuracy(logps, answers), accuracy(logps, answers, normalise=True)
+        chance[stem] = sum(1 / len(lp) for lp in logps) / max(1, len(logps))  # a guesser's expected accuracy
     groups = {}
     for f in probe_files:
         stem = os.path.splitext(os.path.basename(f))[0]
@@ -311,6 +316,12 @@ def _evaluate(path, probes_dir=None, test_path=None, test_scores=None, device="c
         means = {g: sum(out[s + suffix] for s in stems) / len(stems) for g, stems in groups.items()}
         out.update({g + suffix: m for g, m in means.items() if len(groups[g]) > 1})
         out["probe_avg" + suffix] = sum(means.values()) / len(means)
+    if groups:  # the primary endpoint: each group's accuracy above chance, as a share of the room above chance
+        cc = {g: sum((out[s] - chance[s]) / (1 - chance[s]) for s in stems) / len(stems) for g, stems in groups.items()}
+        out["probe_cc_avg"] = sum(cc.values()) / len(cc)
+        rest = [v for g, v in cc.items() if g != "count"]
+        if rest and len(rest) < len(cc):
+            out["probe_cc_avg_nocount"] = sum(rest) / len(rest)
     if test_path:
         out.update(token_analysis(model, tok, test_path, test_scores, device, max_rows, seed, **kw))
     return [{"benchmark": k, "value": v} for k, v in out.items()], ckpt

@@ -247,6 +247,12 @@ def test_run_dir_resumes(world, tmp_path, monkeypatch):
     assert {"presence_a", "presence_b_norm", "colour", "nll_image", "gap_all", "nll_noise_shuffled"} <= set(at10)
     assert at10["presence"] == pytest.approx((at10["presence_a"] + at10["presence_b"]) / 2)
     assert at10["probe_avg"] == pytest.approx((at10["presence"] + at10["colour"]) / 2)
+    # chance-corrected: (acc - chance) / (1 - chance) per file, averaged within a group, then over groups
+    questions = [json.loads(line) for line in open(probes / "colour.jsonl")][:4]
+    chance = sum(1 / len(q["choices"]) for q in questions) / len(questions)
+    cc = lambda acc: (acc - chance) / (1 - chance)  # noqa: E731 (every file here holds the same questions)
+    assert at10["probe_cc_avg"] == pytest.approx(((cc(at10["presence_a"]) + cc(at10["presence_b"])) / 2
+                                                  + cc(at10["colour"])) / 2)
     assert json.load(open(run / "eval.json")) == rows
 
     save_ckpt(model, tok, str(run / "ckpt_000030.pt"), 30, "h", world["tok_path"])
