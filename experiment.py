@@ -1,29 +1,25 @@
-"""The main job: PRIOR vs NTP, end to end, on the built-in data, following the paper's recipe.
+"""The main job: PRIOR vs NTP and its controls, end to end, on the built-in data, following the paper's recipe.
 
-    bash run.sh                               # = python experiment.py (CPU preset, 22.7 min on 2 cores)
+    bash run.sh                               # = python experiment.py (the CPU preset; prints its estimate)
     python experiment.py --preset smoke       # a 1-minute miniature of every stage (tests/test_experiment.py)
-    python experiment.py --preset gpu --parallel 1 --nproc 8   # bigger data, models and steps (see PRESETS);
-                                              # each train.py run under torchrun on 8 GPUs
-    python experiment.py --stage prepare      # only data -> tokenizer -> reference LM -> scores -> report
+    python experiment.py --settings web:u     # another setting (mix:family) with the same protocol
+    python experiment.py --preset gpu --parallel 1 --nproc 8   # bigger data, models and steps (see PRESETS)
+    python experiment.py --stage prepare      # only data -> tokenizer -> reference LM -> scores
 
-Stages (each skipped when its output exists, so a re-run after an interruption resumes where it stopped):
-  1. data        data/generate.py, one data set per caption mix (--mixes): "web" (mostly predictable
-                 boilerplate) and "noisy" (much high-entropy noise that the reference LM cannot predict)
-  2. tokenizer   byte-level BPE on the text-only and training captions of every mix
-  3. in parallel, as chains of jobs (--parallel at a time):
-     reference   reference_lm.py on each mix's ref.jsonl, disjoint from the captions it scores; then score.py
-                 on train.jsonl (training weights) and test.jsonl (analysis), with the relevance report
-     base LM     reference_lm.py on text.jsonl of all mixes (a separate, longer run): the pretrained LM both
-                 VLM families start from; then the U-LVLM's stage 1 (image -> short label, the paper's 500
-                 ImageNet steps)
-     vision      vision.py: the pretrained ViT of the H-LVLM (stands in for CLIP)
-  4. lr grid     NTP and PRIOR at three learning rates (seed 0), each loss's lr chosen by its probe average on
-                 the validation probes (never the test probes)
-  5. main        per mix x family x loss (ntp, prior, oracle) x seed, at each loss's best lr; H-LVLM trains
-                 only its projector on the frozen ViT and LM; U-LVLM trains everything, captions mixed 1:1
-                 with text-only data
-  6. eval        every checkpoint: probes, token-level NLL, grounding gap (eval.py)
-  7. report      results.json, results.md and the plots (report.py)
+The design, fixed before any result was read (docs/experiment.md explains each choice):
+  settings   mix:family pairs (--settings). Mixes: "web" (mostly predictable boilerplate), "hard" (image words
+             that the text predicts: PRIOR's risk), "noisy" (noise is most of the non-image words).
+  arms       ntp, prior, prior_shuffled (PRIOR's weights permuted within each caption: does the choice of tokens
+             matter, or any reweighting?), oracle (the generator's tags: a reference point, not a bound).
+  seeds      seed s gives every arm the same initialisation and data order: differences are paired.
+  lr         per arm, setting: a grid run with --grid-seeds seeds, scored on the VALIDATION probes (probes_val/)
+             by the primary endpoint, averaged over those seeds; a choice at the grid's edge adds the next value
+             beyond it (up to the preset's "extend" times per side, then reported as capped). The oracle's low
+             weight is chosen the same way at its chosen lr. Arms not in --tune borrow (prior_shuffled: PRIOR's).
+  primary    probe_cc_avg on the TEST probes at the last step: the chance-corrected probe average (eval.py).
+Stages (each skipped when its output exists, so a re-run resumes): data, tokenizer, then in parallel the
+reference LM + scores per mix, the base LM (+ the U-LVLM's stage 1) and the ViT; lr grids; main runs; eval of
+every checkpoint; report (results.json, results.md, plots: report.py).
 """
 import json
 import os
@@ -38,8 +34,8 @@ from cli import parse_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Sizes per preset. "cpu" is tuned to finish in about 20 minutes on a 2-core laptop CPU; "smoke" exercises
-# every stage in about two minutes; "gpu" is a starting point for one GPU (use --parallel 1).
+# Sizes per preset. "cpu" is sized for a 2-core laptop CPU (about half an hour; docs/experiment.md has the
+# measured time); "smoke" exercises every stage in about a minute; "gpu" is a starting point for GPUs.
 PRESETS = {
     "smoke": dict(
         data=dict(n_ref=600, n_text=600, n_label=200, n_train=400, n_val=50, n_test=60, n_probe=24, n_probe_val=12),
@@ -47,7 +43,7 @@ PRESETS = {
         base_lm=dict(steps=40),
         vit=dict(steps=20, batch_size=32, patch_size=16), seeds=2, lrs={"h": [3e-3], "u": [3e-3]},
         vlm=dict(steps=6, batch_size=8, save_every=3, warmup=2, row_len=128, patch_size=16), stage1_steps=4,
-        eval_rows=24, mixes="web"),
+        eval_rows=24, settings="web:h,web:u", grid_seeds=1, extend=0, oracle_lows=[0.1]),
     # 48 px scenes on a 3x3 grid, 16 px patches: one image token per grid cell (9 for the H-LVLM's ViT,
     # 14 with the U-LVLM's row markers), so a caption, not the image, is most of a sequence.
     "cpu": dict(
@@ -55,11 +51,10 @@ PRESETS = {
                   n_probe_val=200),
         vocab=1024, lm=dict(n_layer=4, n_head=4, d_model=128, steps=300, batch_rows=8, row_len=256, lr=3e-3, warmup=30),
         base_lm=dict(steps=1200),
-        vit=dict(steps=300, batch_size=64, patch_size=16), seeds=3,
-        lrs={"h": [3e-3, 1e-2, 3e-2], "u": [3e-4, 1e-3, 3e-3]},
+        vit=dict(steps=300, batch_size=64, patch_size=16), seeds=5,
+        lrs={"h": [1e-3, 3e-3, 1e-2], "u": [3e-4, 1e-3, 3e-3]},
         vlm=dict(steps=200, batch_size=32, save_every=50, warmup=10, row_len=256, patch_size=16), stage1_steps=600,
-        eval_rows=200, mixes="web,noisy",
-        measured="measured: 22.7 min on a 2-core CPU (fresh clone, idle machine, 2026-11-22)"),
+        eval_rows=200, settings="web:h,hard:h,noisy:h", grid_seeds=2, extend=2, oracle_lows=[0.1, 0.3]),
     "gpu": dict(
         data=dict(n_ref=100000, n_text=100000, n_label=20000, n_train=100000, n_val=1000, n_test=2000, n_probe=1000,
                   n_probe_val=500),
@@ -68,7 +63,7 @@ PRESETS = {
         vit=dict(steps=3000, batch_size=256, patch_size=16), seeds=3,
         lrs={"h": [3e-4, 1e-3, 3e-3], "u": [1e-4, 3e-4, 1e-3]},
         vlm=dict(steps=2000, batch_size=256, save_every=200, warmup=60, row_len=1024, patch_size=16), stage1_steps=500,
-        eval_rows=0, mixes="web,noisy"),
+        eval_rows=0, settings="web:h,hard:h,noisy:h,web:u,hard:u", grid_seeds=2, extend=2, oracle_lows=[0.1, 0.3]),
 }
 
 
@@ -77,13 +72,12 @@ class ExperimentConfig:
     out: str = field(default="out", metadata={"help": "output folder: data, models, runs, results.md"})
     preset: str = field(default="cpu", metadata={"help": "sizes: smoke, cpu or gpu (see PRESETS)", "choices": list(PRESETS)})
     stage: str = field(default="all", metadata={"help": "prepare = data, tokenizer, reference LM, scores; all = everything", "choices": ["prepare", "all"]})
-    mixes: str = field(default="", metadata={"help": "caption mixes to compare ('' = the preset's), e.g. web,noisy"})
-    archs: str = field(default="h,u", metadata={"help": "model families on the first mix: h (ViT -> projector -> LM), u (encoder-free)"})
-    other_mix_archs: str = field(default="h", metadata={"help": "model families on the other mixes (the CPU budget allows H only)"})
-    losses: str = field(default="ntp,prior,oracle", metadata={"help": "arms of the main comparison"})
-    seeds: int = field(default=0, metadata={"help": "seeds per arm (0 = the preset's)"})
-    parallel: int = field(default=2, metadata={"help": "training runs at once (each with cpu_threads // parallel threads)"})
-    nproc: int = field(default=1, metadata={"help": "processes per training run, launched with torchrun --standalone (e.g. the GPU count, with --parallel 1)"})
+    settings: str = field(default="", metadata={"help": "mix:family pairs to compare ('' = the preset's), e.g. web:h,hard:u"})
+    arms: str = field(default="ntp,prior,prior_shuffled,oracle", metadata={"help": "arms of the comparison (train.py losses)"})
+    tune: str = field(default="ntp,prior,oracle", metadata={"help": "arms whose lr is chosen on validation; others borrow"})
+    seeds: int = field(default=0, metadata={"help": "paired seeds per arm (0 = the preset's)"})
+    parallel: int = field(default=2, metadata={"help": "jobs at once (each with cpu_threads // parallel threads)"})
+    nproc: int = field(default=1, metadata={"help": "processes per training run, under torchrun (e.g. the GPU count)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     seed: int = field(default=0, metadata={"help": "data-generation seed"})
 
@@ -92,7 +86,11 @@ class Experiment:
     def __init__(self, cfg):
         self.cfg, self.p = cfg, PRESETS[cfg.preset]
         self.out = os.path.abspath(cfg.out)
-        self.mixes = (cfg.mixes or self.p["mixes"]).split(",")
+        self.settings = [tuple(x.split(":")) for x in (cfg.settings or self.p["settings"]).split(",")]
+        bad = [x for x in self.settings if len(x) != 2 or x[1] not in ("h", "u")]
+        if bad:
+            raise SystemExit(f"--settings: expected mix:family pairs like web:h,hard:u (family h or u), got {bad}")
+        self.mixes = list(dict.fromkeys(m for m, _ in self.settings))  # in order, once each
         self.threads = max(1, (os.cpu_count() or 2) // max(1, cfg.parallel))
         self.log = open(os.path.join(self._mk(self.out), "experiment.log"), "a")
 
@@ -169,7 +167,7 @@ class Experiment:
         for mix, name in reports:
             print(f"  relevance report ({mix} mix, weights of the training captions):")
             for line in open(self.path("logs", name + ".log")):
-                if line.startswith(("scored", "mean weight", "ROC-AUC")):
+                if line.startswith(("scored", "mean weight", "ROC-AUC", "share predicted")):
                     print("   ", line.rstrip())
 
     def pretrain_chains(self):
@@ -200,18 +198,20 @@ class Experiment:
     # ---- stages 5-8: the VLM runs ---------------------------------------------------------------------------
     @property
     def archs(self):
-        return self.cfg.archs.split(",")
+        return list(dict.fromkeys(a for _, a in self.settings))
 
     def archs_for(self, mix):
-        return self.archs if mix == self.mixes[0] else [a for a in self.cfg.other_mix_archs.split(",") if a in self.archs]
+        return [a for m, a in self.settings if m == mix]
 
-    def train_args(self, mix, arch, loss, lr, seed, out_dir):
+    def train_args(self, mix, arch, loss, lr, seed, out_dir, low=None):
         data = self.path(f"data_{mix}")
         v = self.p["vlm"]
         args = ["train.py", "--data", os.path.join(data, "train.jsonl"), "--tokenizer", self.path("tokenizer.json"),
                 "--scores", self.path(f"scores_{mix}_train.pt"), "--out-dir", out_dir, "--arch", arch,
                 "--loss", loss, "--lr", str(lr), "--seed", str(seed), "--device", self.cfg.device,
                 "--init-decoder", self.path("base_lm.pt"), "--resume", *self.flags(v)]
+        if low is not None:
+            args += ["--oracle-low", str(low)]
         if arch == "h":  # the paper's H-LVLM: pretrained, frozen encoder and LM; only the projector trains
             args += ["--init-encoder", self.path("vit.pt"), "--train", "projector"]
         else:  # the paper's U-LVLM: starts from stage 1, all weights train, captions mixed 1:1 with text
@@ -222,116 +222,191 @@ class Experiment:
         return self.path("runs", mix, "u_stage1", f"ckpt_{self.p['stage1_steps']:06d}.pt")
 
     def estimate(self):
-        """How many training runs this configuration makes, and how long the preset took where we measured it."""
-        seeds, losses = self.cfg.seeds or self.p["seeds"], self.cfg.losses.split(",")
-        grid = sum(2 * len(self.p["lrs"][a]) for a in self.archs_for(self.mixes[0]))
-        main = sum(len(losses) * seeds - 2 for m in self.mixes for a in self.archs_for(m) if m == self.mixes[0]) + \
-            sum(len(losses) * seeds for m in self.mixes[1:] for a in self.archs_for(m))
-        measured = self.p.get("measured", "not measured yet")
-        return (f"estimate: {grid} lr-grid runs + {main} more main runs of {self.p['vlm']['steps']} steps, each "
-                f"evaluated at every checkpoint; {measured}. Re-running skips finished stages and runs.")
+        """How many training runs the design makes before any grid extension."""
+        arms, tune = self.arms(), [a for a in self.cfg.tune.split(",") if a in self.arms()]
+        seeds, g = self.cfg.seeds or self.p["seeds"], self.p["grid_seeds"]
+        grid = sum(len(self.p["lrs"][a]) * g * len(tune) for _, a in self.settings)
+        lows = g * (len(self.p["oracle_lows"]) - 1) * len(self.settings) if "oracle" in tune else 0
+        main = len(self.settings) * (len(arms) * seeds - len(tune) * min(g, seeds))
+        return (f"estimate: {grid} lr-grid runs + {lows} oracle low-weight runs + {main} more main runs (grid "
+                f"extensions add 2 runs each), {self.p['vlm']['steps']} steps each; the time per run is printed "
+                f"as runs finish. Re-running skips finished stages and runs.")
 
-    def run_dir(self, mix, arch, loss, lr, seed):
-        return self.path("runs", mix, arch, f"{loss}_lr{lr:g}_s{seed}")
+    def arms(self):
+        return self.cfg.arms.split(",")
+
+    def run_dir(self, mix, arch, loss, lr, seed, low=None):
+        suffix = "" if low is None or low == self.p["oracle_lows"][0] else f"_low{low:g}"
+        return self.path("runs", mix, arch, f"{loss}_lr{lr:g}_s{seed}{suffix}")
 
     def finished(self, run_dir):
         return os.path.exists(os.path.join(run_dir, f"ckpt_{self.p['vlm']['steps']:06d}.pt"))
 
-    def train_all(self, specs, title):
-        jobs = [(self.train_args(*s, self.run_dir(*s)), "train_" + "_".join(map(str, s)))
-                for s in specs if not self.finished(self.run_dir(*s))]
-        step(f"{title}: {len(specs)} runs, {len(jobs)} to train")
-        self.parallel(jobs)
+    def eval_args(self, run_dir, mix, split):
+        """eval.py on the validation probes and captions (final checkpoint, into <run>_val/) or on the test
+        probes and captions (every checkpoint, into <run>/eval.json)."""
+        data = self.path(f"data_{mix}")
+        args = ["eval.py", "--run-dir", run_dir, "--max-rows", str(self.p["eval_rows"]), "--device", self.cfg.device]
+        if split == "val":
+            return args + ["--probes", os.path.join(data, "probes_val"), "--test", os.path.join(data, "val.jsonl")]
+        return args + ["--probes", os.path.join(data, "probes"), "--test", os.path.join(data, "test.jsonl"),
+                       "--test-scores", self.path(f"scores_{mix}_test.pt")]
 
-    def evaluate(self, run_dirs, probes, test=None, test_scores=None, title="eval"):
-        jobs = []
-        for d in run_dirs:
-            args = ["eval.py", "--run-dir", d, "--max-rows", str(self.p["eval_rows"]), "--device", self.cfg.device]
-            if probes:
-                args += ["--probes", probes]
-            if test:
-                args += ["--test", test]
-            if test_scores:
-                args += ["--test-scores", test_scores]
-            jobs.append((args, "eval_" + os.path.relpath(d, self.path("runs")).replace(os.sep, "_")))
-        step(f"{title}: {len(jobs)} runs")
-        self.parallel(jobs)
+    def run_chain(self, spec, split):
+        """[train (unless finished), eval on `split`] for spec = (mix, arch, loss, lr, seed, low): one chain, so
+        that a pool of chains keeps every core busy to the end."""
+        mix, arch, loss, lr, seed, low = spec
+        d = self.run_dir(*spec)
+        name = f"{mix}_{arch}_{os.path.basename(d)}"
+        chain = [] if self.finished(d) else [(self.train_args(mix, arch, loss, lr, seed, d, low), "train_" + name)]
+        target = d
+        if split == "val":  # the final checkpoint alone, in a folder of its own, scored on the validation split
+            target = self._mk(d + "_val")
+            last = f"ckpt_{self.p['vlm']['steps']:06d}.pt"
+            chain.append((["link", os.path.join(d, last), os.path.join(target, last)], None))
+        chain.append((self.eval_args(target, mix, split), f"eval_{split}_{name}"))
+        return chain
 
     def parallel(self, jobs):
-        """Run jobs --parallel at a time, each on cpu_threads // parallel threads (never more threads than
-        cores: an oversubscribed OpenMP pool slows a run many times over). A job is (args, log name), or a
-        list of them, run one after the other."""
+        """Run chains of jobs --parallel at a time, each on cpu_threads // parallel threads (never more threads
+        than cores: an oversubscribed OpenMP pool slows a run many times over). A chain is a list of (args, log
+        name), run one after the other; ("link", src, dst) hard-links a finished checkpoint."""
         if not jobs:
             return
         from tqdm import tqdm
         chains = [j if isinstance(j, list) else [j] for j in jobs]
+        t0 = time.time()
         with ThreadPoolExecutor(max(1, self.cfg.parallel)) as pool, \
                 tqdm(total=sum(map(len, chains)), desc="  jobs", leave=False) as bar:
             def run_chain(chain):
                 for args, name in chain:
-                    self.run(args, name)
+                    if args[0] == "link":
+                        if not os.path.exists(args[2]):
+                            os.link(args[1], args[2])
+                    else:
+                        self.run(args, name)
                     bar.update()
             for f in [pool.submit(run_chain, c) for c in chains]:
                 f.result()
+        print(f"  {len(chains)} chains in {(time.time() - t0) / 60:.1f} min "
+              f"({(time.time() - t0) * max(1, self.cfg.parallel) / len(chains):.0f} s per chain per slot)", flush=True)
 
     def rows(self, run_dir, **extra):
         path = os.path.join(run_dir, "eval.json")
         return [{**r, **extra} for r in json.load(open(path))] if os.path.exists(path) else []
 
-    def choose_lrs(self, mix, arch):
-        """Best lr per loss (seed 0): the highest probe average on the *validation* probes (probes_val/, other
-        scenes than the test probes), ties broken by the lower image-token NLL on the validation captions.
-        Tuning on the test probes would flatter whichever method is tuned."""
-        chosen, grid_rows = {}, []
-        for loss in ("ntp", "prior"):
-            scores = {}
-            for lr in self.p["lrs"][arch]:
-                rows = self.rows(self.run_dir(mix, arch, loss, lr, 0) + "_val")
-                final = {r["benchmark"]: r["value"] for r in rows if r["step"] == max(x["step"] for x in rows)}
-                if "probe_avg" in final:
-                    scores[lr] = (round(final["probe_avg"], 6), -final.get("nll_image", 0.0))
-                grid_rows += [{**r, "mix": mix, "phase": "grid", "lr": lr, "loss": loss, "seed": 0} for r in rows]
-            chosen[loss] = max(scores, key=scores.get)
-        for loss in self.cfg.losses.split(","):
-            chosen.setdefault(loss, chosen["ntp"])  # the oracle (a control) and others: NTP's step size
-        return chosen, grid_rows
+    # ---- learning rates, chosen on validation -------------------------------------------------------------
+    def val_score(self, mix, arch, loss, lr, low):
+        """(primary endpoint, -image NLL) on the validation split at the last step, averaged over the grid seeds;
+        None while a seed is missing."""
+        scores = []
+        for seed in range(self.p["grid_seeds"]):
+            rows = self.rows(self.run_dir(mix, arch, loss, lr, seed, low) + "_val")
+            final = {r["benchmark"]: r["value"] for r in rows if r["step"] == max(x["step"] for x in rows)}
+            if "probe_cc_avg" not in final:
+                return None
+            scores.append((final["probe_cc_avg"], -final.get("nll_image", 0.0)))
+        return tuple(round(sum(x) / len(x), 6) for x in zip(*scores))
+
+    def grid_points(self, choice, mix, arch, loss):
+        """The (lr, low) points tried so far for one arm, starting from the preset's grid; each choice at an
+        edge of the lr grid adds the next value beyond it (a factor of the grid's step), up to `extend` times
+        per side."""
+        lows = self.p["oracle_lows"] if loss == "oracle" else [None]
+        c = choice.setdefault(f"{mix}/{arch}", {}).setdefault(loss, {
+            "grid": list(self.p["lrs"][arch]), "low": lows[0], "lows": lows, "extended": 0, "capped": False})
+        return c
+
+    def choose(self, c, mix, arch, loss):
+        """Update c (one arm's record) from the validation scores; return the runs still needed (or [])."""
+        low0 = c["lows"][0]  # the lr grid runs at the first low weight (the oracle's; None for other arms)
+        need = [(lr, low0) for lr in c["grid"] if self.val_score(mix, arch, loss, lr, low0) is None]
+        if need:
+            return need
+        scores = {lr: self.val_score(mix, arch, loss, lr, low0) for lr in c["grid"]}
+        grid = sorted(c["grid"])
+        best = max(grid, key=lambda lr: scores[lr])
+        c.update(chosen=best, scores={f"{lr:g}": scores[lr][0] for lr in grid},
+                 edge=len(grid) > 1 and best in (grid[0], grid[-1]))
+        if c["edge"]:
+            if c["extended"] < self.p["extend"]:
+                ratio = grid[1] / grid[0]
+                new = best / ratio if best == grid[0] else best * ratio
+                c["grid"].append(float(f"{new:.3g}"))
+                c["extended"] += 1
+                return [(c["grid"][-1], low0)]
+            c["capped"] = True
+        if loss == "oracle" and len(c["lows"]) > 1:  # then its low weight, at the chosen lr
+            need = [(best, low) for low in c["lows"] if self.val_score(mix, arch, loss, best, low) is None]
+            if need:
+                return need
+            low_scores = {low: self.val_score(mix, arch, loss, best, low) for low in c["lows"]}
+            c["low"] = max(c["lows"], key=lambda low: low_scores[low])
+            c["low_scores"] = {f"{low:g}": v[0] for low, v in low_scores.items()}
+        return []
+
+    def tune_lrs(self):
+        """Grid runs for every tuned arm of every setting, in one pool per round, until no choice needs more."""
+        path = self.path("lr_choice.json")
+        choice = {}
+        tune = [a for a in self.cfg.tune.split(",") if a in self.arms()]
+        for round_ in range(1, 2 * self.p["extend"] + 3):
+            jobs = []
+            for mix, arch in self.settings:
+                for loss in tune:
+                    c = self.grid_points(choice, mix, arch, loss)
+                    for lr, low in self.choose(c, mix, arch, loss):
+                        jobs += [self.run_chain((mix, arch, loss, lr, seed, low), "val")
+                                 for seed in range(self.p["grid_seeds"])]
+            if not jobs:
+                break
+            step(f"lr grid, round {round_}: {len(jobs)} runs (train + validation eval)")
+            self.parallel(jobs)
+        for mix, arch in self.settings:
+            arms = choice[f"{mix}/{arch}"]
+            for loss in self.arms():
+                if loss not in arms:  # not tuned: PRIOR's shuffle control takes PRIOR's lr, others NTP's
+                    src = "prior" if loss == "prior_shuffled" and "prior" in arms else "ntp"
+                    lows = self.p["oracle_lows"] if loss == "oracle" else [None]
+                    arms[loss] = {"chosen": arms[src]["chosen"], "low": lows[0], "borrowed_from": src}
+            print(f"  {mix}:{arch} learning rates: " + ", ".join(
+                f"{k} {v['chosen']:g}" + (" (edge, capped)" if v.get("capped") else "") +
+                (f" low {v['low']:g}" if k == "oracle" else "") for k, v in arms.items()))
+        with open(path, "w") as f:
+            json.dump(choice, f, indent=1)
+        with open(self.path("chosen_lrs.json"), "w") as f:  # the short form paper.py reads
+            json.dump({k: {loss: c["chosen"] for loss, c in v.items()} for k, v in choice.items()}, f, indent=1)
+        return choice
 
     def experiment(self):
         seeds = self.cfg.seeds or self.p["seeds"]
-        losses = self.cfg.losses.split(",")
-        results, chosen_all = [], {}
-        for mix in self.mixes:
-            data = self.path(f"data_{mix}")
-            for arch in self.archs_for(mix):
-                # lr grid: NTP and PRIOR, seed 0, on the first mix; its choice serves every mix
-                grid_mix = self.mixes[0]
-                if mix == grid_mix:
-                    specs = [(mix, arch, loss, lr, 0) for loss in ("ntp", "prior") for lr in self.p["lrs"][arch]]
-                    self.train_all(specs, f"lr grid ({mix}, {arch.upper()}-LVLM)")
-                    val_dirs = []
-                    for s in specs:  # the final checkpoint of each grid run, evaluated on validation captions
-                        d, last = self.run_dir(*s), f"ckpt_{self.p['vlm']['steps']:06d}.pt"
-                        v = self._mk(d + "_val")
-                        if not os.path.exists(os.path.join(v, last)):
-                            os.link(os.path.join(d, last), os.path.join(v, last))
-                        val_dirs.append(v)
-                    self.evaluate(val_dirs, os.path.join(data, "probes_val"), os.path.join(data, "val.jsonl"),
-                                  title="  eval lr grid on validation probes and captions")
-                chosen, grid_rows = self.choose_lrs(grid_mix, arch)
-                chosen_all[f"{mix}/{arch}"] = chosen
-                results += [r for r in grid_rows if mix == grid_mix]
-                print(f"  {arch.upper()}-LVLM learning rates: " + ", ".join(f"{k} {v:g}" for k, v in chosen.items()))
-                specs = [(mix, arch, loss, chosen[loss], seed) for loss in losses for seed in range(seeds)]
-                self.train_all(specs, f"main ({mix}, {arch.upper()}-LVLM)")
-                dirs = [self.run_dir(*s) for s in specs]
-                self.evaluate(dirs, os.path.join(data, "probes"), os.path.join(data, "test.jsonl"),
-                              self.path(f"scores_{mix}_test.pt"), title="  eval every checkpoint")
-                for s, d in zip(specs, dirs):
-                    results += self.rows(d, mix=mix, phase="main")
+        choice = self.tune_lrs()
+        jobs, specs = [], []
+        for mix, arch in self.settings:
+            for loss in self.arms():
+                c = choice[f"{mix}/{arch}"][loss]
+                for seed in range(seeds):
+                    specs.append((mix, arch, loss, c["chosen"], seed, c["low"] if loss == "oracle" else None))
+        for spec in specs:
+            if not os.path.exists(os.path.join(self.run_dir(*spec), "eval.json")) or not self.finished(self.run_dir(*spec)):
+                jobs.append(self.run_chain(spec, "test"))
+        step(f"main runs: {len(specs)} ({len(jobs)} to train or evaluate), every checkpoint on the test split")
+        self.parallel(jobs)
+        results = []
+        for mix, arch in self.settings:  # validation rows of every grid run, then the main runs' test rows
+            for loss, c in choice[f"{mix}/{arch}"].items():
+                if "grid" not in c:
+                    continue  # a borrowed lr: no grid runs
+                points = [(lr, c["lows"][0]) for lr in sorted(c["grid"])] + [(c["chosen"], low) for low in c["lows"][1:]]
+                for lr, low in points:
+                    for seed in range(self.p["grid_seeds"]):
+                        d = self.run_dir(mix, arch, loss, lr, seed, low) + "_val"
+                        results += self.rows(d, mix=mix, phase="grid", **({"oracle_low": low} if low else {}))
+        for spec in specs:
+            results += self.rows(self.run_dir(*spec), mix=spec[0], phase="main",
+                                 **({"oracle_low": spec[5]} if spec[5] is not None else {}))
         with open(self.path("results.json"), "w") as f:
             json.dump(results, f)
-        with open(self.path("chosen_lrs.json"), "w") as f:
-            json.dump(chosen_all, f, indent=1)
         return results
 
     def analyses(self):
@@ -351,8 +426,8 @@ def step(text):
 def main(cfg):
     t0 = time.time()
     exp = Experiment(cfg)
-    print(f"PRIOR vs NTP, preset {cfg.preset}: mixes {exp.mixes}, families {cfg.archs}, losses {cfg.losses}, "
-          f"{cfg.seeds or exp.p['seeds']} seeds, {cfg.parallel} runs at a time -> {exp.out}")
+    print(f"PRIOR vs NTP, preset {cfg.preset}: settings {','.join(':'.join(x) for x in exp.settings)}, arms "
+          f"{cfg.arms}, {cfg.seeds or exp.p['seeds']} paired seeds, {cfg.parallel} jobs at a time -> {exp.out}")
     print(exp.estimate())
     with open(exp.path("experiment_config.json"), "w") as f:
         json.dump({"config": asdict(cfg), "preset": exp.p}, f, indent=1)
