@@ -3,9 +3,9 @@
     python report.py --results results/main/results.json --out results/main/ [--lrs chosen_lrs.json]
 
 results.json is a list of rows {"mix", "arch", "loss", "seed", "lr", "step", "phase", "benchmark", "value"}
-(a missing mix / phase reads as "web" / "main"; extra keys are ignored). Writes out/results.md and, per
-caption mix and model family, curves_*.png, average_*.png, token_nll_*.png and lr_grid_*.png. results.md
-depends on the rows alone (no paths, dates or machine details), so the command above regenerates it byte for byte.
+(missing mix / phase: "web" / "main"; extra keys ignored). Writes out/results.md and, per mix and model family,
+curves_*, average_*, token_nll_* and lr_grid_*.png. results.md depends on the rows alone (no paths, dates or
+machine details; --lrs adds its file's content), so the command above regenerates it byte for byte.
 
 Primary endpoint, declared before looking at results: PRIMARY = "probe_cc_avg" at the final step, the
 chance-corrected probe average: the mean over probe groups (presence, colour, count, position, retrieval) of
@@ -34,7 +34,8 @@ import os
 import sys
 
 from report_plots import plot_specs
-from stats import NAN, paired, seed_key, summary
+from stats import (NAN, ci, fmt, lr_key, lr_str, md_table, paired, pm, seed_key, series,  # noqa: F401 (fmt, pm:
+                   still_rising, summary, welch)  # paper.py calls report.fmt / report.pm)
 
 PRIMARY = "probe_cc_avg"
 NOCOUNT = "probe_cc_avg_nocount"
@@ -48,7 +49,6 @@ NAMES = {"ntp": "NTP", "prior": "PRIOR", "prior_shuffled": "PRIOR (shuffled)", "
          "attn": "Attention", "rho1": "Rho-1", "cal": "CAL", "itm": "ITM", "itc": "ITC", "h": "H-LVLM", "u": "U-LVLM"}
 COLOURS = {"ntp": "tab:gray", "prior": "tab:orange", "prior_shuffled": "tab:brown", "oracle": "tab:green",
            "rare": "tab:purple", "attn": "tab:blue", "rho1": "tab:red", "cal": "tab:olive"}
-Z = 2.0  # compare() only (kept for paper.py): a difference counts as clear beyond Z Welch standard errors
 
 
 def name(key):
@@ -57,20 +57,8 @@ def name(key):
     return NAMES.get(key, str(key))
 
 
-def lr_str(lr):
-    return "?" if lr is None else f"{lr:g}"
-
-
-def lr_key(lr):
-    return (lr is None, lr or 0)
-
-
 def lower_better(bench):
     return bench.startswith("nll_")  # gap_* (shuffled − true NLL) is higher-is-better
-
-
-def is_probe(bench):
-    return not bench.startswith(("nll_", "gap_", "chance_", "probe_cc_avg"))
 
 
 def bench_key(bench):
@@ -78,7 +66,7 @@ def bench_key(bench):
     base, norm = (bench[:-5], 1) if bench.endswith("_norm") else (bench, 0)
     if base in ("probe_avg", PRIMARY, NOCOUNT, AUC):
         return (1, ["probe_avg", PRIMARY, NOCOUNT, AUC].index(base), "", norm)
-    if is_probe(bench):
+    if not bench.startswith(("nll_", "gap_")):
         return (0, PROBES.index(base) if base in PROBES else len(PROBES), base, norm)
     cat = bench.split("_")[1] if "_" in bench else ""  # nll_image, nll_image_shuffled, ..., nll_w_* by weight
     return (3 if bench.startswith("gap_") else 2, CATS.index(cat) if cat in CATS else len(CATS), bench, 0)
@@ -88,9 +76,15 @@ def loss_key(loss):
     return (LOSSES.index(loss) if loss in LOSSES else len(LOSSES), str(loss))
 
 
-def load_rows(path):
-    with open(path) as f:
-        rows = json.load(f)
+def _read(path, flag, parse):
+    try:
+        with open(path) as f:
+            return parse(json.load(f))
+    except (OSError, ValueError) as e:
+        sys.exit(f"report.py: {flag} {path}: {e}")
+
+
+def parse_rows(rows):
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "benchmark" in r for r in rows):
         raise ValueError("expected a JSON list of rows with 'benchmark' and 'value'")
     return [_normal(r) for r in rows]
@@ -105,6 +99,7 @@ def judged(rows):
 def _normal(row):
     row = dict(row)
     row["mix"], row["phase"] = row.get("mix") or "web", row.get("phase") or "main"
+    row["arch"], row["seed"] = row.get("arch", "?"), row.get("seed", 0)
     row["value"] = NAN if row.get("value") is None else float(row["value"])  # a diverged run stays visible
     return row
 
@@ -113,15 +108,9 @@ stats = summary  # {seed: value} -> mean, sample std, n (paper.py uses report.st
 
 
 def compare(x, ntp, bench, loss):
-    """UNPAIRED x vs NTP (Welch s.e., clear beyond Z s.e.), kept for paper.py; report.py itself uses paired()."""
-    diff = x["mean"] - ntp["mean"]
-    se = math.sqrt(x["std"] ** 2 / x["n"] + ntp["std"] ** 2 / ntp["n"])
-    sign = -1 if lower_better(bench) else 1
-    rel = sign * diff / abs(ntp["mean"]) if ntp["mean"] else NAN
-    clear = min(x["n"], ntp["n"]) > 1 and abs(diff) > Z * se  # NaN compares False: never clear
-    better = (1 if sign * diff > 0 else -1) if clear else 0
-    verdict = {1: f"{name(loss)} better", -1: "NTP better", 0: "no clear difference"}[better]
-    return {"diff": diff, "se": se, "rel": rel, "clear": clear, "better": better, "verdict": verdict}
+    """UNPAIRED x vs NTP on summaries (stats.welch), kept for paper.py; report.py itself uses paired()."""
+    c = welch(x, ntp, lower_better(bench))
+    return {**c, "verdict": {1: f"{name(loss)} better", -1: "NTP better", 0: "no clear difference"}[c["better"]]}
 
 
 def cc_avg(vals, chance, drop=()):
@@ -167,8 +156,8 @@ def _tree(rows, phase):
     for r in rows:
         if r["phase"] == phase and not r["benchmark"].startswith("chance_"):
             run = r["loss"] if phase == "main" else (r["loss"], r.get("lr"))
-            (t.setdefault((r["mix"], r.get("arch", "?")), {}).setdefault(run, {}).setdefault(r["step"], {})
-             .setdefault(r["benchmark"], {}).setdefault(r.get("seed", 0), []).append(r["value"]))
+            (t.setdefault((r["mix"], r["arch"]), {}).setdefault(run, {}).setdefault(r["step"], {})
+             .setdefault(r["benchmark"], {}).setdefault(r["seed"], []).append(r["value"]))
     return {fam: {run: {step: {b: {s: sum(sorted(v)) / len(v) for s, v in seeds.items()} for b, seeds in bs.items()}
                         for step, bs in steps.items()} for run, steps in runs.items()} for fam, runs in t.items()}
 
@@ -188,34 +177,17 @@ def _part(runs, arms, pick):
     return {"step": step, "vals": vals, "vs": vs}
 
 
-def _series(steps, bench):
-    """{seed: [value at each step, in step order]}."""
-    out = {}
-    for s in sorted(steps):
-        for sd, v in steps[s].get(bench, {}).items():
-            out.setdefault(sd, []).append(v)
-    return out
-
-
-def _improving(steps, bench):
-    """(k, n): k of the n seeds with 2+ checkpoints whose last checkpoint is the maximum of their curve."""
-    ser = [v for v in _series(steps, bench).values() if len(v) > 1]
-    return sum(v[-1] >= max(v) for v in ser), len(ser)
-
-
 def _grid(g):
     """Grid runs {(loss, lr): steps} -> (score bench, {loss: {"scores": {lr: summary}, "chosen", "edge"}})."""
     last = [steps[max(steps)] for steps in g.values()]
     by = next((b for b in (PRIMARY, "probe_avg", "nll_image") if any(b in st for st in last)), None)
-    out = {}
-    for (loss, lr), steps in g.items():
+    out, sign = {}, -1 if lower_better(by or "") else 1
+    for (loss, lr), steps in sorted(g.items(), key=lambda kv: lr_key(kv[0][1])):
         v = steps[max(steps)].get(by)
         out.setdefault(loss, {"scores": {}})["scores"][lr] = summary(v) if v else None
-    for loss, o in out.items():
-        tried = sorted(o["scores"], key=lr_key)
-        sign = -1 if lower_better(by or "") else 1
+    for o in out.values():
+        o["tried"] = tried = list(o["scores"])
         ok = [lr for lr in tried if o["scores"][lr] and not math.isnan(o["scores"][lr]["mean"])]
-        o["tried"] = tried
         o["chosen"] = max(ok, key=lambda lr: sign * o["scores"][lr]["mean"]) if ok else None
         o["edge"] = len(tried) > 1 and o["chosen"] in (tried[0], tried[-1])
     return by, {k: out[k] for k in sorted(out, key=loss_key)}
@@ -236,41 +208,21 @@ def summarize(rows):
         fam["seeds"] = {a: sorted({sd for st in runs[a].values() for v in st.values() for sd in v}, key=seed_key)
                         for a in arms}
         fam["lrs"] = {a: sorted({r.get("lr") for r in rows if r["phase"] == "main" and r["mix"] == mix
-                                 and r.get("arch", "?") == arch and r["loss"] == a}, key=lr_key) for a in arms}
+                                 and r["arch"] == arch and r["loss"] == a}, key=lr_key) for a in arms}
         fam["best_by"] = next((b for b in (PRIMARY, "probe_avg") if b in fam["benchmarks"]), None)
         if arms:
             fam["final"] = _part(runs, arms, max)
             if fam["best_by"]:
                 fam["best"] = _part(runs, arms, lambda st: max(sorted(st), key=lambda s: _score(st[s], fam["best_by"])))
         if PRIMARY in fam["benchmarks"]:
-            fam["improving"] = {a: _improving(runs[a], PRIMARY) for a in arms}
+            fam["improving"] = {a: still_rising(runs[a], PRIMARY) for a in arms}
             if any(n and k > n / 2 for k, n in fam["improving"].values()):
-                auc = {a: {sd: sum(v) / len(v) for sd, v in _series(runs[a], PRIMARY).items()} for a in arms}
+                auc = {a: {sd: sum(v) / len(v) for sd, v in series(runs[a], PRIMARY).items()} for a in arms}
                 fam["auc"] = {"vals": auc, "vs": {a: paired(auc[a], auc["ntp"]) for a in arms if a != "ntp"}
                               if "ntp" in auc else {}}
         fam["grid_by"], fam["grid"] = _grid(grid.get((mix, arch), {}))
         out.setdefault(mix, {})[arch] = fam
     return out
-
-
-def fmt(x, sign=False, pct=False):
-    if x is None or math.isnan(x):
-        return "–"
-    x = 0.0 if round(x, 3) == 0 else x  # no "-0.000": a rounded zero has no sign
-    return f"{100 * x:+.1f}%" if pct else f"{x:+.3f}" if sign else f"{x:.3f}"
-
-
-def pm(s):
-    return f"{fmt(s['mean'])} ± {fmt(s['std'])}" if s else "–"
-
-
-def ci(c):
-    """'+0.030 [+0.010, +0.050]', or the mean alone when there is no interval."""
-    if not c or not c["n"]:
-        return "–"
-    if math.isnan(c["lo"]):
-        return fmt(c["mean_d"], sign=True)
-    return f"{fmt(c['mean_d'], sign=True)} [{fmt(c['lo'], sign=True)}, {fmt(c['hi'], sign=True)}]"
 
 
 def _still(fam, a):
@@ -296,8 +248,7 @@ def _primary(summary_, bench):
                 c = cmp.get(bench)
                 if c is None:
                     continue
-                v = {"better": f"{name(a)} better than NTP", "worse": f"{name(a)} worse than NTP"}.get(c["verdict"],
-                                                                                                      c["verdict"])
+                v = f"{name(a)} {c['verdict']} than NTP" if c["verdict"] in ("better", "worse") else c["verdict"]
                 if a == "prior" and bench == PRIMARY:
                     lines.append(f"- {_setting(mix, arch)}: PRIOR − NTP = {ci(c)} (95% CI, n = {c['n']} paired "
                                  f"seeds) → **{v}**.")
@@ -306,11 +257,7 @@ def _primary(summary_, bench):
                               pm(summary(vals["ntp"][bench])), ci(c), fmt(c["rel"], pct=True),
                               fmt(c["effect"], sign=True), c["verdict"], _still(fam, a)])
     head = ["setting", "comparison", "n", "arm", "NTP", "mean d [95% CI]", "relative", "effect d/sd", "verdict", "note"]
-    return lines + ([""] if lines and table else []) + (_md(head, table) if table else [])
-
-
-def _md(head, rows):
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return lines + ([""] if lines and table else []) + (md_table(head, table) if table else [])
 
 
 def _table(fam, part, auc=None):
@@ -326,7 +273,7 @@ def _table(fam, part, auc=None):
             c = auc["vs"].get(a) if b == AUC else vs[a].get(b)
             cells += [ci(c), fmt(c["rel"], pct=True), c["verdict"]] if c else ["–"] * 3
         rows.append(cells)
-    return _md(head, rows)
+    return md_table(head, rows)
 
 
 def _counts(fam):
@@ -355,26 +302,24 @@ def _grid_table(fam):
         rows.append([name(loss), ", ".join(map(lr_str, g["tried"])), per, lr_str(g["chosen"]),
                      ", ".join(map(lr_str, fam["lrs"].get(loss, []))) or "–",
                      "at the edge of the grid" if g["edge"] else "single lr" if len(g["tried"]) == 1 else ""])
-    return _md(head, rows)
+    return md_table(head, rows)
 
 
 def _lrs_section(lrs):
     """chosen_lrs.json as written by experiment.py; any other layout is shown as sorted JSON."""
-    def cell(v, key):
+    def cell(v, key, num=lambda y, f=lr_str: f(y) if type(y) in (int, float) else str(y)):
         x = v.get(key) if isinstance(v, dict) else (v if key == "chosen" else None)
-        if isinstance(x, (int, float)) and not isinstance(x, bool):
-            return lr_str(x)
         if isinstance(x, list):
-            return ", ".join(lr_str(y) if isinstance(y, (int, float)) else str(y) for y in x)
+            return ", ".join(map(num, x))
         if isinstance(x, dict):
-            return "; ".join(f"{k}: {fmt(y) if isinstance(y, (int, float)) else y}" for k, y in sorted(x.items()))
-        return "–" if x is None else str(x)
+            return "; ".join(f"{k}: {num(y, fmt)}" for k, y in sorted(x.items()))
+        return "–" if x is None else num(x)
     md = ["", "## Learning rates chosen by experiment.py (`chosen_lrs.json`)", ""]
     if not isinstance(lrs, dict) or not all(isinstance(v, dict) for v in lrs.values()):
         return md + ["```json", json.dumps(lrs, indent=1, sort_keys=True), "```"]
     rows = [[f"`{k}`", name(loss), *(cell(v, c) for c in ("chosen", "grid", "scores", "edge", "capped"))]
             for k in sorted(lrs) for loss, v in sorted(lrs[k].items(), key=lambda kv: loss_key(kv[0]))]
-    return md + _md(["setting", "loss", "chosen", "grid", "scores", "edge", "capped"], rows)
+    return md + md_table(["setting", "loss", "chosen", "grid", "scores", "edge", "capped"], rows)
 
 
 def write_report(rows, out_dir, source="results.json", lrs=None, plots=True):
@@ -386,11 +331,11 @@ def write_report(rows, out_dir, source="results.json", lrs=None, plots=True):
     md = ["# PRIOR results", "",
           f"Generated by `report.py` from {len(rows)} rows of `{os.path.basename(str(source))}`"
           + (f" (plus {derived} `{PRIMARY}`/`{NOCOUNT}` rows computed from probe and chance_* rows)" if derived else "")
-          + "; every number and sentence below is computed from them. Arms are compared with NTP by paired "
-          "differences over the seeds both ran (same seed = same initialisation and data order): mean d with its "
-          "95% confidence interval mean d ± t(0.975, n−1)·sd(d)/√n, d signed so that positive = better than NTP "
-          "(nll rows: NTP − arm). Verdict \"better\" or \"worse\" when the interval excludes 0. Relative = mean d / "
-          "|NTP mean|; effect = mean d / sd(d). Cells are mean ± sample std over seeds. ↑ higher is better, ↓ lower.",
+          + "; every number and sentence below is computed from them. Arms vs NTP: paired differences d over the "
+          "seeds both ran (same seed = same initialisation and data order), positive = better than NTP (nll rows: NTP "
+          "− arm); 95% CI mean d ± t(0.975, n−1)·sd(d)/√n; verdict \"better\"/\"worse\" when it excludes 0. Relative "
+          "= mean d / |NTP mean|; effect = mean d / sd(d). Cells: mean ± sample std over seeds. ↑/↓: higher/lower is "
+          "better.",
           "", f"## Primary endpoint: `{PRIMARY}` (final step)", "",
           f"`{PRIMARY}`: mean over probe groups of (accuracy − chance)/(1 − chance); declared in report.py before "
           f"the results. One comparison per setting is primary: PRIOR vs NTP.", ""]
@@ -414,15 +359,15 @@ def write_report(rows, out_dir, source="results.json", lrs=None, plots=True):
                 lrs_used = ", ".join(f"{name(a)} {', '.join(map(lr_str, v))}" for a, v in fam["lrs"].items())
                 md += [f"Seeds per arm: {seeds}; {len(fam['steps'])} evaluated steps ({fam['steps'][0]}–"
                        f"{fam['steps'][-1]}); main-run learning rates: {lrs_used}."]
-                md += _counts(fam) + ["", "#### Final step (the main table)", "", *_table(fam, fam["final"], fam["auc"])]
+                md += _counts(fam) + ["", "#### Final step (the main table)", ""]
+                md += _table(fam, fam["final"], fam["auc"])
                 if fam["best"]:
                     md += ["", f"#### Best step (flattering: each method's step is chosen by its own seed-mean "
                            f"`{fam['best_by']}` on these same test numbers)", "", *_table(fam, fam["best"])]
             md += ["", "#### Learning-rate grid", "", *_grid_table(fam)]
             files = plot_specs(fam, mix, arch, name, COLOURS)
-            if plots:
-                for f, draw in files:
-                    draw(os.path.join(out_dir, f))
+            for f, draw in files if plots else []:
+                draw(os.path.join(out_dir, f))
             md += ["", "#### Plots", ""] + [f"- `{f}`\n\n  ![{f}]({f})" for f, _ in files]
     if lrs is not None:
         md += _lrs_section(lrs)
@@ -439,17 +384,8 @@ def main(argv=None):
     p.add_argument("--lrs", default="", help="experiment.py's chosen_lrs.json, shown in results.md (optional)")
     p.add_argument("--no-plots", action="store_true", help="write results.md only (same text), skip the PNGs")
     args = p.parse_args(argv)
-    try:
-        rows = load_rows(args.results)
-    except (OSError, ValueError) as e:
-        sys.exit(f"report.py: --results {args.results}: {e}")
-    lrs = None
-    if args.lrs:
-        try:
-            with open(args.lrs) as f:
-                lrs = json.load(f)
-        except (OSError, ValueError) as e:
-            sys.exit(f"report.py: --lrs {args.lrs}: expected a readable JSON file ({e})")
+    rows = _read(args.results, "--results", parse_rows)
+    lrs = _read(args.lrs, "--lrs", lambda x: x) if args.lrs else None
     print(write_report(rows, args.out, source=args.results, lrs=lrs, plots=not args.no_plots))
 
 

@@ -22,20 +22,20 @@ def _band(ax, series, label, colour):
 
 def plot_specs(fam, mix, arch, name=str, colours=None):
     """[(file name, draw(path))] for one setting (mix, arch)."""
-    from matplotlib.figure import Figure  # Figure() needs no pyplot state: Agg, no display
     colours, tag, specs = colours or {}, f"{mix}_{arch}", []
     runs, arms, benches = fam["runs"], fam["arms"], fam["benchmarks"]
 
     def add(stem, build):
         def draw(path):
-            fig = build()
+            from matplotlib.figure import Figure  # no pyplot state (Agg, no display); imported only to draw
+            fig = build(Figure)
             fig.suptitle(f"{stem.replace('_', ' ')}: mix {mix}, {name(arch)} (mean ± std over seeds)")
             fig.savefig(path, dpi=90)
         specs.append((f"{stem}_{tag}.png", draw))
 
     probes = [b for b in benches if not b.startswith(("nll_", "gap_")) and b not in AVERAGES and "AUC" not in b]
     if probes and arms:
-        def curves():
+        def curves(Figure):
             cols = min(4, len(probes))
             fig = Figure(figsize=(4 * cols, 3 * -(-len(probes) // cols)), layout="constrained")
             for i, b in enumerate(probes):
@@ -48,7 +48,7 @@ def plot_specs(fam, mix, arch, name=str, colours=None):
         add("curves", curves)
     avg = next((b for b in ("probe_cc_avg", "probe_avg") if b in benches), None)
     if avg and arms:
-        def average():
+        def average(Figure):
             fig = Figure(figsize=(6, 4), layout="constrained")
             ax = fig.add_subplot(xlabel="step", ylabel=avg)
             for a in arms:
@@ -67,7 +67,7 @@ def plot_specs(fam, mix, arch, name=str, colours=None):
                                                                  ("grounding gap (shuffled − true NLL) ↑", GAP))]
     groups = [(t, bs) for t, bs in groups if bs]
     if groups and arms:
-        def token_nll():
+        def token_nll(Figure):
             fig = Figure(figsize=(6 * len(groups), 4), layout="constrained")
             w = 0.8 / len(arms)
             for k, (title, bs) in enumerate(groups):
@@ -85,7 +85,7 @@ def plot_specs(fam, mix, arch, name=str, colours=None):
     pts = {loss: [(lr, g["scores"][lr]) for lr in g["tried"] if lr and lr > 0 and g["scores"][lr]]
            for loss, g in fam["grid"].items()}
     if any(pts.values()):
-        def lr_grid():
+        def lr_grid(Figure):
             fig = Figure(figsize=(6, 4), layout="constrained")
             ax = fig.add_subplot(xlabel="learning rate", ylabel=f"final validation {fam['grid_by']}", xscale="log")
             for loss, p in pts.items():

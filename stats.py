@@ -8,7 +8,11 @@
 - paired(x, ref, lower_is_better): arm vs reference over the seeds both have. Seed s gives every arm the same
   initialisation and data order, so d_s = x_s − ref_s (negated when lower is better: positive always means
   "better than the reference"); mean d ± t_{0.975,n−1} · sd(d)/√n is the 95% confidence interval.
+- welch(): the older unpaired test (|difference| > 2 Welch standard errors), still used by paper.py.
+- series / still_rising: a metric's curve per seed, and how many seeds peak at the last checkpoint.
+- fmt / pm / ci / lr_str / md_table: fixed formatting (no "-0.000"), so results.md is the same on every machine.
 """
+import functools
 import math
 
 NAN = float("nan")
@@ -65,6 +69,7 @@ def t_cdf(t, df):
     return 1.0 - tail if t >= 0 else tail
 
 
+@functools.lru_cache(maxsize=None)
 def t_quantile(p, df):
     """The t with P(T <= t) = p (0 < p < 1), by bisection on the exact CDF."""
     if not 0.0 < p < 1.0 or df <= 0:
@@ -108,3 +113,61 @@ def paired(x, ref, lower_is_better=False, level=0.95):
     effect = mean / sd if sd > 0 else (math.copysign(math.inf, mean) if mean else NAN)
     verdict = "better" if lo > 0 else "worse" if hi < 0 else "no clear difference"
     return {**out, "sd_d": sd, "t": t, "lo": lo, "hi": hi, "effect": effect, "verdict": verdict}
+
+
+def welch(x, ref, lower_is_better=False, z=2.0):
+    """UNPAIRED comparison of two summaries (paper.py's tables): clear when |diff| > z Welch standard errors."""
+    diff = x["mean"] - ref["mean"]
+    se = math.sqrt(x["std"] ** 2 / x["n"] + ref["std"] ** 2 / ref["n"])
+    sign = -1 if lower_is_better else 1
+    rel = sign * diff / abs(ref["mean"]) if ref["mean"] else NAN
+    clear = min(x["n"], ref["n"]) > 1 and abs(diff) > z * se  # NaN compares False: never clear
+    better = (1 if sign * diff > 0 else -1) if clear else 0
+    return {"diff": diff, "se": se, "rel": rel, "clear": clear, "better": better}
+
+
+def series(steps, bench):
+    """{seed: [value at each step, in step order]}."""
+    out = {}
+    for s in sorted(steps):
+        for sd, v in steps[s].get(bench, {}).items():
+            out.setdefault(sd, []).append(v)
+    return out
+
+
+def still_rising(steps, bench):
+    """(k, n): k of the n seeds with 2+ checkpoints whose last checkpoint is the maximum of their curve."""
+    ser = [v for v in series(steps, bench).values() if len(v) > 1]
+    return sum(v[-1] >= max(v) for v in ser), len(ser)
+
+
+def fmt(x, sign=False, pct=False):
+    if x is None or math.isnan(x):
+        return "–"
+    x = 0.0 if round(x, 3) == 0 else x  # no "-0.000": a rounded zero has no sign
+    return f"{100 * x:+.1f}%" if pct else f"{x:+.3f}" if sign else f"{x:.3f}"
+
+
+def pm(s):
+    return f"{fmt(s['mean'])} ± {fmt(s['std'])}" if s else "–"
+
+
+def ci(c):
+    """'+0.030 [+0.010, +0.050]', or the mean alone when there is no interval."""
+    if not c or not c["n"]:
+        return "–"
+    if math.isnan(c["lo"]):
+        return fmt(c["mean_d"], sign=True)
+    return f"{fmt(c['mean_d'], sign=True)} [{fmt(c['lo'], sign=True)}, {fmt(c['hi'], sign=True)}]"
+
+
+def lr_str(lr):
+    return "?" if lr is None else f"{lr:g}"
+
+
+def lr_key(lr):
+    return (lr is None, lr or 0)
+
+
+def md_table(head, rows):
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]

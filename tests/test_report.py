@@ -20,7 +20,8 @@ def fake_rows(mixes=("web", "noisy"), archs=("h", "u"), arms=ARMS, seeds=range(5
         for arch in archs:
             for arm in arms:
                 for seed in seeds:
-                    rng, shift = random.Random(f"{mix}{arch}{arm}{seed}"), random.Random(f"{mix}{arch}{seed}").gauss(0, .03)
+                    rng = random.Random(f"{mix}{arch}{arm}{seed}")
+                    shift = random.Random(f"{mix}{arch}{seed}").gauss(0, .03)  # the seed's effect, shared by arms
                     for step in steps:
                         t, g = step / steps[-1], gain[arm] + shift
                         vals = {"presence_random": 0.6 + 0.2 * t + g, "colour": 0.3 + 0.2 * t + g, "count": 0.3 + g,
@@ -90,7 +91,8 @@ def test_duplicate_rows_of_one_seed_are_averaged_not_counted_as_seeds():
 
 
 def _ckpt(vals, **kw):
-    return [{"arch": "h", "loss": "ntp", "seed": 0, "step": 1, "benchmark": b, "value": v, **kw} for b, v in vals.items()]
+    return [{"arch": "h", "loss": "ntp", "seed": 0, "step": 1, "benchmark": b, "value": v, **kw}
+            for b, v in vals.items()]
 
 
 def test_primary_endpoint_computed_from_probe_and_chance_rows():
@@ -130,6 +132,7 @@ def test_results_md_regenerates_byte_for_byte(tmp_path):
     assert primary < md.index("## Probe average without the count probe") < second
     assert "PRIOR (shuffled) − NTP" in md[primary:second] and "Oracle − NTP" in md[primary:second]
     assert md.count("mix `noisy` · U-LVLM: PRIOR − NTP = ") == 1
+    assert md.index("### Mix `web` · H-LVLM") < md.index("### Mix `web` · U-LVLM") < md.index("### Mix `noisy`")
 
 
 def test_secondary_lists_each_benchmark_once_and_counts_only_base_rows(tmp_path):
@@ -223,15 +226,13 @@ def test_names_order_and_paper_helpers():
 
 
 def test_plots_and_cli(tmp_path):
-    rows = fake_rows(archs=("h",))
+    rows = fake_rows(mixes=("web",), archs=("h",))
     md = _cli(tmp_path, rows, "out")
     assert md == _cli(tmp_path, rows, "text", "--no-plots")  # results.md does not depend on drawing
-    for mix in ("web", "noisy"):
-        for stem in ("curves", "average", "token_nll", "lr_grid"):
-            png = tmp_path / "out" / f"{stem}_{mix}_h.png"
-            assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-            assert f"]({png.name})" in md.decode()
-    assert md.decode().index("### Mix `web`") < md.decode().index("### Mix `noisy`")
+    for stem in ("curves", "average", "token_nll", "lr_grid"):
+        png = tmp_path / "out" / f"{stem}_web_h.png"
+        assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png.name})" in md.decode()
     with pytest.raises(SystemExit) as e:
         report.main(["--help"])
     assert e.value.code == 0
