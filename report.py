@@ -7,7 +7,7 @@ results.json is a list of rows {"mix", "arch", "loss", "seed", "lr", "step", "ph
 curves_*, average_*, token_nll_* and lr_grid_*.png. results.md depends on the rows alone (no paths, dates or
 machine details; --lrs adds its file's content), so the command above regenerates it byte for byte.
 
-Primary endpoint, declared before looking at results: PRIMARY = "probe_cc_avg" at the final step, the
+Primary endpoint, declared here and as the constant PRIMARY: "probe_cc_avg" at the final step, the
 chance-corrected probe average: the mean over probe groups (presence, colour, count, position, retrieval) of
 (accuracy − chance)/(1 − chance), 0 = chance and 1 = perfect. eval.py writes it; when it is missing,
 report.py computes it per checkpoint from the probe rows, with chance 0.5 for presence_* (two choices) and,
@@ -85,8 +85,9 @@ def _read(path, flag, parse):
 
 
 def parse_rows(rows):
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "benchmark" in r for r in rows):
-        raise ValueError("expected a JSON list of rows with 'benchmark' and 'value'")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"loss", "step", "benchmark"} <= set(r)
+                                             for r in rows):
+        raise ValueError("expected a JSON list of rows with 'loss', 'step', 'benchmark' and 'value'")
     return [_normal(r) for r in rows]
 
 
@@ -337,8 +338,8 @@ def write_report(rows, out_dir, source="results.json", lrs=None, plots=True):
           "= mean d / |NTP mean|; effect = mean d / sd(d). Cells: mean ± sample std over seeds. ↑/↓: higher/lower is "
           "better.",
           "", f"## Primary endpoint: `{PRIMARY}` (final step)", "",
-          f"`{PRIMARY}`: mean over probe groups of (accuracy − chance)/(1 − chance); declared in report.py before "
-          f"the results. One comparison per setting is primary: PRIOR vs NTP.", ""]
+          f"`{PRIMARY}`: mean over probe groups of (accuracy − chance)/(1 − chance); declared in report.py "
+          f"(PRIMARY). One comparison per setting is primary: PRIOR vs NTP.", ""]
     md += _primary(summ, PRIMARY)
     notes = [f"{_setting(m, a)}: {', '.join(name(arm) for arm in fam['arms'] if _still(fam, arm))}"
              for m, fams in summ.items() for a, fam in fams.items() if any(_still(fam, arm) for arm in fam["arms"])]
