@@ -339,7 +339,8 @@ def write_report(rows, out_dir, source="results.json", lrs=None, plots=True):
           "better.",
           "", f"## Primary endpoint: `{PRIMARY}` (final step)", "",
           f"`{PRIMARY}`: mean over probe groups of (accuracy − chance)/(1 − chance); declared in report.py "
-          f"(PRIMARY). One comparison per setting is primary: PRIOR vs NTP.", ""]
+          f"(PRIMARY). One comparison per setting is primary: PRIOR vs NTP; the other arms are controls. Columns "
+          f"arm / NTP: mean ± std over each one's seeds; n: the seeds both ran (the pairs behind mean d).", ""]
     md += _primary(summ, PRIMARY)
     notes = [f"{_setting(m, a)}: {', '.join(name(arm) for arm in fam['arms'] if _still(fam, arm))}"
              for m, fams in summ.items() for a, fam in fams.items() if any(_still(fam, arm) for arm in fam["arms"])]
