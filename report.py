@@ -1,71 +1,94 @@
 """Turn every evaluated checkpoint into the summary a researcher reads: tables, verdicts and plots.
 
-    python report.py --results out/results.json --out out/
+    python report.py --results results/main/results.json --out results/main/ [--lrs chosen_lrs.json]
 
 results.json is a list of rows {"mix", "arch", "loss", "seed", "lr", "step", "phase", "benchmark", "value"}
-(a missing mix / phase reads as "web" / "main"; extra keys are ignored). Writes out/results.md and, per
-caption mix and model family, curves_*.png, average_*.png, token_nll_*.png and lr_grid_*.png.
+(missing mix / phase: "web" / "main"; extra keys ignored). Writes out/results.md and, per mix and model family,
+curves_*, average_*, token_nll_* and lr_grid_*.png. results.md depends on the rows alone (no paths, dates or
+machine details; --lrs adds its file's content), so the command above regenerates it byte for byte.
 
-The statistics are kept simple enough to check by hand:
-- each loss is shown as mean ± sample std over seeds (duplicate rows of one seed are averaged first);
-- a difference to NTP is "clear" only when |mean difference| > 2 standard errors, with the UNPAIRED
-  (Welch) standard error sqrt(sd_a²/n_a + sd_b²/n_b). Seeds are not paired: that is conservative (pairing
-  could only shrink the error if seeds share data order) and it works when the losses ran different seeds.
-  With one seed there is no spread to compare against, so nothing is ever called clear;
-- the relative change is signed so that positive always means "better than NTP": (x − ntp)/|ntp| for
-  higher-is-better rows (probes, gap_*), (ntp − x)/|ntp| for nll_* rows (lower is better).
-Benchmarks are classified by name only (nll_* lower is better, everything else higher), so new ones simply
-show up. The "best step" tables pick each method's checkpoint by the same numbers they then report, as the
-paper does: that flatters every method a little, so the final-step table is the one to trust.
+Primary endpoint, declared here and as the constant PRIMARY: "probe_cc_avg" at the final step, the
+chance-corrected probe average: the mean over probe groups (presence, colour, count, position, retrieval) of
+(accuracy − chance)/(1 − chance), 0 = chance and 1 = perfect. eval.py writes it; when it is missing,
+report.py computes it per checkpoint from the probe rows, with chance 0.5 for presence_* (two choices) and,
+for the other probes, the value of a row "chance_<probe>" (no such row: the endpoint stays missing, never
+guessed). "probe_cc_avg_nocount" is the same without the count probe. Everything else is secondary.
+
+Statistics (stats.py), kept simple enough to check by hand:
+- seed s gives every arm the same initialisation and data order, so an arm is compared with NTP by paired
+  differences over the seeds both ran: d_s = x_arm,s − x_ntp,s, negated for nll_* rows (lower is better), so
+  positive d always means "better than NTP"; the 95% CI is mean d ± t_{0.975,n−1} · sd(d)/√n, with the exact
+  t quantile. Verdict "better" / "worse" when the CI excludes 0, else "no clear difference"; "1 seed" with n < 2;
+- relative change = mean d / |mean NTP| (over the shared seeds); effect size = mean d / sd(d);
+- duplicate rows of one seed and checkpoint are averaged first; cells are mean ± sample std over seeds;
+- secondary rows are not corrected for multiple comparisons: with many rows some "better"/"worse" are chance.
+The final-step tables are the main ones. The "best step" tables pick each method's checkpoint by the numbers
+they then report, which flatters every method. When the primary endpoint's curve still peaks at the last
+checkpoint for most seeds of an arm, that arm is flagged "still improving" and the area under the curve (the
+mean over checkpoints) is added as a secondary row.
 """
 import argparse
 import json
 import math
 import os
+import sys
 
+from report_plots import plot_specs
+from stats import (NAN, ci, fmt, lr_key, lr_str, md_table, paired, pm, seed_key, series,  # noqa: F401 (fmt, pm:
+                   still_rising, summary, welch)  # paper.py calls report.fmt / report.pm)
+
+PRIMARY = "probe_cc_avg"
+NOCOUNT = "probe_cc_avg_nocount"
+AUC = "probe_cc_avg AUC (mean over checkpoints)"
 PROBES = ["presence_random", "presence_popular", "presence_adversarial", "colour", "count", "position", "retrieval"]
-CATS = ["image", "boiler", "noise", "all"]
-LOSSES = ["ntp", "prior", "oracle", "rare"]
-NAMES = {"ntp": "NTP", "prior": "PRIOR", "oracle": "Oracle", "rare": "Rare", "h": "H-LVLM", "u": "U-LVLM"}
-COLOURS = {"ntp": "tab:gray", "prior": "tab:orange", "oracle": "tab:green", "rare": "tab:purple"}
-Z = 2.0  # a difference counts as clear beyond Z standard errors
-NAN = float("nan")
+CHANCE = {"presence_random": 0.5, "presence_popular": 0.5, "presence_adversarial": 0.5}  # others: chance_* rows
+CATS = ["image", "glue", "boiler", "noise", "all"]
+COUNTED = PROBES + ["nll_image", "nll_glue", "nll_boiler", "nll_noise"]  # the rows a verdict count counts
+LOSSES = ["ntp", "prior", "prior_shuffled", "oracle", "rare", "attn", "rho1", "cal"]
+NAMES = {"ntp": "NTP", "prior": "PRIOR", "prior_shuffled": "PRIOR (shuffled)", "oracle": "Oracle", "rare": "Rare",
+         "attn": "Attention", "rho1": "Rho-1", "cal": "CAL", "itm": "ITM", "itc": "ITC", "h": "H-LVLM", "u": "U-LVLM"}
+COLOURS = {"ntp": "tab:gray", "prior": "tab:orange", "prior_shuffled": "tab:brown", "oracle": "tab:green",
+           "rare": "tab:purple", "attn": "tab:blue", "rho1": "tab:red", "cal": "tab:olive"}
 
 
 def name(key):
+    if isinstance(key, str) and "+" in key and key not in NAMES:
+        return " + ".join(name(k) for k in key.split("+"))
     return NAMES.get(key, str(key))
-
-
-def lr_str(lr):
-    return "?" if lr is None else f"{lr:g}"
 
 
 def lower_better(bench):
     return bench.startswith("nll_")  # gap_* (shuffled − true NLL) is higher-is-better
 
 
-def is_probe(bench):
-    return not bench.startswith(("nll_", "gap_"))
-
-
 def bench_key(bench):
-    """Probes in the paper's order (each _norm variant after its base), probe_avg, NLL rows, gap rows."""
+    """Probes in the paper's order (each _norm variant after its base), averages, NLL rows, gap rows."""
     base, norm = (bench[:-5], 1) if bench.endswith("_norm") else (bench, 0)
-    if base == "probe_avg":
-        return (1, 0, "", norm)
-    if is_probe(bench):
+    if base in ("probe_avg", PRIMARY, NOCOUNT, AUC):
+        return (1, ["probe_avg", PRIMARY, NOCOUNT, AUC].index(base), "", norm)
+    if not bench.startswith(("nll_", "gap_")):
         return (0, PROBES.index(base) if base in PROBES else len(PROBES), base, norm)
-    cat = bench.split("_")[1]  # nll_image, nll_image_shuffled, ..., then nll_w_* by reference weight
+    cat = bench.split("_")[1] if "_" in bench else ""  # nll_image, nll_image_shuffled, ..., nll_w_* by weight
     return (3 if bench.startswith("gap_") else 2, CATS.index(cat) if cat in CATS else len(CATS), bench, 0)
 
 
 def loss_key(loss):
-    return (LOSSES.index(loss) if loss in LOSSES else len(LOSSES), loss)
+    return (LOSSES.index(loss) if loss in LOSSES else len(LOSSES), str(loss))
 
 
-def load_rows(path):
-    with open(path) as f:
-        return [_normal(r) for r in json.load(f)]
+def _read(path, flag, parse):
+    try:
+        with open(path) as f:
+            return parse(json.load(f))
+    except (OSError, ValueError) as e:
+        sys.exit(f"report.py: {flag} {path}: {e}")
+
+
+def parse_rows(rows):
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"loss", "step", "benchmark"} <= set(r)
+                                             for r in rows):
+        raise ValueError("expected a JSON list of rows with 'loss', 'step', 'benchmark' and 'value'")
+    return [_normal(r) for r in rows]
 
 
 def judged(rows):
@@ -77,258 +100,279 @@ def judged(rows):
 def _normal(row):
     row = dict(row)
     row["mix"], row["phase"] = row.get("mix") or "web", row.get("phase") or "main"
+    row["arch"], row["seed"] = row.get("arch", "?"), row.get("seed", 0)
     row["value"] = NAN if row.get("value") is None else float(row["value"])  # a diverged run stays visible
     return row
 
 
-def stats(by_seed):
-    """{seed: value} -> mean, sample std (0 with one seed), n. Written out by hand so NaN propagates."""
-    v = list(by_seed.values())
-    n = len(v)
-    mean = sum(v) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n, "by_seed": dict(by_seed)}
+stats = summary  # {seed: value} -> mean, sample std, n (paper.py uses report.stats)
 
 
 def compare(x, ntp, bench, loss):
-    """x vs NTP on one benchmark: signed difference, relative change (positive = x better), verdict."""
-    diff = x["mean"] - ntp["mean"]
-    se = math.sqrt(x["std"] ** 2 / x["n"] + ntp["std"] ** 2 / ntp["n"])
-    sign = -1 if lower_better(bench) else 1
-    rel = sign * diff / abs(ntp["mean"]) if ntp["mean"] else NAN
-    clear = min(x["n"], ntp["n"]) > 1 and abs(diff) > Z * se  # NaN compares False: never clear
-    better = (1 if sign * diff > 0 else -1) if clear else 0
-    verdict = {1: f"{name(loss)} better", -1: "NTP better", 0: "no clear difference"}[better]
-    return {"diff": diff, "se": se, "rel": rel, "clear": clear, "better": better, "verdict": verdict}
+    """UNPAIRED x vs NTP on summaries (stats.welch), kept for paper.py; report.py itself uses paired()."""
+    c = welch(x, ntp, lower_better(bench))
+    return {**c, "verdict": {1: f"{name(loss)} better", -1: "NTP better", 0: "no clear difference"}[c["better"]]}
 
 
-def _tree(rows, phase, by_lr):
-    """{(mix, arch): {run: {step: {bench: {seed: value}}}}}, run = loss or (loss, lr); duplicates averaged."""
+def cc_avg(vals, chance, drop=()):
+    """Chance-corrected probe average of one checkpoint ({bench: value}); None when a chance is unknown."""
+    groups = {}
+    for p in PROBES:
+        if p in vals and p.split("_")[0] not in drop:
+            groups.setdefault(p.split("_")[0], []).append(p)
+    ccs = []
+    for g, stems in groups.items():
+        per = []
+        for p in stems:
+            c = CHANCE.get(p, vals.get(f"chance_{p}", chance.get(p)))
+            if c is None or not c < 1:
+                return None
+            per.append((vals[p] - c) / (1 - c))
+        ccs.append(sum(per) / len(per))
+    return sum(ccs) / len(ccs) if ccs else None
+
+
+def prepare(rows):
+    """Normalised, judged rows plus probe_cc_avg(_nocount) rows derived where eval.py wrote none; (rows, n)."""
+    rows = judged([_normal(r) for r in rows])
+    ckpts, chance = {}, {}
+    for r in rows:
+        key = tuple(r.get(k) for k in ("mix", "arch", "loss", "seed", "lr", "step", "phase"))
+        ckpts.setdefault(key, {})[r["benchmark"]] = r["value"]
+        if r["benchmark"].startswith("chance_"):
+            chance.setdefault(r["mix"], {}).setdefault(r["benchmark"][7:], r["value"])
+    new = []
+    for key, vals in ckpts.items():
+        for bench, drop in ((PRIMARY, ()), (NOCOUNT, ("count",))):
+            v = None if bench in vals else cc_avg(vals, chance.get(key[0], {}), drop)
+            if v is not None:
+                new.append({**dict(zip(("mix", "arch", "loss", "seed", "lr", "step", "phase"), key)),
+                            "benchmark": bench, "value": v})
+    return rows + new, len(new)
+
+
+def _tree(rows, phase):
+    """{(mix, arch): {run: {step: {bench: {seed: value}}}}}, run = loss (main) or (loss, lr); duplicates averaged."""
     t = {}
     for r in rows:
-        if r["phase"] == phase:
-            run = (r["loss"], r.get("lr")) if by_lr else r["loss"]
-            (t.setdefault((r["mix"], r.get("arch", "?")), {}).setdefault(run, {}).setdefault(r["step"], {})
-             .setdefault(r["benchmark"], {}).setdefault(r.get("seed", 0), []).append(r["value"]))
-    return {fam: {run: {step: {b: stats({s: sum(v) / len(v) for s, v in seeds.items()}) for b, seeds in bs.items()}
+        if r["phase"] == phase and not r["benchmark"].startswith("chance_"):
+            run = r["loss"] if phase == "main" else (r["loss"], r.get("lr"))
+            (t.setdefault((r["mix"], r["arch"]), {}).setdefault(run, {}).setdefault(r["step"], {})
+             .setdefault(r["benchmark"], {}).setdefault(r["seed"], []).append(r["value"]))
+    return {fam: {run: {step: {b: {s: sum(sorted(v)) / len(v) for s, v in seeds.items()} for b, seeds in bs.items()}
                         for step, bs in steps.items()} for run, steps in runs.items()} for fam, runs in t.items()}
 
 
-def _score(st, bench="probe_avg"):
-    """Seed-mean of `bench` for choosing a step / lr; missing or NaN never wins."""
-    m = st.get(bench, {}).get("mean", NAN)
+def _score(st, bench):
+    """Seed-mean of `bench` at one step, for choosing a step; missing or NaN never wins."""
+    m = summary(st[bench])["mean"] if st.get(bench) else NAN
     return -math.inf if math.isnan(m) else m
 
 
-def _part(runs, losses, pick):
-    """Stats of each loss at the step pick(steps) chooses, plus every loss compared with NTP."""
-    step = {l: pick(runs[l]) for l in losses}
-    st = {l: runs[l][step[l]] for l in losses}
-    vs = {l: {b: compare(st[l][b], st["ntp"][b], b, l) for b in st[l] if b in st["ntp"]}
-          for l in losses if l != "ntp" and "ntp" in st}
-    return {"step": step, "n": {l: max(s["n"] for s in st[l].values()) for l in losses}, "stats": st, "vs_ntp": vs}
+def _part(runs, arms, pick):
+    """Values of each arm at the step pick(steps) chooses, and every arm paired with NTP."""
+    step = {a: pick(runs[a]) for a in arms}
+    vals = {a: runs[a][step[a]] for a in arms}
+    vs = {a: {b: paired(vals[a][b], vals["ntp"][b], lower_better(b)) for b in vals[a] if b in vals["ntp"]}
+          for a in arms if a != "ntp"} if "ntp" in vals else {}
+    return {"step": step, "vals": vals, "vs": vs}
+
+
+def _grid(g):
+    """Grid runs {(loss, lr): steps} -> (score bench, {loss: {"scores": {lr: summary}, "chosen", "edge"}})."""
+    last = [steps[max(steps)] for steps in g.values()]
+    by = next((b for b in (PRIMARY, "probe_avg", "nll_image") if any(b in st for st in last)), None)
+    out, sign = {}, -1 if lower_better(by or "") else 1
+    for (loss, lr), steps in sorted(g.items(), key=lambda kv: lr_key(kv[0][1])):
+        v = steps[max(steps)].get(by)
+        out.setdefault(loss, {"scores": {}})["scores"][lr] = summary(v) if v else None
+    for o in out.values():
+        o["tried"] = tried = list(o["scores"])
+        ok = [lr for lr in tried if o["scores"][lr] and not math.isnan(o["scores"][lr]["mean"])]
+        o["chosen"] = max(ok, key=lambda lr: sign * o["scores"][lr]["mean"]) if ok else None
+        o["edge"] = len(tried) > 1 and o["chosen"] in (tried[0], tried[-1])
+    return by, {k: out[k] for k in sorted(out, key=loss_key)}
 
 
 def summarize(rows):
-    """Nested dict out[mix][arch] with, for the main runs, "final" and "best" parts ({"step", "n", "stats",
-    "vs_ntp"} per loss), "curves" (loss -> bench -> [(step, stats)]), and for the grid runs "grid"
-    (loss -> lr -> stats at that run's final step) and "best_lr" (loss -> lr)."""
-    rows = judged([_normal(r) for r in rows])
-    main, grid = _tree(rows, "main", False), _tree(rows, "grid", True)
+    """out[mix][arch] = {"arms", "benchmarks", "steps", "seeds", "lrs", "runs", "final" and "best" ({"step",
+    "vals", "vs"}), "best_by", "improving" (arm -> (k, n)), "auc" (or None), "grid_by", "grid"}."""
+    rows = prepare(rows)[0]
+    main, grid = _tree(rows, "main"), _tree(rows, "grid")
     out = {}
-    for mix, arch in sorted(set(main) | set(grid), key=lambda k: (k[0] != "web", k)):
-        runs, fam = main.get((mix, arch), {}), {}
-        losses = sorted(runs, key=loss_key)
-        fam["losses"] = losses
-        fam["benchmarks"] = sorted({b for l in losses for st in runs[l].values() for b in st}, key=bench_key)
-        fam["steps"] = sorted({s for l in losses for s in runs[l]})
-        fam["seeds"] = {l: len({sd for st in runs[l].values() for s in st.values() for sd in s["by_seed"]})
-                        for l in losses}
-        fam["lrs"] = {l: sorted({r.get("lr") for r in rows if r["phase"] == "main" and r["mix"] == mix
-                                 and r.get("arch", "?") == arch and r["loss"] == l}, key=str) for l in losses}
-        if losses:
-            fam["final"] = _part(runs, losses, max)
-            fam["best"] = _part(runs, losses, lambda steps: max(sorted(steps), key=lambda s: _score(steps[s])))
-            fam["best"]["by_probe_avg"] = any("probe_avg" in st for l in losses for st in runs[l].values())
-        fam["curves"] = {l: {b: [(s, runs[l][s][b]) for s in sorted(runs[l]) if b in runs[l][s]]
-                             for b in fam["benchmarks"]} for l in losses}
-        g = {}
-        for (l, lr), steps in grid.get((mix, arch), {}).items():
-            g.setdefault(l, {})[lr] = steps[max(steps)]
-        fam["grid"] = {l: g[l] for l in sorted(g, key=loss_key)}
-        # best lr: highest probe_avg; without probes, lowest image-token NLL
-        fam["best_lr"] = {l: max(sorted(lrs, key=str), key=lambda lr: _score(lrs[lr]) if "probe_avg" in lrs[lr]
-                                 else -lrs[lr].get("nll_image", {}).get("mean", math.inf)) for l, lrs in g.items()}
+    for mix, arch in sorted(set(main) | set(grid), key=lambda k: (k[0] != "web", str(k[0]), str(k[1]))):
+        runs = main.get((mix, arch), {})
+        arms = sorted(runs, key=loss_key)
+        fam = {"arms": arms, "runs": runs, "auc": None, "best": None, "improving": {}}
+        fam["benchmarks"] = sorted({b for a in arms for st in runs[a].values() for b in st}, key=bench_key)
+        fam["steps"] = sorted({s for a in arms for s in runs[a]})
+        fam["seeds"] = {a: sorted({sd for st in runs[a].values() for v in st.values() for sd in v}, key=seed_key)
+                        for a in arms}
+        fam["lrs"] = {a: sorted({r.get("lr") for r in rows if r["phase"] == "main" and r["mix"] == mix
+                                 and r["arch"] == arch and r["loss"] == a}, key=lr_key) for a in arms}
+        fam["best_by"] = next((b for b in (PRIMARY, "probe_avg") if b in fam["benchmarks"]), None)
+        if arms:
+            fam["final"] = _part(runs, arms, max)
+            if fam["best_by"]:
+                fam["best"] = _part(runs, arms, lambda st: max(sorted(st), key=lambda s: _score(st[s], fam["best_by"])))
+        if PRIMARY in fam["benchmarks"]:
+            fam["improving"] = {a: still_rising(runs[a], PRIMARY) for a in arms}
+            if any(n and k > n / 2 for k, n in fam["improving"].values()):
+                auc = {a: {sd: sum(v) / len(v) for sd, v in series(runs[a], PRIMARY).items()} for a in arms}
+                fam["auc"] = {"vals": auc, "vs": {a: paired(auc[a], auc["ntp"]) for a in arms if a != "ntp"}
+                              if "ntp" in auc else {}}
+        fam["grid_by"], fam["grid"] = _grid(grid.get((mix, arch), {}))
         out.setdefault(mix, {})[arch] = fam
     return out
 
 
-def fmt(x, sign=False, pct=False):
-    if x is None or math.isnan(x):
-        return "–"
-    x = 0.0 if round(x, 3) == 0 else x  # no "-0.000": a rounded zero has no sign
-    return f"{100 * x:+.1f}%" if pct else f"{x:+.3f}" if sign else f"{x:.3f}"
+def _still(fam, a):
+    k, n = fam["improving"].get(a, (0, 0))
+    return f"still improving at the last step ({k}/{n} seeds)" if n and k > n / 2 else ""
 
 
-def pm(s):
-    return f"{fmt(s['mean'])} ± {fmt(s['std'])}" if s else "–"
+def _setting(mix, arch):
+    return f"mix `{mix}` · {name(arch)}"
 
 
-def _table(fam, part):
-    losses, vs = fam["losses"], part["vs_ntp"]
-    head = ["benchmark"] + [f"{name(l)} (n={part['n'][l]}, step {part['step'][l]})" for l in losses]
-    for l in vs:
-        head += [f"{name(l)} − NTP", f"{name(l)} vs NTP", "verdict"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for b in fam["benchmarks"]:
-        cells = [f"`{b}` {'↓' if lower_better(b) else '↑'}"] + [pm(part["stats"][l].get(b)) for l in losses]
-        for l in vs:
-            c = vs[l].get(b)
-            cells += [fmt(c["diff"], sign=True), fmt(c["rel"], pct=True), c["verdict"]] if c else ["–"] * 3
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _findings(fam):
-    """The 'What this shows' paragraph: every sentence is computed from the numbers."""
-    if not fam["losses"]:
-        return ["No main-phase runs for this family."]
-    seeds = ", ".join(f"{name(l)} {n}" for l, n in fam["seeds"].items())
-    s = [f"Main runs: seeds per loss {seeds}; {len(fam['steps'])} evaluated steps ({fam['steps'][0]}–{fam['steps'][-1]})."]
-    if "ntp" not in fam["losses"]:
-        return s + ["No NTP runs, so nothing is compared."]
-    if min(fam["seeds"].values()) < 2:
-        s.append("With a single seed there is no spread, so no difference can be called clear.")
-    for where in ("final", "best"):
-        for l, cmp in fam[where]["vs_ntp"].items():
-            for b in ("probe_avg", "gap_all", "gap_image"):
-                if b not in cmp or (b == "gap_image" and "gap_all" in cmp) or (where == "best" and b != "probe_avg"):
+def _primary(summary_, bench):
+    """One table over every setting: each arm vs NTP on `bench` at the final step, paired over seeds."""
+    lines, table = [], []
+    for mix, fams in summary_.items():
+        for arch, fam in fams.items():
+            vs = fam["final"]["vs"] if fam["arms"] else {}
+            if not any(bench in c for c in vs.values()):
+                lines.append(f"- {_setting(mix, arch)}: no `{bench}` for NTP and another arm (no rows, and no "
+                             f"chance_* rows to compute it from), so no comparison.")
+                continue
+            for a, cmp in vs.items():
+                c = cmp.get(bench)
+                if c is None:
                     continue
-                c, st = cmp[b], fam[where]["stats"]
-                what = "average probe score" if b == "probe_avg" else "grounding gap"
-                s.append(f"{name(l)} vs NTP on `{b}` ({what}) at the {where} step: {fmt(c['rel'], pct=True)} "
-                         f"({fmt(st[l][b]['mean'])} vs {fmt(st['ntp'][b]['mean'])}; difference {fmt(c['diff'], sign=True)}, "
-                         f"2 s.e. = {fmt(Z * c['se'])}: {'clear' if c['clear'] else 'not clear'}) → "
-                         f"{['no clear gain or loss', 'a gain', 'a loss'][c['better']]}.")
-            if where == "final":
-                n = [sum(c["better"] == k for c in cmp.values()) for k in (1, -1, 0)]
-                s.append(f"Over all {len(cmp)} rows at the final step: {name(l)} clearly better on {n[0]}, "
-                         f"NTP clearly better on {n[1]}, no clear difference on {n[2]}.")
-    if fam["best_lr"]:
-        s.append("Best grid lr per loss: " + ", ".join(f"{name(l)} {lr_str(lr)}" for l, lr in fam["best_lr"].items()) + ".")
-    return [" ".join(s)]
+                v = f"{name(a)} {c['verdict']} than NTP" if c["verdict"] in ("better", "worse") else c["verdict"]
+                if a == "prior" and bench == PRIMARY:
+                    lines.append(f"- {_setting(mix, arch)}: PRIOR − NTP = {ci(c)} (95% CI, n = {c['n']} paired "
+                                 f"seeds) → **{v}**.")
+                vals = fam["final"]["vals"]
+                table.append([_setting(mix, arch), f"{name(a)} − NTP", str(c["n"]), pm(summary(vals[a][bench])),
+                              pm(summary(vals["ntp"][bench])), ci(c), fmt(c["rel"], pct=True),
+                              fmt(c["effect"], sign=True), c["verdict"], _still(fam, a)])
+    head = ["setting", "comparison", "n", "arm", "NTP", "mean d [95% CI]", "relative", "effect d/sd", "verdict", "note"]
+    return lines + ([""] if lines and table else []) + (md_table(head, table) if table else [])
+
+
+def _table(fam, part, auc=None):
+    arms, vs, vals = fam["arms"], part["vs"], part["vals"]
+    head = ["benchmark"] + [f"{name(a)} (n={len(fam['seeds'][a])}, step {part['step'][a]})" for a in arms]
+    for a in vs:
+        head += [f"{name(a)} vs NTP: mean d [95% CI]", "relative", "verdict"]
+    rows = []
+    for b in [b for b in fam["benchmarks"] if b not in (PRIMARY, NOCOUNT)] + ([AUC] if auc else []):
+        get = (lambda a: auc["vals"][a]) if b == AUC else (lambda a: vals[a].get(b))
+        cells = [f"`{b}` {'↓' if lower_better(b) else '↑'}"] + [pm(summary(get(a))) if get(a) else "–" for a in arms]
+        for a in vs:
+            c = auc["vs"].get(a) if b == AUC else vs[a].get(b)
+            cells += [ci(c), fmt(c["rel"], pct=True), c["verdict"]] if c else ["–"] * 3
+        rows.append(cells)
+    return md_table(head, rows)
+
+
+def _counts(fam):
+    out = []
+    for a, cmp in fam["final"]["vs"].items():
+        cs = [cmp[b]["verdict"] for b in COUNTED if b in cmp]
+        if cs:
+            out.append(f"{name(a)} vs NTP: better on {cs.count('better')}, worse on {cs.count('worse')}, no clear "
+                       f"difference or no verdict on {len(cs) - cs.count('better') - cs.count('worse')}")
+    if not out:
+        return []
+    return ["", f"Counted over the {len(cs)} base rows only (each probe file, and nll_image/glue/boiler/noise when "
+            f"present; no averages, _norm variants or gap rows), at the final step: " + "; ".join(out) + "."]
 
 
 def _grid_table(fam):
     if not fam["grid"]:
-        return ["No grid runs (phase \"grid\") for this family."]
-    lines = ["| loss | lr | n | probe_avg ↑ | nll_image ↓ | |", "|---|---|---|---|---|---|"]
-    for l, lrs in fam["grid"].items():
-        for lr in sorted(lrs, key=lambda x: (x is None, x or 0)):
-            st = lrs[lr]
-            n = max(x["n"] for x in st.values())
-            best = "**best**" if lr == fam["best_lr"].get(l) else ""
-            lines.append(f"| {name(l)} | {lr_str(lr)} | {n} | {pm(st.get('probe_avg'))} | {pm(st.get('nll_image'))} | {best} |")
-    return lines
+        return ["No grid runs (phase \"grid\") for this setting."]
+    by = f"`{fam['grid_by']}` {'↓' if lower_better(fam['grid_by'] or '') else '↑'}"
+    head = ["loss", "lrs tried", f"mean validation {by} per lr (n seeds), each run's final step", "chosen",
+            "main runs used", "note"]
+    rows = []
+    for loss, g in fam["grid"].items():
+        per = "; ".join(f"{lr_str(lr)}: {fmt(s['mean']) if s else '–'} (n={s['n'] if s else 0})"
+                        for lr, s in ((lr, g["scores"][lr]) for lr in g["tried"]))
+        rows.append([name(loss), ", ".join(map(lr_str, g["tried"])), per, lr_str(g["chosen"]),
+                     ", ".join(map(lr_str, fam["lrs"].get(loss, []))) or "–",
+                     "at the edge of the grid" if g["edge"] else "single lr" if len(g["tried"]) == 1 else ""])
+    return md_table(head, rows)
 
 
-def _band(ax, series, loss):
-    xs, m, sd = [s for s, _ in series], [st["mean"] for _, st in series], [st["std"] for _, st in series]
-    (line,) = ax.plot(xs, m, label=name(loss), color=COLOURS.get(loss), marker=".")
-    ax.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], color=line.get_color(), alpha=0.2)
-    return line
+def _lrs_section(lrs):
+    """chosen_lrs.json as written by experiment.py; any other layout is shown as sorted JSON."""
+    def cell(v, key, num=lambda y, f=lr_str: f(y) if type(y) in (int, float) else str(y)):
+        x = v.get(key) if isinstance(v, dict) else (v if key == "chosen" else None)
+        if isinstance(x, list):
+            return ", ".join(map(num, x))
+        if isinstance(x, dict):
+            return "; ".join(f"{k}: {num(y, fmt)}" for k, y in sorted(x.items()))
+        return "–" if x is None else num(x)
+    md = ["", "## Learning rates chosen by experiment.py (`chosen_lrs.json`)", ""]
+    if not isinstance(lrs, dict) or not all(isinstance(v, dict) for v in lrs.values()):
+        return md + ["```json", json.dumps(lrs, indent=1, sort_keys=True), "```"]
+    rows = [[f"`{k}`", name(loss), *(cell(v, c) for c in ("chosen", "grid", "scores", "edge", "capped"))]
+            for k in sorted(lrs) for loss, v in sorted(lrs[k].items(), key=lambda kv: loss_key(kv[0]))]
+    return md + md_table(["setting", "loss", "chosen", "grid", "scores", "edge", "capped"], rows)
 
 
-def _bars(ax, fam, benches, title):
-    losses, st, w = fam["losses"], fam["final"]["stats"], 0.8 / len(fam["losses"])
-    for i, l in enumerate(losses):
-        got = [st[l].get(b, {"mean": NAN, "std": 0}) for b in benches]
-        ax.bar([j + i * w for j in range(len(benches))], [g["mean"] for g in got], w, yerr=[g["std"] for g in got],
-               capsize=3, label=name(l), color=COLOURS.get(l))
-    ax.set_xticks([j + w * (len(losses) - 1) / 2 for j in range(len(benches))], benches)
-    ax.set_title(title)
-
-
-def _plots(fam, mix, arch, out_dir):
-    """Write the PNGs this family has data for; return their file names. Figure() needs no pyplot state."""
-    from matplotlib.figure import Figure
-    tag, files, curves = f"{mix}_{arch}", [], fam["curves"]
-    probes = [b for b in fam["benchmarks"] if is_probe(b)]
-
-    def save(fig, stem):
-        fig.suptitle(f"{stem.replace('_', ' ')}: mix {mix}, {name(arch)} (mean ± std over seeds)")
-        fig.savefig(os.path.join(out_dir, f"{stem}_{tag}.png"), dpi=90)
-        files.append(f"{stem}_{tag}.png")
-
-    if probes:
-        cols = min(4, len(probes))
-        rows = -(-len(probes) // cols)
-        fig = Figure(figsize=(4 * cols, 3 * rows), layout="constrained")
-        for i, b in enumerate(probes):
-            ax = fig.add_subplot(rows, cols, i + 1, title=b, xlabel="step")
-            for l in fam["losses"]:
-                if curves[l][b]:
-                    _band(ax, curves[l][b], l)
-        fig.axes[0].legend()
-        save(fig, "curves")
-    if "probe_avg" in fam["benchmarks"]:
-        fig = Figure(figsize=(6, 4), layout="constrained")
-        ax = fig.add_subplot(xlabel="step", ylabel="probe_avg")
-        for l in fam["losses"]:
-            if curves[l]["probe_avg"]:
-                colour = _band(ax, curves[l]["probe_avg"], l).get_color()
-                for seed in sorted({sd for _, st in curves[l]["probe_avg"] for sd in st["by_seed"]}, key=str):
-                    pts = [(s, st["by_seed"][seed]) for s, st in curves[l]["probe_avg"] if seed in st["by_seed"]]
-                    ax.plot(*zip(*pts), color=colour, lw=0.6, alpha=0.5)  # each seed, thin: the raw spread
-        ax.legend()
-        save(fig, "average")
-    groups = [(t, [b for b in fam["benchmarks"] if b in bs]) for t, bs in
-              (("held-out NLL by token type ↓", ["nll_image", "nll_boiler", "nll_noise"]),
-               ("grounding gap (shuffled − true NLL) ↑", ["gap_image", "gap_boiler", "gap_noise", "gap_all"]))]
-    groups = [(t, bs) for t, bs in groups if bs]
-    if groups and fam["losses"]:
-        fig = Figure(figsize=(6 * len(groups), 4), layout="constrained")
-        for i, (title, bs) in enumerate(groups):
-            _bars(fig.add_subplot(1, len(groups), i + 1), fam, bs, f"{title}, final step")
-        fig.axes[0].legend()
-        save(fig, "token_nll")
-    pts = {l: sorted((lr, st["probe_avg"]) for lr, st in lrs.items() if lr and lr > 0 and "probe_avg" in st)
-           for l, lrs in fam["grid"].items()}
-    if any(pts.values()):
-        fig = Figure(figsize=(6, 4), layout="constrained")
-        ax = fig.add_subplot(xlabel="learning rate", ylabel="final probe_avg", xscale="log")
-        for l, p in pts.items():
-            if p:
-                ax.errorbar([x for x, _ in p], [s["mean"] for _, s in p], [s["std"] for _, s in p], marker="o",
-                            capsize=3, label=name(l), color=COLOURS.get(l))
-        ax.legend()
-        save(fig, "lr_grid")
-    return files
-
-
-def write_report(rows, out_dir, source="results.json"):
-    """Write results.md and the plots into out_dir; return the path of results.md."""
+def write_report(rows, out_dir, source="results.json", lrs=None, plots=True):
+    """Write results.md (and the plots unless plots=False) into out_dir; return the path of results.md.
+    lrs: the parsed chosen_lrs.json of experiment.py, shown as given."""
     os.makedirs(out_dir, exist_ok=True)
-    summary = summarize(rows)
+    derived = prepare(rows)[1]
+    summ = summarize(rows)
     md = ["# PRIOR results", "",
-          f"Generated by `report.py` from {len(rows)} rows of `{source}`; every number and sentence below is "
-          f"computed from them. Cells are mean ± sample std over seeds (n in the header). ↑ higher is better, "
-          f"↓ lower is better. \"X vs NTP\" is the relative change, signed so that positive means X is better "
-          f"(nll rows: (ntp − x)/ntp). A difference is clear when |x − ntp| > {Z:g} × sqrt(sd_x²/n_x + sd_ntp²/n_ntp) "
-          f"(unpaired standard error, seeds not paired). The best-step table picks each method's checkpoint "
-          f"by its own seed-mean probe_avg, so it favours every method a little; trust the final step first."]
-    for mix, fams in summary.items():
+          f"Generated by `report.py` from {len(rows)} rows of `{os.path.basename(str(source))}`"
+          + (f" (plus {derived} `{PRIMARY}`/`{NOCOUNT}` rows computed from probe and chance_* rows)" if derived else "")
+          + "; every number and sentence below is computed from them. Arms vs NTP: paired differences d over the "
+          "seeds both ran (same seed = same initialisation and data order), positive = better than NTP (nll rows: NTP "
+          "− arm); 95% CI mean d ± t(0.975, n−1)·sd(d)/√n; verdict \"better\"/\"worse\" when it excludes 0. Relative "
+          "= mean d / |NTP mean|; effect = mean d / sd(d). Cells: mean ± sample std over seeds. ↑/↓: higher/lower is "
+          "better.",
+          "", f"## Primary endpoint: `{PRIMARY}` (final step)", "",
+          f"`{PRIMARY}`: mean over probe groups of (accuracy − chance)/(1 − chance); declared in report.py "
+          f"(PRIMARY). One comparison per setting is primary: PRIOR vs NTP; the other arms are controls. Columns "
+          f"arm / NTP: mean ± std over each one's seeds; n: the seeds both ran (the pairs behind mean d).", ""]
+    md += _primary(summ, PRIMARY)
+    notes = [f"{_setting(m, a)}: {', '.join(name(arm) for arm in fam['arms'] if _still(fam, arm))}"
+             for m, fams in summ.items() for a, fam in fams.items() if any(_still(fam, arm) for arm in fam["arms"])]
+    if notes:
+        md += ["", f"Still improving at the last step (the last checkpoint is the maximum of the `{PRIMARY}` curve for "
+               f"most seeds): {'; '.join(notes)}. For these settings the secondary tables add `{AUC}`."]
+    md += ["", f"## Probe average without the count probe: `{NOCOUNT}` (final step)", ""] + _primary(summ, NOCOUNT)
+    md += ["", "## Secondary (not corrected for multiple comparisons)", "",
+           "Each benchmark once, per setting; with this many rows a few \"better\"/\"worse\" verdicts are expected by "
+           "chance alone. nll_*_shuffled rows enter only through gap_* (shuffled − true NLL)."]
+    for mix, fams in summ.items():
         for arch, fam in fams.items():
-            md += ["", f"## Mix `{mix}` · {name(arch)} (`{arch}`)", "", "### What this shows", ""] + _findings(fam)
-            if fam["losses"]:
-                lrs = ", ".join(f"{name(l)} {', '.join(map(lr_str, v))}"
-                                for l, v in fam["lrs"].items())
-                how = "seed-mean probe_avg" if fam["best"]["by_probe_avg"] else "nothing: no probe_avg, so the final step"
-                md += ["", "### Final step", "", *_table(fam, fam["final"]), "", f"Main-run learning rates: {lrs}.",
-                       "", f"### Best step (per method, chosen by {how})", "", *_table(fam, fam["best"])]
-            md += ["", "### Learning-rate grid (each run's final step)", "", *_grid_table(fam)]
-            files = _plots(fam, mix, arch, out_dir)
-            md += ["", "### Plots", ""] + [f"- `{f}`\n\n  ![{f}]({f})" for f in files]
+            md += ["", f"### Mix `{mix}` · {name(arch)} (`{arch}`)", ""]
+            if not fam["arms"]:
+                md += ["No main-phase runs for this setting."]
+            else:
+                seeds = ", ".join(f"{name(a)} {len(s)}" for a, s in fam["seeds"].items())
+                lrs_used = ", ".join(f"{name(a)} {', '.join(map(lr_str, v))}" for a, v in fam["lrs"].items())
+                md += [f"Seeds per arm: {seeds}; {len(fam['steps'])} evaluated steps ({fam['steps'][0]}–"
+                       f"{fam['steps'][-1]}); main-run learning rates: {lrs_used}."]
+                md += _counts(fam) + ["", "#### Final step (the main table)", ""]
+                md += _table(fam, fam["final"], fam["auc"])
+                if fam["best"]:
+                    md += ["", f"#### Best step (flattering: each method's step is chosen by its own seed-mean "
+                           f"`{fam['best_by']}` on these same test numbers)", "", *_table(fam, fam["best"])]
+            md += ["", "#### Learning-rate grid", "", *_grid_table(fam)]
+            files = plot_specs(fam, mix, arch, name, COLOURS)
+            for f, draw in files if plots else []:
+                draw(os.path.join(out_dir, f))
+            md += ["", "#### Plots", ""] + [f"- `{f}`\n\n  ![{f}]({f})" for f, _ in files]
+    if lrs is not None:
+        md += _lrs_section(lrs)
     path = os.path.join(out_dir, "results.md")
     with open(path, "w") as f:
         f.write("\n".join(md) + "\n")
@@ -337,11 +381,14 @@ def write_report(rows, out_dir, source="results.json"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", default="out/results.json", help="JSON list of evaluation rows (one per "
-                   "mix, arch, loss, seed, lr, step, phase, benchmark)")
+    p.add_argument("--results", default="out/results.json", help="JSON list of evaluation rows (results.json)")
     p.add_argument("--out", default="out", help="folder for results.md and the PNG plots (created if missing)")
+    p.add_argument("--lrs", default="", help="experiment.py's chosen_lrs.json, shown in results.md (optional)")
+    p.add_argument("--no-plots", action="store_true", help="write results.md only (same text), skip the PNGs")
     args = p.parse_args(argv)
-    print(write_report(load_rows(args.results), args.out, source=args.results))
+    rows = _read(args.results, "--results", parse_rows)
+    lrs = _read(args.lrs, "--lrs", lambda x: x) if args.lrs else None
+    print(write_report(rows, args.out, source=args.results, lrs=lrs, plots=not args.no_plots))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""report.py on synthetic results: statistics, best step, verdicts, sign conventions, robustness, plots."""
+"""report.py and stats.py on synthetic results: t quantiles, paired verdicts, primary endpoint, regeneration."""
 import json
 import math
 import random
@@ -6,131 +6,233 @@ import random
 import pytest
 
 import report
+import stats
 
-STEPS = [0, 100, 200, 300]
-PROBE_BENCHES = ["presence_random", "colour", "probe_avg"]
+ARMS = ("ntp", "prior", "prior_shuffled", "oracle")
+GAIN = {"ntp": 0.0, "prior": 0.03, "prior_shuffled": 0.0, "oracle": 0.08}
 
 
-def fake_rows(gain=None, losses=("ntp", "prior", "oracle"), seeds=(0, 1, 2), noise=0.002, grid=True, mix=None):
-    """Rows like eval output: probes rise with step, NLL falls; `gain` shifts each loss (+ = better on every row)."""
-    gain = gain or {"ntp": 0.0, "prior": 0.03, "oracle": 0.08}
-    rows = []
-    for phase in ("main", "grid") if grid else ("main",):
-        for loss in losses:
-            for lr in ([1e-3] if phase == "main" else [3e-4, 1e-3, 3e-3]):
-                lr_pen = 0.0 if lr == 1e-3 else 0.02  # the grid's best lr is 1e-3 for every loss
+def fake_rows(mixes=("web", "noisy"), archs=("h", "u"), arms=ARMS, seeds=range(5), steps=(100, 200, 300), gain=None,
+              grid=True, noise=0.005, cc=True):
+    """Eval-like rows: probes rise with step, image NLL falls; seed s shifts every arm alike (paired design)."""
+    gain, rows = gain or GAIN, []
+    for mix in mixes:
+        for arch in archs:
+            for arm in arms:
                 for seed in seeds:
-                    rng = random.Random(f"{phase}{loss}{lr}{seed}")
-                    for step in STEPS:
-                        t = step / STEPS[-1]
-                        vals = {b: 0.5 + 0.2 * t + gain[loss] - lr_pen for b in PROBE_BENCHES}
-                        vals.update(nll_image=3.0 - t - 10 * gain[loss], nll_boiler=1.0 - 0.2 * t, nll_noise=5.0,
-                                    gap_all=0.1 + gain[loss], nll_w_gt_0p5=2.0)
+                    rng = random.Random(f"{mix}{arch}{arm}{seed}")
+                    shift = random.Random(f"{mix}{arch}{seed}").gauss(0, .03)  # the seed's effect, shared by arms
+                    for step in steps:
+                        t, g = step / steps[-1], gain[arm] + shift
+                        vals = {"presence_random": 0.6 + 0.2 * t + g, "colour": 0.3 + 0.2 * t + g, "count": 0.3 + g,
+                                "probe_avg": 0.4 + 0.2 * t + g, "nll_image": 3.0 - t - 5 * g, "nll_glue": 2.0,
+                                "nll_boiler": 1.0, "nll_noise": 5.0, "nll_image_shuffled": 4.0, "gap_image": 1 + g}
+                        if cc:
+                            vals["probe_cc_avg"] = 0.2 + 0.2 * t + g
                         for b, v in vals.items():
-                            row = {"arch": "h", "loss": loss, "seed": seed, "lr": lr, "step": step, "phase": phase,
-                                   "benchmark": b, "value": v + rng.gauss(0, noise), "extra": "ignored"}
-                            if mix:
-                                row["mix"] = mix
-                            rows.append(row)
+                            rows.append({"mix": mix, "arch": arch, "loss": arm, "seed": seed, "lr": 1e-3, "step": step,
+                                         "phase": "main", "benchmark": b, "value": v + rng.gauss(0, noise)})
+                if grid:
+                    for lr, score in ((3e-4, 0.1), (1e-3, 0.3), (3e-3, 0.2)):
+                        rows.append({"mix": mix, "arch": arch, "loss": arm, "seed": 0, "lr": lr, "step": steps[-1],
+                                     "phase": "grid", "benchmark": "probe_cc_avg", "value": score})
     return rows
 
 
-def test_mean_std_over_seeds():
-    rows = [{"arch": "h", "loss": "ntp", "seed": s, "lr": 1e-3, "step": 10, "benchmark": "colour", "value": v}
-            for s, v in enumerate([0.5, 0.6, 0.7])]
-    st = report.summarize(rows)["web"]["h"]["final"]["stats"]["ntp"]["colour"]  # missing mix/phase -> web/main
-    assert st["n"] == 3 and st["mean"] == pytest.approx(0.6) and st["std"] == pytest.approx(0.1)
+def test_t_quantile_matches_printed_tables():
+    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042), (1000, 1.962)):
+        assert stats.t_quantile(0.975, df) == pytest.approx(t, abs=6e-4)
+    assert stats.t_quantile(0.995, 10) == pytest.approx(3.169, abs=6e-4)
+    assert stats.t_quantile(0.025, 4) == pytest.approx(-2.776, abs=6e-4)
+    assert stats.t_cdf(stats.t_quantile(0.9, 7), 7) == pytest.approx(0.9, abs=1e-12)
+    with pytest.raises(ValueError):
+        stats.t_quantile(1.0, 3)
+
+
+def test_paired_matches_hand_computation():
+    ntp = {s: 10.0 + 0.1 * s for s in range(5)}
+    arm = {s: ntp[s] + d for s, d in zip(range(5), [1, 2, 3, 4, 5])}
+    c = stats.paired(arm, ntp)
+    assert (c["n"], c["mean_d"]) == (5, pytest.approx(3.0))
+    assert c["sd_d"] == pytest.approx(1.5811, abs=1e-4)
+    assert (c["lo"], c["hi"]) == (pytest.approx(1.037, abs=1e-3), pytest.approx(4.963, abs=1e-3))  # 3 ± 2.776·0.7071
+    assert c["verdict"] == "better" and c["effect"] == pytest.approx(3 / 1.5811, abs=1e-4)
+    assert c["rel"] == pytest.approx(3 / 10.2)
+    low = stats.paired(arm, ntp, lower_is_better=True)  # nll: a higher value is worse, d is negated
+    assert low["mean_d"] == pytest.approx(-3.0) and low["verdict"] == "worse" and low["hi"] < 0
+
+
+def test_paired_verdict_edge_cases():
+    ntp = {0: 1.0, 1: 2.0, 2: 3.0}
+    assert stats.paired({0: 1.1, 1: 1.9, 2: 3.05}, ntp)["verdict"] == "no clear difference"
+    assert stats.paired({0: 5.0}, ntp)["verdict"] == "1 seed"
+    assert stats.paired({7: 5.0}, ntp)["verdict"] == "no shared seeds"
+    assert stats.paired({0: float("nan"), 1: 2.0}, ntp)["verdict"] == "not computable (NaN)"
+
+
+def test_only_shared_seeds_are_paired():
+    """An unpaired layout: NTP ran seeds 0-4, PRIOR seeds 0-2 and 7; only 0, 1, 2 enter the differences."""
+    rows = []
+    for loss, seeds in (("ntp", range(5)), ("prior", (0, 1, 2, 7))):
+        for s in seeds:
+            value = 10.0 * s + (0.5 + 0.1 * s if loss == "prior" else 0.0) + (100 if s == 7 else 0)
+            rows.append({"arch": "h", "loss": loss, "seed": s, "step": 5, "benchmark": "colour", "value": value})
+    fam = report.summarize(rows)["web"]["h"]
+    c = fam["final"]["vs"]["prior"]["colour"]
+    assert c["seeds"] == [0, 1, 2] and c["n"] == 3
+    assert c["mean_d"] == pytest.approx(0.6) and c["sd_d"] == pytest.approx(0.1) and c["verdict"] == "better"
+    assert c["ref_mean"] == pytest.approx(10.0)  # NTP's mean over the shared seeds, not over all five
 
 
 def test_duplicate_rows_of_one_seed_are_averaged_not_counted_as_seeds():
     rows = [{"arch": "u", "loss": "ntp", "seed": 0, "step": 1, "benchmark": "count", "value": v} for v in (0.2, 0.4)]
-    st = report.summarize(rows)["web"]["u"]["final"]["stats"]["ntp"]["count"]
-    assert st["n"] == 1 and st["mean"] == pytest.approx(0.3) and st["std"] == 0
+    fam = report.summarize(rows)["web"]["u"]
+    assert fam["final"]["vals"]["ntp"]["count"] == {0: pytest.approx(0.3)} and fam["seeds"]["ntp"] == [0]
 
 
-def test_best_step_is_chosen_per_method():
-    rows = []
-    for loss, peak in (("ntp", 100), ("prior", 200)):
-        for seed in (0, 1):
-            for step in STEPS:
-                rows.append({"arch": "h", "loss": loss, "seed": seed, "step": step, "benchmark": "probe_avg",
-                             "value": (0.9 if step == peak else 0.5) + 0.01 * seed})
+def _ckpt(vals, **kw):
+    return [{"arch": "h", "loss": "ntp", "seed": 0, "step": 1, "benchmark": b, "value": v, **kw}
+            for b, v in vals.items()]
+
+
+def test_primary_endpoint_computed_from_probe_and_chance_rows():
+    vals = {"presence_random": 0.7, "presence_popular": 0.6, "colour": 0.5, "count": 0.4, "chance_colour": 0.25,
+            "chance_count": 0.25}
+    rows, n = report.prepare(_ckpt(vals))
+    got = {r["benchmark"]: r["value"] for r in rows}
+    presence, colour, count = (0.4 + 0.2) / 2, (0.5 - 0.25) / 0.75, (0.4 - 0.25) / 0.75
+    assert n == 2 and got["probe_cc_avg"] == pytest.approx((presence + colour + count) / 3)
+    assert got["probe_cc_avg_nocount"] == pytest.approx((presence + colour) / 2)
+    fam = report.summarize(_ckpt(vals))["web"]["h"]
+    assert "chance_colour" not in fam["benchmarks"] and "probe_cc_avg" in fam["benchmarks"]
+    no_chance = {k: v for k, v in vals.items() if k != "chance_count"}  # count's chance unknown: never guessed
+    got = {r["benchmark"]: r["value"] for r in report.prepare(_ckpt(no_chance))[0]}
+    assert "probe_cc_avg" not in got and got["probe_cc_avg_nocount"] == pytest.approx((presence + colour) / 2)
+    given = {r["benchmark"]: r["value"] for r in report.prepare(_ckpt({**vals, "probe_cc_avg": 0.9}))[0]}
+    assert given["probe_cc_avg"] == 0.9  # eval.py's value wins
+
+
+def _cli(tmp_path, rows, out, *extra):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(rows))
+    report.main(["--results", str(path), "--out", str(tmp_path / out), *extra])
+    return (tmp_path / out / "results.md").read_bytes()
+
+
+def test_results_md_regenerates_byte_for_byte(tmp_path):
+    rows = fake_rows()
+    a, b = _cli(tmp_path, rows, "a", "--no-plots"), _cli(tmp_path, rows, "b", "--no-plots")
+    assert a == b
+    shuffled = list(rows)
+    random.Random(0).shuffle(shuffled)
+    assert _cli(tmp_path, shuffled, "c", "--no-plots") == a  # row order does not matter
+    md = a.decode()
+    assert str(tmp_path) not in md and "`results.json`" in md and not list((tmp_path / "a").glob("*.png"))
+    primary, second = md.index("## Primary endpoint: `probe_cc_avg`"), md.index("## Secondary (not corrected")
+    assert primary < md.index("## Probe average without the count probe") < second
+    assert "PRIOR (shuffled) − NTP" in md[primary:second] and "Oracle − NTP" in md[primary:second]
+    assert md.count("mix `noisy` · U-LVLM: PRIOR − NTP = ") == 1
+    assert md.index("### Mix `web` · H-LVLM") < md.index("### Mix `web` · U-LVLM") < md.index("### Mix `noisy`")
+
+
+def test_secondary_lists_each_benchmark_once_and_counts_only_base_rows(tmp_path):
+    md = open(report.write_report(fake_rows(mixes=("web",), archs=("h",)), tmp_path, plots=False)).read()
+    final = md[md.index("#### Final step"):md.index("#### Best step")]
+    for b in ("colour", "probe_avg", "nll_image", "nll_glue", "gap_image"):
+        assert final.count(f"| `{b}` ") == 1
+    assert "| `probe_cc_avg` " not in final and "nll_image_shuffled" not in final  # primary rows sit above
+    assert "Counted over the 7 base rows only" in md  # 3 probe files + 4 nll categories, no averages
+    assert "Best step (flattering" in md
+
+
+def test_verdicts_in_report(tmp_path):
+    fam = report.summarize(fake_rows(mixes=("web",), archs=("h",)))["web"]["h"]
+    vs = fam["final"]["vs"]
+    assert vs["prior"]["probe_cc_avg"]["verdict"] == "better" and vs["oracle"]["nll_image"]["verdict"] == "better"
+    assert vs["prior"]["nll_image"]["mean_d"] > 0  # lower NLL is a positive d
+    assert vs["prior_shuffled"]["probe_cc_avg"]["verdict"] == "no clear difference"
+    worse = report.summarize(fake_rows(mixes=("web",), archs=("h",), gain={**GAIN, "prior": -0.03}))["web"]["h"]
+    assert worse["final"]["vs"]["prior"]["probe_cc_avg"]["verdict"] == "worse"
+    one = report.write_report(fake_rows(mixes=("web",), archs=("h",), seeds=(0,)), tmp_path, plots=False)
+    assert "→ **1 seed**" in open(one).read()
+
+
+def test_still_improving_adds_auc_row(tmp_path):
+    rising = fake_rows(mixes=("web",), archs=("h",))
+    fam = report.summarize(rising)["web"]["h"]
+    assert fam["improving"]["prior"] == (5, 5) and fam["auc"]["vs"]["prior"]["verdict"] == "better"
+    md = open(report.write_report(rising, tmp_path, plots=False)).read()
+    assert "still improving at the last step (5/5 seeds)" in md and f"| `{report.AUC}` ↑ |" in md
+    peaked = [dict(r, value=r["value"] + (0.5 if r["step"] == 200 else 0)) for r in rising]
+    fam = report.summarize(peaked)["web"]["h"]
+    assert fam["improving"]["prior"] == (0, 5) and fam["auc"] is None
+    assert fam["best"]["step"]["prior"] == 200 and fam["final"]["step"]["prior"] == 300
+
+
+def test_grid_chosen_lr_and_edge():
+    fam = report.summarize(fake_rows(mixes=("web",), archs=("h",)))["web"]["h"]
+    g = fam["grid"]["prior"]
+    assert fam["grid_by"] == "probe_cc_avg" and g["tried"] == [3e-4, 1e-3, 3e-3]
+    assert g["chosen"] == 1e-3 and not g["edge"]
+    rows = [dict(r, value=r["lr"]) if r["phase"] == "grid" else r for r in fake_rows(mixes=("web",), archs=("h",))]
     fam = report.summarize(rows)["web"]["h"]
-    assert fam["best"]["step"] == {"ntp": 100, "prior": 200}
-    assert fam["final"]["step"] == {"ntp": 300, "prior": 300}
-    assert fam["best"]["stats"]["prior"]["probe_avg"]["mean"] == pytest.approx(0.905)
+    assert fam["grid"]["ntp"]["chosen"] == 3e-3 and fam["grid"]["ntp"]["edge"]
+    assert "at the edge of the grid" in "\n".join(report._grid_table(fam))
 
 
-@pytest.mark.parametrize("prior_gain, verdict, better", [(0.03, "PRIOR better", 1), (-0.03, "NTP better", -1),
-                                                          (0.0005, "no clear difference", 0)])
-def test_verdicts(tmp_path, prior_gain, verdict, better):
-    rows = fake_rows({"ntp": 0.0, "prior": prior_gain, "oracle": 0.08}, noise=0.004)
-    fam = report.summarize(rows)["web"]["h"]
-    c = fam["final"]["vs_ntp"]["prior"]["probe_avg"]
-    assert (c["verdict"], c["better"]) == (verdict, better)
-    assert c["se"] > 0 and c["clear"] == (better != 0)
-    md = open(report.write_report(rows, tmp_path)).read()
-    assert verdict in md
-    assert ["no clear gain or loss", "a gain", "a loss"][better] in md  # the auto-written paragraph says which
+def test_lrs_json_is_shown(tmp_path):
+    lrs = {"web/h": {"ntp": {"chosen": 1e-3, "grid": [3e-4, 1e-3], "scores": {"0.001": 0.3}, "edge": True,
+                             "capped": False}, "prior": 3e-3}}
+    (tmp_path / "lrs.json").write_text(json.dumps(lrs))
+    md = _cli(tmp_path, fake_rows(mixes=("web",), archs=("h",)), "o", "--no-plots", "--lrs", str(tmp_path / "lrs.json"))
+    assert "| `web/h` | NTP | 0.001 | 0.0003, 0.001 | 0.001: 0.300 | True | False |" in md.decode()
+    assert "| `web/h` | PRIOR | 0.003 | – |" in md.decode()
+    with pytest.raises(SystemExit, match="--lrs"):
+        _cli(tmp_path, fake_rows(mixes=("web",), archs=("h",)), "o", "--lrs", str(tmp_path / "missing.json"))
+    with pytest.raises(SystemExit, match="--results"):
+        report.main(["--results", str(tmp_path / "lrs.json"), "--out", str(tmp_path / "x")])
 
 
-def test_relative_improvement_sign_for_nll_and_accuracy():
-    fam = report.summarize(fake_rows())["web"]["h"]
-    cmp = fam["final"]["vs_ntp"]["prior"]
-    nll, acc = cmp["nll_image"], cmp["probe_avg"]
-    assert nll["diff"] < 0 and nll["rel"] > 0 and nll["verdict"] == "PRIOR better"  # lower NLL is a gain
-    ntp = fam["final"]["stats"]["ntp"]["nll_image"]["mean"]
-    assert nll["rel"] == pytest.approx(-nll["diff"] / ntp)
-    assert acc["diff"] > 0 and acc["rel"] > 0 and cmp["gap_all"]["rel"] > 0  # gap_* is higher-is-better
-    assert report.lower_better("nll_image_shuffled") and not report.lower_better("gap_image")
-
-
-def test_single_seed_is_never_clear():
-    fam = report.summarize(fake_rows(seeds=(0,)))["web"]["h"]
-    assert all(c["verdict"] == "no clear difference" for c in fam["final"]["vs_ntp"]["prior"].values())
-
-
-def test_grid_best_lr_and_benchmark_order():
-    fam = report.summarize(fake_rows(mix="noisy"))["noisy"]["h"]
-    assert fam["best_lr"] == {"ntp": 1e-3, "prior": 1e-3, "oracle": 1e-3}
-    assert set(fam["grid"]["prior"]) == {3e-4, 1e-3, 3e-3}
-    assert fam["benchmarks"] == ["presence_random", "colour", "probe_avg", "nll_image", "nll_boiler", "nll_noise",
-                                 "nll_w_gt_0p5", "gap_all"]
-
-
-def test_missing_grid_and_oracle_do_not_crash(tmp_path):
-    rows = fake_rows(losses=("ntp", "prior"), grid=False)
-    md = open(report.write_report(rows, tmp_path)).read()
-    assert "No grid runs" in md and "Oracle" not in md and "PRIOR − NTP" in md
-    assert not (tmp_path / "lr_grid_web_h.png").exists()
-    only_ntp = report.write_report(fake_rows(losses=("ntp",), gain={"ntp": 0}), tmp_path / "ntp")
-    assert "NTP (n=3, step 300)" in open(only_ntp).read()  # a table with nothing to compare against
-    no_main = [r for r in fake_rows() if r["phase"] == "grid"]
-    assert "No main-phase runs" in open(report.write_report(no_main, tmp_path / "grid_only")).read()
+def test_missing_parts_do_not_crash(tmp_path):
+    rows = fake_rows(mixes=("web",), archs=("h",), arms=("ntp", "prior"), grid=False, cc=False)
+    md = open(report.write_report(rows, tmp_path, plots=False)).read()
+    assert "No grid runs" in md and "Oracle" not in md and "no `probe_cc_avg` for NTP and another arm" in md
+    only_ntp = report.write_report(fake_rows(mixes=("web",), archs=("h",), arms=("ntp",)), tmp_path / "n", plots=False)
+    assert "NTP (n=5, step 300)" in open(only_ntp).read()
+    no_main = [r for r in fake_rows(mixes=("web",), archs=("h",)) if r["phase"] == "grid"]
+    assert "No main-phase runs" in open(report.write_report(no_main, tmp_path / "g", plots=False)).read()
 
 
 def test_nan_values_stay_visible(tmp_path):
-    rows = fake_rows(grid=False)
+    rows = fake_rows(mixes=("web",), archs=("h",), grid=False)
     for r in rows:
-        if r["loss"] == "prior" and r["seed"] == 0 and r["benchmark"] == "probe_avg":
-            r["value"] = float("nan")  # a diverged run
+        if r["loss"] == "prior" and r["seed"] == 0 and r["benchmark"] == "probe_cc_avg":
+            r["value"] = None  # a diverged run
     fam = report.summarize(rows)["web"]["h"]
-    assert math.isnan(fam["final"]["stats"]["prior"]["probe_avg"]["mean"])
-    assert fam["final"]["vs_ntp"]["prior"]["probe_avg"]["verdict"] == "no clear difference"
-    report.write_report(rows, tmp_path)
+    assert math.isnan(stats.summary(fam["final"]["vals"]["prior"]["probe_cc_avg"])["mean"])
+    assert fam["final"]["vs"]["prior"]["probe_cc_avg"]["verdict"] == "not computable (NaN)"
+    report.write_report(rows, tmp_path, plots=False)
+
+
+def test_names_order_and_paper_helpers():
+    assert report.name("prior_shuffled") == "PRIOR (shuffled)" and report.name("ntp+itm") == "NTP + ITM"
+    assert "glue" in report.CATS
+    assert sorted(["nll_noise", "gap_image", "nll_glue", "probe_cc_avg", "colour", "nll_image", "probe_avg"],
+                  key=report.bench_key) == ["colour", "probe_avg", "probe_cc_avg", "nll_image", "nll_glue", "nll_noise",
+                                            "gap_image"]
+    a, b = report.stats({0: 0.5, 1: 0.6, 2: 0.7}), report.stats({0: 0.4, 1: 0.4, 2: 0.4})
+    assert a["std"] == pytest.approx(0.1) and report.compare(a, b, "colour", "prior")["clear"]  # paper.py's Welch test
+    assert report.compare(a, b, "nll_image", "prior")["rel"] < 0
 
 
 def test_plots_and_cli(tmp_path):
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps(fake_rows() + fake_rows(mix="noisy")))
-    report.main(["--results", str(path), "--out", str(tmp_path / "out")])
-    md = (tmp_path / "out" / "results.md").read_text()
-    for mix in ("web", "noisy"):
-        for stem in ("curves", "average", "token_nll", "lr_grid"):
-            png = tmp_path / "out" / f"{stem}_{mix}_h.png"
-            assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-            assert f"]({png.name})" in md
-    assert md.index("Mix `web`") < md.index("Mix `noisy`")
+    rows = fake_rows(mixes=("web",), archs=("h",))
+    md = _cli(tmp_path, rows, "out")
+    assert md == _cli(tmp_path, rows, "text", "--no-plots")  # results.md does not depend on drawing
+    for stem in ("curves", "average", "token_nll", "lr_grid"):
+        png = tmp_path / "out" / f"{stem}_web_h.png"
+        assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png.name})" in md.decode()
     with pytest.raises(SystemExit) as e:
         report.main(["--help"])
     assert e.value.code == 0
