@@ -405,6 +405,12 @@ class Experiment:
         for spec in specs:
             results += self.rows(self.run_dir(*spec), mix=spec[0], phase="main",
                                  **({"oracle_low": spec[5]} if spec[5] is not None else {}))
+        for mix in self.mixes:  # the data's side of the story: what the reference LM predicts, per word tag
+            rel = json.load(open(self.path(f"scores_{mix}_test.json"))).get("relevance", {})
+            for key, short in (("predicted", "predicted"), ("mean_w", "mean"), ("share", "share")):
+                results += [{"mix": mix, "phase": "data", "arch": "", "loss": "", "seed": 0, "lr": 0, "step": 0,
+                             "benchmark": f"{short}_{tag}", "value": v} for tag, v in rel.get(key, {}).items()
+                            if v is not None]
         with open(self.path("results.json"), "w") as f:
             json.dump(results, f)
         return results

@@ -156,7 +156,8 @@ def _tree(rows, phase):
     t = {}
     for r in rows:
         if r["phase"] == phase and not r["benchmark"].startswith("chance_"):
-            run = r["loss"] if phase == "main" else (r["loss"], r.get("lr"))
+            loss = r["loss"] + (f" (low {r['oracle_low']:g})" if phase == "grid" and "oracle_low" in r else "")
+            run = r["loss"] if phase == "main" else (loss, r.get("lr"))
             (t.setdefault((r["mix"], r["arch"]), {}).setdefault(run, {}).setdefault(r["step"], {})
              .setdefault(r["benchmark"], {}).setdefault(r["seed"], []).append(r["value"]))
     return {fam: {run: {step: {b: {s: sum(sorted(v)) / len(v) for s, v in seeds.items()} for b, seeds in bs.items()}
@@ -306,26 +307,27 @@ def _grid_table(fam):
     return md_table(head, rows)
 
 
-def _lrs_section(lrs):
-    """chosen_lrs.json as written by experiment.py; any other layout is shown as sorted JSON."""
-    def cell(v, key, num=lambda y, f=lr_str: f(y) if type(y) in (int, float) else str(y)):
-        x = v.get(key) if isinstance(v, dict) else (v if key == "chosen" else None)
-        if isinstance(x, list):
-            return ", ".join(map(num, x))
-        if isinstance(x, dict):
-            return "; ".join(f"{k}: {num(y, fmt)}" for k, y in sorted(x.items()))
-        return "–" if x is None else num(x)
-    md = ["", "## Learning rates chosen by experiment.py (`chosen_lrs.json`)", ""]
-    if not isinstance(lrs, dict) or not all(isinstance(v, dict) for v in lrs.values()):
-        return md + ["```json", json.dumps(lrs, indent=1, sort_keys=True), "```"]
-    rows = [[f"`{k}`", name(loss), *(cell(v, c) for c in ("chosen", "grid", "scores", "edge", "capped"))]
-            for k in sorted(lrs) for loss, v in sorted(lrs[k].items(), key=lambda kv: loss_key(kv[0]))]
-    return md + md_table(["setting", "loss", "chosen", "grid", "scores", "edge", "capped"], rows)
+def _data_section(rows):
+    """Rows of phase "data" (experiment.py: the reference LM on each mix's test captions, per word tag)."""
+    got = {}
+    for r in rows:
+        if r["phase"] == "data" and "_" in r["benchmark"]:
+            key, tag = r["benchmark"].split("_", 1)
+            got.setdefault(r["mix"], {}).setdefault(tag, {})[key] = r["value"]
+    if not got:
+        return []
+    out = [["mix", "tag", "share of tokens", "mean w = 1 − p_ref", "predicted by the reference LM (p_ref > 0.5)"]]
+    for mix in sorted(got):
+        for tag in sorted(got[mix], key=lambda t: CATS.index(t) if t in CATS else len(CATS)):
+            v = got[mix][tag]
+            out.append([f"`{mix}`", tag, *(fmt(v[k]) if k in v else "–" for k in ("share", "mean", "predicted"))])
+    return ["", "## The data: which words the reference LM predicts (test captions)", "",
+            "PRIOR down-weights what the reference LM predicts; an image word it predicts is where PRIOR can lose.",
+            ""] + md_table(out[0], out[1:])
 
 
-def write_report(rows, out_dir, source="results.json", lrs=None, plots=True):
-    """Write results.md (and the plots unless plots=False) into out_dir; return the path of results.md.
-    lrs: the parsed chosen_lrs.json of experiment.py, shown as given."""
+def write_report(rows, out_dir, source="results.json", plots=True):
+    """Write results.md (and the plots unless plots=False) into out_dir; return the path of results.md."""
     os.makedirs(out_dir, exist_ok=True)
     derived = prepare(rows)[1]
     summ = summarize(rows)
@@ -348,6 +350,7 @@ def write_report(rows, out_dir, source="results.json", lrs=None, plots=True):
         md += ["", f"Still improving at the last step (the last checkpoint is the maximum of the `{PRIMARY}` curve for "
                f"most seeds): {'; '.join(notes)}. For these settings the secondary tables add `{AUC}`."]
     md += ["", f"## Probe average without the count probe: `{NOCOUNT}` (final step)", ""] + _primary(summ, NOCOUNT)
+    md += _data_section([_normal(dict(r)) for r in rows])
     md += ["", "## Secondary (not corrected for multiple comparisons)", "",
            "Each benchmark once, per setting; with this many rows a few \"better\"/\"worse\" verdicts are expected by "
            "chance alone. nll_*_shuffled rows enter only through gap_* (shuffled − true NLL)."]
@@ -371,8 +374,6 @@ def write_report(rows, out_dir, source="results.json", lrs=None, plots=True):
             for f, draw in files if plots else []:
                 draw(os.path.join(out_dir, f))
             md += ["", "#### Plots", ""] + [f"- `{f}`\n\n  ![{f}]({f})" for f, _ in files]
-    if lrs is not None:
-        md += _lrs_section(lrs)
     path = os.path.join(out_dir, "results.md")
     with open(path, "w") as f:
         f.write("\n".join(md) + "\n")
@@ -383,12 +384,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="out/results.json", help="JSON list of evaluation rows (results.json)")
     p.add_argument("--out", default="out", help="folder for results.md and the PNG plots (created if missing)")
-    p.add_argument("--lrs", default="", help="experiment.py's chosen_lrs.json, shown in results.md (optional)")
     p.add_argument("--no-plots", action="store_true", help="write results.md only (same text), skip the PNGs")
     args = p.parse_args(argv)
     rows = _read(args.results, "--results", parse_rows)
-    lrs = _read(args.lrs, "--lrs", lambda x: x) if args.lrs else None
-    print(write_report(rows, args.out, source=args.results, lrs=lrs, plots=not args.no_plots))
+    print(write_report(rows, args.out, source=args.results, plots=not args.no_plots))
 
 
 if __name__ == "__main__":

@@ -180,17 +180,14 @@ def test_grid_chosen_lr_and_edge():
     assert "at the edge of the grid" in "\n".join(report._grid_table(fam))
 
 
-def test_lrs_json_is_shown(tmp_path):
-    lrs = {"web/h": {"ntp": {"chosen": 1e-3, "grid": [3e-4, 1e-3], "scores": {"0.001": 0.3}, "edge": True,
-                             "capped": False}, "prior": 3e-3}}
-    (tmp_path / "lrs.json").write_text(json.dumps(lrs))
-    md = _cli(tmp_path, fake_rows(mixes=("web",), archs=("h",)), "o", "--no-plots", "--lrs", str(tmp_path / "lrs.json"))
-    assert "| `web/h` | NTP | 0.001 | 0.0003, 0.001 | 0.001: 0.300 | True | False |" in md.decode()
-    assert "| `web/h` | PRIOR | 0.003 | – |" in md.decode()
-    with pytest.raises(SystemExit, match="--lrs"):
-        _cli(tmp_path, fake_rows(mixes=("web",), archs=("h",)), "o", "--lrs", str(tmp_path / "missing.json"))
+def test_data_rows_become_the_data_table(tmp_path):
+    rows = fake_rows(mixes=("web",), archs=("h",)) + [
+        {"mix": "web", "phase": "data", "arch": "", "loss": "", "seed": 0, "lr": 0, "step": 0, "benchmark": b, "value": v}
+        for b, v in (("predicted_image", 0.25), ("mean_image", 0.7), ("share_image", 0.3), ("predicted_boiler", 0.9))]
+    md = open(report.write_report(rows, tmp_path, plots=False)).read()
+    assert "| `web` | image | 0.300 | 0.700 | 0.250 |" in md and "| `web` | boiler | – | – | 0.900 |" in md
     with pytest.raises(SystemExit, match="--results"):
-        report.main(["--results", str(tmp_path / "lrs.json"), "--out", str(tmp_path / "x")])
+        report.main(["--results", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
 
 
 def test_missing_parts_do_not_crash(tmp_path):
