@@ -206,6 +206,17 @@ def load_hf_decoder(path, dtype=torch.float32, max_seq_len=None):
     return decoder, tok
 
 
+def base_checkpoint(spec):
+    """What --init-decoder names, as a reference_lm.py checkpoint dict (model, decoder_config, tokenizer
+    fingerprint): "hf:FOLDER" converts that folder (float32 weights); anything else is such a checkpoint file."""
+    from dataclasses import asdict
+    from utils import load_checkpoint
+    if not spec.startswith("hf:"):
+        return load_checkpoint(spec)
+    decoder, tok = load_hf_decoder(spec[3:])
+    return {"model": decoder.state_dict(), "decoder_config": asdict(decoder.cfg), "tokenizer": T.fingerprint(tok)}
+
+
 def main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -169,3 +169,31 @@ def test_clear_errors(tmp_path):
         hf.load_hf_decoder(str(d))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         hf.load_hf_decoder(str(tmp_path / "nothing"))
+
+
+def test_recipe_end_to_end_tiny(tmp_path, tiny):
+    """The paper's recipe on a tiny Llama: reference LM from it trained on captions, scores, then an H-LVLM with
+    frozen decoder and PRIOR loss; the decoder really is the folder's, and the U-LVLM starts from it too."""
+    import reference_lm
+    import score
+    import train
+    from utils import load_checkpoint
+    make_llama(tmp_path / "llama")
+    spec = f"hf:{tmp_path / 'llama'}"
+    reference_lm.train_lm(reference_lm.RefConfig(data=str(tiny["ref"]), tokenizer=spec, init_decoder=spec,
+                                                 out=str(tmp_path / "ref.pt"), row_len=64, batch_rows=4, steps=2,
+                                                 eval_every=2, lr=1e-4, device="cpu"))
+    score.main(score.ScoreConfig(ref=str(tmp_path / "ref.pt"), tokenizer=spec, data=str(tiny["train"]),
+                                 out=str(tmp_path / "scores.pt"), row_len=128, device="cpu"))
+    for arch, part in (("h", "projector"), ("u", "all")):
+        out = tmp_path / f"run_{arch}"
+        train.main(train.TrainConfig(data=str(tiny["train"]), tokenizer=spec, scores=str(tmp_path / "scores.pt"),
+                                     out_dir=str(out), arch=arch, loss="prior", train=part, init_decoder=spec,
+                                     image_size=16, patch_size=4, vit_dim=16, vit_depth=1, vit_heads=2,
+                                     batch_size=4, row_len=128, steps=1, save_every=1, device="cpu", lr=1e-4))
+        state = load_checkpoint(out / "last.pt")["model"]
+        decoder, _ = hf.load_hf_decoder(str(tmp_path / "llama"))
+        same = torch.equal(state["decoder.blocks.0.attn.qkv.weight"], decoder.blocks[0].attn.qkv.weight)
+        assert same == (part == "projector")  # frozen: exactly the folder's weights
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        train.build_model(train.TrainConfig(init_decoder=spec), T.load_tokenizer(str(tiny["tokenizer"])))
