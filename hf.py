@@ -228,7 +228,7 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     n = sum(p.numel() for p in decoder.parameters())
-    print(f"{args.path}: {n / 1e9:.2f}B parameters, {decoder.cfg}; tokenizer {T.fingerprint(tok)}, "
+    print(f"{args.path}: {n / 1e6:,.1f}M parameters, {decoder.cfg}; tokenizer {T.fingerprint(tok)}, "
           f"{tok.get_vocab_size()} tokens")
     if args.tokenizer_out:
         tok.save(args.tokenizer_out)

@@ -38,7 +38,7 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     mlp_ratio: float = 8 / 3  # SwiGLU hidden = ratio * d_model, as in Llama (same FLOPs as a 4x GELU MLP)
     # The rest of the Llama family (hf.py loads its checkpoints). The defaults are the project's own models.
-    n_kv_head: int = 0        # grouped-query attention: key/value heads, each shared by n_head / n_kv_head queries; 0 = n_head
+    n_kv_head: int = 0        # grouped-query attention: key/value heads (each serves n_head / n_kv_head); 0 = n_head
     mlp_hidden: int = 0       # SwiGLU hidden width; 0 = mlp_ratio * d_model rounded up to a multiple of 64
     norm_eps: float = None    # RMSNorm epsilon (Llama: 1e-5 or 1e-6); None = the dtype's machine epsilon
     rope_scaling: dict = None  # Llama-3.1/3.2 RoPE frequency scaling: {"rope_type": "llama3", "factor", ...}

@@ -44,7 +44,7 @@ class RefConfig:
     warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
     eval_every: int = field(default=200, metadata={"help": "validate every N steps"})
-    init_decoder: str = field(default="", metadata={"help": "start from this LM: hf:FOLDER (a Hugging Face Llama, hf.py) or a checkpoint of this script ('' = scratch)"})
+    init_decoder: str = field(default="", metadata={"help": "start from this LM: hf:FOLDER (Hugging Face Llama, hf.py) or a reference_lm.py checkpoint"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
 

@@ -81,7 +81,7 @@ class TrainConfig:
     no_k: bool = field(default=False, metadata={"help": "drop the factor k (caption length) from PRIOR's normalisation (ablation)"})
     oracle_low: float = field(default=0.1, metadata={"help": "oracle weight of image-unrelated words (image-related words get 1)"})
     train: str = field(default="all", metadata={"help": "which parts train: all, or projector (encoder and decoder frozen, the paper's H-LVLM recipe)", "choices": ["all", "projector"]})
-    init_decoder: str = field(default="", metadata={"help": "base-LM checkpoint from reference_lm.py to start the decoder from, or hf:FOLDER, a Hugging Face Llama (hf.py; --tokenizer hf:FOLDER) ('' = scratch)"})
+    init_decoder: str = field(default="", metadata={"help": "base LM for the decoder: a reference_lm.py checkpoint, or hf:FOLDER (hf.py) ('' = scratch)"})
     init_encoder: str = field(default="", metadata={"help": "vision-encoder checkpoint from vision.py to start the ViT from ('' = scratch)"})
     init_from: str = field(default="", metadata={"help": "a train.py checkpoint to start all weights from (e.g. the U-LVLM's stage 1)"})
     vision: str = field(default="", metadata={"help": "H-LVLM encoder: '' = the built-in ViT (--vit-*, --init-encoder); 'timm:<name>' = that timm model, built offline; image size, patches and width then come from it"})
