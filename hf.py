@@ -105,9 +105,15 @@ def convert_tokenizer(path):
     bos, eos = _special_id(path, "bos", data, config), _special_id(path, "eos", data, config)
     reserved = sorted((int(RESERVED.fullmatch(a["content"]).group(1)), a["id"]) for a in added
                       if RESERVED.fullmatch(a["content"]) and a["id"] not in (bos, eos))
-    free = [i for _, i in reserved][:len(T.SPECIALS) - 2]
-    n_new = len(T.SPECIALS) - 2 - len(free)
-    free += list(range(size, size + n_new))  # too few reserved tokens: new ones at the end
+    # pad, image, vision, /vision, vrow: a token of that name (a folder export_hf wrote), else the next reserved
+    named = {a["content"]: a["id"] for a in added if a["content"] in T.SPECIALS}
+    reserved = iter(i for _, i in reserved if i not in named.values())
+    free, n_new = [], 0
+    for name in (s for s in T.SPECIALS if s not in ("<|bos|>", "<|eos|>")):
+        i = named.get(name, next(reserved, None))
+        if i is None:  # too few reserved tokens: new ones at the end
+            i, n_new = size + n_new, n_new + 1
+        free.append(i)
     targets = [free[0], bos, eos, *free[1:]]  # original ids that become pad, bos, eos, image, vision, /vision, vrow
     perm = list(range(size + n_new))
     for new_id, old_id in enumerate(targets):  # swap each target into place; earlier places stay put
@@ -206,6 +212,71 @@ def load_hf_decoder(path, dtype=torch.float32, max_seq_len=None):
     return decoder, tok
 
 
+def export_hf(decoder, source, out):
+    """Write `decoder` (loaded from the folder `source`, then trained) as a Hugging Face folder `out`: source's
+    config and tokenizer files, the weights back in the model's own token order. New special tokens (a grown
+    vocabulary) stay at the end, under the project's names; Llama's loaders read the folder as any other."""
+    import shutil
+    from safetensors.torch import save_file
+    _, perm, n_new = convert_tokenizer(source)
+    if decoder.cfg.vocab_size != len(perm):
+        raise ValueError(f"the decoder has {decoder.cfg.vocab_size} tokens, {source}'s tokenizer {len(perm)}")
+    order = perm.argsort()  # original id -> our row
+    sd = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
+    state = {"model.embed_tokens.weight": sd["embed.weight"][order], "model.norm.weight": sd["norm.weight"]}
+    if not decoder.cfg.tie_embeddings:
+        state["lm_head.weight"] = sd["head.weight"][order]
+    kv = decoder.blocks[0].attn.n_kv_head * decoder.blocks[0].attn.d_head if decoder.blocks else 0
+    for i in range(decoder.cfg.n_layer):
+        b, p = f"blocks.{i}.", f"model.layers.{i}."
+        q, k, v = sd[b + "attn.qkv.weight"].split([decoder.cfg.d_model, kv, kv])
+        gate, up = sd[b + "mlp.gate_up.weight"].chunk(2)
+        state.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                      p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": sd[b + "attn.proj.weight"],
+                      p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                      p + "mlp.down_proj.weight": sd[b + "mlp.down.weight"],
+                      p + "input_layernorm.weight": sd[b + "norm1.weight"],
+                      p + "post_attention_layernorm.weight": sd[b + "norm2.weight"]})
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, "model.safetensors"),
+              metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(out, name))
+    config = _read_json(os.path.join(source, "config.json"), "config.json")
+    config["vocab_size"] = len(perm)
+    if n_new:  # the grown vocabulary's tokens, as added special tokens at the ids the weights give them
+        data = _read_json(os.path.join(out, "tokenizer.json"), "tokenizer.json")
+        names = {int(perm[i]): name for i, name in enumerate(T.SPECIALS) if perm[i] >= len(perm) - n_new}
+        data["added_tokens"] += [{"id": i, "content": names[i], "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": True} for i in sorted(names)]
+        with open(os.path.join(out, "tokenizer.json"), "w") as f:
+            json.dump(data, f, ensure_ascii=False)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def export_checkpoint(ckpt_path, source, out):
+    """hf.py --export: the decoder of a reference_lm.py or train.py checkpoint (started from `source`) -> `out`."""
+    from model import VLMConfig
+    from utils import load_checkpoint
+    if not out:
+        sys.exit("error: --export needs --out, the folder to write")
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+        if "decoder_config" in ckpt:  # reference_lm.py
+            cfg, state = DecoderConfig(**ckpt["decoder_config"]), ckpt["model"]
+        else:  # train.py: the VLM's decoder
+            cfg = VLMConfig.from_dict(ckpt["model_config"]).decoder
+            state = {k[len("decoder."):]: v for k, v in ckpt["model"].items() if k.startswith("decoder.")}
+        decoder = Decoder(cfg)
+        decoder.load_state_dict(state)
+        export_hf(decoder, source, out)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: {ckpt_path}: {type(e).__name__}: {e}")
+    print(f"wrote {out} (the decoder of {ckpt_path}, config and tokenizer from {source})")
+
+
 def base_checkpoint(spec):
     """What --init-decoder names, as a reference_lm.py checkpoint dict (model, decoder_config, tokenizer
     fingerprint): "hf:FOLDER" converts that folder (float32 weights); anything else is such a checkpoint file."""
@@ -222,7 +293,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="Hugging Face Llama checkpoint folder (config.json, safetensors, tokenizer.json)")
     ap.add_argument("--tokenizer-out", default="", help="write the converted tokenizer.json here")
+    ap.add_argument("--export", default="", help="reference_lm.py or train.py checkpoint: write its decoder as a HF folder")
+    ap.add_argument("--out", default="", help="--export: the folder to write (path = the folder the decoder came from)")
     args = ap.parse_args(argv)
+    if args.export:
+        return export_checkpoint(args.export, args.path, args.out)
     try:
         decoder, tok = load_hf_decoder(args.path, dtype=torch.bfloat16, max_seq_len=1)
     except (OSError, ValueError) as e:

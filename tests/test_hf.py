@@ -197,3 +197,26 @@ def test_recipe_end_to_end_tiny(tmp_path, tiny):
         assert same == (part == "projector")  # frozen: exactly the folder's weights
     with pytest.raises(ValueError, match="tokenizer mismatch"):
         train.build_model(train.TrainConfig(init_decoder=spec), T.load_tokenizer(str(tiny["tokenizer"])))
+
+
+@pytest.mark.parametrize("n_reserved", [8, 2])
+def test_export_round_trip(tmp_path, n_reserved):
+    """A trained decoder written back as a HF folder: transformers reads it and computes the same logits."""
+    from tokenizers import Tokenizer
+    make_llama(tmp_path / "src", n_reserved=n_reserved)
+    decoder, tok = hf.load_hf_decoder(str(tmp_path / "src"))
+    _, perm, n_new = hf.convert_tokenizer(str(tmp_path / "src"))
+    with torch.no_grad():  # "training": every weight moves, the new tokens' rows too
+        for p in decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    hf.export_hf(decoder, str(tmp_path / "src"), str(tmp_path / "out"))
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.tensor([tok.encode(TEXT[1]).ids + [T.IMAGE, T.EOS]])
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(ids)[..., perm.argsort()], ref(perm[ids]).logits, atol=1e-5, rtol=1e-5)
+    exported = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    assert exported.get_vocab_size() == len(perm)
+    for i, name in enumerate(T.SPECIALS):  # grown: the new tokens are in the folder, under the project's names
+        assert perm[i] < len(perm) - n_new or exported.token_to_id(name) == perm[i]
+    _, perm2, n_new2 = hf.convert_tokenizer(str(tmp_path / "out"))
+    assert torch.equal(perm2, perm) and n_new2 == 0  # loading the export again grows nothing
