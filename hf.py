@@ -42,6 +42,9 @@ def decoder_config(path, max_seq_len=None):
     name = os.path.join(path, "config.json")
     if c.get("model_type") != "llama":
         raise ValueError(f"{name}: model_type {c.get('model_type')!r}; only 'llama' (LlamaForCausalLM) is supported")
+    need = ["vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"]
+    if any(k not in c for k in need):
+        raise ValueError(f"{name}: lacks {', '.join(k for k in need if k not in c)}")
     d, heads = c["hidden_size"], c["num_attention_heads"]
     problems = []
     if c.get("hidden_act", "silu") != "silu":
@@ -103,6 +106,8 @@ def convert_tokenizer(path):
     if size != config["vocab_size"]:
         raise ValueError(f"{path}: tokenizer.json has {size} ids but config.json vocab_size is {config['vocab_size']}")
     bos, eos = _special_id(path, "bos", data, config), _special_id(path, "eos", data, config)
+    if bos == eos:
+        raise ValueError(f"{path}: bos and eos are the same token (id {bos}); the project needs two different ones")
     reserved = sorted((int(RESERVED.fullmatch(a["content"]).group(1)), a["id"]) for a in added
                       if RESERVED.fullmatch(a["content"]) and a["id"] not in (bos, eos))
     # pad, image, vision, /vision, vrow: a token of that name (a folder export_hf wrote), else the next reserved

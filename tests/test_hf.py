@@ -157,6 +157,14 @@ def test_clear_errors(tmp_path):
         hf.load_hf_decoder(str(folder("mistral", model_type="mistral")))
     with pytest.raises(ValueError, match="cannot express rope_scaling"):
         hf.load_hf_decoder(str(folder("yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0})))
+    d = folder("nohidden")
+    (d / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "hidden_size"}))
+    with pytest.raises(ValueError, match="lacks hidden_size"):
+        hf.load_hf_decoder(str(d))
+    d = folder("sameboseos")
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|end_of_text|>", "eos_token": "<|end_of_text|>"}))
+    with pytest.raises(ValueError, match="bos and eos are the same token"):
+        hf.load_hf_decoder(str(d))
     with pytest.raises(ValueError, match="cannot express attention_bias"):
         hf.load_hf_decoder(str(folder("bias", attention_bias=True)))
     d = folder("notok")
