@@ -162,7 +162,8 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="lacks hidden_size"):
         hf.load_hf_decoder(str(d))
     d = folder("sameboseos")
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|end_of_text|>", "eos_token": "<|end_of_text|>"}))
+    same = {"bos_token": "<|end_of_text|>", "eos_token": "<|end_of_text|>"}
+    (d / "tokenizer_config.json").write_text(json.dumps(same))
     with pytest.raises(ValueError, match="bos and eos are the same token"):
         hf.load_hf_decoder(str(d))
     with pytest.raises(ValueError, match="cannot express attention_bias"):
