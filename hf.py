@@ -298,7 +298,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="Hugging Face Llama checkpoint folder (config.json, safetensors, tokenizer.json)")
     ap.add_argument("--tokenizer-out", default="", help="write the converted tokenizer.json here")
-    ap.add_argument("--export", default="", help="reference_lm.py or train.py checkpoint: write its decoder as a folder")
+    ap.add_argument("--export", default="", help="train.py or reference_lm.py checkpoint: write its decoder out")
     ap.add_argument("--out", default="", help="--export: the folder to write (path = the folder the decoder came from)")
     args = ap.parse_args(argv)
     if args.export:
