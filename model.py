@@ -37,25 +37,38 @@ class DecoderConfig:
     max_seq_len: int = 1024  # longest position RoPE tables are built for
     rope_theta: float = 10000.0
     mlp_ratio: float = 8 / 3  # SwiGLU hidden = ratio * d_model, as in Llama (same FLOPs as a 4x GELU MLP)
+    # The rest of the Llama family (hf.py loads its checkpoints). The defaults are the project's own models.
+    n_kv_head: int = 0        # grouped-query attention: key/value heads (each serves n_head / n_kv_head); 0 = n_head
+    mlp_hidden: int = 0       # SwiGLU hidden width; 0 = mlp_ratio * d_model rounded up to a multiple of 64
+    norm_eps: float = None    # RMSNorm epsilon (Llama: 1e-5 or 1e-6); None = the dtype's machine epsilon
+    rope_scaling: dict = None  # Llama-3.1/3.2 RoPE frequency scaling: {"rope_type": "llama3", "factor", ...}
+    tie_embeddings: bool = True  # the output head shares the embedding matrix
 
 
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.d_head = cfg.n_head, cfg.d_model // cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)  # one matmul instead of three
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        if cfg.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {cfg.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        # q, k, v in one matmul instead of three: rows [q (n_head) | k (n_kv_head) | v (n_kv_head)] x d_head
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * self.n_kv_head) * self.d_head, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
+        kv = self.n_kv_head * self.d_head
+        q, k, v = self.qkv(x).split([C, kv, kv], dim=-1)
+        q, k, v = (t.view(B, T, -1, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d_head)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:  # inference: the new tokens also attend to every cached earlier one
             k, v = cache.update(layer, k, v)
+        gqa = self.n_kv_head != self.n_head  # grouped-query: each key/value head serves n_head / n_kv_head queries
         if mask is None and q.shape[2] == k.shape[2]:  # one document per row: the fast causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # mask None here: one new token after the cached ones, which may see all of them
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -68,7 +81,7 @@ def rotate(x, cos, sin):
 class SwiGLU(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        hidden = 64 * math.ceil(cfg.mlp_ratio * cfg.d_model / 64)
+        hidden = cfg.mlp_hidden or 64 * math.ceil(cfg.mlp_ratio * cfg.d_model / 64)
         self.gate_up = nn.Linear(cfg.d_model, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, cfg.d_model, bias=False)
 
@@ -80,8 +93,8 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.norm1, self.attn = nn.RMSNorm(cfg.d_model), Attention(cfg)
-        self.norm2, self.mlp = nn.RMSNorm(cfg.d_model), SwiGLU(cfg)
+        self.norm1, self.attn = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps), Attention(cfg)
+        self.norm2, self.mlp = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps), SwiGLU(cfg)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         x = x + self.attn(self.norm1(x), cos, sin, mask, cache, layer)
@@ -94,12 +107,11 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.d_model)
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.head.weight = self.embed.weight  # tied: fewer parameters, better small LMs
-        d_head = cfg.d_model // cfg.n_head
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d_head, 2).float() / d_head)
-        angles = torch.outer(torch.arange(cfg.max_seq_len).float(), inv_freq)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight  # tied: fewer parameters, better small LMs
+        angles = rope_angles(cfg)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
         self.apply(init_weights)
@@ -147,6 +159,28 @@ class Decoder(nn.Module):
         if keep is not None:
             x = x.flatten(0, 1).index_select(0, keep)
         return self.head(self.norm(x))
+
+
+def rope_angles(cfg):
+    """RoPE angles (max_seq_len, d_head/2): position x frequency, frequencies theta^(-2i/d_head)."""
+    d_head = cfg.d_model // cfg.n_head
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d_head, 2).float() / d_head)
+    if cfg.rope_scaling:
+        inv_freq = llama3_rope_scaling(inv_freq, cfg.rope_scaling)
+    return torch.outer(torch.arange(cfg.max_seq_len).float(), inv_freq)
+
+
+def llama3_rope_scaling(inv_freq, s):
+    """Llama-3.1/3.2's longer context: frequencies whose wavelength exceeds the original context / low_freq_factor
+    are divided by `factor`, those shorter than context / high_freq_factor are kept, and in between the two are
+    blended linearly in (context / wavelength)."""
+    if s.get("rope_type", s.get("type")) != "llama3":
+        raise ValueError(f"rope_scaling {s}: only rope_type 'llama3' is supported")
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    context = s["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((context / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long wavelengths, 1: short ones
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
 def init_weights(module):

@@ -44,6 +44,7 @@ class RefConfig:
     warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
     eval_every: int = field(default=200, metadata={"help": "validate every N steps"})
+    init_decoder: str = field(default="", metadata={"help": "start from this LM: hf:FOLDER (Hugging Face Llama, hf.py) or a reference_lm.py checkpoint"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
 
@@ -93,7 +94,18 @@ def train_lm(cfg):
 
     dcfg = DecoderConfig(vocab_size=tok.get_vocab_size(), n_layer=cfg.n_layer, n_head=cfg.n_head,
                          d_model=cfg.d_model, max_seq_len=cfg.row_len)
-    model = Decoder(dcfg).to(device)
+    base = None
+    if cfg.init_decoder:  # a pretrained LM trained further on captions (the paper's reference LM: Llama-3-8B)
+        from hf import base_checkpoint
+        from utils import check_fingerprint
+        base = base_checkpoint(cfg.init_decoder)
+        check_fingerprint("tokenizer", base["tokenizer"], T.fingerprint(tok), cfg.init_decoder, cfg.tokenizer)
+        dc = base["decoder_config"]
+        dcfg = DecoderConfig(**{**dc, "max_seq_len": max(cfg.row_len, dc["max_seq_len"])})
+    model = Decoder(dcfg)
+    if base is not None:
+        model.load_state_dict(base["model"])
+    model = model.to(device)
     opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"LM: {n_params / 1e6:.2f}M params, {len(train)} train / {len(val)} val captions from {cfg.data}")

@@ -54,6 +54,7 @@ from tqdm import tqdm
 import tokenizer as T
 from cli import parse_config
 from data.packing import IGNORE, Sample, cat, pack, to_device
+from hf import base_checkpoint
 from data.records import images_cached, load_images, normalize, read_records
 from loss import inverse_frequency_table, prior_weights, shuffle_within_captions, token_losses, weighted_loss
 from model import DecoderConfig, VLM, VLMConfig, count_params, load_vision_weights
@@ -81,7 +82,7 @@ class TrainConfig:
     no_k: bool = field(default=False, metadata={"help": "drop the factor k (caption length) from PRIOR's normalisation (ablation)"})
     oracle_low: float = field(default=0.1, metadata={"help": "oracle weight of boiler and noise words (image and glue words get 1)"})
     train: str = field(default="all", metadata={"help": "which parts train: all, or projector (encoder and decoder frozen, the paper's H-LVLM recipe)", "choices": ["all", "projector"]})
-    init_decoder: str = field(default="", metadata={"help": "base-LM checkpoint from reference_lm.py to start the decoder from ('' = scratch)"})
+    init_decoder: str = field(default="", metadata={"help": "base LM for the decoder: a reference_lm.py checkpoint, or hf:FOLDER (hf.py) ('' = scratch)"})
     init_encoder: str = field(default="", metadata={"help": "vision-encoder checkpoint from vision.py to start the ViT from ('' = scratch)"})
     init_from: str = field(default="", metadata={"help": "a train.py checkpoint to start all weights from (e.g. the U-LVLM's stage 1)"})
     vision: str = field(default="", metadata={"help": "H-LVLM encoder: '' = the built-in ViT (--vit-*, --init-encoder); 'timm:<name>' = that timm model, built offline; image size, patches and width then come from it"})
@@ -124,7 +125,7 @@ def build_model(cfg, tok):
                          d_model=cfg.d_model, max_seq_len=cfg.row_len)
     base = enc = None
     if cfg.init_decoder:
-        base = load_checkpoint(cfg.init_decoder)
+        base = base_checkpoint(cfg.init_decoder)
         check_fingerprint("tokenizer", base["tokenizer"], T.fingerprint(tok), cfg.init_decoder, cfg.tokenizer)
         dcfg = DecoderConfig(**{**base["decoder_config"], "max_seq_len": max(cfg.row_len, base["decoder_config"]["max_seq_len"])})
     if cfg.vision and cfg.init_encoder:

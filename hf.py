@@ -1,0 +1,319 @@
+"""Start from a pretrained Llama-family LM: a local Hugging Face checkpoint folder -> (Decoder, tokenizer).
+
+    decoder, tok = load_hf_decoder("/models/Llama-3.2-3B")   # config.json, *.safetensors, tokenizer.json
+    python train.py --tokenizer hf:/models/Llama-3.2-3B --init-decoder hf:/models/Llama-3.2-3B ...
+    python hf.py /models/Llama-3.2-3B --tokenizer-out out/llama_tokenizer.json   # check a folder, keep its tokenizer
+
+The folder is read as written by `save_pretrained` of a LlamaForCausalLM: config.json, model.safetensors or
+shards listed in model.safetensors.index.json, tokenizer.json (and tokenizer_config.json for BOS/EOS). Nothing
+is downloaded and transformers is never imported; weights are read with the `safetensors` package.
+
+Token ids. The project's code uses fixed ids for its special tokens (tokenizer.SPECIALS: pad, bos, eos, image,
+vision, /vision, vrow at ids 0..6). The model's own tokens are therefore *relabelled*: the model's BOS and EOS
+and four of its reserved special tokens (Llama-3's <|reserved_special_token_N|>; pad takes one too) swap ids with
+whatever held ids 0..6, and take the project's names. The embedding and output rows are permuted the same way,
+so the relabelled model computes exactly what the original does. A tokenizer with too few reserved tokens gets
+new ones at the end of the vocabulary; their embedding (and output) rows start at the mean of the others.
+The converted tokenizer has no post-processor: the project adds BOS/EOS itself (data/packing.py).
+"""
+import json
+import os
+import re
+import sys
+
+import torch
+
+import tokenizer as T
+from model import Decoder, DecoderConfig, rope_angles
+
+RESERVED = re.compile(r"<\|reserved_special_token_(\d+)\|>")
+
+
+def _read_json(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing; a Hugging Face checkpoint folder needs its {what}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def decoder_config(path, max_seq_len=None):
+    """DecoderConfig for the folder's config.json, or a one-line error naming what the Decoder cannot express."""
+    c = _read_json(os.path.join(path, "config.json"), "config.json")
+    name = os.path.join(path, "config.json")
+    if c.get("model_type") != "llama":
+        raise ValueError(f"{name}: model_type {c.get('model_type')!r}; only 'llama' (LlamaForCausalLM) is supported")
+    need = ["vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"]
+    if any(k not in c for k in need):
+        raise ValueError(f"{name}: lacks {', '.join(k for k in need if k not in c)}")
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    problems = []
+    if c.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {c['hidden_act']!r} (needs 'silu')")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        problems.append("attention_bias/mlp_bias (the Decoder has no biases)")
+    if c.get("head_dim") not in (None, d // heads) or d % heads:
+        problems.append(f"head_dim {c.get('head_dim')} (needs hidden_size / num_attention_heads = {d / heads:g})")
+    # RoPE: rope_theta and rope_scaling (the Hub's Llama files), or transformers 5's rope_parameters (both in one)
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = {k: rope[k] for k in ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
+                                    "original_max_position_embeddings")} if kind == "llama3" else None
+    if kind not in ("default", "llama3"):
+        problems.append(f"rope_scaling {rope} (only rope_type 'llama3' or none)")
+    if problems:
+        raise ValueError(f"{name}: the Decoder cannot express " + "; ".join(problems))
+    return DecoderConfig(vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=heads, d_model=d,
+                         max_seq_len=max_seq_len or c.get("max_position_embeddings", 2048),
+                         rope_theta=theta,
+                         n_kv_head=c.get("num_key_value_heads") or heads, mlp_hidden=c["intermediate_size"],
+                         norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_scaling=scaling,
+                         tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+
+
+def _special_id(path, which, data, config):
+    """The id of the folder's bos/eos token: tokenizer_config.json's bos_token/eos_token, else config.json's."""
+    tc_path = os.path.join(path, "tokenizer_config.json")
+    token = None
+    if os.path.isfile(tc_path):
+        with open(tc_path) as f:
+            token = json.load(f).get(f"{which}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+    if token:
+        ids = [a["id"] for a in data["added_tokens"] if a["content"] == token]
+        ids += [i for t, i in data["model"]["vocab"].items() if t == token] if not ids else []
+        if not ids:
+            raise ValueError(f"{tc_path}: {which}_token {token!r} is not in {path}/tokenizer.json")
+        return ids[0]
+    i = config.get(f"{which}_token_id")
+    i = i[0] if isinstance(i, list) else i
+    if i is None:
+        raise ValueError(f"{path}: no {which} token (neither tokenizer_config.json {which}_token "
+                         f"nor config.json {which}_token_id)")
+    return i
+
+
+def convert_tokenizer(path):
+    """(tokenizers.Tokenizer with the project's special ids, perm, n_new): row i of the converted model is row
+    perm[i] of the original one; perm[i] >= the original vocabulary size marks a new token (n_new of them)."""
+    from tokenizers import Tokenizer
+    data = _read_json(os.path.join(path, "tokenizer.json"), "tokenizer.json")
+    config = _read_json(os.path.join(path, "config.json"), "config.json")
+    if data.get("model", {}).get("type") != "BPE":
+        raise ValueError(f"{path}/tokenizer.json: a {data.get('model', {}).get('type')} model; only BPE (Llama's)")
+    vocab, added = data["model"]["vocab"], data["added_tokens"]
+    size = 1 + max([*vocab.values(), *(a["id"] for a in added)])
+    if size != config["vocab_size"]:
+        raise ValueError(f"{path}: tokenizer.json has {size} ids but config.json vocab_size is {config['vocab_size']}")
+    bos, eos = _special_id(path, "bos", data, config), _special_id(path, "eos", data, config)
+    if bos == eos:
+        raise ValueError(f"{path}: bos and eos are the same token (id {bos}); the project needs two different ones")
+    reserved = sorted((int(RESERVED.fullmatch(a["content"]).group(1)), a["id"]) for a in added
+                      if RESERVED.fullmatch(a["content"]) and a["id"] not in (bos, eos))
+    # pad, image, vision, /vision, vrow: a token of that name (a folder export_hf wrote), else the next reserved
+    named = {a["content"]: a["id"] for a in added if a["content"] in T.SPECIALS}
+    reserved = iter(i for _, i in reserved if i not in named.values())
+    free, n_new = [], 0
+    for name in (s for s in T.SPECIALS if s not in ("<|bos|>", "<|eos|>")):
+        i = named.get(name, next(reserved, None))
+        if i is None:  # too few reserved tokens: new ones at the end
+            i, n_new = size + n_new, n_new + 1
+        free.append(i)
+    targets = [free[0], bos, eos, *free[1:]]  # original ids that become pad, bos, eos, image, vision, /vision, vrow
+    perm = list(range(size + n_new))
+    for new_id, old_id in enumerate(targets):  # swap each target into place; earlier places stay put
+        j = perm.index(old_id)
+        perm[new_id], perm[j] = perm[j], perm[new_id]
+    inv = [0] * len(perm)
+    for new_id, old_id in enumerate(perm):
+        inv[old_id] = new_id
+    rename = {old_id: name for old_id, name in zip(targets, T.SPECIALS)}
+    data["model"]["vocab"] = {rename.get(i, t): inv[i] for t, i in vocab.items()}
+    for a in added:
+        a["content"], a["id"] = rename.get(a["id"], a["content"]), inv[a["id"]]
+    for old_id in range(size, size + n_new):
+        added.append({"id": inv[old_id], "content": rename[old_id], "single_word": False, "lstrip": False,
+                      "rstrip": False, "normalized": False, "special": True})
+    added.sort(key=lambda a: a["id"])
+    # tokenizers gives an added token that is not in the model's vocabulary the next free id, whatever the file
+    # says: the relabelled special tokens keep their ids only as vocabulary entries (as Llama-2's <s> is).
+    data["model"]["vocab"].update({a["content"]: a["id"] for a in added})
+    data["post_processor"] = None  # BOS/EOS are the packer's job, as with the project's own tokenizer
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.encode_special_tokens = True  # caption text "<|image|>" is text, never a real placeholder
+    assert [tok.token_to_id(s) for s in T.SPECIALS] == list(range(len(T.SPECIALS)))
+    return tok, torch.tensor(perm), n_new
+
+
+def read_weights(path):
+    """name -> tensor from model.safetensors or the shards its index lists (memory-mapped by safetensors)."""
+    from safetensors.torch import load_file
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if not os.path.isfile(index):
+        other = [f for f in os.listdir(path) if f.endswith((".bin", ".pth", ".pt"))]
+        hint = f" (found {', '.join(sorted(other)[:3])}: re-save with safe_serialization=True)" if other else ""
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+    shards = sorted(set(_read_json(index, "index")["weight_map"].values()))
+    state = {}
+    for shard in shards:
+        state.update(load_file(os.path.join(path, shard)))
+    return state
+
+
+def convert_weights(hf, cfg):
+    """Our Decoder's state dict from a LlamaForCausalLM one (q,k,v and gate,up fused; same layouts otherwise)."""
+    hf = {k.removeprefix("model."): v for k, v in hf.items()}
+    out = {"embed.weight": hf.pop("embed_tokens.weight"), "norm.weight": hf.pop("norm.weight")}
+    for i in range(cfg.n_layer):
+        p = f"layers.{i}."
+        a, m = [hf.pop(p + f"self_attn.{x}_proj.weight") for x in "qkvo"], [hf.pop(p + f"mlp.{x}_proj.weight")
+                                                                            for x in ("gate", "up", "down")]
+        out[f"blocks.{i}.attn.qkv.weight"], out[f"blocks.{i}.attn.proj.weight"] = torch.cat(a[:3]), a[3]
+        out[f"blocks.{i}.mlp.gate_up.weight"], out[f"blocks.{i}.mlp.down.weight"] = torch.cat(m[:2]), m[2]
+        out[f"blocks.{i}.norm1.weight"] = hf.pop(p + "input_layernorm.weight")
+        out[f"blocks.{i}.norm2.weight"] = hf.pop(p + "post_attention_layernorm.weight")
+    head = hf.pop("lm_head.weight", None)
+    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}  # old files keep the RoPE table
+    if hf:
+        raise ValueError(f"unexpected weights for a {cfg.n_layer}-layer Llama: {', '.join(sorted(hf)[:5])}")
+    if not cfg.tie_embeddings:
+        if head is None:
+            raise ValueError("tie_word_embeddings is false but there is no lm_head.weight")
+        out["head.weight"] = head
+    return out
+
+
+def load_hf_decoder(path, dtype=torch.float32, max_seq_len=None):
+    """(Decoder, tokenizer) from a local Llama checkpoint folder; decoder(input_ids) gives logits (B, T, V) in the
+    converted tokenizer's ids (see the module docstring). dtype: of the weights (float32 = what train.py trains;
+    bfloat16 halves memory). max_seq_len: the RoPE tables' length (default: max_position_embeddings)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a folder; expected a Hugging Face checkpoint folder")
+    cfg = decoder_config(path, max_seq_len)
+    tok, perm, n_new = convert_tokenizer(path)
+    try:
+        state = convert_weights(read_weights(path), cfg)
+    except KeyError as e:
+        raise ValueError(f"{path}: weight {e.args[0]} is missing for a {cfg.n_layer}-layer Llama") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    for key in ("embed.weight", "head.weight"):  # new special tokens, then the project's id order
+        if key in state:
+            w = state[key]
+            state[key] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(n_new, -1)])[perm]
+    cfg.vocab_size = len(perm)
+    with torch.device("meta"):  # no random initialisation of billions of weights that are replaced at once
+        decoder = Decoder(cfg)
+    state = {k: v.to(dtype) for k, v in state.items()}
+    if cfg.tie_embeddings:
+        state["head.weight"] = state["embed.weight"]
+    decoder.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:
+        decoder.head.weight = decoder.embed.weight
+    angles = rope_angles(cfg)
+    decoder.cos, decoder.sin = angles.cos(), angles.sin()
+    return decoder, tok
+
+
+def export_hf(decoder, source, out):
+    """Write `decoder` (loaded from the folder `source`, then trained) as a Hugging Face folder `out`: source's
+    config and tokenizer files, the weights back in the model's own token order. New special tokens (a grown
+    vocabulary) stay at the end, under the project's names; Llama's loaders read the folder as any other."""
+    import shutil
+    from safetensors.torch import save_file
+    _, perm, n_new = convert_tokenizer(source)
+    if decoder.cfg.vocab_size != len(perm):
+        raise ValueError(f"the decoder has {decoder.cfg.vocab_size} tokens, {source}'s tokenizer {len(perm)}")
+    order = perm.argsort()  # original id -> our row
+    sd = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
+    state = {"model.embed_tokens.weight": sd["embed.weight"][order], "model.norm.weight": sd["norm.weight"]}
+    if not decoder.cfg.tie_embeddings:
+        state["lm_head.weight"] = sd["head.weight"][order]
+    kv = decoder.blocks[0].attn.n_kv_head * decoder.blocks[0].attn.d_head if decoder.blocks else 0
+    for i in range(decoder.cfg.n_layer):
+        b, p = f"blocks.{i}.", f"model.layers.{i}."
+        q, k, v = sd[b + "attn.qkv.weight"].split([decoder.cfg.d_model, kv, kv])
+        gate, up = sd[b + "mlp.gate_up.weight"].chunk(2)
+        state.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                      p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": sd[b + "attn.proj.weight"],
+                      p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                      p + "mlp.down_proj.weight": sd[b + "mlp.down.weight"],
+                      p + "input_layernorm.weight": sd[b + "norm1.weight"],
+                      p + "post_attention_layernorm.weight": sd[b + "norm2.weight"]})
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, "model.safetensors"),
+              metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(out, name))
+    config = _read_json(os.path.join(source, "config.json"), "config.json")
+    config["vocab_size"] = len(perm)
+    if n_new:  # the grown vocabulary's tokens, as added special tokens at the ids the weights give them
+        data = _read_json(os.path.join(out, "tokenizer.json"), "tokenizer.json")
+        names = {int(perm[i]): name for i, name in enumerate(T.SPECIALS) if perm[i] >= len(perm) - n_new}
+        data["added_tokens"] += [{"id": i, "content": names[i], "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": True} for i in sorted(names)]
+        with open(os.path.join(out, "tokenizer.json"), "w") as f:
+            json.dump(data, f, ensure_ascii=False)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def export_checkpoint(ckpt_path, source, out):
+    """hf.py --export: the decoder of a reference_lm.py or train.py checkpoint (started from `source`) -> `out`."""
+    from model import VLMConfig
+    from utils import load_checkpoint
+    if not out:
+        sys.exit("error: --export needs --out, the folder to write")
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+        if "decoder_config" in ckpt:  # reference_lm.py
+            cfg, state = DecoderConfig(**ckpt["decoder_config"]), ckpt["model"]
+        else:  # train.py: the VLM's decoder
+            cfg = VLMConfig.from_dict(ckpt["model_config"]).decoder
+            state = {k[len("decoder."):]: v for k, v in ckpt["model"].items() if k.startswith("decoder.")}
+        decoder = Decoder(cfg)
+        decoder.load_state_dict(state)
+        export_hf(decoder, source, out)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: {ckpt_path}: {type(e).__name__}: {e}")
+    print(f"wrote {out} (the decoder of {ckpt_path}, config and tokenizer from {source})")
+
+
+def base_checkpoint(spec):
+    """What --init-decoder names, as a reference_lm.py checkpoint dict (model, decoder_config, tokenizer
+    fingerprint): "hf:FOLDER" converts that folder (float32 weights); anything else is such a checkpoint file."""
+    from dataclasses import asdict
+    from utils import load_checkpoint
+    if not spec.startswith("hf:"):
+        return load_checkpoint(spec)
+    decoder, tok = load_hf_decoder(spec[3:])
+    return {"model": decoder.state_dict(), "decoder_config": asdict(decoder.cfg), "tokenizer": T.fingerprint(tok)}
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("path", help="Hugging Face Llama checkpoint folder (config.json, safetensors, tokenizer.json)")
+    ap.add_argument("--tokenizer-out", default="", help="write the converted tokenizer.json here")
+    ap.add_argument("--export", default="", help="train.py or reference_lm.py checkpoint: write its decoder out")
+    ap.add_argument("--out", default="", help="--export: the folder to write (path = the folder the decoder came from)")
+    args = ap.parse_args(argv)
+    if args.export:
+        return export_checkpoint(args.export, args.path, args.out)
+    try:
+        decoder, tok = load_hf_decoder(args.path, dtype=torch.bfloat16, max_seq_len=1)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    n = sum(p.numel() for p in decoder.parameters())
+    print(f"{args.path}: {n / 1e6:,.1f}M parameters, {decoder.cfg}; tokenizer {T.fingerprint(tok)}, "
+          f"{tok.get_vocab_size()} tokens")
+    if args.tokenizer_out:
+        tok.save(args.tokenizer_out)
+        print(f"saved {args.tokenizer_out}")
+
+
+if __name__ == "__main__":
+    main()
