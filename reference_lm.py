@@ -144,7 +144,7 @@ def train_lm(cfg):
 def load_lm(path, tok=None):
     """Decoder from a reference_lm.py checkpoint; checks the tokenizer fingerprint when `tok` is given."""
     from utils import check_fingerprint, load_checkpoint
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, "lm")
     if tok is not None:
         check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), path, "the tokenizer in use")
     model = Decoder(DecoderConfig(**ckpt["decoder_config"]))

@@ -123,7 +123,7 @@ def build_model(cfg, tok):
                          d_model=cfg.d_model, max_seq_len=cfg.row_len)
     base = enc = None
     if cfg.init_decoder:
-        base = load_checkpoint(cfg.init_decoder)
+        base = load_checkpoint(cfg.init_decoder, "lm", "--init-decoder")
         check_fingerprint("tokenizer", base["tokenizer"], T.fingerprint(tok), cfg.init_decoder, cfg.tokenizer)
         dcfg = DecoderConfig(**{**base["decoder_config"], "max_seq_len": max(cfg.row_len, base["decoder_config"]["max_seq_len"])})
     if cfg.vision and cfg.init_encoder:
@@ -140,14 +140,17 @@ def build_model(cfg, tok):
                      vit_depth=cfg.vit_depth, vit_heads=cfg.vit_heads, decoder=dcfg, vision=cfg.vision,
                      vision_kwargs=vision_kwargs)
     if cfg.init_encoder:
-        enc = load_checkpoint(cfg.init_encoder)
+        enc = load_checkpoint(cfg.init_encoder, "vit", "--init-encoder")
         e = enc["vit_config"]
         vcfg.image_size, vcfg.patch_size = e["image_size"], e["patch_size"]
         vcfg.vit_dim, vcfg.vit_depth, vcfg.vit_heads = e["vit_dim"], e["vit_depth"], e["vit_heads"]
     if cfg.init_from:
-        start = load_checkpoint(cfg.init_from)
+        start = load_checkpoint(cfg.init_from, "vlm", "--init-from")
         check_fingerprint("tokenizer", start["tokenizer"], T.fingerprint(tok), cfg.init_from, cfg.tokenizer)
         vcfg = VLMConfig.from_dict(start["model_config"])
+        if vcfg.arch != cfg.arch:  # the run would train one family and label it the other
+            raise ValueError(f"--init-from {cfg.init_from} is a {vcfg.arch.upper()}-LVLM, but --arch is {cfg.arch}: "
+                             f"give --arch {vcfg.arch}, or another --init-from")
     model = VLM(vcfg)
     if base is not None:
         model.decoder.load_state_dict(base["model"])
@@ -175,11 +178,41 @@ def build_model(cfg, tok):
 def load_model(path, device="cpu"):
     """A VLM rebuilt from a train.py checkpoint alone (config inside), plus the checkpoint dict. Auxiliary
     heads (--objective: itm, itc, recon) are left out; they stay in ckpt["model"] under aux.*."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, "vlm")
     model = VLM(VLMConfig.from_dict(ckpt["model_config"]))
     # Heads of an --objective run (keys aux.*) are training-only: evaluation and captioning use the VLM alone.
     model.load_state_dict(split_state(ckpt["model"])[0])
     return model.to(device).eval(), ckpt
+
+
+# Flags that --resume lets differ from the run's own: where and how it runs, never what it computes. The data and
+# tokenizer may move (their fingerprints are checked); --steps may not grow: it sets the cosine schedule of every step.
+RESUME_MAY_DIFFER = {"out_dir", "resume", "stop_at", "threads", "workers", "device", "image_cache", "compile", "fsdp",
+                     "save_every", "max_bad_fraction", "data", "tokenizer"}
+
+
+def check_resume(cfg, state, path):
+    """Refuse to resume `state` (last.pt) under flags that would change the run: one line naming them."""
+    old = state.get("config", {})
+    changed = [(k, old[k], v) for k, v in asdict(cfg).items()
+               if k not in RESUME_MAY_DIFFER and k in old and old[k] != v]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, a, b in changed)
+        raise ValueError(f"--resume: {path} is a run with other flags ({flags}); a resumed run keeps the flags that "
+                         f"define it (see its config.json): give the old values, or a new --out-dir")
+
+
+def trim_log(path, step):
+    """Drop log lines after `step` (the resumed checkpoint's), which the resumed run writes again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def make_samples(tok, records, p_ref=None, tags=None):
@@ -442,6 +475,11 @@ def main(cfg):
                          "forwards and heads run outside the sharded forward); use DDP (drop --fsdp)")
     if not 0 < cfg.rho1_keep <= 1:
         raise ValueError(f"--rho1-keep must be in (0, 1], got {cfg.rho1_keep}")
+    last_path = os.path.join(cfg.out_dir, "last.pt")
+    state = None
+    if cfg.resume and os.path.exists(last_path):  # before anything is built: a changed flag is refused at once
+        state = load_checkpoint(last_path, "vlm")
+        check_resume(cfg, state, last_path)
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
     # The model first: its encoder decides the image size (a timm model's, or --init-encoder's ViT).
@@ -491,10 +529,12 @@ def main(cfg):
     opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     step = 0
     os.makedirs(cfg.out_dir, exist_ok=True)
-    last_path = os.path.join(cfg.out_dir, "last.pt")
-    if cfg.resume and os.path.exists(last_path):
-        state = load_checkpoint(last_path)
+    if state is not None:
         check_fingerprint("caption data", state["data"], data_fp, last_path, cfg.data)
+        check_fingerprint("tokenizer", state["tokenizer"], T.fingerprint(tok), last_path, cfg.tokenizer)
+        if VLMConfig.from_dict(state["model_config"]) != model.cfg:  # e.g. an --init-* file that changed since
+            raise ValueError(f"--resume: {last_path} holds another model than these flags build "
+                             f"({state['model_config']} vs {asdict(model.cfg)})")
         model.load_state_dict(state["model"])
         if state.get("optimizer_format") == "fqn":  # from an --fsdp run: keyed by parameter name
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -504,6 +544,7 @@ def main(cfg):
         step = state["step"]
         torch.set_rng_state(state["rng"]["torch"])
         if master:
+            trim_log(os.path.join(cfg.out_dir, "log.jsonl"), step)  # steps after the checkpoint come again
             print(f"resumed from {last_path} at step {step}")
     meta = {"model_config": asdict(model.cfg), "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": data_fp}
     if master:

@@ -283,3 +283,54 @@ def test_two_processes_with_cal_and_itm(tiny, tmp_path):
     lines = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert len(lines) == 2 and all(math.isfinite(l["aux"]) for l in lines)
     assert any(k.startswith("aux.itm") for k in weights(tmp_path / "last.pt"))
+
+
+def test_resume_refuses_changed_flags_and_keeps_the_record(tiny, tmp_path):
+    """A resume under flags that define another run stops before anything is written, naming each flag with its
+    old and new value; config.json and the log keep describing the run that happened."""
+    import json
+    run = tmp_path / "run"
+    train.main(config(tiny, run, arch="u", loss="prior", steps=4, save_every=2))
+    before = (run / "config.json").read_text()
+    for kw, names in ((dict(loss="ntp", seed=7, lr=0.01), ("--loss 'prior' -> 'ntp'", "--seed 0 -> 7", "--lr")),
+                      (dict(d_model=48), ("--d-model 32 -> 48",)), (dict(steps=8), ("--steps 4 -> 8",))):
+        with pytest.raises(ValueError, match="--resume") as err:
+            train.main(config(tiny, run, **{**dict(arch="u", loss="prior", steps=4, save_every=2, resume=True), **kw}))
+        assert all(n in str(err.value) for n in names) and "\n" not in str(err.value)
+    assert (run / "config.json").read_text() == before and sorted(os.listdir(run)) == [
+        "ckpt_000002.pt", "ckpt_000004.pt", "config.json", "last.pt", "log.jsonl"]
+    # flags that do not change the result may differ
+    train.main(config(tiny, run, arch="u", loss="prior", steps=4, save_every=2, resume=True, threads=1, workers=1,
+                      stop_at=4))
+    assert json.load(open(run / "config.json"))["config"]["loss"] == "prior"
+
+
+def test_resume_log_has_each_step_once(tiny, tmp_path):
+    """A run killed after its last checkpoint logged steps past it; the resumed run logs them again, once."""
+    import json
+    train.main(config(tiny, tmp_path, steps=6, save_every=3, stop_at=3))
+    log = tmp_path / "log.jsonl"
+    with open(log, "a") as f:  # what a run killed at step 5 leaves: steps 4 and 5 logged, last.pt at step 3
+        f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + json.dumps({"step": 5, "loss": 9.0}) + "\n")
+    train.main(config(tiny, tmp_path, steps=6, save_every=3, resume=True))
+    steps = [json.loads(line)["step"] for line in open(log)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_init_from_of_the_other_family_is_refused(tiny, tmp_path):
+    train.main(config(tiny, tmp_path / "u", arch="u", steps=1, save_every=1))
+    with pytest.raises(ValueError, match=r"U-LVLM, but --arch is h") as err:
+        train.main(config(tiny, tmp_path / "h", arch="h", init_from=str(tmp_path / "u" / "last.pt")))
+    assert "\n" not in str(err.value) and not (tmp_path / "h").exists()
+
+
+def test_checkpoint_of_the_wrong_kind_is_named(tiny, tmp_path):
+    train.main(config(tiny, tmp_path / "run", steps=1, save_every=1))
+    vlm, lm = str(tmp_path / "run" / "last.pt"), str(tiny["ref_lm"])
+    for kw, expected in ((dict(init_decoder=vlm), "--init-decoder: .* is a train.py checkpoint .*, not a reference_lm"),
+                         (dict(init_encoder=lm), "--init-encoder: .* is a reference_lm.py checkpoint .*, not a vision"),
+                         (dict(init_from=lm), "--init-from: .* is a reference_lm.py checkpoint .*, not a train.py")):
+        with pytest.raises(ValueError, match=expected):
+            train.main(config(tiny, tmp_path / "other", **kw))
+    with pytest.raises(ValueError, match="is a reference_lm.py checkpoint"):
+        train.load_model(lm)
