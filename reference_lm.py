@@ -46,6 +46,7 @@ class RefConfig:
     eval_every: int = field(default=200, metadata={"help": "validate every N steps"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of a file's records is bad"})
 
 
 def caption_samples(tok, records):
@@ -83,7 +84,9 @@ def train_lm(cfg):
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
-    records = [r for path in cfg.data.split(",") for r in read_records(path, require_image=False, check_files=False)]
+    records = [r for path in cfg.data.split(",")
+               for r in read_records(path, require_image=False, check_files=False,
+                                     max_bad_fraction=cfg.max_bad_fraction)]
     order = list(range(len(records)))
     random.Random(cfg.seed).shuffle(order)
     n_val = max(1, int(len(records) * cfg.val_fraction))

@@ -514,7 +514,8 @@ def main(cfg):
                              f"{len(bad.caption_ids) + 1} tokens")
     text_samples = []
     if cfg.text_data:
-        text_samples = make_samples(tok, read_records(cfg.text_data, require_image=False, check_files=False))
+        text_samples = make_samples(tok, read_records(cfg.text_data, require_image=False, check_files=False,
+                                                      max_bad_fraction=cfg.max_bad_fraction))
     for what, group, room in (("image-caption", samples, cfg.row_len - len(model.image_tokens())),
                               ("text-only", text_samples, cfg.row_len)):
         n_long, lost = count_overlong(group, room)  # pack() keeps their first tokens and <|eos|>

@@ -286,3 +286,37 @@ def test_help_explains_flags(capsys):
         parse_config(E.EvalConfig, ["--help"], description=E.__doc__)
     out = capsys.readouterr().out
     assert "--test-scores" in out and "--max-rows" in out and "grounding gap" in out
+
+
+def test_items_longer_than_the_context_are_skipped_and_counted(world, tmp_path):
+    """A test caption or question past the model's context (128 positions here) is left out and counted in the
+    results, never an abort; the rest is scored exactly as without it."""
+    long_text = " ".join(["a photo of a red circle"] * 40)  # ~200 tokens
+    rows = [json.loads(line) for line in open(world["test"])]
+    for r in rows:
+        r["image"] = str(world["root"] / r["image"])
+    long_row = {**rows[0], "id": "long", "caption": long_text, "tags": ["boiler"] * len(long_text.split())}
+    test = write_jsonl(tmp_path / "test.jsonl", rows[:3] + [long_row] + rows[3:])
+    qs = [json.loads(line) for line in open(world["questions"])]
+    for q in qs:
+        q["image"] = str(world["root"] / q["image"])
+    mc = write_jsonl(tmp_path / "mc.jsonl", qs + [{**qs[0], "prompt": long_text}])
+    got = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], test_path=test, mc_files=[mc])}
+    E._data.clear()
+    plain = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], test_path=world["test"],
+                                                                      mc_files=[world["questions"]])}
+    assert got["test_skipped"] == 1 and got["mc_skipped"] == 1
+    assert got["nll_all"] == pytest.approx(plain["nll_all"], rel=1e-6) and got["mc"] == plain["questions"]
+
+
+def test_test_file_honours_max_bad_fraction(world, tmp_path):
+    rows = [json.loads(line) for line in open(world["test"])]
+    for r in rows:
+        r["image"] = str(world["root"] / r["image"])
+    test = write_jsonl(tmp_path / "test.jsonl", [*rows, "{broken"])  # 1 bad of 6
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        E.evaluate_checkpoint(world["ckpts"]["h"], test_path=test, max_bad_fraction=0.1)
+    E._data.clear()
+    out = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], test_path=test,
+                                                                     max_bad_fraction=0.2)}
+    assert "nll_all" in out
