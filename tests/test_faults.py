@@ -294,3 +294,15 @@ def test_untrusted_pickle_cannot_run_code(tmp_path):
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # proof that the file is dangerous: an unsafe load runs it
     assert marker.exists()
+
+
+def test_untrusted_vision_weights_get_the_safe_load_message(tmp_path):
+    """--vision-weights goes through the same safe load: the project's message, never torch's advice to retry
+    with weights_only=False."""
+    from model import load_vision_weights
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2), "payload": Exploit(marker)}, evil)
+    with pytest.raises(ValueError, match=r"evil.pt: holds Python objects that a safe \(weights-only\) load "
+                                         r"refuses") as err:
+        load_vision_weights(None, str(evil))
+    assert "weights_only=False" not in str(err.value) and not marker.exists()
