@@ -432,13 +432,15 @@ def exact_match(predictions, targets):
 def generate_answers(model, tok, prompts, images, device="cpu", max_new_tokens=8, batch=32):
     """Greedy continuation (model.generate, KV-cached) of each prompt after its image and <|bos|>, decoded to
     text, until <|eos|> or max_new_tokens. images: uint8 (N, 3, S, S), one per prompt. Prompts of equal
-    token length are decoded together (generate takes rows of equal length), so no row is padded."""
+    token length are decoded together (generate takes rows of equal length), so no row is padded. A prompt
+    that leaves no room in the model's context gets None (not answered; the caller counts it)."""
     from model import generate
     prefix = model.image_tokens() + [T.BOS]
     ids = T.encode_captions(tok, [p.strip() for p in prompts])
     by_len = {}
     for i, p in enumerate(ids):
-        by_len.setdefault(len(p), []).append(i)
+        if len(prefix) + len(p) < model.decoder.cfg.max_seq_len:
+            by_len.setdefault(len(p), []).append(i)
     out = [None] * len(prompts)
     for group in by_len.values():
         for start in range(0, len(group), batch):
@@ -456,11 +458,13 @@ def qa_generate(model, tok, path, device="cpu", max_rows=None, seed=0, max_new_t
     """Generated-answer evaluation of a multiple-choice file (the format of --mc; data/qa.py writes one): the
     model answers each prompt by greedy decoding, and is right when its answer equals the correct choice
     (exact_match). The same rows as the likelihood evaluation (same --max-rows subset and seed).
-    Returns [{"id", "prompt", "target", "prediction", "correct"}] in file order."""
+    Returns [{"id", "prompt", "target", "prediction", "correct"}] in file order; a question whose prompt
+    leaves no room in the model's context is left out, with a warning that counts them."""
     questions, images = load_mc(path, model.cfg.image_size, max_rows, seed, max_bad_fraction)
     preds = generate_answers(model, tok, [q.caption for q in questions], images, device, max_new_tokens)
+    report_skipped({}, os.path.splitext(os.path.basename(path))[0], preds.count(None), len(preds), "questions")
     rows = []
-    for q, p in zip(questions, preds):
+    for q, p in ((q, p) for q, p in zip(questions, preds) if p is not None):
         target = q.extra["choices"][q.extra["answer"]]
         rows.append({"id": q.id, "prompt": q.caption, "target": target,
                      "prediction": p, "correct": normalise_answer(p) == normalise_answer(target)})

@@ -320,3 +320,14 @@ def test_test_file_honours_max_bad_fraction(world, tmp_path):
     out = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], test_path=test,
                                                                      max_bad_fraction=0.2)}
     assert "nll_all" in out
+
+
+def test_generated_answers_skip_prompts_past_the_context(world, tmp_path, capsys):
+    qs = [json.loads(line) for line in open(world["questions"])]
+    for q in qs:
+        q["image"] = str(world["root"] / q["image"])
+    long_q = {**qs[1], "id": "long", "prompt": " ".join(["a photo of a red circle"] * 40)}
+    mc = write_jsonl(tmp_path / "qa.jsonl", qs + [long_q])
+    rows = E.qa_generate(world["models"]["h"], world["tok"], mc, max_new_tokens=2)
+    assert len(rows) == len(qs) and "long" not in {r["id"] for r in rows}
+    assert "qa: 1 of 6 questions reach past the model's context" in capsys.readouterr().err

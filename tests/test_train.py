@@ -334,3 +334,13 @@ def test_checkpoint_of_the_wrong_kind_is_named(tiny, tmp_path):
             train.main(config(tiny, tmp_path / "other", **kw))
     with pytest.raises(ValueError, match="is a reference_lm.py checkpoint"):
         train.load_model(lm)
+
+
+def test_text_data_honours_max_bad_fraction(tiny, tmp_path):
+    text = tmp_path / "text.jsonl"
+    text.write_text(open(tiny["text"]).read() + "{broken\n{broken\n")  # 2 bad of 102
+    kw = dict(arch="u", text_data=str(text), steps=1, save_every=1)
+    from data.records import DataError
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        train.main(config(tiny, tmp_path / "a", **kw))
+    train.main(config(tiny, tmp_path / "b", max_bad_fraction=0.05, **kw))
