@@ -59,7 +59,7 @@ from model import DecoderConfig, VLM, VLMConfig, count_params, load_vision_weigh
 from objectives import MicroBatch, attach_heads, host_positions, micro_batch_loss, split_state
 from reference_lm import make_optimizer
 from score import count_overlong, load_scores, token_tags
-from utils import (atomic_save, autocast, check_fingerprint, load_checkpoint, lr_at, pick_device,
+from utils import (atomic_save, autocast, check_fingerprint, file_fingerprint, load_checkpoint, lr_at, pick_device,
                    seed_everything, text_fingerprint)
 
 
@@ -185,17 +185,22 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
-# Flags that --resume lets differ from the run's own: where and how it runs, never what it computes. The data and
-# tokenizer may move (their fingerprints are checked); --steps may not grow: it sets the cosine schedule of every step.
+# Flags that --resume lets differ from the run's own: where and how it runs, never what it computes. --steps may not
+# grow: it sets the cosine schedule of every step.
 RESUME_MAY_DIFFER = {"out_dir", "resume", "stop_at", "threads", "workers", "device", "image_cache", "compile", "fsdp",
-                     "save_every", "max_bad_fraction", "data", "tokenizer"}
+                     "save_every", "max_bad_fraction"}
+# Files may move (a copied artefacts folder): a path may change, but not from '' to a file or back. What the run read
+# is checked instead: data, tokenizer, scores and text data by fingerprint, the --init-* weights by the model's shape
+# (last.pt holds every weight).
+RESUME_PATHS = {"data", "tokenizer", "scores", "attn_scores", "text_data", "init_decoder", "init_encoder", "init_from",
+                "vision_weights"}
 
 
 def check_resume(cfg, state, path):
     """Refuse to resume `state` (last.pt) under flags that would change the run: one line naming them."""
     old = state.get("config", {})
-    changed = [(k, old[k], v) for k, v in asdict(cfg).items()
-               if k not in RESUME_MAY_DIFFER and k in old and old[k] != v]
+    changed = [(k, old[k], v) for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and k in old and
+               old[k] != v and (k not in RESUME_PATHS or bool(old[k]) != bool(v))]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, a, b in changed)
         raise ValueError(f"--resume: {path} is a run with other flags ({flags}); a resumed run keeps the flags that "
@@ -491,11 +496,13 @@ def main(cfg):
 
     records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
     data_fp = text_fingerprint(records)
-    p_ref = None
+    p_ref, inputs = None, {}  # inputs: fingerprints of what else the run read, checked by --resume
     if cfg.loss in ("prior", "rho1"):
         p_ref = load_scores(cfg.scores, T.fingerprint(tok), data_fp, cfg.data)
+        inputs["scores"] = file_fingerprint(cfg.scores)
     elif cfg.loss == "attn":  # per-token weights in score-file format: they ride in the p_ref field
         p_ref = load_scores(cfg.attn_scores, T.fingerprint(tok), data_fp, cfg.data)
+        inputs["attn_scores"] = file_fingerprint(cfg.attn_scores)
     if cfg.image_cache and world > 1 and not master:
         # rank 0 decodes into the file, the others wait for it (polling, not a barrier: decoding a large set can
         # outlast a collective's timeout; if rank 0 fails, torchrun stops the others)
@@ -514,8 +521,10 @@ def main(cfg):
                              f"{len(bad.caption_ids) + 1} tokens")
     text_samples = []
     if cfg.text_data:
-        text_samples = make_samples(tok, read_records(cfg.text_data, require_image=False, check_files=False,
-                                                      max_bad_fraction=cfg.max_bad_fraction))
+        text_records = read_records(cfg.text_data, require_image=False, check_files=False,
+                                    max_bad_fraction=cfg.max_bad_fraction)
+        text_samples = make_samples(tok, text_records)
+        inputs["text_data"] = text_fingerprint(text_records)
     for what, group, room in (("image-caption", samples, cfg.row_len - len(model.image_tokens())),
                               ("text-only", text_samples, cfg.row_len)):
         n_long, lost = count_overlong(group, room)  # pack() keeps their first tokens and <|eos|>
@@ -533,6 +542,10 @@ def main(cfg):
     if state is not None:
         check_fingerprint("caption data", state["data"], data_fp, last_path, cfg.data)
         check_fingerprint("tokenizer", state["tokenizer"], T.fingerprint(tok), last_path, cfg.tokenizer)
+        for key, fp in inputs.items():  # checkpoints older than this record have no "inputs"
+            if state.get("inputs", {}).get(key, fp) != fp:
+                raise ValueError(f"--resume: --{key.replace('_', '-')} {getattr(cfg, key)} is not the file the run "
+                                 f"in {last_path} read (fingerprint {fp}, the run's {state['inputs'][key]})")
         if VLMConfig.from_dict(state["model_config"]) != model.cfg:  # e.g. an --init-* file that changed since
             raise ValueError(f"--resume: {last_path} holds another model than these flags build "
                              f"({state['model_config']} vs {asdict(model.cfg)})")
@@ -547,7 +560,8 @@ def main(cfg):
         if master:
             trim_log(os.path.join(cfg.out_dir, "log.jsonl"), step)  # steps after the checkpoint come again
             print(f"resumed from {last_path} at step {step}")
-    meta = {"model_config": asdict(model.cfg), "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": data_fp}
+    meta = {"model_config": asdict(model.cfg), "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": data_fp,
+            "inputs": inputs}
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(meta, f, indent=1)

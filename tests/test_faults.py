@@ -263,7 +263,8 @@ def test_train_killed_while_checkpointing_resumes(tiny, tmp_path, capsys):
     # interpreter start-up): it must go on from the surviving checkpoint.
     import train
     from cli import parse_config
-    train.main(parse_config(train.TrainConfig, args[2:] + ["--steps", str(step + 2), "--save-every", "1", "--resume"]))
+    train.main(parse_config(train.TrainConfig, args[2:] + ["--steps", "100000", "--save-every", "1", "--resume",
+                                                           "--stop-at", str(step + 2)]))
     assert f"resumed from {run / 'last.pt'} at step {step}" in capsys.readouterr().out
     assert load_checkpoint(str(run / "last.pt"))["step"] == step + 2
 

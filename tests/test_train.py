@@ -344,3 +344,21 @@ def test_text_data_honours_max_bad_fraction(tiny, tmp_path):
     with pytest.raises(DataError, match="max_bad_fraction"):
         train.main(config(tiny, tmp_path / "a", **kw))
     train.main(config(tiny, tmp_path / "b", max_bad_fraction=0.05, **kw))
+
+
+def test_resume_follows_moved_files_but_not_other_contents(tiny, tmp_path):
+    """A path may change (a moved artefacts folder) if what it holds is the same; other scores are refused."""
+    import shutil
+    moved = tmp_path / "moved_scores.pt"
+    shutil.copy(tiny["scores"], moved)
+    run = tmp_path / "run"
+    train.main(config(tiny, run, loss="prior", steps=4, save_every=2, stop_at=2))
+    train.main(config(tiny, run, loss="prior", steps=4, save_every=2, stop_at=3, resume=True, scores=str(moved)))
+    import score
+    blob = torch.load(moved, weights_only=True)
+    blob["p_ref"] = (blob["p_ref"].to(torch.int32) // 2).to(torch.uint16)  # same records and fingerprints, other scores
+    score.atomic_save(blob, str(moved))
+    with pytest.raises(ValueError, match="--resume: --scores .* is not the file the run"):
+        train.main(config(tiny, run, loss="prior", steps=4, save_every=2, resume=True, scores=str(moved)))
+    with pytest.raises(ValueError, match="--init-decoder '' -> "):
+        train.main(config(tiny, run, loss="prior", steps=4, save_every=2, resume=True, init_decoder=str(tiny["ref_lm"])))
