@@ -199,7 +199,10 @@ RESUME_PATHS = {"data", "tokenizer", "scores", "attn_scores", "text_data", "init
 def check_resume(cfg, state, path):
     """Refuse to resume `state` (last.pt) under flags that would change the run: one line naming them."""
     old = state.get("config", {})
-    changed = [(k, old[k], v) for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and k in old and
+    may_differ = set(RESUME_MAY_DIFFER)
+    if cfg.loss not in ("rho1", "cal") and cfg.objective == "none":  # those act per micro-batch (README)
+        may_differ.add("micro_batch")
+    changed = [(k, old[k], v) for k, v in asdict(cfg).items() if k not in may_differ and k in old and
                old[k] != v and (k not in RESUME_PATHS or bool(old[k]) != bool(v))]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, a, b in changed)
