@@ -68,7 +68,7 @@ class EvalConfig:
     row_len: int = field(default=256, metadata={"help": "tokens per packed row (grown to fit the longest question or caption)"})
     batch_rows: int = field(default=8, metadata={"help": "rows per forward pass"})
     seed: int = field(default=0, metadata={"help": "seed of the image derangement and of --max-rows subsets"})
-    max_bad_fraction: float = field(default=0.05, metadata={"help": "stop if more than this share of an MC file's rows is bad"})
+    max_bad_fraction: float = field(default=0.05, metadata={"help": "stop if more than this share of an MC or --test file's rows is bad"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
 
@@ -142,11 +142,12 @@ def load_mc(path, size, max_rows=None, seed=0, max_bad_fraction=0.05):
     return _data[key]
 
 
-def load_test(path, size, max_rows=None, seed=0):
+def load_test(path, size, max_rows=None, seed=0, max_bad_fraction=0.05):
     key = data_key("test", path, size, max_rows, seed)
     if key not in _data:
-        records = read_records(path)
-        _data[key] = (*load_images(subsample(records, max_rows, seed), size), text_fingerprint(records))
+        records = read_records(path, max_bad_fraction=max_bad_fraction)
+        _data[key] = (*load_images(subsample(records, max_rows, seed), size, max_bad_fraction),
+                      text_fingerprint(records))
     return _data[key]
 
 
@@ -196,18 +197,25 @@ def score_docs(model, docs, embeds, row_len=256, batch_rows=8, device="cpu", des
     and each branch (a choice) continues them, attending to the shared part and to itself only, with positions
     as if it were alone: k choices cost one image + prompt instead of k (~2.5x fewer tokens on the probes). The
     LM head runs only where a token is scored. Docs are packed next-fit into rows of row_len (grown to fit the
-    longest doc); short rows run faster on CPU than long ones, as attention is quadratic and caches are small."""
+    longest doc); short rows run faster on CPU than long ones, as attention is quadratic and caches are small.
+    A doc that reaches past the model's context (a prompt or caption longer than it was trained on) is not
+    scored: its entry is None, and the caller counts it."""
+    limit = model.decoder.cfg.max_seq_len  # the last input of a branch sits at len(shared) + len(b) - 2
+    fits = [len(shared) + max(len(b) - 1 for b in branches) <= limit for _, shared, branches in docs]
     sizes = [len(shared) + sum(len(b) - 1 for b in branches) for _, shared, branches in docs]  # a branch's last token is no input
-    row_len = max(row_len, *sizes)
+    row_len = max(row_len, *(n for n, ok in zip(sizes, fits) if ok), 1)
     rows, used = [[]], 0
     for d, n in enumerate(sizes):
+        if not fits[d]:
+            continue
         if used + n > row_len:
             rows.append([])
             used = 0
         rows[-1].append(d)
         used += n
-    out = [[None] * len(b) for _, _, b in docs]
+    out = [[None] * len(b) if ok else None for (_, _, b), ok in zip(docs, fits)]
     causal = torch.ones(row_len, row_len, dtype=torch.bool, device=device).tril()
+    rows = [row for row in rows if row]  # none at all when no doc fits
     for start in tqdm(range(0, len(rows), batch_rows), desc=desc, leave=False, disable=not sys.stderr.isatty()):
         cells, pred, target, owner, images = [], [], [], [], []  # cells: (token, position, doc, branch)
         for r, row in enumerate(rows[start:start + batch_rows]):
@@ -241,10 +249,19 @@ def score_docs(model, docs, embeds, row_len=256, batch_rows=8, device="cpu", des
 
 
 def accuracy(logps, answers, normalise=False):
-    """Share of questions whose answer has the highest summed (or per-token mean) log-likelihood."""
+    """Share of questions whose answer has the highest summed (or per-token mean) log-likelihood; questions
+    score_docs did not score (None: longer than the model's context) are left out, NaN if none is left."""
     hits = [max(range(len(lp)), key=lambda j: float(lp[j].sum()) / (len(lp[j]) if normalise else 1)) == a
-            for lp, a in zip(logps, answers)]
-    return sum(hits) / len(hits)
+            for lp, a in zip(logps, answers) if lp is not None]
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
+def report_skipped(out, name, skipped, total, what):
+    """Items longer than the model's context: counted in the results (name_skipped) and on stderr."""
+    if skipped:
+        out[f"{name}_skipped"] = skipped
+        print(f"warning: {name}: {skipped} of {total} {what} reach past the model's context and are not scored "
+              f"(counted as {name}_skipped)", file=sys.stderr)
 
 
 def mc_eval(model, tok, path, device="cpu", max_rows=None, seed=0, max_bad_fraction=0.05, **kw):
@@ -259,9 +276,11 @@ def mc_eval(model, tok, path, device="cpu", max_rows=None, seed=0, max_bad_fract
     return score_docs(model, docs, embeds, device=device, desc=name, **kw), [q.extra["answer"] for q in questions]
 
 
-def token_analysis(model, tok, path, scores_path=None, device="cpu", max_rows=None, seed=0, **kw):
-    """Mean NLL of caption tokens by category, with the true and a deranged image, and the grounding gap."""
-    records, images, data_fp = load_test(path, model.cfg.image_size, max_rows, seed)
+def token_analysis(model, tok, path, scores_path=None, device="cpu", max_rows=None, seed=0, max_bad_fraction=0.05,
+                   **kw):
+    """Mean NLL of caption tokens by category, with the true and a deranged image, and the grounding gap.
+    Captions longer than the model's context are left out and counted (test_skipped)."""
+    records, images, data_fp = load_test(path, model.cfg.image_size, max_rows, seed, max_bad_fraction)
     captions = T.encode_captions(tok, [r.caption for r in records])
     embeds = image_embeds(model, images, data_key("test", path, model.cfg.image_size, max_rows, seed), device)
     prefix = model.image_tokens() + [T.BOS]
@@ -269,18 +288,19 @@ def token_analysis(model, tok, path, scores_path=None, device="cpu", max_rows=No
     for cond, which in (("", range(len(records))), ("_shuffled", derangement(len(records), seed))):
         docs = [(i, prefix, [c + [T.EOS]]) for i, c in zip(which, captions)]
         logps = score_docs(model, docs, embeds, device=device, desc="test" + cond, **kw)
-        nll[cond] = -torch.cat([lp[0][:-1] for lp in logps])  # caption tokens; the eos label is dropped
+        scored = [i for i, lp in enumerate(logps) if lp is not None]  # the same captions in both conditions
+        nll[cond] = -torch.cat([logps[i][0][:-1] for i in scored] or [torch.zeros(0)])  # the eos label is dropped
     groups = {"all": torch.ones(len(nll[""]), dtype=torch.bool)}
     tags = token_tags(tok, records)
     if tags is not None:
-        cat = torch.tensor([c for row in tags for c in row[:-1]])
+        cat = torch.tensor([c for i in scored for c in tags[i][:-1]], dtype=torch.long)
         groups.update({name: cat == i for i, name in enumerate(CATEGORIES)})
     if scores_path:
         p_ref = load_scores(scores_path, T.fingerprint(tok), data_fp, path)
         bad = [r.id for r, c in zip(records, captions) if r.id not in p_ref or len(p_ref[r.id]) != len(c) + 1]
         if bad:
             raise ValueError(f"{scores_path}: scores of record {bad[0]} do not match its tokens")
-        w = 1 - torch.cat([p_ref[r.id][:-1] for r in records])
+        w = 1 - torch.cat([p_ref[records[i].id][:-1] for i in scored] or [torch.zeros(0)])
         for t in THRESHOLDS:
             groups[f"w_gt_{t:g}"], groups[f"w_le_{t:g}"] = w > t, w <= t
     out = {}
@@ -288,6 +308,7 @@ def token_analysis(model, tok, path, scores_path=None, device="cpu", max_rows=No
         if sel.any():
             true, shuffled = float(nll[""][sel].mean()), float(nll["_shuffled"][sel].mean())
             out.update({f"nll_{name}": true, f"nll_{name}_shuffled": shuffled, f"gap_{name}": shuffled - true})
+    report_skipped(out, "test", len(records) - len(scored), len(records), "captions")
     return out
 
 
@@ -308,6 +329,7 @@ def _evaluate(path, probes_dir=None, test_path=None, test_scores=None, device="c
         stem = os.path.splitext(os.path.basename(f))[0]
         out[stem], out[stem + "_norm"] = accuracy(logps, answers), accuracy(logps, answers, normalise=True)
         chance[stem] = sum(1 / len(lp) for lp in logps) / max(1, len(logps))  # a guesser's expected accuracy
+        report_skipped(out, stem, sum(lp is None for lp in logps), len(logps), "questions")
     groups = {}
     for f in probe_files:
         stem = os.path.splitext(os.path.basename(f))[0]
@@ -323,7 +345,7 @@ def _evaluate(path, probes_dir=None, test_path=None, test_scores=None, device="c
         if rest and len(rest) < len(cc):
             out["probe_cc_avg_nocount"] = sum(rest) / len(rest)
     if test_path:
-        out.update(token_analysis(model, tok, test_path, test_scores, device, max_rows, seed, **kw))
+        out.update(token_analysis(model, tok, test_path, test_scores, device, max_rows, seed, max_bad_fraction, **kw))
     return [{"benchmark": k, "value": v} for k, v in out.items()], ckpt
 
 
@@ -421,13 +443,15 @@ def exact_match(predictions, targets):
 def generate_answers(model, tok, prompts, images, device="cpu", max_new_tokens=8, batch=32):
     """Greedy continuation (model.generate, KV-cached) of each prompt after its image and <|bos|>, decoded to
     text, until <|eos|> or max_new_tokens. images: uint8 (N, 3, S, S), one per prompt. Prompts of equal
-    token length are decoded together (generate takes rows of equal length), so no row is padded."""
+    token length are decoded together (generate takes rows of equal length), so no row is padded. A prompt
+    that leaves no room in the model's context gets None (not answered; the caller counts it)."""
     from model import generate
     prefix = model.image_tokens() + [T.BOS]
     ids = T.encode_captions(tok, [p.strip() for p in prompts])
     by_len = {}
     for i, p in enumerate(ids):
-        by_len.setdefault(len(p), []).append(i)
+        if len(prefix) + len(p) < model.decoder.cfg.max_seq_len:
+            by_len.setdefault(len(p), []).append(i)
     out = [None] * len(prompts)
     for group in by_len.values():
         for start in range(0, len(group), batch):
@@ -445,11 +469,13 @@ def qa_generate(model, tok, path, device="cpu", max_rows=None, seed=0, max_new_t
     """Generated-answer evaluation of a multiple-choice file (the format of --mc; data/qa.py writes one): the
     model answers each prompt by greedy decoding, and is right when its answer equals the correct choice
     (exact_match). The same rows as the likelihood evaluation (same --max-rows subset and seed).
-    Returns [{"id", "prompt", "target", "prediction", "correct"}] in file order."""
+    Returns [{"id", "prompt", "target", "prediction", "correct"}] in file order; a question whose prompt
+    leaves no room in the model's context is left out, with a warning that counts them."""
     questions, images = load_mc(path, model.cfg.image_size, max_rows, seed, max_bad_fraction)
     preds = generate_answers(model, tok, [q.caption for q in questions], images, device, max_new_tokens)
+    report_skipped({}, os.path.splitext(os.path.basename(path))[0], preds.count(None), len(preds), "questions")
     rows = []
-    for q, p in zip(questions, preds):
+    for q, p in ((q, p) for q, p in zip(questions, preds) if p is not None):
         target = q.extra["choices"][q.extra["answer"]]
         rows.append({"id": q.id, "prompt": q.caption, "target": target,
                      "prediction": p, "correct": normalise_answer(p) == normalise_answer(target)})

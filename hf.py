@@ -282,13 +282,13 @@ def export_checkpoint(ckpt_path, source, out):
     print(f"wrote {out} (the decoder of {ckpt_path}, config and tokenizer from {source})")
 
 
-def base_checkpoint(spec):
+def base_checkpoint(spec, kind=None, flag=""):
     """What --init-decoder names, as a reference_lm.py checkpoint dict (model, decoder_config, tokenizer
     fingerprint): "hf:FOLDER" converts that folder (float32 weights); anything else is such a checkpoint file."""
     from dataclasses import asdict
     from utils import load_checkpoint
     if not spec.startswith("hf:"):
-        return load_checkpoint(spec)
+        return load_checkpoint(spec, kind, flag)
     decoder, tok = load_hf_decoder(spec[3:])
     return {"model": decoder.state_dict(), "decoder_config": asdict(decoder.cfg), "tokenizer": T.fingerprint(tok)}
 

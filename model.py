@@ -298,7 +298,8 @@ def load_vision_weights(encoder, path):
                               f"pip install safetensors, or save the weights with torch.save(state_dict, 'x.pt')") from None
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from utils import safe_load  # the project's message for a file a weights-only load refuses
+        state = safe_load(path, path, "a state dict of model weights")
     for key in ("state_dict", "model"):  # a checkpoint dict around the state dict
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

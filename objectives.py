@@ -384,13 +384,13 @@ def train_attention_scorer(cfg):
               patch_size=cfg.patch_size, vit_dim=cfg.vit_dim, vit_depth=cfg.vit_depth, vit_heads=cfg.vit_heads)
     base = enc = None
     if cfg.init_decoder:
-        base = load_checkpoint(cfg.init_decoder)
+        base = load_checkpoint(cfg.init_decoder, "lm", "--init-decoder")
         check_fingerprint("tokenizer", base["tokenizer"], T.fingerprint(tok), cfg.init_decoder, cfg.tokenizer)
         dc = base["decoder_config"]
         kw.update(d_model=dc["d_model"], n_layer=min(cfg.n_layer, dc["n_layer"]), n_head=dc["n_head"])
         max_len = min(max_len, dc["max_seq_len"])
     if cfg.init_encoder:
-        enc = load_checkpoint(cfg.init_encoder)
+        enc = load_checkpoint(cfg.init_encoder, "vit", "--init-encoder")
         kw.update({k: enc["vit_config"][k] for k in ("image_size", "patch_size", "vit_dim", "vit_depth", "vit_heads")})
     torch.manual_seed(cfg.seed)
     scorer = AttentionScorer(tok.get_vocab_size(), max_seq_len=max_len, **kw)

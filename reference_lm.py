@@ -47,6 +47,7 @@ class RefConfig:
     init_decoder: str = field(default="", metadata={"help": "start from this LM: hf:FOLDER (Hugging Face Llama, hf.py) or a reference_lm.py checkpoint"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of a file's records is bad"})
 
 
 def caption_samples(tok, records):
@@ -84,7 +85,9 @@ def train_lm(cfg):
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
-    records = [r for path in cfg.data.split(",") for r in read_records(path, require_image=False, check_files=False)]
+    records = [r for path in cfg.data.split(",")
+               for r in read_records(path, require_image=False, check_files=False,
+                                     max_bad_fraction=cfg.max_bad_fraction)]
     order = list(range(len(records)))
     random.Random(cfg.seed).shuffle(order)
     n_val = max(1, int(len(records) * cfg.val_fraction))
@@ -98,7 +101,7 @@ def train_lm(cfg):
     if cfg.init_decoder:  # a pretrained LM trained further on captions (the paper's reference LM: Llama-3-8B)
         from hf import base_checkpoint
         from utils import check_fingerprint
-        base = base_checkpoint(cfg.init_decoder)
+        base = base_checkpoint(cfg.init_decoder, "lm", "--init-decoder")
         check_fingerprint("tokenizer", base["tokenizer"], T.fingerprint(tok), cfg.init_decoder, cfg.tokenizer)
         dc = base["decoder_config"]
         dcfg = DecoderConfig(**{**dc, "max_seq_len": max(cfg.row_len, dc["max_seq_len"])})
@@ -156,7 +159,7 @@ def train_lm(cfg):
 def load_lm(path, tok=None):
     """Decoder from a reference_lm.py checkpoint; checks the tokenizer fingerprint when `tok` is given."""
     from utils import check_fingerprint, load_checkpoint
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, "lm")
     if tok is not None:
         check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), path, "the tokenizer in use")
     model = Decoder(DecoderConfig(**ckpt["decoder_config"]))

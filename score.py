@@ -91,11 +91,12 @@ def label_probs(model, samples, row_len, batch_rows, device, progress=True):
     at most: no padding at all, and no cross-document mask, so attention is the fast causal kernel over one
     caption (~30 positions) instead of a masked pass over a packed 512-position row, most of whose scores
     the mask throws away. (Training packs, because it needs batches of random captions; scoring may order
-    them as it likes.) A caption longer than the model's context is scored on its first ctx - 1 tokens; its
-    later labels (and <|eos|>) get 0 (see the module doc; count_overlong counts them)."""
+    them as it likes.) A caption longer than the model's context is scored on its first ctx labels (ctx
+    positions: <|bos|> and ctx - 1 tokens); its later labels (and <|eos|>) get 0 (see the module doc;
+    count_overlong counts exactly those)."""
     model.eval().to(device)
     ctx = context_len(model, row_len)
-    clipped = [s.caption_ids if len(s.caption_ids) + 1 <= ctx else s.caption_ids[:ctx - 1] for s in samples]
+    clipped = [s.caption_ids if len(s.caption_ids) + 1 <= ctx else s.caption_ids[:ctx] for s in samples]
     by_length = {}
     for i, ids in enumerate(clipped):
         by_length.setdefault(len(ids), []).append(i)
@@ -105,7 +106,8 @@ def label_probs(model, samples, row_len, batch_rows, device, progress=True):
         per_batch = max(1, row_len * batch_rows // (n + 1))
         for start in range(0, len(members), per_batch):
             chunk = members[start:start + per_batch]
-            seqs = torch.tensor([[T.BOS] + list(clipped[i]) + [T.EOS] for i in chunk])  # (B, n + 2)
+            # (B, n + 2); a clipped caption (n = ctx, only clipped ones are that long) ends without <|eos|>
+            seqs = torch.tensor([[T.BOS] + list(clipped[i]) + ([T.EOS] if n < ctx else []) for i in chunk])
             inputs, labels = seqs[:, :-1].to(device), seqs[:, 1:].to(device)
             with autocast(device):
                 logits = model(inputs)
@@ -116,8 +118,8 @@ def label_probs(model, samples, row_len, batch_rows, device, progress=True):
             bar.update(len(chunk))
     bar.close()
     for i, s in enumerate(samples):
-        if len(clipped[i]) < len(s.caption_ids):  # keep the scored tokens, drop the eos guessed too early
-            out[i] = torch.cat([out[i][:-1], out[i].new_zeros(len(s.caption_ids) + 1 - len(clipped[i]))])
+        if len(clipped[i]) < len(s.caption_ids):  # the labels past the context: p_ref 0
+            out[i] = torch.cat([out[i], out[i].new_zeros(len(s.caption_ids) + 1 - len(clipped[i]))])
     return out, positions
 
 
@@ -407,6 +409,19 @@ def _write_report(cfg, report, tok, records, samples, p_ref):
 
 # ----------------------------------------------------------------------------- the two modes
 
+def refuse_duplicate_ids(ids, path):
+    """Scores are keyed by record id: two records with one id cannot both be scored (train.py would refuse the
+    file later), so scoring refuses them first."""
+    seen, dup = set(), []
+    for i in ids:
+        if i in seen:
+            dup.append(i)
+        seen.add(i)
+    if dup:
+        raise DataError(f"{path}: {len(dup)} record ids appear more than once (first: {dup[0]!r}); every record "
+                        f"needs its own id (an \"id\" field, or leave it out to get file:line ids)")
+
+
 def fingerprints_of(cfg, tok, data_fp):
     return {"tokenizer": T.fingerprint(tok), "reference": file_fingerprint(cfg.ref), "data": data_fp,
             "data_path": os.path.abspath(cfg.data), "reference_path": os.path.abspath(cfg.ref)}
@@ -421,6 +436,7 @@ def warn_if_trained_on(cfg, ckpt, data_fp):
 def score_one_file(cfg, tok, model, ckpt, device):
     """Everything in memory, one file out (the default for one process)."""
     records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
+    refuse_duplicate_ids((r.id for r in records), cfg.data)
     data_fp = text_fingerprint(records)
     warn_if_trained_on(cfg, ckpt, data_fp)
     samples = caption_samples(tok, records)
@@ -429,7 +445,7 @@ def score_one_file(cfg, tok, model, ckpt, device):
     t0 = time.perf_counter()
     p_ref, positions = label_probs(model, samples, cfg.row_len, cfg.batch_rows, device)
     seconds = time.perf_counter() - t0
-    n_tokens = sum(len(p) for p in p_ref)
+    n_tokens = sum(len(p) for p in p_ref) - n_past  # labels scored; those past the context are counted apart
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     save_scores(cfg.out, [r.id for r in records], p_ref, fingerprints_of(cfg, tok, data_fp))
     _overlong_note(n_long, n_past, ctx, cfg.data)
@@ -449,11 +465,13 @@ def score_one_file(cfg, tok, model, ckpt, device):
 def data_pass(cfg):
     """First pass of the streaming mode: (number of records, data fingerprint), and the bad-record check.
     The fingerprint is utils.text_fingerprint's, fed one record at a time."""
-    tally, h, n = Tally("records", cfg.data), hashlib.sha256(), 0
+    tally, h, n, ids = Tally("records", cfg.data), hashlib.sha256(), 0, []
     for r in iter_records(cfg.data, tally=tally):
         h.update(f"{r.id}\t{r.caption}\n".encode())
+        ids.append(r.id)
         n += 1
     tally.finish(cfg.max_bad_fraction)
+    refuse_duplicate_ids(ids, cfg.data)
     return n, h.hexdigest()[:16]
 
 

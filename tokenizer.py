@@ -86,13 +86,16 @@ class TokenizerConfig:
                       metadata={"help": "comma-separated caption files (JSONL, LLaVA or COCO JSON, .tar shards: see data/records.py) to learn merges from"})
     out: str = field(default="out/tokenizer.json", metadata={"help": "where to write tokenizer.json"})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size including special tokens"})
+    max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of a file's records is bad"})
 
 
 def main(argv=None):
     from cli import parse_config
     from data.records import read_records
     cfg = parse_config(TokenizerConfig, argv, description=__doc__)
-    captions = [r.caption for path in cfg.data.split(",") for r in read_records(path, require_image=False, check_files=False)]
+    bad = cfg.max_bad_fraction
+    captions = [r.caption for path in cfg.data.split(",")
+                for r in read_records(path, require_image=False, check_files=False, max_bad_fraction=bad)]
     tok = train_tokenizer(captions, cfg.vocab_size)
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     tok.save(cfg.out)

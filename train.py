@@ -61,7 +61,7 @@ from model import DecoderConfig, VLM, VLMConfig, count_params, load_vision_weigh
 from objectives import MicroBatch, attach_heads, host_positions, micro_batch_loss, split_state
 from reference_lm import make_optimizer
 from score import CATEGORIES, count_overlong, load_scores, token_tags
-from utils import (atomic_save, autocast, check_fingerprint, load_checkpoint, lr_at, pick_device,
+from utils import (atomic_save, autocast, check_fingerprint, file_fingerprint, load_checkpoint, lr_at, pick_device,
                    seed_everything, text_fingerprint)
 
 
@@ -125,7 +125,7 @@ def build_model(cfg, tok):
                          d_model=cfg.d_model, max_seq_len=cfg.row_len)
     base = enc = None
     if cfg.init_decoder:
-        base = base_checkpoint(cfg.init_decoder)
+        base = base_checkpoint(cfg.init_decoder, "lm", "--init-decoder")
         check_fingerprint("tokenizer", base["tokenizer"], T.fingerprint(tok), cfg.init_decoder, cfg.tokenizer)
         dcfg = DecoderConfig(**{**base["decoder_config"], "max_seq_len": max(cfg.row_len, base["decoder_config"]["max_seq_len"])})
     if cfg.vision and cfg.init_encoder:
@@ -142,14 +142,17 @@ def build_model(cfg, tok):
                      vit_depth=cfg.vit_depth, vit_heads=cfg.vit_heads, decoder=dcfg, vision=cfg.vision,
                      vision_kwargs=vision_kwargs)
     if cfg.init_encoder:
-        enc = load_checkpoint(cfg.init_encoder)
+        enc = load_checkpoint(cfg.init_encoder, "vit", "--init-encoder")
         e = enc["vit_config"]
         vcfg.image_size, vcfg.patch_size = e["image_size"], e["patch_size"]
         vcfg.vit_dim, vcfg.vit_depth, vcfg.vit_heads = e["vit_dim"], e["vit_depth"], e["vit_heads"]
     if cfg.init_from:
-        start = load_checkpoint(cfg.init_from)
+        start = load_checkpoint(cfg.init_from, "vlm", "--init-from")
         check_fingerprint("tokenizer", start["tokenizer"], T.fingerprint(tok), cfg.init_from, cfg.tokenizer)
         vcfg = VLMConfig.from_dict(start["model_config"])
+        if vcfg.arch != cfg.arch:  # the run would train one family and label it the other
+            raise ValueError(f"--init-from {cfg.init_from} is a {vcfg.arch.upper()}-LVLM, but --arch is {cfg.arch}: "
+                             f"give --arch {vcfg.arch}, or another --init-from")
     model = VLM(vcfg)
     if base is not None:
         model.decoder.load_state_dict(base["model"])
@@ -177,11 +180,49 @@ def build_model(cfg, tok):
 def load_model(path, device="cpu"):
     """A VLM rebuilt from a train.py checkpoint alone (config inside), plus the checkpoint dict. Auxiliary
     heads (--objective: itm, itc, recon) are left out; they stay in ckpt["model"] under aux.*."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, "vlm")
     model = VLM(VLMConfig.from_dict(ckpt["model_config"]))
     # Heads of an --objective run (keys aux.*) are training-only: evaluation and captioning use the VLM alone.
     model.load_state_dict(split_state(ckpt["model"])[0])
     return model.to(device).eval(), ckpt
+
+
+# Flags that --resume lets differ from the run's own: where and how it runs, never what it computes. --steps may not
+# grow: it sets the cosine schedule of every step.
+RESUME_MAY_DIFFER = {"out_dir", "resume", "stop_at", "threads", "workers", "device", "image_cache", "compile", "fsdp",
+                     "save_every", "max_bad_fraction"}
+# Files may move (a copied artefacts folder): a path may change, but not from '' to a file or back. What the run read
+# is checked instead: data, tokenizer, scores and text data by fingerprint, the --init-* weights by the model's shape
+# (last.pt holds every weight).
+RESUME_PATHS = {"data", "tokenizer", "scores", "attn_scores", "text_data", "init_decoder", "init_encoder", "init_from",
+                "vision_weights"}
+
+
+def check_resume(cfg, state, path):
+    """Refuse to resume `state` (last.pt) under flags that would change the run: one line naming them."""
+    old = state.get("config", {})
+    may_differ = set(RESUME_MAY_DIFFER)
+    if cfg.loss not in ("rho1", "cal") and cfg.objective == "none":  # those act per micro-batch (README)
+        may_differ.add("micro_batch")
+    changed = [(k, old[k], v) for k, v in asdict(cfg).items() if k not in may_differ and k in old and
+               old[k] != v and (k not in RESUME_PATHS or bool(old[k]) != bool(v))]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, a, b in changed)
+        raise ValueError(f"--resume: {path} is a run with other flags ({flags}); a resumed run keeps the flags that "
+                         f"define it (see its config.json): give the old values, or a new --out-dir")
+
+
+def trim_log(path, step):
+    """Drop log lines after `step` (the resumed checkpoint's), which the resumed run writes again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def make_samples(tok, records, p_ref=None, tags=None):
@@ -445,6 +486,11 @@ def main(cfg):
                          "forwards and heads run outside the sharded forward); use DDP (drop --fsdp)")
     if not 0 < cfg.rho1_keep <= 1:
         raise ValueError(f"--rho1-keep must be in (0, 1], got {cfg.rho1_keep}")
+    last_path = os.path.join(cfg.out_dir, "last.pt")
+    state = None
+    if cfg.resume and os.path.exists(last_path):  # before anything is built: a changed flag is refused at once
+        state = load_checkpoint(last_path, "vlm")
+        check_resume(cfg, state, last_path)
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
     # The model first: its encoder decides the image size (a timm model's, or --init-encoder's ViT).
@@ -456,13 +502,15 @@ def main(cfg):
 
     records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
     data_fp = text_fingerprint(records)
-    p_ref = None
+    p_ref, inputs = None, {}  # inputs: fingerprints of what else the run read, checked by --resume
     if cfg.loss in ("prior", "prior_shuffled", "rho1"):
         p_ref = load_scores(cfg.scores, T.fingerprint(tok), data_fp, cfg.data)
+        inputs["scores"] = file_fingerprint(cfg.scores)
         if cfg.loss == "prior_shuffled":
             p_ref = shuffle_within_captions(p_ref)
     elif cfg.loss == "attn":  # per-token weights in score-file format: they ride in the p_ref field
         p_ref = load_scores(cfg.attn_scores, T.fingerprint(tok), data_fp, cfg.data)
+        inputs["attn_scores"] = file_fingerprint(cfg.attn_scores)
     if cfg.image_cache and world > 1 and not master:
         # rank 0 decodes into the file, the others wait for it (polling, not a barrier: decoding a large set can
         # outlast a collective's timeout; if rank 0 fails, torchrun stops the others)
@@ -481,7 +529,10 @@ def main(cfg):
                              f"{len(bad.caption_ids) + 1} tokens")
     text_samples = []
     if cfg.text_data:
-        text_samples = make_samples(tok, read_records(cfg.text_data, require_image=False, check_files=False))
+        text_records = read_records(cfg.text_data, require_image=False, check_files=False,
+                                    max_bad_fraction=cfg.max_bad_fraction)
+        text_samples = make_samples(tok, text_records)
+        inputs["text_data"] = text_fingerprint(text_records)
     for what, group, room in (("image-caption", samples, cfg.row_len - len(model.image_tokens())),
                               ("text-only", text_samples, cfg.row_len)):
         n_long, lost = count_overlong(group, room)  # pack() keeps their first tokens and <|eos|>
@@ -496,10 +547,16 @@ def main(cfg):
     opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     step = 0
     os.makedirs(cfg.out_dir, exist_ok=True)
-    last_path = os.path.join(cfg.out_dir, "last.pt")
-    if cfg.resume and os.path.exists(last_path):
-        state = load_checkpoint(last_path)
+    if state is not None:
         check_fingerprint("caption data", state["data"], data_fp, last_path, cfg.data)
+        check_fingerprint("tokenizer", state["tokenizer"], T.fingerprint(tok), last_path, cfg.tokenizer)
+        for key, fp in inputs.items():  # checkpoints older than this record have no "inputs"
+            if state.get("inputs", {}).get(key, fp) != fp:
+                raise ValueError(f"--resume: --{key.replace('_', '-')} {getattr(cfg, key)} is not the file the run "
+                                 f"in {last_path} read (fingerprint {fp}, the run's {state['inputs'][key]})")
+        if VLMConfig.from_dict(state["model_config"]) != model.cfg:  # e.g. an --init-* file that changed since
+            raise ValueError(f"--resume: {last_path} holds another model than these flags build "
+                             f"({state['model_config']} vs {asdict(model.cfg)})")
         model.load_state_dict(state["model"])
         if state.get("optimizer_format") == "fqn":  # from an --fsdp run: keyed by parameter name
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -509,8 +566,10 @@ def main(cfg):
         step = state["step"]
         torch.set_rng_state(state["rng"]["torch"])
         if master:
+            trim_log(os.path.join(cfg.out_dir, "log.jsonl"), step)  # steps after the checkpoint come again
             print(f"resumed from {last_path} at step {step}")
-    meta = {"model_config": asdict(model.cfg), "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": data_fp}
+    meta = {"model_config": asdict(model.cfg), "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": data_fp,
+            "inputs": inputs}
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(meta, f, indent=1)

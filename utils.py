@@ -81,7 +81,31 @@ def safe_load(source, name, what="a checkpoint", error=ValueError):
                     f"or made by something else") from None
 
 
-def load_checkpoint(path):
+KINDS = {"vlm": "a train.py checkpoint (a VLM)", "lm": "a reference_lm.py checkpoint (a language model)",
+         "vit": "a vision.py checkpoint (a ViT encoder)", "scores": "a score file (score.py or objectives.py)",
+         "score-index": "a sharded score file's index (score.py)", "state-dict": "a bare state dict (no config)",
+         "unknown": "no checkpoint this project writes"}
+
+
+def checkpoint_kind(ckpt):
+    """Which of KINDS a loaded file is, told by the keys each script writes."""
+    if isinstance(ckpt, dict):
+        for key, kind in (("model_config", "vlm"), ("decoder_config", "lm"), ("vit_config", "vit"),
+                          ("p_ref", "scores"), ("shards", "score-index")):
+            if key in ckpt:
+                return kind
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return "state-dict"
+    return "unknown"
+
+
+def load_checkpoint(path, kind=None, flag=""):
+    """A checkpoint, loaded safely; with `kind` (a KINDS key), one line naming the file, what it is and what was
+    expected when it is another kind (never a KeyError further on). flag: the option that named it, for the message."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return safe_load(path, path)
+        raise FileNotFoundError(f"{flag + ': ' if flag else ''}no checkpoint at {path}")
+    ckpt = safe_load(path, path)
+    found = checkpoint_kind(ckpt)
+    if kind is not None and found != kind:
+        raise ValueError(f"{flag + ': ' if flag else ''}{path} is {KINDS[found]}, not {KINDS[kind]} as expected")
+    return ckpt

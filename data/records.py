@@ -226,14 +226,14 @@ def iter_records(path, require_image=True, check_files=True, images_root=None, t
                 if not raw.strip():
                     continue
                 try:
-                    obj = json.loads(raw.decode("utf-8"))
+                    obj = json.loads(raw.decode("utf-8").rstrip("\r\n"))  # one line: no line 2 in the message
                 except UnicodeDecodeError:
                     tally.total += 1
                     tally.bad(f"line {n}", "non-UTF-8 line")
                     continue
                 except json.JSONDecodeError as e:
                     tally.total += 1
-                    tally.bad(f"line {n}", "broken JSON", str(e))
+                    tally.bad(f"line {n}", "broken JSON", f"{e.msg} at column {e.colno}")
                     continue
                 rec = make(obj, f"{stem}:{n}", f"line {n}")
                 if rec is not None:

@@ -98,7 +98,8 @@ def test_cat_pads_to_the_wider_batch():
 
 def test_packed_forward_equals_each_sample_alone_with_tight_packing():
     torch.manual_seed(0)
-    model = Decoder(DecoderConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=64)).eval()
+    # float64: packed rows and single samples are matrices of other shapes, whose float32 sums differ in the last bits
+    model = Decoder(DecoderConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=64)).double().eval()
     samples = random_samples(12)
     b = pack(samples, 64, tight=True)
     logits = model(b.input_ids, position_ids=b.position_ids, doc_ids=b.doc_ids)
@@ -106,23 +107,27 @@ def test_packed_forward_equals_each_sample_alone_with_tight_packing():
     assert len(row_of) == len(samples)
     for (r, d), i in zip(row_of, b.indices):
         alone = model(torch.tensor([[T.BOS] + samples[i].caption_ids]))
-        torch.testing.assert_close(logits[r, b.doc_ids[r] == d], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[r, b.doc_ids[r] == d], alone[0], atol=1e-10, rtol=1e-10)
 
 
 def test_logits_at_kept_positions_and_flat_prior_loss_match_the_full_batch():
     torch.manual_seed(0)
-    model = Decoder(DecoderConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, max_seq_len=64)).eval()
+    # float64: the kept-positions head is a matmul of another shape than the full one
+    model = Decoder(DecoderConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, max_seq_len=64)).double().eval()
     b = pack(random_samples(10), 64, [T.IMAGE] * 6, tight=True)
     b.input_ids[b.input_ids == T.IMAGE] = 5  # a plain decoder: any token for the image slots
     full = model(b.input_ids, position_ids=b.position_ids, doc_ids=b.doc_ids)
     keep = (b.labels != IGNORE).flatten().nonzero().squeeze(1)
     kept = model(b.input_ids, position_ids=b.position_ids, doc_ids=b.doc_ids, keep=keep)
-    torch.testing.assert_close(kept, full.flatten(0, 1)[keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kept, full.flatten(0, 1)[keep], atol=1e-10, rtol=1e-10)
     R, L = b.input_ids.shape
     captions = (b.doc_ids + torch.arange(R)[:, None] * (L + 1)).flatten()[keep]
-    w = prior_weights(b.p_ref)
+    w = prior_weights(b.p_ref).double()
     flat = weighted_loss(kept[None], b.labels.flatten()[keep][None], w.flatten()[keep][None], captions[None])
-    torch.testing.assert_close(flat, weighted_loss(full, b.labels, w, b.doc_ids), atol=1e-6, rtol=1e-6)
+    # the loss itself is reduced in float32 (token_losses): the same positive per-token terms summed in another
+    # order, relative error under n_tokens x 1.2e-7 (measured: 2.3e-7 on a ~4.2 loss)
+    n = len(keep)
+    torch.testing.assert_close(flat, weighted_loss(full, b.labels, w, b.doc_ids), atol=0, rtol=n * 1.2e-7)
 
 
 def test_step_flops_counts_decoder_head_and_vision():

@@ -50,3 +50,11 @@ def test_bad_inputs_give_clear_messages(run, tmp_path):
     assert "is a folder" in fails(["--ckpt", run["ckpt"], "--image", str(tmp_path)])
     assert "no checkpoint at" in fails(["--ckpt", str(tmp_path / "x.pt"), "--image", run["image"]])
     assert "give an image" in fails(["--ckpt", run["ckpt"]])
+
+
+def test_checkpoint_of_another_kind_is_named(run, tiny):
+    """A reference LM given as --ckpt: one line naming the file, what it is and what was expected."""
+    with pytest.raises(SystemExit) as err:
+        caption.main(["--ckpt", str(tiny["ref_lm"]), "--image", run["image"]])
+    assert str(err.value) == (f"caption.py: {tiny['ref_lm']} is a reference_lm.py checkpoint (a language model), "
+                              f"not a train.py checkpoint (a VLM) as expected")

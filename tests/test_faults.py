@@ -263,7 +263,8 @@ def test_train_killed_while_checkpointing_resumes(tiny, tmp_path, capsys):
     # interpreter start-up): it must go on from the surviving checkpoint.
     import train
     from cli import parse_config
-    train.main(parse_config(train.TrainConfig, args[2:] + ["--steps", str(step + 2), "--save-every", "1", "--resume"]))
+    train.main(parse_config(train.TrainConfig, args[2:] + ["--steps", "100000", "--save-every", "1", "--resume",
+                                                           "--stop-at", str(step + 2)]))
     assert f"resumed from {run / 'last.pt'} at step {step}" in capsys.readouterr().out
     assert load_checkpoint(str(run / "last.pt"))["step"] == step + 2
 
@@ -294,3 +295,15 @@ def test_untrusted_pickle_cannot_run_code(tmp_path):
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # proof that the file is dangerous: an unsafe load runs it
     assert marker.exists()
+
+
+def test_untrusted_vision_weights_get_the_safe_load_message(tmp_path):
+    """--vision-weights goes through the same safe load: the project's message, never torch's advice to retry
+    with weights_only=False."""
+    from model import load_vision_weights
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2), "payload": Exploit(marker)}, evil)
+    with pytest.raises(ValueError, match=r"evil.pt: holds Python objects that a safe \(weights-only\) load "
+                                         r"refuses") as err:
+        load_vision_weights(None, str(evil))
+    assert "weights_only=False" not in str(err.value) and not marker.exists()

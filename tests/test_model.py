@@ -101,14 +101,17 @@ def spread(model, std=0.5):
 
 @pytest.mark.parametrize("arch", ["h", "u"])
 def test_cached_decoding_equals_full_recompute(arch):
-    model = spread(tiny_vlm(arch))
+    # float64: the cached and the full pass multiply matrices of other shapes, so float32 sums differ in the last
+    # bits (2.9e-5 on logits of ~10 on an AVX-512 CPU); in float64 they agree to ~1e-15, and generate's final cast
+    # to float32 leaves them at most one float32 rounding (relative 1.2e-7) apart.
+    model = spread(tiny_vlm(arch)).double()
     prompt = [model.image_tokens() + [T.BOS, 10, 11], model.image_tokens() + [T.BOS, 12, 13]]
-    ids, images = torch.tensor(prompt), torch.randn(2, 3, 16, 16)
+    ids, images = torch.tensor(prompt), torch.randn(2, 3, 16, 16, dtype=torch.float64)
     fast, fast_logits = generate(model, ids, images, 12, eos_id=None, return_logits=True)
     slow, slow_logits = generate(model, ids, images, 12, eos_id=None, return_logits=True, use_cache=False)
     assert fast == slow and len(fast[0]) == 12
     assert len(set(fast[0])) > 2 and fast[0] != fast[1]  # the rows really decode different things
-    torch.testing.assert_close(fast_logits, slow_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_logits, slow_logits, atol=1e-12, rtol=2.5e-7)
     # the same with the other row's image: the cache carries the image, not just the text
     other = generate(model, ids, images.flip(0), 12, eos_id=None)
     assert other != fast
@@ -117,12 +120,13 @@ def test_cached_decoding_equals_full_recompute(arch):
 def test_cache_fed_in_chunks_equals_one_pass():
     """Several new tokens after cached ones (causal with an offset), then single tokens."""
     torch.manual_seed(0)
-    model = spread(Decoder(DecoderConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=16)))
+    model = spread(Decoder(DecoderConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=16))).double()
     ids = torch.randint(10, 64, (2, 10))
     full = model(ids)
     cache = KVCache(10)
     parts = [model(ids[:, a:b], cache=cache) for a, b in ((0, 5), (5, 8), (8, 9), (9, 10))]
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    # float64 (other matmul shapes per chunk): logits of ~10 agree to ~1e-15; 1e-10 leaves a wide margin
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-10, rtol=1e-10)
     assert cache.pos == 10
     with pytest.raises(ValueError, match="KV cache full"):
         model(ids[:, :1], cache=cache)

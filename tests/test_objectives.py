@@ -210,3 +210,22 @@ def test_scorer_help():
     assert done.returncode == 0, done.stderr[-2000:]
     for flag in ("--budget", "--n-layer", "--out", "--init-encoder", "warm-up 5%"):
         assert flag in done.stdout, flag
+
+
+@pytest.mark.parametrize("objective", ["itm", "itc"])
+def test_itm_itc_pairs_are_drawn_per_micro_batch(tiny, tmp_path, objective):
+    """What README documents: ITM's mismatched pairs and ITC's negatives come from each micro-batch of each
+    process, so --micro-batch (and, the same way, N processes) changes the auxiliary loss, unlike the caption
+    loss. With lr 0 (weights fixed): a batch of 8 in micro-batches of 4 gives exactly the mean of the two
+    batches of 4 run alone, and not the loss of the 8 drawn together."""
+    import json
+
+    def aux(name, **kw):
+        train.main(config(tiny, out_dir=str(tmp_path / name), objective=objective, lr=0.0, warmup=1, **kw))
+        return [json.loads(line) for line in open(tmp_path / name / "log.jsonl")]
+    split = aux("split", batch_size=8, micro_batch=4, steps=1, save_every=1)[0]
+    halves = aux("halves", batch_size=4, steps=2, save_every=2)  # steps 1 and 2: the same 8 samples, 4 at a time
+    whole = aux("whole", batch_size=8, steps=1, save_every=1)[0]
+    assert split["aux"] == pytest.approx((halves[0]["aux"] + halves[1]["aux"]) / 2, rel=1e-5)
+    assert split["ntp"] == pytest.approx(whole["ntp"], rel=1e-5)  # the caption loss does not depend on the split
+    assert split["aux"] != pytest.approx(whole["aux"], rel=1e-5)  # other pairs: 5e-4 apart for ITM here

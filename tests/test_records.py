@@ -363,3 +363,12 @@ def test_write_shards_round_trip(tmp_path):
     _, a = load_images(src, 8)
     _, b = load_images(back, 8)
     assert torch.equal(a, b)  # the same bytes, not re-encoded
+
+
+def test_broken_json_is_located_on_its_own_line(tmp_path, capsys):
+    """A record is one line: the error names the file's line and a column, never 'line 2' of the record."""
+    rows = good_rows(tmp_path, 3) + ['{"image": "images/a.png", "caption": "x"']  # cut short before its "}"
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert len(read_records(p, max_bad_fraction=0.5)) == 3
+    err = capsys.readouterr().err
+    assert "line 4: broken JSON: Expecting ',' delimiter at column 41" in err and "line 2" not in err

@@ -20,3 +20,18 @@ def test_loss_falls_and_checkpoint_records_its_inputs(tiny):
     assert trained < fresh - 1.0
     assert ckpt["tokenizer"] == T.fingerprint(tok) and len(ckpt["data"]) == 16
     assert ckpt["decoder_config"]["d_model"] == 32
+
+
+def test_max_bad_fraction_is_a_flag(tiny, tmp_path):
+    """A caption file 1.5% bad (3 of 203 lines) stops at the default 1% and trains with --max-bad-fraction 0.02."""
+    import pytest
+    from data.records import DataError
+    lines = open(tiny["ref"]).read().splitlines()[:204] + ["{broken"] * 3
+    data = tmp_path / "dirty.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    kw = dict(data=str(data), tokenizer=str(tiny["tokenizer"]), out=str(tmp_path / "lm.pt"), n_layer=1, n_head=2,
+              d_model=32, row_len=64, batch_rows=4, steps=1, eval_every=1, device="cpu")
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        reference_lm.train_lm(reference_lm.RefConfig(**kw))
+    reference_lm.train_lm(reference_lm.RefConfig(**kw, max_bad_fraction=0.02))
+    assert reference_lm.load_lm(str(tmp_path / "lm.pt"))[1]["config"]["max_bad_fraction"] == 0.02

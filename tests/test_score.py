@@ -156,9 +156,26 @@ def test_overlong_captions_are_scored_and_counted(tiny, tmp_path, capsys):
     ids = T.encode_captions(tok, [recs[1].caption])[0]
     long = p[recs[1].id]
     assert len(long) == len(ids) + 1  # still one score per label, so training accepts it
-    assert (long[63:] == 0).all() and (long[:63] > 0).all()  # scored while it fits, weight 1 after
+    # 64 positions score 64 labels; the rest (counted as labels past the context) get 0, weight 1
+    assert (long[64:] == 0).all() and (long[:64] > 0).all()
+    assert report["overlong"]["labels_past_context"] == len(ids) + 1 - 64 == int((long == 0).sum())
+    assert report["pad_fraction"] == 0 and report["tokens"] == sum(len(p[r.id]) for r in recs) - (len(ids) + 1 - 64)
     model, _ = load_lm(str(tiny["ref_lm"]), tok)
     with torch.no_grad():
         seq = torch.tensor([[T.BOS] + ids[:63]])
-        probs = model.eval()(seq).softmax(-1)[0, torch.arange(63), torch.tensor(ids[:63])]
-    torch.testing.assert_close(long[:63], probs, atol=2e-5, rtol=0)
+        probs = model.eval()(seq).softmax(-1)[0, torch.arange(64), torch.tensor(ids[:64])]
+    torch.testing.assert_close(long[:64], probs, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_duplicate_record_ids_are_refused_at_scoring(tiny, tmp_path, stream):
+    import json
+    rows = [json.loads(l) for l in open(tiny["train"])][:4]
+    for r in rows:
+        r["image"] = str(tiny["root"] / r["image"])
+    rows[3]["id"] = rows[1]["id"]
+    data = tmp_path / "dup.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=f"1 record ids appear more than once .first: '{rows[1]['id']}'"):
+        score.main(_cfg(tiny, tmp_path / "s.pt", data=str(data), stream=stream))
+    assert not (tmp_path / "s.pt").exists()

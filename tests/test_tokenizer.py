@@ -43,3 +43,20 @@ def test_fingerprint_and_load(tok, tmp_path):
     assert T.fingerprint(other) != T.fingerprint(tok)
     with pytest.raises(FileNotFoundError, match="tokenizer.py"):
         T.load_tokenizer(str(tmp_path / "missing.json"))
+
+
+def dirty_jsonl(path, n_good=204, n_bad=3):
+    """207 lines, 3 of them broken JSON (1.45%): over the default 1%, under a raised --max-bad-fraction."""
+    import json
+    lines = [json.dumps({"id": f"c{i}", "caption": CAPTIONS[i % 3]}) for i in range(n_good)] + ["{broken"] * n_bad
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_max_bad_fraction_is_a_flag(tmp_path):
+    from data.records import DataError
+    data = dirty_jsonl(tmp_path / "dirty.jsonl")
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        T.main(["--data", data, "--out", str(tmp_path / "a.json"), "--vocab-size", "280"])
+    T.main(["--data", data, "--out", str(tmp_path / "b.json"), "--vocab-size", "280", "--max-bad-fraction", "0.02"])
+    assert T.load_tokenizer(str(tmp_path / "b.json")).get_vocab_size() <= 280

@@ -381,3 +381,82 @@ def test_oracle_weights_follow_the_tags():
     batch = SimpleNamespace(tags=tags, p_ref=torch.zeros(1, 5), labels=torch.zeros(1, 5, dtype=torch.long))
     cfg = train.TrainConfig(loss="oracle", oracle_low=0.25)
     assert train.loss_weights(cfg, batch).tolist() == [[1.0, 1.0, 0.25, 0.25, 0.25]]
+
+
+def test_resume_refuses_changed_flags_and_keeps_the_record(tiny, tmp_path):
+    """A resume under flags that define another run stops before anything is written, naming each flag with its
+    old and new value; config.json and the log keep describing the run that happened."""
+    import json
+    run = tmp_path / "run"
+    train.main(config(tiny, run, arch="u", loss="prior", steps=4, save_every=2))
+    before = (run / "config.json").read_text()
+    for kw, names in ((dict(loss="ntp", seed=7, lr=0.01), ("--loss 'prior' -> 'ntp'", "--seed 0 -> 7", "--lr")),
+                      (dict(d_model=48), ("--d-model 32 -> 48",)), (dict(steps=8), ("--steps 4 -> 8",))):
+        with pytest.raises(ValueError, match="--resume") as err:
+            train.main(config(tiny, run, **{**dict(arch="u", loss="prior", steps=4, save_every=2, resume=True), **kw}))
+        assert all(n in str(err.value) for n in names) and "\n" not in str(err.value)
+    assert (run / "config.json").read_text() == before and sorted(os.listdir(run)) == [
+        "ckpt_000002.pt", "ckpt_000004.pt", "config.json", "last.pt", "log.jsonl"]
+    # flags that do not change the result may differ
+    train.main(config(tiny, run, arch="u", loss="prior", steps=4, save_every=2, resume=True, threads=1, workers=1,
+                      stop_at=4))
+    assert json.load(open(run / "config.json"))["config"]["loss"] == "prior"
+
+
+def test_resume_log_has_each_step_once(tiny, tmp_path):
+    """A run killed after its last checkpoint logged steps past it; the resumed run logs them again, once."""
+    import json
+    train.main(config(tiny, tmp_path, steps=6, save_every=3, stop_at=3))
+    log = tmp_path / "log.jsonl"
+    with open(log, "a") as f:  # what a run killed at step 5 leaves: steps 4 and 5 logged, last.pt at step 3
+        f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + json.dumps({"step": 5, "loss": 9.0}) + "\n")
+    train.main(config(tiny, tmp_path, steps=6, save_every=3, resume=True))
+    steps = [json.loads(line)["step"] for line in open(log)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_init_from_of_the_other_family_is_refused(tiny, tmp_path):
+    train.main(config(tiny, tmp_path / "u", arch="u", steps=1, save_every=1))
+    with pytest.raises(ValueError, match=r"U-LVLM, but --arch is h") as err:
+        train.main(config(tiny, tmp_path / "h", arch="h", init_from=str(tmp_path / "u" / "last.pt")))
+    assert "\n" not in str(err.value) and not (tmp_path / "h").exists()
+
+
+def test_checkpoint_of_the_wrong_kind_is_named(tiny, tmp_path):
+    train.main(config(tiny, tmp_path / "run", steps=1, save_every=1))
+    vlm, lm = str(tmp_path / "run" / "last.pt"), str(tiny["ref_lm"])
+    for kw, expected in ((dict(init_decoder=vlm), "--init-decoder: .* is a train.py checkpoint .*, not a reference_lm"),
+                         (dict(init_encoder=lm), "--init-encoder: .* is a reference_lm.py checkpoint .*, not a vision"),
+                         (dict(init_from=lm), "--init-from: .* is a reference_lm.py checkpoint .*, not a train.py")):
+        with pytest.raises(ValueError, match=expected):
+            train.main(config(tiny, tmp_path / "other", **kw))
+    with pytest.raises(ValueError, match="is a reference_lm.py checkpoint"):
+        train.load_model(lm)
+
+
+def test_text_data_honours_max_bad_fraction(tiny, tmp_path):
+    text = tmp_path / "text.jsonl"
+    text.write_text(open(tiny["text"]).read() + "{broken\n{broken\n")  # 2 bad of 102
+    kw = dict(arch="u", text_data=str(text), steps=1, save_every=1)
+    from data.records import DataError
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        train.main(config(tiny, tmp_path / "a", **kw))
+    train.main(config(tiny, tmp_path / "b", max_bad_fraction=0.05, **kw))
+
+
+def test_resume_follows_moved_files_but_not_other_contents(tiny, tmp_path):
+    """A path may change (a moved artefacts folder) if what it holds is the same; other scores are refused."""
+    import shutil
+    moved = tmp_path / "moved_scores.pt"
+    shutil.copy(tiny["scores"], moved)
+    run = tmp_path / "run"
+    train.main(config(tiny, run, loss="prior", steps=4, save_every=2, stop_at=2))
+    train.main(config(tiny, run, loss="prior", steps=4, save_every=2, stop_at=3, resume=True, scores=str(moved)))
+    import score
+    blob = torch.load(moved, weights_only=True)
+    blob["p_ref"] = (blob["p_ref"].to(torch.int32) // 2).to(torch.uint16)  # same records and fingerprints, other scores
+    score.atomic_save(blob, str(moved))
+    with pytest.raises(ValueError, match="--resume: --scores .* is not the file the run"):
+        train.main(config(tiny, run, loss="prior", steps=4, save_every=2, resume=True, scores=str(moved)))
+    with pytest.raises(ValueError, match="--init-decoder '' -> "):
+        train.main(config(tiny, run, loss="prior", steps=4, save_every=2, resume=True, init_decoder=str(tiny["ref_lm"])))
