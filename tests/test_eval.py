@@ -282,3 +282,17 @@ def test_help_explains_flags(capsys):
         parse_config(E.EvalConfig, ["--help"], description=E.__doc__)
     out = capsys.readouterr().out
     assert "--test-scores" in out and "--max-rows" in out and "grounding gap" in out
+
+
+def test_feature_cache_gives_the_same_results(world, tmp_path):
+    """--feature-cache: the H-LVLM's ViT features of each image file go to a folder (one file per image set)."""
+    kw = dict(mc_files=[world["questions"]], test_path=world["test"])
+    E._features.clear()
+    plain = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], **kw)}
+    for _ in range(2):  # the first call writes the files, the second (a fresh process, in effect) reads them
+        E._features.clear()
+        cached = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], **kw,
+                                                                             feature_cache=str(tmp_path))}
+        assert cached == pytest.approx(plain, rel=1e-5, abs=1e-6)
+        # one file: the questions and the test captions show the same 5 images (keyed by pixels, not by file)
+        assert len([f for f in os.listdir(tmp_path) if f.endswith(".pt")]) == 1
