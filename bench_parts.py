@@ -131,10 +131,12 @@ def h_recipe(tcfg, tok, samples, images, steps, warmup=2, sync=lambda: None):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t = {k: [] for k in ("pixels", "cached", "optimizer", "packing", "encoder", "cached_fb", "pixels_cpu", "cached_cpu")}
+    t = {k: [] for k in ("pixels", "cached", "optimizer", "packing", "encoder", "cached_fb", "pixels_cpu",
+                         "cached_cpu")}
     for i in range(warmup + steps):
         ids = train.global_batch(i, len(samples), cfg.batch_size, cfg.seed)
-        for kind, data in ((("pixels", plain), ("cached", cached)) if i % 2 else (("cached", cached), ("pixels", plain))):
+        order = (("pixels", plain), ("cached", cached))
+        for kind, data in (order if i % 2 else order[::-1]):  # alternate who goes first
             fb = _clock(lambda: train.train_step(cfg, i, model, data, device), sync)
             opt_s = _clock(optimize, sync)
             if i >= warmup:
@@ -186,7 +188,8 @@ def print_rows(r):
                                 f"({r['ref_ours_over_gpt2']:.3f}x wall, {r['ref_ours_over_gpt2_cpu']:.3f}x CPU; packed "
                                 f"rows {r['ref_ours_packed_over_gpt2']:.3f}x wall), "
                                 f"d {r['ref_d_model']} x {r['ref_n_layer']}, {r['ref_rows']} x {r['ref_row_len']} "
-                                f"tokens, {r['ref_params_ours'] / 1e6:.2f}M vs {r['ref_params_gpt2'] / 1e6:.2f}M params"),
+                                f"tokens, {r['ref_params_ours'] / 1e6:.2f}M vs "
+                                f"{r['ref_params_gpt2'] / 1e6:.2f}M params"),
     ]
 
 

@@ -37,7 +37,8 @@ def random_parts(encoder):
     """Names of the encoder's modules that draw random numbers in training mode (dropout, drop-path)."""
     out = []
     for name, m in encoder.named_modules():
-        p = getattr(m, "p", None) if isinstance(m, torch.nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", None)
+        dropout = isinstance(m, torch.nn.modules.dropout._DropoutNd)
+        p = getattr(m, "p", None) if dropout else getattr(m, "drop_prob", None)  # timm's DropPath: drop_prob
         if p:
             out.append(name or type(m).__name__)
     return out

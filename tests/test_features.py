@@ -129,7 +129,8 @@ def test_projector_only_step_gives_gradients_to_the_projector_alone(tiny, tmp_pa
     records, imgs = load_images(read_records(cfg.data), cfg.image_size)
     data = train.Data(train.make_samples(tok, records), imgs, model.image_tokens())
     built = []
-    model.encoder.norm.register_forward_hook(lambda m, i, out: built.append(out.grad_fn is not None or out.requires_grad))
+    hook = lambda m, i, out: built.append(out.grad_fn is not None or out.requires_grad)  # noqa: E731
+    model.encoder.norm.register_forward_hook(hook)
     train.train_step(cfg, 0, model, data, "cpu")
     with_grad = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == {"projector"}
