@@ -335,9 +335,10 @@ class VLM(nn.Module):
         """(N, 3, S, S) normalised pixels -> (N, grid*grid, d) embeddings in row-major patch order. H-LVLM: or
         (N, grid*grid, vit_dim) encoder features computed beforehand (data.features: the frozen encoder's)."""
         if self.cfg.arch == "h":
-            if images.dim() == 4:  # frozen encoder (--train projector): no autograd state for it
-                frozen = not any(p.requires_grad for p in self.encoder.parameters())
-                with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            if images.dim() == 4 and any(p.requires_grad for p in self.encoder.parameters()):
+                images = self.encoder.forward_features(images)
+            elif images.dim() == 4:
+                with torch.no_grad():  # frozen encoder (--train projector): no autograd state for it
                     images = self.encoder.forward_features(images)
             return self.projector(images)
         p = self.cfg.patch_size
