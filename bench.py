@@ -4,6 +4,7 @@ step comes to the machine's own limit (in the spirit of nanoGPT's bench.py).
     python bench.py                                        # train.py's default model (--preset small)
     python bench.py --preset bench --json out/bench.json   # decoder width 384: README's Performance table
     python bench.py --preset tiny                          # a few seconds: the test
+    python bench.py --preset cpu --threads 2               # experiment.py's CPU preset: feature cache speedup
 
 Every number is the median over --steps repetitions after --warmup untimed ones:
   train step    train.train_step + gradient clip + AdamW, exactly what train.py runs per step, for NTP and
@@ -16,6 +17,10 @@ Every number is the median over --steps repetitions after --warmup untimed ones:
   loading       data.records.load_images decoding PNGs, images/s, against what a train step consumes.
   padding       share of the positions a train step computes that are padding (packing as train.py does).
   memory        peak resident memory (CPU) or torch.cuda.max_memory_allocated (CUDA).
+  H recipe      the frozen-ViT projector-only step from pixels vs from cached ViT features (--feature-cache),
+                paired (h_feature_cache_speedup), and that step split by kind of work (bench_parts.h_recipe).
+  GPT-2 stack   forward + backward of our decoder vs a plain GPT-2 block stack of the same size, 8 rows of
+                row_len tokens, paired (bench_parts.reference_stack). docs/performance.md has measured tables.
 Data: the built-in generator (python -m data.generate, realistic caption lengths) writes a few captions and
 PNGs into a temporary folder; if it cannot run, synthetic 25-45-token captions and random PNGs stand in.
 The reference LM and the VLM are freshly initialised: speed does not depend on the weights.
@@ -41,6 +46,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import tokenizer as T  # noqa: E402
+import bench_parts  # noqa: E402
 import train  # noqa: E402
 from cli import parse_config  # noqa: E402
 from data.packing import Sample, pack  # noqa: E402
@@ -58,14 +64,16 @@ PRESETS = {
                  patch_size=4, batch_size=8, row_len=64),
     "small": dict(),
     "bench": dict(d_model=384, n_layer=6, n_head=6),
+    "cpu": dict(d_model=128, n_layer=4, n_head=4, patch_size=16),  # experiment.py PRESETS["cpu"], ViT defaults
 }
 # (timed steps, generated pairs, reference captions, matmul side on CPU, tokenizer vocabulary)
-SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (30, 1024, 2000, 2048, 2048), "bench": (30, 1024, 2000, 2048, 2048)}
+SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (30, 1024, 2000, 2048, 2048), "bench": (30, 1024, 2000, 2048, 2048),
+         "cpu": (30, 1024, 2000, 2048, 1024)}
 
 
 @dataclass
 class BenchConfig:
-    preset: str = field(default="small", metadata={"help": "tiny: seconds, for tests; small: train.py's default model; bench: decoder width 384 x 6 layers", "choices": list(PRESETS)})
+    preset: str = field(default="small", metadata={"help": "tiny: seconds, for tests; small: train.py's default model; bench: decoder width 384 x 6 layers; cpu: experiment.py's", "choices": list(PRESETS)})
     arch: str = field(default="h", metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", "choices": ["h", "u"]})
     steps: int = field(default=0, metadata={"help": "timed train steps per loss, median reported (0 = the preset's: 3 tiny, 30 otherwise)"})
     warmup: int = field(default=2, metadata={"help": "untimed steps per loss first (allocator, caches, torch.compile)"})
@@ -241,6 +249,9 @@ def main(cfg):
     r["pad_fraction_next_fit"] = padded / total
     r["loader_images_per_s_needed"] = tcfg.batch_size / r["train_step_s_prior"]
     r["loader_headroom"] = r["loader_images_per_s"] / r["loader_images_per_s_needed"]
+    r.update(bench_parts.h_recipe(tcfg, tok, samples, images, steps, cfg.warmup, lambda: sync(device)))
+    r.update(bench_parts.reference_stack(tok.get_vocab_size(), tcfg.d_model, tcfg.n_layer, tcfg.n_head, tcfg.row_len,
+                                         reps=max(steps // 3, 3), device=device, sync=lambda: sync(device)))
 
     print_table(r, cfg)
     if cfg.profile:
@@ -302,7 +313,7 @@ def print_table(r, cfg):
         ("padding", f"{r['pad_fraction']:.1%} of computed positions (in-order packing: "
                     f"{r['pad_fraction_next_fit']:.1%})"),
         ("peak memory", f"{r['peak_memory_mb']:,.0f} MB"),
-    ]
+    ] + bench_parts.print_rows(r)
     width = max(len(k) for k, _ in rows)
     print(f"\npython bench.py --preset {cfg.preset}" + (f" --arch {cfg.arch}" if cfg.arch != "h" else "") +
           (" --compile" if cfg.compile else ""))

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import tokenizer as T
 from cli import parse_config
+from data.features import encoder_features
 from data.records import DataError, Record, BadRecord, report_bad, load_images, normalize, read_records
 from score import CATEGORIES, load_scores, token_tags
 from train import load_model
@@ -71,6 +72,7 @@ class EvalConfig:
     max_bad_fraction: float = field(default=0.05, metadata={"help": "stop if more than this share of an MC or --test file's rows is bad"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    feature_cache: str = field(default="", metadata={"help": "H-LVLM: folder caching the ViT's features per image file, across runs (data/features.py)"})
 
 
 # ----------------------------------------------------------------------------- data (decoded once per process)
@@ -162,9 +164,10 @@ def weights_hash(module):
     return h.hexdigest()
 
 
-def image_embeds(model, images, key, device, chunk=256):
+def image_embeds(model, images, key, device, chunk=256, feature_cache=""):
     """(N, grid*grid, d) embeddings of uint8 images. The paper trains only the H-LVLM's projector, so its ViT is
-    the same in every checkpoint: its features are cached by a hash of its weights and the ViT runs once per file."""
+    the same in every checkpoint: its features are cached by a hash of its weights and the ViT runs once per file
+    and process; with feature_cache (a folder, data/features.py) once per file and encoder, across processes."""
     def run(fn):
         return torch.cat([fn(normalize(images[i:i + chunk].to(device))) for i in range(0, len(images), chunk)])
     with autocast(device):
@@ -174,7 +177,8 @@ def image_embeds(model, images, key, device, chunk=256):
         if (h, key) not in _features:
             for k in [k for k in _features if k[0] != h]:  # another encoder: its features are stale
                 del _features[k]
-            _features[h, key] = run(model.encoder.forward_features)
+            _features[h, key] = (encoder_features(model.encoder, images, feature_cache, device) if feature_cache
+                                 else run(model.encoder.forward_features))
         return model.projector(_features[h, key])
 
 
@@ -264,25 +268,27 @@ def report_skipped(out, name, skipped, total, what):
               f"(counted as {name}_skipped)", file=sys.stderr)
 
 
-def mc_eval(model, tok, path, device="cpu", max_rows=None, seed=0, max_bad_fraction=0.05, **kw):
+def mc_eval(model, tok, path, device="cpu", max_rows=None, seed=0, max_bad_fraction=0.05, feature_cache="", **kw):
     """Choice log-likelihoods of a multiple-choice file: (per question, per choice log p tensors, answers)."""
     questions, images = load_mc(path, model.cfg.image_size, max_rows, seed, max_bad_fraction)
     prefix = model.image_tokens() + [T.BOS]
     prompts = T.encode_captions(tok, [q.caption for q in questions])
     choices = iter(T.encode_captions(tok, [c for q in questions for c in q.extra["choices"]]))
     docs = [(i, prefix + p, [next(choices) for _ in q.extra["choices"]]) for i, (q, p) in enumerate(zip(questions, prompts))]
-    embeds = image_embeds(model, images, data_key("mc", path, model.cfg.image_size, max_rows, seed), device)
+    embeds = image_embeds(model, images, data_key("mc", path, model.cfg.image_size, max_rows, seed), device,
+                          feature_cache=feature_cache)
     name = os.path.splitext(os.path.basename(path))[0]
     return score_docs(model, docs, embeds, device=device, desc=name, **kw), [q.extra["answer"] for q in questions]
 
 
 def token_analysis(model, tok, path, scores_path=None, device="cpu", max_rows=None, seed=0, max_bad_fraction=0.05,
-                   **kw):
+                   feature_cache="", **kw):
     """Mean NLL of caption tokens by category, with the true and a deranged image, and the grounding gap.
     Captions longer than the model's context are left out and counted (test_skipped)."""
     records, images, data_fp = load_test(path, model.cfg.image_size, max_rows, seed, max_bad_fraction)
     captions = T.encode_captions(tok, [r.caption for r in records])
-    embeds = image_embeds(model, images, data_key("test", path, model.cfg.image_size, max_rows, seed), device)
+    embeds = image_embeds(model, images, data_key("test", path, model.cfg.image_size, max_rows, seed), device,
+                          feature_cache=feature_cache)
     prefix = model.image_tokens() + [T.BOS]
     nll = {}
     for cond, which in (("", range(len(records))), ("_shuffled", derangement(len(records), seed))):
@@ -328,7 +334,8 @@ def _evaluate(path, probes_dir=None, test_path=None, test_scores=None, device="c
         logps, answers = mc_eval(model, tok, f, device, max_rows, seed, max_bad_fraction, **kw)
         stem = os.path.splitext(os.path.basename(f))[0]
         out[stem], out[stem + "_norm"] = accuracy(logps, answers), accuracy(logps, answers, normalise=True)
-        chance[stem] = sum(1 / len(lp) for lp in logps) / max(1, len(logps))  # a guesser's expected accuracy
+        scored = [lp for lp in logps if lp is not None]
+        chance[stem] = sum(1 / len(lp) for lp in scored) / max(1, len(scored))  # a guesser's expected accuracy
         report_skipped(out, stem, sum(lp is None for lp in logps), len(logps), "questions")
     groups = {}
     for f in probe_files:
@@ -488,7 +495,7 @@ def main(cfg):
     kw = dict(probes_dir=cfg.probes or None, test_path=cfg.test or None, test_scores=cfg.test_scores or None,
               device=pick_device(cfg.device), max_rows=cfg.max_rows or None, mc_files=[f for f in cfg.mc.split(",") if f],
               tokenizer=cfg.tokenizer or None, row_len=cfg.row_len, batch_rows=cfg.batch_rows, seed=cfg.seed,
-              max_bad_fraction=cfg.max_bad_fraction)
+              max_bad_fraction=cfg.max_bad_fraction, feature_cache=cfg.feature_cache)
     if not (cfg.ckpt or cfg.run_dir or cfg.importance):
         raise SystemExit("nothing to do: give --ckpt, --run-dir or --importance (see --help)")
     if (cfg.ckpt or cfg.run_dir) and not (kw["probes_dir"] or kw["test_path"] or kw["mc_files"]):

@@ -367,9 +367,15 @@ class VLM(nn.Module):
         return [T.VISION] + ([T.IMAGE] * self.grid + [T.VROW]) * self.grid + [T.VISION_END]
 
     def embed_images(self, images):
-        """(N, 3, S, S) normalised pixels -> (N, grid*grid, d) embeddings in row-major patch order."""
+        """(N, 3, S, S) normalised pixels -> (N, grid*grid, d) embeddings in row-major patch order. H-LVLM: or
+        (N, grid*grid, vit_dim) encoder features computed beforehand (data.features: the frozen encoder's)."""
         if self.cfg.arch == "h":
-            return self.projector(self.encoder.forward_features(images))
+            if images.dim() == 4 and any(p.requires_grad for p in self.encoder.parameters()):
+                images = self.encoder.forward_features(images)
+            elif images.dim() == 4:
+                with torch.no_grad():  # frozen encoder (--train projector): no autograd state for it
+                    images = self.encoder.forward_features(images)
+            return self.projector(images)
         p = self.cfg.patch_size
         patches = images.unfold(2, p, p).unfold(3, p, p)                  # N, 3, g, g, p, p
         patches = patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # N, g*g, 3*p*p

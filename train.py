@@ -54,6 +54,7 @@ from tqdm import tqdm
 import tokenizer as T
 from cli import parse_config
 from data.packing import IGNORE, Sample, cat, pack, to_device
+from data.features import encoder_features
 from hf import base_checkpoint
 from data.records import images_cached, load_images, normalize, read_records
 from loss import inverse_frequency_table, prior_weights, shuffle_within_captions, token_losses, weighted_loss
@@ -113,6 +114,7 @@ class TrainConfig:
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of records is bad"})
     workers: int = field(default=0, metadata={"help": "processes for decoding images at start-up"})
     image_cache: str = field(default="", metadata={"help": "keep the decoded images in this file (memory-mapped) instead of in memory: memory stays flat for any number of images, and a re-run with the same images reads it instead of decoding ('' = in memory)"})
+    feature_cache: str = field(default="", metadata={"help": "folder caching the frozen ViT's features (--arch h --train projector only; data/features.py)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     fsdp: bool = field(default=False, metadata={"help": "with several processes, shard weights, gradients and optimizer state (FSDP2 fully_shard per decoder block and the root) instead of DDP's full copies"})
@@ -307,6 +309,7 @@ class Data:
     prefix: list                  # the model's image placeholder tokens
     text_samples: list = field(default_factory=list)  # text-only Samples (--text-data), trained with NTP
     rare_table: torch.Tensor = None                   # --loss rare: weight per vocabulary id, on the device
+    features: torch.Tensor = None                     # --feature-cache: the frozen encoder's (N, P, D) features
 
 
 def loss_weights(cfg, batch, rare_table=None):
@@ -399,7 +402,10 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None
                              (tb.input_ids, tb.position_ids, tb.doc_ids, (tb.labels == T.EOS).flatten().nonzero().squeeze(1)))
         batch.to(device)
         keep, captions = to_device(keep, device), to_device(captions, device)
-        pixels = normalize(to_device(data.images[image_indices], device))
+        if data.features is not None:  # the frozen encoder's output, read instead of computed (data/features.py)
+            pixels = to_device(data.features[image_indices], device)
+        else:
+            pixels = normalize(to_device(data.images[image_indices], device))
         weights = loss_weights(cfg, batch, data.rare_table)
         if tids:  # text-only rows train with plain NTP in every arm
             weights[image_rows:] = 1.0
@@ -484,6 +490,9 @@ def main(cfg):
     if cfg.fsdp and world > 1 and (cfg.loss == "cal" or cfg.objective != "none"):
         raise ValueError("--fsdp with several processes does not support --loss cal or an --objective (their extra "
                          "forwards and heads run outside the sharded forward); use DDP (drop --fsdp)")
+    if cfg.feature_cache and (cfg.arch != "h" or cfg.train != "projector" or cfg.objective == "recon"):
+        raise ValueError("--feature-cache needs --arch h with a frozen encoder (--train projector), and no --objective "
+                         "recon (it reads the pixels)")
     if not 0 < cfg.rho1_keep <= 1:
         raise ValueError(f"--rho1-keep must be in (0, 1], got {cfg.rho1_keep}")
     last_path = os.path.join(cfg.out_dir, "last.pt")
@@ -517,6 +526,7 @@ def main(cfg):
         while not images_cached(records, model.cfg.image_size, cfg.image_cache):
             time.sleep(1.0)
     records, images = load_images(records, model.cfg.image_size, cfg.max_bad_fraction, cfg.workers, cfg.image_cache)
+    features = encoder_features(model.encoder, images, cfg.feature_cache, device) if cfg.feature_cache else None
     tags = token_tags(tok, records)
     if cfg.loss == "oracle" and tags is None:
         raise ValueError(f"--loss oracle needs the generator's ground-truth 'tags' field in {cfg.data}")
@@ -586,7 +596,7 @@ def main(cfg):
     if cfg.compile:
         train_model = torch.compile(train_model, dynamic=True)  # batch shapes change every step (tight packing)
     data = Data(samples, images, model.image_tokens(), text_samples,
-                rare_table.to(device) if rare_table is not None else None)
+                rare_table.to(device) if rare_table is not None else None, features)
     peak = peak_flops(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
 

@@ -18,7 +18,9 @@ from model import Decoder, DecoderConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ("prior_over_ntp_step_time", "train_flops_per_s", "matmul_flops_per_s", "train_tokens_per_s",
             "score_tokens_per_s", "loader_images_per_s", "pad_fraction", "peak_memory_mb", "train_step_s_ntp",
-            "train_step_s_prior", "loader_images_per_s_needed", "flops_fraction_of_matmul")
+            "train_step_s_prior", "loader_images_per_s_needed", "flops_fraction_of_matmul",
+            "h_feature_cache_speedup", "h_step_s_pixels", "h_step_s_cached", "h_part_s_packing",
+            "h_part_s_encoder_forward", "h_part_s_optimizer", "ref_ms_ours", "ref_ms_gpt2", "ref_ours_over_gpt2")
 
 
 def test_bench_tiny_writes_every_number(tmp_path):

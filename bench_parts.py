@@ -1,0 +1,239 @@
+"""Parts of bench.py: where an H-LVLM projector-only step's time goes, what the feature cache saves, and how
+our decoder compares with a plain GPT-2-style block stack of the same size.
+
+    h_recipe(...)       the paper's H-LVLM recipe (frozen ViT and decoder, --train projector): one step from
+                        pixels vs one from cached encoder features (data/features.py), paired, and the step
+                        split by kind of work (packing, encoder forward, projector + decoder forward/backward,
+                        optimizer).
+    reference_stack(...)  forward + backward (logits over the vocabulary and cross-entropy at every position) of
+                        model.Decoder vs GPT2, a textbook GPT-2 stack (LayerNorm, GELU MLP 4x, learned
+                        positions, biases, tied head) of the same width, depth and about the same parameters.
+
+Both time the two sides alternately and report the median of the per-pair ratios, so load from other
+processes during the run mostly cancels; the absolute times are medians too and move with the load. Each
+ratio comes twice: by wall-clock time and by this process's CPU time (`*_cpu`), which on a machine shared with
+other processes tracks the work done better (with --threads 1 it is not inflated by threads waiting on each
+other). On their own, without bench.py's other measurements (a few minutes less):
+
+    python bench_parts.py --preset cpu --threads 1 --json out/bench_parts.json
+"""
+import dataclasses
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train
+from data.features import compute_features
+from data.packing import pack
+from data.records import normalize
+from model import Decoder, DecoderConfig, count_params
+from reference_lm import make_optimizer
+
+
+CPU = []  # per-call process CPU seconds of the last _clock calls (read by the callers just after)
+
+
+def _clock(fn, sync):
+    """Wall seconds of fn(); its process CPU seconds are appended to CPU."""
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    sync()
+    CPU.append(time.process_time() - c0)
+    return time.perf_counter() - t0
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).view(B, L, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(B, L, C))
+        return x + self.proj(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT2(nn.Module):
+    """The reference: GPT-2's architecture (learned positions, LayerNorm, GELU MLP, biases, tied head)."""
+
+    def __init__(self, vocab, d, n_layer, n_head, max_len):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
+        self.blocks = nn.ModuleList(GPT2Block(d, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, ids):
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x) @ self.wte.weight.T
+
+
+def reference_stack(vocab, d_model, n_layer, n_head, row_len, rows=8, reps=10, device="cpu", sync=lambda: None):
+    """Median ms of one forward + backward of ours (plain causal rows, and packed rows with doc_ids as training
+    runs) and of GPT2 on the same `rows` x `row_len` tokens, and the median paired ratio ours / GPT2."""
+    torch.manual_seed(0)
+    ours = Decoder(DecoderConfig(vocab_size=vocab, n_layer=n_layer, n_head=n_head, d_model=d_model,
+                                 max_seq_len=row_len)).to(device)
+    ref = GPT2(vocab, d_model, n_layer, n_head, row_len).to(device)
+    ids = torch.randint(4, vocab, (rows, row_len + 1), device=device)
+    x, y = ids[:, :-1], ids[:, 1:].flatten()
+    docs = (torch.arange(row_len, device=device) // (row_len // 4)).expand(rows, row_len)  # 4 documents a row
+    pos = torch.arange(row_len, device=device) % (row_len // 4)
+    runs = {"ours": lambda: ours(x), "ours_packed": lambda: ours(x, position_ids=pos.expand(rows, row_len),
+                                                                  doc_ids=docs), "gpt2": lambda: ref(x)}
+    times, cpu = {k: [] for k in runs}, {k: [] for k in runs}
+    for i in range(reps + 2):
+        for k, fn in (runs.items() if i % 2 else reversed(list(runs.items()))):
+            t = _clock(lambda: F.cross_entropy(fn().flatten(0, 1).float(), y).backward(), sync)
+            if i >= 2:
+                times[k].append(t)
+                cpu[k].append(CPU[-1])
+        ours.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+    return {"ref_rows": rows, "ref_row_len": row_len, "ref_d_model": d_model, "ref_n_layer": n_layer,
+            "ref_params_ours": count_params(ours), "ref_params_gpt2": count_params(ref),
+            "ref_ms_ours": 1e3 * statistics.median(times["ours"]),
+            "ref_ms_ours_packed": 1e3 * statistics.median(times["ours_packed"]),
+            "ref_ms_gpt2": 1e3 * statistics.median(times["gpt2"]),
+            "ref_ours_over_gpt2": statistics.median(a / b for a, b in zip(times["ours"], times["gpt2"])),
+            "ref_ours_packed_over_gpt2": statistics.median(a / b for a, b in zip(times["ours_packed"], times["gpt2"])),
+            "ref_ours_over_gpt2_cpu": statistics.median(a / b for a, b in zip(cpu["ours"], cpu["gpt2"])),
+            "ref_ours_packed_over_gpt2_cpu": statistics.median(a / b for a, b in zip(cpu["ours_packed"], cpu["gpt2"]))}
+
+
+def h_recipe(tcfg, tok, samples, images, steps, warmup=2, sync=lambda: None):
+    """The H-LVLM projector-only step from pixels and from cached features (same model, same batches, taking
+    turns), and a per-kind-of-work split of the step. Returns a flat dict of seconds and ratios."""
+    device = tcfg.device
+    cfg = dataclasses.replace(tcfg, arch="h", train="projector", loss="prior")
+    torch.manual_seed(0)
+    model = train.build_model(cfg, tok).to(device)
+    t0 = time.perf_counter()
+    features = compute_features(model.encoder, images, device)  # what --feature-cache stores, once per image set
+    build = time.perf_counter() - t0
+    opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    plain = train.Data(samples, images, model.image_tokens())
+    cached = dataclasses.replace(plain, features=features)
+
+    def optimize():
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = {k: [] for k in ("pixels", "cached", "optimizer", "packing", "encoder", "cached_fb", "pixels_cpu",
+                         "cached_cpu")}
+    for i in range(warmup + steps):
+        ids = train.global_batch(i, len(samples), cfg.batch_size, cfg.seed)
+        order = (("pixels", plain), ("cached", cached))
+        for kind, data in (order if i % 2 else order[::-1]):  # alternate who goes first
+            fb = _clock(lambda: train.train_step(cfg, i, model, data, device), sync)
+            opt_s = _clock(optimize, sync)
+            if i >= warmup:
+                t[kind].append(fb + opt_s)
+                t[kind + "_cpu"].append(CPU[-1] + CPU[-2])
+                t["optimizer"].append(opt_s)
+                if kind == "cached":
+                    t["cached_fb"].append(fb)
+        # The parts a step does before the model runs, and the frozen encoder's forward, on the same batch.
+        batch = [None]
+
+        def host():
+            b = pack([samples[j] for j in ids], cfg.row_len, model.image_tokens(), tight=True)
+            b.to(device)
+            batch[0] = normalize(images[b.indices].to(device))
+        packing = _clock(host, sync)
+        with torch.no_grad():
+            encoder = _clock(lambda: model.encoder.forward_features(batch[0]), sync)
+        if i >= warmup:
+            t["packing"].append(packing)
+            t["encoder"].append(encoder)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    decoder = max(med["cached_fb"] - med["packing"], 0.0)  # the cached step is packing + projector + decoder
+    return {"h_step_s_pixels": med["pixels"], "h_step_s_cached": med["cached"],
+            "h_feature_cache_speedup": statistics.median(a / b for a, b in zip(t["pixels"], t["cached"])),
+            "h_feature_cache_speedup_cpu": statistics.median(a / b for a, b in zip(t["pixels_cpu"], t["cached_cpu"])),
+            "h_feature_cache_build_s": build, "h_feature_cache_images": len(images),
+            "h_trainable_params": count_params(model, True),
+            "h_part_s_packing": med["packing"], "h_part_s_encoder_forward": med["encoder"],
+            "h_part_s_projector_decoder_fb": decoder, "h_part_s_optimizer": statistics.median(t["optimizer"]),
+            "h_image_tokens": len(model.image_tokens()), "h_vit_dim": model.cfg.vit_dim,
+            "h_vit_depth": model.cfg.vit_depth, "h_image_size": model.cfg.image_size}
+
+
+def print_rows(r):
+    """Rows for bench.print_table."""
+    ms = lambda s: f"{s * 1e3:,.1f} ms"
+    parts = ("packing", "encoder_forward", "projector_decoder_fb", "optimizer")
+    split = ", ".join(f"{p.replace('_fb', ' fwd+bwd').replace('_', ' ')} {ms(r['h_part_s_' + p])}" for p in parts)
+    return [
+        ("H projector-only step", f"{ms(r['h_step_s_pixels'])} from pixels, {ms(r['h_step_s_cached'])} from cached "
+                                  f"features (ViT {r['h_vit_dim']} x {r['h_vit_depth']}, {r['h_image_size']} px, "
+                                  f"{r['h_image_tokens']} tokens/image)"),
+        ("feature cache speedup", f"{r['h_feature_cache_speedup']:.2f}x wall, {r['h_feature_cache_speedup_cpu']:.2f}x "
+                                  f"CPU time (paired medians; building the cache: "
+                                  f"{r['h_feature_cache_build_s']:.1f} s for {r['h_feature_cache_images']} images)"),
+        ("H step by kind", split),
+        ("ours vs GPT-2 stack", f"{r['ref_ms_ours']:,.0f} ms vs {r['ref_ms_gpt2']:,.0f} ms fwd+bwd "
+                                f"({r['ref_ours_over_gpt2']:.3f}x wall, {r['ref_ours_over_gpt2_cpu']:.3f}x CPU; packed "
+                                f"rows {r['ref_ours_packed_over_gpt2']:.3f}x wall), "
+                                f"d {r['ref_d_model']} x {r['ref_n_layer']}, {r['ref_rows']} x {r['ref_row_len']} "
+                                f"tokens, {r['ref_params_ours'] / 1e6:.2f}M vs "
+                                f"{r['ref_params_gpt2'] / 1e6:.2f}M params"),
+    ]
+
+
+def main(argv=None):
+    """bench_parts on its own: the H recipe and the GPT-2 comparison on bench.py's data, at a bench.py preset."""
+    import argparse
+    import json
+    import os
+    import tempfile
+
+    import bench
+    import tokenizer as T
+    from data.records import load_images
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu", choices=list(bench.PRESETS), help="bench.py's model and batch sizes")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = os.cpu_count())")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (pairs) of the H recipe")
+    ap.add_argument("--pairs", type=int, default=512, help="image-caption pairs to generate")
+    ap.add_argument("--json", default="", help="also write the results to this file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads or os.cpu_count())
+    *_, vocab = bench.SIZES[args.preset]
+    tcfg = train.TrainConfig(**bench.PRESETS[args.preset], device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        records, ref, _ = bench.make_data(tmp, args.pairs, 500, tcfg.image_size, 0)
+        tok = T.train_tokenizer(ref + [x.caption for x in records], vocab)
+        records, images = load_images(records, tcfg.image_size)
+    samples = train.make_samples(tok, records)
+    for s in samples:  # PRIOR's weights need scores; their values do not change the speed
+        s.p_ref = [0.5] * (len(s.caption_ids) + 1)
+    r = {"preset": args.preset, "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0]}
+    r.update(h_recipe(tcfg, tok, samples, images, args.steps))
+    r.update(reference_stack(tok.get_vocab_size(), tcfg.d_model, tcfg.n_layer, tcfg.n_head, tcfg.row_len,
+                             reps=max(args.steps // 2, 3)))
+    print(f"python bench_parts.py --preset {args.preset} --threads {r['threads']} (1-min load average "
+          f"{r['load_avg_1m']:.2f} before)")
+    for k, v in print_rows(r):
+        print(f"  {k:<22}  {v}")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return r
+
+
+if __name__ == "__main__":
+    main()
