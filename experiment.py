@@ -212,8 +212,10 @@ class Experiment:
                 "--init-decoder", self.path("base_lm.pt"), "--resume", *self.flags(v)]
         if low is not None:
             args += ["--oracle-low", str(low)]
-        if arch == "h":  # the paper's H-LVLM: pretrained, frozen encoder and LM; only the projector trains
-            args += ["--init-encoder", self.path("vit.pt"), "--train", "projector"]
+        if arch == "h":  # the paper's H-LVLM: pretrained, frozen encoder and LM; only the projector trains (its
+            # frozen ViT's features are computed once per image set and shared by every run: --feature-cache)
+            args += ["--init-encoder", self.path("vit.pt"), "--train", "projector",
+                     "--feature-cache", self.path("features")]
         else:  # the paper's U-LVLM: starts from stage 1, all weights train, captions mixed 1:1 with text
             args += ["--init-from", self.stage1_ckpt(mix), "--text-data", os.path.join(data, "text.jsonl")]
         return args
@@ -242,11 +244,13 @@ class Experiment:
     def finished(self, run_dir):
         return os.path.exists(os.path.join(run_dir, f"ckpt_{self.p['vlm']['steps']:06d}.pt"))
 
-    def eval_args(self, run_dir, mix, split):
+    def eval_args(self, run_dir, mix, split, arch):
         """eval.py on the validation probes and captions (final checkpoint, into <run>_val/) or on the test
         probes and captions (every checkpoint, into <run>/eval.json)."""
         data = self.path(f"data_{mix}")
         args = ["eval.py", "--run-dir", run_dir, "--max-rows", str(self.p["eval_rows"]), "--device", self.cfg.device]
+        if arch == "h":
+            args += ["--feature-cache", self.path("features")]
         if split == "val":
             return args + ["--probes", os.path.join(data, "probes_val"), "--test", os.path.join(data, "val.jsonl")]
         return args + ["--probes", os.path.join(data, "probes"), "--test", os.path.join(data, "test.jsonl"),
@@ -264,7 +268,7 @@ class Experiment:
             target = self._mk(d + "_val")
             last = f"ckpt_{self.p['vlm']['steps']:06d}.pt"
             chain.append((["link", os.path.join(d, last), os.path.join(target, last)], None))
-        chain.append((self.eval_args(target, mix, split), f"eval_{split}_{name}"))
+        chain.append((self.eval_args(target, mix, split, arch), f"eval_{split}_{name}"))
         return chain
 
     def parallel(self, jobs):

@@ -844,7 +844,7 @@ def baseline_arms(attn_scores):
             ("attn", "attention weighting", ["--loss", "attn", "--attn-scores", attn_scores]),
             ("itm", "NTP + ITM", ["--loss", "ntp", "--objective", "itm"]),
             ("itc", "NTP + ITC", ["--loss", "ntp", "--objective", "itc"]),
-            ("recon", "NTP + reconstruction", ["--loss", "ntp", "--objective", "recon"]),
+            ("recon", "NTP + reconstruction", ["--loss", "ntp", "--objective", "recon", "--feature-cache", ""]),
             ("rho1", "Rho-1 (not in the paper)", ["--loss", "rho1"]),
             ("cal", "CAL (not in the paper)", ["--loss", "cal"])]
 
