@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import eval as evaluation
 import health
 import reference_lm
 import score
@@ -104,6 +105,8 @@ def test_broken_setup_raises_both_alarms_healthy_neither(tiny, tmp_path, capsys)
     train.main(train.TrainConfig(scores=str(bad), out_dir=str(tmp_path / "bad"), **kw))
     lines = [json.loads(l) for l in open(tmp_path / "bad" / "log.jsonl")]
     assert sum("alarm" in l for l in lines) == 1 and "unlearning" in capsys.readouterr().err
+    assert evaluation.run_alarm(str(tmp_path / "bad"))[1].startswith("ALARM")  # eval.py --run-dir repeats it
     train.main(train.TrainConfig(scores=str(tiny["scores"]), out_dir=str(tmp_path / "good"), train="projector", **kw))
     assert not any("alarm" in json.loads(l) for l in open(tmp_path / "good" / "log.jsonl"))
     assert "ALARM" not in capsys.readouterr().err
+    assert evaluation.run_alarm(str(tmp_path / "good")) is None
