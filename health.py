@@ -50,7 +50,7 @@ def nll_alarm_message(loss, baseline, current, step):
             f"for the H-LVLM, --text-data for the U-LVLM), or --alpha too high. See docs/own_data.md")
 
 
-def weight_collapse(p_ref, near_zero=0.05, caption_share=0.9, max_token_share=0.6, max_caption_share=0.1):
+def weight_collapse(p_ref, near_zero=0.05, caption_share=0.9, max_token_share=0.75, max_caption_share=0.1):
     """Do PRIOR's weights w = 1 - p_ref collapse to zero? p_ref: per-caption 1-d tensors (scores of caption tokens
     then <|eos|>; eos is left out here). Returns (stats, warning or None): stats = {"tokens_near_zero": share of
     tokens with w < near_zero, "captions_near_zero": share of captions with more than caption_share of their tokens
