@@ -382,7 +382,23 @@ def evaluate_run(run_dir, probes_dir=None, test_path=None, test_scores=None, dev
             f.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
         os.replace(out + ".tmp", out)
         tqdm.write(f"{path}: {len(results)} benchmarks in {time.perf_counter() - t0:.1f}s")
+    alarm = run_alarm(run_dir)
+    if alarm:
+        print(f"{run_dir}: training raised an alarm at step {alarm[0]}: {alarm[1]}", file=sys.stderr)
     return rows
+
+
+def run_alarm(run_dir):
+    """(step, message) of the unlearning alarm train.py recorded in run_dir/log.jsonl, or None."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        hit = next((line for line in f if '"alarm"' in line), None)
+    if hit is None:
+        return None
+    line = json.loads(hit)
+    return line.get("step"), line.get("alarm")
 
 
 # ----------------------------------------------------------------------------- importance scores (Fig. 8)

@@ -5,6 +5,10 @@
 
 The reference LM must train on captions disjoint from those it later scores (the paper: ~5M captions train
 it, another ~3M are scored): on captions it has memorised, p_ref is inflated and every weight shrinks.
+The validation split comes out of --data (health.val_split_size: 5%, at least 64 captions, at most a
+quarter). The checkpoint keeps the step with the best validation NLL (its "kept_step"), not the last one:
+on a small caption set the LM overfits, and an overfit reference LM memorises boilerplate (p_ref near 1,
+PRIOR's weights near 0). A warning says when validation NLL rises while the training loss falls.
 
 Captions are packed into rows of --row-len tokens with attention kept inside each caption and positions
 restarting at each caption (data/packing.py), so no compute is spent on padding. The checkpoint holds the
@@ -13,6 +17,7 @@ weights, this config, the decoder config, the tokenizer fingerprint and the trai
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -25,6 +30,7 @@ from data.packing import Sample, pack
 from data.records import read_records
 from loss import ntp_loss
 from model import Decoder, DecoderConfig
+from health import memorising, val_split_size
 from utils import atomic_save, autocast, lr_at, pick_device, seed_everything, text_fingerprint
 
 
@@ -33,7 +39,7 @@ class RefConfig:
     data: str = field(default="data/synth/ref.jsonl", metadata={"help": "caption file(s), comma-separated: JSONL, LLaVA or COCO JSON, or .tar shards (see data/records.py); images are not read"})
     tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json from tokenizer.py"})
     out: str = field(default="out/ref_lm.pt", metadata={"help": "checkpoint to write"})
-    val_fraction: float = field(default=0.05, metadata={"help": "share of captions held out for validation perplexity"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of captions held out for validation (at least 64, at most a quarter)"})
     n_layer: int = field(default=4, metadata={"help": "decoder layers"})
     n_head: int = field(default=4, metadata={"help": "attention heads"})
     d_model: int = field(default=256, metadata={"help": "decoder width"})
@@ -43,7 +49,8 @@ class RefConfig:
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
     warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
-    eval_every: int = field(default=200, metadata={"help": "validate every N steps"})
+    eval_every: int = field(default=200, metadata={"help": "validate every N steps; the checkpoint keeps the best-validation step"})
+    patience: int = field(default=0, metadata={"help": "stop after this many validations without a better NLL (0 = run all --steps)"})
     init_decoder: str = field(default="", metadata={"help": "start from this LM: hf:FOLDER (Hugging Face Llama, hf.py) or a reference_lm.py checkpoint"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -90,7 +97,7 @@ def train_lm(cfg):
                                      max_bad_fraction=cfg.max_bad_fraction)]
     order = list(range(len(records)))
     random.Random(cfg.seed).shuffle(order)
-    n_val = max(1, int(len(records) * cfg.val_fraction))
+    n_val = val_split_size(len(records), cfg.val_fraction)
     samples = caption_samples(tok, records)
     val = [samples[i] for i in order[:n_val]]
     train = [samples[i] for i in order[n_val:]]
@@ -115,7 +122,7 @@ def train_lm(cfg):
 
     rng = random.Random(cfg.seed + 1)
     epoch_rows, cursor, tokens_seen, t_train = [], 0, 0, 0.0
-    history = []
+    history, best = [], None  # best: (val_nll, step, weights on the CPU) of the best validation so far
     bar = tqdm(range(cfg.steps), desc=f"train {os.path.basename(cfg.out)}", dynamic_ncols=True)
     for step in bar:
         if cursor + cfg.batch_rows > len(epoch_rows):  # new epoch: reshuffle captions and re-pack
@@ -144,14 +151,26 @@ def train_lm(cfg):
             history.append({"step": step + 1, "train_loss": loss.item(), "val_nll": val_nll})
             tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, val nll {val_nll:.3f}, "
                        f"val ppl {torch.tensor(val_nll).exp():.2f}")
+            if not val or best is None or val_nll < best[0]:
+                best = (val_nll, step + 1, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            elif cfg.patience and (step + 1 - best[1]) // cfg.eval_every >= cfg.patience:
+                tqdm.write(f"stopping: no better validation NLL in {cfg.patience} validations")
+                break
 
+    warning = memorising(history)
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    model.load_state_dict(best[2])
+    kept = {"kept_step": best[1], "best_val_nll": best[0] if val else None, "val_captions": len(val)}
+    print(f"kept step {best[1]} of {history[-1]['step']} (validation NLL {best[0]:.3f}, {len(val)} captions)")
     train_tokens_per_s = tokens_seen / t_train
     print(f"training throughput: {train_tokens_per_s:,.0f} tokens/s (forward + backward + step, {device})")
     atomic_save({"model": model.state_dict(), "decoder_config": asdict(dcfg), "config": asdict(cfg),
                  "tokenizer": T.fingerprint(tok), "data": text_fingerprint(records), "history": history,
-                 "train_tokens_per_s": train_tokens_per_s}, cfg.out)
+                 "train_tokens_per_s": train_tokens_per_s, **kept}, cfg.out)
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump({"history": history, "train_tokens_per_s": train_tokens_per_s, "params": n_params}, f, indent=1)
+        json.dump({"history": history, "train_tokens_per_s": train_tokens_per_s, "params": n_params, **kept,
+                   "memorising": warning}, f, indent=1)
     print(f"saved {cfg.out}")
     return model
 

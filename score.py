@@ -48,6 +48,7 @@ from tqdm import tqdm
 import tokenizer as T
 from cli import parse_config
 from data.records import DataError, Tally, iter_records, read_records
+from health import weight_collapse
 from reference_lm import caption_samples, load_lm
 from utils import (atomic_save, autocast, check_fingerprint, file_fingerprint, pick_device, safe_load,
                    text_fingerprint)
@@ -400,6 +401,11 @@ def _overlong_note(n_long, n_labels, ctx, where):
 
 def _write_report(cfg, report, tok, records, samples, p_ref):
     base = os.path.splitext(cfg.out)[0]
+    if p_ref:  # do the weights collapse (a memorising reference LM)? health.weight_collapse, numbers in the report
+        report["weights"], warning = weight_collapse(p_ref)
+        if warning:
+            report["weights"]["warning"] = warning
+            print(warning, file=sys.stderr)
     with open(base + ".json", "w") as f:
         json.dump(report, f, indent=1)
     if samples:

@@ -38,6 +38,10 @@ Writes to --out-dir: config.json, log.jsonl (one line per step; with --objective
 loss), ckpt_<step>.pt (weights, every --save-every steps, for eval.py; an --objective's heads are in it too, under
 aux.*, and load_model leaves them out) and last.pt (weights, optimizer, step and RNG: `--resume` continues bit
 for bit).
+
+Alarm: with any weighted loss (not ntp), when the plain caption NLL (log.jsonl's "ntp") rises clearly above its
+level at the end of warm-up (health.nll_rise, a running mean), the run prints a warning once, again at the end,
+and records it as "alarm" in that step's log line: the model is unlearning the caption language (docs/own_data.md).
 """
 import json
 import math
@@ -58,6 +62,7 @@ from data.features import encoder_features
 from hf import base_checkpoint
 from data.records import images_cached, load_images, normalize, read_records
 from loss import inverse_frequency_table, prior_weights, shuffle_within_captions, token_losses, weighted_loss
+from health import nll_alarm_message, nll_rise, past_ntp
 from model import DecoderConfig, VLM, VLMConfig, count_params, load_vision_weights
 from objectives import MicroBatch, attach_heads, host_positions, micro_batch_loss, split_state
 from reference_lm import make_optimizer
@@ -600,7 +605,10 @@ def main(cfg):
     peak = peak_flops(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    watch = master and cfg.loss != "ntp"  # the unlearning alarm (health.nll_rise) watches the weighted losses
+    ntp_seen, alarm = past_ntp(log_path, step) if watch else ([], None)  # resumed: the steps so far, from the log
+    log = open(log_path, "a") if master else None
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=os.path.basename(cfg.out_dir),
                disable=not master, dynamic_ncols=True)
     for step in bar:
@@ -642,6 +650,12 @@ def main(cfg):
                         line[f"nll_{name}"] = float(nll_by_tag[0][i] / nll_by_tag[1][i])
             if peak:
                 line["mfu"] = line["flops_per_s"] / peak
+            if watch:
+                ntp_seen.append(line["ntp"])
+                rise = None if alarm else nll_rise(ntp_seen, cfg.warmup, window=max(5, min(20, cfg.warmup)))
+                if rise:
+                    alarm = line["alarm"] = nll_alarm_message(cfg.loss, *rise, step + 1)
+                    tqdm.write(alarm, file=sys.stderr)
             log.write(json.dumps(line) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{line['loss']:.3f}", ntp=f"{line['ntp']:.3f}")
@@ -660,6 +674,9 @@ def main(cfg):
             break
     if log:
         log.close()
+    if watch and ntp_seen:
+        print(f"caption NLL (ntp): {ntp_seen[0]:.3f} at step 1, {ntp_seen[-1]:.3f} at step {len(ntp_seen)}"
+              + (f"\n{alarm}" if alarm else ""), file=sys.stderr if alarm else sys.stdout)
     if world > 1:
         # Tear down together: a rank that destroys its gloo connections while a peer is still in the last
         # all-reduce or writing the checkpoint can abort at exit ("terminate called without an active exception").
