@@ -115,6 +115,7 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     fsdp: bool = field(default=False, metadata={"help": "with several processes, shard weights, gradients and optimizer state (FSDP2 fully_shard per decoder block and the root) instead of DDP's full copies"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    peak_tflops: float = field(default=0.0, metadata={"help": "the device's dense bf16 peak in TFLOP/s for MFU (0 = from train.PEAK_BF16 by GPU name)"})
 
 
 def build_model(cfg, tok):
@@ -212,8 +213,9 @@ def step_flops(model, positions, labelled, images, context):
         vision   (6 x (encoder + projector params) + 12 x depth x vit_dim x patches/image) x patches
 
     positions: the non-padding positions of the step (padding is waste, so it does not count as work
-    done); labelled: the positions with a label; images: images encoded; context: the row width, what a
-    dense masked attention kernel computes per query. Frozen weights skip their weight gradient (4N, not
+    done); labelled: the positions with a label; images: images encoded; context: keys per query, on average:
+    attended_pairs / positions for the attention each document needs (causal, inside the document; train.py
+    logs this), or the row width for what a dense masked kernel computes (bench.py reports both). Frozen weights skip their weight gradient (4N, not
     6N); like everyone we still count 6N, so numbers compare across recipes and papers."""
     d = model.decoder.cfg
     head = d.vocab_size * d.d_model
@@ -228,20 +230,51 @@ def step_flops(model, positions, labelled, images, context):
     return flops
 
 
+def attended_pairs(doc_ids, real):
+    """Query-key pairs that causal attention inside each document needs: n (n + 1) / 2 for a document of n
+    positions, summed over the (R, L) batch's documents; padding (real False) counts nothing. Host tensors."""
+    R, L = doc_ids.shape
+    docs = (doc_ids + torch.arange(R)[:, None] * (L + 1))[real]  # unique over the batch
+    n = torch.bincount(docs - docs.min()) if docs.numel() else docs
+    return int((n * (n + 1) // 2).sum())
+
+
 def flops_per_token(model, context):
     """Training FLOPs of one labelled text token in a row `context` wide (see step_flops)."""
     return step_flops(model, 1, 1, 0, context)
 
 
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))  # dense, FLOP/s
+# Dense (no sparsity) bf16 tensor-core peak per GPU, FLOP/s, from NVIDIA's data sheets (their sparse figure / 2).
+# Keys are whole words of torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"); the
+# longest key whose words all appear wins, so "H100 NVL" is not taken for an H100 SXM, nor "L40S" for an L40.
+PEAK_BF16 = {
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H800": 989e12, "H800 PCIe": 756e12,
+    "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12, "H20": 148e12,
+    "A100": 312e12, "A800": 312e12, "A30": 165e12, "A10": 125e12, "A40": 150e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "B200": 2250e12, "B100": 1750e12, "GB200": 2500e12,
+}
 
 
-def peak_flops(device):
-    """The GPU's dense bf16 peak (FLOP/s) from PEAK_BF16 by device name, None if unknown or not a GPU."""
+def name_words(name):
+    return set(name.upper().replace("-", " ").replace("_", " ").split())
+
+
+def peak_for_name(name):
+    """Dense bf16 peak (FLOP/s) of a GPU by its device name (PEAK_BF16), None if the name is not known."""
+    words = name_words(name)
+    known = [key for key in PEAK_BF16 if name_words(key) <= words]
+    return PEAK_BF16[max(known, key=lambda k: len(name_words(k)))] if known else None
+
+
+def peak_flops(device, peak_tflops=0.0):
+    """The GPU's dense bf16 peak (FLOP/s): peak_tflops (--peak-tflops) if given, else from PEAK_BF16 by device
+    name; None on a CPU or for an unknown GPU (MFU is then not reported: pass --peak-tflops)."""
+    if peak_tflops:
+        return peak_tflops * 1e12
     if not str(device).startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+    return peak_for_name(torch.cuda.get_device_name(device))
 
 
 def setup_distributed(device):
@@ -321,8 +354,9 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None
     micro = cfg.micro_batch or len(mine)
     chunks = [(mine[i:i + micro], mine_text[i * len(mine_text) // len(mine):(i + micro) * len(mine_text) // len(mine)])
               for i in range(0, len(mine), micro)]
-    # tokens: labelled positions; context: non-padding positions x row width (for step_flops' attention)
-    counts = {"tokens": 0, "positions": 0, "padding": 0, "images": 0, "context": 0}
+    # tokens: labelled positions; context: non-padding positions x row width (what a masked attention kernel
+    # computes); attended: query-key pairs per-document causal attention needs (step_flops counts these)
+    counts = {"tokens": 0, "positions": 0, "padding": 0, "images": 0, "context": 0, "attended": 0}
     sums = torch.zeros(3, device=device)                      # weighted loss x tokens, NTP loss, aux x samples
     plain = plain_path(cfg)
     if not plain and model is None:
@@ -345,6 +379,7 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None
         padding = int((batch.input_ids == T.PAD).sum())
         counts["padding"] += padding
         counts["context"] += (R * L - padding) * L
+        counts["attended"] += attended_pairs(batch.doc_ids, batch.input_ids != T.PAD)
         counts["images"] += len(image_indices)
         if not plain:  # host-side positions for the auxiliary objectives (cheap; no device sync)
             eos, slots, image_labels = host_positions(batch, image_rows)
@@ -523,7 +558,10 @@ def main(cfg):
         train_model = torch.compile(train_model, dynamic=True)  # batch shapes change every step (tight packing)
     data = Data(samples, images, model.image_tokens(), text_samples,
                 rare_table.to(device) if rare_table is not None else None)
-    peak = peak_flops(device)
+    peak = peak_flops(device, cfg.peak_tflops)
+    if peak is None and device.startswith("cuda") and master:
+        print(f"note: no bf16 peak known for {torch.cuda.get_device_name(device)!r}: no MFU in the log "
+              f"(pass --peak-tflops)", file=sys.stderr)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
@@ -547,7 +585,7 @@ def main(cfg):
         seconds = time.perf_counter() - t0
 
         if world > 1:  # every figure in the log covers the global batch
-            keys = ("loss", "ntp", "aux", "tokens", "positions", "padding", "images", "context")
+            keys = ("loss", "ntp", "aux", "tokens", "positions", "padding", "images", "context", "attended")
             packed = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)  # NCCL: GPU only
             dist.all_reduce(packed)
             stats.update(zip(keys, packed.tolist()))
@@ -555,7 +593,7 @@ def main(cfg):
         nll_by_tag = nll_by_tag.cpu()
         if master:
             tokens, positions, real = stats["tokens"], stats["positions"], stats["positions"] - stats["padding"]
-            flops = step_flops(model, real, tokens, stats["images"], stats["context"] / real)
+            flops = step_flops(model, real, tokens, stats["images"], stats["attended"] / real)  # needed work
             line = {"step": step + 1, "loss": stats["loss"] / tokens, "ntp": stats["ntp"] / tokens, "lr": lr,
                     "grad_norm": float(grad_norm), "tokens_per_s": positions / seconds,
                     "flops_per_s": flops / seconds, "seconds": seconds,
