@@ -10,7 +10,7 @@ import tokenizer as T
 import train
 from data import packing
 from data.packing import Sample
-from model import VLM, DecoderConfig, VLMConfig
+from model import VLM, Decoder, DecoderConfig, VLMConfig
 
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
 
@@ -110,3 +110,64 @@ def test_bad_inputs_are_still_refused():
     ids = torch.tensor([model.image_tokens() + [1, 20]])
     with pytest.raises(RuntimeError, match="slots do not match 2 images"):
         model(ids, torch.randn(2, 3, 16, 16))
+
+
+def test_profile_counts_gpu_time_once_and_knows_kernel_names():
+    import bench
+    events = [  # (name, where, self time): operators on the host, kernels on the GPU
+        ("aten::mm", "cpu", 50.0), ("aten::addmm", "cpu", 30.0), ("aten::_efficient_attention_forward", "cpu", 20.0),
+        ("aten::mul", "cpu", 10.0),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gpu", 400.0),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", "gpu", 100.0),
+        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel)", "gpu", 300.0),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::mul>", "gpu", 200.0),
+    ]
+    by_kind, total = bench.time_by_kind(events, on_gpu=True)
+    assert total == 1000.0  # the kernels only: the operators' time is not added again
+    assert by_kind["matmul"] == 500.0 and by_kind["attention"] == 300.0 and by_kind[bench.OTHER] == 200.0
+    by_kind, total = bench.time_by_kind(events, on_gpu=False)
+    assert total == 110.0 and by_kind["matmul"] == 80.0 and by_kind["attention"] == 20.0
+
+
+def test_peak_table_matches_whole_names():
+    cases = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 NVL": 835, "NVIDIA H200": 989,
+             "NVIDIA H200 NVL": 835, "NVIDIA H800": 989, "NVIDIA A100-SXM4-80GB": 312, "NVIDIA A100 80GB PCIe": 312,
+             "NVIDIA A800-SXM4-80GB": 312, "NVIDIA L40S": 362, "NVIDIA L40": 181, "NVIDIA L4": 121,
+             "NVIDIA B200": 2250, "NVIDIA GH200 480GB": 989}
+    for name, tflops in cases.items():
+        assert train.peak_for_name(name) == tflops * 1e12, name
+    for unknown in ("Tesla V100-SXM2-16GB", "Tesla T4", "NVIDIA GeForce RTX 4090", "NVIDIA A10G"):
+        assert train.peak_for_name(unknown) is None, unknown
+    assert train.peak_flops("cpu") is None and train.peak_flops("cpu", 100.0) == 100e12  # --peak-tflops
+
+
+def test_flops_count_the_attention_each_document_needs():
+    # one row of 10 positions: documents of 3 and 5 positions, then 2 of padding
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2]])
+    real = torch.tensor([[True] * 8 + [False] * 2])
+    assert train.attended_pairs(doc_ids, real) == 3 * 4 // 2 + 5 * 6 // 2  # 21 causal query-key pairs, not 8 x 10
+    model = tiny_model("h")  # 1 layer, d 32: attention costs 12 x 1 x 32 FLOPs per query-key pair
+    assert train.step_flops(model, 8, 0, 0, 21 / 8) - train.step_flops(model, 8, 0, 0, 0) == 12 * 32 * 21
+    # train_step counts them from the packed batch, next to the dense row width
+    data = tiny_data(model)
+    cfg = train.TrainConfig(batch_size=8, row_len=64, device="cpu")
+    stats = train.train_step(cfg, 0, model, data, "cpu")[0]
+    lengths = [len(model.image_tokens()) + 1 + len(data.samples[i].caption_ids) for i in train.global_batch(0, 16, 8, 0)]
+    assert stats["attended"] == sum(n * (n + 1) // 2 for n in lengths) < stats["context"]
+
+
+def test_scores_do_not_depend_on_autocast(monkeypatch):
+    import score
+    torch.manual_seed(0)
+    ref = Decoder(DecoderConfig(vocab_size=300, n_layer=2, n_head=2, d_model=64, max_seq_len=64))
+    with torch.no_grad():  # confident predictions, as a trained reference LM makes
+        ref.embed.weight.normal_(0, 1.0)
+    rng = random.Random(0)
+    samples = [Sample([rng.randrange(10, 300) for _ in range(rng.randint(3, 12))]) for _ in range(24)]
+    fp32, _ = score.label_probs(ref, samples, 64, 4, "cpu", progress=False)
+    bf16 = lambda device: torch.autocast("cpu", dtype=torch.bfloat16)  # what the GPU path runs under
+    monkeypatch.setattr(score, "autocast", bf16, raising=False)
+    with bf16("cpu"):
+        mixed, _ = score.label_probs(ref, samples, 64, 4, "cpu", progress=False)
+    # bf16 would move p_ref by ~3e-3 here (up to ~0.03 with a trained LM); float32 scoring agrees to 1e-6
+    assert max(float((a - b).abs().max()) for a, b in zip(fp32, mixed)) <= 1e-6
