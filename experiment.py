@@ -105,7 +105,7 @@ class Experiment:
 
     def run(self, args, log_name, threads=None):
         """Run one of the project's scripts in a subprocess; its output goes to a log file under out/logs."""
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads_per_process(args))}
         log_path = os.path.join(self._mk(self.path("logs")), log_name + ".log")
         cmd = [sys.executable, *self.launcher(args), *args]
         self.log.write(" ".join(cmd) + "\n")
@@ -116,6 +116,10 @@ class Experiment:
             tail = open(log_path).read()[-2500:]
             raise SystemExit(f"step failed: {' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
         return log_path
+
+    def threads_per_process(self, args):
+        """A run's share of the cores, split again over its torchrun processes: cores // parallel // nproc."""
+        return max(1, self.threads // (self.cfg.nproc if self.launcher(args) else 1))
 
     def launcher(self, args):
         """train.py runs under torchrun when --nproc > 1 (DDP: NCCL on GPUs, gloo on CPU); the rest run plainly."""

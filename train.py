@@ -277,16 +277,24 @@ def peak_flops(device, peak_tflops=0.0):
     return peak_for_name(torch.cuda.get_device_name(device))
 
 
+def check_bf16(device):
+    """Training on a GPU runs under bf16 autocast (utils.autocast); refuse GPUs without bf16 (V100, T4), whose
+    fp16 would need a GradScaler this project does not have."""
+    if str(device).startswith("cuda") and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16, which training on a GPU needs "
+                         f"(fp16 with loss scaling is not implemented): use --device cpu or a GPU with bf16 (A100 or newer)")
+
+
 def setup_distributed(device):
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):  # bind the process to its GPU before NCCL starts, and tell NCCL which one
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    return rank, world, device
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 @dataclass
@@ -466,6 +474,7 @@ def full_state(model, opt, sharded):
 
 def main(cfg):
     device = pick_device(cfg.device)
+    check_bf16(device)
     rank, world, device = setup_distributed(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

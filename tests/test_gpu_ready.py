@@ -160,7 +160,10 @@ def test_scores_do_not_depend_on_autocast(monkeypatch):
     import score
     torch.manual_seed(0)
     ref = Decoder(DecoderConfig(vocab_size=300, n_layer=2, n_head=2, d_model=64, max_seq_len=64))
-    with torch.no_grad():  # confident predictions, as a trained reference LM makes
+    with torch.no_grad():  # weights as large as a trained LM's: bf16 rounding then shows in p_ref
+        for p in ref.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.15)
         ref.embed.weight.normal_(0, 1.0)
     rng = random.Random(0)
     samples = [Sample([rng.randrange(10, 300) for _ in range(rng.randint(3, 12))]) for _ in range(24)]
@@ -169,5 +172,23 @@ def test_scores_do_not_depend_on_autocast(monkeypatch):
     monkeypatch.setattr(score, "autocast", bf16, raising=False)
     with bf16("cpu"):
         mixed, _ = score.label_probs(ref, samples, 64, 4, "cpu", progress=False)
-    # bf16 would move p_ref by ~3e-3 here (up to ~0.03 with a trained LM); float32 scoring agrees to 1e-6
+    # bf16 would move p_ref by ~2e-3 here (up to ~0.03 with a trained LM); float32 scoring agrees to 1e-6
     assert max(float((a - b).abs().max()) for a, b in zip(fp32, mixed)) <= 1e-6
+
+
+def test_threads_split_over_runs_and_torchrun_processes(tmp_path, monkeypatch):
+    import experiment
+    monkeypatch.setattr(experiment.os, "cpu_count", lambda: 16)
+    exp = experiment.Experiment(experiment.ExperimentConfig(out=str(tmp_path), parallel=2, nproc=4))
+    assert exp.threads_per_process(["train.py", "--arch", "h"]) == 2  # 16 cores / 2 runs / 4 processes
+    assert exp.threads_per_process(["score.py"]) == 8                 # not under torchrun
+    one = experiment.Experiment(experiment.ExperimentConfig(out=str(tmp_path), parallel=1, nproc=32))
+    assert one.threads_per_process(["train.py"]) == 1
+
+
+def test_gpus_without_bf16_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    with pytest.raises(ValueError, match="V100-SXM2-16GB has no bf16"):
+        train.check_bf16("cuda")
+    train.check_bf16("cpu")
