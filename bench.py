@@ -58,14 +58,17 @@ PRESETS = {
                  patch_size=4, batch_size=8, row_len=64),
     "small": dict(),
     "bench": dict(d_model=384, n_layer=6, n_head=6),
+    # experiment.py --preset gpu's VLM (decoder d 512 x 8 layers, 16 px patches, batch 256, rows of 128)
+    "gpu": dict(d_model=512, n_layer=8, n_head=8, patch_size=16, batch_size=256, row_len=128),
 }
 # (timed steps, generated pairs, reference captions, matmul side on CPU, tokenizer vocabulary)
-SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (30, 1024, 2000, 2048, 2048), "bench": (30, 1024, 2000, 2048, 2048)}
+SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (30, 1024, 2000, 2048, 2048), "bench": (30, 1024, 2000, 2048, 2048),
+         "gpu": (30, 4096, 2000, 2048, 2048)}
 
 
 @dataclass
 class BenchConfig:
-    preset: str = field(default="small", metadata={"help": "tiny: seconds, for tests; small: train.py's default model; bench: decoder width 384 x 6 layers", "choices": list(PRESETS)})
+    preset: str = field(default="small", metadata={"help": "tiny: seconds, for tests; small: train.py's default; bench: d 384 x 6; gpu: experiment.py's gpu VLM", "choices": list(PRESETS)})
     arch: str = field(default="h", metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", "choices": ["h", "u"]})
     steps: int = field(default=0, metadata={"help": "timed train steps per loss, median reported (0 = the preset's: 3 tiny, 30 otherwise)"})
     warmup: int = field(default=2, metadata={"help": "untimed steps per loss first (allocator, caches, torch.compile)"})

@@ -67,7 +67,9 @@ PRESETS = {
         base_lm=dict(steps=10000),
         vit=dict(steps=3000, batch_size=256, patch_size=16), seeds=3,
         lrs={"h": [3e-4, 1e-3, 3e-3], "u": [1e-4, 3e-4, 1e-3]},
-        vlm=dict(steps=2000, batch_size=256, save_every=200, warmup=60, row_len=1024, patch_size=16), stage1_steps=500,
+        # row_len 128: the longest sample (14 image tokens + <= 72 caption tokens) fits; 1024 computed ~46x the
+        # attention the captions need, 128 ~6x (docs/gpu.md)
+        vlm=dict(steps=2000, batch_size=256, save_every=200, warmup=60, row_len=128, patch_size=16), stage1_steps=500,
         eval_rows=0, mixes="web,noisy"),
 }
 
