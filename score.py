@@ -106,7 +106,7 @@ def label_probs(model, samples, row_len, batch_rows, device, progress=True):
             chunk = members[start:start + per_batch]
             seqs = torch.tensor([[T.BOS] + list(clipped[i]) + [T.EOS] for i in chunk])  # (B, n + 2)
             inputs, labels = seqs[:, :-1].to(device), seqs[:, 1:].to(device)
-            # float32 on every device, autocast off: under bf16 autocast p_ref moves by up to ~0.03 and a score
+            # float32 on every device, autocast off: under bf16 autocast p_ref moves and a score
             # file would depend on the device that wrote it. Scoring is forward only, a small share of the work.
             with torch.autocast(torch.device(device).type, enabled=False):
                 logits = model(inputs)
