@@ -215,8 +215,9 @@ def step_flops(model, positions, labelled, images, context):
     positions: the non-padding positions of the step (padding is waste, so it does not count as work
     done); labelled: the positions with a label; images: images encoded; context: keys per query, on average:
     attended_pairs / positions for the attention each document needs (causal, inside the document; train.py
-    logs this), or the row width for what a dense masked kernel computes (bench.py reports both). Frozen weights skip their weight gradient (4N, not
-    6N); like everyone we still count 6N, so numbers compare across recipes and papers."""
+    logs this), or the row width for what a dense masked kernel computes (bench.py reports both). Frozen weights
+    skip their weight gradient (4N, not 6N); like everyone we still count 6N, so numbers compare across recipes
+    and papers."""
     d = model.decoder.cfg
     head = d.vocab_size * d.d_model
     flops = (6 * (count_params(model.decoder) - head) + 12 * d.n_layer * d.d_model * context) * positions
@@ -281,8 +282,8 @@ def check_bf16(device):
     """Training on a GPU runs under bf16 autocast (utils.autocast); refuse GPUs without bf16 (V100, T4), whose
     fp16 would need a GradScaler this project does not have."""
     if str(device).startswith("cuda") and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16, which training on a GPU needs "
-                         f"(fp16 with loss scaling is not implemented): use --device cpu or a GPU with bf16 (A100 or newer)")
+        raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16, which training on a GPU needs (fp16 "
+                         f"with loss scaling is not implemented): use --device cpu or a GPU with bf16 (A100 or newer)")
 
 
 def setup_distributed(device):

@@ -24,7 +24,8 @@ for preset in bench gpu; do
     done
   done
 done
-$PY bench.py --preset gpu --profile $PEAK --json "$OUT/bench_gpu_h_profile.json" 2>&1 | tee "$OUT/bench_gpu_h_profile.log"
+$PY bench.py --preset gpu --profile $PEAK --json "$OUT/bench_gpu_h_profile.json" 2>&1 \
+    | tee "$OUT/bench_gpu_h_profile.log"
 
 echo "== 2. syncs"
 $PY -m pytest -q tests/test_gpu_ready.py 2>&1 | tee "$OUT/test_gpu_ready.log"

@@ -61,7 +61,8 @@ def count_syncs(monkeypatch):
 def tiny_model(arch, max_seq_len=64):
     torch.manual_seed(0)
     return VLM(VLMConfig(arch=arch, image_size=16, patch_size=4, vit_dim=16, vit_depth=1, vit_heads=2,
-                         decoder=DecoderConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, max_seq_len=max_seq_len)))
+                         decoder=DecoderConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32,
+                                               max_seq_len=max_seq_len)))
 
 
 def tiny_data(model, n=16, text=0):
@@ -152,7 +153,8 @@ def test_flops_count_the_attention_each_document_needs():
     data = tiny_data(model)
     cfg = train.TrainConfig(batch_size=8, row_len=64, device="cpu")
     stats = train.train_step(cfg, 0, model, data, "cpu")[0]
-    lengths = [len(model.image_tokens()) + 1 + len(data.samples[i].caption_ids) for i in train.global_batch(0, 16, 8, 0)]
+    ids = train.global_batch(0, 16, 8, 0)
+    lengths = [len(model.image_tokens()) + 1 + len(data.samples[i].caption_ids) for i in ids]
     assert stats["attended"] == sum(n * (n + 1) // 2 for n in lengths) < stats["context"]
 
 
