@@ -65,15 +65,17 @@ PRESETS = {
     "small": dict(),
     "bench": dict(d_model=384, n_layer=6, n_head=6),
     "cpu": dict(d_model=128, n_layer=4, n_head=4, patch_size=16),  # experiment.py PRESETS["cpu"], ViT defaults
+    # experiment.py --preset gpu's VLM (decoder d 512 x 8 layers, 16 px patches, batch 256, rows of 192)
+    "gpu": dict(d_model=512, n_layer=8, n_head=8, patch_size=16, batch_size=256, row_len=192),
 }
 # (timed steps, generated pairs, reference captions, matmul side on CPU, tokenizer vocabulary)
 SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (30, 1024, 2000, 2048, 2048), "bench": (30, 1024, 2000, 2048, 2048),
-         "cpu": (30, 1024, 2000, 2048, 1024)}
+         "cpu": (30, 1024, 2000, 2048, 1024), "gpu": (30, 4096, 2000, 2048, 2048)}
 
 
 @dataclass
 class BenchConfig:
-    preset: str = field(default="small", metadata={"help": "tiny: seconds, for tests; small: train.py's default model; bench: decoder width 384 x 6 layers; cpu: experiment.py's", "choices": list(PRESETS)})
+    preset: str = field(default="small", metadata={"help": "tiny: seconds, for tests; small: train.py's default; bench: d 384 x 6; cpu/gpu: experiment.py's", "choices": list(PRESETS)})
     arch: str = field(default="h", metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", "choices": ["h", "u"]})
     steps: int = field(default=0, metadata={"help": "timed train steps per loss, median reported (0 = the preset's: 3 tiny, 30 otherwise)"})
     warmup: int = field(default=2, metadata={"help": "untimed steps per loss first (allocator, caches, torch.compile)"})
@@ -83,6 +85,7 @@ class BenchConfig:
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = os.cpu_count())"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model, as train.py --compile (compiling is part of the warm-up)"})
+    peak_tflops: float = field(default=0.0, metadata={"help": "dense bf16 peak of the GPU in TFLOP/s for MFU (0 = from train.PEAK_BF16 by name)"})
     profile: bool = field(default=False, metadata={"help": "also run torch.profiler over two PRIOR forward+backward passes and print where the time goes"})
     json: str = field(default="", metadata={"help": "also write the results to this file, one flat JSON object"})
     seed: int = field(default=0, metadata={"help": "seed of the generated data and the model"})
@@ -230,15 +233,19 @@ def main(cfg):
     # Work per step, averaged over the timed steps (both arms see the same batches).
     mean = {k: statistics.mean(c[k] for c in counts) for k in counts[0]}
     real = mean["positions"] - mean["padding"]
-    flops = train.step_flops(model, real, mean["tokens"], mean["images"], mean["context"] / real)
+    # The attention each document needs (per-document causal), and what a dense masked kernel over the row computes
+    flops = train.step_flops(model, real, mean["tokens"], mean["images"], mean["attended"] / real)
     r["params"] = count_params(model)
     r["train_flops_per_step"] = flops
+    r["train_flops_per_step_dense_rows"] = train.step_flops(model, real, mean["tokens"], mean["images"],
+                                                            mean["context"] / real)
+    r["attention_computed_over_needed"] = mean["context"] / mean["attended"]
     r["train_tokens_per_s"] = real / r["train_step_s_prior"]  # image + text positions, padding excluded
     r["train_caption_tokens_per_s"] = mean["tokens"] / r["train_step_s_prior"]
     r["train_flops_per_s"] = flops / r["train_step_s_prior"]
     r["matmul_flops_per_s"] = matmul_flops(device, 8192 if device.startswith("cuda") else mm_side)
     r["flops_fraction_of_matmul"] = r["train_flops_per_s"] / r["matmul_flops_per_s"]
-    peak = train.peak_flops(device)
+    peak = train.peak_flops(device, cfg.peak_tflops)
     r["peak_flops_per_s"], r["mfu"] = peak, (r["train_flops_per_s"] / peak if peak else None)
     r["pad_fraction"] = mean["padding"] / mean["positions"]
     # What in-order (next-fit) packing, the packer's default, would pad on the same batches.
@@ -264,6 +271,46 @@ def main(cfg):
     return r
 
 
+# Kinds of work by event name: aten operators (CPU profiles) and GPU kernel names (CUDA profiles). Attention
+# first: fmha_cutlassF / flash kernels contain "cutlass"-like parts of matmul names.
+KINDS = (("attention", ("scaled_dot_product", "flash", "fmha", "efficient_attention", "cudnn_attention",
+                        "attention")),
+         ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation", "convolution", "gemm",
+                     "xmma", "cublas", "cutlass", "nvjet", "wgmma")))
+OTHER = "everything else (elementwise, norms, loss, copies)"
+
+
+def kind_of(name):
+    """The kind of work an operator or kernel name is: attention, matmul or everything else."""
+    low = name.lower()
+    return next((kind for kind, parts in KINDS if any(p in low for p in parts)), OTHER)
+
+
+def time_by_kind(events, on_gpu):
+    """{kind: time} and the total from (name, where, self time) events, where = "cpu" (an operator on the host)
+    or "gpu" (a kernel). On a GPU only kernels count: an operator's GPU time is its kernels' time again, and
+    summing both counts the GPU's work twice. On a CPU the operators' own CPU time counts."""
+    where = "gpu" if on_gpu else "cpu"
+    mine = [(name, t) for name, w, t in events if w == where]
+    by_kind = {kind: 0.0 for kind, _ in KINDS}
+    by_kind[OTHER] = 0.0
+    for name, t in mine:
+        by_kind[kind_of(name)] += t
+    return by_kind, sum(t for _, t in mine)
+
+
+def profile_events(prof, on_gpu):
+    """torch.profiler results as (name, "cpu" or "gpu", self time in microseconds) for time_by_kind."""
+    from torch.autograd import DeviceType
+    out = []
+    for e in prof.key_averages():
+        if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CUDA:
+            out.append((e.key, "gpu", e.self_device_time_total))
+        else:
+            out.append((e.key, "cpu", e.self_cpu_time_total))
+    return out
+
+
 def profile(fn, device, r):
     """Where a forward+backward's time goes, by kind of kernel: torch.profiler over two calls."""
     from torch.profiler import ProfilerActivity
@@ -273,17 +320,13 @@ def profile(fn, device, r):
         for i in range(2):
             fn(i)
         sync(device)
-    events = prof.key_averages()
-    own = lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total
-    kinds = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation", "convolution"),
-             "attention": ("scaled_dot_product", "flash", "efficient_attention", "cudnn_attention")}
-    total = sum(own(e) for e in events)
-    by_kind = {k: sum(own(e) for e in events if any(n in e.key for n in names)) for k, names in kinds.items()}
-    by_kind["everything else (elementwise, norms, loss, copies)"] = total - sum(by_kind.values())
-    print(f"\nforward + backward, {'GPU' if cuda else 'CPU'} time by kind (optimizer step apart: "
+    by_kind, total = time_by_kind(profile_events(prof, cuda), cuda)
+    r.update({f"profile_{k.split()[0]}_fraction": v / max(total, 1) for k, v in by_kind.items()})
+    print(f"\nforward + backward, {'GPU kernel' if cuda else 'CPU'} time by kind (optimizer step apart: "
           f"{r['train_step_s_optimizer'] * 1e3:.1f} ms of the {r['train_step_s_prior'] * 1e3:.1f} ms step):")
     for k, v in by_kind.items():
         print(f"  {k:<52} {v / max(total, 1):6.1%}")
+    events = prof.key_averages()
     print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15))
 
 
@@ -301,12 +344,15 @@ def print_table(r, cfg):
         ("PRIOR / NTP step time", f"{r['prior_over_ntp_step_time']:.3f}"),
         ("train tokens/s", f"{r['train_tokens_per_s']:,.0f} (non-padding positions; "
                            f"{r['train_caption_tokens_per_s']:,.0f} caption tokens/s)"),
-        ("train FLOP/s", f"{g(r['train_flops_per_s'])} ({r['train_flops_per_step'] / 1e9:,.1f} GFLOP a step)"),
+        ("train FLOP/s", f"{g(r['train_flops_per_s'])} ({r['train_flops_per_step'] / 1e9:,.1f} GFLOP a step needed; "
+                         f"{r['train_flops_per_step_dense_rows'] / 1e9:,.1f} with attention over whole rows, "
+                         f"{r['attention_computed_over_needed']:.1f}x the attention scores needed)"),
         ("matmul FLOP/s", g(r["matmul_flops_per_s"])),
         ("train / matmul", f"{r['flops_fraction_of_matmul']:.1%}"),
         ("of which optimizer", f"{r['train_step_s_optimizer'] * 1e3:,.1f} ms a step (gradient clip + AdamW)"),
         ("MFU (bf16 peak)", f"{r['mfu']:.1%} of {r['peak_flops_per_s'] / 1e12:,.0f} TFLOP/s" if r["mfu"] else
-                            "n/a (CPU or unknown GPU)"),
+                            "n/a (CPU)" if r["device"] == "cpu" else
+                            f"n/a: no peak known for {r['device']!r} (pass --peak-tflops)"),
         ("score tokens/s", f"{r['score_tokens_per_s']:,.0f}"),
         ("loader images/s", f"{r['loader_images_per_s']:,.0f} (a step consumes {r['loader_images_per_s_needed']:,.1f}"
                             f"/s: {r['loader_headroom']:,.0f}x headroom)"),

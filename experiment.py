@@ -62,7 +62,9 @@ PRESETS = {
         base_lm=dict(steps=10000),
         vit=dict(steps=3000, batch_size=256, patch_size=16), seeds=3,
         lrs={"h": [3e-4, 1e-3, 3e-3], "u": [1e-4, 3e-4, 1e-3]},
-        vlm=dict(steps=2000, batch_size=256, save_every=200, warmup=60, row_len=1024, patch_size=16), stage1_steps=500,
+        # row_len 192: the longest web sample is 14 image tokens + <= 72 caption tokens, the hard mix's captions
+        # (with titles) run longer; 1024 computed ~46x the attention the captions need (docs/gpu.md)
+        vlm=dict(steps=2000, batch_size=256, save_every=200, warmup=60, row_len=192, patch_size=16), stage1_steps=500,
         eval_rows=0, settings="web:h,hard:h,noisy:h,web:u,hard:u", grid_seeds=2, extend=2, oracle_lows=[0.1, 0.3]),
 }
 
@@ -103,7 +105,7 @@ class Experiment:
 
     def run(self, args, log_name, threads=None):
         """Run one of the project's scripts in a subprocess; its output goes to a log file under out/logs."""
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads_per_process(args))}
         log_path = os.path.join(self._mk(self.path("logs")), log_name + ".log")
         cmd = [sys.executable, *self.launcher(args), *args]
         self.log.write(" ".join(cmd) + "\n")
@@ -114,6 +116,10 @@ class Experiment:
             tail = open(log_path).read()[-2500:]
             raise SystemExit(f"step failed: {' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
         return log_path
+
+    def threads_per_process(self, args):
+        """A run's share of the cores, split again over its torchrun processes: cores // parallel // nproc."""
+        return max(1, self.threads // (self.cfg.nproc if self.launcher(args) else 1))
 
     def launcher(self, args):
         """train.py runs under torchrun when --nproc > 1 (DDP: NCCL on GPUs, gloo on CPU); the rest run plainly."""

@@ -142,10 +142,13 @@ class Decoder(nn.Module):
             start = cache.pos
             if start and T > 1:  # several new tokens after cached ones: causal with the offset (True = may attend)
                 mask = torch.arange(start + T, device=x.device) <= torch.arange(start, start + T, device=x.device)[:, None]
-        if position_ids is None:
+        if position_ids is None:  # checked on the host: no device sync
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"position {start + T - 1} >= max_seq_len {self.cfg.max_seq_len}")
             position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
-        if position_ids.max() >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(position_ids.max())} >= max_seq_len {self.cfg.max_seq_len}")
+        else:  # asserted on the device, without making the host wait (on a CPU it fails at once)
+            torch._assert_async((position_ids < self.cfg.max_seq_len).all(),
+                                f"a position >= max_seq_len {self.cfg.max_seq_len}")
         cos, sin = self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
         if doc_ids is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -386,15 +389,16 @@ class VLM(nn.Module):
         input_ids read row by row (the packer builds it that way); or pass ready `image_embeds` from
         embed_images. Other keywords (mask, return_hidden, keep, cache) go to Decoder.forward."""
         embeds = self.decoder.embed(input_ids)
-        slots = input_ids == T.IMAGE
-        if slots.any():
-            if image_embeds is None:
-                image_embeds = self.embed_images(images)
-            image_embeds = image_embeds.to(embeds.dtype)
-            if image_embeds.shape[0] * image_embeds.shape[1] != int(slots.sum()):
-                raise ValueError(f"{int(slots.sum())} <|image|> slots but {image_embeds.shape[0]} images "
-                                 f"x {image_embeds.shape[1]} embeddings")
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), image_embeds)
+        # Whether there are images is read from the inputs (shapes the host knows), not from input_ids on the
+        # device: no device sync, and one graph under torch.compile. Given images must fill the slots exactly.
+        if image_embeds is None and images is not None and images.shape[0] > 0:
+            image_embeds = self.embed_images(images)
+        if image_embeds is not None and image_embeds.shape[0] > 0:
+            slots = input_ids == T.IMAGE
+            n = image_embeds.shape[0] * image_embeds.shape[1]
+            torch._assert_async(slots.sum() == n, f"the <|image|> slots do not match {image_embeds.shape[0]} "
+                                                  f"images x {image_embeds.shape[1]} embeddings")
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), image_embeds.to(embeds.dtype))
         return self.decoder(embeds=embeds, position_ids=position_ids, doc_ids=doc_ids, **kw)
 
     def parts(self):
@@ -465,7 +469,7 @@ def generate(model, input_ids, images=None, max_new_tokens=40, temperature=0.0, 
     if steps < 0 or n == 0:
         raise ValueError(f"{n} input tokens; the model takes 1 to {decoder.cfg.max_seq_len}")
 
-    def run(ids, **kw):  # logits at each row's last position
+    def run(ids, images=None, **kw):  # logits at each row's last position
         keep = torch.arange(1, ids.shape[0] + 1, device=ids.device) * ids.shape[1] - 1
         if isinstance(model, VLM):
             return model(ids, images, keep=keep, **kw).float()
@@ -475,7 +479,7 @@ def generate(model, input_ids, images=None, max_new_tokens=40, temperature=0.0, 
     ban = torch.tensor(list(banned or ()), dtype=torch.long, device=input_ids.device)
     seq, new, all_logits = input_ids, [], []
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    logits = run(input_ids, cache=cache)  # the prompt (image included) in one pass
+    logits = run(input_ids, images, cache=cache)  # the prompt (image included) in one pass
     for step in range(steps):
         allowed = logits.index_fill(1, ban, float("-inf")) if len(ban) else logits
         token = sample_next(allowed, temperature, top_k, generator)
@@ -490,7 +494,7 @@ def generate(model, input_ids, images=None, max_new_tokens=40, temperature=0.0, 
             logits = run(token[:, None], cache=cache)
         else:
             seq = torch.cat([seq, token[:, None]], dim=1)
-            logits = run(seq)
+            logits = run(seq, images)
     out = torch.stack(new, 1).tolist() if new else [[] for _ in range(B)]
     if eos_id is not None:
         out = [row[:row.index(eos_id)] if eos_id in row else row for row in out]

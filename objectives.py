@@ -104,7 +104,7 @@ def patchify(pixels, patch_size):
 def itm_loss(head, h_match, h_mismatch):
     """Mean 2-way cross-entropy of `head` on matched (class 1) and mismatched (class 0) states, (n, d) each."""
     logits = head(torch.cat([h_match, h_mismatch])).float()
-    target = torch.cat([torch.ones(len(h_match)), torch.zeros(len(h_mismatch))]).long().to(logits.device)
+    target = (torch.arange(len(logits), device=logits.device) < len(h_match)).long()  # made on the device
     return F.cross_entropy(logits, target)
 
 

@@ -50,7 +50,7 @@ from cli import parse_config
 from data.records import DataError, Tally, iter_records, read_records
 from health import weight_collapse
 from reference_lm import caption_samples, load_lm
-from utils import (atomic_save, autocast, check_fingerprint, file_fingerprint, pick_device, safe_load,
+from utils import (atomic_save, check_fingerprint, file_fingerprint, pick_device, safe_load,
                    text_fingerprint)
 
 CATEGORIES = ("image", "boiler", "noise", "glue")  # the generator's word tags (data/generate.py)
@@ -110,7 +110,9 @@ def label_probs(model, samples, row_len, batch_rows, device, progress=True):
             # (B, n + 2); a clipped caption (n = ctx, only clipped ones are that long) ends without <|eos|>
             seqs = torch.tensor([[T.BOS] + list(clipped[i]) + ([T.EOS] if n < ctx else []) for i in chunk])
             inputs, labels = seqs[:, :-1].to(device), seqs[:, 1:].to(device)
-            with autocast(device):
+            # float32 on every device, autocast off: under bf16 autocast p_ref moves and a score
+            # file would depend on the device that wrote it. Scoring is forward only, a small share of the work.
+            with torch.autocast(torch.device(device).type, enabled=False):
                 logits = model(inputs)
             logp = logits.float().log_softmax(-1).gather(2, labels[..., None]).squeeze(2)
             for i, p in zip(chunk, logp.exp().cpu()):

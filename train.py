@@ -124,6 +124,7 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     fsdp: bool = field(default=False, metadata={"help": "with several processes, shard weights, gradients and optimizer state (FSDP2 fully_shard per decoder block and the root) instead of DDP's full copies"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    peak_tflops: float = field(default=0.0, metadata={"help": "the device's dense bf16 peak in TFLOP/s for MFU (0 = from train.PEAK_BF16 by GPU name)"})
 
 
 def build_model(cfg, tok):
@@ -262,9 +263,11 @@ def step_flops(model, positions, labelled, images, context):
         vision   (6 x (encoder + projector params) + 12 x depth x vit_dim x patches/image) x patches
 
     positions: the non-padding positions of the step (padding is waste, so it does not count as work
-    done); labelled: the positions with a label; images: images encoded; context: the row width, what a
-    dense masked attention kernel computes per query. Frozen weights skip their weight gradient (4N, not
-    6N); like everyone we still count 6N, so numbers compare across recipes and papers."""
+    done); labelled: the positions with a label; images: images encoded; context: keys per query, on average:
+    attended_pairs / positions for the attention each document needs (causal, inside the document; train.py
+    logs this), or the row width for what a dense masked kernel computes (bench.py reports both). Frozen weights
+    skip their weight gradient (4N, not 6N); like everyone we still count 6N, so numbers compare across recipes
+    and papers."""
     d = model.decoder.cfg
     head = d.vocab_size * d.d_model
     flops = (6 * (count_params(model.decoder) - head) + 12 * d.n_layer * d.d_model * context) * positions
@@ -278,32 +281,71 @@ def step_flops(model, positions, labelled, images, context):
     return flops
 
 
+def attended_pairs(doc_ids, real):
+    """Query-key pairs that causal attention inside each document needs: n (n + 1) / 2 for a document of n
+    positions, summed over the (R, L) batch's documents; padding (real False) counts nothing. Host tensors."""
+    R, L = doc_ids.shape
+    docs = (doc_ids + torch.arange(R)[:, None] * (L + 1))[real]  # unique over the batch
+    n = torch.bincount(docs - docs.min()) if docs.numel() else docs
+    return int((n * (n + 1) // 2).sum())
+
+
 def flops_per_token(model, context):
     """Training FLOPs of one labelled text token in a row `context` wide (see step_flops)."""
     return step_flops(model, 1, 1, 0, context)
 
 
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))  # dense, FLOP/s
+# Dense (no sparsity) bf16 tensor-core peak per GPU, FLOP/s, from NVIDIA's data sheets (their sparse figure / 2).
+# Keys are whole words of torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"); the
+# longest key whose words all appear wins, so "H100 NVL" is not taken for an H100 SXM, nor "L40S" for an L40.
+PEAK_BF16 = {
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H800": 989e12, "H800 PCIe": 756e12,
+    "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12, "H20": 148e12,
+    "A100": 312e12, "A800": 312e12, "A30": 165e12, "A10": 125e12, "A40": 150e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "B200": 2250e12, "B100": 1750e12, "GB200": 2500e12,
+}
 
 
-def peak_flops(device):
-    """The GPU's dense bf16 peak (FLOP/s) from PEAK_BF16 by device name, None if unknown or not a GPU."""
+def name_words(name):
+    return set(name.upper().replace("-", " ").replace("_", " ").split())
+
+
+def peak_for_name(name):
+    """Dense bf16 peak (FLOP/s) of a GPU by its device name (PEAK_BF16), None if the name is not known."""
+    words = name_words(name)
+    known = [key for key in PEAK_BF16 if name_words(key) <= words]
+    return PEAK_BF16[max(known, key=lambda k: len(name_words(k)))] if known else None
+
+
+def peak_flops(device, peak_tflops=0.0):
+    """The GPU's dense bf16 peak (FLOP/s): peak_tflops (--peak-tflops) if given, else from PEAK_BF16 by device
+    name; None on a CPU or for an unknown GPU (MFU is then not reported: pass --peak-tflops)."""
+    if peak_tflops:
+        return peak_tflops * 1e12
     if not str(device).startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+    return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def check_bf16(device):
+    """Training on a GPU runs under bf16 autocast (utils.autocast); refuse GPUs without bf16 (V100, T4), whose
+    fp16 would need a GradScaler this project does not have."""
+    if str(device).startswith("cuda") and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16, which training on a GPU needs (fp16 "
+                         f"with loss scaling is not implemented): use --device cpu or a GPU with bf16 (A100 or newer)")
 
 
 def setup_distributed(device):
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):  # bind the process to its GPU before NCCL starts, and tell NCCL which one
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    return rank, world, device
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 @dataclass
@@ -373,8 +415,9 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None
     micro = cfg.micro_batch or len(mine)
     chunks = [(mine[i:i + micro], mine_text[i * len(mine_text) // len(mine):(i + micro) * len(mine_text) // len(mine)])
               for i in range(0, len(mine), micro)]
-    # tokens: labelled positions; context: non-padding positions x row width (for step_flops' attention)
-    counts = {"tokens": 0, "positions": 0, "padding": 0, "images": 0, "context": 0}
+    # tokens: labelled positions; context: non-padding positions x row width (what a masked attention kernel
+    # computes); attended: query-key pairs per-document causal attention needs (step_flops counts these)
+    counts = {"tokens": 0, "positions": 0, "padding": 0, "images": 0, "context": 0, "attended": 0}
     sums = torch.zeros(3, device=device)                      # weighted loss x tokens, NTP loss, aux x samples
     plain = plain_path(cfg)
     if not plain and model is None:
@@ -397,6 +440,7 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None
         padding = int((batch.input_ids == T.PAD).sum())
         counts["padding"] += padding
         counts["context"] += (R * L - padding) * L
+        counts["attended"] += attended_pairs(batch.doc_ids, batch.input_ids != T.PAD)
         counts["images"] += len(image_indices)
         if not plain:  # host-side positions for the auxiliary objectives (cheap; no device sync)
             eos, slots, image_labels = host_positions(batch, image_rows)
@@ -486,6 +530,7 @@ def full_state(model, opt, sharded):
 
 def main(cfg):
     device = pick_device(cfg.device)
+    check_bf16(device)
     rank, world, device = setup_distributed(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -602,7 +647,10 @@ def main(cfg):
         train_model = torch.compile(train_model, dynamic=True)  # batch shapes change every step (tight packing)
     data = Data(samples, images, model.image_tokens(), text_samples,
                 rare_table.to(device) if rare_table is not None else None, features)
-    peak = peak_flops(device)
+    peak = peak_flops(device, cfg.peak_tflops)
+    if peak is None and device.startswith("cuda") and master:
+        print(f"note: no bf16 peak known for {torch.cuda.get_device_name(device)!r}: no MFU in the log "
+              f"(pass --peak-tflops)", file=sys.stderr)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
@@ -629,7 +677,7 @@ def main(cfg):
         seconds = time.perf_counter() - t0
 
         if world > 1:  # every figure in the log covers the global batch
-            keys = ("loss", "ntp", "aux", "tokens", "positions", "padding", "images", "context")
+            keys = ("loss", "ntp", "aux", "tokens", "positions", "padding", "images", "context", "attended")
             packed = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)  # NCCL: GPU only
             dist.all_reduce(packed)
             stats.update(zip(keys, packed.tolist()))
@@ -637,7 +685,7 @@ def main(cfg):
         nll_by_tag = nll_by_tag.cpu()
         if master:
             tokens, positions, real = stats["tokens"], stats["positions"], stats["positions"] - stats["padding"]
-            flops = step_flops(model, real, tokens, stats["images"], stats["context"] / real)
+            flops = step_flops(model, real, tokens, stats["images"], stats["attended"] / real)  # needed work
             line = {"step": step + 1, "loss": stats["loss"] / tokens, "ntp": stats["ntp"] / tokens, "lr": lr,
                     "grad_norm": float(grad_norm), "tokens_per_s": positions / seconds,
                     "flops_per_s": flops / seconds, "seconds": seconds,

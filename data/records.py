@@ -471,9 +471,14 @@ def _cached_images(records, jobs, size, max_bad_fraction, workers, cache):
     return kept, images.view(len(kept), 3, size, size)
 
 
+_STATS = {}  # device -> (mean, std): built once per device, not copied to the GPU at every call
+
+
 def normalize(images_uint8):
     """uint8 (N,3,S,S) or (3,S,S) on any device -> float32 normalized with ImageNet mean/std."""
     x = images_uint8.float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    if x.device not in _STATS:
+        _STATS[x.device] = (torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1),
+                            torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1))
+    mean, std = _STATS[x.device]
     return (x - mean) / std
