@@ -53,7 +53,7 @@ PRESETS = {
         base_lm=dict(steps=1200),
         vit=dict(steps=300, batch_size=64, patch_size=16), seeds=5,
         lrs={"h": [1e-3, 3e-3, 1e-2], "u": [3e-4, 1e-3, 3e-3]},
-        vlm=dict(steps=200, batch_size=32, save_every=50, warmup=10, row_len=256, patch_size=16), stage1_steps=600,
+        vlm=dict(steps=200, batch_size=32, save_every=100, warmup=10, row_len=256, patch_size=16), stage1_steps=600,
         eval_rows=200, settings="web:h,hard:h", grid_seeds=2, extend=2, oracle_lows=[0.1, 0.3]),
     "gpu": dict(
         data=dict(n_ref=100000, n_text=100000, n_label=20000, n_train=100000, n_val=1000, n_test=2000, n_probe=1000,
