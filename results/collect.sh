@@ -5,8 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${1:-out}
 [ -f "$src/results.md" ] || { echo "collect.sh: $src/results.md is missing: run the main job first (bash run.sh)" >&2; exit 1; }
-mkdir -p results/main
-cp "$src/results.md" results/main/
+rm -rf results/main && mkdir -p results/main  # nothing stale from an earlier design stays behind
+# the table, the JSON it is made from (python report.py --results results/main/results.json --out results/main
+# regenerates results.md byte for byte), the lr choices, the design, and each mix's data summary
+cp "$src/results.md" "$src/results.json" "$src/lr_choice.json" "$src/experiment_config.json" results/main/
+for meta in "$src"/data_*/meta.json; do
+    mix=$(basename "$(dirname "$meta")"); cp "$meta" "results/main/${mix}_meta.json"
+done
 # the plots results.md shows, and the importance-score (Fig. 8) and token-weight (Fig. 1) pictures
 for png in $(grep -o '([a-z_]*\.png)' "$src/results.md" | tr -d '()') $(cd "$src" && ls importance_*.png token_weights_*.png); do
     cp "$src/$png" results/main/
@@ -16,6 +21,7 @@ for dir in "$src"/paper/*/; do  # ablation, baselines, scaling, instruct (and _u
     if [ -f "$dir/results.md" ]; then
         mkdir -p "results/$name"
         cp "$dir/results.md" "$dir"*.png "results/$name/"
+        [ -f "$dir/results.json" ] && cp "$dir/results.json" "results/$name/"
     fi
 done
 echo "copied into results/: $(cd results && find . -name '*.md' -o -name '*.png' | sort | tr '\n' ' ')"

@@ -52,6 +52,16 @@ def test_smoke_writes_every_output(smoke):
     assert set(relevance["auc"]) == {"image_vs_boiler", "image_vs_noise", "image_vs_rest"}
 
 
+def test_report_regenerates_results_md_from_results_json(smoke, tmp_path):
+    """results.md is a function of results.json alone: the committed table can be checked by anyone."""
+    import report
+    out, _ = smoke
+    report.main(["--results", str(out / "results.json"), "--out", str(tmp_path), "--no-plots"])
+    assert (tmp_path / "results.md").read_bytes() == (out / "results.md").read_bytes()
+    data = [r for r in json.loads((out / "results.json").read_text()) if r["phase"] == "data"]
+    assert {r["benchmark"] for r in data} >= {"predicted_image", "predicted_glue", "share_boiler"}
+
+
 def test_rerun_skips_finished_work(smoke):
     out, _ = smoke
     log = run(out)
