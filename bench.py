@@ -2,7 +2,7 @@
 step comes to the machine's own limit (in the spirit of nanoGPT's bench.py).
 
     python bench.py                                        # train.py's default model (--preset small)
-    python bench.py --preset bench --json out/bench.json   # decoder width 384: README's Performance table
+    python bench.py --preset bench --json out/bench.json   # decoder width 384: docs/performance.md
     python bench.py --preset tiny                          # a few seconds: the test
     python bench.py --preset cpu --threads 2               # experiment.py's CPU preset: feature cache speedup
 

@@ -210,7 +210,7 @@ def check_resume(cfg, state, path):
     """Refuse to resume `state` (last.pt) under flags that would change the run: one line naming them."""
     old = state.get("config", {})
     may_differ = set(RESUME_MAY_DIFFER)
-    if cfg.loss not in ("rho1", "cal") and cfg.objective == "none":  # those act per micro-batch (README)
+    if cfg.loss not in ("rho1", "cal") and cfg.objective == "none":  # those act per micro-batch (docs/scale.md)
         may_differ.add("micro_batch")
     changed = [(k, old[k], v) for k, v in asdict(cfg).items() if k not in may_differ and k in old and
                old[k] != v and (k not in RESUME_PATHS or bool(old[k]) != bool(v))]

@@ -72,7 +72,7 @@ def expand_shards(spec):
     else:
         paths = [spec]
     if not paths:
-        hint = " (a folder of images? write a JSONL of them: see README, \"Your own data\")" if os.path.isdir(spec) else ""
+        hint = " (a folder of images? write a JSONL of them: see docs/own_data.md)" if os.path.isdir(spec) else ""
         raise DataError(f"{spec}: matches no .tar shards{hint}")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
