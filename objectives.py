@@ -36,6 +36,10 @@ The attention-weighting baseline (--loss attn) needs token weights from a small 
 also trains one and writes them as a score file (train_attention_scorer, below; see its docstring):
 
     python objectives.py --data data/synth/train.jsonl --tokenizer out/tokenizer.json --out out/attn_scores_train.pt
+
+Flags in detail: the scorer's --n-layer defaults to 0 (each token's own embedding) because a contextual state
+also carries the image words before it, and the weights then leak onto later tokens; with --init-decoder, its
+first n_layer blocks are used.
 """
 import math
 import os
@@ -348,7 +352,7 @@ class AttnConfig:
     vit_depth: int = field(default=2, metadata={"help": "ViT depth (scratch ViT)"})
     vit_heads: int = field(default=3, metadata={"help": "ViT heads (scratch ViT)"})
     d_model: int = field(default=128, metadata={"help": "text width (scratch text model)"})
-    n_layer: int = field(default=0, metadata={"help": "text transformer blocks before the cross-attention (0 = each token's own embedding: a contextual state also carries the image words before it, and the weights then leak onto later tokens; with --init-decoder, its first n_layer blocks)"})
+    n_layer: int = field(default=0, metadata={"help": "text transformer blocks before the cross-attention (0 = each token's own embedding)"})
     n_head: int = field(default=4, metadata={"help": "text heads (scratch text model)"})
     steps: int = field(default=400, metadata={"help": "training steps"})
     batch_size: int = field(default=64, metadata={"help": "image-caption pairs per step (each caption is contrasted with every image)"})

@@ -13,6 +13,8 @@ PRIOR's weights near 0). A warning says when validation NLL rises while the trai
 Captions are packed into rows of --row-len tokens with attention kept inside each caption and positions
 restarting at each caption (data/packing.py), so no compute is spent on padding. The checkpoint holds the
 weights, this config, the decoder config, the tokenizer fingerprint and the training-data fingerprint.
+
+Flags in detail: --data's formats are read by data/records.py.
 """
 import json
 import os
@@ -36,7 +38,7 @@ from utils import atomic_save, autocast, lr_at, pick_device, seed_everything, te
 
 @dataclass
 class RefConfig:
-    data: str = field(default="data/synth/ref.jsonl", metadata={"help": "caption file(s), comma-separated: JSONL, LLaVA or COCO JSON, or .tar shards (see data/records.py); images are not read"})
+    data: str = field(default="data/synth/ref.jsonl", metadata={"help": "caption file(s), comma-separated: JSONL, LLaVA or COCO JSON, or .tar shards; images are not read"})
     tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json from tokenizer.py"})
     out: str = field(default="out/ref_lm.pt", metadata={"help": "checkpoint to write"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of captions held out for validation (at least 64, at most a quarter)"})

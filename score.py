@@ -30,6 +30,9 @@ well the weights find image-related tokens (ROC-AUC, mean weight per category, t
 that the reference LM predicts with p_ref > 0.5) and draws a picture like the
 paper's Fig. 1: a few captions with each token shaded by its weight (with --stream: on the first
 --report-captions captions of rank 0's share).
+
+Flags in detail: --data takes LLaVA/COCO JSON as path::image_folder. With --batch-rows, --row-len is also the
+tokens per forward pass. --stream keeps memory flat as data grows.
 """
 import bisect
 import hashlib
@@ -62,12 +65,12 @@ SHARD_MAGIC = b"PRIOR-SCORES-SHARD-1\n"
 class ScoreConfig:
     ref: str = field(default="out/ref_lm.pt", metadata={"help": "reference LM checkpoint from reference_lm.py"})
     tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json the reference LM was trained with"})
-    data: str = field(default="data/synth/train.jsonl", metadata={"help": "caption data to score (the VLM's training data): .jsonl, LLaVA/COCO .json (path::image_folder), .tar shards"})
-    out: str = field(default="out/scores_train.pt", metadata={"help": "score file (or, with --stream / torchrun, index file) to write; a .json report and .png figure go beside it"})
-    row_len: int = field(default=512, metadata={"help": "longest caption scored whole (capped by the model's context); with --batch-rows, the tokens per forward pass"})
+    data: str = field(default="data/synth/train.jsonl", metadata={"help": "caption data to score (the VLM's training data): .jsonl, LLaVA/COCO .json, .tar shards"})
+    out: str = field(default="out/scores_train.pt", metadata={"help": "score file (or, with --stream / torchrun, index file) to write; report .json and .png beside it"})
+    row_len: int = field(default=512, metadata={"help": "longest caption scored whole (capped by the model's context); tokens per row of a forward pass"})
     batch_rows: int = field(default=16, metadata={"help": "a forward pass holds up to row_len x batch_rows tokens (captions of one length)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    stream: bool = field(default=False, metadata={"help": "score in chunks and write a shard per process plus an index at --out, so memory stays flat as data grows (always on under torchrun)"})
+    stream: bool = field(default=False, metadata={"help": "score in chunks, write a shard per process and an index at --out (always on under torchrun)"})
     chunk: int = field(default=2048, metadata={"help": "with --stream: captions scored and written at a time"})
     report_captions: int = field(default=2000, metadata={"help": "with --stream: captions (the first of rank 0's share) kept for the relevance report and picture"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of records is bad"})

@@ -9,6 +9,8 @@ Special tokens (always the first ids, in this order):
 
 Every later artefact (reference LM, scores, checkpoints) records `fingerprint(tok)` so a mismatched
 tokenizer is refused instead of silently producing garbage.
+
+Flags in detail: --data's formats are read by data/records.py.
 """
 import hashlib
 import os
@@ -83,7 +85,7 @@ def token_word_index(tok, captions):
 @dataclass
 class TokenizerConfig:
     data: str = field(default="data/synth/text.jsonl,data/synth/train.jsonl",
-                      metadata={"help": "comma-separated caption files (JSONL, LLaVA or COCO JSON, .tar shards: see data/records.py) to learn merges from"})
+                      metadata={"help": "comma-separated caption files (JSONL, LLaVA or COCO JSON, .tar shards) to learn merges from"})
     out: str = field(default="out/tokenizer.json", metadata={"help": "where to write tokenizer.json"})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size including special tokens"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of a file's records is bad"})

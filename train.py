@@ -42,6 +42,26 @@ for bit).
 Alarm: with any weighted loss (not ntp), when the plain caption NLL (log.jsonl's "ntp") rises clearly above its
 level at the end of warm-up (health.nll_rise, a running mean), the run prints a warning once, again at the end,
 and records it as "alarm" in that step's log line: the model is unlearning the caption language (docs/own_data.md).
+
+Flags in detail:
+  --data: JSONL, LLaVA JSON, COCO captions (captions.json::image_folder) or webdataset .tar shards (see
+    data/records.py).
+  --loss: ntp, prior (--scores), prior_shuffled (PRIOR's weights permuted within each caption: a control), rare
+    (inverse frequency), oracle (ground-truth tags), attn (--attn-scores from objectives.py), rho1 (Rho-1
+    selection by excess loss over -log p_ref from --scores; --rho1-keep), cal (CAL: weight clamp(logit with image
+    - logit with another sample's image, 1, 5), 3-token moving average, batch mean 1; +1 forward without
+    gradient).
+  --objective: none, itm (image-text matching head at each caption's last token, mismatches = the batch's images
+    rolled by one; ~2.2x step time), itc (InfoNCE between the pooled image states and a text-only pass's caption
+    state; ~1.3x), recon (linear head at the image positions regresses each patch's normalised pixels, MSE;
+    ~1.05x). Its heads train with --train projector too.
+  --vision timm:<name>: the timm model is built offline; image size, patches and width then come from it.
+    --vision-weights holds torch.save(model.state_dict(), path) or a .safetensors file; nothing is downloaded.
+    --vision-kwargs: the weights must fit them.
+  --stop-at: e.g. to fit a time slot.
+  --image-cache: memory stays flat for any number of images, and a re-run with the same images reads the file
+    instead of decoding.
+  --fsdp: FSDP2 fully_shard per decoder block and the root, instead of DDP's full copies.
 """
 import json
 import math
@@ -73,13 +93,13 @@ from utils import (atomic_save, autocast, check_fingerprint, file_fingerprint, l
 
 @dataclass
 class TrainConfig:
-    data: str = field(default="data/synth/train.jsonl", metadata={"help": "image-caption pairs: JSONL, LLaVA JSON, COCO captions (captions.json::image_folder) or webdataset .tar shards (see data/records.py)"})
+    data: str = field(default="data/synth/train.jsonl", metadata={"help": "image-caption pairs: JSONL, LLaVA JSON, COCO captions (captions.json::image_folder) or .tar shards"})
     tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json"})
     scores: str = field(default="out/scores_train.pt", metadata={"help": "score.py output for --data (needed by --loss prior)"})
     out_dir: str = field(default="runs/default", metadata={"help": "where config, log and checkpoints go"})
     arch: str = field(default="h", metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", "choices": ["h", "u"]})
-    loss: str = field(default="ntp", metadata={"help": "token weighting of the caption loss: ntp, prior (--scores), prior_shuffled (PRIOR's weights permuted within each caption: a control), rare (inverse frequency), oracle (ground-truth tags), attn (--attn-scores from objectives.py), rho1 (Rho-1 selection by excess loss over -log p_ref from --scores; --rho1-keep), cal (CAL: weight clamp(logit with image - logit with another sample's image, 1, 5), 3-token moving average, batch mean 1; +1 forward without gradient)", "choices": ["ntp", "prior", "prior_shuffled", "rare", "oracle", "attn", "rho1", "cal"]})
-    objective: str = field(default="none", metadata={"help": "auxiliary objective added to the caption loss (objectives.py): none, itm (image-text matching head at each caption's last token, mismatches = the batch's images rolled by one; ~2.2x step time), itc (InfoNCE between the pooled image states and a text-only pass's caption state; ~1.3x), recon (linear head at the image positions regresses each patch's normalised pixels, MSE; ~1.05x). Its heads train with --train projector too", "choices": ["none", "itm", "itc", "recon"]})
+    loss: str = field(default="ntp", metadata={"help": "token weighting of the caption loss (see Losses and Flags in detail, above)", "choices": ["ntp", "prior", "prior_shuffled", "rare", "oracle", "attn", "rho1", "cal"]})
+    objective: str = field(default="none", metadata={"help": "auxiliary objective added to the caption loss (objectives.py; Flags in detail, above)", "choices": ["none", "itm", "itc", "recon"]})
     aux_weight: float = field(default=1.0, metadata={"help": "weight of the --objective loss: loss = caption loss + aux_weight x auxiliary loss"})
     rho1_keep: float = field(default=0.6, metadata={"help": "--loss rho1: share of each micro-batch's caption tokens kept (top by excess loss); 1 = NTP"})
     itc_dim: int = field(default=64, metadata={"help": "--objective itc: width of the image and text projections"})
@@ -91,9 +111,9 @@ class TrainConfig:
     init_decoder: str = field(default="", metadata={"help": "base LM for the decoder: a reference_lm.py checkpoint, or hf:FOLDER (hf.py) ('' = scratch)"})
     init_encoder: str = field(default="", metadata={"help": "vision-encoder checkpoint from vision.py to start the ViT from ('' = scratch)"})
     init_from: str = field(default="", metadata={"help": "a train.py checkpoint to start all weights from (e.g. the U-LVLM's stage 1)"})
-    vision: str = field(default="", metadata={"help": "H-LVLM encoder: '' = the built-in ViT (--vit-*, --init-encoder); 'timm:<name>' = that timm model, built offline; image size, patches and width then come from it"})
-    vision_weights: str = field(default="", metadata={"help": "local file with the --vision timm model's state dict (torch.save(model.state_dict(), path), or .safetensors); nothing is downloaded"})
-    vision_kwargs: str = field(default="", metadata={"help": "extra timm.create_model arguments for --vision as JSON, e.g. '{\"img_size\": 336}' (the weights must fit them)"})
+    vision: str = field(default="", metadata={"help": "H-LVLM encoder: '' = the built-in ViT (--vit-*, --init-encoder); 'timm:<name>' = that timm model"})
+    vision_weights: str = field(default="", metadata={"help": "local file with the --vision timm model's state dict (torch.save or .safetensors); no download"})
+    vision_kwargs: str = field(default="", metadata={"help": "extra timm.create_model arguments for --vision as JSON, e.g. '{\"img_size\": 336}'"})
     text_data: str = field(default="", metadata={"help": "text-only captions mixed into every batch with NTP loss ('' = none)"})
     text_ratio: float = field(default=1.0, metadata={"help": "text-only samples per image-caption sample when --text-data is set"})
     image_size: int = field(default=48, metadata={"help": "images are resized to this square size"})
@@ -115,14 +135,14 @@ class TrainConfig:
     save_every: int = field(default=100, metadata={"help": "write ckpt_<step>.pt every N steps (the paper: 500 of 5,000)"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation and data order"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/last.pt"})
-    stop_at: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this step, e.g. to fit a time slot; --resume continues (0 = run to --steps)"})
+    stop_at: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this step; --resume continues (0 = run to --steps)"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of records is bad"})
     workers: int = field(default=0, metadata={"help": "processes for decoding images at start-up"})
-    image_cache: str = field(default="", metadata={"help": "keep the decoded images in this file (memory-mapped) instead of in memory: memory stays flat for any number of images, and a re-run with the same images reads it instead of decoding ('' = in memory)"})
+    image_cache: str = field(default="", metadata={"help": "keep the decoded images in this memory-mapped file, reused by re-runs ('' = in memory)"})
     feature_cache: str = field(default="", metadata={"help": "folder caching the frozen ViT's features (--arch h --train projector only; data/features.py)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    fsdp: bool = field(default=False, metadata={"help": "with several processes, shard weights, gradients and optimizer state (FSDP2 fully_shard per decoder block and the root) instead of DDP's full copies"})
+    fsdp: bool = field(default=False, metadata={"help": "with several processes, shard weights, gradients and optimizer state (FSDP2), not DDP's copies"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
     peak_tflops: float = field(default=0.0, metadata={"help": "the device's dense bf16 peak in TFLOP/s for MFU (0 = from train.PEAK_BF16 by GPU name)"})
 

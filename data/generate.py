@@ -25,6 +25,12 @@ No validation, test or probe scene equals a training scene, and no training-side
 base LM, labels) holds a validation, test or probe scene or caption: the evaluation measures generalisation.
 Same config -> byte-identical files: every random draw comes from a seeded stream per split
 and every image from its own seed, so the worker count does not matter.
+
+Flags in detail: --noise-share: the description's glue words ('a', 'of', 'at the') are boilerplate too, so at
+image_share 0.3 the measured share saturates near 0.25 (1.0: all filler is noise). --noise-vocab sets how high
+the noise entropy is. --boiler-vary gives partly predictable boilerplate. --bare-noise: 'maria lopez' instead of
+'photo by maria lopez'. --jitter 0 (fixed centres) is easier for a patch-8 ViT. --text-context teaches the base
+LM to use context; such descriptions are never in the reference LM's captions.
 """
 import argparse
 import json
@@ -95,11 +101,9 @@ class GenConfig:
     image_share: typing.Optional[float] = opt(None, "target fraction of caption words that depend on the image "
                                                     "(the paper measured ~0.3)")
     noise_share: typing.Optional[float] = opt(None, "target fraction of the NON-image words that are random noise "
-                                                    "(rest: boilerplate). The description's glue words ('a', 'of', "
-                                                    "'at the') are boilerplate too, so at image_share 0.3 the "
-                                                    "measured share saturates near 0.25 (1.0: all filler is noise)")
+                                                    "(rest: boilerplate)")
     noise_vocab: typing.Optional[int] = opt(None, "distinct items per noise kind (names, places, prices, dates, "
-                                                  "ids, numbers): how high the noise entropy is")
+                                                  "ids, numbers)")
     colour_corr: typing.Optional[float] = opt(None, "chance an object has its shape's usual colour (text predicts "
                                                     "the shape from the colour)")
     site_shapes: typing.Optional[float] = opt(None, "chance an object's shape is one of its caption site's two "
@@ -107,9 +111,9 @@ class GenConfig:
     title_prob: typing.Optional[float] = opt(None, "chance a site repeats a short title of the scene (image words "
                                                    "that the description predicts)")
     boiler_vary: typing.Optional[float] = opt(None, "chance a stock phrase is drawn at random instead of from the "
-                                                    "site's template (partly predictable boilerplate)")
+                                                    "site's template")
     bare_noise: typing.Optional[float] = opt(None, "chance a noise field comes without its template words "
-                                                   "('maria lopez' instead of 'photo by maria lopez')")
+                                                   "('maria lopez')")
     n_ref: int = opt(20000, "text-only captions for the reference LM (fresh scenes, never a train/val/test caption)")
     n_text: int = opt(20000, "more text-only captions (base LM pre-training / text-only mix)")
     n_label: int = opt(5000, "images with a short label as caption (stage 1 of the encoder-free model)")
@@ -121,12 +125,12 @@ class GenConfig:
     image_size: int = opt(48, "image side in pixels (a 3x3 grid of cells)")
     min_objects: int = opt(1, "fewest objects per scene")
     max_objects: int = opt(4, "most objects per scene (below --n-shapes)")
-    n_shapes: int = opt(6, f"shapes used, the first n of {SHAPES}")
-    n_colours: int = opt(8, f"colours used, the first n of {list(COLOURS)}")
+    n_shapes: int = opt(6, f"shapes used, the first n of: {' '.join(SHAPES)}")
+    n_colours: int = opt(8, f"colours used, the first n of: {' '.join(COLOURS)}")
     object_scale: float = opt(1.0, "object size multiplier; large radius = 0.42 cell x scale (bigger: easier)")
     small_ratio: float = opt(0.75, "radius of 'small' objects relative to 'large' ones (smaller: harder)")
     jitter: float = opt(1.0, "how far an object may drift from its cell centre, as a share of the free room "
-                              "(0: fixed centres, easier for a patch-8 ViT)")
+                              "(0: fixed)")
     rotate: float = opt(10.0, "max random rotation of a shape in degrees (keep < 45: square vs diamond)")
     colour_jitter: float = opt(15.0, "max per-channel RGB jitter of an object's colour")
     colour_contrast: float = opt(1.0, "scale colours around grey (< 1: more similar colours, harder)")
@@ -137,8 +141,7 @@ class GenConfig:
     n_sites: int = opt(40, "web sites captions come from; each writes its boilerplate from one template")
     pos_prob: float = opt(0.5, "chance a site's captions give object positions")
     count_prob: float = opt(0.25, "chance a site's captions count the objects ('three shapes :')")
-    text_context: float = opt(1.0, "chance a text-only document starts with a full description of its scene "
-                                   "(teaches the base LM to use context; never in the reference LM's captions)")
+    text_context: float = opt(1.0, "chance a text-only document starts with a full description of its scene")
     size_prob: float = opt(0.35, "chance an object phrase keeps its size")
     colour_prob: float = opt(0.85, "chance an object phrase keeps its colour")
     workers: int = opt(2, "processes rendering images (the output does not depend on it)")
