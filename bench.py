@@ -75,18 +75,36 @@ SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (30, 1024, 2000, 2048, 2048), 
 
 @dataclass
 class BenchConfig:
-    preset: str = field(default="small", metadata={"help": "tiny: seconds, for tests; small: train.py's default; bench: d 384 x 6; cpu/gpu: experiment.py's", "choices": list(PRESETS)})
-    arch: str = field(default="h", metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", "choices": ["h", "u"]})
-    steps: int = field(default=0, metadata={"help": "timed train steps per loss, median reported (0 = the preset's: 3 tiny, 30 otherwise)"})
+    preset: str = field(default="small",
+                        metadata={"help": "tiny: seconds, for tests; small: train.py's default; bench: d 384 x 6; "
+                                          "cpu/gpu: experiment.py's", "choices": list(PRESETS)})
+    arch: str = field(default="h",
+                      metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM",
+                                "choices": ["h", "u"]})
+    steps: int = field(default=0,
+                       metadata={"help": "timed train steps per loss, median reported (0 = the preset's: 3 tiny, "
+                                         "30 otherwise)"})
     warmup: int = field(default=2, metadata={"help": "untimed steps per loss first (allocator, caches, torch.compile)"})
-    batch_size: int = field(default=0, metadata={"help": "image-caption samples per step (0 = the preset's: 8 tiny, else train.py's 32)"})
-    row_len: int = field(default=0, metadata={"help": "tokens per packed row at most (0 = the preset's: 64 tiny, else train.py's 256)"})
-    pairs: int = field(default=0, metadata={"help": "image-caption pairs to generate: caption lengths, loader timing, scoring (0 = the preset's)"})
+    batch_size: int = field(default=0,
+                            metadata={"help": "image-caption samples per step (0 = the preset's: 8 tiny, else "
+                                              "train.py's 32)"})
+    row_len: int = field(default=0,
+                         metadata={"help": "tokens per packed row at most (0 = the preset's: 64 tiny, else "
+                                           "train.py's 256)"})
+    pairs: int = field(default=0,
+                       metadata={"help": "image-caption pairs to generate: caption lengths, loader timing, scoring (0 "
+                                         "= the preset's)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = os.cpu_count())"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model, as train.py --compile (compiling is part of the warm-up)"})
-    peak_tflops: float = field(default=0.0, metadata={"help": "dense bf16 peak of the GPU in TFLOP/s for MFU (0 = from train.PEAK_BF16 by name)"})
-    profile: bool = field(default=False, metadata={"help": "also run torch.profiler over two PRIOR forward+backward passes and print where the time goes"})
+    compile: bool = field(default=False,
+                          metadata={"help": "torch.compile the model, as train.py --compile (compiling is part of "
+                                            "the warm-up)"})
+    peak_tflops: float = field(default=0.0,
+                               metadata={"help": "dense bf16 peak of the GPU in TFLOP/s for MFU (0 = from "
+                                                 "train.PEAK_BF16 by name)"})
+    profile: bool = field(default=False,
+                          metadata={"help": "also run torch.profiler over two PRIOR forward+backward passes and print "
+                                            "where the time goes"})
     json: str = field(default="", metadata={"help": "also write the results to this file, one flat JSON object"})
     seed: int = field(default=0, metadata={"help": "seed of the generated data and the model"})
 
@@ -251,7 +269,8 @@ def main(cfg):
     # What in-order (next-fit) packing, the packer's default, would pad on the same batches.
     prefix, padded, total = model.image_tokens(), 0, 0
     for i in range(cfg.warmup, cfg.warmup + steps):
-        b = pack([samples[j] for j in train.global_batch(i, len(samples), tcfg.batch_size, tcfg.seed)], tcfg.row_len, prefix)
+        b = pack([samples[j] for j in train.global_batch(i, len(samples), tcfg.batch_size, tcfg.seed)],
+                 tcfg.row_len, prefix)
         padded, total = padded + int((b.input_ids == T.PAD).sum()), total + b.input_ids.numel()
     r["pad_fraction_next_fit"] = padded / total
     r["loader_images_per_s_needed"] = tcfg.batch_size / r["train_step_s_prior"]

@@ -24,10 +24,12 @@ from utils import autocast, check_fingerprint, pick_device
 
 @dataclass
 class CaptionConfig:
-    ckpt: str = field(default="runs/default/last.pt", metadata={"help": "train.py checkpoint (last.pt or ckpt_<step>.pt)"})
+    ckpt: str = field(default="runs/default/last.pt",
+                      metadata={"help": "train.py checkpoint (last.pt or ckpt_<step>.pt)"})
     image: str = field(default="", metadata={"help": "image file to caption (any format PIL reads)"})
     prompt: str = field(default="", metadata={"help": "text the caption starts with, e.g. 'a photo of' ('' = none)"})
-    greedy: bool = field(default=False, metadata={"help": "always take the most likely token (ignores --temperature and --top-k)"})
+    greedy: bool = field(default=False,
+                         metadata={"help": "always take the most likely token (ignores --temperature and --top-k)"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0 = greedy)"})
     top_k: int = field(default=20, metadata={"help": "sample among the k most likely tokens (0 = all)"})
     max_new_tokens: int = field(default=40, metadata={"help": "stop after this many new tokens if no <|eos|> came"})

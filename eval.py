@@ -3,9 +3,11 @@
     python eval.py --ckpt runs/h_prior/ckpt_000300.pt --mc my_questions.jsonl      # your own questions
     python eval.py --ckpt runs/h_prior/ckpt_000300.pt --probes data/synth/probes --test data/synth/test.jsonl
     # every ckpt_*.pt of a run -> runs/h_prior/eval.json (a re-run skips the checkpoints already there):
-    python eval.py --run-dir runs/h_prior --probes data/synth/probes --test data/synth/test.jsonl --test-scores out/scores_test.pt
+    python eval.py --run-dir runs/h_prior --probes data/synth/probes --test data/synth/test.jsonl \\
+        --test-scores out/scores_test.pt
     # importance scores vs caption length and token position (the paper's Fig. 8), no model needed:
-    python eval.py --importance out/scores_test.pt --importance-data data/synth/test.jsonl --tokenizer out/tokenizer.json
+    python eval.py --importance out/scores_test.pt --importance-data data/synth/test.jsonl \\
+        --tokenizer out/tokenizer.json
 
 Multiple choice (JSONL, one question a line; image relative to the file's folder, other keys ignored):
     {"image": "img/1.png", "prompt": "a photo of", "choices": ["a red circle", "a blue star"], "answer": 0}
@@ -56,23 +58,41 @@ THRESHOLDS = (0.25, 0.5, 0.75)
 @dataclass
 class EvalConfig:
     ckpt: str = field(default="", metadata={"help": "one train.py checkpoint to evaluate (results printed)"})
-    run_dir: str = field(default="", metadata={"help": "evaluate every ckpt_*.pt here into RUN_DIR/eval.json; checkpoints already in it are skipped"})
+    run_dir: str = field(default="",
+                         metadata={"help": "evaluate every ckpt_*.pt here into RUN_DIR/eval.json; checkpoints already "
+                                           "in it are skipped"})
     mc: str = field(default="", metadata={"help": "comma-separated multiple-choice JSONL files of your own"})
-    probes: str = field(default="", metadata={"help": "folder of probe *.jsonl files (the built-in suite, data/synth/probes)"})
-    test: str = field(default="", metadata={"help": "held-out caption JSONL (with word 'tags') for the token-level NLL analysis"})
-    test_scores: str = field(default="", metadata={"help": "score.py output for --test: adds NLL by PRIOR weight w = 1 - p_ref"})
-    importance: str = field(default="", metadata={"help": "score.py output to analyse: mean w vs caption length and token position"})
-    importance_data: str = field(default="", metadata={"help": "the caption file --importance was scored on ('' = the path recorded in it)"})
+    probes: str = field(default="",
+                        metadata={"help": "folder of probe *.jsonl files (the built-in suite, data/synth/probes)"})
+    test: str = field(default="",
+                      metadata={"help": "held-out caption JSONL (with word 'tags') for the token-level NLL analysis"})
+    test_scores: str = field(default="",
+                             metadata={"help": "score.py output for --test: adds NLL by PRIOR weight w = 1 - p_ref"})
+    importance: str = field(default="",
+                            metadata={"help": "score.py output to analyse: mean w vs caption length and "
+                                              "token position"})
+    importance_data: str = field(default="",
+                                 metadata={"help": "the caption file --importance was scored on ('' = the path "
+                                                   "recorded in it)"})
     png: str = field(default="", metadata={"help": "figure of the importance analysis ('' = beside the score file)"})
-    tokenizer: str = field(default="", metadata={"help": "tokenizer.json ('' = the path in the checkpoint's config); its fingerprint is checked"})
-    max_rows: int = field(default=0, metadata={"help": "evaluate a fixed random subset of this many rows of each probe file and of --test (0 = all)"})
-    row_len: int = field(default=256, metadata={"help": "tokens per packed row (grown to fit the longest question or caption)"})
+    tokenizer: str = field(default="",
+                           metadata={"help": "tokenizer.json ('' = the path in the checkpoint's config); its "
+                                             "fingerprint is checked"})
+    max_rows: int = field(default=0,
+                          metadata={"help": "evaluate a fixed random subset of this many rows of each probe file and "
+                                            "of --test (0 = all)"})
+    row_len: int = field(default=256,
+                         metadata={"help": "tokens per packed row (grown to fit the longest question or caption)"})
     batch_rows: int = field(default=8, metadata={"help": "rows per forward pass"})
     seed: int = field(default=0, metadata={"help": "seed of the image derangement and of --max-rows subsets"})
-    max_bad_fraction: float = field(default=0.05, metadata={"help": "stop if more than this share of an MC or --test file's rows is bad"})
+    max_bad_fraction: float = field(default=0.05,
+                                    metadata={"help": "stop if more than this share of an MC or --test "
+                                                      "file's rows is bad"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
-    feature_cache: str = field(default="", metadata={"help": "H-LVLM: folder caching the ViT's features per image file, across runs (data/features.py)"})
+    feature_cache: str = field(default="",
+                               metadata={"help": "H-LVLM: folder caching the ViT's features per image file, across "
+                                                 "runs (data/features.py)"})
 
 
 # ----------------------------------------------------------------------------- data (decoded once per process)
@@ -206,7 +226,8 @@ def score_docs(model, docs, embeds, row_len=256, batch_rows=8, device="cpu", des
     scored: its entry is None, and the caller counts it."""
     limit = model.decoder.cfg.max_seq_len  # the last input of a branch sits at len(shared) + len(b) - 2
     fits = [len(shared) + max(len(b) - 1 for b in branches) <= limit for _, shared, branches in docs]
-    sizes = [len(shared) + sum(len(b) - 1 for b in branches) for _, shared, branches in docs]  # a branch's last token is no input
+    # a branch's last token is no input
+    sizes = [len(shared) + sum(len(b) - 1 for b in branches) for _, shared, branches in docs]
     row_len = max(row_len, *(n for n, ok in zip(sizes, fits) if ok), 1)
     rows, used = [[]], 0
     for d, n in enumerate(sizes):
@@ -238,7 +259,8 @@ def score_docs(model, docs, embeds, row_len=256, batch_rows=8, device="cpu", des
             cells.append(here + [(T.PAD, 0, len(row), 0)] * (row_len - len(here)))  # padding: its own doc
         ids, pos, doc, branch = torch.tensor(cells, device=device).unbind(-1)
         if int(pos.max()) >= model.decoder.cfg.max_seq_len:
-            raise ValueError(f"a document reaches position {int(pos.max())}; the model has {model.decoder.cfg.max_seq_len}")
+            raise ValueError(f"a document reaches position {int(pos.max())}; the model has "
+                             f"{model.decoder.cfg.max_seq_len}")
         visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
         mask = (causal & (doc[:, :, None] == doc[:, None, :]) & visible).unsqueeze(1)
         with autocast(device):
@@ -274,7 +296,8 @@ def mc_eval(model, tok, path, device="cpu", max_rows=None, seed=0, max_bad_fract
     prefix = model.image_tokens() + [T.BOS]
     prompts = T.encode_captions(tok, [q.caption for q in questions])
     choices = iter(T.encode_captions(tok, [c for q in questions for c in q.extra["choices"]]))
-    docs = [(i, prefix + p, [next(choices) for _ in q.extra["choices"]]) for i, (q, p) in enumerate(zip(questions, prompts))]
+    docs = [(i, prefix + p, [next(choices) for _ in q.extra["choices"]])
+            for i, (q, p) in enumerate(zip(questions, prompts))]
     embeds = image_embeds(model, images, data_key("mc", path, model.cfg.image_size, max_rows, seed), device,
                           feature_cache=feature_cache)
     name = os.path.splitext(os.path.basename(path))[0]
@@ -357,11 +380,14 @@ def _evaluate(path, probes_dir=None, test_path=None, test_scores=None, device="c
 
 
 def evaluate_checkpoint(path, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None, **kw):
-    """[{"benchmark", "value"}] of one checkpoint. kw: mc_files, tokenizer, row_len, batch_rows, seed, max_bad_fraction."""
+    """[{"benchmark", "value"}] of one checkpoint.
+
+    kw: mc_files, tokenizer, row_len, batch_rows, seed, max_bad_fraction."""
     return _evaluate(path, probes_dir, test_path, test_scores, device, max_rows, **kw)[0]
 
 
-def evaluate_run(run_dir, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None, out=None, **kw):
+def evaluate_run(run_dir, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None,
+                 out=None, **kw):
     """Evaluate every ckpt_*.pt of run_dir not yet in `out` (default run_dir/eval.json); returns all rows.
     The file is rewritten after each checkpoint, so an interrupted run loses at most one checkpoint's work."""
     out = out or os.path.join(run_dir, "eval.json")
@@ -372,7 +398,8 @@ def evaluate_run(run_dir, probes_dir=None, test_path=None, test_scores=None, dev
     done = {r["step"] for r in rows}
     ckpts = sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")))
     todo = [p for p in ckpts if int(re.search(r"ckpt_(\d+)\.pt$", p).group(1)) not in done]
-    for path in tqdm(todo, desc=f"eval {os.path.basename(os.path.normpath(run_dir))}", disable=not todo or not sys.stderr.isatty()):
+    for path in tqdm(todo, desc=f"eval {os.path.basename(os.path.normpath(run_dir))}",
+                     disable=not todo or not sys.stderr.isatty()):
         t0 = time.perf_counter()
         results, ckpt = _evaluate(path, probes_dir, test_path, test_scores, device, max_rows, **kw)
         c = ckpt["config"]
@@ -424,7 +451,8 @@ def importance_analysis(scores_path, data_path=None, tokenizer_path="out/tokeniz
     for a, b in zip(edges, edges[1:]):
         sel = (lengths >= a) & (lengths < b)
         if sel.any():
-            bins.append({"min_len": a, "max_len": b - 1, "captions": int(sel.sum()), "mean_w": float(means[sel].mean())})
+            bins.append({"min_len": a, "max_len": b - 1, "captions": int(sel.sum()),
+                         "mean_w": float(means[sel].mean())})
     grid = torch.full((len(ws), hi - 1), float("nan"), dtype=torch.float64)
     for i, w in enumerate(ws):
         grid[i, :len(w)] = w
@@ -438,7 +466,8 @@ def importance_analysis(scores_path, data_path=None, tokenizer_path="out/tokeniz
         import matplotlib.pyplot as plt
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
         a.plot([(x["min_len"] + x["max_len"]) / 2 for x in bins], [x["mean_w"] for x in bins], "o-")
-        a.set(xlabel="caption length (tokens)", ylabel="mean w = 1 - p_ref", title=f"Pearson r = {report['pearson_r']:.3f}")
+        a.set(xlabel="caption length (tokens)", ylabel="mean w = 1 - p_ref",
+              title=f"Pearson r = {report['pearson_r']:.3f}")
         shown = int((counts >= max(1, len(ws) // 100)).sum())  # positions that at least 1% of captions reach
         b.plot(range(shown), report["position"]["mean_w"][:shown], ".-")
         b.set(xlabel="token position", ylabel="mean w", title=f"{report['captions']} captions")
@@ -509,7 +538,8 @@ def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     kw = dict(probes_dir=cfg.probes or None, test_path=cfg.test or None, test_scores=cfg.test_scores or None,
-              device=pick_device(cfg.device), max_rows=cfg.max_rows or None, mc_files=[f for f in cfg.mc.split(",") if f],
+              device=pick_device(cfg.device), max_rows=cfg.max_rows or None,
+              mc_files=[f for f in cfg.mc.split(",") if f],
               tokenizer=cfg.tokenizer or None, row_len=cfg.row_len, batch_rows=cfg.batch_rows, seed=cfg.seed,
               max_bad_fraction=cfg.max_bad_fraction, feature_cache=cfg.feature_cache)
     if not (cfg.ckpt or cfg.run_dir or cfg.importance):
@@ -527,8 +557,10 @@ def main(cfg):
         print(f"({time.perf_counter() - t0:.1f}s)  accuracy: summed log-likelihood; _norm: per-token mean")
     if cfg.importance:
         png = cfg.png or os.path.splitext(cfg.importance)[0] + "_importance.png"
-        rep = importance_analysis(cfg.importance, cfg.importance_data or None, cfg.tokenizer or "out/tokenizer.json", png)
-        print(f"{rep['captions']} captions, mean w {rep['mean_w']:.3f}, Pearson r(length, mean w) = {rep['pearson_r']:.3f}")
+        rep = importance_analysis(cfg.importance, cfg.importance_data or None,
+                                  cfg.tokenizer or "out/tokenizer.json", png)
+        print(f"{rep['captions']} captions, mean w {rep['mean_w']:.3f}, Pearson r(length, mean w) = "
+              f"{rep['pearson_r']:.3f}")
         for b in rep["length_bins"]:
             print(f"  length {b['min_len']:3d}-{b['max_len']:3d}: mean w {b['mean_w']:.3f} ({b['captions']} captions)")
         print(f"figure: {png}")

@@ -58,7 +58,8 @@ PRESETS = {
     "gpu": dict(
         data=dict(n_ref=100000, n_text=100000, n_label=20000, n_train=100000, n_val=1000, n_test=2000, n_probe=1000,
                   n_probe_val=500),
-        vocab=2048, lm=dict(n_layer=8, n_head=8, d_model=512, steps=3000, batch_rows=64, row_len=512, lr=1e-3, warmup=200),
+        vocab=2048,
+        lm=dict(n_layer=8, n_head=8, d_model=512, steps=3000, batch_rows=64, row_len=512, lr=1e-3, warmup=200),
         base_lm=dict(steps=10000),
         vit=dict(steps=3000, batch_size=256, patch_size=16), seeds=3,
         lrs={"h": [3e-4, 1e-3, 3e-3], "u": [1e-4, 3e-4, 1e-3]},
@@ -72,11 +73,17 @@ PRESETS = {
 @dataclass
 class ExperimentConfig:
     out: str = field(default="out", metadata={"help": "output folder: data, models, runs, results.md"})
-    preset: str = field(default="cpu", metadata={"help": "sizes: smoke, cpu or gpu (see PRESETS)", "choices": list(PRESETS)})
-    stage: str = field(default="all", metadata={"help": "prepare = data, tokenizer, reference LM, scores; all = everything", "choices": ["prepare", "all"]})
-    settings: str = field(default="", metadata={"help": "mix:family pairs to compare ('' = the preset's), e.g. web:h,hard:u"})
-    arms: str = field(default="ntp,prior,prior_shuffled,oracle", metadata={"help": "arms of the comparison (train.py losses)"})
-    tune: str = field(default="ntp,prior,oracle", metadata={"help": "arms whose lr is chosen on validation; others borrow"})
+    preset: str = field(default="cpu",
+                        metadata={"help": "sizes: smoke, cpu or gpu (see PRESETS)", "choices": list(PRESETS)})
+    stage: str = field(default="all",
+                       metadata={"help": "prepare = data, tokenizer, reference LM, scores; all = everything",
+                                 "choices": ["prepare", "all"]})
+    settings: str = field(default="",
+                          metadata={"help": "mix:family pairs to compare ('' = the preset's), e.g. web:h,hard:u"})
+    arms: str = field(default="ntp,prior,prior_shuffled,oracle",
+                      metadata={"help": "arms of the comparison (train.py losses)"})
+    tune: str = field(default="ntp,prior,oracle",
+                      metadata={"help": "arms whose lr is chosen on validation; others borrow"})
     seeds: int = field(default=0, metadata={"help": "paired seeds per arm (0 = the preset's)"})
     parallel: int = field(default=2, metadata={"help": "jobs at once (each with cpu_threads // parallel threads)"})
     nproc: int = field(default=1, metadata={"help": "processes per training run, under torchrun (e.g. the GPU count)"})
@@ -398,7 +405,8 @@ class Experiment:
                 for seed in range(seeds):
                     specs.append((mix, arch, loss, c["chosen"], seed, c["low"] if loss == "oracle" else None))
         for spec in specs:
-            if not os.path.exists(os.path.join(self.run_dir(*spec), "eval.json")) or not self.finished(self.run_dir(*spec)):
+            if (not os.path.exists(os.path.join(self.run_dir(*spec), "eval.json"))
+                    or not self.finished(self.run_dir(*spec))):
                 jobs.append(self.run_chain(spec, "test"))
         step(f"main runs: {len(specs)} ({len(jobs)} to train or evaluate), every checkpoint on the test split")
         self.parallel(jobs)
@@ -407,7 +415,8 @@ class Experiment:
             for loss, c in choice[f"{mix}/{arch}"].items():
                 if "grid" not in c:
                     continue  # a borrowed lr: no grid runs
-                points = [(lr, c["lows"][0]) for lr in sorted(c["grid"])] + [(c["chosen"], low) for low in c["lows"][1:]]
+                points = ([(lr, c["lows"][0]) for lr in sorted(c["grid"])]
+                          + [(c["chosen"], low) for low in c["lows"][1:]])
                 for lr, low in points:
                     for seed in range(self.p["grid_seeds"]):
                         d = self.run_dir(mix, arch, loss, lr, seed, low) + "_val"

@@ -141,7 +141,8 @@ class Decoder(nn.Module):
                 raise ValueError("the KV cache decodes one document per row: no doc_ids or mask")
             start = cache.pos
             if start and T > 1:  # several new tokens after cached ones: causal with the offset (True = may attend)
-                mask = torch.arange(start + T, device=x.device) <= torch.arange(start, start + T, device=x.device)[:, None]
+                mask = (torch.arange(start + T, device=x.device)
+                        <= torch.arange(start, start + T, device=x.device)[:, None])
         if position_ids is None:  # checked on the host: no device sync
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"position {start + T - 1} >= max_seq_len {self.cfg.max_seq_len}")
@@ -298,7 +299,8 @@ def load_vision_weights(encoder, path):
             from safetensors.torch import load_file
         except ImportError:
             raise ImportError(f"{path} is a .safetensors file, but the safetensors package is not installed: "
-                              f"pip install safetensors, or save the weights with torch.save(state_dict, 'x.pt')") from None
+                              "pip install safetensors, or save the weights with torch.save(state_dict, 'x.pt')"
+                              ) from None
         state = load_file(path)
     else:
         from utils import safe_load  # the project's message for a file a weights-only load refuses
@@ -307,7 +309,8 @@ def load_vision_weights(encoder, path):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict (name -> tensor); save one with torch.save(model.state_dict(), path)")
+        raise ValueError(f"{path} is not a state dict (name -> tensor); save one with "
+                         "torch.save(model.state_dict(), path)")
     own = encoder.model.state_dict()
     head = encoder.model.pretrained_cfg.get("classifier") or "head"
     heads = tuple(h + "." for h in ([head] if isinstance(head, str) else head))
@@ -459,7 +462,8 @@ def generate(model, input_ids, images=None, max_new_tokens=40, temperature=0.0, 
     Greedy for temperature 0, else sampled (sample_next; `generator` makes draws reproducible). A row stops
     at eos_id (None: never); decoding stops when every row has, after max_new_tokens, or at the model's
     max_seq_len. `banned` ids are never chosen: by default the special tokens other than eos, which training
-    never labels (an <|image|> drawn by chance would ask for an image that is not there). Returns a list of B lists of new token ids, without the eos; with return_logits also the
+    never labels (an <|image|> drawn by chance would ask for an image that is not there). Returns a list of B
+    lists of new token ids, without the eos; with return_logits also the
     (B, steps, V) float logits each step was drawn from. use_cache=False re-runs the whole sequence every step:
     the slow reference the cache is tested against."""
     model.eval()

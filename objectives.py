@@ -341,23 +341,36 @@ def caption_rows(samples, max_len):
 
 @dataclass
 class AttnConfig:
-    data: str = field(default="data/synth/train.jsonl", metadata={"help": "image-caption pairs to train the scorer on and to score (train.py's --data)"})
+    data: str = field(default="data/synth/train.jsonl",
+                      metadata={"help": "image-caption pairs to train the scorer on and to score (train.py's --data)"})
     tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json (train.py's)"})
-    out: str = field(default="out/attn_scores_train.pt", metadata={"help": "score file of per-token attention weights, read by train.py --loss attn --attn-scores"})
-    init_decoder: str = field(default="", metadata={"help": "base-LM checkpoint (reference_lm.py) to start the text side from ('' = scratch)"})
-    init_encoder: str = field(default="", metadata={"help": "ViT checkpoint (vision.py) to start the image side from ('' = scratch)"})
+    out: str = field(default="out/attn_scores_train.pt",
+                     metadata={"help": "score file of per-token attention weights, read by train.py --loss attn "
+                                       "--attn-scores"})
+    init_decoder: str = field(default="",
+                              metadata={"help": "base-LM checkpoint (reference_lm.py) to start the text side from "
+                                                "('' = scratch)"})
+    init_encoder: str = field(default="",
+                              metadata={"help": "ViT checkpoint (vision.py) to start the image side from "
+                                                "('' = scratch)"})
     image_size: int = field(default=48, metadata={"help": "image size (scratch ViT; --init-encoder's otherwise)"})
     patch_size: int = field(default=8, metadata={"help": "ViT patch size (scratch ViT)"})
     vit_dim: int = field(default=96, metadata={"help": "ViT width (scratch ViT)"})
     vit_depth: int = field(default=2, metadata={"help": "ViT depth (scratch ViT)"})
     vit_heads: int = field(default=3, metadata={"help": "ViT heads (scratch ViT)"})
     d_model: int = field(default=128, metadata={"help": "text width (scratch text model)"})
-    n_layer: int = field(default=0, metadata={"help": "text transformer blocks before the cross-attention (0 = each token's own embedding)"})
+    n_layer: int = field(default=0,
+                         metadata={"help": "text transformer blocks before the cross-attention (0 = each token's "
+                                           "own embedding)"})
     n_head: int = field(default=4, metadata={"help": "text heads (scratch text model)"})
     steps: int = field(default=400, metadata={"help": "training steps"})
-    batch_size: int = field(default=64, metadata={"help": "image-caption pairs per step (each caption is contrasted with every image)"})
+    batch_size: int = field(default=64,
+                            metadata={"help": "image-caption pairs per step (each caption is contrasted with "
+                                              "every image)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (warm-up 5%%, cosine to lr/10)"})
-    budget: float = field(default=0.3, metadata={"help": "price on the attention mass a token gives the image (pushes image-unrelated tokens to the null slot)"})
+    budget: float = field(default=0.3,
+                          metadata={"help": "price on the attention mass a token gives the image (pushes "
+                                            "image-unrelated tokens to the null slot)"})
     seed: int = field(default=0, metadata={"help": "seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
@@ -373,7 +386,8 @@ def train_attention_scorer(cfg):
     from data.records import load_images, normalize, read_records
     from reference_lm import make_optimizer
     from score import quantise
-    from utils import atomic_save, check_fingerprint, load_checkpoint, lr_at, pick_device, seed_everything, text_fingerprint
+    from utils import (atomic_save, check_fingerprint, load_checkpoint, lr_at, pick_device, seed_everything,
+                       text_fingerprint)
 
     device = pick_device(cfg.device)
     if cfg.threads:

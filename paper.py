@@ -58,7 +58,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from powerlaw import bootstrap_alpha, fit_power_law, holdout, log_sizes, predict, t_quantile  # noqa: F401 (t_quantile: tests)
+from powerlaw import (bootstrap_alpha, fit_power_law, holdout, log_sizes, predict,  # noqa: F401 (t_quantile: tests)
+                      t_quantile)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAIN_BENCHES = ["probe_avg", "presence", "colour", "count", "position", "retrieval", "nll_image", "nll_boiler",
@@ -90,7 +91,8 @@ class Setup:
         self.device = exp_cfg.device
         self.parallel = args.parallel or (1 if args.quick else max(1, exp_cfg.parallel))
         # one folder per command, family and mix, so that `--arch u` does not overwrite the H-LVLM's report
-        folder = command + ("" if self.arch == "h" else f"_{self.arch}") + ("" if self.mix == self.exp.mixes[0] else f"_{self.mix}")
+        folder = (command + ("" if self.arch == "h" else f"_{self.arch}")
+                  + ("" if self.mix == self.exp.mixes[0] else f"_{self.mix}"))
         self.out = os.path.abspath(args.out or os.path.join(self.src, "paper", folder))
         os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
         self.data = self.path(f"data_{self.mix}")
@@ -150,8 +152,8 @@ class Setup:
                     for k, v in have.items()}
         want = vars(parse_config(train.TrainConfig, [str(a) for a in args[1:]]))
         default = vars(parse_config(train.TrainConfig, []))  # a flag newer than the run: its default is what ran
-        skip = {"out_dir", "resume", "device", "threads", "workers", "image_cache", "feature_cache", "stop_at", "save_every",
-                "compile", "fsdp", "micro_batch"}
+        skip = {"out_dir", "resume", "device", "threads", "workers", "image_cache", "feature_cache", "stop_at",
+                "save_every", "compile", "fsdp", "micro_batch"}
         return all(have.get(k, default[k]) == v for k, v in want.items() if k not in skip)
 
     def eval_args(self, run_dir, rows=None, test_scores=True, probes=None, test=None):
@@ -184,7 +186,8 @@ class Setup:
         times = []
         for name in sorted(os.listdir(self.path("logs"))) if os.path.isdir(self.path("logs")) else []:
             if name.startswith(f"eval_{self.mix}_{self.arch}_") and not name.endswith("_val.log"):
-                times += [float(t) for t in re.findall(r"benchmarks in ([\d.]+)s", open(self.path("logs", name)).read())]
+                times += [float(t) for t in re.findall(r"benchmarks in ([\d.]+)s",
+                                                       open(self.path("logs", name)).read())]
         return (sum(times) / len(times), "the main job's eval logs") if times else (15.0, "a guess")
 
     def estimate(self, train_steps, n_train_jobs, n_evals, other_jobs=0, extra_s=0.0, note=""):
@@ -364,9 +367,11 @@ def ablation(args):
     if args.plan:
         return None
     s.check_own([(d, a) for k, seed, d, a in plan])
-    todo = [(a, f"train_{k}_s{seed}") for k, seed, d, a in plan if not os.path.exists(os.path.join(d, f"ckpt_{steps:06d}.pt"))]
+    todo = [(a, f"train_{k}_s{seed}") for k, seed, d, a in plan
+            if not os.path.exists(os.path.join(d, f"ckpt_{steps:06d}.pt"))]
     s.run_jobs(todo, "train")
-    s.run_jobs([(s.eval_args(d), f"eval_{k}_s{seed}") for k, seed, d, _ in plan if not s.final_rows(d, steps)], "evaluate")
+    s.run_jobs([(s.eval_args(d), f"eval_{k}_s{seed}") for k, seed, d, _ in plan
+                if not s.final_rows(d, steps)], "evaluate")
     values = {}  # key -> bench -> {seed: value}
     for k, seed, d, _ in plan:
         for b, v in s.final_rows(d, steps).items():
@@ -386,20 +391,26 @@ def ablation(args):
                   "arm: the main job's recipe, data and initialisation, the final checkpoint, evaluated as the "
                   "main job evaluates.")
     md += [f"- {steps} steps of batch {s.batch()}, lr NTP {lrs['ntp']:g}, every PRIOR arm {lrs['prior']:g} "
-           f"(chosen_lrs.json: chosen for NTP and PRIOR alpha 1 by their probe average on the validation probes; the other arms "
+           "(chosen_lrs.json: chosen for NTP and PRIOR alpha 1 by their probe average on the validation probes; "
+           "the other arms "
            f"were not tuned), seeds 0-{seeds - 1}; eval rows per probe file / test captions: {s.eval_rows or 'all'}",
-           f"- reused main-job runs (same settings): {', '.join(sorted({os.path.relpath(d, s.src) for d in reused.values()})) or 'none'}",
+           "- reused main-job runs (same settings): "
+           f"{', '.join(sorted({os.path.relpath(d, s.src) for d in reused.values()})) or 'none'}",
            f"- wall time of this command: {(time.time() - t0) / 60:.1f} min", "",
            "## Mean ± sample std over seeds (final step)", ""]
-    md += table(["benchmark"] + [f"{lab} (n={st[k][benches[0]]['n'] if benches else 0})" for k, lab, *_ in arms if k in st],
-                [[f"`{b}` {'↓' if report.lower_better(b) else '↑'}"] + [report.pm(st[k].get(b)) for k, *_ in arms if k in st]
+    md += table(["benchmark"] + [f"{lab} (n={st[k][benches[0]]['n'] if benches else 0})"
+                                 for k, lab, *_ in arms if k in st],
+                [[f"`{b}` {'↓' if report.lower_better(b) else '↑'}"]
+                 + [report.pm(st[k].get(b)) for k, *_ in arms if k in st]
                  for b in benches])
-    md += ["", "## Change vs NTP (relative; positive = better than NTP; * = |difference| > 2 Welch standard errors)", ""]
+    md += ["",
+           "## Change vs NTP (relative; positive = better than NTP; * = |difference| > 2 Welch standard errors)", ""]
     md += table(["benchmark"] + [lab for k, lab, *_ in arms if k in vs],
                 [[f"`{b}`"] + [(report.fmt(vs[k][b]["rel"], pct=True) + (" *" if vs[k][b]["clear"] else ""))
                                if b in vs[k] else "–" for k, *_ in arms if k in vs] for b in benches])
     md += ["", "Every benchmark of eval.py (mean ± std) is in results.json. `probe_avg`: mean accuracy over the probe "
-           "groups (chance: 0.5 for presence, 0.25 for each other group, with the generator's defaults); `nll_image`: NLL of image-related caption words with the true image; "
+           "groups (chance: 0.5 for presence, 0.25 for each other group, with the generator's defaults); `nll_image`: "
+           "NLL of image-related caption words with the true image; "
            "`gap_image`: NLL with another image minus with the true one (how much the image helps).", ""]
 
     keys = [k for k, *_ in arms if k in st]
@@ -414,7 +425,8 @@ def ablation(args):
         [[f"`{b}`"] + [report.pm(st[k].get(b)) for k in keys] for b in every])
     open(os.path.join(s.out, "results.md"), "w").write("\n".join(md) + "\n")
     write_json(os.path.join(s.out, "results.json"), {
-        "arms": [{"key": k, "label": lab, "loss": l, "alpha": a, "no_k": nk, "lr": lrs[l]} for k, lab, l, a, nk in arms],
+        "arms": [{"key": k, "label": lab, "loss": l, "alpha": a,
+                  "no_k": nk, "lr": lrs[l]} for k, lab, l, a, nk in arms],
         "steps": steps, "seeds": seeds, "stats": st, "vs_ntp": vs,
         "reused": {f"{k}/s{sd}": d for (k, sd), d in reused.items()}})
     print(f"done in {(time.time() - t0) / 60:.1f} min: {os.path.join(s.out, 'results.md')}, {png}")
@@ -496,7 +508,8 @@ def scaling(args):
     total_steps = sum(steps_of[n] for m, n, *_ in runs)
     print(f"scaling ({s.mix}, {s.arch.upper()}-LVLM): {', '.join(methods)} on {len(sizes)} subsets of {train_path} "
           f"({', '.join(map(str, sizes))} records; {args.epochs:g} epoch(s) of batch {batch}: "
-          f"{', '.join(str(steps_of[n]) for n in sizes)} steps), {seeds} seed(s); lr {', '.join(f'{m} {lrs[m]:g}' for m in methods)}")
+          f"{', '.join(str(steps_of[n]) for n in sizes)} steps), {seeds} seed(s); lr "
+          f"{', '.join(f'{m} {lrs[m]:g}' for m in methods)}")
     report_path = s.path(f"scores_{s.mix}_train.json")  # the main job's scoring report: its measured speed
     measured = json.load(open(report_path)).get("score_tokens_per_s") if os.path.exists(report_path) else None
     score_speed = measured or 6500
@@ -559,7 +572,8 @@ def scaling(args):
             fits[tgt, m] = f
     diffs = {}
     for tgt in targets:
-        if {"ntp", "prior"} <= set(methods) and "alpha" in fits.get((tgt, "prior"), {}) and "alpha" in fits.get((tgt, "ntp"), {}):
+        if ({"ntp", "prior"} <= set(methods) and "alpha" in fits.get((tgt, "prior"), {})
+                and "alpha" in fits.get((tgt, "ntp"), {})):
             a, b = fits[tgt, "prior"]["slopes"], fits[tgt, "ntp"]["slopes"]  # independent resamples (seeds 0, 1)
             k = min(len(a), len(b))
             diff = a[:k] - b[:k]
@@ -584,7 +598,8 @@ def scaling(args):
            f"- PRIOR's p_ref for each subset: score.py run on the subset file with the main job's reference LM "
            f"(`{os.path.relpath(ref, s.src)}`, same tokenizer), so each score file carries its subset's data "
            f"fingerprint; largest |p_ref(subset) - p_ref(full file)| over all tokens: "
-           f"{max(score_check.values()):.2e}" if score_check else "- PRIOR's p_ref: the full file's scores (no subset scored)",
+           f"{max(score_check.values()):.2e}" if score_check else "- PRIOR's p_ref: the full file's scores (no "
+                                                                  "subset scored)",
            f"- wall time of this command: {(time.time() - t0) / 60:.1f} min", ""]
     md += ["## Fits", "", "95% intervals of alpha_D: from the regression's standard error (t, n − 2 dof) and from "
            "a bootstrap over runs (2,000 resamples). D_c = exp(−intercept / alpha_D) is only meaningful when alpha_D "
@@ -684,17 +699,21 @@ def instruct(args):
     for m in methods:
         for seed in range(seeds):
             d = os.path.join(s.out, "runs", f"{m}_s{seed}_it{it_steps}_{args.it_loss}")
-            targs = ["train.py", "--data", qa_train, "--tokenizer", s.path("tokenizer.json"), "--arch", s.arch, "--out-dir", d,
+            targs = ["train.py", "--data", qa_train, "--tokenizer", s.path("tokenizer.json"), "--arch", s.arch,
+                     "--out-dir", d,
                      "--init-from", pre[m, seed][0], "--train", args.it_train, "--steps", str(it_steps),
-                     "--save-every", str(it_steps), "--lr", str(args.it_lr), "--warmup", str(min(10, max(1, it_steps // 10))),
+                     "--save-every", str(it_steps), "--lr", str(args.it_lr), "--warmup",
+                     str(min(10, max(1, it_steps // 10))),
                      "--batch-size", str(s.batch()), "--row-len", str(s.p["vlm"]["row_len"]), "--seed", str(seed),
                      "--device", s.device, "--resume"]
-            targs += ["--loss", "prior", "--alpha", "1", "--scores", mask] if args.it_loss == "answer" else ["--loss", "ntp"]
+            targs += (["--loss", "prior", "--alpha", "1", "--scores", mask] if args.it_loss == "answer"
+                      else ["--loss", "ntp"])
             runs[m, seed] = (d, targs)
     print(f"instruct ({s.mix}, {s.arch.upper()}-LVLM): {', '.join(methods)} x {seeds} seed(s); pre-trained "
           f"checkpoints: {len(pre) - len(pre_jobs)} from the "
           f"main job, {len(pre_jobs)} to train; instruction tuning {it_steps} steps of batch {s.batch()} at lr "
-          f"{args.it_lr:g} ({args.it_train}, loss on {'the answer' if args.it_loss == 'answer' else 'the whole text'}); "
+          f"{args.it_lr:g} ({args.it_train}, loss on "
+          f"{'the answer' if args.it_loss == 'answer' else 'the whole text'}); "
           f"{qa_rows} test questions per kind")
     factor = 3 if args.it_train == "all" else 1  # a guess: every weight's gradient, not only the projector's
     print(s.estimate(it_steps * len(runs) * factor + s.steps() * len(pre_jobs), len(runs) + len(pre_jobs),
@@ -714,7 +733,8 @@ def instruct(args):
     if args.it_loss == "answer" and not os.path.exists(mask):
         qa.answer_only_scores(qa_train, s.path("tokenizer.json"), mask)
     s.check_own([(os.path.dirname(ckpt), a) for a, name, ckpt in pre_jobs] + list(runs.values()))
-    s.run_jobs([(a, name) for a, name, ckpt in pre_jobs if not os.path.exists(ckpt)], "pre-train (no main-job checkpoint)")
+    s.run_jobs([(a, name) for a, name, ckpt in pre_jobs if not os.path.exists(ckpt)],
+               "pre-train (no main-job checkpoint)")
     s.run_jobs([(a, f"it_{m}_s{seed}") for (m, seed), (d, a) in runs.items()
                 if not os.path.exists(os.path.join(d, f"ckpt_{it_steps:06d}.pt"))], "instruction tuning")
     s.run_jobs([(s.eval_args(d), f"eval_it_{m}_s{seed}") for (m, seed), (d, a) in runs.items()
@@ -734,7 +754,8 @@ def instruct(args):
         with open(qa_test[k]) as f:
             kind_of.update({json.loads(line)["id"]: k for line in f if line.strip()})
     results = {}  # (method, stage) -> bench -> {seed: value}
-    print(f"[{time.strftime('%H:%M:%S')}] generated answers and multiple choice on {len(kinds)} x {qa_rows} test questions")
+    print(f"[{time.strftime('%H:%M:%S')}] generated answers and multiple choice on {len(kinds)} x {qa_rows} "
+          "test questions")
     for (m, seed), (d, _) in runs.items():
         for stage, ckpt in (("pre", pre[m, seed][0]), ("it", os.path.join(d, f"ckpt_{it_steps:06d}.pt"))):
             model, tok = load(ckpt, s.path("tokenizer.json"), device)
@@ -758,7 +779,8 @@ def instruct(args):
             with open(os.path.join(s.out, f"answers_{m}_s{seed}_{stage}.jsonl"), "w") as f:
                 f.writelines(json.dumps({**r, "kind": kind_of.get(r["id"], "")}) + "\n" for r in preds)
     st = {key: {b: report.stats(v) for b, v in bs.items()} for key, bs in results.items()}
-    benches = [f"em_{k}" for k in kinds] + ["em_avg"] + [f"mc_{k}" for k in kinds] + ["mc_avg", "probe_avg", "nll_image", "gap_image"]
+    benches = ([f"em_{k}" for k in kinds] + ["em_avg"] + [f"mc_{k}" for k in kinds]
+               + ["mc_avg", "probe_avg", "nll_image", "gap_image"])
     cols = [(m, stage) for m in methods for stage in ("pre", "it") if (m, stage) in st]
     vs = {}
     if {"ntp", "prior"} <= set(methods):
@@ -780,10 +802,11 @@ def instruct(args):
             inv = [1 / len(json.loads(line)["choices"]) for line in f if line.strip()]
         chance[k] = sum(inv) / len(inv)
     md += [f"- pre-trained: {', '.join(sorted({os.path.relpath(d, s.src) for c, d, _ in pre.values()}))}",
-           f"- tuning: {n_train_q} questions from train.jsonl's scenes ({args.per_scene} per scene), {it_steps} steps of "
-           f"batch {s.batch()}, lr {args.it_lr:g} (warm-up, then cosine), `--train {args.it_train}`, loss on "
+           f"- tuning: {n_train_q} questions from train.jsonl's scenes ({args.per_scene} per scene), {it_steps} "
+           f"steps of batch {s.batch()}, lr {args.it_lr:g} (warm-up, then cosine), `--train {args.it_train}`, loss on "
            + ("the answer tokens and <|eos|> only (`--loss prior` with p_ref 1 on the question, 0 on the answer: "
-              "data/qa.answer_only_scores)" if args.it_loss == "answer" else "the whole question-and-answer text (NTP)"),
+              "data/qa.answer_only_scores)" if args.it_loss == "answer"
+              else "the whole question-and-answer text (NTP)"),
            f"- test: {qa_rows} questions per kind ({', '.join(kinds)}) from test.jsonl's scenes (a fixed random "
            f"subset of each kind's file), the same for generation and multiple choice; chance for `mc_*` (1 / "
            f"choices): " + ", ".join(f"{k} {v:.3f}" for k, v in chance.items()),
@@ -801,10 +824,13 @@ def instruct(args):
         r = [f"`{b}` {'↓' if report.lower_better(b) else '↑'}"] + [report.pm(st[c].get(b)) for c in cols]
         if "it" in vs:
             c = vs["it"].get(b)
-            r += [report.fmt(c["diff"], sign=True) + (" *" if c["clear"] else ""), report.fmt(c["rel"], pct=True)] if c else ["–", "–"]
+            r += [report.fmt(c["diff"], sign=True) + (" *" if c["clear"] else ""),
+                  report.fmt(c["rel"], pct=True)] if c else ["–", "–"]
         rows.append(r)
     md += table(head, rows)
-    md += ["", "* = |difference| > 2 Welch standard errors. Every answer is in answers_<method>_s<seed>_<pre|it>.jsonl.", ""]
+    md += ["",
+           "* = |difference| > 2 Welch standard errors. Every answer is in answers_<method>_s<seed>_<pre|it>.jsonl.",
+           ""]
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -822,7 +848,8 @@ def instruct(args):
         ax.set_ylim(0, 1)
         ax.set_title("exact match of the generated answer" if pre_b == "em" else "multiple choice by likelihood")
         ax.legend(fontsize=7)
-    fig.suptitle(f"questions about test scenes ({s.mix}, {s.arch.upper()}-LVLM; mean ± std over {seeds} seeds)", fontsize=10)
+    fig.suptitle(f"questions about test scenes ({s.mix}, {s.arch.upper()}-LVLM; mean ± std over {seeds} seeds)",
+                 fontsize=10)
     fig.tight_layout()
     png = os.path.join(s.out, "instruct.png")
     fig.savefig(png, dpi=110)
@@ -911,7 +938,8 @@ def baselines(args):
                      2 * len(grid_plan) + n_more + len(ref_plan),
                      extra_s=0 if "attn" not in wanted or os.path.exists(attn_scores) else 540 / (os.cpu_count() or 1),
                      note=" x1.4 for the baselines' extra forwards (objectives.py's measured costs); the attention "
-                          "scorer: 535 s on one thread of our 2-core CPU at the cpu preset (measured), here on every core"))
+                          "scorer: 535 s on one thread of our 2-core CPU at the cpu preset (measured), here "
+                          "on every core"))
     if args.plan:
         return None
     s.check_own([(d, a) for *_, d, a in grid_plan] + [(d, a) for *_, d, a in ref_plan])
@@ -935,14 +963,16 @@ def baselines(args):
             os.link(os.path.join(d, last), os.path.join(v, last))
         if not s.final_rows(v, steps):
             val_jobs.append((s.eval_args(v, probes=os.path.join(s.data, "probes_val"),
-                                         test=os.path.join(s.data, "val.jsonl"), test_scores=False), f"eval_{k}_lr{lr:g}_val"))
+                                         test=os.path.join(s.data, "val.jsonl"), test_scores=False),
+                             f"eval_{k}_lr{lr:g}_val"))
     s.run_jobs(val_jobs, "evaluate the lr grid on validation probes")
     val, lr_of = {}, {}
     for k, lr, d, _ in grid_plan:
         f = s.final_rows(d + "_val", steps)
         val.setdefault(k, {})[lr] = f
     for k in val:  # as experiment.choose_lrs: best validation probe average, ties to the lower image NLL
-        lr_of[k] = max(val[k], key=lambda lr: (round(val[k][lr].get("probe_avg", -1), 6), -val[k][lr].get("nll_image", 0)))
+        lr_of[k] = max(val[k],
+                       key=lambda lr: (round(val[k][lr].get("probe_avg", -1), 6), -val[k][lr].get("nll_image", 0)))
     # 3. the other seeds at each baseline's chosen lr, and any missing reference run
     flags_of = {k: f for k, _, f in arms}
     seed_plan = [(k, sd, run_dir(k, lr_of[k], sd), s.train_args("ntp", lr_of[k], sd, run_dir(k, lr_of[k], sd),
@@ -981,12 +1011,14 @@ def baselines(args):
                   "test probes and captions as the main job evaluates.")
     md += [f"- {steps} steps of batch {s.batch()}, seeds 0-{seeds - 1}; eval rows per probe file / test captions: "
            f"{s.eval_rows or 'all'}; wall time of this command: {(time.time() - t0) / 60:.1f} min",
-           f"- reused main-job runs: {', '.join(sorted({os.path.relpath(d, s.src) for d in reused.values()})) or 'none'}",
+           "- reused main-job runs: "
+           f"{', '.join(sorted({os.path.relpath(d, s.src) for d in reused.values()})) or 'none'}",
            "", "## Mean ± sample std over seeds (final step); change vs NTP", "",
            "Relative change vs NTP, positive = better; * = |difference| > 2 Welch standard errors (clear).", ""]
     show = [b for b in ("probe_avg", "presence", "colour", "count", "position", "retrieval", "nll_image",
                         "gap_image", "nll_boiler") if b in st.get("ntp", {})]
-    head = ["method", "lr", "n"] + [f"`{b}` {'↓' if report.lower_better(b) else '↑'}" for b in show] + ["`probe_avg` vs NTP", "`nll_image` vs NTP"]
+    head = (["method", "lr", "n"] + [f"`{b}` {'↓' if report.lower_better(b) else '↑'}" for b in show]
+            + ["`probe_avg` vs NTP", "`nll_image` vs NTP"])
     rows = []
     for k in keys:
         row = [labels[k], f"{lr_used[k]:g}", str(st[k][show[0]]["n"]) if show else "0"]
@@ -998,11 +1030,13 @@ def baselines(args):
     md += table(head, rows)
     md += ["", "## Learning-rate grid (seed 0, validation probes and captions, final step)", ""]
     md += table(["method"] + [f"lr {lr:g}: `probe_avg` / `nll_image`" for lr in grid] + ["chosen"],
-                [[labels[k]] + [f"{val[k][lr].get('probe_avg', float('nan')):.3f} / {val[k][lr].get('nll_image', float('nan')):.3f}"
+                [[labels[k]] + [f"{val[k][lr].get('probe_avg', float('nan')):.3f} / "
+                                f"{val[k][lr].get('nll_image', float('nan')):.3f}"
                                 for lr in grid] + [f"{lr_of[k]:g}"] for k in val])
     if relevance:
         md += ["", "## How well each weighting finds the image words (training captions, ground-truth tags)", ""]
-        md += table(["weights", "mean w: image", "boiler", "noise", "AUC image vs boiler", "image vs noise", "image vs rest"],
+        md += table(["weights", "mean w: image", "boiler", "noise", "AUC image vs boiler", "image vs noise",
+                     "image vs rest"],
                     [[name, *(report.fmt(r["mean_w"][c]) for c in ("image", "boiler", "noise")),
                       *(report.fmt(r["auc"][a]) for a in ("image_vs_boiler", "image_vs_noise", "image_vs_rest"))]
                      for name, r in relevance.items() if r])
@@ -1016,7 +1050,8 @@ def baselines(args):
     md += ["![baselines](baselines.png)", ""]
     open(os.path.join(s.out, "results.md"), "w").write("\n".join(md) + "\n")
     write_json(os.path.join(s.out, "results.json"), {
-        "arms": [{"key": k, "label": labels[k], "lr": lr_used[k], "flags": flags_of.get(k, ["--loss", k])} for k in keys],
+        "arms": [{"key": k, "label": labels[k], "lr": lr_used[k],
+                  "flags": flags_of.get(k, ["--loss", k])} for k in keys],
         "steps": steps, "seeds": seeds, "stats": st, "vs_ntp": vs, "lr_grid": {k: {f"{lr:g}": v for lr, v in g.items()}
                                                                               for k, g in val.items()},
         "chosen_lr": lr_of, "relevance": relevance, "reused": {f"{k}/s{sd}": d for (k, sd), d in reused.items()}})
@@ -1038,30 +1073,39 @@ def parser():
         sp.add_argument("--steps", type=int, default=0, help="training steps (0 = the preset's; --quick: 2)")
         sp.add_argument("--batch-size", type=int, default=0, help="samples per step (0 = the preset's)")
         sp.add_argument("--lr", type=float, default=0, help="one learning rate for every arm (0 = chosen_lrs.json)")
-        sp.add_argument("--eval-rows", type=int, default=None, help="rows per probe file and test captions (default: the preset's; --quick: 8)")
-        sp.add_argument("--parallel", type=int, default=0, help="runs at once (0 = the main job's; 1 = in this process, what --quick uses)")
+        sp.add_argument("--eval-rows", type=int, default=None,
+                        help="rows per probe file and test captions (default: the preset's; --quick: 8)")
+        sp.add_argument("--parallel", type=int, default=0,
+                        help="runs at once (0 = the main job's; 1 = in this process, what --quick uses)")
         sp.add_argument("--device", default="", help="auto, cpu or cuda (default: the main job's)")
-        sp.add_argument("--quick", action="store_true", help="a seconds-long end-to-end check with tiny settings (tests)")
+        sp.add_argument("--quick", action="store_true",
+                        help="a seconds-long end-to-end check with tiny settings (tests)")
         sp.add_argument("--plan", action="store_true", help="print what would run and the time estimate, then stop")
         return sp
 
     a = common(sub.add_parser("ablation", help="Fig. 5: PRIOR's alpha and the factor k, next to NTP"))
     a.add_argument("--alphas", default="0.5,1,2,4", help="PRIOR exponents (default: the paper's 0.5,1,2,4)")
-    a.add_argument("--no-reuse", action="store_true", help="train NTP and PRIOR alpha 1 here too, not reuse the main job's runs")
+    a.add_argument("--no-reuse", action="store_true",
+                   help="train NTP and PRIOR alpha 1 here too, not reuse the main job's runs")
     sc = common(sub.add_parser("scaling", help="Figs. 6-7: power-law fits over data size"))
-    sc.add_argument("--sizes", default="", help="subset sizes in records, comma-separated (default: 6 log-spaced over 10x up to all)")
+    sc.add_argument("--sizes", default="",
+                    help="subset sizes in records, comma-separated (default: 6 log-spaced over 10x up to all)")
     sc.add_argument("--epochs", type=float, default=1.0, help="passes over each subset (default 1: D = data size)")
     sc.add_argument("--methods", default="ntp,prior")
-    sc.add_argument("--targets", default="probe_avg,nll_image", help="benchmarks to fit (positive values; default: probe_avg,nll_image)")
+    sc.add_argument("--targets", default="probe_avg,nll_image",
+                    help="benchmarks to fit (positive values; default: probe_avg,nll_image)")
     bl = common(sub.add_parser("baselines", help="Table 1: the paper's baselines, Rho-1 and CAL, each at its best lr"))
     bl.add_argument("--arms", default="rare,attn,itm,itc,recon,rho1,cal", help="baselines to run (default: all)")
-    bl.add_argument("--lrs", default="", help="lr grid for the baselines, comma-separated (default: the preset's, the main job's grid)")
+    bl.add_argument("--lrs", default="",
+                    help="lr grid for the baselines, comma-separated (default: the preset's, the main job's grid)")
     it = common(sub.add_parser("instruct", help="instruction tuning on scene QA, generated-answer exact match"))
     it.add_argument("--methods", default="ntp,prior")
-    it.add_argument("--it-steps", type=int, default=0, help="instruction-tuning steps (0 = 100; the paper: 20; --quick: 3)")
+    it.add_argument("--it-steps", type=int, default=0,
+                    help="instruction-tuning steps (0 = 100; the paper: 20; --quick: 3)")
     it.add_argument("--it-lr", type=float, default=1e-3, help="instruction-tuning peak lr")
     it.add_argument("--it-train", default="all", choices=["all", "projector"], help="what tunes (default: all weights)")
-    it.add_argument("--it-loss", default="answer", choices=["answer", "all"], help="loss on the answer only (default) or the whole text")
+    it.add_argument("--it-loss", default="answer", choices=["answer", "all"],
+                    help="loss on the answer only (default) or the whole text")
     it.add_argument("--per-scene", type=int, default=2, help="training questions per training scene")
     it.add_argument("--qa-rows", type=int, default=0, help="test questions per kind (0 = 100; --quick: 8)")
     return p

@@ -38,10 +38,14 @@ from utils import atomic_save, autocast, lr_at, pick_device, seed_everything, te
 
 @dataclass
 class RefConfig:
-    data: str = field(default="data/synth/ref.jsonl", metadata={"help": "caption file(s), comma-separated: JSONL, LLaVA or COCO JSON, or .tar shards; images are not read"})
+    data: str = field(default="data/synth/ref.jsonl",
+                      metadata={"help": "caption file(s), comma-separated: JSONL, LLaVA or COCO JSON, or .tar shards; "
+                                        "images are not read"})
     tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json from tokenizer.py"})
     out: str = field(default="out/ref_lm.pt", metadata={"help": "checkpoint to write"})
-    val_fraction: float = field(default=0.05, metadata={"help": "share of captions held out for validation (at least 64, at most a quarter)"})
+    val_fraction: float = field(default=0.05,
+                                metadata={"help": "share of captions held out for validation (at least 64, at "
+                                                  "most a quarter)"})
     n_layer: int = field(default=4, metadata={"help": "decoder layers"})
     n_head: int = field(default=4, metadata={"help": "attention heads"})
     d_model: int = field(default=256, metadata={"help": "decoder width"})
@@ -51,12 +55,18 @@ class RefConfig:
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
     warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
-    eval_every: int = field(default=200, metadata={"help": "validate every N steps; the checkpoint keeps the best-validation step"})
-    patience: int = field(default=0, metadata={"help": "stop after this many validations without a better NLL (0 = run all --steps)"})
-    init_decoder: str = field(default="", metadata={"help": "start from this LM: hf:FOLDER (Hugging Face Llama, hf.py) or a reference_lm.py checkpoint"})
+    eval_every: int = field(default=200,
+                            metadata={"help": "validate every N steps; the checkpoint keeps the best-validation step"})
+    patience: int = field(default=0,
+                          metadata={"help": "stop after this many validations without a better NLL (0 = run "
+                                            "all --steps)"})
+    init_decoder: str = field(default="",
+                              metadata={"help": "start from this LM: hf:FOLDER (Hugging Face Llama, hf.py) or a "
+                                                "reference_lm.py checkpoint"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of a file's records is bad"})
+    max_bad_fraction: float = field(default=0.01,
+                                    metadata={"help": "stop if more than this share of a file's records is bad"})
 
 
 def caption_samples(tok, records):

@@ -64,15 +64,28 @@ SHARD_MAGIC = b"PRIOR-SCORES-SHARD-1\n"
 @dataclass
 class ScoreConfig:
     ref: str = field(default="out/ref_lm.pt", metadata={"help": "reference LM checkpoint from reference_lm.py"})
-    tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json the reference LM was trained with"})
-    data: str = field(default="data/synth/train.jsonl", metadata={"help": "caption data to score (the VLM's training data): .jsonl, LLaVA/COCO .json, .tar shards"})
-    out: str = field(default="out/scores_train.pt", metadata={"help": "score file (or, with --stream / torchrun, index file) to write; report .json and .png beside it"})
-    row_len: int = field(default=512, metadata={"help": "longest caption scored whole (capped by the model's context); tokens per row of a forward pass"})
-    batch_rows: int = field(default=16, metadata={"help": "a forward pass holds up to row_len x batch_rows tokens (captions of one length)"})
+    tokenizer: str = field(default="out/tokenizer.json",
+                           metadata={"help": "tokenizer.json the reference LM was trained with"})
+    data: str = field(default="data/synth/train.jsonl",
+                      metadata={"help": "caption data to score (the VLM's training data): .jsonl, LLaVA/COCO "
+                                        ".json, .tar shards"})
+    out: str = field(default="out/scores_train.pt",
+                     metadata={"help": "score file (or, with --stream / torchrun, index file) to write; report .json "
+                                       "and .png beside it"})
+    row_len: int = field(default=512,
+                         metadata={"help": "longest caption scored whole (capped by the model's context); tokens per "
+                                           "row of a forward pass"})
+    batch_rows: int = field(default=16,
+                            metadata={"help": "a forward pass holds up to row_len x batch_rows tokens (captions "
+                                              "of one length)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    stream: bool = field(default=False, metadata={"help": "score in chunks, write a shard per process and an index at --out (always on under torchrun)"})
+    stream: bool = field(default=False,
+                         metadata={"help": "score in chunks, write a shard per process and an index at --out (always "
+                                           "on under torchrun)"})
     chunk: int = field(default=2048, metadata={"help": "with --stream: captions scored and written at a time"})
-    report_captions: int = field(default=2000, metadata={"help": "with --stream: captions (the first of rank 0's share) kept for the relevance report and picture"})
+    report_captions: int = field(default=2000,
+                                 metadata={"help": "with --stream: captions (the first of rank 0's share) kept for the "
+                                                   "relevance report and picture"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of records is bad"})
 
 
@@ -265,7 +278,8 @@ def _load_index(path, index):
             raise DataError(f"{shard}: content (sha256 {sha[:16]}) differs from what the index {path} recorded "
                             f"({s['sha256'][:16]}): damaged or from another run; re-run score.py")
         if sum(len(ids) for ids, _, _ in got) != s["records"]:
-            raise DataError(f"{shard}: holds {sum(len(ids) for ids, _, _ in got)} records, the index says {s['records']}")
+            raise DataError(f"{shard}: holds {sum(len(ids) for ids, _, _ in got)} records, the index says "
+                            f"{s['records']}")
         blocks += got
     return blocks
 
@@ -391,7 +405,8 @@ def _relevance(report, tok, records, samples, p_ref):
         return
     report["relevance"] = rel = relevance_report(p_ref, tags)
     print("mean weight w = 1 - p_ref by ground-truth category: " +
-          ", ".join(f"{k} {v:.3f} ({rel['share'][k]:.0%} of tokens)" for k, v in rel["mean_w"].items() if v is not None))
+          ", ".join(f"{k} {v:.3f} ({rel['share'][k]:.0%} of tokens)"
+                    for k, v in rel["mean_w"].items() if v is not None))
     print("ROC-AUC of w for image-related tokens: " +
           ", ".join(f"{k} {v:.3f}" for k, v in rel["auc"].items() if v is not None))
     print("share predicted by the reference LM (p_ref > 0.5): " +

@@ -85,10 +85,12 @@ def token_word_index(tok, captions):
 @dataclass
 class TokenizerConfig:
     data: str = field(default="data/synth/text.jsonl,data/synth/train.jsonl",
-                      metadata={"help": "comma-separated caption files (JSONL, LLaVA or COCO JSON, .tar shards) to learn merges from"})
+                      metadata={"help": "comma-separated caption files (JSONL, LLaVA or COCO JSON, .tar shards) to "
+                                        "learn merges from"})
     out: str = field(default="out/tokenizer.json", metadata={"help": "where to write tokenizer.json"})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size including special tokens"})
-    max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of a file's records is bad"})
+    max_bad_fraction: float = field(default=0.01,
+                                    metadata={"help": "stop if more than this share of a file's records is bad"})
 
 
 def main(argv=None):

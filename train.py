@@ -93,58 +93,106 @@ from utils import (atomic_save, autocast, check_fingerprint, file_fingerprint, l
 
 @dataclass
 class TrainConfig:
-    data: str = field(default="data/synth/train.jsonl", metadata={"help": "image-caption pairs: JSONL, LLaVA JSON, COCO captions (captions.json::image_folder) or .tar shards"})
+    data: str = field(default="data/synth/train.jsonl",
+                      metadata={"help": "image-caption pairs: JSONL, LLaVA JSON, COCO captions "
+                                        "(captions.json::image_folder) or .tar shards"})
     tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json"})
-    scores: str = field(default="out/scores_train.pt", metadata={"help": "score.py output for --data (needed by --loss prior)"})
+    scores: str = field(default="out/scores_train.pt",
+                        metadata={"help": "score.py output for --data (needed by --loss prior)"})
     out_dir: str = field(default="runs/default", metadata={"help": "where config, log and checkpoints go"})
-    arch: str = field(default="h", metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", "choices": ["h", "u"]})
-    loss: str = field(default="ntp", metadata={"help": "token weighting of the caption loss (see Losses and Flags in detail, above)", "choices": ["ntp", "prior", "prior_shuffled", "rare", "oracle", "attn", "rho1", "cal"]})
-    objective: str = field(default="none", metadata={"help": "auxiliary objective added to the caption loss (objectives.py; Flags in detail, above)", "choices": ["none", "itm", "itc", "recon"]})
-    aux_weight: float = field(default=1.0, metadata={"help": "weight of the --objective loss: loss = caption loss + aux_weight x auxiliary loss"})
-    rho1_keep: float = field(default=0.6, metadata={"help": "--loss rho1: share of each micro-batch's caption tokens kept (top by excess loss); 1 = NTP"})
+    arch: str = field(default="h",
+                      metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM",
+                                "choices": ["h", "u"]})
+    loss: str = field(default="ntp",
+                      metadata={"help": "token weighting of the caption loss (see Losses and Flags in detail, above)",
+                                "choices": ["ntp", "prior", "prior_shuffled", "rare", "oracle", "attn", "rho1", "cal"]})
+    objective: str = field(default="none",
+                           metadata={"help": "auxiliary objective added to the caption loss (objectives.py; Flags in "
+                                             "detail, above)", "choices": ["none", "itm", "itc", "recon"]})
+    aux_weight: float = field(default=1.0,
+                              metadata={"help": "weight of the --objective loss: loss = caption loss + aux_weight x "
+                                                "auxiliary loss"})
+    rho1_keep: float = field(default=0.6,
+                             metadata={"help": "--loss rho1: share of each micro-batch's caption tokens kept (top by "
+                                               "excess loss); 1 = NTP"})
     itc_dim: int = field(default=64, metadata={"help": "--objective itc: width of the image and text projections"})
-    attn_scores: str = field(default="out/attn_scores_train.pt", metadata={"help": "--loss attn: per-token weights for --data in score-file format, from `python objectives.py`"})
+    attn_scores: str = field(default="out/attn_scores_train.pt",
+                             metadata={"help": "--loss attn: per-token weights for --data in score-file format, from "
+                                               "`python objectives.py`"})
     alpha: float = field(default=1.0, metadata={"help": "PRIOR exponent: w = (1 - p_ref)^alpha"})
-    no_k: bool = field(default=False, metadata={"help": "drop the factor k (caption length) from PRIOR's normalisation (ablation)"})
-    oracle_low: float = field(default=0.1, metadata={"help": "oracle weight of boiler and noise words (image and glue words get 1)"})
-    train: str = field(default="all", metadata={"help": "which parts train: all, or projector (encoder and decoder frozen, the paper's H-LVLM recipe)", "choices": ["all", "projector"]})
-    init_decoder: str = field(default="", metadata={"help": "base LM for the decoder: a reference_lm.py checkpoint, or hf:FOLDER (hf.py) ('' = scratch)"})
-    init_encoder: str = field(default="", metadata={"help": "vision-encoder checkpoint from vision.py to start the ViT from ('' = scratch)"})
-    init_from: str = field(default="", metadata={"help": "a train.py checkpoint to start all weights from (e.g. the U-LVLM's stage 1)"})
-    vision: str = field(default="", metadata={"help": "H-LVLM encoder: '' = the built-in ViT (--vit-*, --init-encoder); 'timm:<name>' = that timm model"})
-    vision_weights: str = field(default="", metadata={"help": "local file with the --vision timm model's state dict (torch.save or .safetensors); no download"})
-    vision_kwargs: str = field(default="", metadata={"help": "extra timm.create_model arguments for --vision as JSON, e.g. '{\"img_size\": 336}'"})
-    text_data: str = field(default="", metadata={"help": "text-only captions mixed into every batch with NTP loss ('' = none)"})
-    text_ratio: float = field(default=1.0, metadata={"help": "text-only samples per image-caption sample when --text-data is set"})
+    no_k: bool = field(default=False,
+                       metadata={"help": "drop the factor k (caption length) from PRIOR's normalisation (ablation)"})
+    oracle_low: float = field(default=0.1,
+                              metadata={"help": "oracle weight of boiler and noise words (image and glue words get 1)"})
+    train: str = field(default="all",
+                       metadata={"help": "which parts train: all, or projector (encoder and decoder frozen, the "
+                                         "paper's H-LVLM recipe)", "choices": ["all", "projector"]})
+    init_decoder: str = field(default="",
+                              metadata={"help": "base LM for the decoder: a reference_lm.py checkpoint, or hf:FOLDER "
+                                                "(hf.py) ('' = scratch)"})
+    init_encoder: str = field(default="",
+                              metadata={"help": "vision-encoder checkpoint from vision.py to start the ViT from "
+                                                "('' = scratch)"})
+    init_from: str = field(default="",
+                           metadata={"help": "a train.py checkpoint to start all weights from (e.g. the "
+                                             "U-LVLM's stage 1)"})
+    vision: str = field(default="",
+                        metadata={"help": "H-LVLM encoder: '' = the built-in ViT (--vit-*, --init-encoder); "
+                                          "'timm:<name>' = that timm model"})
+    vision_weights: str = field(default="",
+                                metadata={"help": "local file with the --vision timm model's state dict (torch.save or "
+                                                  ".safetensors); no download"})
+    vision_kwargs: str = field(default="",
+                               metadata={"help": "extra timm.create_model arguments for --vision as JSON, e.g. "
+                                                 "'{\"img_size\": 336}'"})
+    text_data: str = field(default="",
+                           metadata={"help": "text-only captions mixed into every batch with NTP loss ('' = none)"})
+    text_ratio: float = field(default=1.0,
+                              metadata={"help": "text-only samples per image-caption sample when --text-data is set"})
     image_size: int = field(default=48, metadata={"help": "images are resized to this square size"})
-    patch_size: int = field(default=8, metadata={"help": "pixels per patch side (ViT patches, or U-LVLM pixel patches)"})
+    patch_size: int = field(default=8,
+                            metadata={"help": "pixels per patch side (ViT patches, or U-LVLM pixel patches)"})
     vit_dim: int = field(default=192, metadata={"help": "ViT width (scratch encoder)"})
     vit_depth: int = field(default=4, metadata={"help": "ViT depth (scratch encoder)"})
     vit_heads: int = field(default=3, metadata={"help": "ViT heads (scratch encoder)"})
     n_layer: int = field(default=4, metadata={"help": "decoder layers (scratch decoder)"})
     n_head: int = field(default=4, metadata={"help": "decoder heads (scratch decoder)"})
     d_model: int = field(default=256, metadata={"help": "decoder width (scratch decoder)"})
-    batch_size: int = field(default=32, metadata={"help": "image-caption samples per optimizer step, over all processes"})
-    micro_batch: int = field(default=0, metadata={"help": "samples per forward pass per process (gradient accumulation); 0 = all at once"})
+    batch_size: int = field(default=32,
+                            metadata={"help": "image-caption samples per optimizer step, over all processes"})
+    micro_batch: int = field(default=0,
+                             metadata={"help": "samples per forward pass per process (gradient accumulation); 0 "
+                                               "= all at once"})
     row_len: int = field(default=256, metadata={"help": "tokens per packed row"})
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     warmup: int = field(default=20, metadata={"help": "linear warm-up steps, then cosine to lr/10"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    save_every: int = field(default=100, metadata={"help": "write ckpt_<step>.pt every N steps (the paper: 500 of 5,000)"})
+    save_every: int = field(default=100,
+                            metadata={"help": "write ckpt_<step>.pt every N steps (the paper: 500 of 5,000)"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation and data order"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/last.pt"})
-    stop_at: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this step; --resume continues (0 = run to --steps)"})
+    stop_at: int = field(default=0,
+                         metadata={"help": "stop (with a checkpoint) after this step; --resume continues (0 = "
+                                           "run to --steps)"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of records is bad"})
     workers: int = field(default=0, metadata={"help": "processes for decoding images at start-up"})
-    image_cache: str = field(default="", metadata={"help": "keep the decoded images in this memory-mapped file, reused by re-runs ('' = in memory)"})
-    feature_cache: str = field(default="", metadata={"help": "folder caching the frozen ViT's features (--arch h --train projector only; data/features.py)"})
+    image_cache: str = field(default="",
+                             metadata={"help": "keep the decoded images in this memory-mapped file, reused by re-runs "
+                                               "('' = in memory)"})
+    feature_cache: str = field(default="",
+                               metadata={"help": "folder caching the frozen ViT's features (--arch h --train projector "
+                                                 "only; data/features.py)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    fsdp: bool = field(default=False, metadata={"help": "with several processes, shard weights, gradients and optimizer state (FSDP2), not DDP's copies"})
+    fsdp: bool = field(default=False,
+                       metadata={"help": "with several processes, shard weights, gradients and optimizer state "
+                                         "(FSDP2), not DDP's copies"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
-    peak_tflops: float = field(default=0.0, metadata={"help": "the device's dense bf16 peak in TFLOP/s for MFU (0 = from train.PEAK_BF16 by GPU name)"})
+    peak_tflops: float = field(default=0.0,
+                               metadata={"help": "the device's dense bf16 peak in TFLOP/s for MFU (0 = from "
+                                                 "train.PEAK_BF16 by GPU name)"})
 
 
 def build_model(cfg, tok):
@@ -155,7 +203,8 @@ def build_model(cfg, tok):
     if cfg.init_decoder:
         base = base_checkpoint(cfg.init_decoder, "lm", "--init-decoder")
         check_fingerprint("tokenizer", base["tokenizer"], T.fingerprint(tok), cfg.init_decoder, cfg.tokenizer)
-        dcfg = DecoderConfig(**{**base["decoder_config"], "max_seq_len": max(cfg.row_len, base["decoder_config"]["max_seq_len"])})
+        dcfg = DecoderConfig(**{**base["decoder_config"],
+                                "max_seq_len": max(cfg.row_len, base["decoder_config"]["max_seq_len"])})
     if cfg.vision and cfg.init_encoder:
         raise ValueError("--vision (a timm encoder) and --init-encoder (a vision.py ViT) are two encoders: give one")
     if cfg.vision_weights and not cfg.vision:
@@ -442,7 +491,7 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None
     plain = plain_path(cfg)
     if not plain and model is None:
         model = unwrap(train_model)
-    nll_by_tag = torch.zeros(2, len(CATEGORIES), device=device)             # NLL sum and count per ground-truth category
+    nll_by_tag = torch.zeros(2, len(CATEGORIES), device=device)  # NLL sum and count per ground-truth category
     for c, (ids, tids) in enumerate(chunks):
         # Tight packing: no sample order is needed, and padding would cost as much as real tokens.
         batch = pack([samples[i] for i in ids], cfg.row_len, data.prefix, tight=True)
@@ -468,7 +517,8 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None
             if cfg.objective == "itc":  # the same captions without their images, in the images' order
                 tb = pack([samples[i] for i in image_indices], cfg.row_len)
                 text = tuple(to_device(t, device) for t in
-                             (tb.input_ids, tb.position_ids, tb.doc_ids, (tb.labels == T.EOS).flatten().nonzero().squeeze(1)))
+                             (tb.input_ids, tb.position_ids, tb.doc_ids,
+                              (tb.labels == T.EOS).flatten().nonzero().squeeze(1)))
         batch.to(device)
         keep, captions = to_device(keep, device), to_device(captions, device)
         if data.features is not None:  # the frozen encoder's output, read instead of computed (data/features.py)
@@ -492,9 +542,11 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None
                                      scale_by_k=not cfg.no_k)
                 total = loss * n_local / n_global * world
             else:
-                mb = MicroBatch(batch.input_ids, batch.position_ids, batch.doc_ids, pixels, keep, labels, captions[None],
+                mb = MicroBatch(batch.input_ids, batch.position_ids, batch.doc_ids, pixels, keep, labels,
+                                captions[None],
                                 weights.flatten()[keep][None], batch.p_ref.flatten()[keep][None], image_rows,
-                                image_labels, len(image_indices), to_device(eos, device), to_device(slots, device), text)
+                                image_labels, len(image_indices), to_device(eos, device),
+                                to_device(slots, device), text)
                 logits, loss, aux = micro_batch_loss(cfg, model, train_model, mb, device)
                 total = loss * n_local / n_global * world
                 if aux is not None:
@@ -654,7 +706,8 @@ def main(cfg):
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(meta, f, indent=1)
         print(f"{cfg.arch}-LVLM, loss {cfg.loss}: {count_params(model) / 1e6:.2f}M params, "
-              f"{count_params(model, True) / 1e6:.3f}M trainable; {len(samples)} pairs; {world} process(es) on {device}")
+              f"{count_params(model, True) / 1e6:.3f}M trainable; {len(samples)} pairs; "
+              f"{world} process(es) on {device}")
     train_model = model
     sharded = cfg.fsdp and world > 1
     if cfg.fsdp and not sharded and master:
@@ -662,7 +715,8 @@ def main(cfg):
     if sharded:  # in place: model is now the sharded module
         opt = shard(model, opt, cfg, device)
     elif world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.startswith("cuda") else None)
     if cfg.compile:
         train_model = torch.compile(train_model, dynamic=True)  # batch shapes change every step (tight packing)
     data = Data(samples, images, model.image_tokens(), text_samples,

@@ -56,7 +56,8 @@ COL_NAMES = ("left", "center", "right")
 
 @dataclass
 class Config:
-    data: str = field(default="data/synth/label.jsonl", metadata={"help": "JSONL with the generator's 'scene' field per record"})
+    data: str = field(default="data/synth/label.jsonl",
+                      metadata={"help": "JSONL with the generator's 'scene' field per record"})
     out: str = field(default="out/vit.pt", metadata={"help": "checkpoint path; accuracies go to <stem>.json beside it"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of records held out for validation"})
     image_size: int = field(default=48, metadata={"help": "images are resized to this square size"})
@@ -70,13 +71,17 @@ class Config:
     warmup: int = field(default=50, metadata={"help": "linear warm-up steps, then cosine to lr/10"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on matrices"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    pixel_noise: float = field(default=0.0, metadata={"help": "std of Gaussian noise added to normalised pixels (0 = none)"})
-    eval_every: int = field(default=250, metadata={"help": "print validation accuracy every N steps (0 = only at the end)"})
+    pixel_noise: float = field(default=0.0,
+                               metadata={"help": "std of Gaussian noise added to normalised pixels (0 = none)"})
+    eval_every: int = field(default=250,
+                            metadata={"help": "print validation accuracy every N steps (0 = only at the end)"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, split and batch order"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of records is bad"})
     workers: int = field(default=0, metadata={"help": "processes for decoding images at start-up"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default; 1 is fastest on a busy shared CPU)"})
+    threads: int = field(default=0,
+                         metadata={"help": "torch CPU threads (0 = torch's default; 1 is fastest on a "
+                                           "busy shared CPU)"})
 
 
 # ----------------------------------------------------------------------------- labels
@@ -97,7 +102,8 @@ def scenes_of(records, path="data"):
     for r in records:
         scene = r.extra.get("scene")
         if not isinstance(scene, list):
-            what = "has no 'scene' field" if scene is None else f"has a 'scene' that is not a list ({type(scene).__name__})"
+            what = ("has no 'scene' field" if scene is None
+                    else f"has a 'scene' that is not a list ({type(scene).__name__})")
             raise DataError(f"{path}: record {r.id} {what}. vision.py trains on the generator's ground truth: "
                             f"use data/synth/label.jsonl or train.jsonl from `python -m data.generate`")
         for obj in scene:

@@ -312,7 +312,8 @@ def make_sites(cfg):
     rng = random.Random(f"{cfg.seed}/sites")
     sites = []
     for _ in range(cfg.n_sites):
-        noise = [[(kind, rng.choice(NOISE_TEMPLATES[kind])) for kind in rng.sample(list(NOISE_TEMPLATES), rng.choice([1, 2, 3]))]
+        noise = [[(kind, rng.choice(NOISE_TEMPLATES[kind]))
+                  for kind in rng.sample(list(NOISE_TEMPLATES), rng.choice([1, 2, 3]))]
                  for _ in range(3)]  # up to three noise segments, e.g. "photo by {name} {date}"
         sites.append(dict(intro=rng.choices(INTROS, INTRO_WEIGHTS)[0], sep=rng.choice(SEPARATORS),
                           boiler=rng.sample(BOILER, 6), noise=noise, desc_first=rng.random() < 0.8,

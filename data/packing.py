@@ -161,7 +161,8 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
                        s.tags and s.tags[:keep] + [s.tags[-1]], s.index)
         for name in ("p_ref", "tags"):
             if getattr(s, name) is not None and len(getattr(s, name)) != len(s.caption_ids) + 1:
-                raise ValueError(f"sample {s.index}: {len(getattr(s, name))} {name} for {len(s.caption_ids) + 1} labels")
+                raise ValueError(f"sample {s.index}: {len(getattr(s, name))} {name} "
+                                 f"for {len(s.caption_ids) + 1} labels")
         kept.append(s)
     sizes = [len(prefix) + len(s.caption_ids) + 1 for s in kept]
     if tight and sizes:

@@ -52,7 +52,8 @@ def vocabulary(scenes, meta=None):
         cfg = meta.get("config", {})
         return list(meta["shapes"]), list(meta["colours"]), int(cfg.get("max_objects", 4))
     shapes = sorted({o["shape"] for s in scenes for o in s}, key=lambda x: SHAPES.index(x) if x in SHAPES else 99)
-    colours = sorted({o["colour"] for s in scenes for o in s}, key=lambda x: list(COLOURS).index(x) if x in COLOURS else 99)
+    colours = sorted({o["colour"] for s in scenes for o in s},
+                     key=lambda x: list(COLOURS).index(x) if x in COLOURS else 99)
     return shapes, colours, max(4, max((len(s) for s in scenes), default=4))
 
 
@@ -88,9 +89,11 @@ def scene_questions(scene, rng, shapes, colours, max_objects=4, kinds=KINDS):
             present = sorted(shape_count)
             absent = [s for s in shapes if s not in shape_count]
             if absent and rng.random() < 0.5:
-                out.append(dict(kind=kind, question=f"is there a {rng.choice(absent)}?", target="no", choices=["yes", "no"]))
+                out.append(dict(kind=kind, question=f"is there a {rng.choice(absent)}?", target="no",
+                                choices=["yes", "no"]))
             else:
-                out.append(dict(kind=kind, question=f"is there a {rng.choice(present)}?", target="yes", choices=["yes", "no"]))
+                out.append(dict(kind=kind, question=f"is there a {rng.choice(present)}?", target="yes",
+                                choices=["yes", "no"]))
         else:
             raise ValueError(f"unknown question kind {kind!r}; choose from {KINDS}")
     return out
@@ -168,14 +171,16 @@ def answer_only_scores(qa_path, tokenizer_path, out):
             raise ValueError(f"{qa_path}: record {r.id}: the prompt's tokens are not a proper prefix of the caption's")
         p_ref.append(torch.tensor([1.0] * len(p) + [0.0] * (len(c) - len(p) + 1)))
     fp = {"tokenizer": T.fingerprint(tok), "data": text_fingerprint(records), "data_path": os.path.abspath(qa_path),
-          "reference": "answer-mask", "reference_path": "data/qa.py answer_only_scores (p_ref 1 = question, 0 = answer)"}
+          "reference": "answer-mask",
+          "reference_path": "data/qa.py answer_only_scores (p_ref 1 = question, 0 = answer)"}
     save_scores(out, [r.id for r in records], p_ref, fp)
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="a generator JSONL split with 'scene' fields (train.jsonl, test.jsonl)")
+    p.add_argument("--data", required=True,
+                   help="a generator JSONL split with 'scene' fields (train.jsonl, test.jsonl)")
     p.add_argument("--out", required=True, help="QA JSONL to write (image paths relative to its folder)")
     p.add_argument("--per-scene", type=int, default=2, help="questions per scene (0 = one of every kind that applies)")
     p.add_argument("--kinds", default=",".join(KINDS), help="question kinds, comma-separated")

@@ -201,7 +201,8 @@ def iter_records(path, require_image=True, check_files=True, images_root=None, t
     from data import shards  # here, not at the top: data/shards.py imports this module
     if shards.is_shard_spec(path):
         if images_root is not None:
-            raise DataError(f"{path}: tar shards hold their images; an image folder ({images_root}) makes no sense here")
+            raise DataError(f"{path}: tar shards hold their images; an image folder ({images_root}) "
+                            "makes no sense here")
         yield from shards.iter_shard_records(path, require_image, check_files, tally)
         return
     if not os.path.isfile(path):

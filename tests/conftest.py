@@ -49,7 +49,8 @@ def tiny(tmp_path_factory):
     write_split(root, "ref", 200, rng, with_images=False)
     write_split(root, "train", 48, rng, with_images=True)
     write_split(root, "text", 100, rng, with_images=False)
-    tokenizer.main(["--data", f"{root}/ref.jsonl,{root}/train.jsonl", "--out", f"{root}/tok.json", "--vocab-size", "300"])
+    tokenizer.main(["--data", f"{root}/ref.jsonl,{root}/train.jsonl", "--out", f"{root}/tok.json",
+                    "--vocab-size", "300"])
     reference_lm.train_lm(reference_lm.RefConfig(data=f"{root}/ref.jsonl", tokenizer=f"{root}/tok.json",
                                                  out=f"{root}/ref.pt", n_layer=1, n_head=2, d_model=32,
                                                  row_len=64, batch_rows=8, steps=30, eval_every=30, device="cpu"))

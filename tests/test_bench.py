@@ -138,7 +138,8 @@ def test_step_flops_counts_decoder_head_and_vision():
     one = train.step_flops(model, 1, 0, 0, 256)
     assert train.step_flops(model, 10, 0, 0, 256) == 10 * one
     assert train.step_flops(model, 1, 1, 0, 256) - one == 6 * d.vocab_size * d.d_model
-    assert train.step_flops(model, 0, 0, 1, 256) > 0 and train.flops_per_token(model, 256) == one + 6 * d.vocab_size * d.d_model
+    assert (train.step_flops(model, 0, 0, 1, 256) > 0
+            and train.flops_per_token(model, 256) == one + 6 * d.vocab_size * d.d_model)
 
 
 def test_compile_matches_eager(tmp_path):
@@ -149,7 +150,8 @@ def test_compile_matches_eager(tmp_path):
     import tokenizer
     from tests.conftest import write_split
     write_split(tmp_path, "train", 24, random.Random(0), with_images=True)
-    tokenizer.main(["--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "tok.json"), "--vocab-size", "300"])
+    tokenizer.main(["--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "tok.json"),
+                    "--vocab-size", "300"])
     args = ["--data", str(tmp_path / "train.jsonl"), "--tokenizer", str(tmp_path / "tok.json"), "--loss", "oracle",
             "--image-size", "16", "--patch-size", "4", "--vit-dim", "16", "--vit-depth", "1", "--vit-heads", "2",
             "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--batch-size", "8", "--row-len", "64",

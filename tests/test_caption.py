@@ -43,7 +43,8 @@ def test_bad_inputs_give_clear_messages(run, tmp_path):
         with pytest.raises(SystemExit) as err:
             caption.main(argv)
         return str(err.value)
-    assert "no image file at " + str(tmp_path / "none.png") in fails(["--ckpt", run["ckpt"], "--image", str(tmp_path / "none.png")])
+    assert "no image file at " + str(tmp_path / "none.png") in fails(
+        ["--ckpt", run["ckpt"], "--image", str(tmp_path / "none.png")])
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
     assert f"cannot read image {tmp_path / 'junk.png'}: UnidentifiedImageError" in fails(
         ["--ckpt", run["ckpt"], "--image", str(tmp_path / "junk.png")])

@@ -61,7 +61,8 @@ def world(tmp_path_factory):
     tok_path = str(root / "tok.json")
     tok.save(tok_path)
     test = write_jsonl(root / "test.jsonl", [{"id": f"t{i}", "image": f"img/{i}.png", "caption": c,
-                                               "tags": [TAG[t] for t in tags.split()]} for i, (c, tags) in enumerate(CAPTIONS)])
+                                               "tags": [TAG[t] for t in tags.split()]}
+                                              for i, (c, tags) in enumerate(CAPTIONS)])
     questions = write_jsonl(root / "questions.jsonl", [{"image": f"img/{i}.png", "prompt": p, "choices": c, "answer": 0}
                                                        for i, (p, c) in enumerate(zip(PROMPTS, CHOICES))])
     models, ckpts = {}, {}
@@ -143,7 +144,8 @@ def test_accuracy_one_and_zero(world, capsys):
     rows = {"prefer": [], "avoid": []}
     for i, (prompt, choices) in enumerate(zip(PROMPTS, CHOICES)):
         two = choices[:2]
-        sums = [float(hand_logprobs(model, str(root / "img" / f"{i}.png"), enc(tok, prompt), enc(tok, c)).sum()) for c in two]
+        sums = [float(hand_logprobs(model, str(root / "img" / f"{i}.png"), enc(tok, prompt), enc(tok, c)).sum())
+                for c in two]
         best = max(range(2), key=lambda j: sums[j])
         rows["prefer"].append({"image": f"img/{i}.png", "prompt": prompt, "choices": two, "answer": best})
         rows["avoid"].append({"image": f"img/{i}.png", "prompt": prompt, "choices": two, "answer": 1 - best})
@@ -180,7 +182,8 @@ def test_grounding_gap(world, tmp_path):
     records = read_records(world["test"])
     p = [torch.tensor([0.1, 0.3, 0.6, 0.9])[torch.arange(len(enc(tok, r.caption)) + 1) % 4] for r in records]
     scores = str(tmp_path / "scores_test.pt")
-    save_scores(scores, [r.id for r in records], p, {"tokenizer": T.fingerprint(tok), "data": text_fingerprint(records)})
+    save_scores(scores, [r.id for r in records], p,
+                {"tokenizer": T.fingerprint(tok), "data": text_fingerprint(records)})
     res = E.token_analysis(model, tok, world["test"], scores, seed=5)
 
     perm = E.derangement(len(records), 5)
@@ -211,10 +214,12 @@ def test_bad_mc_rows_counted(world, tmp_path, capsys):
     root = world["root"]
     with open(tmp_path / "garbage.png", "wb") as f:
         f.write(b"not a png at all")
-    good = {"image": str(root / "img" / "1.png"), "prompt": "a photo of", "choices": ["red circle", "star"], "answer": 1}
+    good = {"image": str(root / "img" / "1.png"), "prompt": "a photo of",
+            "choices": ["red circle", "star"], "answer": 1}
     rows = [good] * 5 + [
         {**good, "image": str(tmp_path / "garbage.png")},  # undecodable: dropped by load_images
-        {**good, "answer": 2}, {**good, "answer": True}, {**good, "choices": ["star"]}, {**good, "choices": ["star", " "]},
+        {**good, "answer": 2}, {**good, "answer": True}, {**good, "choices": ["star"]},
+        {**good, "choices": ["star", " "]},
         {**good, "image": "nowhere.png"}, '{"image": broken json', "[1, 2]"]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     questions, images = E.load_mc(path, 16, max_bad_fraction=1.0)
@@ -235,7 +240,8 @@ def test_run_dir_resumes(world, tmp_path, monkeypatch):
     for name in ("presence_a", "presence_b", "colour"):
         shutil.copy(world["questions"], probes / f"{name}.jsonl")
     for name in ("presence_a", "presence_b", "colour"):  # image paths are relative to the probe folder
-        rows = [dict(json.loads(line), image=str(root / json.loads(line)["image"])) for line in open(probes / f"{name}.jsonl")]
+        rows = [dict(json.loads(line), image=str(root / json.loads(line)["image"]))
+                for line in open(probes / f"{name}.jsonl")]
         write_jsonl(probes / f"{name}.jsonl", rows)
     run = tmp_path / "run"
     for step in (10, 20):
@@ -273,9 +279,11 @@ def test_run_dir_resumes(world, tmp_path, monkeypatch):
 def test_importance_pearson(world, tmp_path):
     tok = world["tok"]
     records = read_records(world["test"])
-    p = [torch.linspace(0.05, 0.05 + 0.8 * i / len(records), len(enc(tok, r.caption)) + 1) for i, r in enumerate(records)]
+    p = [torch.linspace(0.05, 0.05 + 0.8 * i / len(records), len(enc(tok, r.caption)) + 1)
+         for i, r in enumerate(records)]
     scores = str(tmp_path / "s.pt")
-    save_scores(scores, [r.id for r in records], p, {"tokenizer": T.fingerprint(tok), "data": text_fingerprint(records)})
+    save_scores(scores, [r.id for r in records], p,
+                {"tokenizer": T.fingerprint(tok), "data": text_fingerprint(records)})
     png = str(tmp_path / "fig.png")
     rep = E.importance_analysis(scores, world["test"], world["tok_path"], png, n_bins=3)
     lengths = [len(enc(tok, r.caption)) for r in records]
@@ -308,7 +316,8 @@ def test_items_longer_than_the_context_are_skipped_and_counted(world, tmp_path):
     for q in qs:
         q["image"] = str(world["root"] / q["image"])
     mc = write_jsonl(tmp_path / "mc.jsonl", qs + [{**qs[0], "prompt": long_text}])
-    got = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], test_path=test, mc_files=[mc])}
+    got = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], test_path=test,
+                                                                     mc_files=[mc])}
     E._data.clear()
     plain = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], test_path=world["test"],
                                                                       mc_files=[world["questions"]])}

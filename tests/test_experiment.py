@@ -78,7 +78,8 @@ def test_torchrun_launcher():
 def fake_val(exp, mix, arch, loss, lr, seed, low, score):
     d = exp.run_dir(mix, arch, loss, lr, seed, low) + "_val"
     os.makedirs(d, exist_ok=True)
-    rows = [{"step": 6, "benchmark": "probe_cc_avg", "value": score}, {"step": 6, "benchmark": "nll_image", "value": 1.0}]
+    rows = [{"step": 6, "benchmark": "probe_cc_avg", "value": score},
+            {"step": 6, "benchmark": "nll_image", "value": 1.0}]
     with open(os.path.join(d, "eval.json"), "w") as f:
         json.dump(rows, f)
 

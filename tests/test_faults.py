@@ -179,7 +179,8 @@ def test_nan_or_out_of_range_scores(tmp_path):
     for values, first in (([0.5, 0.2, float("nan"), 0.1], "nan"), ([0.5, 1.5, 0.3, 0.1], "1.5"),
                           ([0.5, 0.2, 0.3, -0.1], "-0.1"), ([0.5, 0.2, float("inf"), 0.1], "inf")):
         path = _hand_made(tmp_path / "bad.pt", torch.tensor(values))
-        with pytest.raises(DataError, match=rf"bad.pt: 1 scores are NaN, infinite or outside \[0, 1\] \(first: {first}"):
+        with pytest.raises(DataError,
+                           match=rf"bad.pt: 1 scores are NaN, infinite or outside \[0, 1\] \(first: {first}"):
             score.load_scores(path, "tok", "data")
     with pytest.raises(DataError, match="record 'b'"):
         score.load_scores(_hand_made(tmp_path / "bad.pt", torch.tensor([0.5, 0.2, 7.0, 0.1])), "tok", "data")

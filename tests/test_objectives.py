@@ -83,7 +83,8 @@ def test_heads_exist_only_for_their_objective(pairs, tiny):
 
 def test_patchify_is_the_u_lvlms_patch_order():
     from model import VLM, VLMConfig, DecoderConfig
-    model = VLM(VLMConfig(arch="u", image_size=16, patch_size=4, decoder=DecoderConfig(vocab_size=32, n_layer=1, n_head=2, d_model=16)))
+    model = VLM(VLMConfig(arch="u", image_size=16, patch_size=4,
+                          decoder=DecoderConfig(vocab_size=32, n_layer=1, n_head=2, d_model=16)))
     pixels = torch.randn(2, 3, 16, 16)
     patches = objectives.patchify(pixels, 4)
     assert patches.shape == (2, 16, 48)

@@ -78,11 +78,13 @@ def test_tokens_seen_and_subsets(tmp_path):
     assert paper.tokens_seen(lengths, 4, 2, seed=0) == 2 * sum(lengths)
     src = tmp_path / "d" / "train.jsonl"
     src.parent.mkdir()
-    src.write_text("".join(json.dumps({"id": f"r{i}", "image": f"images/{i}.png", "caption": f"c {i}"}) + "\n" for i in range(5)))
+    src.write_text("".join(json.dumps({"id": f"r{i}", "image": f"images/{i}.png", "caption": f"c {i}"}) + "\n"
+                           for i in range(5)))
     out = paper.write_subset(str(src), str(tmp_path / "sub" / "train_3.jsonl"), 3)
     rows = [json.loads(x) for x in open(out)]
     assert [r["id"] for r in rows] == ["r0", "r1", "r2"] and rows[1]["caption"] == "c 1"
-    assert os.path.normpath(os.path.join(tmp_path / "sub", rows[2]["image"])) == str(tmp_path / "d" / "images" / "2.png")
+    assert (os.path.normpath(os.path.join(tmp_path / "sub", rows[2]["image"]))
+            == str(tmp_path / "d" / "images" / "2.png"))
     with pytest.raises(ValueError):
         paper.write_subset(str(src), str(tmp_path / "sub" / "x.jsonl"), 6)
 
@@ -102,9 +104,11 @@ def mini_out(tmp_path_factory):
     generate(GenConfig(out=str(data), workers=1, **sizes))
     tok = str(root / "tokenizer.json")
     tokenizer.main(["--data", f"{data}/text.jsonl,{data}/train.jsonl", "--out", tok, "--vocab-size", "400"])
-    lm = dict(tokenizer=tok, n_layer=1, n_head=2, d_model=32, row_len=128, batch_rows=4, steps=10, eval_every=10, device="cpu")
+    lm = dict(tokenizer=tok, n_layer=1, n_head=2, d_model=32, row_len=128, batch_rows=4, steps=10,
+              eval_every=10, device="cpu")
     reference_lm.train_lm(reference_lm.RefConfig(data=str(data / "ref.jsonl"), out=str(root / "ref_lm_web.pt"), **lm))
-    reference_lm.train_lm(reference_lm.RefConfig(data=str(data / "text.jsonl"), out=str(root / "base_lm.pt"), seed=1, **lm))
+    reference_lm.train_lm(reference_lm.RefConfig(data=str(data / "text.jsonl"),
+                                                 out=str(root / "base_lm.pt"), seed=1, **lm))
     for split in ("train", "test"):
         score.main(score.ScoreConfig(ref=str(root / "ref_lm_web.pt"), tokenizer=tok, data=str(data / f"{split}.jsonl"),
                                      out=str(root / f"scores_web_{split}.pt"), device="cpu"))

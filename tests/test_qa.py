@@ -19,7 +19,8 @@ def synth(tmp_path_factory):
     generate(GenConfig(out=str(root / "data"), n_ref=40, n_text=40, n_label=8, n_train=60, n_val=4, n_test=30,
                        n_probe=2, workers=1))
     qa.build_qa(str(root / "data" / "train.jsonl"), str(root / "qa" / "train.jsonl"), per_scene=2)
-    T.main(["--data", f"{root}/data/train.jsonl,{root}/qa/train.jsonl", "--out", f"{root}/tok.json", "--vocab-size", "400"])
+    T.main(["--data", f"{root}/data/train.jsonl,{root}/qa/train.jsonl", "--out", f"{root}/tok.json",
+            "--vocab-size", "400"])
     return root
 
 
@@ -149,7 +150,8 @@ def tiny_vlm(tok):
     from model import DecoderConfig, VLM, VLMConfig
     torch.manual_seed(0)
     cfg = VLMConfig(arch="h", image_size=48, patch_size=16, vit_dim=32, vit_depth=1, vit_heads=2,
-                    decoder=DecoderConfig(vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, d_model=32, max_seq_len=128))
+                    decoder=DecoderConfig(vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, d_model=32,
+                                          max_seq_len=128))
     return VLM(cfg).eval()
 
 

@@ -292,7 +292,8 @@ def test_tar_shards_read_as_records(tmp_path):
     red, blue = png_bytes((255, 0, 0)), png_bytes((0, 0, 255), (12, 6))
     write_shard(tmp_path / "shard-000000.tar", [
         ("000001", {"jpg": red, "txt": b" a red square "}),
-        ("000002", {"png": blue, "json": json.dumps({"caption": "a blue one", "url": "http://x", "id": "b2"}).encode()}),
+        ("000002",
+         {"png": blue, "json": json.dumps({"caption": "a blue one", "url": "http://x", "id": "b2"}).encode()}),
         ("000003", {"png": red, "txt": b"txt wins", "json": b'{"caption": "json loses", "w": 8}'})])
     write_shard(tmp_path / "shard-000001.tar", [("sub/000004", {"jpeg": red, "txt": "caf\u00e9".encode()})])
     for spec in (tmp_path, tmp_path / "shard-*.tar", tmp_path / "shard-{000000..000001}.tar"):

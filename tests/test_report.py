@@ -182,7 +182,8 @@ def test_grid_chosen_lr_and_edge():
 
 def test_data_rows_become_the_data_table(tmp_path):
     rows = fake_rows(mixes=("web",), archs=("h",)) + [
-        {"mix": "web", "phase": "data", "arch": "", "loss": "", "seed": 0, "lr": 0, "step": 0, "benchmark": b, "value": v}
+        {"mix": "web", "phase": "data", "arch": "", "loss": "", "seed": 0, "lr": 0, "step": 0,
+         "benchmark": b, "value": v}
         for b, v in (("predicted_image", 0.25), ("mean_image", 0.7), ("share_image", 0.3), ("predicted_boiler", 0.9))]
     md = open(report.write_report(rows, tmp_path, plots=False)).read()
     assert "| `web` | image | 0.300 | 0.700 | 0.250 |" in md and "| `web` | boiler | – | – | 0.900 |" in md

@@ -62,7 +62,8 @@ def test_projector_only_leaves_encoder_and_decoder_untouched(tiny, tmp_path):
     torch.manual_seed(0)  # build_model's initialisation, before training
     start = train.build_model(config(tiny, tmp_path, train="projector"), train.T.load_tokenizer(str(tiny["tokenizer"])))
     for name in ("encoder", "decoder", "projector"):
-        same = all(torch.equal(p, q) for p, q in zip(model.parts()[name].parameters(), start.parts()[name].parameters()))
+        same = all(torch.equal(p, q) for p, q in zip(model.parts()[name].parameters(),
+                                                     start.parts()[name].parameters()))
         assert same == (name != "projector"), name
 
 
@@ -151,7 +152,8 @@ def test_fsdp_two_processes_equal_one_and_checkpoints_load_anywhere(tiny, tmp_pa
     for k, v in weights(tmp_path / "one" / "ckpt_000003.pt").items():
         torch.testing.assert_close(rebuilt.state_dict()[k], v, atol=1e-5, rtol=1e-4)
     train.main(config(tiny, tmp_path / "mixed", resume=True, **kw))
-    assert log_losses(tmp_path / "mixed" / "log.jsonl") == pytest.approx(log_losses(tmp_path / "one" / "log.jsonl"), rel=1e-5)
+    assert log_losses(tmp_path / "mixed" / "log.jsonl") == pytest.approx(
+        log_losses(tmp_path / "one" / "log.jsonl"), rel=1e-5)
     a, b = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "mixed" / "last.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
@@ -175,7 +177,8 @@ def test_timm_encoder_from_weights_file_trains_only_the_projector(tiny, tmp_path
     torch.manual_seed(0)
     start = train.build_model(cfg, train.T.load_tokenizer(str(tiny["tokenizer"])))
     for name in ("decoder", "projector"):
-        same = all(torch.equal(p, q) for p, q in zip(model.parts()[name].parameters(), start.parts()[name].parameters()))
+        same = all(torch.equal(p, q) for p, q in zip(model.parts()[name].parameters(),
+                                                     start.parts()[name].parameters()))
         assert same == (name == "decoder"), name
     # a backward pass reaches the projector only
     ids = torch.tensor([model.image_tokens() + [train.T.BOS, 20, 21]])
@@ -189,7 +192,8 @@ def test_timm_encoder_from_weights_file_trains_only_the_projector(tiny, tmp_path
     images = torch.randn(1, 3, 32, 32)
     assert torch.equal(model.eval()(ids, images), rebuilt(ids, images))
     with pytest.raises(FileNotFoundError, match="no vision weights file"):
-        train.main(config(tiny, tmp_path / "r2", vision="timm:vit_tiny_patch16_224", vision_weights=str(tmp_path / "vit.pt")))
+        train.main(config(tiny, tmp_path / "r2", vision="timm:vit_tiny_patch16_224",
+                          vision_weights=str(tmp_path / "vit.pt")))
     with pytest.raises(ValueError, match="two encoders"):
         train.main(config(tiny, tmp_path / "r3", vision="timm:vit_tiny_patch16_224", init_encoder="x.pt"))
     with pytest.raises(ValueError, match="row-len"):
@@ -294,7 +298,8 @@ def spread_scores(tiny, tmp_path):
     p_ref = train.load_scores(str(tiny["scores"]), blob["fingerprint"]["tokenizer"], blob["fingerprint"]["data"])
     g = torch.Generator().manual_seed(0)
     path = str(tmp_path / "spread.pt")
-    save_scores(path, list(p_ref), [0.95 * torch.rand(len(p), generator=g) for p in p_ref.values()], blob["fingerprint"])
+    save_scores(path, list(p_ref), [0.95 * torch.rand(len(p), generator=g) for p in p_ref.values()],
+                blob["fingerprint"])
     return path
 
 
@@ -459,4 +464,5 @@ def test_resume_follows_moved_files_but_not_other_contents(tiny, tmp_path):
     with pytest.raises(ValueError, match="--resume: --scores .* is not the file the run"):
         train.main(config(tiny, run, loss="prior", steps=4, save_every=2, resume=True, scores=str(moved)))
     with pytest.raises(ValueError, match="--init-decoder '' -> "):
-        train.main(config(tiny, run, loss="prior", steps=4, save_every=2, resume=True, init_decoder=str(tiny["ref_lm"])))
+        train.main(config(tiny, run, loss="prior", steps=4, save_every=2, resume=True,
+                          init_decoder=str(tiny["ref_lm"])))
