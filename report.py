@@ -33,7 +33,7 @@ import math
 import os
 import sys
 
-from report_plots import plot_specs
+from report_plots import plot_specs, primary_plot
 from stats import (NAN, ci, fmt, lr_key, lr_str, md_table, paired, pm, seed_key, series,  # noqa: F401 (fmt, pm:
                    still_rising, summary, welch)  # paper.py calls report.fmt / report.pm)
 
@@ -344,6 +344,12 @@ def write_report(rows, out_dir, source="results.json", plots=True):
           f"(PRIMARY). One comparison per setting is primary: PRIOR vs NTP; the other arms are controls. Columns "
           f"arm / NTP: mean ± std over each one's seeds; n: the seeds both ran (the pairs behind mean d).", ""]
     md += _primary(summ, PRIMARY)
+    points = [(f"{m}:{a} {name(arm)}", c["mean_d"], c["lo"], c["hi"]) for m, fams in summ.items()
+              for a, fam in fams.items() for arm, cmp in (fam["final"]["vs"] if fam["arms"] else {}).items()
+              for c in [cmp.get(PRIMARY)] if c and c["n"] > 1 and not math.isnan(c["lo"])]
+    md += ["", "![primary endpoint](primary.png)"] if points else []
+    if points and plots:
+        primary_plot(points, PRIMARY, os.path.join(out_dir, "primary.png"))
     notes = [f"{_setting(m, a)}: {', '.join(name(arm) for arm in fam['arms'] if _still(fam, arm))}"
              for m, fams in summ.items() for a, fam in fams.items() if any(_still(fam, arm) for arm in fam["arms"])]
     if notes:

@@ -96,3 +96,19 @@ def plot_specs(fam, mix, arch, name=str, colours=None):
             return fig
         add("lr_grid", lr_grid)
     return specs
+
+
+def primary_plot(points, bench, path):
+    """The headline picture: every arm's paired difference to NTP on the primary endpoint, with its 95% CI, one
+    row per (setting, arm). points: [(label, mean_d, lo, hi)], top to bottom."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 0.45 * len(points) + 1.2), layout="constrained")
+    ax = fig.subplots()
+    ys = list(range(len(points)))[::-1]
+    for y, (label, m, lo, hi) in zip(ys, points):
+        colour = "tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray"
+        ax.errorbar([m], [y], xerr=[[m - lo], [hi - m]], fmt="o", color=colour, capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(ys, [p[0] for p in points])
+    ax.set_xlabel(f"{bench}: arm − NTP, paired over seeds (95% CI)")
+    fig.savefig(path, dpi=90)
