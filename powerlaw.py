@@ -1,5 +1,5 @@
 """Power-law fits for the scaling experiment (paper.py scaling): L(D) = (D / D_c)^alpha_D by least squares in
-log space, with confidence intervals from Student's t (computed here: no scipy in this project) and from a
+log space, with confidence intervals from Student's t (stats.t_quantile: no scipy in this project) and from a
 bootstrap, and the held-out prediction of the largest size from the smaller ones.
 
     from powerlaw import fit_power_law, predict, bootstrap_alpha, holdout
@@ -9,63 +9,7 @@ import math
 
 import numpy as np
 
-
-def _betacf(a, b, x, iters=300, eps=1e-15):
-    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1, a - 1
-    c, d = 1.0, 1 - qab * x / qap
-    d = 1 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, iters + 1):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d, c = 1 + aa * d, 1 + aa / c
-        d = 1 / (d if abs(d) > tiny else tiny)
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d, c = 1 + aa * d, 1 + aa / c
-        d = 1 / (d if abs(d) > tiny else tiny)
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1) < eps:
-            break
-    return h
-
-
-def betainc(a, b, x):
-    """Regularised incomplete beta I_x(a, b)."""
-    if x <= 0:
-        return 0.0
-    if x >= 1:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x))
-    if x < (a + 1) / (a + b + 2):
-        return front * _betacf(a, b, x) / a
-    return 1 - front * _betacf(b, a, 1 - x) / b
-
-
-def t_cdf(t, dof):
-    """Student's t distribution function."""
-    tail = 0.5 * betainc(dof / 2, 0.5, dof / (dof + t * t))
-    return 1 - tail if t >= 0 else tail
-
-
-def t_quantile(p, dof):
-    """Student's t quantile (bisection on t_cdf; no scipy in this project)."""
-    if not 0 < p < 1:
-        raise ValueError(p)
-    if p < 0.5:
-        return -t_quantile(1 - p, dof)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, dof) < p:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, dof) < p else (lo, mid)
-    return (lo + hi) / 2
+from stats import t_quantile
 
 
 def _line(x, y):
