@@ -337,10 +337,10 @@ class Experiment:
     def choose(self, c, mix, arch, loss):
         """Update c (one arm's record) from the validation scores; return the runs still needed (or [])."""
         low0 = c["lows"][0]  # the lr grid runs at the first low weight (the oracle's; None for other arms)
-        need = [(lr, low0) for lr in c["grid"] if self.val_score(mix, arch, loss, lr, low0) is None]
+        scores = {lr: self.val_score(mix, arch, loss, lr, low0) for lr in c["grid"]}  # read each eval.json once
+        need = [(lr, low0) for lr in c["grid"] if scores[lr] is None]
         if need:
             return need
-        scores = {lr: self.val_score(mix, arch, loss, lr, low0) for lr in c["grid"]}
         grid = sorted(c["grid"])
         best = max(grid, key=lambda lr: scores[lr])
         c.update(chosen=best, scores={f"{lr:g}": scores[lr][0] for lr in grid},
