@@ -31,7 +31,7 @@ Auxiliary objectives (--objective, added to the caption loss with --aux-weight; 
 matching), itc (image-text contrastive), recon (reconstruct the image's patches from the decoder's outputs at
 the image positions): the paper's other Table 1 baselines. Their heads train even with --train projector.
 
-Speed: python bench.py measures this script's step (tokens/s, FLOP/s against the machine's matmul, MFU on a
+Speed: python -m experiments.bench measures this script's step (tokens/s, FLOP/s against the machine's matmul, MFU on a
 GPU); --compile fuses the many small elementwise kernels (worth it on a GPU; ~20-40 s to compile on a CPU).
 
 Writes to --out-dir: config.json, log.jsonl (one line per step; with --objective also "aux", the mean auxiliary
@@ -461,7 +461,7 @@ def unwrap(module):
 def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None):
     """Forward and backward of step `step`: this process's share of the global batch, in micro-batches.
     Leaves the gradients in the model (the caller clips and steps) and returns (stats, nll_by_tag,
-    batch_ids). Everything a step does but the optimizer, so bench.py times exactly what training runs.
+    batch_ids). Everything a step does but the optimizer, so experiments/bench.py times exactly what training runs.
     model: the bare VLM inside train_model (default: unwrapped from it), for the auxiliary heads.
 
     Scaling: the caption loss of a micro-batch counts by its share of the global batch's caption tokens, the

@@ -14,7 +14,7 @@ the order inside a batch does not matter (the loss is a sum over tokens): it spr
 over the fewest rows that hold them and makes the batch only as wide as its fullest row (<= row_len), so
 almost no position is padding. It matters because padding costs as much compute as a real token: with
 ~60-position samples (36 image tokens, a ~23-token caption) in 256-token rows, next-fit fits 3-4 a row and
-pads ~16% of a 32-sample batch; tight packing pads ~0.5% (bench.py measures both). Its cost is host time:
+pads ~16% of a 32-sample batch; tight packing pads ~0.5% (experiments/bench.py measures both). Its cost is host time:
 ~1 ms for 32 samples, ~40 ms for 1024 (next-fit: ~20 ms).
 """
 import array

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Copy what the main job (bash run.sh) and paper.py wrote under out/ (git-ignored) into results/ (tracked), so
+# Copy what the main job (bash run.sh) and experiments/paper.py wrote under out/ (git-ignored) into results/ (tracked), so
 # that README can link the tables and plots our runs produced. Usage: bash results/collect.sh [out]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${1:-out}
 [ -f "$src/results.md" ] || { echo "collect.sh: $src/results.md is missing: run the main job first (bash run.sh)" >&2; exit 1; }
 rm -rf results/main && mkdir -p results/main  # nothing stale from an earlier design stays behind
-# the table, the JSON it is made from (python report.py --results results/main/results.json --out results/main
+# the table, the JSON it is made from (python -m experiments.report --results results/main/results.json --out results/main
 # regenerates results.md byte for byte), the lr choices, the design, and each mix's data summary
 cp "$src/results.md" "$src/results.json" "$src/lr_choice.json" "$src/experiment_config.json" results/main/
 for meta in "$src"/data_*/meta.json; do

@@ -25,7 +25,8 @@ REQUIRED = ("prior_over_ntp_step_time", "train_flops_per_s", "matmul_flops_per_s
 
 def test_bench_tiny_writes_every_number(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--steps", "2", "--warmup", "1",
+    done = subprocess.run([sys.executable, "-m", "experiments.bench", "--preset", "tiny", "--steps", "2",
+                           "--warmup", "1",
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "PRIOR / NTP step time" in done.stdout
@@ -37,8 +38,9 @@ def test_bench_tiny_writes_every_number(tmp_path):
 
 
 def test_bench_help_explains_every_flag():
-    import bench
-    text = subprocess.run([sys.executable, "bench.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    from experiments import bench
+    text = subprocess.run([sys.executable, "-m", "experiments.bench", "--help"], cwd=ROOT, capture_output=True,
+                          text=True).stdout
     for f in bench.BenchConfig.__dataclass_fields__:
         assert "--" + f.replace("_", "-") in text
 

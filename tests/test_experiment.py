@@ -13,11 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import experiment  # noqa: E402
+from experiments import main as experiment  # noqa: E402
 
 
 def run(out, *extra):
-    done = subprocess.run([sys.executable, str(ROOT / "experiment.py"), "--preset", "smoke", "--out", str(out), *extra],
+    done = subprocess.run([sys.executable, "-m", "experiments.main", "--preset", "smoke", "--out", str(out), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -54,7 +54,7 @@ def test_smoke_writes_every_output(smoke):
 
 def test_report_regenerates_results_md_from_results_json(smoke, tmp_path):
     """results.md is a function of results.json alone: the committed table can be checked by anyone."""
-    import report
+    from experiments import report
     out, _ = smoke
     report.main(["--results", str(out / "results.json"), "--out", str(tmp_path), "--no-plots"])
     assert (tmp_path / "results.md").read_bytes() == (out / "results.md").read_bytes()

@@ -114,7 +114,7 @@ def test_bad_inputs_are_still_refused():
 
 
 def test_profile_counts_gpu_time_once_and_knows_kernel_names():
-    import bench
+    from experiments import bench_parts as bench
     events = [  # (name, where, self time): operators on the host, kernels on the GPU
         ("aten::mm", "cpu", 50.0), ("aten::addmm", "cpu", 30.0), ("aten::_efficient_attention_forward", "cpu", 20.0),
         ("aten::mul", "cpu", 10.0),
@@ -179,7 +179,7 @@ def test_scores_do_not_depend_on_autocast(monkeypatch):
 
 
 def test_threads_split_over_runs_and_torchrun_processes(tmp_path, monkeypatch):
-    import experiment
+    from experiments import main as experiment
     monkeypatch.setattr(experiment.os, "cpu_count", lambda: 16)
     exp = experiment.Experiment(experiment.ExperimentConfig(out=str(tmp_path), parallel=2, nproc=4))
     assert exp.threads_per_process(["train.py", "--arch", "h"]) == 2  # 16 cores / 2 runs / 4 processes

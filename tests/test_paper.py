@@ -1,4 +1,4 @@
-"""paper.py: the power-law fit and its intervals, and each command's --quick mode end to end.
+"""experiments/paper.py: the power-law fit and its intervals, and each command's --quick mode end to end.
 
 The end-to-end tests run on a miniature of the main job's output folder, built once per session in this
 process (the smoke experiment itself takes ~2 minutes of subprocesses, too long for the test budget): the
@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-import paper
+from experiments import paper
 
 
 # ----------------------------------------------------------------------------- statistics

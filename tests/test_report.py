@@ -1,12 +1,11 @@
-"""report.py and stats.py on synthetic results: t quantiles, paired verdicts, primary endpoint, regeneration."""
+"""experiments/report.py and stats.py: t quantiles, paired verdicts, primary endpoint, regeneration."""
 import json
 import math
 import random
 
 import pytest
 
-import report
-import stats
+from experiments import report, stats
 
 ARMS = ("ntp", "prior", "prior_shuffled", "oracle")
 GAIN = {"ntp": 0.0, "prior": 0.03, "prior_shuffled": 0.0, "oracle": 0.08}

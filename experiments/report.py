@@ -1,6 +1,6 @@
 """Turn every evaluated checkpoint into the summary a researcher reads: tables, verdicts and plots.
 
-    python report.py --results results/main/results.json --out results/main/ [--lrs chosen_lrs.json]
+    python -m experiments.report --results results/main/results.json --out results/main/ [--lrs chosen_lrs.json]
 
 results.json is a list of rows {"mix", "arch", "loss", "seed", "lr", "step", "phase", "benchmark", "value"}
 (missing mix / phase: "web" / "main"; extra keys ignored). Writes out/results.md and, per mix and model family,
@@ -33,9 +33,9 @@ import math
 import os
 import sys
 
-from report_plots import plot_specs, primary_plot
-from stats import (NAN, ci, fmt, lr_key, lr_str, md_table, paired, pm, seed_key, series,  # noqa: F401 (fmt, pm:
-                   still_rising, summary, welch)  # paper.py calls report.fmt / report.pm)
+from experiments.report_plots import plot_specs, primary_plot
+from experiments.stats import (NAN, ci, fmt, lr_key, lr_str, md_table, paired, pm, seed_key, series,  # noqa: F401
+                               still_rising, summary, welch)  # paper.py calls report.fmt / report.pm)
 
 PRIMARY = "probe_cc_avg"
 NOCOUNT = "probe_cc_avg_nocount"
@@ -308,7 +308,7 @@ def _grid_table(fam):
 
 
 def _data_section(rows):
-    """Rows of phase "data" (experiment.py: the reference LM on each mix's test captions, per word tag)."""
+    """Rows of phase "data" (the main job: the reference LM on each mix's test captions, per word tag)."""
     got = {}
     for r in rows:
         if r["phase"] == "data" and "_" in r["benchmark"]:

@@ -1,24 +1,23 @@
 """How long a packed row should be for a caption set: sample lengths, and the attention a training step computes
 (whole rows under a mask) over the attention the documents need (causal, inside each document), per row_len;
-with the FLOP counts at experiment.py's gpu model (d 512 x 8 layers). docs/gpu.md has the numbers.
+with the FLOP counts at main.py's gpu model (d 512 x 8 layers). docs/gpu.md has the numbers.
 
     python -m data.generate --out /tmp/g/synth --n-train 3000 --n-ref 3000 --n-text 0 --n-label 0 --n-val 0 \\
         --n-test 0 --n-probe 0
-    python scripts/row_len.py /tmp/g/synth/train.jsonl /tmp/g/synth/ref.jsonl
+    python -m experiments.row_len /tmp/g/synth/train.jsonl /tmp/g/synth/ref.jsonl
 """
 import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tokenizer as T  # noqa: E402
-import train  # noqa: E402
-from data.packing import IGNORE, pack  # noqa: E402
-from data.records import read_records  # noqa: E402
-from model import VLM, DecoderConfig, VLMConfig  # noqa: E402
+import tokenizer as T
+import train
+from data.packing import IGNORE, pack
+from data.records import read_records
+from model import VLM, DecoderConfig, VLMConfig
 
 if len(sys.argv) != 3:
-    raise SystemExit("usage: python scripts/row_len.py TRAIN.jsonl REF.jsonl (captions to tokenize with)")
+    raise SystemExit("usage: python -m experiments.row_len TRAIN.jsonl REF.jsonl (captions to tokenize with)")
 recs = read_records(sys.argv[1])
 ref = read_records(sys.argv[2], require_image=False, check_files=False)
 tok = T.train_tokenizer([r.caption for r in ref + recs], 2048)

@@ -1,10 +1,10 @@
 """Benchmark: how fast training, scoring and data loading run on this machine, and how close the training
 step comes to the machine's own limit (in the spirit of nanoGPT's bench.py).
 
-    python bench.py                                        # train.py's default model (--preset small)
-    python bench.py --preset bench --json out/bench.json   # decoder width 384: docs/performance.md
-    python bench.py --preset tiny                          # a few seconds: the test
-    python bench.py --preset cpu --threads 2               # experiment.py's CPU preset: feature cache speedup
+    python -m experiments.bench                                        # train.py's default model (--preset small)
+    python -m experiments.bench --preset bench --json out/bench.json   # decoder width 384: docs/performance.md
+    python -m experiments.bench --preset tiny                          # a few seconds: the test
+    python -m experiments.bench --preset cpu --threads 2  # the main job's CPU preset: feature cache speedup
 
 Every number is the median over --steps repetitions after --warmup untimed ones:
   train step    train.train_step + gradient clip + AdamW, exactly what train.py runs per step, for NTP and
@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import tokenizer as T  # noqa: E402
-import bench_parts  # noqa: E402
+from experiments import bench_parts  # noqa: E402
 import train  # noqa: E402
 from cli import parse_config  # noqa: E402
 from data.packing import Sample, pack  # noqa: E402
@@ -56,7 +56,7 @@ from reference_lm import make_optimizer  # noqa: E402
 from score import label_probs  # noqa: E402
 from utils import pick_device  # noqa: E402
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Model and batch per preset; anything not named is train.py's default (small = train.py's defaults).
 PRESETS = {
@@ -64,8 +64,8 @@ PRESETS = {
                  patch_size=4, batch_size=8, row_len=64),
     "small": dict(),
     "bench": dict(d_model=384, n_layer=6, n_head=6),
-    "cpu": dict(d_model=128, n_layer=4, n_head=4, patch_size=16),  # experiment.py PRESETS["cpu"], ViT defaults
-    # experiment.py --preset gpu's VLM (decoder d 512 x 8 layers, 16 px patches, batch 256, rows of 192)
+    "cpu": dict(d_model=128, n_layer=4, n_head=4, patch_size=16),  # main.py PRESETS["cpu"], ViT defaults
+    # main.py --preset gpu's VLM (decoder d 512 x 8 layers, 16 px patches, batch 256, rows of 192)
     "gpu": dict(d_model=512, n_layer=8, n_head=8, patch_size=16, batch_size=256, row_len=192),
 }
 # (timed steps, generated pairs, reference captions, matmul side on CPU, tokenizer vocabulary)
@@ -77,7 +77,7 @@ SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (30, 1024, 2000, 2048, 2048), 
 class BenchConfig:
     preset: str = field(default="small",
                         metadata={"help": "tiny: seconds, for tests; small: train.py's default; bench: d 384 x 6; "
-                                          "cpu/gpu: experiment.py's", "choices": list(PRESETS)})
+                                          "cpu/gpu: main.py's", "choices": list(PRESETS)})
     arch: str = field(default="h",
                       metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM",
                                 "choices": ["h", "u"]})
@@ -105,6 +105,8 @@ class BenchConfig:
     profile: bool = field(default=False,
                           metadata={"help": "also run torch.profiler over two PRIOR forward+backward passes and print "
                                             "where the time goes"})
+    parts_only: bool = field(default=False,
+                             metadata={"help": "only the H recipe and the GPT-2 stack (bench_parts), on --pairs pairs"})
     json: str = field(default="", metadata={"help": "also write the results to this file, one flat JSON object"})
     seed: int = field(default=0, metadata={"help": "seed of the generated data and the model"})
 
@@ -180,7 +182,38 @@ def peak_memory_mb(device):
 
 # ----------------------------------------------------------------------------- the benchmark
 
+def parts_only(cfg):
+    """bench_parts alone (the H recipe, the GPT-2 comparison) on this script's data, on the CPU."""
+    torch.set_num_threads(cfg.threads or os.cpu_count())
+    steps, pairs = cfg.steps or 20, cfg.pairs or 512
+    *_, vocab = SIZES[cfg.preset]
+    tcfg = train.TrainConfig(**PRESETS[cfg.preset], device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        records, ref, _ = make_data(tmp, pairs, 500, tcfg.image_size, 0)
+        tok = T.train_tokenizer(ref + [x.caption for x in records], vocab)
+        records, images = load_images(records, tcfg.image_size)
+    samples = train.make_samples(tok, records)
+    for s in samples:  # PRIOR's weights need scores; their values do not change the speed
+        s.p_ref = [0.5] * (len(s.caption_ids) + 1)
+    r = {"preset": cfg.preset, "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0]}
+    r.update(bench_parts.h_recipe(tcfg, tok, samples, images, steps))
+    r.update(bench_parts.reference_stack(tok.get_vocab_size(), tcfg.d_model, tcfg.n_layer, tcfg.n_head, tcfg.row_len,
+                                         reps=max(steps // 2, 3)))
+    print(f"python -m experiments.bench --parts-only --preset {cfg.preset} --threads {r['threads']} (1-min load "
+          f"average {r['load_avg_1m']:.2f} before)")
+    for k, v in bench_parts.print_rows(r):
+        print(f"  {k:<22}  {v}")
+    return r
+
+
 def main(cfg):
+    if cfg.parts_only:
+        r = parts_only(cfg)
+        if cfg.json:
+            os.makedirs(os.path.dirname(cfg.json) or ".", exist_ok=True)
+            with open(cfg.json, "w") as f:
+                json.dump(r, f, indent=1)
+        return r
     device = pick_device(cfg.device)
     torch.set_num_threads(cfg.threads or os.cpu_count())
     torch.manual_seed(cfg.seed)
@@ -281,72 +314,14 @@ def main(cfg):
 
     print_table(r, cfg)
     if cfg.profile:
-        profile(lambda i: train.train_step(dataclasses.replace(tcfg, loss="prior"), i, train_model, data, device),
+        prior = dataclasses.replace(tcfg, loss="prior")
+        bench_parts.profile(lambda i: train.train_step(prior, i, train_model, data, device),
                 device, r)
     if cfg.json:
         os.makedirs(os.path.dirname(cfg.json) or ".", exist_ok=True)
         with open(cfg.json, "w") as f:
             json.dump(r, f, indent=1)
     return r
-
-
-# Kinds of work by event name: aten operators (CPU profiles) and GPU kernel names (CUDA profiles). Attention
-# first: fmha_cutlassF / flash kernels contain "cutlass"-like parts of matmul names.
-KINDS = (("attention", ("scaled_dot_product", "flash", "fmha", "efficient_attention", "cudnn_attention",
-                        "attention")),
-         ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation", "convolution", "gemm",
-                     "xmma", "cublas", "cutlass", "nvjet", "wgmma")))
-OTHER = "everything else (elementwise, norms, loss, copies)"
-
-
-def kind_of(name):
-    """The kind of work an operator or kernel name is: attention, matmul or everything else."""
-    low = name.lower()
-    return next((kind for kind, parts in KINDS if any(p in low for p in parts)), OTHER)
-
-
-def time_by_kind(events, on_gpu):
-    """{kind: time} and the total from (name, where, self time) events, where = "cpu" (an operator on the host)
-    or "gpu" (a kernel). On a GPU only kernels count: an operator's GPU time is its kernels' time again, and
-    summing both counts the GPU's work twice. On a CPU the operators' own CPU time counts."""
-    where = "gpu" if on_gpu else "cpu"
-    mine = [(name, t) for name, w, t in events if w == where]
-    by_kind = {kind: 0.0 for kind, _ in KINDS}
-    by_kind[OTHER] = 0.0
-    for name, t in mine:
-        by_kind[kind_of(name)] += t
-    return by_kind, sum(t for _, t in mine)
-
-
-def profile_events(prof, on_gpu):
-    """torch.profiler results as (name, "cpu" or "gpu", self time in microseconds) for time_by_kind."""
-    from torch.autograd import DeviceType
-    out = []
-    for e in prof.key_averages():
-        if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CUDA:
-            out.append((e.key, "gpu", e.self_device_time_total))
-        else:
-            out.append((e.key, "cpu", e.self_cpu_time_total))
-    return out
-
-
-def profile(fn, device, r):
-    """Where a forward+backward's time goes, by kind of kernel: torch.profiler over two calls."""
-    from torch.profiler import ProfilerActivity
-    cuda = str(device).startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        for i in range(2):
-            fn(i)
-        sync(device)
-    by_kind, total = time_by_kind(profile_events(prof, cuda), cuda)
-    r.update({f"profile_{k.split()[0]}_fraction": v / max(total, 1) for k, v in by_kind.items()})
-    print(f"\nforward + backward, {'GPU kernel' if cuda else 'CPU'} time by kind (optimizer step apart: "
-          f"{r['train_step_s_optimizer'] * 1e3:.1f} ms of the {r['train_step_s_prior'] * 1e3:.1f} ms step):")
-    for k, v in by_kind.items():
-        print(f"  {k:<52} {v / max(total, 1):6.1%}")
-    events = prof.key_averages()
-    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15))
 
 
 def print_table(r, cfg):
@@ -380,7 +355,7 @@ def print_table(r, cfg):
         ("peak memory", f"{r['peak_memory_mb']:,.0f} MB"),
     ] + bench_parts.print_rows(r)
     width = max(len(k) for k, _ in rows)
-    print(f"\npython bench.py --preset {cfg.preset}" + (f" --arch {cfg.arch}" if cfg.arch != "h" else "") +
+    print(f"\npython -m experiments.bench --preset {cfg.preset}" + (f" --arch {cfg.arch}" if cfg.arch != "h" else "") +
           (" --compile" if cfg.compile else ""))
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")

@@ -2,14 +2,14 @@
 log space, with confidence intervals from Student's t (stats.t_quantile: no scipy in this project) and from a
 bootstrap, and the held-out prediction of the largest size from the smaller ones.
 
-    from powerlaw import fit_power_law, predict, bootstrap_alpha, holdout
+    from experiments.powerlaw import fit_power_law, predict, bootstrap_alpha, holdout
     fit = fit_power_law(D, y)          # {"alpha", "D_c", "se_alpha", "ci", ...}
 """
 import math
 
 import numpy as np
 
-from stats import t_quantile
+from experiments.stats import t_quantile
 
 
 def _line(x, y):

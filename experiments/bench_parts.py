@@ -15,7 +15,7 @@ ratio comes twice: by wall-clock time and by this process's CPU time (`*_cpu`), 
 other processes tracks the work done better (with --threads 1 it is not inflated by threads waiting on each
 other). On their own, without bench.py's other measurements (a few minutes less):
 
-    python bench_parts.py --preset cpu --threads 1 --json out/bench_parts.json
+    python -m experiments.bench --parts-only --preset cpu --threads 1 --pairs 512 --steps 20
 """
 import dataclasses
 import statistics
@@ -193,47 +193,61 @@ def print_rows(r):
     ]
 
 
-def main(argv=None):
-    """bench_parts on its own: the H recipe and the GPT-2 comparison on bench.py's data, at a bench.py preset."""
-    import argparse
-    import json
-    import os
-    import tempfile
-
-    import bench
-    import tokenizer as T
-    from data.records import load_images
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="cpu", choices=list(bench.PRESETS), help="bench.py's model and batch sizes")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = os.cpu_count())")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps (pairs) of the H recipe")
-    ap.add_argument("--pairs", type=int, default=512, help="image-caption pairs to generate")
-    ap.add_argument("--json", default="", help="also write the results to this file")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads or os.cpu_count())
-    *_, vocab = bench.SIZES[args.preset]
-    tcfg = train.TrainConfig(**bench.PRESETS[args.preset], device="cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        records, ref, _ = bench.make_data(tmp, args.pairs, 500, tcfg.image_size, 0)
-        tok = T.train_tokenizer(ref + [x.caption for x in records], vocab)
-        records, images = load_images(records, tcfg.image_size)
-    samples = train.make_samples(tok, records)
-    for s in samples:  # PRIOR's weights need scores; their values do not change the speed
-        s.p_ref = [0.5] * (len(s.caption_ids) + 1)
-    r = {"preset": args.preset, "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0]}
-    r.update(h_recipe(tcfg, tok, samples, images, args.steps))
-    r.update(reference_stack(tok.get_vocab_size(), tcfg.d_model, tcfg.n_layer, tcfg.n_head, tcfg.row_len,
-                             reps=max(args.steps // 2, 3)))
-    print(f"python bench_parts.py --preset {args.preset} --threads {r['threads']} (1-min load average "
-          f"{r['load_avg_1m']:.2f} before)")
-    for k, v in print_rows(r):
-        print(f"  {k:<22}  {v}")
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=1)
-    return r
+# Kinds of work by event name: aten operators (CPU profiles) and GPU kernel names (CUDA profiles). Attention
+# first: fmha_cutlassF / flash kernels contain "cutlass"-like parts of matmul names.
+KINDS = (("attention", ("scaled_dot_product", "flash", "fmha", "efficient_attention", "cudnn_attention",
+                        "attention")),
+         ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation", "convolution", "gemm",
+                     "xmma", "cublas", "cutlass", "nvjet", "wgmma")))
+OTHER = "everything else (elementwise, norms, loss, copies)"
 
 
-if __name__ == "__main__":
-    main()
+def kind_of(name):
+    """The kind of work an operator or kernel name is: attention, matmul or everything else."""
+    low = name.lower()
+    return next((kind for kind, parts in KINDS if any(p in low for p in parts)), OTHER)
+
+
+def time_by_kind(events, on_gpu):
+    """{kind: time} and the total from (name, where, self time) events, where = "cpu" (an operator on the host)
+    or "gpu" (a kernel). On a GPU only kernels count: an operator's GPU time is its kernels' time again, and
+    summing both counts the GPU's work twice. On a CPU the operators' own CPU time counts."""
+    where = "gpu" if on_gpu else "cpu"
+    mine = [(name, t) for name, w, t in events if w == where]
+    by_kind = {kind: 0.0 for kind, _ in KINDS}
+    by_kind[OTHER] = 0.0
+    for name, t in mine:
+        by_kind[kind_of(name)] += t
+    return by_kind, sum(t for _, t in mine)
+
+
+def profile_events(prof, on_gpu):
+    """torch.profiler results as (name, "cpu" or "gpu", self time in microseconds) for time_by_kind."""
+    from torch.autograd import DeviceType
+    out = []
+    for e in prof.key_averages():
+        if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CUDA:
+            out.append((e.key, "gpu", e.self_device_time_total))
+        else:
+            out.append((e.key, "cpu", e.self_cpu_time_total))
+    return out
+
+
+def profile(fn, device, r):
+    """Where a forward+backward's time goes, by kind of kernel: torch.profiler over two calls."""
+    from torch.profiler import ProfilerActivity
+    cuda = str(device).startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for i in range(2):
+            fn(i)
+        if cuda:
+            torch.cuda.synchronize(device)
+    by_kind, total = time_by_kind(profile_events(prof, cuda), cuda)
+    r.update({f"profile_{k.split()[0]}_fraction": v / max(total, 1) for k, v in by_kind.items()})
+    print(f"\nforward + backward, {'GPU kernel' if cuda else 'CPU'} time by kind (optimizer step apart: "
+          f"{r['train_step_s_optimizer'] * 1e3:.1f} ms of the {r['train_step_s_prior'] * 1e3:.1f} ms step):")
+    for k, v in by_kind.items():
+        print(f"  {k:<52} {v / max(total, 1):6.1%}")
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15))

@@ -1,16 +1,16 @@
 """The paper's ablation, scaling and instruction-tuning experiments on the built-in data: one command each,
-reusing what the main job (experiment.py) left in its output folder.
+reusing what the main job (main.py) left in its output folder.
 
-    python paper.py ablation [--from out] [--arch h] [--seeds 3]      # Fig. 5: alpha in {0.5, 1, 2, 4}, no k
-    python paper.py baselines [--from out] [--arch h]                 # Table 1: ITM, ITC, recon, attn, rare, Rho-1, CAL
-    python paper.py scaling  [--from out] [--sizes 800,1600,...]      # Figs. 6-7: L(D) = (D / D_c)^alpha_D
-    python paper.py instruct [--from out]                             # instruction tuning, generated answers
-    python paper.py <command> --plan                                  # what it would run, and an estimate
-    python paper.py <command> --quick                                 # seconds: a check on smoke artefacts
+    python -m experiments.paper ablation [--from out] [--arch h] [--seeds 3]  # Fig. 5: alpha in {0.5, 1, 2, 4}, no k
+    python -m experiments.paper baselines [--from out] [--arch h]     # Table 1: ITM, ITC, recon, attn, rare, Rho-1, CAL
+    python -m experiments.paper scaling  [--from out] [--sizes 800,1600,...]  # Figs. 6-7: L(D) = (D / D_c)^alpha_D
+    python -m experiments.paper instruct [--from out]                 # instruction tuning, generated answers
+    python -m experiments.paper <command> --plan                      # what it would run, and an estimate
+    python -m experiments.paper <command> --quick                     # seconds: a check on smoke artefacts
 
 Each writes <from>/paper/<command>/results.md (paper/<command>_u/ for --arch u, _<mix> for another mix than
 the main job's first), results.json, a PNG and its runs (train.py / eval.py
-outputs) and logs; a re-run skips the finished runs, as experiment.py does. What it reads from --from:
+outputs) and logs; a re-run skips the finished runs, as main.py does. What it reads from --from:
 experiment_config.json (the preset the artefacts were made with), data_<mix>/, tokenizer.json,
 scores_<mix>_{train,test}.pt, ref_lm_<mix>.pt (scaling), base_lm.pt and vit.pt (H-LVLM),
 runs/<mix>/u_stage1 (U-LVLM), chosen_lrs.json (each loss's learning rate, chosen by the main job's grid on
@@ -58,10 +58,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from powerlaw import (bootstrap_alpha, fit_power_law, holdout, log_sizes, predict,  # noqa: F401 (t_quantile: tests)
-                      t_quantile)
+from experiments.powerlaw import (bootstrap_alpha, fit_power_law, holdout, log_sizes, predict,  # noqa: F401
+                                  t_quantile)  # t_quantile: the tests
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_BENCHES = ["probe_avg", "presence", "colour", "count", "position", "retrieval", "nll_image", "nll_boiler",
                 "nll_noise", "nll_all", "gap_image", "gap_all"]
 
@@ -72,19 +72,19 @@ class Setup:
 
     def __init__(self, args, command):
         from cli import from_dict
-        from experiment import Experiment, ExperimentConfig
+        from experiments.main import Experiment, ExperimentConfig
         self.args = args
         self.src = os.path.abspath(args.from_dir)
         cfg_path = os.path.join(self.src, "experiment_config.json")
         if not os.path.exists(cfg_path):
-            raise SystemExit(f"paper.py: {cfg_path} is missing: run the main job first (python experiment.py "
+            raise SystemExit(f"paper.py: {cfg_path} is missing: run the main job first (python -m experiments.main "
                              f"--out {args.from_dir}, or --preset smoke for a miniature)")
         saved = json.load(open(cfg_path))
         exp_cfg = from_dict(ExperimentConfig, {**saved["config"], "out": self.src,
                                                **({"device": args.device} if args.device else {})})
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             self.exp = Experiment(exp_cfg)
-        self.exp.p = saved["preset"]  # the preset the artefacts were made with, whatever experiment.py says now
+        self.exp.p = saved["preset"]  # the preset the artefacts were made with, whatever main.py says now
         self.p = self.exp.p
         self.mix = args.mix or self.exp.mixes[0]
         self.arch = args.arch
@@ -113,7 +113,7 @@ class Setup:
         chosen = json.load(open(path)).get(key) if os.path.exists(path) else None
         if not chosen:
             raise SystemExit(f"paper.py: no learning rates for {key} in {path}: run the main job's lr grid "
-                             f"(python experiment.py --out {self.args.from_dir}) or give --lr")
+                             f"(python -m experiments.main --out {self.args.from_dir}) or give --lr")
         return chosen
 
     def steps(self):
@@ -123,7 +123,7 @@ class Setup:
         return self.args.batch_size or self.p["vlm"]["batch_size"]
 
     def train_args(self, loss, lr, seed, out_dir, steps=None, extra=()):
-        """experiment.py's arguments for this run (same data, initialisation, recipe), with our changes last
+        """main.py's arguments for this run (same data, initialisation, recipe), with our changes last
         (argparse keeps the last value of a flag)."""
         steps = steps or self.steps()
         args = self.exp.train_args(self.mix, self.arch, loss, lr, seed, out_dir)
@@ -233,7 +233,7 @@ class Setup:
         log = self._log(name)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         with open(log, "w") as f:
-            done = subprocess.run([sys.executable, *args], cwd=HERE, env=env, stdout=f, stderr=subprocess.STDOUT)
+            done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         if done.returncode:
             self._fail(args, log)
 
@@ -285,7 +285,8 @@ class Setup:
 
     def header(self, title, what, t0=None):
         lines = [f"# {title}", "", what, "",
-                 f"- command: `python paper.py {' '.join(getattr(self.args, 'argv', None) or [self.args.command])}`",
+                 f"- command: `python -m experiments.paper "
+                 f"{' '.join(getattr(self.args, 'argv', None) or [self.args.command])}`",
                  f"- artefacts: `{self.src}` (preset `{self.exp.cfg.preset}`), caption mix `{self.mix}`, "
                  f"{ {'h': 'H-LVLM', 'u': 'U-LVLM'}[self.arch]}"]
         if self.args.quick:
@@ -307,7 +308,7 @@ def _plt():
 def bar_plot(st, keys, labels, show, colors, default_color, title, png):
     """One panel per benchmark in `show`: each arm's seed mean ± std as a bar, its seeds as dots, NTP's mean as
     a dashed line; the y range fits the data (differences of a few percent stay visible)."""
-    from report import lower_better
+    from experiments.report import lower_better
     plt = _plt()
     fig, axes = plt.subplots(1, max(1, len(show)), figsize=(max(4.2, 0.55 * len(keys) + 1.5) * max(1, len(show)), 3.8))
     for ax, b in zip(np.atleast_1d(axes), show):
@@ -344,7 +345,7 @@ def ablation_arms(alphas):
 
 
 def ablation(args):
-    import report
+    from experiments import report
     t0 = time.time()
     s = Setup(args, "ablation")
     lrs, steps, seeds = s.lrs(), s.steps(), args.seeds or (1 if args.quick else s.p["seeds"])
@@ -465,7 +466,7 @@ def tokens_seen(lengths, steps, batch, seed):
 
 
 def scaling(args):
-    import report
+    from experiments import report
     import tokenizer as T
     t0 = time.time()
     s = Setup(args, "scaling")
@@ -669,7 +670,7 @@ def scaling(args):
 
 # ============================================================================= instruction tuning (item 4)
 def instruct(args):
-    import report
+    from experiments import report
     import tokenizer as T
     from data import qa
     t0 = time.time()
@@ -896,7 +897,7 @@ def weight_relevance(s, score_file, attention):
 
 
 def baselines(args):
-    import report
+    from experiments import report
     t0 = time.time()
     s = Setup(args, "baselines")
     chosen, steps, seeds = s.lrs(), s.steps(), args.seeds or (1 if args.quick else s.p["seeds"])
@@ -970,7 +971,7 @@ def baselines(args):
     for k, lr, d, _ in grid_plan:
         f = s.final_rows(d + "_val", steps)
         val.setdefault(k, {})[lr] = f
-    for k in val:  # best validation probe average, ties to the lower image NLL (one seed; experiment.py's
+    for k in val:  # best validation probe average, ties to the lower image NLL (one seed; main.py's
         # protocol scores probe_cc_avg over 2 seeds and extends the grid at its edges: docs/experiment.md)
         lr_of[k] = max(val[k],
                        key=lambda lr: (round(val[k][lr].get("probe_avg", -1), 6), -val[k][lr].get("nll_image", 0)))

@@ -1,10 +1,10 @@
 """The main job: PRIOR vs NTP and its controls, end to end, on the built-in data, following the paper's recipe.
 
-    bash run.sh                               # = python experiment.py (the CPU preset; prints its estimate)
-    python experiment.py --preset smoke       # a 1-minute miniature of every stage (tests/test_experiment.py)
-    python experiment.py --settings web:u     # another setting (mix:family) with the same protocol
-    python experiment.py --preset gpu --parallel 1 --nproc 8   # bigger data, models and steps (see PRESETS)
-    python experiment.py --stage prepare      # only data -> tokenizer -> reference LM -> scores
+    bash run.sh                               # = python -m experiments.main (the CPU preset; prints its estimate)
+    python -m experiments.main --preset smoke       # a 1-minute miniature of every stage (tests/test_experiment.py)
+    python -m experiments.main --settings web:u     # another setting (mix:family) with the same protocol
+    python -m experiments.main --preset gpu --parallel 1 --nproc 8   # bigger data, models and steps (see PRESETS)
+    python -m experiments.main --stage prepare      # only data -> tokenizer -> reference LM -> scores
 
 The design, fixed before any result was read (docs/experiment.md explains each choice):
   settings   mix:family pairs (--settings). Mixes: "web" (mostly predictable boilerplate), "hard" (image words
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 from cli import parse_config
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Sizes per preset. "cpu" is sized for a 2-core laptop CPU (about half an hour; docs/experiment.md has the
 # measured time); "smoke" exercises every stage in about a minute; "gpu" is a starting point for GPUs.
@@ -118,7 +118,7 @@ class Experiment:
         self.log.write(" ".join(cmd) + "\n")
         self.log.flush()
         with open(log_path, "w") as log:
-            done = subprocess.run(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+            done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             tail = open(log_path).read()[-2500:]
             raise SystemExit(f"step failed: {' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
@@ -462,7 +462,7 @@ def main(cfg):
         return
     rows = exp.experiment()
     exp.analyses()
-    import report
+    from experiments import report
     md = report.write_report(rows, exp.out)
     print(f"done in {(time.time() - t0) / 60:.1f} min: {md}")
 

@@ -1,7 +1,7 @@
 """The PNGs of report.py. plot_specs() decides which files a setting gets from the data alone (so results.md
 lists the same files with or without drawing); each spec's draw(path) writes one PNG (matplotlib Figure, Agg)."""
 
-from stats import summary
+from experiments.stats import summary
 
 AVERAGES = ("probe_avg", "probe_cc_avg", "probe_cc_avg_nocount")
 NLL = ["nll_image", "nll_glue", "nll_boiler", "nll_noise"]
