@@ -52,7 +52,7 @@ def read_image(path, size):
 
 def load(ckpt_path, tokenizer_path="", device="cpu"):
     """(model, tokenizer) from a train.py checkpoint; the tokenizer must be the one the run used."""
-    from train import load_model  # here: train imports the whole training stack
+    from model import load_model
     model, ckpt = load_model(ckpt_path, device)
     tok_path = tokenizer_path or ckpt["config"]["tokenizer"]
     tok = T.load_tokenizer(tok_path)

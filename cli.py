@@ -8,12 +8,19 @@ Every script keeps its settings in one `@dataclass` whose fields carry a help te
 
     cfg = parse_config(Config, description=__doc__)   # python script.py --steps=500
 
+(`steps: int = flag(300, "optimizer steps")` is the same field, shorter.)
+
 The same dataclass is saved (as a plain dict) inside every checkpoint and rebuilt with
 `from_dict`, so a checkpoint alone says how it was made.
 """
 import argparse
 import dataclasses
 import typing
+
+
+def flag(default, help, choices=None):
+    """A config field with its --help text (and the values argparse accepts)."""
+    return dataclasses.field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
 
 
 def _bool(text):

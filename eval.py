@@ -48,8 +48,9 @@ import tokenizer as T
 from cli import parse_config
 from data.features import encoder_features
 from data.records import DataError, Record, BadRecord, report_bad, load_images, normalize, read_records
-from score import CATEGORIES, load_scores, token_tags
-from train import load_model
+from data.scores import load_scores
+from data.tags import CATEGORIES, token_tags
+from model import load_model
 from utils import autocast, check_fingerprint, pick_device, text_fingerprint
 
 THRESHOLDS = (0.25, 0.5, 0.75)

@@ -6,19 +6,15 @@
     VLM(arch="u")  U-LVLM, SOLO-style, encoder-free: 8x8 pixel patches -> one bias-free Linear -> decoder,
                    framed as <|vision|> (patch x cols, <|vrow|>) x rows <|/vision|>; positions come only from
                    the decoder's RoPE over the flat sequence.
-    VLMConfig(vision="timm:<name>")  the H-LVLM with any ViT-style timm model as encoder (TimmEncoder), e.g. a
-                   pretrained CLIP ViT whose weights train.py reads from a local file (load_vision_weights).
+    VLMConfig(vision="timm:<name>")  the H-LVLM with a ViT-style timm model as encoder (encoders.py), e.g. CLIP.
+    load_model, load_lm  a train.py / reference_lm.py checkpoint back as a model (the config is inside).
     KVCache, generate  inference: decoding with cached keys/values, greedy or sampled (caption.py).
 
 Both VLMs splice image embeddings into the token sequence at the <|image|> placeholders, so packing,
 masks and the loss never need to know which family runs. Sequences may be packed: `doc_ids` keeps attention
 inside each document and `position_ids` restart at each document.
-
-    python -c "import model; print(model.VLM(model.VLMConfig()))"
 """
-import difflib
 import math
-import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -26,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tokenizer as T
+from encoders import build_encoder
+from utils import check_fingerprint, load_checkpoint
 
 
 @dataclass
@@ -215,131 +213,6 @@ class VLMConfig:
         return VLMConfig(**d)
 
 
-def build_vit(cfg):
-    """The H-LVLM's vision encoder from timm's ViT blocks. Patch tokens only (no class token, no pooling):
-    `forward_features` gives one embedding per patch, which is what reaches the LM."""
-    from timm.models.vision_transformer import VisionTransformer
-    return VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vit_dim,
-                             depth=cfg.vit_depth, num_heads=cfg.vit_heads, num_classes=0, global_pool="",
-                             class_token=False)
-
-
-def unknown_timm_model(name):
-    """The message for a model name timm does not know, with the closest names it does know."""
-    import timm
-    base = name.split(".")[0]  # "vit_base_patch16_clip_224.openai": the tag is not in list_models()
-    names = timm.list_models()
-    close = difflib.get_close_matches(base, names, n=6, cutoff=0.6)
-    close += [n for n in timm.list_models(f"*{base}*") if n not in close]
-    hint = f"; close matches: {', '.join(close[:8])}" if close else ""
-    return f"timm has no model {name!r}{hint} (all names: python -c \"import timm; print(timm.list_models())\")"
-
-
-class TimmEncoder(nn.Module):
-    """A ViT-style timm model as the H-LVLM's encoder. Built offline (pretrained=False, nothing downloaded): its
-    weights come from a local file (load_vision_weights) or from a train.py checkpoint. forward_features gives
-    the patch tokens only, in row-major order, as build_vit's encoder does: class and register tokens (timm's
-    num_prefix_tokens) are dropped and nothing is pooled, which is what LLaVA feeds its projector."""
-
-    def __init__(self, name, kwargs=None):
-        super().__init__()
-        import timm
-        from data.records import IMAGENET_MEAN, IMAGENET_STD
-        if not timm.is_model(name):
-            raise ValueError(unknown_timm_model(name))
-        self.name, self.kwargs = name, dict(kwargs or {})
-        try:
-            self.model = timm.create_model(name, pretrained=False, num_classes=0, **self.kwargs)
-        except Exception as e:  # bad kwargs, unknown pretrained tag, ...: say which model and arguments
-            raise ValueError(f"timm could not build {name!r} with {self.kwargs}: {type(e).__name__}: {e}") from e
-        pe = getattr(self.model, "patch_embed", None)
-        if pe is None or not hasattr(pe, "grid_size") or not hasattr(self.model, "num_prefix_tokens"):
-            raise ValueError(f"timm model {name!r} is not a ViT-style model (patch_embed and a token sequence with "
-                             f"num_prefix_tokens); the H-LVLM needs one embedding per image patch")
-        (gh, gw), (ih, iw) = pe.grid_size, pe.img_size
-        if gh != gw or ih != iw:
-            raise ValueError(f"timm model {name!r}: images {ih}x{iw}, grid {gh}x{gw}; only square ones are supported")
-        self.grid, self.image_size, self.patch_size = gh, ih, pe.patch_size[0]
-        self.dim, self.skip = self.model.num_features, self.model.num_prefix_tokens
-        blocks = getattr(self.model, "blocks", [])
-        self.depth = len(blocks)
-        self.heads = getattr(getattr(blocks[0], "attn", None), "num_heads", 0) if self.depth else 0
-        # The data pipeline normalises with ImageNet's mean/std (data.records.normalize). A model trained with
-        # other statistics (CLIP: OpenAI's; many timm ViTs: 0.5) must see its own, or its features drift: one
-        # affine map converts, x_model = (x * std_in + mean_in - mean) / std.
-        mean = torch.tensor(self.model.pretrained_cfg.get("mean", IMAGENET_MEAN)).view(3, 1, 1)
-        std = torch.tensor(self.model.pretrained_cfg.get("std", IMAGENET_STD)).view(3, 1, 1)
-        mean_in, std_in = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        self.renormalize = not (torch.equal(mean, mean_in) and torch.equal(std, std_in))
-        self.register_buffer("scale", std_in / std, persistent=False)
-        self.register_buffer("shift", (mean_in - mean) / std, persistent=False)
-
-    def forward_features(self, images):
-        """(N, 3, S, S) ImageNet-normalised pixels -> (N, grid*grid, num_features) patch tokens."""
-        if self.renormalize:
-            images = images * self.scale + self.shift
-        x = self.model.forward_features(images)
-        if x.dim() != 3 or x.shape[1] != self.skip + self.grid ** 2:
-            raise ValueError(f"timm model {self.name!r} gave features {tuple(x.shape)}, expected "
-                             f"(N, {self.skip} + {self.grid ** 2}, {self.dim})")
-        return x[:, self.skip:]
-
-
-def load_vision_weights(encoder, path):
-    """Load a timm state dict from `path` into a TimmEncoder and return the keys ignored.
-
-    The file is what `torch.save(timm.create_model(name, pretrained=True).state_dict(), path)` writes (read with
-    weights_only=True: loading runs no code), or a .safetensors file if the safetensors package is installed.
-    The classifier head, which the encoder is built without (num_classes=0), is ignored; anything else that
-    does not fit is refused, naming the keys."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no vision weights file at {path}")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{path} is a .safetensors file, but the safetensors package is not installed: "
-                              "pip install safetensors, or save the weights with torch.save(state_dict, 'x.pt')"
-                              ) from None
-        state = load_file(path)
-    else:
-        from utils import safe_load  # the project's message for a file a weights-only load refuses
-        state = safe_load(path, path, "a state dict of model weights")
-    for key in ("state_dict", "model"):  # a checkpoint dict around the state dict
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict (name -> tensor); save one with "
-                         "torch.save(model.state_dict(), path)")
-    own = encoder.model.state_dict()
-    head = encoder.model.pretrained_cfg.get("classifier") or "head"
-    heads = tuple(h + "." for h in ([head] if isinstance(head, str) else head))
-    ignored = sorted(k for k in state if k not in own and k.startswith(heads))
-    state = {k: v for k, v in state.items() if k not in ignored}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def show(keys):
-            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-        problems = [f"{len(v)} {what}: {show(v)}" for what, v in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)) if v]
-        raise ValueError(f"{path} does not fit timm model {encoder.name!r} (arguments {encoder.kwargs}): "
-                         + "; ".join(problems) + ". Save the state dict of timm.create_model with the same name "
-                         "and arguments (e.g. the same img_size).")
-    encoder.model.load_state_dict(state)
-    return ignored
-
-
-def build_encoder(cfg):
-    """The H-LVLM encoder cfg asks for: build_vit, or a TimmEncoder for vision='timm:<name>'."""
-    if not cfg.vision:
-        return build_vit(cfg)
-    if not cfg.vision.startswith("timm:") or not cfg.vision[5:]:
-        raise ValueError(f"vision must be '' (the built-in ViT) or 'timm:<model name>', got {cfg.vision!r}")
-    return TimmEncoder(cfg.vision[5:], cfg.vision_kwargs)
-
-
 class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
@@ -413,6 +286,26 @@ class VLM(nn.Module):
 
 def count_params(module, trainable_only=False):
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def load_model(path, device="cpu"):
+    """A VLM rebuilt from a train.py checkpoint alone (config inside), plus the checkpoint dict. Auxiliary
+    heads (--objective: itm, itc, recon) are left out; they stay in ckpt["model"] under aux.*."""
+    ckpt = load_checkpoint(path, "vlm")
+    model = VLM(VLMConfig.from_dict(ckpt["model_config"]))
+    # Heads of an --objective run (keys aux.*) are training-only: evaluation and captioning use the VLM alone.
+    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("aux.")})
+    return model.to(device).eval(), ckpt
+
+
+def load_lm(path, tok=None):
+    """Decoder from a reference_lm.py checkpoint; checks the tokenizer fingerprint when `tok` is given."""
+    ckpt = load_checkpoint(path, "lm")
+    if tok is not None:
+        check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), path, "the tokenizer in use")
+    model = Decoder(DecoderConfig(**ckpt["decoder_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
 
 
 SPECIAL_NOT_EOS = (T.PAD, T.BOS, T.IMAGE, T.VISION, T.VISION_END, T.VROW)

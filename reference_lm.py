@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 import tokenizer as T
 from cli import parse_config
-from data.packing import Sample, pack
+from data.packing import make_samples, pack
 from data.records import read_records
 from loss import ntp_loss
 from model import Decoder, DecoderConfig
 from health import memorising, val_split_size
-from utils import atomic_save, autocast, lr_at, pick_device, seed_everything, text_fingerprint
+from utils import atomic_save, autocast, lr_at, make_optimizer, pick_device, seed_everything, text_fingerprint
 
 
 @dataclass
@@ -69,18 +69,6 @@ class RefConfig:
                                     metadata={"help": "stop if more than this share of a file's records is bad"})
 
 
-def caption_samples(tok, records):
-    return [Sample(ids, index=i) for i, ids in enumerate(T.encode_captions(tok, [r.caption for r in records]))]
-
-
-def make_optimizer(params, lr, weight_decay):
-    """AdamW with decay on matrices only (norms, biases and 1-d gains are not decayed)."""
-    params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=False)
-
-
 @torch.no_grad()
 def evaluate(model, samples, row_len, device, batch_rows=32):
     """Mean NLL per token over all samples (packed, forward only)."""
@@ -110,7 +98,7 @@ def train_lm(cfg):
     order = list(range(len(records)))
     random.Random(cfg.seed).shuffle(order)
     n_val = val_split_size(len(records), cfg.val_fraction)
-    samples = caption_samples(tok, records)
+    samples = make_samples(tok, records)
     val = [samples[i] for i in order[:n_val]]
     train = [samples[i] for i in order[n_val:]]
 
@@ -185,17 +173,6 @@ def train_lm(cfg):
                    "memorising": warning}, f, indent=1)
     print(f"saved {cfg.out}")
     return model
-
-
-def load_lm(path, tok=None):
-    """Decoder from a reference_lm.py checkpoint; checks the tokenizer fingerprint when `tok` is given."""
-    from utils import check_fingerprint, load_checkpoint
-    ckpt = load_checkpoint(path, "lm")
-    if tok is not None:
-        check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), path, "the tokenizer in use")
-    model = Decoder(DecoderConfig(**ckpt["decoder_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model, ckpt
 
 
 if __name__ == "__main__":

@@ -6,20 +6,9 @@
         --out out/scores_train.pt
     python score.py --stream ...     # the same streaming, sharded format from one process
 
-Stored per caption, aligned with the training tokenisation (the labels: caption tokens, then <|eos|>), as
-uint16 (p * 65535, so 2 bytes a token and error < 1e-5), with a fingerprint of the tokenizer, the reference
-model and the caption data. Training derives w = (1 - p_ref)^alpha itself, so alpha stays a training flag.
-
-Two layouts, both read by load_scores(path, ...) -> {record id: float tensor}:
-  one file   (default, one process): torch.save of {"ids", "offsets", "p_ref", "fingerprint"}.
-  indexed    (--stream, or any run under torchrun): --out is a small index {"format", "shards": [{"file",
-             "bytes", "sha256", "records", "tokens"}], "fingerprint"}, and each process r of N writes
-             <out stem>.shards/rank-0000r-of-0000N.bin: a magic line, then frames (8-byte little-endian
-             length + a torch.save'd dict): chunks {"ids", "offsets", "p_ref"}, then one end frame. Records
-             are dealt round-robin (record i to rank i % N). Every process reads the captions twice: once
-             for the data fingerprint and the bad-record check (cheap: no model), once to score its share;
-             rank 0 writes the index after all shards are closed, and the reader checks each shard's size and
-             sha256 against it, so a shard cut short, missing or from another run is refused by name.
+Stored per caption, aligned with the training tokenisation (the labels: caption tokens, then <|eos|>), with a
+fingerprint of the tokenizer, the reference model and the caption data, in data/scores.py's format (one file, or
+an index and one shard per process). Training derives w = (1 - p_ref)^alpha itself, so alpha stays a training flag.
 
 Captions longer than the reference LM's context (min(--row-len, the model's max_seq_len) positions) are
 scored on the tokens that fit; the rest get p_ref = 0, i.e. weight 1, as plain NTP would give them. They are
@@ -34,12 +23,9 @@ paper's Fig. 1: a few captions with each token shaded by its weight (with --stre
 Flags in detail: --data takes LLaVA/COCO JSON as path::image_folder. With --batch-rows, --row-len is also the
 tokens per forward pass. --stream keeps memory flat as data grows.
 """
-import bisect
 import hashlib
-import io
 import json
 import os
-import struct
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,15 +36,13 @@ from tqdm import tqdm
 
 import tokenizer as T
 from cli import parse_config
+from data.packing import count_overlong, make_samples
 from data.records import DataError, Tally, iter_records, read_records
+from data.scores import INDEX_FORMAT, ShardWriter, save_scores, shard_path
+from data.tags import CATEGORIES, token_tags
 from health import weight_collapse
-from reference_lm import caption_samples, load_lm
-from utils import (atomic_save, check_fingerprint, file_fingerprint, pick_device, safe_load,
-                   text_fingerprint)
-
-CATEGORIES = ("image", "boiler", "noise", "glue")  # the generator's word tags (data/generate.py)
-INDEX_FORMAT = "prior-scores-index-1"
-SHARD_MAGIC = b"PRIOR-SCORES-SHARD-1\n"
+from model import load_lm
+from utils import atomic_save, file_fingerprint, pick_device, text_fingerprint
 
 
 @dataclass
@@ -92,12 +76,6 @@ class ScoreConfig:
 def context_len(model, row_len):
     """Longest sample (bos + caption, in positions) the reference LM scores in one piece."""
     return min(row_len, model.cfg.max_seq_len)
-
-
-def count_overlong(samples, ctx):
-    """(captions longer than ctx positions, their labels past it): what gets p_ref = 0 (module doc)."""
-    over = [len(s.caption_ids) + 1 - ctx for s in samples if len(s.caption_ids) + 1 > ctx]
-    return len(over), sum(over)
 
 
 @torch.inference_mode()
@@ -142,191 +120,6 @@ def label_probs(model, samples, row_len, batch_rows, device, progress=True):
     return out, positions
 
 
-def quantise(p_ref):
-    """Per-caption p_ref tensors -> (offsets int64 (n+1), uint16 p * 65535)."""
-    offsets = torch.tensor([0] + [len(p) for p in p_ref], dtype=torch.int64).cumsum(0)
-    flat = torch.cat(p_ref) if p_ref else torch.zeros(0)
-    return offsets, (flat.clamp(0, 1) * 65535).round().to(torch.int32).to(torch.uint16)
-
-
-def save_scores(path, ids, p_ref, fingerprints):
-    """The one-file layout (module doc), written to a temporary file and renamed: never left half-written."""
-    offsets, quantised = quantise(p_ref)
-    atomic_save({"ids": list(ids), "offsets": offsets, "p_ref": quantised, "fingerprint": fingerprints}, path)
-
-
-# ----------------------------------------------------------------------------- reading score files
-
-def _torch_load(source, name):
-    """A weights-only torch.load (a score file cannot run code), every failure a DataError naming the file."""
-    return safe_load(source, name, "a score file", DataError)
-
-
-def _block(name, blob):
-    """Check one {"ids", "offsets", "p_ref"} block; returns (ids, offsets list, float p_ref)."""
-    if not isinstance(blob, dict) or not {"ids", "offsets", "p_ref"} <= set(blob):
-        keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
-        raise DataError(f"{name}: not a score file (expected keys ids, offsets, p_ref; found {keys})")
-    ids, offsets, p = blob["ids"], blob["offsets"], blob["p_ref"]
-    if not isinstance(p, torch.Tensor) or p.dim() != 1:
-        raise DataError(f"{name}: p_ref is not a 1-d tensor")
-    if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.is_floating_point():
-        raise DataError(f"{name}: offsets are not a 1-d integer tensor")
-    off = offsets.tolist()
-    if (len(off) != len(ids) + 1 or off[0] != 0 or off[-1] != len(p)
-            or any(b < a for a, b in zip(off[:-1], off[1:]))):
-        raise DataError(f"{name}: offsets do not fit {len(ids)} records and {len(p)} scores (file damaged?)")
-    if p.dtype == torch.uint16:
-        values = p.to(torch.int32).float() / 65535  # always inside [0, 1]
-    elif p.is_floating_point():  # hand-made score files may hold probabilities as floats: check them
-        values = p.float()
-        wrong = ~torch.isfinite(values) | (values < 0) | (values > 1)
-        if wrong.any():
-            k = int(wrong.nonzero()[0])
-            rec = ids[bisect.bisect_right(off, k) - 1]  # the record whose [start, end) holds position k
-            raise DataError(f"{name}: {int(wrong.sum())} scores are NaN, infinite or outside [0, 1] "
-                            f"(first: {float(values[k])} in record {rec!r}); p_ref must be a probability")
-    else:
-        raise DataError(f"{name}: p_ref has dtype {p.dtype}; expected uint16 (score.py) or float probabilities")
-    return ids, off, values
-
-
-def _read_frames(path):
-    """Frames of a shard file (module doc), checking the magic and that no frame is cut short.
-    Yields dicts; returns the sha256 of the whole file via StopIteration.value (see _load_shard)."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        magic = f.read(len(SHARD_MAGIC))
-        sha.update(magic)
-        if magic != SHARD_MAGIC:
-            raise DataError(f"{path}: not a score shard (bad magic)")
-        while True:
-            head = f.read(8)
-            if not head:
-                return sha.hexdigest()
-            sha.update(head)
-            if len(head) != 8:
-                raise DataError(f"{path}: cut short inside a frame header")
-            (n,) = struct.unpack("<Q", head)
-            data = f.read(n)
-            sha.update(data)
-            if len(data) != n:
-                raise DataError(f"{path}: cut short: a frame of {n} bytes has only {len(data)}")
-            yield _torch_load(io.BytesIO(data), path)
-
-
-def _load_shard(path):
-    """(blocks, end frame, sha256) of one shard file; refuses a shard without its end frame."""
-    blocks, end, frames = [], None, _read_frames(path)
-    while True:
-        try:
-            frame = next(frames)
-        except StopIteration as stop:
-            sha = stop.value
-            break
-        if isinstance(frame, dict) and frame.get("end"):
-            end = frame
-        else:
-            blocks.append(_block(path, frame))
-    if end is None:
-        raise DataError(f"{path}: incomplete shard (no end frame): its process stopped early; re-run score.py")
-    return blocks, end, sha
-
-
-def load_scores(path, tokenizer_fp, data_fp, data_from="the training captions"):
-    """{record id: p_ref float tensor}, from a one-file or an indexed score file (module doc); refuses scores
-    made with another tokenizer or other captions, and damaged files, with a message naming the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no score file at {path}: make one with `python score.py --out {path}`")
-    blob = _torch_load(path, path)
-    if not isinstance(blob, dict) or not isinstance(blob.get("fingerprint"), dict):
-        raise DataError(f"{path}: not a score file (no fingerprint)")
-    fp = blob["fingerprint"]
-    for key in ("tokenizer", "data"):
-        if key not in fp:
-            raise DataError(f"{path}: not a score file (its fingerprint has no {key!r})")
-    check_fingerprint("tokenizer", fp["tokenizer"], tokenizer_fp, path, "the tokenizer in use")
-    check_fingerprint("caption data", fp["data"], data_fp, path, data_from)
-    if blob.get("format") == INDEX_FORMAT:
-        blocks = _load_index(path, blob)
-    else:
-        blocks = [_block(path, blob)]
-    out, n = {}, 0
-    for ids, off, values in blocks:
-        n += len(ids)
-        for i, a, b in zip(ids, off[:-1], off[1:]):
-            out[i] = values[a:b]
-    if len(out) != n:
-        raise DataError(f"{path}: {n - len(out)} record ids appear more than once; every record needs its own "
-                        f"id (an \"id\" field, or leave it out to get file:line ids)")
-    return out
-
-
-def _load_index(path, index):
-    folder = os.path.dirname(os.path.abspath(path))
-    blocks = []
-    for s in index["shards"]:
-        shard = os.path.join(folder, s["file"])
-        if not os.path.isfile(shard):
-            raise DataError(f"{path}: its shard {shard} is missing")
-        size = os.path.getsize(shard)
-        if size != s["bytes"]:
-            raise DataError(f"{shard}: {size} bytes, but the index {path} says {s['bytes']}: the shard is cut "
-                            f"short or from another run; re-run score.py")
-        got, end, sha = _load_shard(shard)
-        if sha != s["sha256"]:
-            raise DataError(f"{shard}: content (sha256 {sha[:16]}) differs from what the index {path} recorded "
-                            f"({s['sha256'][:16]}): damaged or from another run; re-run score.py")
-        if sum(len(ids) for ids, _, _ in got) != s["records"]:
-            raise DataError(f"{shard}: holds {sum(len(ids) for ids, _, _ in got)} records, the index says "
-                            f"{s['records']}")
-        blocks += got
-    return blocks
-
-
-# ----------------------------------------------------------------------------- writing shards
-
-def shard_path(out, rank, world):
-    return os.path.join(os.path.splitext(out)[0] + ".shards", f"rank-{rank:05d}-of-{world:05d}.bin")
-
-
-class ShardWriter:
-    """One process's shard (module doc), written frame by frame to a temporary name and renamed on close,
-    so a shard under its final name is always complete; its size and sha256 are known without re-reading."""
-
-    def __init__(self, path):
-        self.path, self.tmp = path, path + ".tmp"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.f = open(self.tmp, "wb")
-        self.sha = hashlib.sha256()
-        self.bytes = self.records = self.tokens = 0
-        self._write(SHARD_MAGIC)
-
-    def _write(self, data):
-        self.f.write(data)
-        self.sha.update(data)
-        self.bytes += len(data)
-
-    def _frame(self, obj):
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        data = buf.getvalue()
-        self._write(struct.pack("<Q", len(data)))
-        self._write(data)
-
-    def write(self, ids, p_ref):
-        offsets, quantised = quantise(p_ref)
-        self._frame({"ids": list(ids), "offsets": offsets, "p_ref": quantised})
-        self.records += len(ids)
-        self.tokens += len(quantised)
-
-    def close(self, **end):
-        self._frame({"end": True, "records": self.records, "tokens": self.tokens, **end})
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        return {"bytes": self.bytes, "sha256": self.sha.hexdigest(), "records": self.records, "tokens": self.tokens}
-
-
 # ----------------------------------------------------------------------------- report and picture
 
 def roc_auc(pos, neg):
@@ -338,25 +131,6 @@ def roc_auc(pos, neg):
     ranks = (last - (counts.double() - 1) / 2)[inverse]  # average rank of tied values, 1-based
     u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
     return float(u / (len(pos) * len(neg)))
-
-
-def token_tags(tok, records):
-    """Category id (index into CATEGORIES) of each label, -1 for <|eos|> or untagged words."""
-    if any(not isinstance(r.extra.get("tags"), list) for r in records):
-        return None
-    word_index = T.token_word_index(tok, [r.caption for r in records])
-    out, wrong = [], []
-    for r, index in zip(records, word_index):
-        words = r.extra["tags"]
-        if len(words) != len([w for w in r.caption.split(" ") if w]) or any(w not in CATEGORIES for w in words):
-            wrong.append(r.id)  # tags that do not fit the caption are not ground truth: leave them out
-            out.append([-1] * (len(index) + 1))
-            continue
-        out.append([CATEGORIES.index(words[w]) if w >= 0 else -1 for w in index] + [-1])
-    if wrong:
-        print(f"{len(wrong)} records have tags that do not match their caption's words (first: {wrong[0]}); "
-              f"their tokens count as untagged", file=sys.stderr)
-    return out
 
 
 def relevance_report(p_ref, tags):
@@ -465,7 +239,7 @@ def score_one_file(cfg, tok, model, ckpt, device):
     refuse_duplicate_ids((r.id for r in records), cfg.data)
     data_fp = text_fingerprint(records)
     warn_if_trained_on(cfg, ckpt, data_fp)
-    samples = caption_samples(tok, records)
+    samples = make_samples(tok, records)
     ctx = context_len(model, cfg.row_len)
     n_long, n_past = count_overlong(samples, ctx)
     t0 = time.perf_counter()
@@ -515,7 +289,7 @@ def score_stream(cfg, tok, model, ckpt, device, rank, world):
     stats = {"positions": 0, "seconds": 0.0, "long": 0, "past": 0}
 
     def flush(chunk):
-        samples = caption_samples(tok, chunk)
+        samples = make_samples(tok, chunk)
         n_long, n_past = count_overlong(samples, ctx)
         t0 = time.perf_counter()
         p_ref, positions = label_probs(model, samples, cfg.row_len, cfg.batch_rows, device, progress=False)

@@ -38,8 +38,8 @@ def train_tokenizer(captions, vocab_size=2048):
 def load_tokenizer(path):
     """A tokenizer.json from this script, or "hf:FOLDER": a Hugging Face Llama folder's, relabelled (hf.py)."""
     if path.startswith("hf:"):
-        from hf import convert_tokenizer
-        return convert_tokenizer(path[3:])[0]
+        from hf_tokenizer import convert_tokenizer
+        return convert_tokenizer(path[3:], SPECIALS)[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no tokenizer at {path}: make one with `python tokenizer.py --out {path}`")
     tok = Tokenizer.from_file(path)

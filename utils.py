@@ -1,4 +1,4 @@
-"""Small pieces the scripts share: device and precision, the lr schedule, fingerprints, atomic saves."""
+"""Small pieces the scripts share: device and precision, the lr schedule and optimizer, fingerprints, atomic saves."""
 import contextlib
 import hashlib
 import math
@@ -82,7 +82,7 @@ def safe_load(source, name, what="a checkpoint", error=ValueError):
 
 
 KINDS = {"vlm": "a train.py checkpoint (a VLM)", "lm": "a reference_lm.py checkpoint (a language model)",
-         "vit": "a vision.py checkpoint (a ViT encoder)", "scores": "a score file (score.py or objectives.py)",
+         "vit": "a vision.py checkpoint (a ViT encoder)", "scores": "a score file (score.py or baselines/)",
          "score-index": "a sharded score file's index (score.py)", "state-dict": "a bare state dict (no config)",
          "unknown": "no checkpoint this project writes"}
 
@@ -109,3 +109,11 @@ def load_checkpoint(path, kind=None, flag=""):
     if kind is not None and found != kind:
         raise ValueError(f"{flag + ': ' if flag else ''}{path} is {KINDS[found]}, not {KINDS[kind]} as expected")
     return ckpt
+
+
+def make_optimizer(params, lr, weight_decay):
+    """AdamW with decay on matrices only (norms, biases and 1-d gains are not decayed)."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=False)

@@ -43,8 +43,9 @@ from tqdm import tqdm
 
 from cli import parse_config
 from data.records import DataError, load_images, normalize, read_records
-from model import VLMConfig, build_vit, count_params
-from reference_lm import make_optimizer
+from model import VLMConfig, count_params
+from encoders import build_vit
+from utils import make_optimizer
 from utils import atomic_save, autocast, lr_at, pick_device, seed_everything, text_fingerprint
 
 GRID = 3                                  # the generator's scenes are 3x3 grids of cells

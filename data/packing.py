@@ -20,6 +20,7 @@ pads ~16% of a 32-sample batch; tight packing pads ~0.5% (experiments/bench.py m
 import array
 import heapq
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,8 @@ import torch
 import tokenizer as T
 
 IGNORE = -100
-FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "p_ref", "tags")
-FILL = {"input_ids": T.PAD, "labels": IGNORE, "position_ids": 0, "p_ref": 0.0, "tags": -1}  # doc_ids: see pad_to
+FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "p_ref", "tags", "weights")
+FILL = {"input_ids": T.PAD, "labels": IGNORE, "position_ids": 0, "p_ref": 0.0, "tags": -1, "weights": 1.0}  # doc_ids: see pad_to
 
 
 def to_device(t, device):
@@ -45,6 +46,7 @@ class Sample:
     p_ref: list = None       # reference-LM probability of each label (caption tokens, then eos)
     tags: list = None        # ground-truth category id per label (-1: unknown)
     index: int = -1          # position in the data set (its image, its record)
+    weights: list = None     # a baseline's own weight per label (--loss attn), 1 where unknown
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Batch:
     doc_ids: torch.Tensor       # (R, L) sample number within the row; padding has its own
     p_ref: torch.Tensor         # (R, L) float, 0 where unknown
     tags: torch.Tensor          # (R, L) long, -1 where unknown
+    weights: torch.Tensor       # (R, L) float, 1 where unknown
     indices: list               # data-set index of each packed sample, in the order their images are needed
 
     def to(self, device):
@@ -158,8 +161,8 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
                 raise ValueError(f"sample {s.index} needs {n} positions, more than row_len {row_len}")
             keep = row_len - len(prefix) - 1
             s = Sample(s.caption_ids[:keep], s.p_ref and s.p_ref[:keep] + [s.p_ref[-1]],
-                       s.tags and s.tags[:keep] + [s.tags[-1]], s.index)
-        for name in ("p_ref", "tags"):
+                       s.tags and s.tags[:keep] + [s.tags[-1]], s.index, s.weights and s.weights[:keep] + [s.weights[-1]])
+        for name in ("p_ref", "tags", "weights"):
             if getattr(s, name) is not None and len(getattr(s, name)) != len(s.caption_ids) + 1:
                 raise ValueError(f"sample {s.index}: {len(getattr(s, name))} {name} "
                                  f"for {len(s.caption_ids) + 1} labels")
@@ -172,7 +175,7 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
 
     # Build every field as one flat Python list and convert once: a few tensor ops per batch instead of
     # several per sample (this runs on the host every step, while the GPU waits for the batch).
-    ids, labels, pos, docs, p_ref, tags, indices = [], [], [], [], [], [], []
+    ids, labels, pos, docs, p_ref, tags, weights, indices = [], [], [], [], [], [], [], []
     for row in rows:
         for d, i in enumerate(row):
             s, n = kept[i], sizes[i]
@@ -183,6 +186,7 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
             docs += [d] * n
             p_ref += [0.0] * len(prefix) + (list(s.p_ref) if s.p_ref is not None else [0.0] * (n - len(prefix)))
             tags += [-1] * len(prefix) + (list(s.tags) if s.tags is not None else [-1] * (n - len(prefix)))
+            weights += [1.0] * len(prefix) + (list(s.weights) if s.weights is not None else [1.0] * (n - len(prefix)))
             indices.append(s.index)
         pad = width - sum(sizes[i] for i in row)
         ids += [T.PAD] * pad
@@ -191,9 +195,53 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
         docs += [len(row)] * pad  # padding: its own document at position 0, attends only to padding
         p_ref += [0.0] * pad
         tags += [-1] * pad
+        weights += [1.0] * pad
     # list -> tensor through array.array: ~4x faster than torch.tensor(list) for long lists
     shape = (len(rows), width)
     ids, labels, pos, docs, tags = (torch.frombuffer(array.array("q", x), dtype=torch.long).view(shape)
                                     for x in (ids, labels, pos, docs, tags))
-    p_ref = torch.frombuffer(array.array("f", p_ref), dtype=torch.float).view(shape)
-    return Batch(ids, labels, pos, docs, p_ref, tags, indices)
+    p_ref, weights = (torch.frombuffer(array.array("f", x), dtype=torch.float).view(shape) for x in (p_ref, weights))
+    return Batch(ids, labels, pos, docs, p_ref, tags, weights, indices)
+
+
+def count_overlong(samples, ctx):
+    """(captions longer than ctx positions, their labels past it): what gets p_ref = 0 (module doc)."""
+    over = [len(s.caption_ids) + 1 - ctx for s in samples if len(s.caption_ids) + 1 > ctx]
+    return len(over), sum(over)
+
+
+
+def warn_overlong(samples, row_len, prefix_len, what):
+    """Warn (stderr) about samples longer than a row holds: pack() keeps their start and <|eos|>."""
+    room = row_len - prefix_len
+    n_long, lost = count_overlong(samples, room)
+    if n_long:
+        print(f"warning: {n_long} of {len(samples)} {what} samples are longer than --row-len {row_len} allows ({room} "
+              f"positions after the image); training keeps their start and drops {lost} caption tokens in all (raise "
+              f"--row-len to keep them)", file=sys.stderr)
+
+
+def make_samples(tok, records, p_ref=None, tags=None, weights=None, source=""):
+    """One Sample per record: its caption's tokens, and p_ref and weights ({record id: tensor}, from the file
+    `source`) and tags (a list per record) if given. A record whose scores do not fit its tokens is refused."""
+    ids = T.encode_captions(tok, [r.caption for r in records])
+    out = [Sample(c, None if p_ref is None else p_ref[r.id].tolist(), None if tags is None else tags[i], i,
+                  None if weights is None else weights[r.id].tolist()) for i, (c, r) in enumerate(zip(ids, records))]
+    for s in out:
+        for got in (s.p_ref, s.weights):
+            if got is not None and len(got) != len(s.caption_ids) + 1:
+                raise ValueError(f"{source}: record {records[s.index].id} has {len(got)} scores for "
+                                 f"{len(s.caption_ids) + 1} tokens")
+    return out
+
+
+def global_batch(step, n, batch_size, seed):
+    """Data-set indices of step `step`'s batch: a fresh permutation each epoch, walked in order.
+    A pure function of (step, seed), so resume and every rank agree without sharing any state."""
+    out = []
+    start = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        out += perm[offset:offset + batch_size - len(out)]
+    return out

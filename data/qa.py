@@ -158,7 +158,7 @@ def answer_only_scores(qa_path, tokenizer_path, out):
 
     import tokenizer as T
     from data.records import read_records
-    from score import save_scores
+    from data.scores import save_scores
     from utils import text_fingerprint
 
     tok = T.load_tokenizer(tokenizer_path)

@@ -10,9 +10,9 @@ Every number is the median over --steps repetitions after --warmup untimed ones:
   train step    train.train_step + gradient clip + AdamW, exactly what train.py runs per step, for NTP and
                 for PRIOR alternately on the same model and the same batches; PRIOR's cost is the median of
                 the per-step ratios (each pair moments apart, so load changes during the run cancel).
-  FLOP/s        train.step_flops (6 x params x tokens + attention, documented there) / step time, next to
+  FLOP/s        step_flops (6 x params x tokens + attention, documented there) / step time, next to
                 the FLOP/s of a big matmul measured in the same run (fp32 on CPU, bf16 on CUDA): the
-                practical ceiling. On CUDA also MFU = FLOP/s / the GPU's dense bf16 peak (train.PEAK_BF16).
+                practical ceiling. On CUDA also MFU = FLOP/s / the GPU's dense bf16 peak (PEAK_BF16).
   scoring       score.label_probs: the reference LM, forward only, captions grouped by length, as score.py scores.
   loading       data.records.load_images decoding PNGs, images/s, against what a train step consumes.
   padding       share of the positions a train step computes that are padding (packing as train.py does).
@@ -52,9 +52,12 @@ from cli import parse_config  # noqa: E402
 from data.packing import Sample, pack  # noqa: E402
 from data.records import Record, load_images, read_records  # noqa: E402
 from model import Decoder, DecoderConfig, count_params  # noqa: E402
-from reference_lm import make_optimizer  # noqa: E402
+from utils import make_optimizer
 from score import label_probs  # noqa: E402
 from utils import pick_device  # noqa: E402
+from data.packing import global_batch, make_samples
+from build import build_model
+from flops import PEAK_BF16, peak_flops, step_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,7 +104,7 @@ class BenchConfig:
                                             "the warm-up)"})
     peak_tflops: float = field(default=0.0,
                                metadata={"help": "dense bf16 peak of the GPU in TFLOP/s for MFU (0 = from "
-                                                 "train.PEAK_BF16 by name)"})
+                                                 "PEAK_BF16 by name)"})
     profile: bool = field(default=False,
                           metadata={"help": "also run torch.profiler over two PRIOR forward+backward passes and print "
                                             "where the time goes"})
@@ -192,7 +195,7 @@ def parts_only(cfg):
         records, ref, _ = make_data(tmp, pairs, 500, tcfg.image_size, 0)
         tok = T.train_tokenizer(ref + [x.caption for x in records], vocab)
         records, images = load_images(records, tcfg.image_size)
-    samples = train.make_samples(tok, records)
+    samples = make_samples(tok, records)
     for s in samples:  # PRIOR's weights need scores; their values do not change the speed
         s.p_ref = [0.5] * (len(s.caption_ids) + 1)
     r = {"preset": cfg.preset, "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0]}
@@ -236,7 +239,7 @@ def main(cfg):
     # Scoring: a reference LM the size of the preset's decoder, forward only, as score.py runs it.
     ref = Decoder(DecoderConfig(vocab_size=tok.get_vocab_size(), n_layer=tcfg.n_layer, n_head=tcfg.n_head,
                                 d_model=tcfg.d_model, max_seq_len=512))
-    samples = train.make_samples(tok, records)
+    samples = make_samples(tok, records)
     label_probs(ref, samples[:32], 512, 16, device)  # warm-up
     seconds, (p_ref, positions) = timed(lambda: label_probs(ref, samples, 512, 16, device), device)
     r["score_tokens_per_s"] = positions / seconds
@@ -245,7 +248,7 @@ def main(cfg):
         s.p_ref = p.tolist()
 
     # Training: one model, one optimizer; NTP and PRIOR take turns on the same step's batch.
-    model = train.build_model(tcfg, tok).to(device)
+    model = build_model(tcfg, tok).to(device)
     opt = make_optimizer(model.parameters(), tcfg.lr, tcfg.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
     train_model = torch.compile(model, dynamic=True) if cfg.compile else model
@@ -285,10 +288,10 @@ def main(cfg):
     mean = {k: statistics.mean(c[k] for c in counts) for k in counts[0]}
     real = mean["positions"] - mean["padding"]
     # The attention each document needs (per-document causal), and what a dense masked kernel over the row computes
-    flops = train.step_flops(model, real, mean["tokens"], mean["images"], mean["attended"] / real)
+    flops = step_flops(model, real, mean["tokens"], mean["images"], mean["attended"] / real)
     r["params"] = count_params(model)
     r["train_flops_per_step"] = flops
-    r["train_flops_per_step_dense_rows"] = train.step_flops(model, real, mean["tokens"], mean["images"],
+    r["train_flops_per_step_dense_rows"] = step_flops(model, real, mean["tokens"], mean["images"],
                                                             mean["context"] / real)
     r["attention_computed_over_needed"] = mean["context"] / mean["attended"]
     r["train_tokens_per_s"] = real / r["train_step_s_prior"]  # image + text positions, padding excluded
@@ -296,13 +299,13 @@ def main(cfg):
     r["train_flops_per_s"] = flops / r["train_step_s_prior"]
     r["matmul_flops_per_s"] = matmul_flops(device, 8192 if device.startswith("cuda") else mm_side)
     r["flops_fraction_of_matmul"] = r["train_flops_per_s"] / r["matmul_flops_per_s"]
-    peak = train.peak_flops(device, cfg.peak_tflops)
+    peak = peak_flops(device, cfg.peak_tflops)
     r["peak_flops_per_s"], r["mfu"] = peak, (r["train_flops_per_s"] / peak if peak else None)
     r["pad_fraction"] = mean["padding"] / mean["positions"]
     # What in-order (next-fit) packing, the packer's default, would pad on the same batches.
     prefix, padded, total = model.image_tokens(), 0, 0
     for i in range(cfg.warmup, cfg.warmup + steps):
-        b = pack([samples[j] for j in train.global_batch(i, len(samples), tcfg.batch_size, tcfg.seed)],
+        b = pack([samples[j] for j in global_batch(i, len(samples), tcfg.batch_size, tcfg.seed)],
                  tcfg.row_len, prefix)
         padded, total = padded + int((b.input_ids == T.PAD).sum()), total + b.input_ids.numel()
     r["pad_fraction_next_fit"] = padded / total

@@ -30,7 +30,9 @@ from data.features import compute_features
 from data.packing import pack
 from data.records import normalize
 from model import Decoder, DecoderConfig, count_params
-from reference_lm import make_optimizer
+from utils import make_optimizer
+from data.packing import global_batch
+from build import build_model
 
 
 CPU = []  # per-call process CPU seconds of the last _clock calls (read by the callers just after)
@@ -117,7 +119,7 @@ def h_recipe(tcfg, tok, samples, images, steps, warmup=2, sync=lambda: None):
     device = tcfg.device
     cfg = dataclasses.replace(tcfg, arch="h", train="projector", loss="prior")
     torch.manual_seed(0)
-    model = train.build_model(cfg, tok).to(device)
+    model = build_model(cfg, tok).to(device)
     t0 = time.perf_counter()
     features = compute_features(model.encoder, images, device)  # what --feature-cache stores, once per image set
     build = time.perf_counter() - t0
@@ -134,7 +136,7 @@ def h_recipe(tcfg, tok, samples, images, steps, warmup=2, sync=lambda: None):
     t = {k: [] for k in ("pixels", "cached", "optimizer", "packing", "encoder", "cached_fb", "pixels_cpu",
                          "cached_cpu")}
     for i in range(warmup + steps):
-        ids = train.global_batch(i, len(samples), cfg.batch_size, cfg.seed)
+        ids = global_batch(i, len(samples), cfg.batch_size, cfg.seed)
         order = (("pixels", plain), ("cached", cached))
         for kind, data in (order if i % 2 else order[::-1]):  # alternate who goes first
             fb = _clock(lambda: train.train_step(cfg, i, model, data, device), sync)

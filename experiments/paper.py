@@ -28,7 +28,7 @@ baselines  Table 1: rare-word weighting, attention weighting (token weights from
            were. Also: how well PRIOR's and the attention scorer's weights find the image words.
 scaling    NTP and PRIOR trained for --epochs epochs on nested subsets of train.jsonl (its first n records;
            default 6 sizes, log-spaced over 10x up to all of it), each with its own cosine schedule. D = the
-           caption tokens (with <|eos|>) the run's batches hold, counted exactly with train.global_batch.
+           caption tokens (with <|eos|>) the run's batches hold, counted exactly with global_batch.
            PRIOR needs p_ref for each subset: score.py is run on every subset file with the main job's
            reference LM (same model, same tokenizer; the subset gets its own data fingerprint), and the
            largest difference to the full file's scores is reported. Per method and --targets benchmark,
@@ -60,6 +60,7 @@ import numpy as np
 
 from experiments.powerlaw import (bootstrap_alpha, fit_power_law, holdout, log_sizes, predict,  # noqa: F401
                                   t_quantile)  # t_quantile: the tests
+from data.packing import global_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_BENCHES = ["probe_avg", "presence", "colour", "count", "position", "retrieval", "nll_image", "nll_boiler",
@@ -461,7 +462,7 @@ def write_subset(src, out, n):
 
 def tokens_seen(lengths, steps, batch, seed):
     """Caption tokens (labels: caption + <|eos|>) in the batches train.py draws in `steps` steps."""
-    from train import global_batch
+    from data.packing import global_batch
     return sum(lengths[i] for step in range(steps) for i in global_batch(step, len(lengths), batch, seed))
 
 
@@ -528,7 +529,7 @@ def scaling(args):
     score_check = {}
     if "prior" in methods:
         from data.records import read_records
-        from score import load_scores
+        from data.scores import load_scores
         from utils import text_fingerprint
         tok = T.load_tokenizer(s.path("tokenizer.json"))
         full_records = read_records(train_path, require_image=False, check_files=False)
@@ -594,7 +595,7 @@ def scaling(args):
            f"({', '.join(str(s.warmup(steps_of[n])) for n in sizes)}); "
            f"lr {', '.join(f'{m} {lrs[m]:g}' for m in methods)} (chosen_lrs.json: the main job's grid at "
            f"{s.p['vlm']['steps']} steps); seeds 0-{seeds - 1}; eval rows: {s.eval_rows or 'all'}",
-           "- D: caption tokens incl. <|eos|> in the run's batches (train.global_batch), before any truncation "
+           "- D: caption tokens incl. <|eos|> in the run's batches (global_batch), before any truncation "
            "to the row (train.py's log warns if any caption was truncated)",
            f"- PRIOR's p_ref for each subset: score.py run on the subset file with the main job's reference LM "
            f"(`{os.path.relpath(ref, s.src)}`, same tokenizer), so each score file carries its subset's data "
@@ -883,7 +884,9 @@ def weight_relevance(s, score_file, attention):
     captions: w = 1 - p_ref for PRIOR's file, the stored weight for the attention scorer's."""
     import tokenizer as T
     from data.records import read_records
-    from score import load_scores, relevance_report, token_tags
+    from score import relevance_report
+    from data.scores import load_scores
+    from data.tags import token_tags
     from utils import text_fingerprint
     data = os.path.join(s.data, "train.jsonl")
     tok = T.load_tokenizer(s.path("tokenizer.json"))

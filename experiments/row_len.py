@@ -6,22 +6,22 @@ with the FLOP counts at main.py's gpu model (d 512 x 8 layers). docs/gpu.md has 
         --n-test 0 --n-probe 0
     python -m experiments.row_len /tmp/g/synth/train.jsonl /tmp/g/synth/ref.jsonl
 """
-import os
 import statistics
 import sys
 
 import tokenizer as T
-import train
 from data.packing import IGNORE, pack
 from data.records import read_records
 from model import VLM, DecoderConfig, VLMConfig
+from data.packing import global_batch, make_samples
+from flops import attended_pairs, step_flops
 
 if len(sys.argv) != 3:
     raise SystemExit("usage: python -m experiments.row_len TRAIN.jsonl REF.jsonl (captions to tokenize with)")
 recs = read_records(sys.argv[1])
 ref = read_records(sys.argv[2], require_image=False, check_files=False)
 tok = T.train_tokenizer([r.caption for r in ref + recs], 2048)
-samples = train.make_samples(tok, recs)
+samples = make_samples(tok, recs)
 lens = sorted(len(s.caption_ids) + 2 for s in samples)  # <|bos|> caption <|eos|>
 print(f"caption tokens with bos and eos: median {statistics.median(lens)}, p99 {lens[int(.99 * len(lens))]}, "
       f"max {lens[-1]}")
@@ -32,13 +32,13 @@ for arch in ("h", "u"):
     for row_len in (1024, 512, 256, 128):
         computed = needed = dense = flops = 0
         for step in range(8):
-            b = pack([samples[i] for i in train.global_batch(step, len(samples), 256, 0)], row_len, prefix, tight=True)
+            b = pack([samples[i] for i in global_batch(step, len(samples), 256, 0)], row_len, prefix, tight=True)
             L = b.input_ids.shape[1]
             real = b.input_ids != T.PAD
             n, labelled = int(real.sum()), int((b.labels != IGNORE).sum())
-            pairs = train.attended_pairs(b.doc_ids, real)
+            pairs = attended_pairs(b.doc_ids, real)
             computed, needed = computed + n * L, needed + pairs
-            dense += train.step_flops(model, n, labelled, 256, L)
-            flops += train.step_flops(model, n, labelled, 256, pairs / n)
+            dense += step_flops(model, n, labelled, 256, L)
+            flops += step_flops(model, n, labelled, 256, pairs / n)
         print(f"{arch} ({len(prefix)} image tokens) row_len {row_len}: attention computed / needed "
               f"{computed / needed:.1f}x; FLOPs counted over whole rows / needed {dense / flops:.3f}")

@@ -5,7 +5,7 @@
 # 2. the sync tests: the CPU proxy (tests/test_gpu_ready.py), then a real train step on the GPU under
 #    torch.cuda.set_sync_debug_mode("warn"), which reports every synchronising CUDA call
 # 3. 50 steps of experiments/main.py's gpu preset VLM for H and U (train.py --compile): step time, MFU, peak memory
-# Extra flags for experiments/bench.py and train.py (e.g. --peak-tflops 835 for a GPU train.PEAK_BF16 does not know): PEAK=...
+# Extra flags for experiments/bench.py and train.py (e.g. --peak-tflops 835 for a GPU flops.PEAK_BF16 does not know): PEAK=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/gpu_check}

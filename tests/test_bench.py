@@ -14,6 +14,7 @@ import train
 from data.packing import IGNORE, Sample, cat, pack
 from loss import prior_weights, weighted_loss
 from model import Decoder, DecoderConfig
+from flops import flops_per_token, step_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ("prior_over_ntp_step_time", "train_flops_per_s", "matmul_flops_per_s", "train_tokens_per_s",
@@ -137,11 +138,11 @@ def test_logits_at_kept_positions_and_flat_prior_loss_match_the_full_batch():
 def test_step_flops_counts_decoder_head_and_vision():
     model = train.VLM(train.VLMConfig())
     d = model.decoder.cfg
-    one = train.step_flops(model, 1, 0, 0, 256)
-    assert train.step_flops(model, 10, 0, 0, 256) == 10 * one
-    assert train.step_flops(model, 1, 1, 0, 256) - one == 6 * d.vocab_size * d.d_model
-    assert (train.step_flops(model, 0, 0, 1, 256) > 0
-            and train.flops_per_token(model, 256) == one + 6 * d.vocab_size * d.d_model)
+    one = step_flops(model, 1, 0, 0, 256)
+    assert step_flops(model, 10, 0, 0, 256) == 10 * one
+    assert step_flops(model, 1, 1, 0, 256) - one == 6 * d.vocab_size * d.d_model
+    assert (step_flops(model, 0, 0, 1, 256) > 0
+            and flops_per_token(model, 256) == one + 6 * d.vocab_size * d.d_model)
 
 
 def test_compile_matches_eager(tmp_path):

@@ -20,7 +20,8 @@ from data.packing import Sample, pack
 from data.records import DataError, load_image, normalize, read_records
 from loss import token_losses
 from model import DecoderConfig, VLM, VLMConfig
-from score import CATEGORIES, save_scores
+from data.scores import save_scores
+from data.tags import CATEGORIES
 from utils import text_fingerprint
 
 CAPTIONS = [  # (caption, per-word tags) for the held-out caption file

@@ -24,9 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
-import score
 import tokenizer as T
 from data.records import DataError, load_images, read_records
+from data.scores import load_scores
 from data.shards import ShardStream
 from utils import atomic_save, load_checkpoint, text_fingerprint
 
@@ -86,7 +86,7 @@ def test_zero_byte_files(tmp_path):
     assert "unreadable shard" in str(err.value) and "empty.tar" in str(err.value)
     (tmp_path / "scores.pt").write_bytes(b"")
     with pytest.raises(DataError, match="scores.pt: cannot read it as a score file"):
-        score.load_scores(str(tmp_path / "scores.pt"), "tok", "data")
+        load_scores(str(tmp_path / "scores.pt"), "tok", "data")
 
 
 def test_one_unreadable_shard_among_many_is_skipped_and_counted(tmp_path, capfd):
@@ -163,7 +163,7 @@ def test_score_file_cut_short(tiny, tmp_path):
     cut = tmp_path / "scores.pt"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=f"{cut}: cannot read it as a score file .* cut short"):
-        score.load_scores(str(cut), *_tiny_fps(tiny))
+        load_scores(str(cut), *_tiny_fps(tiny))
 
 
 def _hand_made(path, p_ref, offsets=None, ids=("a", "b")):
@@ -174,25 +174,25 @@ def _hand_made(path, p_ref, offsets=None, ids=("a", "b")):
 
 
 def test_nan_or_out_of_range_scores(tmp_path):
-    ok = score.load_scores(_hand_made(tmp_path / "ok.pt", torch.tensor([0.5, 0.25, 1.0, 0.0])), "tok", "data")
+    ok = load_scores(_hand_made(tmp_path / "ok.pt", torch.tensor([0.5, 0.25, 1.0, 0.0])), "tok", "data")
     assert ok["a"].tolist() == [0.5, 0.25] and ok["b"].tolist() == [1.0, 0.0]  # float files are accepted
     for values, first in (([0.5, 0.2, float("nan"), 0.1], "nan"), ([0.5, 1.5, 0.3, 0.1], "1.5"),
                           ([0.5, 0.2, 0.3, -0.1], "-0.1"), ([0.5, 0.2, float("inf"), 0.1], "inf")):
         path = _hand_made(tmp_path / "bad.pt", torch.tensor(values))
         with pytest.raises(DataError,
                            match=rf"bad.pt: 1 scores are NaN, infinite or outside \[0, 1\] \(first: {first}"):
-            score.load_scores(path, "tok", "data")
+            load_scores(path, "tok", "data")
     with pytest.raises(DataError, match="record 'b'"):
-        score.load_scores(_hand_made(tmp_path / "bad.pt", torch.tensor([0.5, 0.2, 7.0, 0.1])), "tok", "data")
+        load_scores(_hand_made(tmp_path / "bad.pt", torch.tensor([0.5, 0.2, 7.0, 0.1])), "tok", "data")
     with pytest.raises(DataError, match="dtype torch.int64"):
-        score.load_scores(_hand_made(tmp_path / "int.pt", torch.tensor([1, 2, 3, 4])), "tok", "data")
+        load_scores(_hand_made(tmp_path / "int.pt", torch.tensor([1, 2, 3, 4])), "tok", "data")
     with pytest.raises(DataError, match="offsets do not fit 2 records and 4 scores"):
-        score.load_scores(_hand_made(tmp_path / "off.pt", torch.zeros(4), torch.tensor([0, 3, 9])), "tok", "data")
+        load_scores(_hand_made(tmp_path / "off.pt", torch.zeros(4), torch.tensor([0, 3, 9])), "tok", "data")
     with pytest.raises(DataError, match="appear more than once"):
-        score.load_scores(_hand_made(tmp_path / "dup.pt", torch.zeros(4), ids=("a", "a")), "tok", "data")
+        load_scores(_hand_made(tmp_path / "dup.pt", torch.zeros(4), ids=("a", "a")), "tok", "data")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(DataError, match="other.pt: not a score file"):
-        score.load_scores(str(tmp_path / "other.pt"), "tok", "data")
+        load_scores(str(tmp_path / "other.pt"), "tok", "data")
 
 
 # ----------------------------------------------------------------------------- crashes while saving
@@ -292,7 +292,7 @@ def test_untrusted_pickle_cannot_run_code(tmp_path):
     assert not marker.exists()
     with pytest.raises(DataError, match=r"evil.pt: holds Python objects that a safe \(weights-only\) load refuses "
                                         r"\(.*GLOBAL posix.system.*\).* not loaded"):
-        score.load_scores(str(evil), "tok", "data")
+        load_scores(str(evil), "tok", "data")
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # proof that the file is dangerous: an unsafe load runs it
     assert marker.exists()
@@ -301,7 +301,7 @@ def test_untrusted_pickle_cannot_run_code(tmp_path):
 def test_untrusted_vision_weights_get_the_safe_load_message(tmp_path):
     """--vision-weights goes through the same safe load: the project's message, never torch's advice to retry
     with weights_only=False."""
-    from model import load_vision_weights
+    from encoders import load_vision_weights
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"w": torch.zeros(2), "payload": Exploit(marker)}, evil)
     with pytest.raises(ValueError, match=r"evil.pt: holds Python objects that a safe \(weights-only\) load "

@@ -14,6 +14,8 @@ from model import VLM, VLMConfig, DecoderConfig
 from utils import load_checkpoint
 
 from test_train import config
+from data.packing import make_samples
+from build import build_model
 
 # Tolerance: features cached in chunks of 256 images vs the step's own batch differ by fp32 rounding of
 # the matmul blocking (~1e-7 relative on values of order 1); over a few AdamW steps of a tiny model the
@@ -125,9 +127,9 @@ def test_refused_where_the_encoder_is_not_frozen_or_random(tiny, tmp_path):
 def test_projector_only_step_gives_gradients_to_the_projector_alone(tiny, tmp_path):
     cfg = frozen(tiny, tmp_path)
     tok = T.load_tokenizer(cfg.tokenizer)
-    model = train.build_model(cfg, tok)
+    model = build_model(cfg, tok)
     records, imgs = load_images(read_records(cfg.data), cfg.image_size)
-    data = train.Data(train.make_samples(tok, records), imgs, model.image_tokens())
+    data = train.Data(make_samples(tok, records), imgs, model.image_tokens())
     built = []
     hook = lambda m, i, out: built.append(out.grad_fn is not None or out.requires_grad)  # noqa: E731
     model.encoder.norm.register_forward_hook(hook)

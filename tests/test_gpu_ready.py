@@ -6,11 +6,16 @@ import random
 import pytest
 import torch
 
+import baselines
 import tokenizer as T
 import train
 from data import packing
 from data.packing import Sample
 from model import VLM, Decoder, DecoderConfig, VLMConfig
+from baselines.heads import attach_heads
+from data.packing import global_batch
+from distributed import check_bf16
+from flops import attended_pairs, peak_flops, peak_for_name, step_flops
 
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
 
@@ -43,7 +48,6 @@ def count_syncs(monkeypatch):
 
     def device_copy(t, device):
         return to_device(t, device).as_subclass(torch.Tensor).clone()
-    global_batch = train.global_batch
 
     def host_global_batch(*a, **kw):  # sample indices: a host-side permutation
         host.append(1)
@@ -55,6 +59,8 @@ def count_syncs(monkeypatch):
     monkeypatch.setattr(train, "pack", host_pack)
     monkeypatch.setattr(packing, "to_device", device_copy)
     monkeypatch.setattr(train, "to_device", device_copy)
+    monkeypatch.setattr(baselines, "pack", host_pack)  # the objectives' host-side positions (baselines.hook)
+    monkeypatch.setattr(baselines, "to_device", device_copy)
     yield calls
 
 
@@ -82,7 +88,7 @@ def test_one_sync_per_training_step(monkeypatch, arch, loss, objective):
     cfg = train.TrainConfig(arch=arch, loss=loss, objective=objective, batch_size=8, micro_batch=4, row_len=64,
                             device="cpu", text_data="x" if arch == "u" else "")
     if objective != "none":
-        train.attach_heads(model, objective)
+        attach_heads(model, objective)
     data = tiny_data(model, text=8 if arch == "u" else 0)
     train.train_step(cfg, 0, model, data, "cpu")  # warm: first-call work (lazy init) is not the step's
     with count_syncs(monkeypatch) as calls:
@@ -136,24 +142,24 @@ def test_peak_table_matches_whole_names():
              "NVIDIA A800-SXM4-80GB": 312, "NVIDIA L40S": 362, "NVIDIA L40": 181, "NVIDIA L4": 121,
              "NVIDIA B200": 2250, "NVIDIA GH200 480GB": 989}
     for name, tflops in cases.items():
-        assert train.peak_for_name(name) == tflops * 1e12, name
+        assert peak_for_name(name) == tflops * 1e12, name
     for unknown in ("Tesla V100-SXM2-16GB", "Tesla T4", "NVIDIA GeForce RTX 4090", "NVIDIA A10G"):
-        assert train.peak_for_name(unknown) is None, unknown
-    assert train.peak_flops("cpu") is None and train.peak_flops("cpu", 100.0) == 100e12  # --peak-tflops
+        assert peak_for_name(unknown) is None, unknown
+    assert peak_flops("cpu") is None and peak_flops("cpu", 100.0) == 100e12  # --peak-tflops
 
 
 def test_flops_count_the_attention_each_document_needs():
     # one row of 10 positions: documents of 3 and 5 positions, then 2 of padding
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2]])
     real = torch.tensor([[True] * 8 + [False] * 2])
-    assert train.attended_pairs(doc_ids, real) == 3 * 4 // 2 + 5 * 6 // 2  # 21 causal query-key pairs, not 8 x 10
+    assert attended_pairs(doc_ids, real) == 3 * 4 // 2 + 5 * 6 // 2  # 21 causal query-key pairs, not 8 x 10
     model = tiny_model("h")  # 1 layer, d 32: attention costs 12 x 1 x 32 FLOPs per query-key pair
-    assert train.step_flops(model, 8, 0, 0, 21 / 8) - train.step_flops(model, 8, 0, 0, 0) == 12 * 32 * 21
+    assert step_flops(model, 8, 0, 0, 21 / 8) - step_flops(model, 8, 0, 0, 0) == 12 * 32 * 21
     # train_step counts them from the packed batch, next to the dense row width
     data = tiny_data(model)
     cfg = train.TrainConfig(batch_size=8, row_len=64, device="cpu")
     stats = train.train_step(cfg, 0, model, data, "cpu")[0]
-    ids = train.global_batch(0, 16, 8, 0)
+    ids = global_batch(0, 16, 8, 0)
     lengths = [len(model.image_tokens()) + 1 + len(data.samples[i].caption_ids) for i in ids]
     assert stats["attended"] == sum(n * (n + 1) // 2 for n in lengths) < stats["context"]
 
@@ -192,5 +198,5 @@ def test_gpus_without_bf16_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     with pytest.raises(ValueError, match="V100-SXM2-16GB has no bf16"):
-        train.check_bf16("cuda")
-    train.check_bf16("cpu")
+        check_bf16("cuda")
+    check_bf16("cpu")

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import hf  # noqa: E402
 from model import generate  # noqa: E402
+from build import build_model
 
 TEXT = ["a red circle by ann", "the blue square left of a green circle", "stock photo: a yellow square by bob"] * 5
 SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -205,7 +206,7 @@ def test_recipe_end_to_end_tiny(tmp_path, tiny):
         same = torch.equal(state["decoder.blocks.0.attn.qkv.weight"], decoder.blocks[0].attn.qkv.weight)
         assert same == (part == "projector")  # frozen: exactly the folder's weights
     with pytest.raises(ValueError, match="tokenizer mismatch"):
-        train.build_model(train.TrainConfig(init_decoder=spec), T.load_tokenizer(str(tiny["tokenizer"])))
+        build_model(train.TrainConfig(init_decoder=spec), T.load_tokenizer(str(tiny["tokenizer"])))
 
 
 @pytest.mark.parametrize("n_reserved", [8, 2])

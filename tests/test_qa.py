@@ -10,6 +10,7 @@ import eval as E
 import tokenizer as T
 from data import qa
 from data.generate import NUMS, GenConfig, generate, resolve, sample_scene
+from data.scores import load_scores
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_answer_only_scores_mask_the_question(synth):
     path = qa.answer_only_scores(str(root / "qa" / "train.jsonl"), str(root / "tok.json"), str(root / "mask.pt"))
     tok = T.load_tokenizer(str(root / "tok.json"))
     records = read_records(str(root / "qa" / "train.jsonl"), require_image=False, check_files=False)
-    p_ref = score.load_scores(path, T.fingerprint(tok), text_fingerprint(records))
+    p_ref = load_scores(path, T.fingerprint(tok), text_fingerprint(records))
     for r in records[:20]:
         n_prompt = len(T.encode_captions(tok, [r.extra["prompt"]])[0])
         n_answer = len(T.encode_captions(tok, [r.caption])[0]) - n_prompt

@@ -1,6 +1,8 @@
 import json
 
 import reference_lm
+from data.packing import make_samples
+from model import load_lm
 
 
 def test_loss_falls_and_checkpoint_records_its_inputs(tiny):
@@ -11,8 +13,8 @@ def test_loss_falls_and_checkpoint_records_its_inputs(tiny):
     import tokenizer as T
     from data.records import read_records
     tok = T.load_tokenizer(cfg.tokenizer)
-    model, ckpt = reference_lm.load_lm(str(tiny["ref_lm"]), tok)
-    samples = reference_lm.caption_samples(tok, read_records(cfg.data, require_image=False))
+    model, ckpt = load_lm(str(tiny["ref_lm"]), tok)
+    samples = make_samples(tok, read_records(cfg.data, require_image=False))
     trained = reference_lm.evaluate(model, samples, 64, "cpu")
     import torch
     torch.manual_seed(0)  # the untrained baseline must not depend on which tests ran before
@@ -34,4 +36,4 @@ def test_max_bad_fraction_is_a_flag(tiny, tmp_path):
     with pytest.raises(DataError, match="max_bad_fraction"):
         reference_lm.train_lm(reference_lm.RefConfig(**kw))
     reference_lm.train_lm(reference_lm.RefConfig(**kw, max_bad_fraction=0.02))
-    assert reference_lm.load_lm(str(tmp_path / "lm.pt"))[1]["config"]["max_bad_fraction"] == 0.02
+    assert load_lm(str(tmp_path / "lm.pt"))[1]["config"]["max_bad_fraction"] == 0.02

@@ -6,14 +6,15 @@ import torch
 import score
 import tokenizer as T
 from data.records import DataError, read_records
-from reference_lm import load_lm
+from model import load_lm
 from utils import text_fingerprint
+from data.scores import INDEX_FORMAT, _load_shard, load_scores
 
 
 def test_scores_align_with_single_caption_forward(tiny):
     tok = T.load_tokenizer(str(tiny["tokenizer"]))
     records = read_records(str(tiny["train"]))
-    p_ref = score.load_scores(str(tiny["scores"]), T.fingerprint(tok), text_fingerprint(records))
+    p_ref = load_scores(str(tiny["scores"]), T.fingerprint(tok), text_fingerprint(records))
     model, _ = load_lm(str(tiny["ref_lm"]), tok)
     model.eval()
     for r in records[:5]:
@@ -29,11 +30,11 @@ def test_scores_align_with_single_caption_forward(tiny):
 def test_fingerprint_mismatch_names_both_sides(tiny):
     tok = T.load_tokenizer(str(tiny["tokenizer"]))
     with pytest.raises(ValueError) as err:
-        score.load_scores(str(tiny["scores"]), T.fingerprint(tok), "0123456789abcdef", "my_captions.jsonl")
+        load_scores(str(tiny["scores"]), T.fingerprint(tok), "0123456789abcdef", "my_captions.jsonl")
     message = str(err.value)
     assert "0123456789abcdef" in message and "my_captions.jsonl" in message and str(tiny["scores"]) in message
     with pytest.raises(ValueError, match="tokenizer"):
-        score.load_scores(str(tiny["scores"]), "ffffffffffffffff", "x")
+        load_scores(str(tiny["scores"]), "ffffffffffffffff", "x")
 
 
 def test_two_bytes_per_token(tiny):
@@ -85,12 +86,12 @@ def test_stream_one_process_matches_one_file(tiny, tmp_path):
     out = tmp_path / "s" / "scores.pt"
     report = score.main(_cfg(tiny, out, stream=True, chunk=7))  # 48 captions: 7 chunk frames + the end frame
     index = torch.load(out, weights_only=True)
-    assert index["format"] == score.INDEX_FORMAT and index["records"] == 48
+    assert index["format"] == INDEX_FORMAT and index["records"] == 48
     assert [s["file"] for s in index["shards"]] == [os.path.join("scores.shards", "rank-00000-of-00001.bin")]
-    blocks, end, _ = score._load_shard(str(tmp_path / "s" / index["shards"][0]["file"]))
+    blocks, end, _ = _load_shard(str(tmp_path / "s" / index["shards"][0]["file"]))
     assert len(blocks) == 7 and end["records"] == 48
     assert report["captions"] == 48 and "relevance" in report and (tmp_path / "s" / "scores.png").exists()
-    _same_scores(score.load_scores(str(out), *_fps(tiny)), score.load_scores(str(tiny["scores"]), *_fps(tiny)))
+    _same_scores(load_scores(str(out), *_fps(tiny)), load_scores(str(tiny["scores"]), *_fps(tiny)))
 
 
 def _rank_main(rank, world, port, cfg):
@@ -112,7 +113,7 @@ def test_two_processes_gloo_write_shards_and_index(tiny, tmp_path):
     index = torch.load(out, weights_only=True)
     assert [s["records"] for s in index["shards"]] == [24, 24]  # round-robin: 48 records, 2 ranks
     assert sorted(os.listdir(tmp_path / "scores.shards")) == ["rank-00000-of-00002.bin", "rank-00001-of-00002.bin"]
-    _same_scores(score.load_scores(str(out), *_fps(tiny)), score.load_scores(str(tiny["scores"]), *_fps(tiny)))
+    _same_scores(load_scores(str(out), *_fps(tiny)), load_scores(str(tiny["scores"]), *_fps(tiny)))
 
 
 def test_index_refuses_damaged_or_foreign_shards(tiny, tmp_path):
@@ -120,23 +121,23 @@ def test_index_refuses_damaged_or_foreign_shards(tiny, tmp_path):
     score.main(_cfg(tiny, out, stream=True, chunk=16))
     tok_fp, data_fp = _fps(tiny)
     with pytest.raises(ValueError) as err:  # fingerprints are checked on the index, naming both sides
-        score.load_scores(str(out), tok_fp, "0123456789abcdef", "my_captions.jsonl")
+        load_scores(str(out), tok_fp, "0123456789abcdef", "my_captions.jsonl")
     assert "0123456789abcdef" in str(err.value) and "my_captions.jsonl" in str(err.value) and str(out) in str(err.value)
     shard = tmp_path / "scores.shards" / "rank-00000-of-00001.bin"
     good = shard.read_bytes()
     shard.write_bytes(good[:-100])                                  # cut short
     with pytest.raises(DataError, match="cut short"):
-        score.load_scores(str(out), tok_fp, data_fp)
+        load_scores(str(out), tok_fp, data_fp)
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0xFF                                 # same size, other content
     shard.write_bytes(bytes(flipped))
     with pytest.raises(DataError, match=f"{shard}.*(sha256|cannot read)"):
-        score.load_scores(str(out), tok_fp, data_fp)
+        load_scores(str(out), tok_fp, data_fp)
     shard.unlink()                                                  # missing
     with pytest.raises(DataError, match="missing"):
-        score.load_scores(str(out), tok_fp, data_fp)
+        load_scores(str(out), tok_fp, data_fp)
     shard.write_bytes(good)
-    assert len(score.load_scores(str(out), tok_fp, data_fp)) == 48  # and back to normal
+    assert len(load_scores(str(out), tok_fp, data_fp)) == 48  # and back to normal
 
 
 def test_overlong_captions_are_scored_and_counted(tiny, tmp_path, capsys):
@@ -152,7 +153,7 @@ def test_overlong_captions_are_scored_and_counted(tiny, tmp_path, capsys):
     assert "1 captions are longer than the reference LM's context of 64" in capsys.readouterr().err
     tok = T.load_tokenizer(str(tiny["tokenizer"]))
     recs = read_records(str(data))
-    p = score.load_scores(str(tmp_path / "s.pt"), T.fingerprint(tok), text_fingerprint(recs))
+    p = load_scores(str(tmp_path / "s.pt"), T.fingerprint(tok), text_fingerprint(recs))
     ids = T.encode_captions(tok, [recs[1].caption])[0]
     long = p[recs[1].id]
     assert len(long) == len(ids) + 1  # still one score per label, so training accepts it

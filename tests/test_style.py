@@ -14,7 +14,7 @@ MAX_LINE = 120
 MAX_HELP = 100
 # Modules whose config dataclasses become command-line flags through cli.parse_config.
 CONFIG_MODULES = ["train", "eval", "score", "reference_lm", "experiments.main", "experiments.bench", "vision",
-                  "objectives", "caption", "tokenizer", "data.generate"]
+                  "baselines.attention", "caption", "tokenizer", "data.generate"]
 # Scripts that build their flags with argparse directly.
 ARGPARSE_SCRIPTS = ["experiments/paper.py", "experiments/report.py", "hf.py", "data/qa.py"]
 

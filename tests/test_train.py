@@ -8,6 +8,9 @@ import torch
 
 import train
 from utils import load_checkpoint
+from data.packing import global_batch, make_samples
+from model import load_model
+from build import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +53,7 @@ def test_resume_is_bitwise_identical(tiny, tmp_path):
 
 def test_rebuilt_from_checkpoint_gives_identical_logits(tiny, tmp_path):
     model = train.main(config(tiny, tmp_path, steps=2)).eval()
-    rebuilt, ckpt = train.load_model(str(tmp_path / "ckpt_000002.pt"))
+    rebuilt, ckpt = load_model(str(tmp_path / "ckpt_000002.pt"))
     ids = torch.tensor([model.image_tokens() + [1, 20, 21, 22]])
     images = torch.randn(1, 3, 16, 16)
     assert torch.equal(model(ids, images), rebuilt(ids, images))
@@ -60,7 +63,7 @@ def test_rebuilt_from_checkpoint_gives_identical_logits(tiny, tmp_path):
 def test_projector_only_leaves_encoder_and_decoder_untouched(tiny, tmp_path):
     model = train.main(config(tiny, tmp_path, train="projector", steps=3))
     torch.manual_seed(0)  # build_model's initialisation, before training
-    start = train.build_model(config(tiny, tmp_path, train="projector"), train.T.load_tokenizer(str(tiny["tokenizer"])))
+    start = build_model(config(tiny, tmp_path, train="projector"), train.T.load_tokenizer(str(tiny["tokenizer"])))
     for name in ("encoder", "decoder", "projector"):
         same = all(torch.equal(p, q) for p, q in zip(model.parts()[name].parameters(),
                                                      start.parts()[name].parameters()))
@@ -148,7 +151,7 @@ def test_fsdp_two_processes_equal_one_and_checkpoints_load_anywhere(tiny, tmp_pa
     fsdp_ckpt = load_checkpoint(tmp_path / "mixed" / "last.pt")
     assert fsdp_ckpt["step"] == 3 and fsdp_ckpt["optimizer_format"] == "fqn"
     # gathered, not sharded: a plain process rebuilds the model from it, equal to the 1-process run's
-    rebuilt, _ = train.load_model(str(tmp_path / "mixed" / "ckpt_000003.pt"))
+    rebuilt, _ = load_model(str(tmp_path / "mixed" / "ckpt_000003.pt"))
     for k, v in weights(tmp_path / "one" / "ckpt_000003.pt").items():
         torch.testing.assert_close(rebuilt.state_dict()[k], v, atol=1e-5, rtol=1e-4)
     train.main(config(tiny, tmp_path / "mixed", resume=True, **kw))
@@ -162,7 +165,7 @@ def test_fsdp_two_processes_equal_one_and_checkpoints_load_anywhere(tiny, tmp_pa
 def test_timm_encoder_from_weights_file_trains_only_the_projector(tiny, tmp_path):
     import json
     import timm
-    from model import TimmEncoder
+    from encoders import TimmEncoder
     kwargs = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
     torch.manual_seed(123)  # weights unlike the ones train.py's seeded build would make
     source = TimmEncoder("vit_tiny_patch16_224", kwargs).model.state_dict()
@@ -175,7 +178,7 @@ def test_timm_encoder_from_weights_file_trains_only_the_projector(tiny, tmp_path
     for k, v in source.items():  # frozen: still exactly the file's weights after training
         assert torch.equal(model.encoder.model.state_dict()[k], v), k
     torch.manual_seed(0)
-    start = train.build_model(cfg, train.T.load_tokenizer(str(tiny["tokenizer"])))
+    start = build_model(cfg, train.T.load_tokenizer(str(tiny["tokenizer"])))
     for name in ("decoder", "projector"):
         same = all(torch.equal(p, q) for p, q in zip(model.parts()[name].parameters(),
                                                      start.parts()[name].parameters()))
@@ -187,7 +190,7 @@ def test_timm_encoder_from_weights_file_trains_only_the_projector(tiny, tmp_path
         assert all((p.grad is not None) == (name == "projector") for p in part.parameters()), name
     # the checkpoint alone rebuilds it, offline and without the weights file
     os.remove(tmp_path / "vit.pt")
-    rebuilt, ckpt = train.load_model(str(tmp_path / "run" / "ckpt_000002.pt"))
+    rebuilt, ckpt = load_model(str(tmp_path / "run" / "ckpt_000002.pt"))
     assert ckpt["model_config"]["vision"] == "timm:vit_tiny_patch16_224"
     images = torch.randn(1, 3, 32, 32)
     assert torch.equal(model.eval()(ids, images), rebuilt(ids, images))
@@ -207,7 +210,7 @@ def test_timm_encoder_from_weights_file_trains_only_the_projector(tiny, tmp_path
                                             ("ntp", "recon"), ("prior", "itc")])
 def test_baselines_train_end_to_end(tiny, tmp_path, arch, loss, objective):
     """Each new choice runs 2 steps of train.py (U-LVLM with text-only rows mixed in); the log carries the
-    auxiliary loss, the checkpoints carry the heads, and train.load_model (eval.py's loader) rebuilds the VLM
+    auxiliary loss, the checkpoints carry the heads, and load_model (eval.py's loader) rebuilds the VLM
     from them without the heads, with identical logits."""
     import json
     model = train.main(config(tiny, tmp_path, arch=arch, loss=loss, objective=objective, steps=2, save_every=2,
@@ -220,7 +223,7 @@ def test_baselines_train_end_to_end(tiny, tmp_path, arch, loss, objective):
         assert lines[0]["aux"] > 0 and math.isfinite(lines[0]["aux"])
     ckpt = load_checkpoint(tmp_path / "ckpt_000002.pt")
     assert any(k.startswith("aux.") for k in ckpt["model"]) == (objective != "none")
-    rebuilt, _ = train.load_model(str(tmp_path / "ckpt_000002.pt"))
+    rebuilt, _ = load_model(str(tmp_path / "ckpt_000002.pt"))
     assert not hasattr(rebuilt, "aux")
     ids = torch.tensor([model.image_tokens() + [1, 20, 21, 22]])
     images = torch.randn(1, 3, 16, 16)
@@ -254,7 +257,7 @@ def test_init_from_a_run_with_heads(tiny, tmp_path):
 def test_projector_only_with_an_objective_trains_projector_and_heads(tiny, tmp_path):
     model = train.main(config(tiny, tmp_path, train="projector", objective="recon", steps=3))
     torch.manual_seed(0)
-    start = train.build_model(config(tiny, tmp_path, train="projector", objective="recon"),
+    start = build_model(config(tiny, tmp_path, train="projector", objective="recon"),
                               train.T.load_tokenizer(str(tiny["tokenizer"])))
     parts = {**model.parts(), "aux": model.aux}
     for name, part in parts.items():
@@ -293,7 +296,7 @@ def test_two_processes_with_cal_and_itm(tiny, tmp_path):
 def spread_scores(tiny, tmp_path):
     """The tiny reference LM is barely trained (p_ref ~ 0.01 everywhere): a score file of the same captions
     with p_ref spread over [0, 0.95], so that PRIOR's weights clearly differ from NTP's."""
-    from score import save_scores
+    from data.scores import save_scores
     blob = torch.load(tiny["scores"], weights_only=True)
     p_ref = train.load_scores(str(tiny["scores"]), blob["fingerprint"]["tokenizer"], blob["fingerprint"]["data"])
     g = torch.Generator().manual_seed(0)
@@ -311,20 +314,20 @@ def test_logged_prior_loss_equals_a_hand_computation(tiny, tmp_path):
     import torch.nn.functional as F
     from data.packing import pack
     from data.records import load_images, normalize, read_records
-    from score import load_scores
+    from data.scores import load_scores
     cfg = config(tiny, tmp_path, loss="prior", steps=1, save_every=1, scores=str(spread_scores(tiny, tmp_path)))
     train.main(cfg)
     logged = json.loads(open(tmp_path / "log.jsonl").readline())
     tok = train.T.load_tokenizer(cfg.tokenizer)
     torch.manual_seed(cfg.seed)
-    model = train.build_model(cfg, tok).eval()
+    model = build_model(cfg, tok).eval()
     records = read_records(cfg.data)
     p_ref = load_scores(cfg.scores, train.T.fingerprint(tok), train.text_fingerprint(records))
     records, images = load_images(records, model.cfg.image_size)
-    samples = train.make_samples(tok, records, p_ref)
+    samples = make_samples(tok, records, p_ref)
     weighted = plain = tokens = 0.0
     with torch.no_grad():
-        for i in train.global_batch(0, len(samples), cfg.batch_size, cfg.seed):
+        for i in global_batch(0, len(samples), cfg.batch_size, cfg.seed):
             b = pack([samples[i]], cfg.row_len, model.image_tokens())
             logits = model(b.input_ids, normalize(images[[i]]), b.position_ids, b.doc_ids)
             valid = b.labels[0] != -100
@@ -345,7 +348,7 @@ def test_uniform_prior_weights_are_ntp_bit_for_bit_and_real_ones_are_not(tiny, t
     """PRIOR with p_ref = 0 everywhere (w = 1) is NTP exactly (the factor k_c w / sum w is 1.0); with spread
     p_ref the first update already differs. (Another constant gives NTP only to rounding: sum_j w_j in float32
     is not exactly k w.)"""
-    from score import save_scores
+    from data.scores import save_scores
     blob = torch.load(tiny["scores"], weights_only=True)
     p_ref = train.load_scores(str(tiny["scores"]), blob["fingerprint"]["tokenizer"], blob["fingerprint"]["data"])
     uniform = str(tmp_path / "uniform.pt")
@@ -381,7 +384,7 @@ def test_oracle_weights_follow_the_tags():
     """The tag oracle: image and glue words 1, boiler and noise --oracle-low; unknown positions (-1) low too
     (they carry no loss)."""
     from types import SimpleNamespace
-    from score import CATEGORIES
+    from data.tags import CATEGORIES
     tags = torch.tensor([[CATEGORIES.index(c) for c in ("image", "glue", "boiler", "noise")] + [-1]])
     batch = SimpleNamespace(tags=tags, p_ref=torch.zeros(1, 5), labels=torch.zeros(1, 5, dtype=torch.long))
     cfg = train.TrainConfig(loss="oracle", oracle_low=0.25)
@@ -436,7 +439,7 @@ def test_checkpoint_of_the_wrong_kind_is_named(tiny, tmp_path):
         with pytest.raises(ValueError, match=expected):
             train.main(config(tiny, tmp_path / "other", **kw))
     with pytest.raises(ValueError, match="is a reference_lm.py checkpoint"):
-        train.load_model(lm)
+        load_model(lm)
 
 
 def test_text_data_honours_max_bad_fraction(tiny, tmp_path):

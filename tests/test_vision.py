@@ -1,6 +1,6 @@
 """
 Tests for vision.py: per-cell labels, cell pooling, training on a tiny hand-drawn set, and the checkpoint
-loading into train.build_model through --init-encoder.
+loading into build_model through --init-encoder.
 
 Run: .venv/bin/python -m pytest -q tests/test_vision.py
 """
@@ -15,9 +15,11 @@ from PIL import Image, ImageDraw
 import train
 import vision
 from data.records import DataError, load_images, normalize, read_records
-from model import VLMConfig, build_vit
+from model import VLMConfig
+from encoders import build_vit
 from tokenizer import train_tokenizer
 from utils import load_checkpoint
+from build import build_model
 
 COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 230), "yellow": (240, 215, 40)}
 ROWS, COLS = ["top", "middle", "bottom"], ["left", "center", "right"]
@@ -142,7 +144,7 @@ def test_checkpoint_loads_through_init_encoder(trained, tmp_path):
     # TrainConfig's ViT defaults (192 wide, 4 deep) differ: the checkpoint's vit_config must win.
     tcfg = train.TrainConfig(arch="h", init_encoder=cfg.out, n_layer=1, n_head=2, d_model=32, row_len=64,
                              train="projector")
-    model = train.build_model(tcfg, tok)
+    model = build_model(tcfg, tok)
     got = model.encoder.state_dict()
     assert got.keys() == ckpt["model"].keys()
     for k, v in ckpt["model"].items():

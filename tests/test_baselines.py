@@ -1,18 +1,21 @@
-"""Tests for objectives.py: the auxiliary heads (ITM, ITC, reconstruction) and the attention-weight scorer."""
+"""baselines/: the hook train.py calls, the auxiliary heads (ITM, ITC, reconstruction), the attention-weight scorer."""
 import json
 from dataclasses import replace
 
 import pytest
 import torch
 
-import objectives
 import tokenizer as T
 import train
 from data.packing import IGNORE, pack
 from data.records import load_images, normalize, read_records
-from objectives import MicroBatch, host_positions, micro_batch_loss
-from score import load_scores, token_tags
+from baselines import attention
+from baselines.heads import AuxHeads, MicroBatch, host_positions, micro_batch_loss, patchify
+from data.scores import load_scores
+from data.tags import token_tags
 from utils import text_fingerprint
+from data.packing import make_samples
+from build import build_model
 
 
 def config(tiny, **kw):
@@ -28,7 +31,7 @@ def pairs(tiny):
     """(tokenizer, samples, uint8 images) of the tiny training set."""
     tok = T.load_tokenizer(str(tiny["tokenizer"]))
     records, images = load_images(read_records(str(tiny["train"])), 16)
-    return tok, train.make_samples(tok, records), images
+    return tok, make_samples(tok, records), images
 
 
 def distinct(samples, n):
@@ -65,20 +68,20 @@ def micro_batch(cfg, model, samples, images):
 def test_heads_exist_only_for_their_objective(pairs, tiny):
     tok = pairs[0]
     torch.manual_seed(0)
-    plain = train.build_model(config(tiny), tok)
+    plain = build_model(config(tiny), tok)
     assert not hasattr(plain, "aux") and not any(k.startswith("aux.") for k in plain.state_dict())
     expected = {"itm": {"itm.weight", "itm.bias"}, "itc": {"itc_image.weight", "itc_text.weight", "itc_logit_scale"},
                 "recon": {"recon.weight", "recon.bias"}}
     for objective, keys in expected.items():
         torch.manual_seed(0)
-        model = train.build_model(config(tiny, objective=objective), tok)
+        model = build_model(config(tiny, objective=objective), tok)
         assert set(model.aux.state_dict()) == keys
         # the VLM's own initialisation is the same with or without heads
-        vlm = objectives.split_state(model.state_dict())[0]
+        vlm = {k: v for k, v in model.state_dict().items() if not k.startswith("aux.")}
         assert all(torch.equal(v, plain.state_dict()[k]) for k, v in vlm.items())
     assert model.aux.recon.out_features == 3 * 4 * 4
     with pytest.raises(ValueError):
-        objectives.AuxHeads("none", 8, 4)
+        AuxHeads("none", 8, 4)
 
 
 def test_patchify_is_the_u_lvlms_patch_order():
@@ -86,7 +89,7 @@ def test_patchify_is_the_u_lvlms_patch_order():
     model = VLM(VLMConfig(arch="u", image_size=16, patch_size=4,
                           decoder=DecoderConfig(vocab_size=32, n_layer=1, n_head=2, d_model=16)))
     pixels = torch.randn(2, 3, 16, 16)
-    patches = objectives.patchify(pixels, 4)
+    patches = patchify(pixels, 4)
     assert patches.shape == (2, 16, 48)
     torch.testing.assert_close(model.patch_embed(patches), model.embed_images(pixels))
     # patch 5 = row 1, column 1: pixels [4:8, 4:8], channel first
@@ -101,7 +104,7 @@ def test_aux_losses_shapes_and_gradients_with_projector_only(pairs, tiny, arch, 
     tok, samples, images = pairs
     cfg = config(tiny, arch=arch, objective=objective, train="projector")
     torch.manual_seed(0)
-    model = train.build_model(cfg, tok)
+    model = build_model(cfg, tok)
     mb = micro_batch(cfg, model, distinct(samples, 4), images)
     logits, loss, aux = micro_batch_loss(cfg, model, model, mb, "cpu")
     assert logits.shape == (1, mb.keep.numel(), tok.get_vocab_size())
@@ -126,7 +129,7 @@ def test_aux_losses_decrease_on_a_tiny_batch(pairs, tiny, arch, objective):
     tok, samples, images = pairs
     cfg = config(tiny, arch=arch, objective=objective)
     torch.manual_seed(0)
-    model = train.build_model(cfg, tok)
+    model = build_model(cfg, tok)
     mb = micro_batch(cfg, model, distinct(samples, 4), images)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     history = []
@@ -142,7 +145,7 @@ def test_aux_losses_decrease_on_a_tiny_batch(pairs, tiny, arch, objective):
 def test_cal_and_rho1_micro_batch_losses(pairs, tiny):
     tok, samples, images = pairs
     torch.manual_seed(0)
-    model = train.build_model(config(tiny), tok)
+    model = build_model(config(tiny), tok)
     cfg = config(tiny, loss="rho1", rho1_keep=1.0)
     mb = micro_batch(cfg, model, samples[:6], images)
     mb.p_ref = torch.rand(mb.labels.shape)
@@ -161,10 +164,10 @@ def test_cal_and_rho1_micro_batch_losses(pairs, tiny):
 @pytest.fixture(scope="module")
 def attn_scores(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("attn") / "attn.pt"
-    cfg = objectives.AttnConfig(data=str(tiny["train"]), tokenizer=str(tiny["tokenizer"]), out=str(out), image_size=16,
+    cfg = attention.AttnConfig(data=str(tiny["train"]), tokenizer=str(tiny["tokenizer"]), out=str(out), image_size=16,
                                 patch_size=4, vit_dim=32, vit_depth=1, vit_heads=2, d_model=32, n_head=2, steps=300,
                                 batch_size=16, lr=3e-3, device="cpu")
-    scorer, weights = objectives.train_attention_scorer(cfg)
+    scorer, weights = attention.train_attention_scorer(cfg)
     return out, weights
 
 
@@ -206,7 +209,7 @@ def test_scorer_help():
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, os.path.join(root, "objectives.py"), "--help"], cwd=root,
+    done = subprocess.run([sys.executable, "-m", "baselines.attention", "--help"], cwd=root,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     for flag in ("--budget", "--n-layer", "--out", "--init-encoder", "warm-up 5%"):

@@ -1,0 +1,88 @@
+"""The layout's limits (README's Files): the core fits in 2,000 lines, no file over 400, a README that fits a
+screen or so, no import cycle, and no script imports another script's helpers."""
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CORE = ["model.py", "loss.py", "reference_lm.py", "score.py", "train.py"]
+SKIP = {"tests", "docs", "results", "out", "runs", "__pycache__"}
+# Scripts others may import: the object a benchmark times (train.py's step), and small tools with a CLI of their
+# own whose functions are the point (the tokenizer, the Hugging Face loader, the data generator).
+IMPORTABLE_SCRIPTS = {"train", "tokenizer", "hf", "data.generate"}
+
+
+def sources():
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if not any(part in SKIP or part.startswith(".") for part in rel.parts[:-1]):
+            out[rel] = path.read_text(encoding="utf-8")
+    return out
+
+
+def module_name(rel):
+    return ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+
+
+def imports(rel, text, known):
+    """Project modules `text` imports anywhere (top level or inside functions)."""
+    package = module_name(rel).rpartition(".")[0] if rel.name != "__init__.py" else module_name(rel)
+    found = set()
+    for node in ast.walk(ast.parse(text)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(p for p in (package, base) if p)
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        found |= {n for n in names if n in known}
+    return found - {module_name(rel)}
+
+
+def is_script(text):
+    return "if __name__ == \"__main__\":" in text
+
+
+def test_core_and_file_sizes():
+    files = sources()
+    lines = {rel: text.count("\n") for rel, text in files.items()}
+    core = sum(lines[pathlib.Path(f)] for f in CORE)
+    assert core <= 2000, f"core (model, loss, reference_lm, score, train) has {core} lines"
+    big = {str(rel): n for rel, n in lines.items() if n > 400}
+    assert not big, f"files over 400 lines: {big}"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").count("\n")
+    assert readme <= 250, f"README.md has {readme} lines"
+    assert (ROOT / "baselines" / "__init__.py").exists() and (ROOT / "experiments").is_dir()
+
+
+def test_no_import_cycles_and_no_script_imports_a_script():
+    files = sources()
+    known = {module_name(rel): rel for rel in files}
+    graph = {m: imports(rel, files[rel], known) for m, rel in known.items()}
+    cycles, state = [], {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                cycles.append(" -> ".join(stack[stack.index(n):] + [n]))
+            elif n not in state:
+                visit(n, stack + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles: " + "; ".join(cycles)
+    scripts = {m for m, rel in known.items() if is_script(files[rel])}
+    bad = sorted(f"{m} imports {n}" for m in scripts for n in graph[m] & scripts if n not in IMPORTABLE_SCRIPTS)
+    assert not bad, "scripts importing other scripts (move the shared piece into a module): " + "; ".join(bad)
+
+
+def test_the_checker_sees_a_cycle(tmp_path):
+    """The cycle test can fail: two modules that import each other are found."""
+    a, b = pathlib.Path("a.py"), pathlib.Path("b.py")
+    known = {"a": a, "b": b}
+    assert imports(a, "import b\n", known) == {"b"} and imports(b, "from a import x\n", known) == {"a"}
