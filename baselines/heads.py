@@ -11,8 +11,8 @@
            hidden state at its last input token in a text-only forward of <|bos|> caption, without the image:
            in the image-caption sequence the caption's states have seen their own image, and matching them
            would be trivial), each through a small learned projection (--itc-dim). Cost: one forward (and,
-           when the decoder trains, backward) of the captions alone. With --train projector the text pass runs without gradient (the frozen decoder gives
-           constants; only the text projection learns from them).
+           when the decoder trains, backward) of the captions alone. With --train projector the text pass runs
+           without gradient (the frozen decoder gives constants; only the text projection learns from them).
     recon  reconstructive tuning (ROSS-style pixel regression): a linear head on the final hidden state at
            every <|image|> position predicts that patch's pixels (ImageNet-normalised, as the model's input;
            per-patch normalisation as in MAE would erase each patch's mean colour, most of what the synthetic

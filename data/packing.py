@@ -29,7 +29,8 @@ import tokenizer as T
 
 IGNORE = -100
 FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "p_ref", "tags", "weights")
-FILL = {"input_ids": T.PAD, "labels": IGNORE, "position_ids": 0, "p_ref": 0.0, "tags": -1, "weights": 1.0}  # doc_ids: see pad_to
+# fill of each field where padding goes (doc_ids: see pad_to)
+FILL = {"input_ids": T.PAD, "labels": IGNORE, "position_ids": 0, "p_ref": 0.0, "tags": -1, "weights": 1.0}
 
 
 def to_device(t, device):
@@ -161,7 +162,8 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
                 raise ValueError(f"sample {s.index} needs {n} positions, more than row_len {row_len}")
             keep = row_len - len(prefix) - 1
             s = Sample(s.caption_ids[:keep], s.p_ref and s.p_ref[:keep] + [s.p_ref[-1]],
-                       s.tags and s.tags[:keep] + [s.tags[-1]], s.index, s.weights and s.weights[:keep] + [s.weights[-1]])
+                       s.tags and s.tags[:keep] + [s.tags[-1]], s.index,
+                       s.weights and s.weights[:keep] + [s.weights[-1]])
         for name in ("p_ref", "tags", "weights"):
             if getattr(s, name) is not None and len(getattr(s, name)) != len(s.caption_ids) + 1:
                 raise ValueError(f"sample {s.index}: {len(getattr(s, name))} {name} "

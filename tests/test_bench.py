@@ -13,7 +13,7 @@ import tokenizer as T
 import train
 from data.packing import IGNORE, Sample, cat, pack
 from loss import prior_weights, weighted_loss
-from model import Decoder, DecoderConfig
+from model import VLM, Decoder, DecoderConfig, VLMConfig
 from flops import flops_per_token, step_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +136,7 @@ def test_logits_at_kept_positions_and_flat_prior_loss_match_the_full_batch():
 
 
 def test_step_flops_counts_decoder_head_and_vision():
-    model = train.VLM(train.VLMConfig())
+    model = VLM(VLMConfig())
     d = model.decoder.cfg
     one = step_flops(model, 1, 0, 0, 256)
     assert step_flops(model, 10, 0, 0, 256) == 10 * one
