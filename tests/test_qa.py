@@ -9,7 +9,8 @@ import torch
 import eval as E
 import tokenizer as T
 from data import qa
-from data.generate import NUMS, GenConfig, generate, resolve, sample_scene
+from data.generate import GenConfig, generate, resolve
+from data.scenes import NUMS, sample_scene
 
 
 @pytest.fixture(scope="module")
