@@ -50,7 +50,9 @@ import bench_parts  # noqa: E402
 import train  # noqa: E402
 from cli import parse_config  # noqa: E402
 from data.packing import Sample, pack  # noqa: E402
-from data.records import Record, load_images, read_records  # noqa: E402
+from data.images import load_images  # noqa: E402
+from data.record_types import Record  # noqa: E402
+from data.records import read_records  # noqa: E402
 from model import Decoder, DecoderConfig, count_params  # noqa: E402
 from reference_lm import make_optimizer  # noqa: E402
 from score import label_probs  # noqa: E402

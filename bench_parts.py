@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import train
 from data.features import compute_features
 from data.packing import pack
-from data.records import normalize
+from data.images import normalize
 from model import Decoder, DecoderConfig, count_params
 from reference_lm import make_optimizer
 
@@ -202,7 +202,7 @@ def main(argv=None):
 
     import bench
     import tokenizer as T
-    from data.records import load_images
+    from data.images import load_images
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu", choices=list(bench.PRESETS), help="bench.py's model and batch sizes")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = os.cpu_count())")

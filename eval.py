@@ -47,7 +47,9 @@ from tqdm import tqdm
 import tokenizer as T
 from cli import parse_config
 from data.features import encoder_features
-from data.records import DataError, Record, BadRecord, report_bad, load_images, normalize, read_records
+from data.images import load_images, normalize
+from data.record_types import DataError, Record, BadRecord, report_bad
+from data.records import read_records
 from score import CATEGORIES, load_scores, token_tags
 from train import load_model
 from utils import autocast, check_fingerprint, pick_device, text_fingerprint

@@ -383,7 +383,8 @@ def train_attention_scorer(cfg):
     <|eos|>; the same layout and fingerprints as score.py's p_ref, so train.py --loss attn loads them with
     score.load_scores). Returns (scorer, {record id: weights}). Records share data/records.py's reader and
     its image decoding; images are used at the scorer's own size."""
-    from data.records import load_images, normalize, read_records
+    from data.images import load_images, normalize
+    from data.records import read_records
     from reference_lm import make_optimizer
     from score import quantise
     from utils import (atomic_save, check_fingerprint, load_checkpoint, lr_at, pick_device, seed_everything,

@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 import tokenizer as T
 from cli import parse_config
-from data.records import DataError, Tally, iter_records, read_records
+from data.record_types import DataError, Tally
+from data.records import iter_records, read_records
 from health import weight_collapse
 from reference_lm import caption_samples, load_lm
 from utils import (atomic_save, check_fingerprint, file_fingerprint, pick_device, safe_load,

@@ -80,7 +80,8 @@ from cli import parse_config
 from data.packing import IGNORE, Sample, cat, pack, to_device
 from data.features import encoder_features
 from hf import base_checkpoint
-from data.records import images_cached, load_images, normalize, read_records
+from data.images import images_cached, load_images, normalize
+from data.records import read_records
 from loss import inverse_frequency_table, prior_weights, shuffle_within_captions, token_losses, weighted_loss
 from health import nll_alarm_message, nll_rise, past_ntp
 from model import DecoderConfig, VLM, VLMConfig, count_params, load_vision_weights

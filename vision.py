@@ -42,7 +42,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import parse_config
-from data.records import DataError, load_images, normalize, read_records
+from data.images import load_images, normalize
+from data.record_types import DataError
+from data.records import read_records
 from model import VLMConfig, build_vit, count_params
 from reference_lm import make_optimizer
 from utils import atomic_save, autocast, lr_at, pick_device, seed_everything, text_fingerprint

@@ -9,7 +9,8 @@ import objectives
 import tokenizer as T
 import train
 from data.packing import IGNORE, pack
-from data.records import load_images, normalize, read_records
+from data.images import load_images, normalize
+from data.records import read_records
 from objectives import MicroBatch, host_positions, micro_batch_loss
 from score import load_scores, token_tags
 from utils import text_fingerprint

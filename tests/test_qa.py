@@ -197,7 +197,7 @@ def test_qa_generate_scores_generated_text(synth, monkeypatch):
 
 def test_generate_answers_batching_matches_one_by_one(synth):
     """Real greedy decoding: batching rows of equal length gives each row what decoding it alone gives."""
-    from data.records import load_images
+    from data.images import load_images
     root = synth
     tok = T.load_tokenizer(str(root / "tok.json"))
     vlm = tiny_vlm(tok)

@@ -5,7 +5,8 @@ import torch
 
 import score
 import tokenizer as T
-from data.records import DataError, read_records
+from data.record_types import DataError
+from data.records import read_records
 from reference_lm import load_lm
 from utils import text_fingerprint
 
