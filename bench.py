@@ -14,7 +14,7 @@ Every number is the median over --steps repetitions after --warmup untimed ones:
                 the FLOP/s of a big matmul measured in the same run (fp32 on CPU, bf16 on CUDA): the
                 practical ceiling. On CUDA also MFU = FLOP/s / the GPU's dense bf16 peak (train.PEAK_BF16).
   scoring       score.label_probs: the reference LM, forward only, captions grouped by length, as score.py scores.
-  loading       data.records.load_images decoding PNGs, images/s, against what a train step consumes.
+  loading       data.images.load_images decoding PNGs, images/s, against what a train step consumes.
   padding       share of the positions a train step computes that are padding (packing as train.py does).
   memory        peak resident memory (CPU) or torch.cuda.max_memory_allocated (CUDA).
   H recipe      the frozen-ViT projector-only step from pixels vs from cached ViT features (--feature-cache),

@@ -382,7 +382,7 @@ def train_attention_scorer(cfg):
     """Train an AttentionScorer on cfg.data and write every record's per-label weights (caption tokens, then
     <|eos|>; the same layout and fingerprints as score.py's p_ref, so train.py --loss attn loads them with
     score.load_scores). Returns (scorer, {record id: weights}). Records share data/records.py's reader and
-    its image decoding; images are used at the scorer's own size."""
+    data/images.py's image decoding; images are used at the scorer's own size."""
     from data.images import load_images, normalize
     from data.records import read_records
     from reference_lm import make_optimizer
