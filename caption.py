@@ -17,7 +17,7 @@ import torch
 
 import tokenizer as T
 from cli import parse_config
-from data.records import load_image, normalize
+from data.images import load_image, normalize
 from model import generate
 from utils import autocast, check_fingerprint, pick_device
 

@@ -40,7 +40,7 @@ class TimmEncoder(nn.Module):
     def __init__(self, name, kwargs=None):
         super().__init__()
         import timm
-        from data.records import IMAGENET_MEAN, IMAGENET_STD
+        from data.images import IMAGENET_MEAN, IMAGENET_STD
         if not timm.is_model(name):
             raise ValueError(unknown_timm_model(name))
         self.name, self.kwargs = name, dict(kwargs or {})

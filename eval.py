@@ -47,7 +47,9 @@ from tqdm import tqdm
 import tokenizer as T
 from cli import parse_config
 from data.features import encoder_features
-from data.records import DataError, Record, BadRecord, report_bad, load_images, normalize, read_records
+from data.records import read_records
+from data.images import load_images, normalize
+from data.record_types import BadRecord, DataError, Record, report_bad
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
 from model import load_model

@@ -37,7 +37,8 @@ from tqdm import tqdm
 import tokenizer as T
 from cli import parse_config
 from data.packing import count_overlong, make_samples
-from data.records import DataError, Tally, iter_records, read_records
+from data.records import iter_records, read_records
+from data.record_types import DataError, Tally
 from data.scores import INDEX_FORMAT, ShardWriter, save_scores, shard_path
 from data.tags import CATEGORIES, token_tags
 from health import weight_collapse

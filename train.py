@@ -39,7 +39,8 @@ from checkpoint import check_resume, restore, save
 from cli import flag, parse_config
 from data.features import encoder_features
 from data.packing import IGNORE, cat, global_batch, make_samples, pack, to_device, warn_overlong
-from data.records import images_cached, load_images, normalize, read_records
+from data.records import read_records
+from data.images import images_cached, load_images, normalize
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
 from distributed import check_bf16, full_state, setup_distributed, shard, unwrap, wait_until

@@ -42,7 +42,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import parse_config
-from data.records import DataError, load_images, normalize, read_records
+from data.records import read_records
+from data.images import load_images, normalize
+from data.record_types import DataError
 from model import VLMConfig, count_params
 from encoders import build_vit
 from utils import make_optimizer

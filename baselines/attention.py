@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import tokenizer as T
 from cli import parse_config
 from data.packing import make_samples
-from data.records import load_images, normalize, read_records
+from data.records import read_records
+from data.images import load_images, normalize
 from data.scores import quantise
 from encoders import build_vit
 from model import Decoder, DecoderConfig, VLMConfig, init_weights

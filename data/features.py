@@ -59,7 +59,7 @@ def feature_key(encoder, images, device):
 
 def compute_features(encoder, images, device, chunk=256):
     """(N, P, D) float32 features of uint8 images (N, 3, S, S), on the CPU; no autograd state."""
-    from data.records import normalize
+    from data.images import normalize
     out = []
     with torch.no_grad(), autocast(device):
         for i in range(0, len(images), chunk):

@@ -13,7 +13,7 @@ from train.jsonl's scenes, the evaluation set from test.jsonl's (neither from th
     position   where is the red circle?            -> at the top left  (asked only of a unique shape+colour)
     presence   is there a star?                    -> yes / no         (present or absent shape, 50:50)
 
-Position phrases are the generator's own (`data.generate.pos_words`): "at the top left", "at the left"
+Position phrases are the generator's own (`data.scenes.pos_words`): "at the top left", "at the left"
 (middle row), "at the top" (centre column), "at the center".
 
 One output line per question, in both formats the project reads:
@@ -31,7 +31,7 @@ import json
 import os
 import random
 
-from data.generate import COLOURS, NUMS, SHAPES, pos_words, text_of
+from data.scenes import COLOURS, NUMS, SHAPES, pos_words, text_of
 
 KINDS = ("count", "colour", "shape", "position", "presence")
 PROMPT = "question: {} answer:"

@@ -23,7 +23,7 @@ import struct
 
 import torch
 
-from data.records import DataError
+from data.record_types import DataError
 from utils import atomic_save, check_fingerprint, safe_load
 
 INDEX_FORMAT = "prior-scores-index-1"

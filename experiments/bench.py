@@ -14,7 +14,7 @@ Every number is the median over --steps repetitions after --warmup untimed ones:
                 the FLOP/s of a big matmul measured in the same run (fp32 on CPU, bf16 on CUDA): the
                 practical ceiling. On CUDA also MFU = FLOP/s / the GPU's dense bf16 peak (PEAK_BF16).
   scoring       score.label_probs: the reference LM, forward only, captions grouped by length, as score.py scores.
-  loading       data.records.load_images decoding PNGs, images/s, against what a train step consumes.
+  loading       data.images.load_images decoding PNGs, images/s, against what a train step consumes.
   padding       share of the positions a train step computes that are padding (packing as train.py does).
   memory        peak resident memory (CPU) or torch.cuda.max_memory_allocated (CUDA).
   H recipe      the frozen-ViT projector-only step from pixels vs from cached ViT features (--feature-cache),
@@ -49,15 +49,15 @@ import tokenizer as T  # noqa: E402
 from experiments import bench_parts  # noqa: E402
 import train  # noqa: E402
 from cli import parse_config  # noqa: E402
-from data.packing import Sample, pack  # noqa: E402
-from data.records import Record, load_images, read_records  # noqa: E402
+from build import build_model  # noqa: E402
+from data.images import load_images  # noqa: E402
+from data.packing import global_batch, make_samples, pack  # noqa: E402
+from data.record_types import Record  # noqa: E402
+from data.records import read_records  # noqa: E402
+from flops import peak_flops, step_flops  # noqa: E402
 from model import Decoder, DecoderConfig, count_params  # noqa: E402
-from utils import make_optimizer
 from score import label_probs  # noqa: E402
-from utils import pick_device  # noqa: E402
-from data.packing import global_batch, make_samples
-from build import build_model
-from flops import PEAK_BF16, peak_flops, step_flops
+from utils import make_optimizer, pick_device  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

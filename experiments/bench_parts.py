@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import train
 from data.features import compute_features
 from data.packing import pack
-from data.records import normalize
+from data.images import normalize
 from model import Decoder, DecoderConfig, count_params
 from utils import make_optimizer
 from data.packing import global_batch

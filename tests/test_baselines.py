@@ -8,7 +8,8 @@ import torch
 import tokenizer as T
 import train
 from data.packing import IGNORE, pack
-from data.records import load_images, normalize, read_records
+from data.records import read_records
+from data.images import load_images, normalize
 from baselines import attention
 from baselines.heads import AuxHeads, MicroBatch, host_positions, micro_batch_loss, patchify
 from data.scores import load_scores

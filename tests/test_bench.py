@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import tokenizer as T
-import train
 from data.packing import IGNORE, Sample, cat, pack
 from loss import prior_weights, weighted_loss
 from model import VLM, Decoder, DecoderConfig, VLMConfig

@@ -4,7 +4,7 @@ import torch
 import caption
 import tokenizer as T
 import train
-from data.records import load_image, normalize
+from data.images import load_image, normalize
 from model import generate
 
 

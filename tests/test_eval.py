@@ -17,7 +17,9 @@ import eval as E
 import tokenizer as T
 from cli import parse_config
 from data.packing import Sample, pack
-from data.records import DataError, load_image, normalize, read_records
+from data.images import load_image, normalize
+from data.record_types import DataError
+from data.records import read_records
 from loss import token_losses
 from model import DecoderConfig, VLM, VLMConfig
 from data.scores import save_scores

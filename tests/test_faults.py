@@ -25,7 +25,9 @@ import torch
 from PIL import Image
 
 import tokenizer as T
-from data.records import DataError, load_images, read_records
+from data.records import read_records
+from data.images import load_images
+from data.record_types import DataError
 from data.scores import load_scores
 from data.shards import ShardStream
 from utils import atomic_save, load_checkpoint, text_fingerprint

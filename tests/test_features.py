@@ -9,7 +9,8 @@ import torch
 import tokenizer as T
 import train
 from data.features import encoder_features, feature_key
-from data.records import load_images, normalize, read_records
+from data.images import load_images, normalize
+from data.records import read_records
 from model import VLM, VLMConfig, DecoderConfig
 from utils import load_checkpoint
 

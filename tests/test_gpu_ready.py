@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import baselines
-import tokenizer as T
 import train
 from data import packing
 from data.packing import Sample

@@ -166,7 +166,7 @@ def small_timm_vlm():
 
 
 def test_timm_encoder_gives_patch_tokens_with_its_own_normalisation():
-    from data.records import normalize
+    from data.images import normalize
     model = small_timm_vlm()
     assert model.cfg.image_size == 32 and model.cfg.patch_size == 8 and model.cfg.vit_dim == 32
     assert model.image_tokens() == [T.IMAGE] * 16  # 4 x 4 patches; the class token does not reach the LM

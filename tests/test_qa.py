@@ -9,7 +9,8 @@ import torch
 import eval as E
 import tokenizer as T
 from data import qa
-from data.generate import NUMS, GenConfig, generate, resolve, sample_scene
+from data.generate import GenConfig, generate, resolve
+from data.scenes import NUMS, sample_scene
 from data.scores import load_scores
 
 
@@ -112,7 +113,6 @@ def test_build_uses_only_the_given_split(synth):
 
 
 def test_answer_only_scores_mask_the_question(synth):
-    import score
     from data.records import read_records
     from loss import caption_factors, prior_weights
     from utils import text_fingerprint
@@ -197,7 +197,7 @@ def test_qa_generate_scores_generated_text(synth, monkeypatch):
 
 def test_generate_answers_batching_matches_one_by_one(synth):
     """Real greedy decoding: batching rows of equal length gives each row what decoding it alone gives."""
-    from data.records import load_images
+    from data.images import load_images
     root = synth
     tok = T.load_tokenizer(str(root / "tok.json"))
     vlm = tiny_vlm(tok)

@@ -27,7 +27,7 @@ def test_loss_falls_and_checkpoint_records_its_inputs(tiny):
 def test_max_bad_fraction_is_a_flag(tiny, tmp_path):
     """A caption file 1.5% bad (3 of 203 lines) stops at the default 1% and trains with --max-bad-fraction 0.02."""
     import pytest
-    from data.records import DataError
+    from data.record_types import DataError
     lines = open(tiny["ref"]).read().splitlines()[:204] + ["{broken"] * 3
     data = tmp_path / "dirty.jsonl"
     data.write_text("\n".join(lines) + "\n")

@@ -54,7 +54,7 @@ def dirty_jsonl(path, n_good=204, n_bad=3):
 
 
 def test_max_bad_fraction_is_a_flag(tmp_path):
-    from data.records import DataError
+    from data.record_types import DataError
     data = dirty_jsonl(tmp_path / "dirty.jsonl")
     with pytest.raises(DataError, match="max_bad_fraction"):
         T.main(["--data", data, "--out", str(tmp_path / "a.json"), "--vocab-size", "280"])

@@ -313,7 +313,8 @@ def test_logged_prior_loss_equals_a_hand_computation(tiny, tmp_path):
     import json
     import torch.nn.functional as F
     from data.packing import pack
-    from data.records import load_images, normalize, read_records
+    from data.records import read_records
+    from data.images import load_images, normalize
     from data.scores import load_scores
     cfg = config(tiny, tmp_path, loss="prior", steps=1, save_every=1, scores=str(spread_scores(tiny, tmp_path)))
     train.main(cfg)
@@ -446,7 +447,7 @@ def test_text_data_honours_max_bad_fraction(tiny, tmp_path):
     text = tmp_path / "text.jsonl"
     text.write_text(open(tiny["text"]).read() + "{broken\n{broken\n")  # 2 bad of 102
     kw = dict(arch="u", text_data=str(text), steps=1, save_every=1)
-    from data.records import DataError
+    from data.record_types import DataError
     with pytest.raises(DataError, match="max_bad_fraction"):
         train.main(config(tiny, tmp_path / "a", **kw))
     train.main(config(tiny, tmp_path / "b", max_bad_fraction=0.05, **kw))

@@ -14,7 +14,9 @@ from PIL import Image, ImageDraw
 
 import train
 import vision
-from data.records import DataError, load_images, normalize, read_records
+from data.records import read_records
+from data.images import load_images, normalize
+from data.record_types import DataError
 from model import VLMConfig
 from encoders import build_vit
 from tokenizer import train_tokenizer

@@ -1,0 +1,211 @@
+"""
+Image decoding for the Records of data/records.py: an image file (or a tar member inside a shard) into a uint8
+(3, size, size) RGB tensor, a whole record list at once (in memory, or in a cache file the tensor maps), and the
+ImageNet normalisation the models see. Images that cannot be decoded are skipped and reported like bad records.
+
+Usage:
+    from data.images import load_images, normalize
+    recs, imgs = load_images(recs, size=48)      # imgs: uint8 (N, 3, 48, 48)
+    x = normalize(imgs[:64].to(device))           # float32, ImageNet mean/std
+"""
+import io
+import json
+import os
+import sys
+from multiprocessing import Pool
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from data.record_types import DataError, report_bad
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _open(path, span=None):
+    """The image's bytes as a file object: the whole file, or `span` = (offset, size) inside it (a tar member)."""
+    if span is None:
+        return path
+    offset, size = span
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{path}: image member at byte {offset} is cut short ({len(data)} of {size} bytes)")
+    return io.BytesIO(data)
+
+
+def _decode(src, size):
+    """Decode one image (a path or file object) to RGB bytes (size*size*3, HWC), bicubic-resized to size x size."""
+    with Image.open(src) as im:
+        im.load()  # decode now, so truncated files fail here and not later
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            # Composite on white: plain convert("RGB") would expose whatever colour hides
+            # under transparent pixels (often black), which is not what the image shows.
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im.convert("RGBA"))
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        return im.tobytes()
+
+
+def _to_tensor(buf, size):
+    return torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+
+
+def load_image(path, size, span=None):
+    """Decode one image file (or the tar member at `span` inside it) to uint8 (3, size, size) RGB."""
+    return _to_tensor(_decode(_open(path, span), size), size).contiguous()
+
+
+def decode_image_bytes(data, size):
+    """Encoded image bytes (e.g. a tar member) -> uint8 (3, size, size) RGB; raises on undecodable bytes."""
+    return _to_tensor(_decode(io.BytesIO(data), size), size).contiguous()
+
+
+def _try_load(job):
+    """Worker: (path, size, span) -> RGB bytes, or (reason, detail) if the image can't be decoded.
+
+    Bytes, not tensors: torch sends tensors between processes through shared-memory
+    handles, which for thousands of tiny images is ~10x slower than pickling bytes.
+    """
+    path, size, span = job
+    try:
+        return _decode(_open(path, span), size)
+    except FileNotFoundError:
+        return ("missing image file", path)
+    except Exception as e:  # PIL raises many types for bad files; any of them means "skip this one"
+        where = path if span is None else f"{path} at byte {span[0]}"
+        return ("cannot decode image", f"{where}: {type(e).__name__}: {e}")
+
+
+def _decode_all(jobs, workers):
+    """Yield _try_load results in job order, in-process or from a Pool of `workers`."""
+    if workers <= 0:
+        yield from map(_try_load, jobs)
+        return
+    with Pool(workers) as pool:
+        # imap keeps input order, so results line up with records; chunks amortize the IPC.
+        yield from pool.imap(_try_load, jobs, chunksize=max(1, min(256, len(jobs) // (4 * workers))))
+
+
+def load_images(records, size, max_bad_fraction=0.01, workers=0, cache=""):
+    """Decode every record's image once into uint8 (N, 3, size, size); drop (and report) undecodable ones.
+
+    Returns (kept_records, images) in the input order, images[i] belonging to kept_records[i].
+    With `cache` (a file path) the decoded images go to that file instead of memory, and the returned tensor
+    maps it (torch.from_file): the OS pages in the images a batch touches, so memory stays flat however many
+    images there are (LLaVA-558K at 224 px is 84 GB of pixels). A later call with the same records, size and
+    image files (paths, byte sizes, modification times) maps the file again without decoding anything.
+    """
+    records = list(records)
+    n = len(records)
+    missing = [r.id for r in records if r.image is None]
+    if missing:
+        raise DataError(f"load_images: {len(missing)} records have no image (first: {missing[0]}); "
+                        f"was the file read with require_image=False?")
+    jobs = [(r.image, size, r.image_span) for r in records]
+    if cache:
+        return _cached_images(records, jobs, size, max_bad_fraction, workers, cache)
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    kept, bad = [], []
+    with tqdm(total=n, desc="decoding images", unit="img", disable=not sys.stderr.isatty()) as bar:
+        for rec, res in zip(records, _decode_all(jobs, workers)):
+            if isinstance(res, bytes):
+                out[len(kept)] = _to_tensor(res, size)
+                kept.append(rec)
+            else:
+                bad.append((f"record {rec.id}", res[0], res[1]))
+            bar.update()
+    _check_decoded(bad, kept, n, max_bad_fraction)
+    return kept, out[:len(kept)]
+
+
+def _check_decoded(bad, kept, n, max_bad_fraction):
+    if n:
+        report_bad("images", "load_images", bad, n, max_bad_fraction)
+        if not kept:
+            raise DataError(f"load_images: none of the {n} images could be decoded")
+
+
+def _images_key(records, size):
+    """What a cache file must match: the size, and each record's id and image file (path, span, bytes, mtime)."""
+    import hashlib
+    h = hashlib.sha256(f"v1 {size}".encode())
+    stats = {}
+    for r in records:
+        if r.image not in stats:
+            try:
+                st = os.stat(r.image)
+                stats[r.image] = f"{st.st_size} {st.st_mtime_ns}"
+            except OSError:
+                stats[r.image] = "missing"
+        h.update(f"\n{r.id}\t{r.image}\t{r.image_span}\t{stats[r.image]}".encode())
+    return h.hexdigest()
+
+
+def _cache_meta(cache, key, per_image):
+    """The cache's .json if it is complete and made from these images (key), else None."""
+    try:
+        meta = json.load(open(cache + ".json"))
+        if meta.get("key") == key and os.path.getsize(cache) == len(meta["kept"]) * per_image:
+            return meta
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def images_cached(records, size, cache):
+    """Whether `cache` holds these records' images at this size (what load_images(..., cache=) would map)."""
+    return _cache_meta(cache, _images_key(list(records), size), 3 * size * size) is not None
+
+
+def _cached_images(records, jobs, size, max_bad_fraction, workers, cache):
+    """load_images through a file: `cache` holds the kept images' pixels back to back, `cache`.json the key,
+    which records were kept and why the others were not. The .json is written last, so a run killed while
+    decoding leaves no cache that looks complete."""
+    n, per_image = len(records), 3 * size * size
+    key, meta_path = _images_key(records, size), cache + ".json"
+    meta = _cache_meta(cache, key, per_image)
+    if meta is None and os.path.exists(meta_path):
+        print(f"load_images: {cache} was made from other images or settings; decoding again", file=sys.stderr)
+    if meta is None:
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+        tmp = f"{cache}.tmp{os.getpid()}"
+        kept_index, bad = [], []
+        with open(tmp, "wb") as f, tqdm(total=n, desc=f"decoding images to {os.path.basename(cache)}", unit="img",
+                                        disable=not sys.stderr.isatty()) as bar:
+            for i, (rec, res) in enumerate(zip(records, _decode_all(jobs, workers))):
+                if isinstance(res, bytes):  # HWC bytes; the file holds CHW, as the tensor does
+                    f.write(_to_tensor(res, size).contiguous().numpy().tobytes())
+                    kept_index.append(i)
+                else:
+                    bad.append((f"record {rec.id}", res[0], res[1]))
+                bar.update()
+        os.replace(tmp, cache)
+        meta = {"key": key, "size": size, "n": n, "kept": kept_index, "bad": bad}
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump(meta, f)
+        os.replace(meta_path + ".tmp", meta_path)
+    kept = [records[i] for i in meta["kept"]]
+    _check_decoded([tuple(b) for b in meta["bad"]], kept, n, max_bad_fraction)
+    if not kept:  # an empty input (a non-empty one with nothing decodable has raised above)
+        return kept, torch.empty((0, 3, size, size), dtype=torch.uint8)
+    images = torch.from_file(cache, shared=False, size=len(kept) * per_image, dtype=torch.uint8)
+    return kept, images.view(len(kept), 3, size, size)
+
+
+_STATS = {}  # device -> (mean, std): built once per device, not copied to the GPU at every call
+
+
+def normalize(images_uint8):
+    """uint8 (N,3,S,S) or (3,S,S) on any device -> float32 normalized with ImageNet mean/std."""
+    x = images_uint8.float().div_(255)
+    if x.device not in _STATS:
+        _STATS[x.device] = (torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1),
+                            torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1))
+    mean, std = _STATS[x.device]
+    return (x - mean) / std

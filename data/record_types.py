@@ -1,0 +1,85 @@
+"""
+The pieces every caption reader shares (data/records.py, data/shard_reader.py, data/images.py): the `Record`, the
+errors for bad data, and the bad-record accounting (`Tally`) with its max-bad-fraction rule.
+"""
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Record:
+    id: str               # "id" field if present, else "<file stem>:<line>" / "<file stem>:<index>" / tar key
+    caption: str          # stripped
+    image: str | None     # absolute path (of the image, or of the tar shard holding it), None for text-only
+    extra: dict = field(default_factory=dict)  # every other field, untouched
+    image_span: tuple | None = None  # (offset, size) of the image's bytes inside `image` (tar member); None: whole file
+
+
+class DataError(ValueError):
+    """Bad user data; the message says which file and what is wrong with it."""
+
+
+class BadRecord(Exception):
+    """One bad record; args[0] is a short reason used as the counting key."""
+
+
+class Tally:
+    """Bad-record accounting of one pass over a data source, in bounded memory (counts per reason and
+    the first five problems), so a stream of any length can be checked with the max-bad-fraction rule."""
+
+    def __init__(self, what="records", where=""):
+        self.what, self.where = what, where
+        self.total = 0   # records seen, good or bad
+        self.good = 0    # records handed on
+        self.counts = Counter()
+        self.first = []  # (location, reason, detail) of the first few problems
+
+    @property
+    def n_bad(self):
+        return sum(self.counts.values())
+
+    def bad(self, location, reason, detail=""):
+        self.counts[reason] += 1
+        if len(self.first) < 5:
+            self.first.append((location, reason, detail))
+
+    def merge(self, other):
+        """Add another tally's counts (e.g. of another worker)."""
+        self.total += other.total
+        self.good += other.good
+        self.counts.update(other.counts)
+        self.first = (self.first + other.first)[:5]
+
+    def report(self, max_bad_fraction):
+        """Print the skip summary (if anything was skipped) and raise DataError above max_bad_fraction."""
+        if not self.counts:
+            return
+        n_bad = self.n_bad
+        counts = sorted(self.counts.items(), key=lambda kv: -kv[1])  # stable: first seen first among ties
+        summary = (f"skipped {n_bad} of {self.total} {self.what} in {self.where}: "
+                   + ", ".join(f"{r} x {n}" for r, n in counts))
+        first = "\n".join(f"  {loc}: {reason}{': ' + detail if detail else ''}" for loc, reason, detail in self.first)
+        print(summary + "\n" + first, file=sys.stderr)
+        frac = n_bad / max(1, self.total)
+        if frac > max_bad_fraction:
+            raise DataError(f"{self.where}: {n_bad} of {self.total} {self.what} are bad ({frac:.2%}), more than "
+                            f"max_bad_fraction={max_bad_fraction:.2%}; first problems:\n{first}\n"
+                            f"fix the data or raise max_bad_fraction")
+
+    def finish(self, max_bad_fraction):
+        """The end-of-pass checks read_records makes: not empty, not too many bad, at least one good."""
+        if self.total == 0:
+            raise DataError(f"{self.where}: empty file, no {self.what}")
+        self.report(max_bad_fraction)
+        if self.good == 0:
+            raise DataError(f"{self.where}: none of the {self.total} {self.what} is usable")
+
+
+def report_bad(what, where, bad, total, max_bad_fraction):
+    """Print the skip summary and enforce the bad fraction. bad = [(location, reason, detail)]."""
+    tally = Tally(what, where)
+    for loc, reason, detail in bad:
+        tally.bad(loc, reason, detail)
+    tally.total = total
+    tally.report(max_bad_fraction)
