@@ -1,36 +1,30 @@
-"""Evaluate train.py checkpoints: multiple-choice probes, token-level NLL analysis, importance-score analysis.
+"""Evaluate train.py checkpoints: multiple-choice probes, token-level NLL by word tag, grounding gap.
 
     python eval.py --ckpt runs/h_prior/ckpt_000300.pt --mc my_questions.jsonl      # your own questions
-    python eval.py --ckpt runs/h_prior/ckpt_000300.pt --probes data/synth/probes --test data/synth/test.jsonl
     # every ckpt_*.pt of a run -> runs/h_prior/eval.json (a re-run skips the checkpoints already there):
     python eval.py --run-dir runs/h_prior --probes data/synth/probes --test data/synth/test.jsonl \\
         --test-scores out/scores_test.pt
-    # importance scores vs caption length and token position (the paper's Fig. 8), no model needed:
+    # importance scores vs caption length and token position (the paper's Fig. 8; importance.py), no model:
     python eval.py --importance out/scores_test.pt --importance-data data/synth/test.jsonl \\
         --tokenizer out/tokenizer.json
 
-Multiple choice (JSONL, one question a line; image relative to the file's folder, other keys ignored):
-    {"image": "img/1.png", "prompt": "a photo of", "choices": ["a red circle", "a blue star"], "answer": 0}
-Each choice is scored by log p(choice | image, prompt) summed over its tokens (`<stem>`) and averaged per token
-(`<stem>_norm`); <|eos|> is not part of a choice. The models are never instruction tuned, so a question is a
-caption prefix and the answer its most likely continuation. Bad rows are skipped, counted and reported.
+Multiple choice (JSONL, docs/formats.md): {"image", "prompt", "choices", "answer"}, image relative to the file.
+A choice scores log p(choice | image, prompt), summed over its tokens (`<stem>`) and per token (`<stem>_norm`),
+<|eos|> excluded: the models are not instruction tuned, so a prompt is a caption prefix. Bad rows are skipped,
+counted and reported. eval.json rows: {"arch", "loss", "seed", "lr", "step", "benchmark", "value"}; benchmarks:
+    <stem>(_norm)                  accuracy on each probe file; files sharing the stem part before "_" (POPE's
+                                   presence_random/popular/adversarial) are averaged into a group (presence)
+    probe_avg(_norm)               mean over groups: POPE counts once, like the paper's average over benchmarks
+    probe_cc_avg(_nocount)         mean over groups (_nocount: all but count) of (acc - chance)/(1 - chance),
+                                   chance = mean 1/choices: 0 = guessing, 1 = perfect (the primary endpoint)
+    nll_<c>(_shuffled), gap_<c>    mean NLL of caption tokens (eos excluded) of tag c (image/glue/boiler/noise/all)
+                                   with the true image and another record's (a seeded derangement); grounding gap
+                                   = nll_<c>_shuffled - nll_<c>: how much the image helps those tokens
+    nll_w_gt_0.5, nll_w_le_0.5...  (with --test-scores) the same for tokens whose PRIOR weight w = 1 - p_ref is
+                                   above / at most 0.25, 0.5, 0.75
 
-Benchmark names (eval.json rows {"arch", "loss", "seed", "lr", "step", "benchmark", "value"}):
-    <probe stem>, <stem>_norm   accuracy on each probe file
-    presence(_norm)             files sharing the part of their stem before "_" (POPE's presence_random/popular/
-                                adversarial) are also averaged into one group, and
-    probe_avg(_norm)            is the mean over groups: POPE counts once, like the paper's average over benchmarks
-    probe_cc_avg                the chance-corrected probe average, mean over groups of (acc - chance)/(1 - chance)
-                                with chance = mean of 1/choices: 0 = guessing, 1 = perfect (the main job's primary
-                                endpoint); probe_cc_avg_nocount leaves the count group out
-    nll_<c>, nll_<c>_shuffled   mean NLL of caption tokens (eos excluded) of category c in image/glue/boiler/noise/all,
-                                with the true image and with another record's image (a fixed seeded derangement)
-    gap_<c>                     grounding gap = nll_<c>_shuffled - nll_<c>: how much the image helps those tokens
-    nll_w_gt_0.5, nll_w_le_0.5  (with --test-scores) the same three figures for tokens whose PRIOR weight
-    (and _shuffled, gap_)       w = 1 - p_ref is above / at most 0.25, 0.5, 0.75
-
-Speed (2 CPU cores, d_model 256 x 4 layers, 48 px): the full suite (7 probe files x 500 questions, 1000 test
-captions x 2 images) takes ~14 s a checkpoint, ~2.5 s with --max-rows 100; images are decoded once per process.
+Speed (2 CPU cores, d_model 256 x 4 layers, 48 px): 7 probe files x 500 questions and 1000 test captions x 2
+images take ~14 s a checkpoint, ~2.5 s with --max-rows 100; images are decoded once per process.
 """
 import glob
 import hashlib
@@ -46,14 +40,14 @@ from tqdm import tqdm
 
 import tokenizer as T
 from cli import parse_config
+from data.benchmarks import data_key, load_mc, load_test, report_skipped
 from data.features import encoder_features
-from data.records import read_records
-from data.images import load_images, normalize
-from data.record_types import BadRecord, DataError, Record, report_bad
+from data.images import normalize
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
+from importance import importance_analysis
 from model import load_model
-from utils import autocast, check_fingerprint, pick_device, text_fingerprint
+from utils import autocast, check_fingerprint, pick_device
 
 THRESHOLDS = (0.25, 0.5, 0.75)
 
@@ -61,119 +55,32 @@ THRESHOLDS = (0.25, 0.5, 0.75)
 @dataclass
 class EvalConfig:
     ckpt: str = field(default="", metadata={"help": "one train.py checkpoint to evaluate (results printed)"})
-    run_dir: str = field(default="",
-                         metadata={"help": "evaluate every ckpt_*.pt here into RUN_DIR/eval.json; checkpoints already "
-                                           "in it are skipped"})
+    run_dir: str = field(default="", metadata={
+        "help": "evaluate every ckpt_*.pt here into RUN_DIR/eval.json, skipping those already in it"})
     mc: str = field(default="", metadata={"help": "comma-separated multiple-choice JSONL files of your own"})
-    probes: str = field(default="",
-                        metadata={"help": "folder of probe *.jsonl files (the built-in suite, data/synth/probes)"})
-    test: str = field(default="",
-                      metadata={"help": "held-out caption JSONL (with word 'tags') for the token-level NLL analysis"})
-    test_scores: str = field(default="",
-                             metadata={"help": "score.py output for --test: adds NLL by PRIOR weight w = 1 - p_ref"})
-    importance: str = field(default="",
-                            metadata={"help": "score.py output to analyse: mean w vs caption length and "
-                                              "token position"})
-    importance_data: str = field(default="",
-                                 metadata={"help": "the caption file --importance was scored on ('' = the path "
-                                                   "recorded in it)"})
+    probes: str = field(default="", metadata={"help": "folder of probe *.jsonl files (built in: data/synth/probes)"})
+    test: str = field(default="", metadata={"help": "held-out caption JSONL with word 'tags', for the token NLL"})
+    test_scores: str = field(default="", metadata={
+        "help": "score.py output for --test: adds NLL by PRIOR weight w = 1 - p_ref"})
+    importance: str = field(default="", metadata={
+        "help": "score.py output to analyse: mean w vs caption length and token position (importance.py)"})
+    importance_data: str = field(default="", metadata={
+        "help": "the caption file --importance was scored on ('' = the path recorded in it)"})
     png: str = field(default="", metadata={"help": "figure of the importance analysis ('' = beside the score file)"})
-    tokenizer: str = field(default="",
-                           metadata={"help": "tokenizer.json ('' = the path in the checkpoint's config); its "
-                                             "fingerprint is checked"})
-    max_rows: int = field(default=0,
-                          metadata={"help": "evaluate a fixed random subset of this many rows of each probe file and "
-                                            "of --test (0 = all)"})
-    row_len: int = field(default=256,
-                         metadata={"help": "tokens per packed row (grown to fit the longest question or caption)"})
+    tokenizer: str = field(default="", metadata={
+        "help": "tokenizer.json ('' = the path in the checkpoint's config); its fingerprint is checked"})
+    max_rows: int = field(default=0, metadata={
+        "help": "evaluate a fixed random subset of this many rows of each probe file and of --test (0 = all)"})
+    row_len: int = field(default=256, metadata={
+        "help": "tokens per packed row (grown to fit the longest question or caption)"})
     batch_rows: int = field(default=8, metadata={"help": "rows per forward pass"})
     seed: int = field(default=0, metadata={"help": "seed of the image derangement and of --max-rows subsets"})
-    max_bad_fraction: float = field(default=0.05,
-                                    metadata={"help": "stop if more than this share of an MC or --test "
-                                                      "file's rows is bad"})
+    max_bad_fraction: float = field(default=0.05, metadata={
+        "help": "stop if more than this share of an MC or --test file's rows is bad"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
-    feature_cache: str = field(default="",
-                               metadata={"help": "H-LVLM: folder caching the ViT's features per image file, across "
-                                                 "runs (data/features.py)"})
-
-
-# ----------------------------------------------------------------------------- data (decoded once per process)
-_data = {}  # data_key -> (records, uint8 images[, fingerprint of the whole file])
-
-
-def data_key(kind, path, size, max_rows, seed):
-    return kind, os.path.abspath(path), os.path.getmtime(path), size, max_rows, seed
-
-
-def subsample(items, max_rows, seed):
-    """A fixed random subset in file order, so every checkpoint sees the same rows."""
-    if not max_rows or len(items) <= max_rows:
-        return items
-    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:max_rows]
-    return [items[i] for i in sorted(keep.tolist())]
-
-
-def _question(obj, key, folder):
-    """One MC row -> Record(caption=prompt, extra={"choices", "answer"}), or raise BadRecord(reason)."""
-    if not isinstance(obj, dict):
-        raise BadRecord("not an object")
-    image, prompt, choices, answer = obj.get("image"), obj.get("prompt", ""), obj.get("choices"), obj.get("answer")
-    if not isinstance(image, str) or not image.strip():
-        raise BadRecord("missing image field")
-    image = os.path.abspath(os.path.join(folder, image))
-    if not os.path.isfile(image):
-        raise BadRecord("missing image file", image)
-    if not isinstance(prompt, str):
-        raise BadRecord("prompt not a string")
-    if not isinstance(choices, list) or len(choices) < 2:
-        raise BadRecord("fewer than 2 choices")
-    if not all(isinstance(c, str) and c.strip() for c in choices):
-        raise BadRecord("empty or non-string choice")
-    if type(answer) is not int or not 0 <= answer < len(choices):  # type(): True is not a valid answer
-        raise BadRecord("answer not a choice index")
-    # Stripped, so that encode(prompt) + encode(choice) is the tokenisation of "prompt choice" (add_prefix_space).
-    return Record(str(obj.get("id", key)), prompt.strip(), image,
-                  {"choices": [c.strip() for c in choices], "answer": answer})
-
-
-def read_mc(path, max_bad_fraction=0.05):
-    """Valid questions of a multiple-choice JSONL file; bad rows are skipped and reported like data/records.py."""
-    folder, stem = os.path.dirname(os.path.abspath(path)), os.path.splitext(os.path.basename(path))[0]
-    good, bad, total = [], [], 0
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            total += 1
-            try:
-                good.append(_question(json.loads(raw.decode("utf-8")), f"{stem}:{n}", folder))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                bad.append((f"line {n}", "broken JSON", ""))
-            except BadRecord as e:
-                bad.append((f"line {n}", e.args[0], e.args[1] if len(e.args) > 1 else ""))
-    if total == 0:
-        raise DataError(f"{path}: no questions")
-    report_bad("questions", path, bad, total, max_bad_fraction)
-    if not good:
-        raise DataError(f"{path}: none of the {total} questions is usable")
-    return good
-
-
-def load_mc(path, size, max_rows=None, seed=0, max_bad_fraction=0.05):
-    key = data_key("mc", path, size, max_rows, seed)
-    if key not in _data:  # undecodable images are dropped and reported by load_images
-        _data[key] = load_images(subsample(read_mc(path, max_bad_fraction), max_rows, seed), size, max_bad_fraction)
-    return _data[key]
-
-
-def load_test(path, size, max_rows=None, seed=0, max_bad_fraction=0.05):
-    key = data_key("test", path, size, max_rows, seed)
-    if key not in _data:
-        records = read_records(path, max_bad_fraction=max_bad_fraction)
-        _data[key] = (*load_images(subsample(records, max_rows, seed), size, max_bad_fraction),
-                      text_fingerprint(records))
-    return _data[key]
+    feature_cache: str = field(default="", metadata={
+        "help": "H-LVLM: folder caching the ViT's features per image file, across runs (data/features.py)"})
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -283,14 +190,6 @@ def accuracy(logps, answers, normalise=False):
     hits = [max(range(len(lp)), key=lambda j: float(lp[j].sum()) / (len(lp[j]) if normalise else 1)) == a
             for lp, a in zip(logps, answers) if lp is not None]
     return sum(hits) / len(hits) if hits else float("nan")
-
-
-def report_skipped(out, name, skipped, total, what):
-    """Items longer than the model's context: counted in the results (name_skipped) and on stderr."""
-    if skipped:
-        out[f"{name}_skipped"] = skipped
-        print(f"warning: {name}: {skipped} of {total} {what} reach past the model's context and are not scored "
-              f"(counted as {name}_skipped)", file=sys.stderr)
 
 
 def mc_eval(model, tok, path, device="cpu", max_rows=None, seed=0, max_bad_fraction=0.05, feature_cache="", **kw):
@@ -429,112 +328,6 @@ def run_alarm(run_dir):
         return None
     line = json.loads(hit)
     return line.get("step"), line.get("alarm")
-
-
-# ----------------------------------------------------------------------------- importance scores (Fig. 8)
-def pearson(x, y):
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    return float((x * y).sum() / (x.norm() * y.norm()))
-
-
-def importance_analysis(scores_path, data_path=None, tokenizer_path="out/tokenizer.json", png_path=None, n_bins=8):
-    """Mean PRIOR weight w = 1 - p_ref (caption tokens, eos excluded) against caption length in tokens (binned,
-    and Pearson r between a caption's length and its mean w) and against token position. data_path defaults to
-    the caption file that score.py recorded in the score file."""
-    tok = T.load_tokenizer(tokenizer_path)
-    data_path = data_path or torch.load(scores_path, weights_only=True)["fingerprint"]["data_path"]
-    records = read_records(data_path, require_image=False, check_files=False)
-    p_ref = load_scores(scores_path, T.fingerprint(tok), text_fingerprint(records), data_path)
-    ws = [1 - p_ref[r.id][:-1].double() for r in records if len(p_ref[r.id]) > 1]
-    lengths = torch.tensor([len(w) for w in ws], dtype=torch.float64)
-    means = torch.stack([w.mean() for w in ws])
-    lo, hi = int(lengths.min()), int(lengths.max()) + 1
-    edges = sorted({round(lo + (hi - lo) * k / n_bins) for k in range(n_bins + 1)})
-    bins = []
-    for a, b in zip(edges, edges[1:]):
-        sel = (lengths >= a) & (lengths < b)
-        if sel.any():
-            bins.append({"min_len": a, "max_len": b - 1, "captions": int(sel.sum()),
-                         "mean_w": float(means[sel].mean())})
-    grid = torch.full((len(ws), hi - 1), float("nan"), dtype=torch.float64)
-    for i, w in enumerate(ws):
-        grid[i, :len(w)] = w
-    counts = (~grid.isnan()).sum(0)
-    report = {"captions": len(ws), "tokens": int(lengths.sum()), "mean_w": float(torch.cat(ws).mean()),
-              "pearson_r": pearson(lengths, means), "length_bins": bins,
-              "position": {"mean_w": grid.nanmean(0).tolist(), "captions": counts.tolist()}}
-    if png_path:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-        a.plot([(x["min_len"] + x["max_len"]) / 2 for x in bins], [x["mean_w"] for x in bins], "o-")
-        a.set(xlabel="caption length (tokens)", ylabel="mean w = 1 - p_ref",
-              title=f"Pearson r = {report['pearson_r']:.3f}")
-        shown = int((counts >= max(1, len(ws) // 100)).sum())  # positions that at least 1% of captions reach
-        b.plot(range(shown), report["position"]["mean_w"][:shown], ".-")
-        b.set(xlabel="token position", ylabel="mean w", title=f"{report['captions']} captions")
-        fig.tight_layout()
-        fig.savefig(png_path, dpi=110)
-        plt.close(fig)
-    return report
-
-
-# ----------------------------------------------------------------------------- generated answers (exact match)
-def normalise_answer(text):
-    """The form two answers are compared in: lower case, single spaces, no punctuation or space at either
-    end ('At the  top left.' -> 'at the top left')."""
-    return " ".join(str(text).lower().split()).strip(" .,;:!?'\"")
-
-
-def exact_match(predictions, targets):
-    """Share of predictions equal to their target after normalise_answer (0 questions: an error)."""
-    if len(predictions) != len(targets) or not targets:
-        raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
-    return sum(normalise_answer(p) == normalise_answer(t) for p, t in zip(predictions, targets)) / len(targets)
-
-
-@torch.inference_mode()
-def generate_answers(model, tok, prompts, images, device="cpu", max_new_tokens=8, batch=32):
-    """Greedy continuation (model.generate, KV-cached) of each prompt after its image and <|bos|>, decoded to
-    text, until <|eos|> or max_new_tokens. images: uint8 (N, 3, S, S), one per prompt. Prompts of equal
-    token length are decoded together (generate takes rows of equal length), so no row is padded. A prompt
-    that leaves no room in the model's context gets None (not answered; the caller counts it)."""
-    from model import generate
-    prefix = model.image_tokens() + [T.BOS]
-    ids = T.encode_captions(tok, [p.strip() for p in prompts])
-    by_len = {}
-    for i, p in enumerate(ids):
-        if len(prefix) + len(p) < model.decoder.cfg.max_seq_len:
-            by_len.setdefault(len(p), []).append(i)
-    out = [None] * len(prompts)
-    for group in by_len.values():
-        for start in range(0, len(group), batch):
-            idx = group[start:start + batch]
-            x = torch.tensor([prefix + ids[i] for i in idx], device=device)
-            pixels = normalize(images[torch.tensor(idx)].to(device))
-            with autocast(device):
-                new = generate(model, x, pixels, max_new_tokens, temperature=0.0)
-            for i, n in zip(idx, new):
-                out[i] = tok.decode(n).strip()
-    return out
-
-
-def qa_generate(model, tok, path, device="cpu", max_rows=None, seed=0, max_new_tokens=8, max_bad_fraction=0.05):
-    """Generated-answer evaluation of a multiple-choice file (the format of --mc; data/qa.py writes one): the
-    model answers each prompt by greedy decoding, and is right when its answer equals the correct choice
-    (exact_match). The same rows as the likelihood evaluation (same --max-rows subset and seed).
-    Returns [{"id", "prompt", "target", "prediction", "correct"}] in file order; a question whose prompt
-    leaves no room in the model's context is left out, with a warning that counts them."""
-    questions, images = load_mc(path, model.cfg.image_size, max_rows, seed, max_bad_fraction)
-    preds = generate_answers(model, tok, [q.caption for q in questions], images, device, max_new_tokens)
-    report_skipped({}, os.path.splitext(os.path.basename(path))[0], preds.count(None), len(preds), "questions")
-    rows = []
-    for q, p in ((q, p) for q, p in zip(questions, preds) if p is not None):
-        target = q.extra["choices"][q.extra["answer"]]
-        rows.append({"id": q.id, "prompt": q.caption, "target": target,
-                     "prediction": p, "correct": normalise_answer(p) == normalise_answer(target)})
-    return rows
 
 
 def main(cfg):

@@ -39,7 +39,7 @@ scaling    NTP and PRIOR trained for --epochs epochs on nested subsets of train.
 instruct   Question-answer pairs from the training scenes (data/qa.py; never from test or probe images), a
            short instruction-tuning run (train.py --init-from) from each pre-trained NTP and PRIOR checkpoint,
            then, on questions about the test scenes, exact match of the greedily generated answer
-           (eval.qa_generate, KV-cached model.generate) next to the likelihood evaluation of the same
+           (qa_eval.qa_generate, KV-cached model.generate) next to the likelihood evaluation of the same
            checkpoints (the same questions as multiple choice; probes and token NLL with eval.py). The loss
            is on the answer tokens only (--it-loss answer, the default: a score file with p_ref = 1 on the
            question and 0 on the answer makes --loss prior a masked loss, data/qa.answer_only_scores) or on
@@ -748,6 +748,7 @@ def instruct(args):
 
     # generated answers and the same questions by likelihood, before and after tuning
     import eval as E
+    import qa_eval
     from caption import load
     from utils import pick_device
     device = pick_device(s.device)
@@ -764,7 +765,7 @@ def instruct(args):
             res = results.setdefault((m, stage), {})
             preds = []
             for k in kinds:
-                rows = E.qa_generate(model, tok, qa_test[k], device, max_rows=qa_rows, seed=0)
+                rows = qa_eval.qa_generate(model, tok, qa_test[k], device, max_rows=qa_rows, seed=0)
                 preds += rows
                 res.setdefault(f"em_{k}", {})[seed] = sum(r["correct"] for r in rows) / len(rows)
             res.setdefault("em_avg", {})[seed] = sum(res[f"em_{k}"][seed] for k in kinds) / len(kinds)

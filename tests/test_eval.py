@@ -1,5 +1,5 @@
 """Tests for eval.py: choice log-likelihoods against plain single-sequence forward passes, accuracy definitions,
-the image derangement, the grounding gap, bad rows, run-directory resume and the importance analysis.
+the image derangement, the grounding gap, bad rows and run-directory resume (importance.py: test_importance.py).
 
 Run: .venv/bin/python -m pytest tests/test_eval.py
 """
@@ -7,15 +7,16 @@ import dataclasses
 import json
 import os
 import shutil
-import statistics
 
 import pytest
 import torch
 from PIL import Image
 
 import eval as E
+import qa_eval as Q
 import tokenizer as T
 from cli import parse_config
+from data import benchmarks as B
 from data.packing import Sample, pack
 from data.images import load_image, normalize
 from data.record_types import DataError
@@ -225,7 +226,7 @@ def test_bad_mc_rows_counted(world, tmp_path, capsys):
         {**good, "choices": ["star", " "]},
         {**good, "image": "nowhere.png"}, '{"image": broken json', "[1, 2]"]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    questions, images = E.load_mc(path, 16, max_bad_fraction=1.0)
+    questions, images = B.load_mc(path, 16, max_bad_fraction=1.0)
     assert len(questions) == len(images) == 5
     err = capsys.readouterr().err
     assert "skipped 7 of 13 questions" in err and "answer not a choice index x 2" in err
@@ -233,7 +234,7 @@ def test_bad_mc_rows_counted(world, tmp_path, capsys):
     logps, answers = E.mc_eval(world["models"]["h"], world["tok"], path, max_bad_fraction=1.0)
     assert len(logps) == 5 and answers == [1] * 5
     with pytest.raises(DataError):
-        E.read_mc(path, max_bad_fraction=0.1)
+        B.read_mc(path, max_bad_fraction=0.1)
 
 
 def test_run_dir_resumes(world, tmp_path, monkeypatch):
@@ -279,26 +280,6 @@ def test_run_dir_resumes(world, tmp_path, monkeypatch):
     assert calls == []
 
 
-def test_importance_pearson(world, tmp_path):
-    tok = world["tok"]
-    records = read_records(world["test"])
-    p = [torch.linspace(0.05, 0.05 + 0.8 * i / len(records), len(enc(tok, r.caption)) + 1)
-         for i, r in enumerate(records)]
-    scores = str(tmp_path / "s.pt")
-    save_scores(scores, [r.id for r in records], p,
-                {"tokenizer": T.fingerprint(tok), "data": text_fingerprint(records)})
-    png = str(tmp_path / "fig.png")
-    rep = E.importance_analysis(scores, world["test"], world["tok_path"], png, n_bins=3)
-    lengths = [len(enc(tok, r.caption)) for r in records]
-    means = [float((1 - q[:-1]).mean()) for q in p]  # eos excluded
-    assert rep["pearson_r"] == pytest.approx(statistics.correlation(lengths, means), abs=1e-3)
-    assert rep["captions"] == len(records) and rep["tokens"] == sum(lengths)
-    assert sum(b["captions"] for b in rep["length_bins"]) == len(records)
-    assert rep["position"]["mean_w"][0] == pytest.approx(statistics.mean(1 - float(q[0]) for q in p), abs=1e-3)
-    assert rep["position"]["captions"][max(lengths) - 1] == lengths.count(max(lengths))
-    assert os.path.getsize(png) > 1000
-
-
 def test_help_explains_flags(capsys):
     with pytest.raises(SystemExit):
         parse_config(E.EvalConfig, ["--help"], description=E.__doc__)
@@ -321,7 +302,7 @@ def test_items_longer_than_the_context_are_skipped_and_counted(world, tmp_path):
     mc = write_jsonl(tmp_path / "mc.jsonl", qs + [{**qs[0], "prompt": long_text}])
     got = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], test_path=test,
                                                                      mc_files=[mc])}
-    E._data.clear()
+    B._data.clear()
     plain = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], test_path=world["test"],
                                                                       mc_files=[world["questions"]])}
     assert got["test_skipped"] == 1 and got["mc_skipped"] == 1
@@ -335,7 +316,7 @@ def test_test_file_honours_max_bad_fraction(world, tmp_path):
     test = write_jsonl(tmp_path / "test.jsonl", [*rows, "{broken"])  # 1 bad of 6
     with pytest.raises(DataError, match="max_bad_fraction"):
         E.evaluate_checkpoint(world["ckpts"]["h"], test_path=test, max_bad_fraction=0.1)
-    E._data.clear()
+    B._data.clear()
     out = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(world["ckpts"]["h"], test_path=test,
                                                                      max_bad_fraction=0.2)}
     assert "nll_all" in out
@@ -347,7 +328,7 @@ def test_generated_answers_skip_prompts_past_the_context(world, tmp_path, capsys
         q["image"] = str(world["root"] / q["image"])
     long_q = {**qs[1], "id": "long", "prompt": " ".join(["a photo of a red circle"] * 40)}
     mc = write_jsonl(tmp_path / "qa.jsonl", qs + [long_q])
-    rows = E.qa_generate(world["models"]["h"], world["tok"], mc, max_new_tokens=2)
+    rows = Q.qa_generate(world["models"]["h"], world["tok"], mc, max_new_tokens=2)
     assert len(rows) == len(qs) and "long" not in {r["id"] for r in rows}
     assert "qa: 1 of 6 questions reach past the model's context" in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""data/qa.py (questions about the generator's scenes) and eval.py's generated-answer scoring."""
+"""data/qa.py (questions about the generator's scenes) and qa_eval.py's generated-answer scoring."""
 import json
 import random
 import re
@@ -6,9 +6,10 @@ import re
 import pytest
 import torch
 
-import eval as E
+import qa_eval as Q
 import tokenizer as T
 from data import qa
+from data.benchmarks import read_mc
 from data.generate import GenConfig, generate, resolve
 from data.scenes import NUMS, sample_scene
 from data.scores import load_scores
@@ -133,18 +134,18 @@ def test_answer_only_scores_mask_the_question(synth):
 
 
 def test_normalise_and_exact_match():
-    assert E.normalise_answer("  At the  top LEFT. ") == "at the top left"
-    assert E.normalise_answer("red!") == "red"
+    assert Q.normalise_answer("  At the  top LEFT. ") == "at the top left"
+    assert Q.normalise_answer("red!") == "red"
     cases = [("red", "red", True), ("Red", "red", True), (" red\n", "red", True), ("red circle", "red", False),
              ("", "red", False), ("at the top", "at the top left", False), ("at the top left", "at the top left", True),
              ("two", "three", False), ("yes.", "yes", True), ("no", "yes", False)]
     for pred, target, ok in cases:
-        assert E.exact_match([pred], [target]) == float(ok), (pred, target)
-    assert E.exact_match([p for p, _, _ in cases], [t for _, t, _ in cases]) == pytest.approx(5 / 10)
+        assert Q.exact_match([pred], [target]) == float(ok), (pred, target)
+    assert Q.exact_match([p for p, _, _ in cases], [t for _, t, _ in cases]) == pytest.approx(5 / 10)
     with pytest.raises(ValueError):
-        E.exact_match(["a"], ["a", "b"])
+        Q.exact_match(["a"], ["a", "b"])
     with pytest.raises(ValueError):
-        E.exact_match([], [])
+        Q.exact_match([], [])
 
 
 def tiny_vlm(tok):
@@ -185,14 +186,14 @@ def test_qa_generate_scores_generated_text(synth, monkeypatch):
         return out
 
     monkeypatch.setattr(M, "generate", fake_generate)
-    got = E.qa_generate(vlm, tok, path)
+    got = Q.qa_generate(vlm, tok, path)
     assert [g["id"] for g in got] == [r["id"] for r in rows]
     for g, r in zip(got, rows):
         assert g["target"] == r["target"]
         assert g["correct"] == (r["prompt"] not in wrong)
         assert g["prediction"] == ("something else" if r["prompt"] in wrong else r["target"].upper() + ".")
     expected = sum(r["prompt"] not in wrong for r in rows) / len(rows)
-    assert E.exact_match([g["prediction"] for g in got], [g["target"] for g in got]) == pytest.approx(expected)
+    assert Q.exact_match([g["prediction"] for g in got], [g["target"] for g in got]) == pytest.approx(expected)
 
 
 def test_generate_answers_batching_matches_one_by_one(synth):
@@ -201,9 +202,9 @@ def test_generate_answers_batching_matches_one_by_one(synth):
     root = synth
     tok = T.load_tokenizer(str(root / "tok.json"))
     vlm = tiny_vlm(tok)
-    questions, images = load_images(E.read_mc(str(root / "qa" / "test.jsonl"))[:12], 48)
+    questions, images = load_images(read_mc(str(root / "qa" / "test.jsonl"))[:12], 48)
     prompts = [q.caption for q in questions]
-    together = E.generate_answers(vlm, tok, prompts, images, max_new_tokens=5, batch=8)
-    alone = [E.generate_answers(vlm, tok, [p], images[i:i + 1], max_new_tokens=5)[0] for i, p in enumerate(prompts)]
+    together = Q.generate_answers(vlm, tok, prompts, images, max_new_tokens=5, batch=8)
+    alone = [Q.generate_answers(vlm, tok, [p], images[i:i + 1], max_new_tokens=5)[0] for i, p in enumerate(prompts)]
     assert together == alone
     assert all(isinstance(a, str) for a in together)
