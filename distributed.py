@@ -20,6 +20,8 @@ def check_bf16(device):
 
 
 def setup_distributed(device):
+    """(rank, world size, this process's device) under torchrun, or (0, 1, device) alone; GPUs must have bf16."""
+    check_bf16(device)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
     if device.startswith("cuda"):  # bind the process to its GPU before NCCL starts, and tell NCCL which one

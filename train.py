@@ -38,18 +38,19 @@ from build import build_model
 from checkpoint import check_resume, restore, save
 from cli import flag, parse_config
 from data.features import encoder_features
+from data.images import images_cached, load_images, normalize
 from data.packing import IGNORE, cat, global_batch, make_samples, pack, to_device, warn_overlong
 from data.records import read_records
-from data.images import images_cached, load_images, normalize
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
-from distributed import check_bf16, full_state, setup_distributed, shard, unwrap, wait_until
+from distributed import full_state, setup_distributed, shard, unwrap, wait_until
 from flops import attended_pairs, peak_flops, step_flops
 from health import nll_alarm_message, nll_rise, past_ntp
 from loss import prior_weights, shuffle_within_captions, token_losses, weighted_loss
 from model import count_params
 from utils import (autocast, file_fingerprint, load_checkpoint, lr_at, make_optimizer, pick_device, seed_everything,
                    text_fingerprint)
+
 
 @dataclass
 class TrainConfig:
@@ -264,9 +265,7 @@ def load_data(cfg, tok, model, extra, device, master, world):
 
 
 def main(cfg):
-    device = pick_device(cfg.device)
-    check_bf16(device)
-    rank, world, device = setup_distributed(device)
+    rank, world, device = setup_distributed(pick_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     master = rank == 0
