@@ -60,7 +60,7 @@ class TimmEncoder(nn.Module):
         blocks = getattr(self.model, "blocks", [])
         self.depth = len(blocks)
         self.heads = getattr(getattr(blocks[0], "attn", None), "num_heads", 0) if self.depth else 0
-        # The data pipeline normalises with ImageNet's mean/std (data.records.normalize). A model trained with
+        # The data pipeline normalises with ImageNet's mean/std (data.images.normalize). A model trained with
         # other statistics (CLIP: OpenAI's; many timm ViTs: 0.5) must see its own, or its features drift: one
         # affine map converts, x_model = (x * std_in + mean_in - mean) / std.
         mean = torch.tensor(self.model.pretrained_cfg.get("mean", IMAGENET_MEAN)).view(3, 1, 1)

@@ -21,7 +21,7 @@ One output line per question, in both formats the project reads:
      is the circle? answer: red", "prompt": "question: what colour is the circle? answer:", "target": "red",
      "choices": [...], "answer": <index of target in choices>, "kind": "colour", "source": "train-000012"}
 train.py trains on "caption" (image, caption); eval.py --mc scores "choices" by likelihood after "prompt";
-qa_eval.qa_generate compares the greedy continuation of "prompt" with the correct choice (exact match).
+qa_qa_eval.qa_generate compares the greedy continuation of "prompt" with the correct choice (exact match).
 
 `answer_only_scores` writes a score file for such a file that train.py's --loss prior turns into a loss on
 the answer tokens only (see its docstring): no change to train.py is needed.
