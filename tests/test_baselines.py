@@ -234,3 +234,32 @@ def test_itm_itc_pairs_are_drawn_per_micro_batch(tiny, tmp_path, objective):
     assert split["aux"] == pytest.approx((halves[0]["aux"] + halves[1]["aux"]) / 2, rel=1e-5)
     assert split["ntp"] == pytest.approx(whole["ntp"], rel=1e-5)  # the caption loss does not depend on the split
     assert split["aux"] != pytest.approx(whole["aux"], rel=1e-5)  # other pairs: 5e-4 apart for ITM here
+
+
+def test_hook_is_none_for_the_core_and_a_baseline_otherwise(tiny):
+    import baselines
+    for loss in ("ntp", "prior", "prior_shuffled", "oracle"):
+        assert baselines.hook(config(tiny, loss=loss)) is None, loss
+    for loss in baselines.LOSSES:
+        assert isinstance(baselines.hook(config(tiny, loss=loss)), baselines.Baseline), loss
+    assert isinstance(baselines.hook(config(tiny, objective="itm")), baselines.Baseline)
+    with pytest.raises(ValueError, match="--fsdp"):
+        baselines.hook(config(tiny, loss="cal", fsdp=True), world=2)
+
+
+def test_attn_weights_ride_in_their_own_field_not_p_ref(tiny):
+    """--loss attn's weights reach the loss through Sample.weights / Batch.weights; p_ref stays empty."""
+    import baselines
+    tok = T.load_tokenizer(str(tiny["tokenizer"]))
+    records = read_records(str(tiny["train"]))[:4]
+    captions = T.encode_captions(tok, [r.caption for r in records])
+    given = {r.id: torch.linspace(0.1, 0.9, len(c) + 1) for r, c in zip(records, captions)}
+    samples = make_samples(tok, records, weights=given)
+    assert all(s.p_ref is None and s.weights == given[r.id].tolist() for s, r in zip(samples, records))
+    batch = pack(samples, 64, [T.IMAGE] * 4)
+    labelled = batch.labels != IGNORE
+    got = baselines.hook(config(tiny, loss="attn")).weights(batch)
+    assert torch.equal(got[labelled], torch.cat([given[r.id] for r in records]))
+    assert (batch.p_ref == 0).all()
+    with pytest.raises(ValueError, match="scores for"):
+        make_samples(tok, records, weights={r.id: torch.ones(2) for r in records}, source="w.pt")
