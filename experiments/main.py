@@ -24,15 +24,11 @@ every checkpoint; report (results.json, results.md, plots: report.py).
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from cli import parse_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments.jobs import Jobs
 
 # Sizes per preset. "cpu" is sized for a 2-core laptop CPU (about half an hour; docs/experiment.md has the
 # measured time); "smoke" exercises every stage in about a minute; "gpu" is a starting point for GPUs.
@@ -100,8 +96,8 @@ class Experiment:
         if bad:
             raise SystemExit(f"--settings: expected mix:family pairs like web:h,hard:u (family h or u), got {bad}")
         self.mixes = list(dict.fromkeys(m for m, _ in self.settings))  # in order, once each
-        self.threads = max(1, (os.cpu_count() or 2) // max(1, cfg.parallel))
         self.log = open(os.path.join(self._mk(self.out), "experiment.log"), "a")
+        self.jobs = Jobs(self.path("logs"), cfg.parallel, cfg.nproc, record=self.log)
 
     def _mk(self, path):
         os.makedirs(path, exist_ok=True)
@@ -109,30 +105,6 @@ class Experiment:
 
     def path(self, *parts):
         return os.path.join(self.out, *parts)
-
-    def run(self, args, log_name, threads=None):
-        """Run one of the project's scripts in a subprocess; its output goes to a log file under out/logs."""
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads_per_process(args))}
-        log_path = os.path.join(self._mk(self.path("logs")), log_name + ".log")
-        cmd = [sys.executable, *self.launcher(args), *args]
-        self.log.write(" ".join(cmd) + "\n")
-        self.log.flush()
-        with open(log_path, "w") as log:
-            done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        if done.returncode != 0:
-            tail = open(log_path).read()[-2500:]
-            raise SystemExit(f"step failed: {' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
-        return log_path
-
-    def threads_per_process(self, args):
-        """A run's share of the cores, split again over its torchrun processes: cores // parallel // nproc."""
-        return max(1, self.threads // (self.cfg.nproc if self.launcher(args) else 1))
-
-    def launcher(self, args):
-        """train.py runs under torchrun when --nproc > 1 (DDP: NCCL on GPUs, gloo on CPU); the rest run plainly."""
-        if args[0] == "train.py" and self.cfg.nproc > 1:
-            return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.cfg.nproc}"]
-        return []
 
     @staticmethod
     def flags(d):
@@ -144,13 +116,14 @@ class Experiment:
             data = self.path(f"data_{mix}")
             if not os.path.exists(os.path.join(data, "meta.json")):
                 step(f"data ({mix} mix)")
-                self.run(["-m", "data.generate", "--out", data, "--mix", mix, "--seed", str(self.cfg.seed),
-                          *self.flags(self.p["data"])], f"data_{mix}", threads=1)
+                self.jobs.run(["-m", "data.generate", "--out", data, "--mix", mix, "--seed", str(self.cfg.seed),
+                               *self.flags(self.p["data"])], f"data_{mix}", threads=1)
         tok = self.path("tokenizer.json")
         if not os.path.exists(tok):
             step("tokenizer")
             files = ",".join(self.path(f"data_{m}", f) for m in self.mixes for f in ("text.jsonl", "train.jsonl"))
-            self.run(["tokenizer.py", "--data", files, "--out", tok, "--vocab-size", str(self.p["vocab"])], "tokenizer")
+            self.jobs.run(["tokenizer.py", "--data", files, "--out", tok, "--vocab-size", str(self.p["vocab"])],
+                          "tokenizer")
         # Everything after the tokenizer runs as chains of jobs in one pool (a chain's jobs in order):
         # per mix, the reference LM and then its scores; with --stage all also the base LM and then the
         # U-LVLM's stage 1, and the ViT. The base-LM chain is the longest, so it starts first.
@@ -285,28 +258,13 @@ class Experiment:
         return chain
 
     def parallel(self, jobs):
-        """Run chains of jobs --parallel at a time, each on cpu_threads // parallel threads (never more threads
-        than cores: an oversubscribed OpenMP pool slows a run many times over). A chain is a list of (args, log
-        name), run one after the other; ("link", src, dst) hard-links a finished checkpoint."""
+        """Run chains of jobs (jobs.Jobs.run_chains) and print how long they took."""
         if not jobs:
             return
-        from tqdm import tqdm
-        chains = [j if isinstance(j, list) else [j] for j in jobs]
         t0 = time.time()
-        with ThreadPoolExecutor(max(1, self.cfg.parallel)) as pool, \
-                tqdm(total=sum(map(len, chains)), desc="  jobs", leave=False) as bar:
-            def run_chain(chain):
-                for args, name in chain:
-                    if args[0] == "link":
-                        if not os.path.exists(args[2]):
-                            os.link(args[1], args[2])
-                    else:
-                        self.run(args, name)
-                    bar.update()
-            for f in [pool.submit(run_chain, c) for c in chains]:
-                f.result()
-        print(f"  {len(chains)} chains in {(time.time() - t0) / 60:.1f} min "
-              f"({(time.time() - t0) * max(1, self.cfg.parallel) / len(chains):.0f} s per chain per slot)", flush=True)
+        self.jobs.run_chains(jobs)
+        print(f"  {len(jobs)} chains in {(time.time() - t0) / 60:.1f} min "
+              f"({(time.time() - t0) * max(1, self.cfg.parallel) / len(jobs):.0f} s per chain per slot)", flush=True)
 
     def rows(self, run_dir, **extra):
         path = os.path.join(run_dir, "eval.json")
@@ -438,9 +396,9 @@ class Experiment:
         for mix in self.mixes:
             png = self.path(f"importance_{mix}.png")
             if not os.path.exists(png):
-                self.run(["eval.py", "--importance", self.path(f"scores_{mix}_train.pt"), "--importance-data",
-                          self.path(f"data_{mix}", "train.jsonl"), "--tokenizer", self.path("tokenizer.json"),
-                          "--png", png], f"importance_{mix}")
+                self.jobs.run(["eval.py", "--importance", self.path(f"scores_{mix}_train.pt"), "--importance-data",
+                               self.path(f"data_{mix}", "train.jsonl"), "--tokenizer", self.path("tokenizer.json"),
+                               "--png", png], f"importance_{mix}")
             shutil.copy(self.path(f"scores_{mix}_train.png"), self.path(f"token_weights_{mix}.png"))
 
 

@@ -70,9 +70,9 @@ def test_rerun_skips_finished_work(smoke):
 
 def test_torchrun_launcher():
     exp = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", nproc=4, out="/tmp/prior_launcher"))
-    assert exp.launcher(["train.py", "--arch", "h"]) == ["-m", "torch.distributed.run", "--standalone",
-                                                        "--nproc_per_node=4"]
-    assert exp.launcher(["eval.py"]) == []
+    assert exp.jobs.launcher(["train.py", "--arch", "h"]) == ["-m", "torch.distributed.run", "--standalone",
+                                                             "--nproc_per_node=4"]
+    assert exp.jobs.launcher(["eval.py"]) == []
 
 
 def fake_val(exp, mix, arch, loss, lr, seed, low, score):

@@ -1,4 +1,5 @@
-"""experiments/paper.py: the power-law fit and its intervals, and each command's --quick mode end to end.
+"""experiments/paper.py and its modules (experiments/paper_*.py): the power-law fit and its intervals, and each
+command's --quick mode end to end.
 
 The end-to-end tests run on a miniature of the main job's output folder, built once per session in this
 process (the smoke experiment itself takes ~2 minutes of subprocesses, too long for the test budget): the
@@ -13,26 +14,29 @@ import os
 import numpy as np
 import pytest
 
-from experiments import paper
+from experiments import paper, paper_scaling
+from experiments.paper_setup import Setup
+from experiments.powerlaw import bootstrap_alpha, fit_power_law, holdout, log_sizes, predict
+from experiments.stats import t_quantile
 
 
 # ----------------------------------------------------------------------------- statistics
 def test_t_quantile_matches_tables():
     for dof, q in ((1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (30, 2.0423), (1000, 1.9623)):
-        assert paper.t_quantile(0.975, dof) == pytest.approx(q, abs=2e-4)
-    assert paper.t_quantile(0.95, 4) == pytest.approx(2.1318, abs=2e-4)
-    assert paper.t_quantile(0.025, 5) == pytest.approx(-2.5706, abs=2e-4)
+        assert t_quantile(0.975, dof) == pytest.approx(q, abs=2e-4)
+    assert t_quantile(0.95, 4) == pytest.approx(2.1318, abs=2e-4)
+    assert t_quantile(0.025, 5) == pytest.approx(-2.5706, abs=2e-4)
 
 
 @pytest.mark.parametrize("alpha,d_c", [(-0.07, 1e13), (0.12, 3e4), (-0.5, 2e5)])
 def test_fit_recovers_exact_power_law(alpha, d_c):
     D = np.geomspace(7e6, 7e7, 6)
-    fit = paper.fit_power_law(D, (D / d_c) ** alpha)
+    fit = fit_power_law(D, (D / d_c) ** alpha)
     assert fit["alpha"] == pytest.approx(alpha, abs=1e-10)
     assert fit["D_c"] == pytest.approx(d_c, rel=1e-6)
     assert fit["ci"][0] == pytest.approx(alpha, abs=1e-8) and fit["ci"][1] == pytest.approx(alpha, abs=1e-8)
-    assert paper.predict(fit, 1e8) == pytest.approx((1e8 / d_c) ** alpha, rel=1e-9)
-    h = paper.holdout(D, (D / d_c) ** alpha)
+    assert predict(fit, 1e8) == pytest.approx((1e8 / d_c) ** alpha, rel=1e-9)
+    h = holdout(D, (D / d_c) ** alpha)
     assert h["rel_error"] < 1e-9 and h["D"] == pytest.approx(7e7)
 
 
@@ -41,14 +45,14 @@ def test_fit_with_noise_covers_the_truth():
     alpha, d_c = -0.08, 5e12
     D = np.repeat(np.geomspace(1e6, 1e7, 6), 3)  # 6 sizes over 10x, 3 seeds each
     y = (D / d_c) ** alpha * np.exp(rng.normal(0, 0.01, len(D)))
-    fit = paper.fit_power_law(D, y)
+    fit = fit_power_law(D, y)
     assert fit["ci"][0] < alpha < fit["ci"][1]
-    boot, slopes = paper.bootstrap_alpha(D, y, seed=0)
+    boot, slopes = bootstrap_alpha(D, y, seed=0)
     assert boot[0] < alpha < boot[1]
     assert abs(fit["alpha"] - alpha) < 0.01 and fit["n"] == 18
     assert math.log(fit["D_c"]) == pytest.approx(math.log(d_c), rel=0.05)
     # the interval has the width the standard error says
-    assert fit["ci"][1] - fit["ci"][0] == pytest.approx(2 * paper.t_quantile(0.975, 16) * fit["se_alpha"])
+    assert fit["ci"][1] - fit["ci"][0] == pytest.approx(2 * t_quantile(0.975, 16) * fit["se_alpha"])
 
 
 def test_t_interval_coverage_is_nominal():
@@ -58,35 +62,35 @@ def test_t_interval_coverage_is_nominal():
     hits = 0
     for _ in range(400):
         y = (D / d_c) ** alpha * np.exp(rng.normal(0, 0.02, len(D)))
-        lo, hi = paper.fit_power_law(D, y)["ci"]
+        lo, hi = fit_power_law(D, y)["ci"]
         hits += lo < alpha < hi
     assert 0.91 <= hits / 400 <= 0.985
 
 
 def test_fit_refuses_bad_input():
     with pytest.raises(ValueError):
-        paper.fit_power_law([1e6, 1e6, 1e6], [1.0, 1.1, 0.9])  # one size: no slope
+        fit_power_law([1e6, 1e6, 1e6], [1.0, 1.1, 0.9])  # one size: no slope
     with pytest.raises(ValueError):
-        paper.fit_power_law([1e6, 2e6], [1.0, -0.5])  # not positive
-    assert paper.log_sizes(8000) == [800, 1268, 2010, 3185, 5048, 8000]
-    assert paper.log_sizes(120, k=5, minimum=16)[0] == 16
+        fit_power_law([1e6, 2e6], [1.0, -0.5])  # not positive
+    assert log_sizes(8000) == [800, 1268, 2010, 3185, 5048, 8000]
+    assert log_sizes(120, k=5, minimum=16)[0] == 16
 
 
 def test_tokens_seen_and_subsets(tmp_path):
     lengths = [3, 5, 7, 11]
-    assert paper.tokens_seen(lengths, 2, 2, seed=0) == sum(lengths)  # one epoch: every caption once
-    assert paper.tokens_seen(lengths, 4, 2, seed=0) == 2 * sum(lengths)
+    assert paper_scaling.tokens_seen(lengths, 2, 2, seed=0) == sum(lengths)  # one epoch: every caption once
+    assert paper_scaling.tokens_seen(lengths, 4, 2, seed=0) == 2 * sum(lengths)
     src = tmp_path / "d" / "train.jsonl"
     src.parent.mkdir()
     src.write_text("".join(json.dumps({"id": f"r{i}", "image": f"images/{i}.png", "caption": f"c {i}"}) + "\n"
                            for i in range(5)))
-    out = paper.write_subset(str(src), str(tmp_path / "sub" / "train_3.jsonl"), 3)
+    out = paper_scaling.write_subset(str(src), str(tmp_path / "sub" / "train_3.jsonl"), 3)
     rows = [json.loads(x) for x in open(out)]
     assert [r["id"] for r in rows] == ["r0", "r1", "r2"] and rows[1]["caption"] == "c 1"
     assert (os.path.normpath(os.path.join(tmp_path / "sub", rows[2]["image"]))
             == str(tmp_path / "d" / "images" / "2.png"))
     with pytest.raises(ValueError):
-        paper.write_subset(str(src), str(tmp_path / "sub" / "x.jsonl"), 6)
+        paper_scaling.write_subset(str(src), str(tmp_path / "sub" / "x.jsonl"), 6)
 
 
 # ----------------------------------------------------------------------------- the commands, --quick
@@ -240,7 +244,7 @@ def test_same_run_reads_a_moved_artefacts_folder(mini_out, tmp_path):
     import train
     from cli import parse_config
     args = paper.parser().parse_args(["ablation", "--from", str(mini_out), "--out", str(tmp_path / "o"), "--quick"])
-    s = paper.Setup(args, "ablation")
+    s = Setup(args, "ablation")
     run = os.path.join(s.src, "runs", "web", "h", "ntp_moved_folder")
     targs = s.train_args("ntp", 3e-3, 0, run)
     config = vars(parse_config(train.TrainConfig, [str(a) for a in targs[1:]]))
