@@ -114,7 +114,7 @@ def baselines(args):
     for k, lr, d, _ in grid_plan:
         f = s.final_rows(d + "_val", steps)
         val.setdefault(k, {})[lr] = f
-    for k in val:  # best validation probe average, ties to the lower image NLL (one seed; main.py's
+    for k in val:  # best validation probe average, ties to the lower image NLL (one seed; experiment.py's
         # protocol scores probe_cc_avg over 2 seeds and extends the grid at its edges: docs/experiment.md)
         lr_of[k] = max(val[k],
                        key=lambda lr: (round(val[k][lr].get("probe_avg", -1), 6), -val[k][lr].get("nll_image", 0)))

@@ -19,7 +19,7 @@ class Setup:
 
     def __init__(self, args, command):
         from cli import from_dict
-        from experiments.main import Experiment, ExperimentConfig
+        from experiments.experiment import Experiment, ExperimentConfig
         self.args = args
         self.src = os.path.abspath(args.from_dir)
         cfg_path = os.path.join(self.src, "experiment_config.json")
@@ -71,7 +71,7 @@ class Setup:
         return self.args.batch_size or self.p["vlm"]["batch_size"]
 
     def train_args(self, loss, lr, seed, out_dir, steps=None, extra=()):
-        """main.py's arguments for this run (same data, initialisation, recipe), with our changes last
+        """The main job's arguments for this run (same data, initialisation, recipe), with our changes last
         (argparse keeps the last value of a flag)."""
         steps = steps or self.steps()
         args = self.exp.train_args(self.mix, self.arch, loss, lr, seed, out_dir)

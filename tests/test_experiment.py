@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from experiments import main as experiment  # noqa: E402
+from experiments import experiment  # noqa: E402
 
 
 def run(out, *extra):

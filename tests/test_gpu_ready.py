@@ -184,7 +184,7 @@ def test_scores_do_not_depend_on_autocast(monkeypatch):
 
 
 def test_threads_split_over_runs_and_torchrun_processes(tmp_path, monkeypatch):
-    from experiments import main as experiment
+    from experiments import experiment
     monkeypatch.setattr(experiment.os, "cpu_count", lambda: 16)
     exp = experiment.Experiment(experiment.ExperimentConfig(out=str(tmp_path), parallel=2, nproc=4))
     assert exp.jobs.threads_per_process(["train.py", "--arch", "h"]) == 2  # 16 cores / 2 runs / 4 processes

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAX_LINE = 120
 MAX_HELP = 100
 # Modules whose config dataclasses become command-line flags through cli.parse_config.
-CONFIG_MODULES = ["train", "eval", "score", "reference_lm", "experiments.main", "experiments.bench", "vision",
+CONFIG_MODULES = ["train", "eval", "score", "reference_lm", "experiments.experiment", "experiments.bench", "vision",
                   "baselines.attention", "caption", "tokenizer", "data.generate"]
 # Scripts that build their flags with argparse directly.
 ARGPARSE_SCRIPTS = ["experiments/paper.py", "experiments/report.py", "hf.py", "data/qa.py"]
@@ -51,7 +51,7 @@ def config_classes():
 def test_config_help_texts_are_short():
     classes = config_classes()
     names = {f"{c.__module__}.{c.__name__}" for c in classes}
-    assert {"train.TrainConfig", "score.ScoreConfig", "reference_lm.RefConfig", "experiments.main.ExperimentConfig",
+    assert {"train.TrainConfig", "score.ScoreConfig", "reference_lm.RefConfig", "experiments.experiment.ExperimentConfig",
             "vision.Config", "data.generate.GenConfig", "eval.EvalConfig"} <= names, names
     long = []
     for cls in classes:
