@@ -3,7 +3,7 @@
     bash run.sh                               # = python -m experiments.main (the CPU preset; prints its estimate)
     python -m experiments.main --preset smoke       # a 1-minute miniature of every stage (tests/test_experiment.py)
     python -m experiments.main --settings web:u     # another setting (mix:family) with the same protocol
-    python -m experiments.main --preset gpu --parallel 1 --nproc 8   # bigger data, models and steps (see experiment.PRESETS)
+    python -m experiments.main --preset gpu --parallel 1 --nproc 8  # bigger data, models, steps (experiment.PRESETS)
     python -m experiments.main --stage prepare      # only data -> tokenizer -> reference LM -> scores
 
 The design, fixed before any result was read (docs/experiment.md explains each choice):
