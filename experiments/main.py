@@ -19,7 +19,7 @@ The design, fixed before any result was read (docs/experiment.md explains each c
   primary    probe_cc_avg on the TEST probes at the last step: the chance-corrected probe average (eval.py).
 Stages (each skipped when its output exists, so a re-run resumes): data, tokenizer, then in parallel the
 reference LM + scores per mix, the base LM (+ the U-LVLM's stage 1) and the ViT; lr grids; main runs; eval of
-every checkpoint; report (results.json, results.md, plots: report.py).
+every checkpoint; report (results.json, results.md, plots: reporting.py).
 """
 import json
 import time
@@ -27,6 +27,7 @@ from dataclasses import asdict
 
 from cli import parse_config
 from experiments.experiment import Experiment, ExperimentConfig
+from experiments.reporting import write_report
 
 
 def main(cfg):
@@ -43,8 +44,7 @@ def main(cfg):
         return
     rows = exp.experiment()
     exp.analyses()
-    from experiments import report
-    md = report.write_report(rows, exp.out)
+    md = write_report(rows, exp.out)
     print(f"done in {(time.time() - t0) / 60:.1f} min: {md}")
 
 

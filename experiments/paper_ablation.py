@@ -16,7 +16,7 @@ def ablation_arms(alphas):
 
 
 def ablation(args):
-    from experiments import report
+    from experiments import reporting as report
     t0 = time.time()
     s = Setup(args, "ablation")
     lrs, steps, seeds = s.lrs(), s.steps(), args.seeds or (1 if args.quick else s.p["seeds"])

@@ -40,7 +40,7 @@ def weight_relevance(s, score_file, attention):
 
 
 def baselines(args):
-    from experiments import report
+    from experiments import reporting as report
     t0 = time.time()
     s = Setup(args, "baselines")
     chosen, steps, seeds = s.lrs(), s.steps(), args.seeds or (1 if args.quick else s.p["seeds"])

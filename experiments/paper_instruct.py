@@ -11,7 +11,7 @@ from experiments.paper_setup import Setup, _plt, table, write_json
 
 
 def instruct(args):
-    from experiments import report
+    from experiments import reporting as report
     from data import qa
     t0 = time.time()
     s = Setup(args, "instruct")

@@ -43,7 +43,7 @@ def tokens_seen(lengths, steps, batch, seed):
 
 
 def scaling(args):
-    from experiments import report
+    from experiments import reporting as report
     import tokenizer as T
     t0 = time.time()
     s = Setup(args, "scaling")

@@ -204,7 +204,7 @@ def _plt():
 def bar_plot(st, keys, labels, show, colors, default_color, title, png):
     """One panel per benchmark in `show`: each arm's seed mean ± std as a bar, its seeds as dots, NTP's mean as
     a dashed line; the y range fits the data (differences of a few percent stay visible)."""
-    from experiments.report import lower_better
+    from experiments.reporting import lower_better
     plt = _plt()
     fig, axes = plt.subplots(1, max(1, len(show)), figsize=(max(4.2, 0.55 * len(keys) + 1.5) * max(1, len(show)), 3.8))
     for ax, b in zip(np.atleast_1d(axes), show):

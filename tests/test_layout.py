@@ -6,9 +6,9 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CORE = ["model.py", "loss.py", "reference_lm.py", "score.py", "train.py"]
 SKIP = {"tests", "docs", "results", "out", "runs", "__pycache__"}
-# Scripts others may import: the object a benchmark times (train.py's step), and small tools with a CLI of their
-# own whose functions are the point (the tokenizer, the Hugging Face loader, the data generator).
-IMPORTABLE_SCRIPTS = {"train", "tokenizer", "hf", "data.generate"}
+# Scripts others may import: what the benchmark times (train.py's step, score.py's scoring), and small tools with a
+# CLI of their own whose functions are the point (the tokenizer, the Hugging Face loader, the data generator).
+IMPORTABLE_SCRIPTS = {"train", "score", "tokenizer", "hf", "data.generate"}
 
 
 def sources():

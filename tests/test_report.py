@@ -1,11 +1,11 @@
-"""experiments/report.py and stats.py: t quantiles, paired verdicts, primary endpoint, regeneration."""
+"""experiments/reporting.py and stats.py: t quantiles, paired verdicts, primary endpoint, regeneration."""
 import json
 import math
 import random
 
 import pytest
 
-from experiments import report, stats
+from experiments import report, reporting, stats
 
 ARMS = ("ntp", "prior", "prior_shuffled", "oracle")
 GAIN = {"ntp": 0.0, "prior": 0.03, "prior_shuffled": 0.0, "oracle": 0.08}
@@ -76,7 +76,7 @@ def test_only_shared_seeds_are_paired():
         for s in seeds:
             value = 10.0 * s + (0.5 + 0.1 * s if loss == "prior" else 0.0) + (100 if s == 7 else 0)
             rows.append({"arch": "h", "loss": loss, "seed": s, "step": 5, "benchmark": "colour", "value": value})
-    fam = report.summarize(rows)["web"]["h"]
+    fam = reporting.summarize(rows)["web"]["h"]
     c = fam["final"]["vs"]["prior"]["colour"]
     assert c["seeds"] == [0, 1, 2] and c["n"] == 3
     assert c["mean_d"] == pytest.approx(0.6) and c["sd_d"] == pytest.approx(0.1) and c["verdict"] == "better"
@@ -85,7 +85,7 @@ def test_only_shared_seeds_are_paired():
 
 def test_duplicate_rows_of_one_seed_are_averaged_not_counted_as_seeds():
     rows = [{"arch": "u", "loss": "ntp", "seed": 0, "step": 1, "benchmark": "count", "value": v} for v in (0.2, 0.4)]
-    fam = report.summarize(rows)["web"]["u"]
+    fam = reporting.summarize(rows)["web"]["u"]
     assert fam["final"]["vals"]["ntp"]["count"] == {0: pytest.approx(0.3)} and fam["seeds"]["ntp"] == [0]
 
 
@@ -97,17 +97,17 @@ def _ckpt(vals, **kw):
 def test_primary_endpoint_computed_from_probe_and_chance_rows():
     vals = {"presence_random": 0.7, "presence_popular": 0.6, "colour": 0.5, "count": 0.4, "chance_colour": 0.25,
             "chance_count": 0.25}
-    rows, n = report.prepare(_ckpt(vals))
+    rows, n = reporting.prepare(_ckpt(vals))
     got = {r["benchmark"]: r["value"] for r in rows}
     presence, colour, count = (0.4 + 0.2) / 2, (0.5 - 0.25) / 0.75, (0.4 - 0.25) / 0.75
     assert n == 2 and got["probe_cc_avg"] == pytest.approx((presence + colour + count) / 3)
     assert got["probe_cc_avg_nocount"] == pytest.approx((presence + colour) / 2)
-    fam = report.summarize(_ckpt(vals))["web"]["h"]
+    fam = reporting.summarize(_ckpt(vals))["web"]["h"]
     assert "chance_colour" not in fam["benchmarks"] and "probe_cc_avg" in fam["benchmarks"]
     no_chance = {k: v for k, v in vals.items() if k != "chance_count"}  # count's chance unknown: never guessed
-    got = {r["benchmark"]: r["value"] for r in report.prepare(_ckpt(no_chance))[0]}
+    got = {r["benchmark"]: r["value"] for r in reporting.prepare(_ckpt(no_chance))[0]}
     assert "probe_cc_avg" not in got and got["probe_cc_avg_nocount"] == pytest.approx((presence + colour) / 2)
-    given = {r["benchmark"]: r["value"] for r in report.prepare(_ckpt({**vals, "probe_cc_avg": 0.9}))[0]}
+    given = {r["benchmark"]: r["value"] for r in reporting.prepare(_ckpt({**vals, "probe_cc_avg": 0.9}))[0]}
     assert given["probe_cc_avg"] == 0.9  # eval.py's value wins
 
 
@@ -135,7 +135,7 @@ def test_results_md_regenerates_byte_for_byte(tmp_path):
 
 
 def test_secondary_lists_each_benchmark_once_and_counts_only_base_rows(tmp_path):
-    md = open(report.write_report(fake_rows(mixes=("web",), archs=("h",)), tmp_path, plots=False)).read()
+    md = open(reporting.write_report(fake_rows(mixes=("web",), archs=("h",)), tmp_path, plots=False)).read()
     final = md[md.index("#### Final step"):md.index("#### Best step")]
     for b in ("colour", "probe_avg", "nll_image", "nll_glue", "gap_image"):
         assert final.count(f"| `{b}` ") == 1
@@ -145,38 +145,38 @@ def test_secondary_lists_each_benchmark_once_and_counts_only_base_rows(tmp_path)
 
 
 def test_verdicts_in_report(tmp_path):
-    fam = report.summarize(fake_rows(mixes=("web",), archs=("h",)))["web"]["h"]
+    fam = reporting.summarize(fake_rows(mixes=("web",), archs=("h",)))["web"]["h"]
     vs = fam["final"]["vs"]
     assert vs["prior"]["probe_cc_avg"]["verdict"] == "better" and vs["oracle"]["nll_image"]["verdict"] == "better"
     assert vs["prior"]["nll_image"]["mean_d"] > 0  # lower NLL is a positive d
     assert vs["prior_shuffled"]["probe_cc_avg"]["verdict"] == "no clear difference"
-    worse = report.summarize(fake_rows(mixes=("web",), archs=("h",), gain={**GAIN, "prior": -0.03}))["web"]["h"]
+    worse = reporting.summarize(fake_rows(mixes=("web",), archs=("h",), gain={**GAIN, "prior": -0.03}))["web"]["h"]
     assert worse["final"]["vs"]["prior"]["probe_cc_avg"]["verdict"] == "worse"
-    one = report.write_report(fake_rows(mixes=("web",), archs=("h",), seeds=(0,)), tmp_path, plots=False)
+    one = reporting.write_report(fake_rows(mixes=("web",), archs=("h",), seeds=(0,)), tmp_path, plots=False)
     assert "→ **1 seed**" in open(one).read()
 
 
 def test_still_improving_adds_auc_row(tmp_path):
     rising = fake_rows(mixes=("web",), archs=("h",))
-    fam = report.summarize(rising)["web"]["h"]
+    fam = reporting.summarize(rising)["web"]["h"]
     assert fam["improving"]["prior"] == (5, 5) and fam["auc"]["vs"]["prior"]["verdict"] == "better"
-    md = open(report.write_report(rising, tmp_path, plots=False)).read()
-    assert "still improving at the last step (5/5 seeds)" in md and f"| `{report.AUC}` ↑ |" in md
+    md = open(reporting.write_report(rising, tmp_path, plots=False)).read()
+    assert "still improving at the last step (5/5 seeds)" in md and f"| `{reporting.AUC}` ↑ |" in md
     peaked = [dict(r, value=r["value"] + (0.5 if r["step"] == 200 else 0)) for r in rising]
-    fam = report.summarize(peaked)["web"]["h"]
+    fam = reporting.summarize(peaked)["web"]["h"]
     assert fam["improving"]["prior"] == (0, 5) and fam["auc"] is None
     assert fam["best"]["step"]["prior"] == 200 and fam["final"]["step"]["prior"] == 300
 
 
 def test_grid_chosen_lr_and_edge():
-    fam = report.summarize(fake_rows(mixes=("web",), archs=("h",)))["web"]["h"]
+    fam = reporting.summarize(fake_rows(mixes=("web",), archs=("h",)))["web"]["h"]
     g = fam["grid"]["prior"]
     assert fam["grid_by"] == "probe_cc_avg" and g["tried"] == [3e-4, 1e-3, 3e-3]
     assert g["chosen"] == 1e-3 and not g["edge"]
     rows = [dict(r, value=r["lr"]) if r["phase"] == "grid" else r for r in fake_rows(mixes=("web",), archs=("h",))]
-    fam = report.summarize(rows)["web"]["h"]
+    fam = reporting.summarize(rows)["web"]["h"]
     assert fam["grid"]["ntp"]["chosen"] == 3e-3 and fam["grid"]["ntp"]["edge"]
-    assert "at the edge of the grid" in "\n".join(report._grid_table(fam))
+    assert "at the edge of the grid" in "\n".join(reporting._grid_table(fam))
 
 
 def test_data_rows_become_the_data_table(tmp_path):
@@ -184,7 +184,7 @@ def test_data_rows_become_the_data_table(tmp_path):
         {"mix": "web", "phase": "data", "arch": "", "loss": "", "seed": 0, "lr": 0, "step": 0,
          "benchmark": b, "value": v}
         for b, v in (("predicted_image", 0.25), ("mean_image", 0.7), ("share_image", 0.3), ("predicted_boiler", 0.9))]
-    md = open(report.write_report(rows, tmp_path, plots=False)).read()
+    md = open(reporting.write_report(rows, tmp_path, plots=False)).read()
     assert "| `web` | image | 0.300 | 0.700 | 0.250 |" in md and "| `web` | boiler | – | – | 0.900 |" in md
     with pytest.raises(SystemExit, match="--results"):
         report.main(["--results", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
@@ -192,12 +192,13 @@ def test_data_rows_become_the_data_table(tmp_path):
 
 def test_missing_parts_do_not_crash(tmp_path):
     rows = fake_rows(mixes=("web",), archs=("h",), arms=("ntp", "prior"), grid=False, cc=False)
-    md = open(report.write_report(rows, tmp_path, plots=False)).read()
+    md = open(reporting.write_report(rows, tmp_path, plots=False)).read()
     assert "No grid runs" in md and "Oracle" not in md and "no `probe_cc_avg` for NTP and another arm" in md
-    only_ntp = report.write_report(fake_rows(mixes=("web",), archs=("h",), arms=("ntp",)), tmp_path / "n", plots=False)
+    only_ntp = reporting.write_report(fake_rows(mixes=("web",), archs=("h",), arms=("ntp",)), tmp_path / "n",
+                                      plots=False)
     assert "NTP (n=5, step 300)" in open(only_ntp).read()
     no_main = [r for r in fake_rows(mixes=("web",), archs=("h",)) if r["phase"] == "grid"]
-    assert "No main-phase runs" in open(report.write_report(no_main, tmp_path / "g", plots=False)).read()
+    assert "No main-phase runs" in open(reporting.write_report(no_main, tmp_path / "g", plots=False)).read()
 
 
 def test_nan_values_stay_visible(tmp_path):
@@ -205,21 +206,22 @@ def test_nan_values_stay_visible(tmp_path):
     for r in rows:
         if r["loss"] == "prior" and r["seed"] == 0 and r["benchmark"] == "probe_cc_avg":
             r["value"] = None  # a diverged run
-    fam = report.summarize(rows)["web"]["h"]
+    fam = reporting.summarize(rows)["web"]["h"]
     assert math.isnan(stats.summary(fam["final"]["vals"]["prior"]["probe_cc_avg"])["mean"])
     assert fam["final"]["vs"]["prior"]["probe_cc_avg"]["verdict"] == "not computable (NaN)"
-    report.write_report(rows, tmp_path, plots=False)
+    reporting.write_report(rows, tmp_path, plots=False)
 
 
 def test_names_order_and_paper_helpers():
-    assert report.name("prior_shuffled") == "PRIOR (shuffled)" and report.name("ntp+itm") == "NTP + ITM"
-    assert "glue" in report.CATS
-    assert sorted(["nll_noise", "gap_image", "nll_glue", "probe_cc_avg", "colour", "nll_image", "probe_avg"],
-                  key=report.bench_key) == ["colour", "probe_avg", "probe_cc_avg", "nll_image", "nll_glue", "nll_noise",
-                                            "gap_image"]
-    a, b = report.stats({0: 0.5, 1: 0.6, 2: 0.7}), report.stats({0: 0.4, 1: 0.4, 2: 0.4})
-    assert a["std"] == pytest.approx(0.1) and report.compare(a, b, "colour", "prior")["clear"]  # paper.py's Welch test
-    assert report.compare(a, b, "nll_image", "prior")["rel"] < 0
+    assert reporting.name("prior_shuffled") == "PRIOR (shuffled)" and reporting.name("ntp+itm") == "NTP + ITM"
+    assert "glue" in reporting.CATS
+    order = sorted(["nll_noise", "gap_image", "nll_glue", "probe_cc_avg", "colour", "nll_image", "probe_avg"],
+                   key=reporting.bench_key)
+    assert order == ["colour", "probe_avg", "probe_cc_avg", "nll_image", "nll_glue", "nll_noise", "gap_image"]
+    a, b = reporting.stats({0: 0.5, 1: 0.6, 2: 0.7}), reporting.stats({0: 0.4, 1: 0.4, 2: 0.4})
+    # paper.py's Welch test
+    assert a["std"] == pytest.approx(0.1) and reporting.compare(a, b, "colour", "prior")["clear"]
+    assert reporting.compare(a, b, "nll_image", "prior")["rel"] < 0
 
 
 def test_plots_and_cli(tmp_path):
