@@ -6,7 +6,7 @@ generator gives us for free: every image is a 3x3 grid of cells, each empty or h
 shape, a colour and a size. The ViT learns to say, for every cell, what is in it.
 
     python -m data.generate --out data/synth                          # the data (once)
-    python vision.py --data data/synth/label.jsonl --out out/vit.pt   # this stage, ~2.5 min on a CPU core
+    python vision.py --data data/synth/label.jsonl --out out/vit.pt   # this stage alone
     python train.py --arch h --init-decoder out/base_lm.pt --init-encoder out/vit.pt --train projector ...
 
 Why per-cell heads on the patch tokens: the projector reads the ViT's patch tokens one by one, never a

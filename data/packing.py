@@ -12,10 +12,9 @@ Two packers. The default keeps the samples in order and starts a new row when th
 (next-fit): callers such as score.py read results back in sample order. `tight=True` is for training, where
 the order inside a batch does not matter (the loss is a sum over tokens): it spreads the samples evenly
 over the fewest rows that hold them and makes the batch only as wide as its fullest row (<= row_len), so
-almost no position is padding. It matters because padding costs as much compute as a real token: with
-~60-position samples (36 image tokens, a ~23-token caption) in 256-token rows, next-fit fits 3-4 a row and
-pads ~16% of a 32-sample batch; tight packing pads ~0.5% (experiments/bench.py measures both). Its cost is host time:
-~1 ms for 32 samples, ~40 ms for 1024 (next-fit: ~20 ms).
+almost no position is padding. It matters because padding costs as much compute as a real token: next-fit
+leaves most of a row's tail empty when a few long samples fill it. Its cost is host time. `python -m
+experiments.bench` reports the padding of both on the same batches (pad_fraction, pad_fraction_next_fit).
 """
 import array
 import heapq

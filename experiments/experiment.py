@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from experiments.jobs import Jobs
 
-# Sizes per preset. "cpu" is sized for a 2-core laptop CPU (about half an hour; docs/experiment.md has the
-# measured time); "smoke" exercises every stage in about a minute; "gpu" is a starting point for GPUs.
+# Sizes per preset. "cpu" is sized for a 2-core laptop CPU (docs/performance.md has its measured time); "smoke"
+# exercises every stage in miniature; "gpu" is a starting point for GPUs.
 PRESETS = {
     "smoke": dict(
         data=dict(n_ref=600, n_text=600, n_label=200, n_train=400, n_val=50, n_test=60, n_probe=24, n_probe_val=12),
