@@ -123,7 +123,7 @@ class Data:
 
 def loss_weights(cfg, batch, extra=None):
     """Per-position token weights (R, L) of the chosen --loss (rows of text-only data get NTP's 1s later)."""
-    if cfg.loss in ("prior", "prior_shuffled"):  # prior_shuffled: p_ref was permuted per caption in main
+    if cfg.loss in ("prior", "prior_shuffled"):  # prior_shuffled: p_ref was permuted per caption in load_data
         return prior_weights(batch.p_ref, cfg.alpha)
     if cfg.loss == "oracle":  # ground-truth tags: image words and glue (its form depends on the image) 1
         related = (batch.tags == CATEGORIES.index("image")) | (batch.tags == CATEGORIES.index("glue"))
