@@ -144,10 +144,10 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None
     give the mean over the batch. Host work per micro-batch is a few list operations and tensor creations;
     the device is synchronised once per step, at the end, to read the statistics."""
     samples, text_samples = data.samples, data.text_samples
-    if data.extra is None and baselines.hook(cfg) is not None:  # a caller that built Data by hand (bench, tests)
-        data.extra = baselines.hook(cfg)
-        data.extra.prepare(samples, unwrap(train_model).decoder.cfg.vocab_size, device)
-    extra = data.extra
+    extra = data.extra or baselines.hook(cfg)  # hook: for a caller that built Data by hand (bench, tests)
+    if extra is not None and data.extra is None:
+        data.extra = extra
+        extra.prepare(samples, unwrap(train_model).decoder.cfg.vocab_size, device)
     fsdp = world > 1 and hasattr(train_model, "set_requires_gradient_sync")
     batch_ids = global_batch(step, len(samples), cfg.batch_size, cfg.seed)
     n_text = int(cfg.batch_size * cfg.text_ratio) if text_samples else 0
