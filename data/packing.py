@@ -177,6 +177,7 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
     # Build every field as one flat Python list and convert once: a few tensor ops per batch instead of
     # several per sample (this runs on the host every step, while the GPU waits for the batch).
     ids, labels, pos, docs, p_ref, tags, weights, indices = [], [], [], [], [], [], [], []
+    any_weights = any(s.weights is not None for s in kept)  # only --loss attn has them: skip the list otherwise
     for row in rows:
         for d, i in enumerate(row):
             s, n = kept[i], sizes[i]
@@ -187,7 +188,9 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
             docs += [d] * n
             p_ref += [0.0] * len(prefix) + (list(s.p_ref) if s.p_ref is not None else [0.0] * (n - len(prefix)))
             tags += [-1] * len(prefix) + (list(s.tags) if s.tags is not None else [-1] * (n - len(prefix)))
-            weights += [1.0] * len(prefix) + (list(s.weights) if s.weights is not None else [1.0] * (n - len(prefix)))
+            if any_weights:
+                weights += [1.0] * len(prefix) + (list(s.weights) if s.weights is not None
+                                                  else [1.0] * (n - len(prefix)))
             indices.append(s.index)
         pad = width - sum(sizes[i] for i in row)
         ids += [T.PAD] * pad
@@ -196,12 +199,14 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
         docs += [len(row)] * pad  # padding: its own document at position 0, attends only to padding
         p_ref += [0.0] * pad
         tags += [-1] * pad
-        weights += [1.0] * pad
+        weights += [1.0] * pad if any_weights else []
     # list -> tensor through array.array: ~4x faster than torch.tensor(list) for long lists
     shape = (len(rows), width)
     ids, labels, pos, docs, tags = (torch.frombuffer(array.array("q", x), dtype=torch.long).view(shape)
                                     for x in (ids, labels, pos, docs, tags))
-    p_ref, weights = (torch.frombuffer(array.array("f", x), dtype=torch.float).view(shape) for x in (p_ref, weights))
+    p_ref = torch.frombuffer(array.array("f", p_ref), dtype=torch.float).view(shape)
+    weights = torch.frombuffer(array.array("f", weights), dtype=torch.float).view(shape) if any_weights else \
+        torch.ones(shape)
     return Batch(ids, labels, pos, docs, p_ref, tags, weights, indices)
 
 
@@ -209,7 +214,6 @@ def count_overlong(samples, ctx):
     """(captions longer than ctx positions, their labels past it): what gets p_ref = 0 (module doc)."""
     over = [len(s.caption_ids) + 1 - ctx for s in samples if len(s.caption_ids) + 1 > ctx]
     return len(over), sum(over)
-
 
 
 def warn_overlong(samples, row_len, prefix_len, what):
