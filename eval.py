@@ -4,7 +4,7 @@
     # every ckpt_*.pt of a run -> runs/h_prior/eval.json (a re-run skips the checkpoints already there):
     python eval.py --run-dir runs/h_prior --probes data/synth/probes --test data/synth/test.jsonl \\
         --test-scores out/scores_test.pt
-    # importance scores vs caption length and token position (the paper's Fig. 8; importance.py), no model:
+    # importance scores vs caption length and token position (the paper's Fig. 8; lib/importance.py), no model:
     python eval.py --importance out/scores_test.pt --importance-data data/synth/test.jsonl \\
         --tokenizer out/tokenizer.json
 
@@ -38,16 +38,16 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-import tokenizer as T
-from cli import parse_config
+from data import tokenizer as T
+from lib.cli import parse_config
 from data.benchmarks import data_key, load_mc, load_test, report_skipped
 from data.features import encoder_features
 from data.images import normalize
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
-from importance import importance_analysis
+from lib.importance import importance_analysis
 from model import load_model
-from utils import autocast, check_fingerprint, pick_device
+from lib.utils import autocast, check_fingerprint, pick_device
 
 THRESHOLDS = (0.25, 0.5, 0.75)
 
@@ -63,7 +63,7 @@ class EvalConfig:
     test_scores: str = field(default="", metadata={
         "help": "score.py output for --test: adds NLL by PRIOR weight w = 1 - p_ref"})
     importance: str = field(default="", metadata={
-        "help": "score.py output to analyse: mean w vs caption length and token position (importance.py)"})
+        "help": "score.py output to analyse: mean w vs caption length and token position (lib/importance.py)"})
     importance_data: str = field(default="", metadata={
         "help": "the caption file --importance was scored on ('' = the path recorded in it)"})
     png: str = field(default="", metadata={"help": "figure of the importance analysis ('' = beside the score file)"})

@@ -6,9 +6,9 @@
     VLM(arch="u")  U-LVLM, SOLO-style, encoder-free: 8x8 pixel patches -> one bias-free Linear -> decoder,
                    framed as <|vision|> (patch x cols, <|vrow|>) x rows <|/vision|>; positions come only from
                    the decoder's RoPE over the flat sequence.
-    VLMConfig(vision="timm:<name>")  the H-LVLM with a ViT-style timm model as encoder (encoders.py), e.g. CLIP.
+    VLMConfig(vision="timm:<name>")  the H-LVLM with a ViT-style timm model as encoder (lib/encoders.py), e.g. CLIP.
     load_model, load_lm  a train.py / reference_lm.py checkpoint back as a model (the config is inside).
-    KVCache, generate  inference: decoding with cached keys/values, greedy or sampled (caption.py).
+    KVCache, generate  inference: decoding with cached keys/values, greedy or sampled (tools/caption.py).
 
 Both VLMs splice image embeddings into the token sequence at the <|image|> placeholders, so packing,
 masks and the loss never need to know which family runs. Sequences may be packed: `doc_ids` keeps attention
@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import tokenizer as T
-from encoders import build_encoder
-from utils import check_fingerprint, load_checkpoint
+from data import tokenizer as T
+from lib.encoders import build_encoder
+from lib.utils import check_fingerprint, load_checkpoint
 
 
 @dataclass
@@ -35,7 +35,7 @@ class DecoderConfig:
     max_seq_len: int = 1024  # longest position RoPE tables are built for
     rope_theta: float = 10000.0
     mlp_ratio: float = 8 / 3  # SwiGLU hidden = ratio * d_model, as in Llama (same FLOPs as a 4x GELU MLP)
-    # The rest of the Llama family (hf.py loads its checkpoints). The defaults are the project's own models.
+    # The rest of the Llama family (lib/hf.py loads its checkpoints). The defaults are the project's own models.
     n_kv_head: int = 0        # grouped-query attention: key/value heads (each serves n_head / n_kv_head); 0 = n_head
     mlp_hidden: int = 0       # SwiGLU hidden width; 0 = mlp_ratio * d_model rounded up to a multiple of 64
     norm_eps: float = None    # RMSNorm epsilon (Llama: 1e-5 or 1e-6); None = the dtype's machine epsilon

@@ -26,14 +26,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-import tokenizer as T
-from cli import parse_config
+from data import tokenizer as T
+from lib.cli import parse_config
 from data.packing import make_samples, pack
 from data.records import read_records
 from loss import ntp_loss
 from model import Decoder, DecoderConfig
-from health import memorising, val_split_size
-from utils import atomic_save, autocast, lr_at, make_optimizer, pick_device, seed_everything, text_fingerprint
+from lib.health import memorising, val_split_size
+from lib.utils import atomic_save, autocast, lr_at, make_optimizer, pick_device, seed_everything, text_fingerprint
 
 
 @dataclass
@@ -41,7 +41,7 @@ class RefConfig:
     data: str = field(default="data/synth/ref.jsonl",
                       metadata={"help": "caption file(s), comma-separated: JSONL, LLaVA or COCO JSON, or .tar shards; "
                                         "images are not read"})
-    tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json from tokenizer.py"})
+    tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json from data/tokenizer.py"})
     out: str = field(default="out/ref_lm.pt", metadata={"help": "checkpoint to write"})
     val_fraction: float = field(default=0.05,
                                 metadata={"help": "share of captions held out for validation (at least 64, at "
@@ -61,7 +61,7 @@ class RefConfig:
                           metadata={"help": "stop after this many validations without a better NLL (0 = run "
                                             "all --steps)"})
     init_decoder: str = field(default="",
-                              metadata={"help": "start from this LM: hf:FOLDER (Hugging Face Llama, hf.py) or a "
+                              metadata={"help": "start from this LM: hf:FOLDER (Hugging Face Llama, lib/hf.py) or a "
                                                 "reference_lm.py checkpoint"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -106,8 +106,8 @@ def train_lm(cfg):
                          d_model=cfg.d_model, max_seq_len=cfg.row_len)
     base = None
     if cfg.init_decoder:  # a pretrained LM trained further on captions (the paper's reference LM: Llama-3-8B)
-        from hf import base_checkpoint
-        from utils import check_fingerprint
+        from lib.hf import base_checkpoint
+        from lib.utils import check_fingerprint
         base = base_checkpoint(cfg.init_decoder, "lm", "--init-decoder")
         check_fingerprint("tokenizer", base["tokenizer"], T.fingerprint(tok), cfg.init_decoder, cfg.tokenizer)
         dc = base["decoder_config"]

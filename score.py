@@ -34,16 +34,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import tokenizer as T
-from cli import parse_config
+from data import tokenizer as T
+from lib.cli import parse_config
 from data.packing import count_overlong, make_samples
 from data.records import iter_records, read_records
 from data.record_types import DataError, Tally
 from data.scores import INDEX_FORMAT, ShardWriter, save_scores, shard_path
 from data.tags import CATEGORIES, token_tags
-from health import weight_collapse
+from lib.health import weight_collapse
 from model import load_lm
-from utils import atomic_save, file_fingerprint, pick_device, text_fingerprint
+from lib.utils import atomic_save, file_fingerprint, pick_device, text_fingerprint
 
 
 @dataclass

@@ -16,7 +16,7 @@ words 1, others --oracle-low; a reference point, not a bound). The baselines (ra
 auxiliary --objective itm, itc, recon) live in baselines/ and enter through one hook (baselines.hook).
 
 Writes to --out-dir: config.json, log.jsonl (a line per step), ckpt_<step>.pt (weights, for eval.py), last.pt
-(checkpoint.py: --resume continues bit for bit).
+(lib/checkpoint.py: --resume continues bit for bit).
 Alarm: with a weighted loss, when the plain caption NLL (log.jsonl's "ntp") rises clearly above its level at the
 end of warm-up (health.nll_rise), the run warns once and logs "alarm": it is unlearning the caption language.
 Speed: python -m experiments.bench times this script's step. Data formats: docs/formats.md; own data: docs/own_data.md.
@@ -33,22 +33,22 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import baselines
-import tokenizer as T
-from build import build_model
-from checkpoint import check_resume, restore, save
-from cli import flag, parse_config
+from data import tokenizer as T
+from lib.build import build_model
+from lib.checkpoint import check_resume, restore, save
+from lib.cli import flag, parse_config
 from data.features import encoder_features
 from data.images import images_cached, load_images, normalize
 from data.packing import IGNORE, cat, global_batch, make_samples, pack, to_device, warn_overlong
 from data.records import read_records
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
-from distributed import full_state, setup_distributed, shard, unwrap, wait_until
-from flops import attended_pairs, peak_flops, step_flops
-from health import nll_alarm_message, nll_rise, past_ntp
+from lib.distributed import full_state, setup_distributed, shard, unwrap, wait_until
+from lib.flops import attended_pairs, peak_flops, step_flops
+from lib.health import nll_alarm_message, nll_rise, past_ntp
 from loss import prior_weights, shuffle_within_captions, token_losses, weighted_loss
 from model import count_params
-from utils import (autocast, file_fingerprint, load_checkpoint, lr_at, make_optimizer, pick_device, seed_everything,
+from lib.utils import (autocast, file_fingerprint, load_checkpoint, lr_at, make_optimizer, pick_device, seed_everything,
                    text_fingerprint)
 
 
@@ -71,8 +71,8 @@ class TrainConfig:
     no_k: bool = flag(False, "drop the factor k (caption length) from PRIOR's normalisation (ablation)")
     oracle_low: float = flag(0.1, "oracle weight of boiler and noise words (image and glue words get 1)")
     train: str = flag("all", "which parts train: all, or projector (the paper's H-LVLM recipe)", ["all", "projector"])
-    init_decoder: str = flag("", "base LM: a reference_lm.py checkpoint, or hf:FOLDER (hf.py) ('' = scratch)")
-    init_encoder: str = flag("", "ViT checkpoint from vision.py to start the encoder from ('' = scratch)")
+    init_decoder: str = flag("", "base LM: a reference_lm.py checkpoint, or hf:FOLDER (lib/hf.py) ('' = scratch)")
+    init_encoder: str = flag("", "ViT checkpoint from tools/vision.py to start the encoder from ('' = scratch)")
     init_from: str = flag("", "a train.py checkpoint to start all weights from (e.g. the U-LVLM's stage 1)")
     vision: str = flag("", "H-LVLM encoder: '' = the built-in ViT; 'timm:<name>' = that timm model")
     vision_weights: str = flag("", "local file with the --vision timm model's state dict; nothing is downloaded")

@@ -11,12 +11,12 @@ its flags in train.TrainConfig, its per-token weights in Baseline.weights or its
 """
 import torch
 
-import tokenizer as T
+from data import tokenizer as T
 from baselines.heads import MicroBatch, attach_heads, host_positions, micro_batch_loss
 from baselines.losses import inverse_frequency_table
 from data.packing import pack, to_device
 from data.scores import load_scores
-from utils import file_fingerprint
+from lib.utils import file_fingerprint
 
 LOSSES = ("rare", "attn", "rho1", "cal")
 

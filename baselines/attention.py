@@ -18,15 +18,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import tokenizer as T
-from cli import parse_config
+from data import tokenizer as T
+from lib.cli import parse_config
 from data.packing import make_samples
 from data.records import read_records
 from data.images import load_images, normalize
 from data.scores import quantise
-from encoders import build_vit
+from lib.encoders import build_vit
 from model import Decoder, DecoderConfig, VLMConfig, init_weights
-from utils import (atomic_save, autocast, check_fingerprint, load_checkpoint, lr_at, make_optimizer, pick_device,
+from lib.utils import (atomic_save, autocast, check_fingerprint, load_checkpoint, lr_at, make_optimizer, pick_device,
                    seed_everything, text_fingerprint)
 
 
@@ -135,7 +135,7 @@ class AttnConfig:
                               metadata={"help": "base-LM checkpoint (reference_lm.py) to start the text side from "
                                                 "('' = scratch)"})
     init_encoder: str = field(default="",
-                              metadata={"help": "ViT checkpoint (vision.py) to start the image side from "
+                              metadata={"help": "ViT checkpoint (tools/vision.py) to start the image side from "
                                                 "('' = scratch)"})
     image_size: int = field(default=48, metadata={"help": "image size (scratch ViT; --init-encoder's otherwise)"})
     patch_size: int = field(default=8, metadata={"help": "ViT patch size (scratch ViT)"})

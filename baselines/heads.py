@@ -35,11 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import tokenizer as T
+from data import tokenizer as T
 from baselines.losses import cal_loss, rho1_loss
 from loss import weighted_loss
 from model import init_weights
-from utils import autocast
+from lib.utils import autocast
 
 OBJECTIVES = ("none", "itm", "itc", "recon")
 

@@ -10,7 +10,7 @@ import torch
 from data.records import read_records
 from data.images import load_images
 from data.record_types import BadRecord, DataError, Record, report_bad
-from utils import text_fingerprint
+from lib.utils import text_fingerprint
 
 _data = {}  # data_key -> (records, uint8 images[, fingerprint of the whole file])
 

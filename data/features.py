@@ -28,7 +28,7 @@ import uuid
 
 import torch
 
-from utils import autocast
+from lib.utils import autocast
 
 VERSION = "features-v1"
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-import tokenizer as T
+from data import tokenizer as T
 
 IGNORE = -100
 FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "p_ref", "tags", "weights")

@@ -156,10 +156,10 @@ def answer_only_scores(qa_path, tokenizer_path, out):
     prefix of its caption (the mask would be off by a token)."""
     import torch
 
-    import tokenizer as T
+    from data import tokenizer as T
     from data.records import read_records
     from data.scores import save_scores
-    from utils import text_fingerprint
+    from lib.utils import text_fingerprint
 
     tok = T.load_tokenizer(tokenizer_path)
     records = read_records(qa_path, require_image=False, check_files=False)

@@ -24,7 +24,7 @@ import struct
 import torch
 
 from data.record_types import DataError
-from utils import atomic_save, check_fingerprint, safe_load
+from lib.utils import atomic_save, check_fingerprint, safe_load
 
 INDEX_FORMAT = "prior-scores-index-1"
 SHARD_MAGIC = b"PRIOR-SCORES-SHARD-1\n"

@@ -6,7 +6,7 @@ the tag oracle can weight by it.
 """
 import sys
 
-import tokenizer as T
+from data import tokenizer as T
 
 CATEGORIES = ("image", "boiler", "noise", "glue")  # the generator's word tags (data/generate.py)
 

@@ -45,19 +45,19 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars inside the timed 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import tokenizer as T  # noqa: E402
+from data import tokenizer as T  # noqa: E402
 from experiments import bench_parts  # noqa: E402
 import train  # noqa: E402
-from cli import parse_config  # noqa: E402
-from build import build_model  # noqa: E402
+from lib.cli import parse_config  # noqa: E402
+from lib.build import build_model  # noqa: E402
 from data.images import load_images  # noqa: E402
 from data.packing import global_batch, make_samples, pack  # noqa: E402
 from data.record_types import Record  # noqa: E402
 from data.records import read_records  # noqa: E402
-from flops import peak_flops, step_flops  # noqa: E402
+from lib.flops import peak_flops, step_flops  # noqa: E402
 from model import Decoder, DecoderConfig, count_params  # noqa: E402
 from score import label_probs  # noqa: E402
-from utils import make_optimizer, pick_device  # noqa: E402
+from lib.utils import make_optimizer, pick_device  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -30,9 +30,9 @@ from data.features import compute_features
 from data.packing import pack
 from data.images import normalize
 from model import Decoder, DecoderConfig, count_params
-from utils import make_optimizer
+from lib.utils import make_optimizer
 from data.packing import global_batch
-from build import build_model
+from lib.build import build_model
 
 
 CPU = []  # per-call process CPU seconds of the last _clock calls (read by the callers just after)

@@ -102,7 +102,7 @@ class Experiment:
         if not os.path.exists(tok):
             step("tokenizer")
             files = ",".join(self.path(f"data_{m}", f) for m in self.mixes for f in ("text.jsonl", "train.jsonl"))
-            self.jobs.run(["tokenizer.py", "--data", files, "--out", tok, "--vocab-size", str(self.p["vocab"])],
+            self.jobs.run(["-m", "data.tokenizer", "--data", files, "--out", tok, "--vocab-size", str(self.p["vocab"])],
                           "tokenizer")
         # Everything after the tokenizer runs as chains of jobs in one pool (a chain's jobs in order):
         # per mix, the reference LM and then its scores; with --stage all also the base LM and then the
@@ -156,7 +156,7 @@ class Experiment:
                                   "--out-dir", os.path.dirname(self.stage1_ckpt(mix)), "--lr", "1e-3",
                                   "--device", self.cfg.device, "--resume", *self.flags(v)], f"u_stage1_{mix}"))
         if "h" in self.archs and not os.path.exists(self.path("vit.pt")):
-            vit_chain.append((["vision.py", "--data", self.path(f"data_{self.mixes[0]}", "label.jsonl"),
+            vit_chain.append((["-m", "tools.vision", "--data", self.path(f"data_{self.mixes[0]}", "label.jsonl"),
                                "--out", self.path("vit.pt"), "--device", self.cfg.device,
                                *self.flags(self.p["vit"])], "vit"))
         return [lm_chain, vit_chain]

@@ -72,7 +72,7 @@ class Jobs:
 
     def _in_process(self, args, name):
         """Run a script of IN_PROCESS by calling its function with its parsed flags; output into its log."""
-        from cli import parse_config
+        from lib.cli import parse_config
         script, argv = (args[1], args[2:]) if args[0] == "-m" else (args[0], args[1:])
         if script not in IN_PROCESS:
             raise ValueError(script)

@@ -25,7 +25,7 @@ import json
 import time
 from dataclasses import asdict
 
-from cli import parse_config
+from lib.cli import parse_config
 from experiments.experiment import Experiment, ExperimentConfig
 from experiments.reporting import write_report
 

@@ -22,12 +22,12 @@ def baseline_arms(attn_scores):
 def weight_relevance(s, score_file, attention):
     """Mean token weight by ground-truth word kind and image-vs-rest ROC-AUC of a score file on the training
     captions: w = 1 - p_ref for PRIOR's file, the stored weight for the attention scorer's."""
-    import tokenizer as T
+    from data import tokenizer as T
     from data.records import read_records
     from score import relevance_report
     from data.scores import load_scores
     from data.tags import token_tags
-    from utils import text_fingerprint
+    from lib.utils import text_fingerprint
     data = os.path.join(s.data, "train.jsonl")
     tok = T.load_tokenizer(s.path("tokenizer.json"))
     records = read_records(data, check_files=False)

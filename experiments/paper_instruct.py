@@ -87,9 +87,9 @@ def instruct(args):
 
     # generated answers and the same questions by likelihood, before and after tuning
     import eval as E
-    import qa_eval
-    from caption import load
-    from utils import pick_device
+    from experiments import qa_eval
+    from tools.caption import load
+    from lib.utils import pick_device
     device = pick_device(s.device)
     kind_of = {}
     for k in kinds:

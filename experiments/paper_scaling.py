@@ -44,7 +44,7 @@ def tokens_seen(lengths, steps, batch, seed):
 
 def scaling(args):
     from experiments import reporting as report
-    import tokenizer as T
+    from data import tokenizer as T
     t0 = time.time()
     s = Setup(args, "scaling")
     lrs, seeds = s.lrs(), args.seeds or (1 if args.quick else 2)
@@ -106,7 +106,7 @@ def scaling(args):
     if "prior" in methods:
         from data.records import read_records
         from data.scores import load_scores
-        from utils import text_fingerprint
+        from lib.utils import text_fingerprint
         tok = T.load_tokenizer(s.path("tokenizer.json"))
         full_records = read_records(train_path, require_image=False, check_files=False)
         full = load_scores(s.path(f"scores_{s.mix}_train.pt"), T.fingerprint(tok), text_fingerprint(full_records))

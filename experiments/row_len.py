@@ -9,12 +9,12 @@ with the FLOP counts at the main job's gpu preset (d 512 x 8 layers). docs/gpu.m
 import statistics
 import sys
 
-import tokenizer as T
+from data import tokenizer as T
 from data.packing import IGNORE, pack
 from data.records import read_records
 from model import VLM, DecoderConfig, VLMConfig
 from data.packing import global_batch, make_samples
-from flops import attended_pairs, step_flops
+from lib.flops import attended_pairs, step_flops
 
 if len(sys.argv) != 3:
     raise SystemExit("usage: python -m experiments.row_len TRAIN.jsonl REF.jsonl (captions to tokenize with)")

@@ -54,7 +54,7 @@ DATA="$OUT/data"
 if [ ! -f "$DATA/synth/train.jsonl" ]; then
   $PY -m data.generate --out "$DATA/synth" --n-train 20000 --n-ref 20000 --n-text 20000 --n-label 0 --n-val 0 \
       --n-test 0 --n-probe 0 > "$OUT/generate.log" 2>&1
-  $PY tokenizer.py --data "$DATA/synth/ref.jsonl,$DATA/synth/train.jsonl" --out "$DATA/tok.json" --vocab-size 2048
+  $PY -m data.tokenizer --data "$DATA/synth/ref.jsonl,$DATA/synth/train.jsonl" --out "$DATA/tok.json" --vocab-size 2048
 fi
 for arch in h u; do
   extra=""

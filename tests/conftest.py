@@ -42,7 +42,7 @@ def tiny(tmp_path_factory):
     """Paths of a tiny end-to-end set-up: data, tokenizer, reference LM and scores of train.jsonl."""
     import reference_lm
     import score
-    import tokenizer
+    from data import tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     rng = random.Random(0)

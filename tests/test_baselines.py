@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import tokenizer as T
+from data import tokenizer as T
 import train
 from data.packing import IGNORE, pack
 from data.records import read_records
@@ -14,9 +14,9 @@ from baselines import attention
 from baselines.heads import AuxHeads, MicroBatch, host_positions, micro_batch_loss, patchify
 from data.scores import load_scores
 from data.tags import token_tags
-from utils import text_fingerprint
+from lib.utils import text_fingerprint
 from data.packing import make_samples
-from build import build_model
+from lib.build import build_model
 
 
 def config(tiny, **kw):

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-import tokenizer as T
+from data import tokenizer as T
 from data.packing import IGNORE, Sample, cat, pack
 from loss import prior_weights, weighted_loss
 from model import VLM, Decoder, DecoderConfig, VLMConfig
-from flops import flops_per_token, step_flops
+from lib.flops import flops_per_token, step_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ("prior_over_ntp_step_time", "train_flops_per_s", "matmul_flops_per_s", "train_tokens_per_s",
@@ -149,7 +149,7 @@ def test_compile_matches_eager(tmp_path):
     compiled state leaks into other tests; its own tiny data (conftest's recipe), not the session fixture,
     whose creation order another test depends on. ~20-40 s on a 2-core CPU, nearly all of it compiling.
     --loss oracle: the per-caption weighting path of PRIOR, without needing a reference LM."""
-    import tokenizer
+    from data import tokenizer
     from tests.conftest import write_split
     write_split(tmp_path, "train", 24, random.Random(0), with_images=True)
     tokenizer.main(["--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "tok.json"),

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import caption
-import tokenizer as T
+from tools import caption
+from data import tokenizer as T
 import train
 from data.images import load_image, normalize
 from model import generate
@@ -57,5 +57,5 @@ def test_checkpoint_of_another_kind_is_named(run, tiny):
     """A reference LM given as --ckpt: one line naming the file, what it is and what was expected."""
     with pytest.raises(SystemExit) as err:
         caption.main(["--ckpt", str(tiny["ref_lm"]), "--image", run["image"]])
-    assert str(err.value) == (f"caption.py: {tiny['ref_lm']} is a reference_lm.py checkpoint (a language model), "
+    assert str(err.value) == (f"tools/caption.py: {tiny['ref_lm']} is a reference_lm.py checkpoint (a language model), "
                               f"not a train.py checkpoint (a VLM) as expected")

@@ -6,17 +6,17 @@ import threading
 import pytest
 import torch
 
-import tokenizer as T
+from data import tokenizer as T
 import train
 from data.features import encoder_features, feature_key
 from data.images import load_images, normalize
 from data.records import read_records
 from model import VLM, VLMConfig, DecoderConfig
-from utils import load_checkpoint
+from lib.utils import load_checkpoint
 
 from test_train import config
 from data.packing import make_samples
-from build import build_model
+from lib.build import build_model
 
 # Tolerance: features cached in chunks of 256 images vs the step's own batch differ by fp32 rounding of
 # the matmul blocking (~1e-7 relative on values of order 1); over a few AdamW steps of a tiny model the

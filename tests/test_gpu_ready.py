@@ -13,8 +13,8 @@ from data.packing import Sample
 from model import VLM, Decoder, DecoderConfig, VLMConfig
 from baselines.heads import attach_heads
 from data.packing import global_batch
-from distributed import check_bf16
-from flops import attended_pairs, peak_flops, peak_for_name, step_flops
+from lib.distributed import check_bf16
+from lib.flops import attended_pairs, peak_flops, peak_for_name, step_flops
 
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
 

@@ -72,7 +72,7 @@ def test_in_process_jobs_use_the_table(tmp_path, monkeypatch):
         runner.run(["fake.py", "--word", "fail"], "three")
     assert "ValueError: the fake script failed" in str(e.value) and "three.log" in str(e.value)
     with pytest.raises(ValueError):
-        runner.run(["tokenizer.py"], "four")  # not in the table
+        runner.run(["-m", "data.tokenizer"], "four")  # not in the table
 
 
 def test_every_in_process_entry_exists():

@@ -1,6 +1,6 @@
 import torch
 
-import tokenizer as T
+from data import tokenizer as T
 from data.packing import IGNORE, Sample, pack
 from model import Decoder, DecoderConfig
 

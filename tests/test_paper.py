@@ -99,8 +99,8 @@ def mini_out(tmp_path_factory):
     """A miniature main-job output folder (see the module docstring)."""
     import reference_lm
     import score
-    import tokenizer
-    import vision
+    from data import tokenizer
+    from tools import vision
     from data.generate import GenConfig, generate
     root = tmp_path_factory.mktemp("paper_from")
     data = root / "data_web"
@@ -242,7 +242,7 @@ def test_same_run_reads_a_moved_artefacts_folder(mini_out, tmp_path):
     """A main-job run made when the artefacts folder lived elsewhere (copied, renamed) still counts as the same
     run: its recorded paths are read relative to the folder it was in. Another setting does not."""
     import train
-    from cli import parse_config
+    from lib.cli import parse_config
     args = paper.parser().parse_args(["ablation", "--from", str(mini_out), "--out", str(tmp_path / "o"), "--quick"])
     s = Setup(args, "ablation")
     run = os.path.join(s.src, "runs", "web", "h", "ntp_moved_folder")

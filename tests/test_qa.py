@@ -1,4 +1,4 @@
-"""data/qa.py (questions about the generator's scenes) and qa_eval.py's generated-answer scoring."""
+"""data/qa.py (questions about the generator's scenes) and experiments/qa_eval.py's generated-answer scoring."""
 import json
 import random
 import re
@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-import qa_eval as Q
-import tokenizer as T
+from experiments import qa_eval as Q
+from data import tokenizer as T
 from data import qa
 from data.benchmarks import read_mc
 from data.generate import GenConfig, generate, resolve
@@ -116,7 +116,7 @@ def test_build_uses_only_the_given_split(synth):
 def test_answer_only_scores_mask_the_question(synth):
     from data.records import read_records
     from loss import caption_factors, prior_weights
-    from utils import text_fingerprint
+    from lib.utils import text_fingerprint
     root = synth
     path = qa.answer_only_scores(str(root / "qa" / "train.jsonl"), str(root / "tok.json"), str(root / "mask.pt"))
     tok = T.load_tokenizer(str(root / "tok.json"))

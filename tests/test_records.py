@@ -271,7 +271,7 @@ def test_stream_sees_every_sample_once_across_ranks_and_workers(tmp_path, capfd,
 def test_write_shards_round_trip(tmp_path):
     """python -m data.shards turns any source into shards whose records (and so fingerprint) are the same."""
     from data.shards import main as shards_main
-    from utils import text_fingerprint
+    from lib.utils import text_fingerprint
     png(tmp_path / "images" / "a.png", (1, 2, 3))
     png(tmp_path / "images" / "b.jpg", (200, 100, 50))
     rows = [{"image": "images/a.png", "caption": f"caption {i}", "tags": ["x", str(i)]} for i in range(5)]

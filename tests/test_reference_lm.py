@@ -10,7 +10,7 @@ def test_loss_falls_and_checkpoint_records_its_inputs(tiny):
     assert history[-1]["val_nll"] < 5.0  # log(300) = 5.7 at initialisation
     cfg = reference_lm.RefConfig(data=str(tiny["ref"]), tokenizer=str(tiny["tokenizer"]), out="unused",
                                  n_layer=1, n_head=2, d_model=32, row_len=64, device="cpu")
-    import tokenizer as T
+    from data import tokenizer as T
     from data.records import read_records
     tok = T.load_tokenizer(cfg.tokenizer)
     model, ckpt = load_lm(str(tiny["ref_lm"]), tok)

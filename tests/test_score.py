@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import score
-import tokenizer as T
+from data import tokenizer as T
 from data.records import read_records
 from data.record_types import DataError
 from model import load_lm
-from utils import text_fingerprint
+from lib.utils import text_fingerprint
 from data.scores import INDEX_FORMAT, _load_shard, load_scores
 
 

@@ -16,7 +16,7 @@ MAX_HELP = 100
 CONFIG_MODULES = ["train", "eval", "score", "reference_lm", "experiments.experiment", "experiments.bench", "vision",
                   "baselines.attention", "caption", "tokenizer", "data.generate"]
 # Scripts that build their flags with argparse directly.
-ARGPARSE_SCRIPTS = ["experiments/paper.py", "experiments/report.py", "hf.py", "data/qa.py"]
+ARGPARSE_SCRIPTS = ["experiments/paper.py", "experiments/report.py", "lib/hf.py", "data/qa.py"]
 
 
 def project_files():

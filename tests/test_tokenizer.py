@@ -1,6 +1,6 @@
 import pytest
 
-import tokenizer as T
+from data import tokenizer as T
 
 CAPTIONS = ["stock photo : a red circle by ann", "two blue squares at the top left , $ 12.99",
             "royalty free image of a green star"] * 20
@@ -41,7 +41,7 @@ def test_fingerprint_and_load(tok, tmp_path):
     assert T.fingerprint(T.load_tokenizer(path)) == T.fingerprint(tok)
     other = T.train_tokenizer(CAPTIONS[:3], vocab_size=280)
     assert T.fingerprint(other) != T.fingerprint(tok)
-    with pytest.raises(FileNotFoundError, match="tokenizer.py"):
+    with pytest.raises(FileNotFoundError, match="data.tokenizer"):
         T.load_tokenizer(str(tmp_path / "missing.json"))
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import train
-from utils import load_checkpoint
+from lib.utils import load_checkpoint
 from data.packing import global_batch, make_samples
 from model import load_model
-from build import build_model
+from lib.build import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,7 +165,7 @@ def test_fsdp_two_processes_equal_one_and_checkpoints_load_anywhere(tiny, tmp_pa
 def test_timm_encoder_from_weights_file_trains_only_the_projector(tiny, tmp_path):
     import json
     import timm
-    from encoders import TimmEncoder
+    from lib.encoders import TimmEncoder
     kwargs = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
     torch.manual_seed(123)  # weights unlike the ones train.py's seeded build would make
     source = TimmEncoder("vit_tiny_patch16_224", kwargs).model.state_dict()

@@ -1,5 +1,5 @@
 """
-Tests for vision.py: per-cell labels, cell pooling, training on a tiny hand-drawn set, and the checkpoint
+Tests for tools/vision.py: per-cell labels, cell pooling, training on a tiny hand-drawn set, and the checkpoint
 loading into build_model through --init-encoder.
 
 Run: .venv/bin/python -m pytest -q tests/test_vision.py
@@ -13,15 +13,15 @@ import torch
 from PIL import Image, ImageDraw
 
 import train
-import vision
+from tools import vision
 from data.records import read_records
 from data.images import load_images, normalize
 from data.record_types import DataError
 from model import VLMConfig
-from encoders import build_vit
-from tokenizer import train_tokenizer
-from utils import load_checkpoint
-from build import build_model
+from lib.encoders import build_vit
+from data.tokenizer import train_tokenizer
+from lib.utils import load_checkpoint
+from lib.build import build_model
 
 COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 230), "yellow": (240, 215, 40)}
 ROWS, COLS = ["top", "middle", "bottom"], ["left", "center", "right"]

@@ -1,15 +1,15 @@
 """The VLM a training config asks for, built and initialised: from scratch, from a base LM (reference_lm.py or
-hf:FOLDER), a vision.py ViT or a timm model with local weights, or a whole train.py checkpoint (--init-from).
+hf:FOLDER), a tools/vision.py ViT or a timm model with local weights, or a whole train.py checkpoint (--init-from).
 train.py, bench.py and the tests build their models here."""
 import json
 import sys
 
 import baselines
-import tokenizer as T
-from encoders import load_vision_weights
-from hf import base_checkpoint
+from data import tokenizer as T
+from lib.encoders import load_vision_weights
+from lib.hf import base_checkpoint
 from model import VLM, DecoderConfig, VLMConfig
-from utils import check_fingerprint, load_checkpoint
+from lib.utils import check_fingerprint, load_checkpoint
 
 
 def build_model(cfg, tok):
@@ -23,7 +23,7 @@ def build_model(cfg, tok):
         dcfg = DecoderConfig(**{**base["decoder_config"],
                                 "max_seq_len": max(cfg.row_len, base["decoder_config"]["max_seq_len"])})
     if cfg.vision and cfg.init_encoder:
-        raise ValueError("--vision (a timm encoder) and --init-encoder (a vision.py ViT) are two encoders: give one")
+        raise ValueError("--vision (a timm encoder) and --init-encoder (a tools/vision.py ViT) are two encoders: give one")
     if cfg.vision_weights and not cfg.vision:
         raise ValueError("--vision-weights needs --vision timm:<name>, the model the weights belong to")
     if cfg.vision_weights and cfg.init_from:

@@ -1,8 +1,8 @@
 """Caption an image with a train.py checkpoint, decoding with the KV cache (model.generate).
 
-    python caption.py --ckpt runs/h_prior/last.pt --image my.png
-    python caption.py --ckpt runs/h_prior/last.pt --image my.png --prompt "a photo of" --greedy
-    python caption.py --ckpt runs/h_prior/last.pt --image my.png --temperature 0.8 --top-k 20 --seed 0
+    python -m tools.caption --ckpt runs/h_prior/last.pt --image my.png
+    python -m tools.caption --ckpt runs/h_prior/last.pt --image my.png --prompt "a photo of" --greedy
+    python -m tools.caption --ckpt runs/h_prior/last.pt --image my.png --temperature 0.8 --top-k 20 --seed 0
 
 The model sees what it was trained on: the image's placeholder tokens (model.image_tokens()), <|bos|>, then the
 prompt's tokens; it continues until <|eos|> or --max-new-tokens. Prints the prompt and its continuation. The
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-import tokenizer as T
-from cli import parse_config
+from data import tokenizer as T
+from lib.cli import parse_config
 from data.images import load_image, normalize
 from model import generate
-from utils import autocast, check_fingerprint, pick_device
+from lib.utils import autocast, check_fingerprint, pick_device
 
 
 @dataclass
@@ -75,7 +75,7 @@ def caption(model, tok, image, prompt="", max_new_tokens=40, temperature=0.0, to
 def main(argv=None):
     cfg = parse_config(CaptionConfig, argv, description=__doc__)
     if not cfg.image:
-        raise SystemExit("caption.py: give an image with --image")
+        raise SystemExit("tools/caption.py: give an image with --image")
     device = pick_device(cfg.device)
     try:  # the user's inputs (files, a prompt longer than the model takes): one line, no traceback
         model, tok = load(cfg.ckpt, cfg.tokenizer, device)
@@ -83,7 +83,7 @@ def main(argv=None):
         text = caption(model, tok, image, cfg.prompt, cfg.max_new_tokens, 0.0 if cfg.greedy else cfg.temperature,
                        cfg.top_k, cfg.seed)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"caption.py: {e}") from None
+        raise SystemExit(f"tools/caption.py: {e}") from None
     print(text)
     return text
 

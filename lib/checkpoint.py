@@ -7,7 +7,7 @@ from dataclasses import asdict
 import torch
 
 from model import VLMConfig
-from utils import atomic_save, check_fingerprint
+from lib.utils import atomic_save, check_fingerprint
 
 
 # Flags that --resume lets differ from the run's own: where and how it runs, never what it computes. --steps may not

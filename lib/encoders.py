@@ -99,7 +99,7 @@ def load_vision_weights(encoder, path):
                               ) from None
         state = load_file(path)
     else:
-        from utils import safe_load  # the project's message for a file a weights-only load refuses
+        from lib.utils import safe_load  # the project's message for a file a weights-only load refuses
         state = safe_load(path, path, "a state dict of model weights")
     for key in ("state_dict", "model"):  # a checkpoint dict around the state dict
         if isinstance(state, dict) and isinstance(state.get(key), dict):

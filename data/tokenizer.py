@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizer for captions, trained with HuggingFace `tokenizers`.
 
-    python tokenizer.py --data data/synth/text.jsonl,data/synth/train.jsonl --out out/tokenizer.json
+    python -m data.tokenizer --data data/synth/text.jsonl,data/synth/train.jsonl --out out/tokenizer.json
 
 Special tokens (always the first ids, in this order):
     <|pad|> <|bos|> <|eos|>          sequence plumbing
@@ -36,12 +36,12 @@ def train_tokenizer(captions, vocab_size=2048):
 
 
 def load_tokenizer(path):
-    """A tokenizer.json from this script, or "hf:FOLDER": a Hugging Face Llama folder's, relabelled (hf.py)."""
+    """A tokenizer.json from this script, or "hf:FOLDER": a Hugging Face Llama folder's, relabelled (lib/hf.py)."""
     if path.startswith("hf:"):
-        from hf_tokenizer import convert_tokenizer
+        from lib.hf_tokenizer import convert_tokenizer
         return convert_tokenizer(path[3:], SPECIALS)[0]
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no tokenizer at {path}: make one with `python tokenizer.py --out {path}`")
+        raise FileNotFoundError(f"no tokenizer at {path}: make one with `python -m data.tokenizer --out {path}`")
     tok = Tokenizer.from_file(path)
     if [tok.token_to_id(s) for s in SPECIALS] != list(range(len(SPECIALS))):
         raise ValueError(f"{path} lacks prior's special tokens {SPECIALS} at ids 0..{len(SPECIALS) - 1}")
@@ -94,7 +94,7 @@ class TokenizerConfig:
 
 
 def main(argv=None):
-    from cli import parse_config
+    from lib.cli import parse_config
     from data.records import read_records
     cfg = parse_config(TokenizerConfig, argv, description=__doc__)
     bad = cfg.max_bad_fraction

@@ -2,10 +2,10 @@
 eval.py --importance SCORES [--importance-data CAPTIONS] [--png FIGURE]."""
 import torch
 
-import tokenizer as T
+from data import tokenizer as T
 from data.records import read_records
 from data.scores import load_scores
-from utils import text_fingerprint
+from lib.utils import text_fingerprint
 
 
 def pearson(x, y):

@@ -6,7 +6,7 @@ generator gives us for free: every image is a 3x3 grid of cells, each empty or h
 shape, a colour and a size. The ViT learns to say, for every cell, what is in it.
 
     python -m data.generate --out data/synth                          # the data (once)
-    python vision.py --data data/synth/label.jsonl --out out/vit.pt   # this stage alone
+    python -m tools.vision --data data/synth/label.jsonl --out out/vit.pt   # this stage alone
     python train.py --arch h --init-decoder out/base_lm.pt --init-encoder out/vit.pt --train projector ...
 
 Why per-cell heads on the patch tokens: the projector reads the ViT's patch tokens one by one, never a
@@ -41,14 +41,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import parse_config
+from lib.cli import parse_config
 from data.records import read_records
 from data.images import load_images, normalize
 from data.record_types import DataError
 from model import VLMConfig, count_params
-from encoders import build_vit
-from utils import make_optimizer
-from utils import atomic_save, autocast, lr_at, pick_device, seed_everything, text_fingerprint
+from lib.encoders import build_vit
+from lib.utils import make_optimizer
+from lib.utils import atomic_save, autocast, lr_at, pick_device, seed_everything, text_fingerprint
 
 GRID = 3                                  # the generator's scenes are 3x3 grids of cells
 ATTRS = ("shape", "colour", "size")       # one classifier per attribute, per cell
@@ -107,7 +107,7 @@ def scenes_of(records, path="data"):
         if not isinstance(scene, list):
             what = ("has no 'scene' field" if scene is None
                     else f"has a 'scene' that is not a list ({type(scene).__name__})")
-            raise DataError(f"{path}: record {r.id} {what}. vision.py trains on the generator's ground truth: "
+            raise DataError(f"{path}: record {r.id} {what}. tools/vision.py trains on the generator's ground truth: "
                             f"use data/synth/label.jsonl or train.jsonl from `python -m data.generate`")
         for obj in scene:
             missing = [k for k in ("row", "col") + ATTRS if not isinstance(obj, dict) or k not in obj]

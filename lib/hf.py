@@ -2,7 +2,7 @@
 
     decoder, tok = load_hf_decoder("/models/Llama-3.2-3B")   # config.json, *.safetensors, tokenizer.json
     python train.py --tokenizer hf:/models/Llama-3.2-3B --init-decoder hf:/models/Llama-3.2-3B ...
-    python hf.py /models/Llama-3.2-3B --tokenizer-out out/llama_tokenizer.json   # check a folder, keep its tokenizer
+    python -m lib.hf /models/Llama-3.2-3B --tokenizer-out out/llama_tokenizer.json   # check a folder, keep its tokenizer
 
 The folder is read as written by `save_pretrained` of a LlamaForCausalLM: config.json, model.safetensors or
 shards listed in model.safetensors.index.json, tokenizer.json (and tokenizer_config.json for BOS/EOS). Nothing
@@ -22,9 +22,9 @@ import sys
 
 import torch
 
-import hf_tokenizer
-import tokenizer as T
-from hf_tokenizer import read_json
+from lib import hf_tokenizer
+from data import tokenizer as T
+from lib.hf_tokenizer import read_json
 from model import Decoder, DecoderConfig, rope_angles
 
 def decoder_config(path, max_seq_len=None):
@@ -184,9 +184,9 @@ def export_hf(decoder, source, out):
 
 
 def export_checkpoint(ckpt_path, source, out):
-    """hf.py --export: the decoder of a reference_lm.py or train.py checkpoint (started from `source`) -> `out`."""
+    """lib/hf.py --export: the decoder of a reference_lm.py or train.py checkpoint (started from `source`) -> `out`."""
     from model import VLMConfig
-    from utils import load_checkpoint
+    from lib.utils import load_checkpoint
     if not out:
         sys.exit("error: --export needs --out, the folder to write")
     try:
@@ -208,7 +208,7 @@ def base_checkpoint(spec, kind=None, flag=""):
     """What --init-decoder names, as a reference_lm.py checkpoint dict (model, decoder_config, tokenizer
     fingerprint): "hf:FOLDER" converts that folder (float32 weights); anything else is such a checkpoint file."""
     from dataclasses import asdict
-    from utils import load_checkpoint
+    from lib.utils import load_checkpoint
     if not spec.startswith("hf:"):
         return load_checkpoint(spec, kind, flag)
     decoder, tok = load_hf_decoder(spec[3:])

@@ -8,7 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from utils import make_optimizer
+from lib.utils import make_optimizer
 
 
 def check_bf16(device):

@@ -82,7 +82,7 @@ def safe_load(source, name, what="a checkpoint", error=ValueError):
 
 
 KINDS = {"vlm": "a train.py checkpoint (a VLM)", "lm": "a reference_lm.py checkpoint (a language model)",
-         "vit": "a vision.py checkpoint (a ViT encoder)", "scores": "a score file (score.py or baselines/)",
+         "vit": "a tools/vision.py checkpoint (a ViT encoder)", "scores": "a score file (score.py or baselines/)",
          "score-index": "a sharded score file's index (score.py)", "state-dict": "a bare state dict (no config)",
          "unknown": "no checkpoint this project writes"}
 

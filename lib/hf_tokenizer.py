@@ -1,5 +1,5 @@
 """A Hugging Face Llama folder's tokenizer.json, relabelled so that the project's special tokens (tokenizer.SPECIALS)
-hold ids 0..6: what `--tokenizer hf:FOLDER` loads (tokenizer.load_tokenizer) and hf.py's weights follow (its
+hold ids 0..6: what `--tokenizer hf:FOLDER` loads (tokenizer.load_tokenizer) and lib/hf.py's weights follow (its
 module docstring explains the relabelling)."""
 import json
 import os

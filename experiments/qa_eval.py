@@ -4,10 +4,10 @@ import os
 
 import torch
 
-import tokenizer as T
+from data import tokenizer as T
 from data.benchmarks import load_mc, report_skipped
 from data.images import normalize
-from utils import autocast
+from lib.utils import autocast
 
 
 def normalise_answer(text):
