@@ -43,9 +43,9 @@ from data.packing import IGNORE, cat, global_batch, make_samples, pack, to_devic
 from data.records import read_records
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
-from lib.distributed import full_state, setup_distributed, shard, unwrap, wait_until
-from lib.flops import attended_pairs, peak_flops, step_flops
-from lib.health import nll_alarm_message, nll_rise, past_ntp
+from lib.distributed import full_state, reduce_stats, setup_distributed, unwrap, wait_until, wrap
+from lib.flops import count_work, peak_flops, step_flops
+from lib.health import Alarm
 from loss import prior_weights, shuffle_within_captions, token_losses, weighted_loss
 from model import count_params
 from lib.utils import (autocast, file_fingerprint, load_checkpoint, lr_at, make_optimizer, pick_device, seed_everything,
@@ -133,96 +133,95 @@ def loss_weights(cfg, batch, extra=None):
     return torch.ones_like(batch.p_ref)  # ntp (rho1 and cal make their weights online: baselines/heads.py)
 
 
-def train_step(cfg, step, train_model, data, device, rank=0, world=1, model=None):
-    """Forward and backward of step `step`: this process's share of the global batch, in micro-batches.
-    Leaves the gradients in the model (the caller clips and steps) and returns (stats, nll_by_tag,
-    batch_ids). Everything a step does but the optimizer, so bench.py times exactly what training runs.
-    model: the bare VLM inside train_model (default: unwrapped from it), for a baseline's heads.
-
-    Scaling: the caption loss of a micro-batch counts by its share of the global batch's caption tokens, an
-    auxiliary loss (--objective) by its share of the global batch's samples, so accumulation and processes
-    give the mean over the batch. Host work per micro-batch is a few list operations and tensor creations;
-    the device is synchronised once per step, at the end, to read the statistics."""
-    samples, text_samples = data.samples, data.text_samples
-    extra = data.extra or baselines.hook(cfg)  # hook: for a caller that built Data by hand (bench, tests)
-    if extra is not None and data.extra is None:
-        data.extra = extra
-        extra.prepare(samples, unwrap(train_model).decoder.cfg.vocab_size, device)
-    fsdp = world > 1 and hasattr(train_model, "set_requires_gradient_sync")
+def micro_batches(cfg, step, data, rank, world):
+    """Step `step`'s global batch (sample ids), this process's share split into micro-batches of (image-caption
+    ids, text-only ids), and the global batch's caption-token count. The loss is a sum over the global batch / that
+    count, computed from the sample list every rank knows, so N processes x accumulation give one big batch."""
+    samples, texts = data.samples, data.text_samples
     batch_ids = global_batch(step, len(samples), cfg.batch_size, cfg.seed)
-    n_text = int(cfg.batch_size * cfg.text_ratio) if text_samples else 0
-    text_ids = global_batch(step, len(text_samples), n_text, cfg.seed + 1) if n_text else []
-    # Loss = sum over the global batch / its number of caption tokens, computed from the sample list that
-    # every rank knows, so N processes x accumulation give the same gradient as one big batch.
+    n_text = int(cfg.batch_size * cfg.text_ratio) if texts else 0
+    text_ids = global_batch(step, len(texts), n_text, cfg.seed + 1) if n_text else []
     n_global = sum(len(samples[i].caption_ids) + 1 for i in batch_ids) + \
-        sum(len(text_samples[i].caption_ids) + 1 for i in text_ids)
+        sum(len(texts[i].caption_ids) + 1 for i in text_ids)
     mine, mine_text = batch_ids[rank::world], text_ids[rank::world]
     micro = cfg.micro_batch or len(mine)
     chunks = [(mine[i:i + micro], mine_text[i * len(mine_text) // len(mine):(i + micro) * len(mine_text) // len(mine)])
               for i in range(0, len(mine), micro)]
-    # tokens: labelled positions; context: non-padding positions x row width (what a masked attention kernel
-    # computes); attended: query-key pairs per-document causal attention needs (step_flops counts these)
-    counts = {"tokens": 0, "positions": 0, "padding": 0, "images": 0, "context": 0, "attended": 0}
-    sums = torch.zeros(3, device=device)                      # weighted loss x tokens, NTP loss, aux x samples
-    if extra is not None and model is None:
-        model = unwrap(train_model)
-    nll_by_tag = torch.zeros(2, len(CATEGORIES), device=device)  # NLL sum and count per ground-truth category
-    for c, (ids, tids) in enumerate(chunks):
-        # Tight packing: no sample order is needed, and padding would cost as much as real tokens.
-        batch = pack([samples[i] for i in ids], cfg.row_len, data.prefix, tight=True)
+    return batch_ids, chunks, n_global
+
+
+def gradient_sync(train_model, world, last):
+    """Under DDP/FSDP, reduce gradients only after the last micro-batch: DDP's no_sync() before it; FSDP2 keeps
+    full gradients until told, then reduce-scatters once. Returns the context the backward runs in."""
+    if world > 1 and hasattr(train_model, "set_requires_gradient_sync"):
+        train_model.set_requires_gradient_sync(last)
+    elif world > 1 and not last:
+        return train_model.no_sync()
+    return torch.enable_grad()
+
+
+def add_tag_nll(nll_by_tag, tags, per_token):
+    """Sum and count of the token NLL per ground-truth word tag (tag -1 = unknown), with masks rather than boolean
+    indexing, which would wait for the GPU."""
+    known = tags >= 0
+    nll_by_tag[0].index_add_(0, tags.clamp(min=0), torch.where(known, per_token, 0.0))
+    nll_by_tag[1].index_add_(0, tags.clamp(min=0), known.float())
+
+
+def prepare_hook(cfg, data, train_model, device):
+    """The baselines' hook for a caller that built Data by hand (bench, tests); None for the core's losses."""
+    data.extra = baselines.hook(cfg)
+    if data.extra is not None:
+        data.extra.prepare(data.samples, unwrap(train_model).decoder.cfg.vocab_size, device)
+    return data.extra
+
+
+def train_step(cfg, step, train_model, data, device, rank=0, world=1):
+    """Forward and backward of step `step`: this process's share of the global batch, in micro-batches. Leaves the
+    gradients in the model (the caller clips and steps); returns (stats, nll_by_tag, batch_ids). Everything a step
+    does but the optimizer, so bench.py times what training runs. One device sync, at the end, for the stats."""
+    extra = data.extra or prepare_hook(cfg, data, train_model, device)
+    batch_ids, chunks, n_global = micro_batches(cfg, step, data, rank, world)
+    counts, sums = {}, torch.zeros(3, device=device)  # weighted loss x tokens, NTP loss, aux x samples
+    nll_by_tag = torch.zeros(2, len(CATEGORIES), device=device)
+    for c, (ids, text_ids) in enumerate(chunks):
+        batch = pack([data.samples[i] for i in ids], cfg.row_len, data.prefix, tight=True)  # tight: no padding
         image_rows, image_indices = len(batch.input_ids), batch.indices
-        if tids:
-            batch = cat(batch, pack([text_samples[i] for i in tids], cfg.row_len, tight=True))
-        R, L = batch.input_ids.shape
-        # Logits only at labelled positions, chosen here on the host (no device sync). Caption ids unique
-        # over the micro-batch (row x (L + 1) + doc) keep PRIOR's per-caption normalisation on the flat list.
+        if text_ids:
+            batch = cat(batch, pack([data.text_samples[i] for i in text_ids], cfg.row_len, tight=True))
+        # Logits only at labelled positions, chosen on the host (no device sync). Caption ids unique over the
+        # micro-batch (row x (L + 1) + doc) keep PRIOR's per-caption normalisation on the flat list.
         keep = (batch.labels != IGNORE).flatten().nonzero().squeeze(1)
-        captions = (batch.doc_ids + torch.arange(R)[:, None] * (L + 1)).flatten()[keep]
-        n_local = len(keep)
-        counts["tokens"] += n_local
-        counts["positions"] += R * L
-        padding = int((batch.input_ids == T.PAD).sum())
-        counts["padding"] += padding
-        counts["context"] += (R * L - padding) * L
-        counts["attended"] += attended_pairs(batch.doc_ids, batch.input_ids != T.PAD)
-        counts["images"] += len(image_indices)
-        host = extra.host(batch, image_rows, image_indices, samples, device) if extra is not None else None
+        rows, width = batch.input_ids.shape
+        captions = (batch.doc_ids + torch.arange(rows)[:, None] * (width + 1)).flatten()[keep]
+        count_work(counts, batch, keep, len(image_indices))
+        host = extra.host(batch, image_rows, image_indices, data.samples, device) if extra is not None else None
         batch.to(device)
         keep, captions = to_device(keep, device), to_device(captions, device)
-        if data.features is not None:  # the frozen encoder's output, read instead of computed (data/features.py)
-            pixels = to_device(data.features[image_indices], device)
-        else:
-            pixels = normalize(to_device(data.images[image_indices], device))
+        pixels = to_device(data.features[image_indices], device) if data.features is not None else \
+            normalize(to_device(data.images[image_indices], device))  # features: the frozen encoder's output
         weights = loss_weights(cfg, batch, extra)
-        if tids:  # text-only rows train with plain NTP in every arm
-            weights[image_rows:] = 1.0
+        weights[image_rows:] = 1.0  # text-only rows train with plain NTP in every arm
         labels = batch.labels.flatten()[keep][None]
-        sync = c == len(chunks) - 1 or world == 1
-        ctx = train_model.no_sync() if (world > 1 and not sync and not fsdp) else torch.enable_grad()
-        if fsdp:  # FSDP2's no_sync: keep full gradients until the last micro-batch, then reduce-scatter once
-            train_model.set_requires_gradient_sync(sync)
-        with ctx:
+        with gradient_sync(train_model, world, last=c == len(chunks) - 1):
             aux = None
-            if extra is None:  # NTP, PRIOR and the oracle: one forward, the per-caption weighted loss (Eq. 4)
+            if extra is None:  # NTP, PRIOR, its controls: one forward, the per-caption weighted loss (Eq. 4)
                 with autocast(device):
                     logits = train_model(batch.input_ids, pixels, batch.position_ids, batch.doc_ids, keep=keep)[None]
                 loss = weighted_loss(logits, labels, weights.flatten()[keep][None], captions[None],
                                      scale_by_k=not cfg.no_k)
             else:
-                logits, loss, aux = extra.loss(model, train_model, batch, pixels, keep, labels, captions, weights,
-                                               image_rows, host, device)
-            total = loss * n_local / n_global * world
+                logits, loss, aux = extra.loss(unwrap(train_model), train_model, batch, pixels, keep, labels, captions,
+                                               weights, image_rows, host, device)
+            total = loss * len(keep) / n_global * world
             if aux is not None:
                 total = total + cfg.aux_weight * aux * (len(ids) / cfg.batch_size * world)
             total.backward()
         with torch.no_grad():
             per_token = token_losses(logits.detach(), labels)[0]
             aux_sum = aux.detach().float() * len(ids) if aux is not None else torch.zeros((), device=device)
-            sums += torch.stack([loss.detach() * n_local, per_token.sum(), aux_sum])
-            t = batch.tags.flatten()[keep]
-            known = t >= 0  # masks, not boolean indexing: that would wait for the GPU
-            nll_by_tag[0].index_add_(0, t.clamp(min=0), torch.where(known, per_token, 0.0))
-            nll_by_tag[1].index_add_(0, t.clamp(min=0), known.float())
+            sums += torch.stack([loss.detach() * len(keep), per_token.sum(), aux_sum])
+            add_tag_nll(nll_by_tag, batch.tags.flatten()[keep], per_token)
     stats = dict(zip(("loss", "ntp", "aux"), sums.tolist()), **counts)  # the one device sync of the step
     return stats, nll_by_tag, batch_ids
 
@@ -264,108 +263,99 @@ def load_data(cfg, tok, model, extra, device, master, world):
     return records, Data(samples, images, model.image_tokens(), text_samples, features, extra), meta
 
 
-def main(cfg):
-    rank, world, device = setup_distributed(pick_device(cfg.device))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    master = rank == 0
+def check_flags(cfg, world):
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
-    extra = baselines.hook(cfg, world)
     if cfg.feature_cache and (cfg.arch != "h" or cfg.train != "projector" or cfg.objective == "recon"):
         raise ValueError("--feature-cache needs --arch h with a frozen encoder (--train projector), and no --objective "
                          "recon (it reads the pixels)")
-    last_path = os.path.join(cfg.out_dir, "last.pt")
-    state = None
+
+
+def log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, peak):
+    """log.jsonl's line for a step: losses per caption token, speed, work (FLOPs the step needed) and NLL by tag."""
+    tokens, positions, real = stats["tokens"], stats["positions"], stats["positions"] - stats["padding"]
+    flops = step_flops(model, real, tokens, stats["images"], stats["attended"] / real)
+    line = {"step": step + 1, "loss": stats["loss"] / tokens, "ntp": stats["ntp"] / tokens, "lr": lr,
+            "grad_norm": float(grad_norm), "tokens_per_s": positions / seconds, "flops_per_s": flops / seconds,
+            "seconds": seconds, "pad_fraction": stats["padding"] / positions, "label_fraction": tokens / positions}
+    if cfg.objective != "none":  # mean auxiliary loss per sample; the objective is loss + aux_weight x aux
+        line["aux"] = stats["aux"] / cfg.batch_size
+    for i, name in enumerate(CATEGORIES):
+        if nll_by_tag[1][i] > 0:
+            line[f"nll_{name}"] = float(nll_by_tag[0][i] / nll_by_tag[1][i])
+    if peak:
+        line["mfu"] = line["flops_per_s"] / peak
+    return line
+
+
+def setup(cfg, rank, world, device):
+    """(model, records, data, meta, resumed state or None): checked flags, tokenizer, model, data."""
+    check_flags(cfg, world)
+    extra = baselines.hook(cfg, world)
+    last_path, state = os.path.join(cfg.out_dir, "last.pt"), None
     if cfg.resume and os.path.exists(last_path):  # before anything is built: a changed flag is refused at once
         state = load_checkpoint(last_path, "vlm")
         check_resume(cfg, state, last_path, extra is not None and extra.per_micro_batch())
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
-    # The model first: its encoder decides the image size (a timm model's, or --init-encoder's ViT).
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the model first: its encoder decides the image size
     model = build_model(cfg, tok).to(device)
     if len(model.image_tokens()) + 2 > cfg.row_len:
         raise ValueError(f"an image takes {len(model.image_tokens())} tokens: --row-len {cfg.row_len} leaves no "
                          f"room for a caption; raise --row-len")
-    records, data, meta = load_data(cfg, tok, model, extra, device, master, world)
+    records, data, meta = load_data(cfg, tok, model, extra, device, rank == 0, world)
+    return model, records, data, meta, state
 
+
+def describe(cfg, model, data, meta, world, device):
+    """config.json, and a line on what trains."""
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"{cfg.arch}-LVLM, loss {cfg.loss}: {count_params(model) / 1e6:.2f}M params, "
+          f"{count_params(model, True) / 1e6:.3f}M trainable; {len(data.samples)} pairs; "
+          f"{world} process(es) on {device}")
+    if peak_flops(device, cfg.peak_tflops) is None and device.startswith("cuda"):
+        print(f"note: no bf16 peak known for {torch.cuda.get_device_name(device)!r}: no MFU in the log "
+              f"(pass --peak-tflops)", file=sys.stderr)
+
+
+def main(cfg, on_checkpoint=None):
+    """Train; on_checkpoint(step, model), if given, runs on rank 0 after each ckpt_<step>.pt (in-process eval)."""
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    master, sharded, last_path = rank == 0, cfg.fsdp and world > 1, os.path.join(cfg.out_dir, "last.pt")
+    model, records, data, meta, state = setup(cfg, rank, world, device)
     opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     os.makedirs(cfg.out_dir, exist_ok=True)
     step = restore(state, last_path, model, opt, cfg, meta, master) if state is not None else 0
     if master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        print(f"{cfg.arch}-LVLM, loss {cfg.loss}: {count_params(model) / 1e6:.2f}M params, "
-              f"{count_params(model, True) / 1e6:.3f}M trainable; {len(data.samples)} pairs; "
-              f"{world} process(es) on {device}")
-    train_model = model
-    sharded = cfg.fsdp and world > 1
-    if cfg.fsdp and not sharded and master:
-        print("--fsdp: one process, nothing to shard; training unsharded")
-    if sharded:  # in place: model is now the sharded module
-        opt = shard(model, opt, cfg, device)
-    elif world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.startswith("cuda") else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model, dynamic=True)  # batch shapes change every step (tight packing)
+        describe(cfg, model, data, meta, world, device)
+    train_model, opt = wrap(model, opt, cfg, world, device, master)
     peak = peak_flops(device, cfg.peak_tflops)
-    if peak is None and device.startswith("cuda") and master:
-        print(f"note: no bf16 peak known for {torch.cuda.get_device_name(device)!r}: no MFU in the log "
-              f"(pass --peak-tflops)", file=sys.stderr)
     trainable = [p for p in model.parameters() if p.requires_grad]
-
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    watch = master and cfg.loss != "ntp"  # the unlearning alarm (health.nll_rise) watches the weighted losses
-    ntp_seen, alarm = past_ntp(log_path, step) if watch else ([], None)  # resumed: the steps so far, from the log
-    log = open(log_path, "a") if master else None
+    alarm, log = Alarm(cfg, log_path, step, master), open(log_path, "a") if master else None
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=os.path.basename(cfg.out_dir),
                disable=not master, dynamic_ncols=True)
     for step in bar:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        t0, lr = time.perf_counter(), lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        stats, nll_by_tag, batch_ids = train_step(cfg, step, train_model, data, device, rank, world, model)
+        stats, nll_by_tag, batch_ids = train_step(cfg, step, train_model, data, device, rank, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        if sharded:  # a DTensor over the shards' gradients
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.full_tensor() if sharded else grad_norm  # a DTensor when sharded
         if not math.isfinite(stats["loss"]) or not torch.isfinite(grad_norm):
-            last = last_path if os.path.exists(last_path) else "none yet"
             raise RuntimeError(f"non-finite loss or gradient at step {step}; batch sample ids "
-                               f"{[records[i].id for i in batch_ids]}; last good checkpoint: {last}")
+                               f"{[records[i].id for i in batch_ids]}; last good checkpoint: "
+                               f"{last_path if os.path.exists(last_path) else 'none yet'}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
-
-        if world > 1:  # every figure in the log covers the global batch
-            keys = ("loss", "ntp", "aux", "tokens", "positions", "padding", "images", "context", "attended")
-            packed = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)  # NCCL: GPU only
-            dist.all_reduce(packed)
-            stats.update(zip(keys, packed.tolist()))
-            dist.all_reduce(nll_by_tag)
-        nll_by_tag = nll_by_tag.cpu()
+        stats, nll_by_tag = reduce_stats(stats, nll_by_tag, world, device)
         if master:
-            tokens, positions, real = stats["tokens"], stats["positions"], stats["positions"] - stats["padding"]
-            flops = step_flops(model, real, tokens, stats["images"], stats["attended"] / real)  # needed work
-            line = {"step": step + 1, "loss": stats["loss"] / tokens, "ntp": stats["ntp"] / tokens, "lr": lr,
-                    "grad_norm": float(grad_norm), "tokens_per_s": positions / seconds,
-                    "flops_per_s": flops / seconds, "seconds": seconds,
-                    "pad_fraction": stats["padding"] / positions, "label_fraction": tokens / positions}
-            if cfg.objective != "none":  # mean auxiliary loss per sample; the objective is loss + aux_weight x aux
-                line["aux"] = stats["aux"] / cfg.batch_size
-            for i, name in enumerate(CATEGORIES):
-                if nll_by_tag[1][i] > 0:
-                    line[f"nll_{name}"] = float(nll_by_tag[0][i] / nll_by_tag[1][i])
-            if peak:
-                line["mfu"] = line["flops_per_s"] / peak
-            if watch:
-                ntp_seen.append(line["ntp"])
-                rise = None if alarm else nll_rise(ntp_seen, cfg.warmup, window=max(5, min(20, cfg.warmup)))
-                if rise:
-                    alarm = line["alarm"] = nll_alarm_message(cfg.loss, *rise, step + 1)
-                    tqdm.write(alarm, file=sys.stderr)
+            line = log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, peak)
+            alarm.watch(line, step)
             log.write(json.dumps(line) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{line['loss']:.3f}", ntp=f"{line['ntp']:.3f}")
@@ -375,13 +365,13 @@ def main(cfg):
             model_state, opt_state = full_state(model, opt, sharded)  # sharded: every rank joins
             if master:
                 save(cfg.out_dir, done, model_state, opt_state, meta, cfg, scheduled, sharded)
+            if master and scheduled and on_checkpoint is not None:
+                on_checkpoint(done, model)
         if stopping:
             break
     if log:
         log.close()
-    if watch and ntp_seen:
-        print(f"caption NLL (ntp): {ntp_seen[0]:.3f} at step 1, {ntp_seen[-1]:.3f} at step {len(ntp_seen)}"
-              + (f"\n{alarm}" if alarm else ""), file=sys.stderr if alarm else sys.stdout)
+    alarm.summary()
     if world > 1:  # leave together: a rank gone while a peer is in the last all-reduce can abort it at exit
         dist.barrier()
         del train_model  # DDP's reducer holds the group; let it go before the group does

@@ -23,7 +23,8 @@ def build_model(cfg, tok):
         dcfg = DecoderConfig(**{**base["decoder_config"],
                                 "max_seq_len": max(cfg.row_len, base["decoder_config"]["max_seq_len"])})
     if cfg.vision and cfg.init_encoder:
-        raise ValueError("--vision (a timm encoder) and --init-encoder (a tools/vision.py ViT) are two encoders: give one")
+        raise ValueError("--vision (a timm encoder) and --init-encoder (a tools/vision.py ViT) are two encoders: "
+                         "give one")
     if cfg.vision_weights and not cfg.vision:
         raise ValueError("--vision-weights needs --vision timm:<name>, the model the weights belong to")
     if cfg.vision_weights and cfg.init_from:

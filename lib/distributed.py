@@ -81,3 +81,29 @@ def wait_until(ready, poll=1.0):
     outlast a collective's timeout; if that rank fails, torchrun stops the others)."""
     while not ready():
         time.sleep(poll)
+
+
+def wrap(model, opt, cfg, world, device, master):
+    """(train_model, opt): the model as the step runs it: sharded in place (--fsdp), inside DDP, compiled."""
+    train_model = model
+    if cfg.fsdp and world == 1 and master:
+        print("--fsdp: one process, nothing to shard; training unsharded")
+    if cfg.fsdp and world > 1:
+        opt = shard(model, opt, cfg, device)
+    elif world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.startswith("cuda") else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model, dynamic=True)  # batch shapes change every step (tight packing)
+    return train_model, opt
+
+
+def reduce_stats(stats, nll_by_tag, world, device):
+    """Sum every figure over the processes, so the log covers the global batch."""
+    if world > 1:
+        keys = ("loss", "ntp", "aux", "tokens", "positions", "padding", "images", "context", "attended")
+        packed = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)  # NCCL: GPU only
+        dist.all_reduce(packed)
+        stats.update(zip(keys, packed.tolist()))
+        dist.all_reduce(nll_by_tag)
+    return stats, nll_by_tag.cpu()

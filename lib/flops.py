@@ -2,6 +2,7 @@
 compares with the machine's own matmul."""
 import torch
 
+from data.tokenizer import PAD
 from model import count_params
 
 
@@ -80,3 +81,15 @@ def peak_flops(device, peak_tflops=0.0):
     if not str(device).startswith("cuda"):
         return None
     return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def count_work(counts, batch, keep, n_images):
+    """Add a packed micro-batch's sizes to `counts`: tokens (labelled positions), positions, padding, context
+    (non-padding positions x row width: what a masked attention kernel computes), attended (the query-key pairs
+    per-document causal attention needs: what step_flops counts) and images."""
+    R, L = batch.input_ids.shape
+    padding = int((batch.input_ids == PAD).sum())
+    for key, n in (("tokens", len(keep)), ("positions", R * L), ("padding", padding),
+                   ("context", (R * L - padding) * L),
+                   ("attended", attended_pairs(batch.doc_ids, batch.input_ids != PAD)), ("images", n_images)):
+        counts[key] = counts.get(key, 0) + n

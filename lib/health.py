@@ -2,6 +2,9 @@
 numbers). Used by reference_lm.py (validation split, memorising), train.py (the caption language being
 unlearned) and score.py (collapsed weights). docs/own_data.md explains each alarm and what to do about it.
 """
+import sys
+
+from tqdm import tqdm
 
 VAL_MIN = 64  # captions: below this a validation NLL is too noisy to pick a checkpoint by
 
@@ -93,3 +96,24 @@ def past_ntp(log_path, upto):
                 values[line["step"]] = line.get("ntp", float("nan"))
                 alarm = alarm or line.get("alarm")
     return [values[k] for k in sorted(values)], alarm
+
+
+class Alarm:
+    """The unlearning alarm (health.nll_rise) over a weighted run's plain caption NLL; resumed runs read the log."""
+    def __init__(self, cfg, log_path, step, master):
+        self.cfg, self.on = cfg, master and cfg.loss != "ntp"
+        self.ntp, self.message = past_ntp(log_path, step) if self.on else ([], None)
+
+    def watch(self, line, step):
+        if not self.on:
+            return
+        self.ntp.append(line["ntp"])
+        rise = None if self.message else nll_rise(self.ntp, self.cfg.warmup, window=max(5, min(20, self.cfg.warmup)))
+        if rise:
+            self.message = line["alarm"] = nll_alarm_message(self.cfg.loss, *rise, step + 1)
+            tqdm.write(self.message, file=sys.stderr)
+
+    def summary(self):
+        if self.on and self.ntp:
+            print(f"caption NLL (ntp): {self.ntp[0]:.3f} at step 1, {self.ntp[-1]:.3f} at step {len(self.ntp)}"
+                  + (f"\n{self.message}" if self.message else ""), file=sys.stderr if self.message else sys.stdout)

@@ -2,7 +2,7 @@
 
     decoder, tok = load_hf_decoder("/models/Llama-3.2-3B")   # config.json, *.safetensors, tokenizer.json
     python train.py --tokenizer hf:/models/Llama-3.2-3B --init-decoder hf:/models/Llama-3.2-3B ...
-    python -m lib.hf /models/Llama-3.2-3B --tokenizer-out out/llama_tokenizer.json   # check a folder, keep its tokenizer
+    python -m lib.hf /models/Llama-3.2-3B --tokenizer-out out/llama_tokenizer.json  # check a folder, keep its tokenizer
 
 The folder is read as written by `save_pretrained` of a LlamaForCausalLM: config.json, model.safetensors or
 shards listed in model.safetensors.index.json, tokenizer.json (and tokenizer_config.json for BOS/EOS). Nothing

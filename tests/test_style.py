@@ -13,15 +13,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAX_LINE = 120
 MAX_HELP = 100
 # Modules whose config dataclasses become command-line flags through cli.parse_config.
-CONFIG_MODULES = ["train", "eval", "score", "reference_lm", "experiments.experiment", "experiments.bench", "vision",
-                  "baselines.attention", "caption", "tokenizer", "data.generate"]
+CONFIG_MODULES = ["train", "eval", "score", "reference_lm", "experiments.experiment", "experiments.bench",
+                  "tools.vision", "baselines.attention", "tools.caption", "data.tokenizer", "data.generate"]
 # Scripts that build their flags with argparse directly.
 ARGPARSE_SCRIPTS = ["experiments/paper.py", "experiments/report.py", "lib/hf.py", "data/qa.py"]
 
 
 def project_files():
     files = []
-    for folder in (ROOT, ROOT / "data", ROOT / "tests", ROOT / "experiments", ROOT / "baselines"):
+    for folder in (ROOT, *(ROOT / d for d in ("data", "tests", "experiments", "baselines", "lib", "tools"))):
         files += sorted(folder.glob("*.py"))
     return files
 
@@ -51,8 +51,8 @@ def config_classes():
 def test_config_help_texts_are_short():
     classes = config_classes()
     names = {f"{c.__module__}.{c.__name__}" for c in classes}
-    assert {"train.TrainConfig", "score.ScoreConfig", "reference_lm.RefConfig", "vision.Config", "eval.EvalConfig",
-            "experiments.experiment.ExperimentConfig", "data.generate.GenConfig"} <= names, names
+    assert {"train.TrainConfig", "score.ScoreConfig", "reference_lm.RefConfig", "tools.vision.Config",
+            "eval.EvalConfig", "experiments.experiment.ExperimentConfig", "data.generate.GenConfig"} <= names, names
     long = []
     for cls in classes:
         for f in dataclasses.fields(cls):

@@ -435,7 +435,7 @@ def test_checkpoint_of_the_wrong_kind_is_named(tiny, tmp_path):
     train.main(config(tiny, tmp_path / "run", steps=1, save_every=1))
     vlm, lm = str(tmp_path / "run" / "last.pt"), str(tiny["ref_lm"])
     for kw, expected in ((dict(init_decoder=vlm), "--init-decoder: .* is a train.py checkpoint .*, not a reference_lm"),
-                         (dict(init_encoder=lm), "--init-encoder: .* is a reference_lm.py checkpoint .*, not a vision"),
+                         (dict(init_encoder=lm), "--init-encoder: .* is a reference_lm.py checkpoint .*, not a tools/"),
                          (dict(init_from=lm), "--init-from: .* is a reference_lm.py checkpoint .*, not a train.py")):
         with pytest.raises(ValueError, match=expected):
             train.main(config(tiny, tmp_path / "other", **kw))
