@@ -33,13 +33,13 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from data import tokenizer as T
-from lib.cli import parse_config
+from lib.cli import flag, parse_config
 from data.benchmarks import data_key, load_mc, load_test, report_skipped
 from data.features import encoder_features
 from data.images import normalize
@@ -54,33 +54,27 @@ THRESHOLDS = (0.25, 0.5, 0.75)
 
 @dataclass
 class EvalConfig:
-    ckpt: str = field(default="", metadata={"help": "one train.py checkpoint to evaluate (results printed)"})
-    run_dir: str = field(default="", metadata={
-        "help": "evaluate every ckpt_*.pt here into RUN_DIR/eval.json, skipping those already in it"})
-    mc: str = field(default="", metadata={"help": "comma-separated multiple-choice JSONL files of your own"})
-    probes: str = field(default="", metadata={"help": "folder of probe *.jsonl files (built in: data/synth/probes)"})
-    test: str = field(default="", metadata={"help": "held-out caption JSONL with word 'tags', for the token NLL"})
-    test_scores: str = field(default="", metadata={
-        "help": "score.py output for --test: adds NLL by PRIOR weight w = 1 - p_ref"})
-    importance: str = field(default="", metadata={
-        "help": "score.py output to analyse: mean w vs caption length and token position (lib/importance.py)"})
-    importance_data: str = field(default="", metadata={
-        "help": "the caption file --importance was scored on ('' = the path recorded in it)"})
-    png: str = field(default="", metadata={"help": "figure of the importance analysis ('' = beside the score file)"})
-    tokenizer: str = field(default="", metadata={
-        "help": "tokenizer.json ('' = the path in the checkpoint's config); its fingerprint is checked"})
-    max_rows: int = field(default=0, metadata={
-        "help": "evaluate a fixed random subset of this many rows of each probe file and of --test (0 = all)"})
-    row_len: int = field(default=256, metadata={
-        "help": "tokens per packed row (grown to fit the longest question or caption)"})
-    batch_rows: int = field(default=8, metadata={"help": "rows per forward pass"})
-    seed: int = field(default=0, metadata={"help": "seed of the image derangement and of --max-rows subsets"})
-    max_bad_fraction: float = field(default=0.05, metadata={
-        "help": "stop if more than this share of an MC or --test file's rows is bad"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
-    feature_cache: str = field(default="", metadata={
-        "help": "H-LVLM: folder caching the ViT's features per image file, across runs (data/features.py)"})
+    ckpt: str = flag("", "one train.py checkpoint to evaluate (results printed)")
+    run_dir: str = flag("", "evaluate every ckpt_*.pt here into RUN_DIR/eval.json, skipping those already in it")
+    mc: str = flag("", "comma-separated multiple-choice JSONL files of your own")
+    probes: str = flag("", "folder of probe *.jsonl files (built in: data/synth/probes)")
+    test: str = flag("", "held-out caption JSONL with word 'tags', for the token NLL")
+    test_scores: str = flag("", "score.py output for --test: adds NLL by PRIOR weight w = 1 - p_ref")
+    importance: str = flag("",
+                           "score.py output to analyse: mean w vs caption length and token position (lib/importance)")
+    importance_data: str = flag("", "the caption file --importance was scored on ('' = the path recorded in it)")
+    png: str = flag("", "figure of the importance analysis ('' = beside the score file)")
+    tokenizer: str = flag("", "tokenizer.json ('' = the path in the checkpoint's config); its fingerprint is checked")
+    max_rows: int = flag(0,
+                         "evaluate a fixed random subset of this many rows of each probe file and of --test (0 = all)")
+    row_len: int = flag(256, "tokens per packed row (grown to fit the longest question or caption)")
+    batch_rows: int = flag(8, "rows per forward pass")
+    seed: int = flag(0, "seed of the image derangement and of --max-rows subsets")
+    max_bad_fraction: float = flag(0.05, "stop if more than this share of an MC or --test file's rows is bad")
+    device: str = flag("auto", "auto, cpu or cuda")
+    threads: int = flag(0, "torch CPU threads (0 = torch's default)")
+    feature_cache: str = flag("",
+                              "H-LVLM: folder caching the ViT's features per image file, across runs (data/features)")
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -21,13 +21,13 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
 from data import tokenizer as T
-from lib.cli import parse_config
+from lib.cli import flag, parse_config
 from data.packing import make_samples, pack
 from data.records import read_records
 from loss import ntp_loss
@@ -38,35 +38,30 @@ from lib.utils import atomic_save, autocast, lr_at, make_optimizer, pick_device,
 
 @dataclass
 class RefConfig:
-    data: str = field(default="data/synth/ref.jsonl",
-                      metadata={"help": "caption file(s), comma-separated: JSONL, LLaVA or COCO JSON, or .tar shards; "
-                                        "images are not read"})
-    tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json from data/tokenizer.py"})
-    out: str = field(default="out/ref_lm.pt", metadata={"help": "checkpoint to write"})
-    val_fraction: float = field(default=0.05,
-                                metadata={"help": "share of captions held out for validation (at least 64, at "
-                                                  "most a quarter)"})
-    n_layer: int = field(default=4, metadata={"help": "decoder layers"})
-    n_head: int = field(default=4, metadata={"help": "attention heads"})
-    d_model: int = field(default=256, metadata={"help": "decoder width"})
-    row_len: int = field(default=256, metadata={"help": "tokens per packed row"})
-    batch_rows: int = field(default=16, metadata={"help": "packed rows per optimizer step"})
-    steps: int = field(default=600, metadata={"help": "optimizer steps"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
-    warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
-    eval_every: int = field(default=200,
-                            metadata={"help": "validate every N steps; the checkpoint keeps the best-validation step"})
-    patience: int = field(default=0,
-                          metadata={"help": "stop after this many validations without a better NLL (0 = run "
-                                            "all --steps)"})
-    init_decoder: str = field(default="",
-                              metadata={"help": "start from this LM: hf:FOLDER (Hugging Face Llama, lib/hf.py) or a "
-                                                "reference_lm.py checkpoint"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    max_bad_fraction: float = field(default=0.01,
-                                    metadata={"help": "stop if more than this share of a file's records is bad"})
+    data: str = flag("data/synth/ref.jsonl",
+                     "caption file(s), comma-separated: JSONL, LLaVA or COCO JSON, or .tar shards; "
+                     "images are not read")
+    tokenizer: str = flag("out/tokenizer.json", "tokenizer.json from data/tokenizer.py")
+    out: str = flag("out/ref_lm.pt", "checkpoint to write")
+    val_fraction: float = flag(0.05, "share of captions held out for validation (at least 64, at "
+                               "most a quarter)")
+    n_layer: int = flag(4, "decoder layers")
+    n_head: int = flag(4, "attention heads")
+    d_model: int = flag(256, "decoder width")
+    row_len: int = flag(256, "tokens per packed row")
+    batch_rows: int = flag(16, "packed rows per optimizer step")
+    steps: int = flag(600, "optimizer steps")
+    lr: float = flag(2e-3, "peak learning rate (AdamW)")
+    warmup: int = flag(50, "linear warm-up steps")
+    weight_decay: float = flag(0.1, "AdamW weight decay on matrices")
+    eval_every: int = flag(200, "validate every N steps; the checkpoint keeps the best-validation step")
+    patience: int = flag(0, "stop after this many validations without a better NLL (0 = run "
+                         "all --steps)")
+    init_decoder: str = flag("", "start from this LM: hf:FOLDER (Hugging Face Llama, lib/hf.py) or a "
+                             "reference_lm.py checkpoint")
+    seed: int = flag(0, "random seed")
+    device: str = flag("auto", "auto, cpu or cuda")
+    max_bad_fraction: float = flag(0.01, "stop if more than this share of a file's records is bad")
 
 
 @torch.no_grad()

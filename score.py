@@ -28,14 +28,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from data import tokenizer as T
-from lib.cli import parse_config
+from lib.cli import flag, parse_config
 from data.packing import count_overlong, make_samples
 from data.records import iter_records, read_records
 from data.record_types import DataError, Tally
@@ -48,30 +48,24 @@ from lib.utils import atomic_save, file_fingerprint, pick_device, text_fingerpri
 
 @dataclass
 class ScoreConfig:
-    ref: str = field(default="out/ref_lm.pt", metadata={"help": "reference LM checkpoint from reference_lm.py"})
-    tokenizer: str = field(default="out/tokenizer.json",
-                           metadata={"help": "tokenizer.json the reference LM was trained with"})
-    data: str = field(default="data/synth/train.jsonl",
-                      metadata={"help": "caption data to score (the VLM's training data): .jsonl, LLaVA/COCO "
-                                        ".json, .tar shards"})
-    out: str = field(default="out/scores_train.pt",
-                     metadata={"help": "score file (or, with --stream / torchrun, index file) to write; report .json "
-                                       "and .png beside it"})
-    row_len: int = field(default=512,
-                         metadata={"help": "longest caption scored whole (capped by the model's context); tokens per "
-                                           "row of a forward pass"})
-    batch_rows: int = field(default=16,
-                            metadata={"help": "a forward pass holds up to row_len x batch_rows tokens (captions "
-                                              "of one length)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    stream: bool = field(default=False,
-                         metadata={"help": "score in chunks, write a shard per process and an index at --out (always "
-                                           "on under torchrun)"})
-    chunk: int = field(default=2048, metadata={"help": "with --stream: captions scored and written at a time"})
-    report_captions: int = field(default=2000,
-                                 metadata={"help": "with --stream: captions (the first of rank 0's share) kept for the "
-                                                   "relevance report and picture"})
-    max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of records is bad"})
+    ref: str = flag("out/ref_lm.pt", "reference LM checkpoint from reference_lm.py")
+    tokenizer: str = flag("out/tokenizer.json", "tokenizer.json the reference LM was trained with")
+    data: str = flag("data/synth/train.jsonl", "caption data to score (the VLM's training data): .jsonl, LLaVA/COCO "
+                     ".json, .tar shards")
+    out: str = flag("out/scores_train.pt",
+                    "score file (or, with --stream / torchrun, index file) to write; report .json "
+                    "and .png beside it")
+    row_len: int = flag(512, "longest caption scored whole (capped by the model's context); tokens per "
+                        "row of a forward pass")
+    batch_rows: int = flag(16, "a forward pass holds up to row_len x batch_rows tokens (captions "
+                           "of one length)")
+    device: str = flag("auto", "auto, cpu or cuda")
+    stream: bool = flag(False, "score in chunks, write a shard per process and an index at --out (always "
+                        "on under torchrun)")
+    chunk: int = flag(2048, "with --stream: captions scored and written at a time")
+    report_captions: int = flag(2000, "with --stream: captions (the first of rank 0's share) kept for the "
+                                "relevance report and picture")
+    max_bad_fraction: float = flag(0.01, "stop if more than this share of records is bad")
 
 
 def context_len(model, row_len):

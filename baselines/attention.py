@@ -12,14 +12,14 @@ first n_layer blocks are used.
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from data import tokenizer as T
-from lib.cli import parse_config
+from lib.cli import flag, parse_config
 from data.packing import make_samples
 from data.records import read_records
 from data.images import load_images, normalize
@@ -125,41 +125,36 @@ def caption_rows(samples, max_len):
 
 @dataclass
 class AttnConfig:
-    data: str = field(default="data/synth/train.jsonl",
-                      metadata={"help": "image-caption pairs to train the scorer on and to score (train.py's --data)"})
-    tokenizer: str = field(default="out/tokenizer.json", metadata={"help": "tokenizer.json (train.py's)"})
-    out: str = field(default="out/attn_scores_train.pt",
-                     metadata={"help": "score file of per-token attention weights, read by train.py --loss attn "
-                                       "--attn-scores"})
-    init_decoder: str = field(default="",
-                              metadata={"help": "base-LM checkpoint (reference_lm.py) to start the text side from "
-                                                "('' = scratch)"})
-    init_encoder: str = field(default="",
-                              metadata={"help": "ViT checkpoint (tools/vision.py) to start the image side from "
-                                                "('' = scratch)"})
-    image_size: int = field(default=48, metadata={"help": "image size (scratch ViT; --init-encoder's otherwise)"})
-    patch_size: int = field(default=8, metadata={"help": "ViT patch size (scratch ViT)"})
-    vit_dim: int = field(default=96, metadata={"help": "ViT width (scratch ViT)"})
-    vit_depth: int = field(default=2, metadata={"help": "ViT depth (scratch ViT)"})
-    vit_heads: int = field(default=3, metadata={"help": "ViT heads (scratch ViT)"})
-    d_model: int = field(default=128, metadata={"help": "text width (scratch text model)"})
-    n_layer: int = field(default=0,
-                         metadata={"help": "text transformer blocks before the cross-attention (0 = each token's "
-                                           "own embedding)"})
-    n_head: int = field(default=4, metadata={"help": "text heads (scratch text model)"})
-    steps: int = field(default=400, metadata={"help": "training steps"})
-    batch_size: int = field(default=64,
-                            metadata={"help": "image-caption pairs per step (each caption is contrasted with "
-                                              "every image)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (warm-up 5%%, cosine to lr/10)"})
-    budget: float = field(default=0.3,
-                          metadata={"help": "price on the attention mass a token gives the image (pushes "
-                                            "image-unrelated tokens to the null slot)"})
-    seed: int = field(default=0, metadata={"help": "seed"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
-    max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of records is bad"})
-    workers: int = field(default=0, metadata={"help": "processes for decoding images at start-up"})
+    data: str = flag("data/synth/train.jsonl",
+                     "image-caption pairs to train the scorer on and to score (train.py's --data)")
+    tokenizer: str = flag("out/tokenizer.json", "tokenizer.json (train.py's)")
+    out: str = flag("out/attn_scores_train.pt",
+                    "score file of per-token attention weights, read by train.py --loss attn "
+                    "--attn-scores")
+    init_decoder: str = flag("", "base-LM checkpoint (reference_lm.py) to start the text side from "
+                             "('' = scratch)")
+    init_encoder: str = flag("", "ViT checkpoint (tools/vision.py) to start the image side from "
+                             "('' = scratch)")
+    image_size: int = flag(48, "image size (scratch ViT; --init-encoder's otherwise)")
+    patch_size: int = flag(8, "ViT patch size (scratch ViT)")
+    vit_dim: int = flag(96, "ViT width (scratch ViT)")
+    vit_depth: int = flag(2, "ViT depth (scratch ViT)")
+    vit_heads: int = flag(3, "ViT heads (scratch ViT)")
+    d_model: int = flag(128, "text width (scratch text model)")
+    n_layer: int = flag(0, "text transformer blocks before the cross-attention (0 = each token's "
+                        "own embedding)")
+    n_head: int = flag(4, "text heads (scratch text model)")
+    steps: int = flag(400, "training steps")
+    batch_size: int = flag(64, "image-caption pairs per step (each caption is contrasted with "
+                           "every image)")
+    lr: float = flag(1e-3, "peak learning rate (warm-up 5%%, cosine to lr/10)")
+    budget: float = flag(0.3, "price on the attention mass a token gives the image (pushes "
+                         "image-unrelated tokens to the null slot)")
+    seed: int = flag(0, "seed")
+    device: str = flag("auto", "auto, cpu or cuda")
+    threads: int = flag(0, "torch CPU threads (0 = torch's default)")
+    max_bad_fraction: float = flag(0.01, "stop if more than this share of records is bad")
+    workers: int = flag(0, "processes for decoding images at start-up")
 
 
 def train_attention_scorer(cfg):

@@ -39,13 +39,14 @@ import random
 import time
 import typing
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from multiprocessing import Pool
 
 from tqdm import tqdm
 
 from data.render import render
+from lib.cli import flag
 from data.scenes import (BOIL, COLOURS, GLUE, IMG, NOISE, PROBES, SHAPES, caption, label_words, make_sites,
                          noise_pools, probe, sample_scene, scene_key, text_document, text_of)
 
@@ -62,62 +63,61 @@ MIXES = {"web": dict(image_share=0.30, noise_share=0.15, noise_vocab=300),    # 
                       title_prob=0.5, boiler_vary=0.5)}
 
 
-def opt(default, help):  # a config field with the help text argparse shows
-    return field(default=default, metadata={"help": help})
+
 
 
 @dataclass
 class GenConfig:
-    out: str = opt("data/synth", "output folder")
-    seed: int = opt(0, "master seed; same config gives byte-identical files")
-    mix: str = opt("web", f"caption filler preset {list(MIXES)}: sets the next three flags unless given")
-    image_share: typing.Optional[float] = opt(None, "target fraction of caption words that depend on the image "
+    out: str = flag("data/synth", "output folder")
+    seed: int = flag(0, "master seed; same config gives byte-identical files")
+    mix: str = flag("web", f"caption filler preset {list(MIXES)}: sets the next three flags unless given")
+    image_share: typing.Optional[float] = flag(None, "target fraction of caption words that depend on the image "
                                                     "(the paper measured ~0.3)")
-    noise_share: typing.Optional[float] = opt(None, "target fraction of the NON-image words that are random noise "
+    noise_share: typing.Optional[float] = flag(None, "target fraction of the NON-image words that are random noise "
                                                     "(rest: boilerplate)")
-    noise_vocab: typing.Optional[int] = opt(None, "distinct items per noise kind (names, places, prices, dates, "
+    noise_vocab: typing.Optional[int] = flag(None, "distinct items per noise kind (names, places, prices, dates, "
                                                   "ids, numbers)")
-    colour_corr: typing.Optional[float] = opt(None, "chance an object has its shape's usual colour (text predicts "
+    colour_corr: typing.Optional[float] = flag(None, "chance an object has its shape's usual colour (text predicts "
                                                     "the shape from the colour)")
-    site_shapes: typing.Optional[float] = opt(None, "chance an object's shape is one of its caption site's two "
+    site_shapes: typing.Optional[float] = flag(None, "chance an object's shape is one of its caption site's two "
                                                     "favourite shapes")
-    title_prob: typing.Optional[float] = opt(None, "chance a site repeats a short title of the scene (image words "
+    title_prob: typing.Optional[float] = flag(None, "chance a site repeats a short title of the scene (image words "
                                                    "that the description predicts)")
-    boiler_vary: typing.Optional[float] = opt(None, "chance a stock phrase is drawn at random instead of from the "
+    boiler_vary: typing.Optional[float] = flag(None, "chance a stock phrase is drawn at random instead of from the "
                                                     "site's template")
-    bare_noise: typing.Optional[float] = opt(None, "chance a noise field comes without its template words "
+    bare_noise: typing.Optional[float] = flag(None, "chance a noise field comes without its template words "
                                                    "('maria lopez')")
-    n_ref: int = opt(20000, "text-only captions for the reference LM (fresh scenes, never a train/val/test caption)")
-    n_text: int = opt(20000, "more text-only captions (base LM pre-training / text-only mix)")
-    n_label: int = opt(5000, "images with a short label as caption (stage 1 of the encoder-free model)")
-    n_train: int = opt(20000, "image-caption pairs for training")
-    n_val: int = opt(1000, "image-caption pairs for validation")
-    n_test: int = opt(1000, "image-caption pairs for testing")
-    n_probe: int = opt(500, "rows per probe kind (test probes, probes/)")
-    n_probe_val: int = opt(200, "rows per probe kind for validation (probes_val/: choosing learning rates)")
-    image_size: int = opt(48, "image side in pixels (a 3x3 grid of cells)")
-    min_objects: int = opt(1, "fewest objects per scene")
-    max_objects: int = opt(4, "most objects per scene (below --n-shapes)")
-    n_shapes: int = opt(6, f"shapes used, the first n of: {' '.join(SHAPES)}")
-    n_colours: int = opt(8, f"colours used, the first n of: {' '.join(COLOURS)}")
-    object_scale: float = opt(1.0, "object size multiplier; large radius = 0.42 cell x scale (bigger: easier)")
-    small_ratio: float = opt(0.75, "radius of 'small' objects relative to 'large' ones (smaller: harder)")
-    jitter: float = opt(1.0, "how far an object may drift from its cell centre, as a share of the free room "
+    n_ref: int = flag(20000, "text-only captions for the reference LM (fresh scenes, never a train/val/test caption)")
+    n_text: int = flag(20000, "more text-only captions (base LM pre-training / text-only mix)")
+    n_label: int = flag(5000, "images with a short label as caption (stage 1 of the encoder-free model)")
+    n_train: int = flag(20000, "image-caption pairs for training")
+    n_val: int = flag(1000, "image-caption pairs for validation")
+    n_test: int = flag(1000, "image-caption pairs for testing")
+    n_probe: int = flag(500, "rows per probe kind (test probes, probes/)")
+    n_probe_val: int = flag(200, "rows per probe kind for validation (probes_val/: choosing learning rates)")
+    image_size: int = flag(48, "image side in pixels (a 3x3 grid of cells)")
+    min_objects: int = flag(1, "fewest objects per scene")
+    max_objects: int = flag(4, "most objects per scene (below --n-shapes)")
+    n_shapes: int = flag(6, f"shapes used, the first n of: {' '.join(SHAPES)}")
+    n_colours: int = flag(8, f"colours used, the first n of: {' '.join(COLOURS)}")
+    object_scale: float = flag(1.0, "object size multiplier; large radius = 0.42 cell x scale (bigger: easier)")
+    small_ratio: float = flag(0.75, "radius of 'small' objects relative to 'large' ones (smaller: harder)")
+    jitter: float = flag(1.0, "how far an object may drift from its cell centre, as a share of the free room "
                               "(0: fixed)")
-    rotate: float = opt(10.0, "max random rotation of a shape in degrees (keep < 45: square vs diamond)")
-    colour_jitter: float = opt(15.0, "max per-channel RGB jitter of an object's colour")
-    colour_contrast: float = opt(1.0, "scale colours around grey (< 1: more similar colours, harder)")
-    bg_noise: float = opt(8.0, "std of per-pixel noise over the whole image")
-    pair_prob: float = opt(0.25, "chance a scene has two objects of one shape and colour ('two red circles')")
-    cooccur_prob: float = opt(0.3, "chance an object takes the partner shape of another (adversarial POPE)")
-    shape_skew: float = opt(0.6, "shape frequency ~ rank^-skew (popular POPE)")
-    n_sites: int = opt(40, "web sites captions come from; each writes its boilerplate from one template")
-    pos_prob: float = opt(0.5, "chance a site's captions give object positions")
-    count_prob: float = opt(0.25, "chance a site's captions count the objects ('three shapes :')")
-    text_context: float = opt(1.0, "chance a text-only document starts with a full description of its scene")
-    size_prob: float = opt(0.35, "chance an object phrase keeps its size")
-    colour_prob: float = opt(0.85, "chance an object phrase keeps its colour")
-    workers: int = opt(2, "processes rendering images (the output does not depend on it)")
+    rotate: float = flag(10.0, "max random rotation of a shape in degrees (keep < 45: square vs diamond)")
+    colour_jitter: float = flag(15.0, "max per-channel RGB jitter of an object's colour")
+    colour_contrast: float = flag(1.0, "scale colours around grey (< 1: more similar colours, harder)")
+    bg_noise: float = flag(8.0, "std of per-pixel noise over the whole image")
+    pair_prob: float = flag(0.25, "chance a scene has two objects of one shape and colour ('two red circles')")
+    cooccur_prob: float = flag(0.3, "chance an object takes the partner shape of another (adversarial POPE)")
+    shape_skew: float = flag(0.6, "shape frequency ~ rank^-skew (popular POPE)")
+    n_sites: int = flag(40, "web sites captions come from; each writes its boilerplate from one template")
+    pos_prob: float = flag(0.5, "chance a site's captions give object positions")
+    count_prob: float = flag(0.25, "chance a site's captions count the objects ('three shapes :')")
+    text_context: float = flag(1.0, "chance a text-only document starts with a full description of its scene")
+    size_prob: float = flag(0.35, "chance an object phrase keeps its size")
+    colour_prob: float = flag(0.85, "chance an object phrase keeps its colour")
+    workers: int = flag(2, "processes rendering images (the output does not depend on it)")
 
 
 def resolve(cfg):

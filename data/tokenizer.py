@@ -14,9 +14,11 @@ Flags in detail: --data's formats are read by data/records.py.
 """
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lib.cli import flag
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|image|>", "<|vision|>", "<|/vision|>", "<|vrow|>"]
 PAD, BOS, EOS, IMAGE, VISION, VISION_END, VROW = range(len(SPECIALS))
@@ -84,13 +86,12 @@ def token_word_index(tok, captions):
 
 @dataclass
 class TokenizerConfig:
-    data: str = field(default="data/synth/text.jsonl,data/synth/train.jsonl",
-                      metadata={"help": "comma-separated caption files (JSONL, LLaVA or COCO JSON, .tar shards) to "
-                                        "learn merges from"})
-    out: str = field(default="out/tokenizer.json", metadata={"help": "where to write tokenizer.json"})
-    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size including special tokens"})
-    max_bad_fraction: float = field(default=0.01,
-                                    metadata={"help": "stop if more than this share of a file's records is bad"})
+    data: str = flag("data/synth/text.jsonl,data/synth/train.jsonl",
+                     "comma-separated caption files (JSONL, LLaVA or COCO JSON, .tar shards) to "
+                     "learn merges from")
+    out: str = flag("out/tokenizer.json", "where to write tokenizer.json")
+    vocab_size: int = flag(2048, "BPE vocabulary size including special tokens")
+    max_bad_fraction: float = flag(0.01, "stop if more than this share of a file's records is bad")
 
 
 def main(argv=None):

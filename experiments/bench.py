@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars inside the timed regions
 import torch  # noqa: E402
@@ -48,7 +48,7 @@ from PIL import Image  # noqa: E402
 from data import tokenizer as T  # noqa: E402
 from experiments import bench_parts  # noqa: E402
 import train  # noqa: E402
-from lib.cli import parse_config  # noqa: E402
+from lib.cli import flag, parse_config  # noqa: E402
 from lib.build import build_model  # noqa: E402
 from data.images import load_images  # noqa: E402
 from data.packing import global_batch, make_samples, pack  # noqa: E402
@@ -78,40 +78,29 @@ SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (30, 1024, 2000, 2048, 2048), 
 
 @dataclass
 class BenchConfig:
-    preset: str = field(default="small",
-                        metadata={"help": "tiny: seconds, for tests; small: train.py's default; bench: d 384 x 6; "
-                                          "cpu/gpu: main.py's", "choices": list(PRESETS)})
-    arch: str = field(default="h",
-                      metadata={"help": "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM",
-                                "choices": ["h", "u"]})
-    steps: int = field(default=0,
-                       metadata={"help": "timed train steps per loss, median reported (0 = the preset's: 3 tiny, "
-                                         "30 otherwise)"})
-    warmup: int = field(default=2, metadata={"help": "untimed steps per loss first (allocator, caches, torch.compile)"})
-    batch_size: int = field(default=0,
-                            metadata={"help": "image-caption samples per step (0 = the preset's: 8 tiny, else "
-                                              "train.py's 32)"})
-    row_len: int = field(default=0,
-                         metadata={"help": "tokens per packed row at most (0 = the preset's: 64 tiny, else "
-                                           "train.py's 256)"})
-    pairs: int = field(default=0,
-                       metadata={"help": "image-caption pairs to generate: caption lengths, loader timing, scoring (0 "
-                                         "= the preset's)"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = os.cpu_count())"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    compile: bool = field(default=False,
-                          metadata={"help": "torch.compile the model, as train.py --compile (compiling is part of "
-                                            "the warm-up)"})
-    peak_tflops: float = field(default=0.0,
-                               metadata={"help": "dense bf16 peak of the GPU in TFLOP/s for MFU (0 = from "
-                                                 "PEAK_BF16 by name)"})
-    profile: bool = field(default=False,
-                          metadata={"help": "also run torch.profiler over two PRIOR forward+backward passes and print "
-                                            "where the time goes"})
-    parts_only: bool = field(default=False,
-                             metadata={"help": "only the H recipe and the GPT-2 stack (bench_parts), on --pairs pairs"})
-    json: str = field(default="", metadata={"help": "also write the results to this file, one flat JSON object"})
-    seed: int = field(default=0, metadata={"help": "seed of the generated data and the model"})
+    preset: str = flag("small", "tiny: seconds, for tests; small: train.py's default; bench: d 384 x 6; "
+                       "cpu/gpu: main.py's", list(PRESETS))
+    arch: str = flag("h", "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", ["h", "u"])
+    steps: int = flag(0, "timed train steps per loss, median reported (0 = the preset's: 3 tiny, "
+                      "30 otherwise)")
+    warmup: int = flag(2, "untimed steps per loss first (allocator, caches, torch.compile)")
+    batch_size: int = flag(0, "image-caption samples per step (0 = the preset's: 8 tiny, else "
+                           "train.py's 32)")
+    row_len: int = flag(0, "tokens per packed row at most (0 = the preset's: 64 tiny, else "
+                        "train.py's 256)")
+    pairs: int = flag(0, "image-caption pairs to generate: caption lengths, loader timing, scoring (0 "
+                      "= the preset's)")
+    threads: int = flag(0, "torch CPU threads (0 = os.cpu_count())")
+    device: str = flag("auto", "auto, cpu or cuda")
+    compile: bool = flag(False, "torch.compile the model, as train.py --compile (compiling is part of "
+                         "the warm-up)")
+    peak_tflops: float = flag(0.0, "dense bf16 peak of the GPU in TFLOP/s for MFU (0 = from "
+                              "PEAK_BF16 by name)")
+    profile: bool = flag(False, "also run torch.profiler over two PRIOR forward+backward passes and print "
+                         "where the time goes")
+    parts_only: bool = flag(False, "only the H recipe and the GPT-2 stack (bench_parts), on --pairs pairs")
+    json: str = flag("", "also write the results to this file, one flat JSON object")
+    seed: int = flag(0, "seed of the generated data and the model")
 
 
 # ----------------------------------------------------------------------------- data

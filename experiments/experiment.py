@@ -6,9 +6,10 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from experiments.jobs import Jobs
+from lib.cli import flag
 
 # Sizes per preset. "cpu" is sized for a 2-core laptop CPU (docs/performance.md has its measured time); "smoke"
 # exercises every stage in miniature; "gpu" is a starting point for GPUs.
@@ -48,23 +49,17 @@ PRESETS = {
 
 @dataclass
 class ExperimentConfig:
-    out: str = field(default="out", metadata={"help": "output folder: data, models, runs, results.md"})
-    preset: str = field(default="cpu",
-                        metadata={"help": "sizes: smoke, cpu or gpu (see PRESETS)", "choices": list(PRESETS)})
-    stage: str = field(default="all",
-                       metadata={"help": "prepare = data, tokenizer, reference LM, scores; all = everything",
-                                 "choices": ["prepare", "all"]})
-    settings: str = field(default="",
-                          metadata={"help": "mix:family pairs to compare ('' = the preset's), e.g. web:h,hard:u"})
-    arms: str = field(default="ntp,prior,prior_shuffled,oracle",
-                      metadata={"help": "arms of the comparison (train.py losses)"})
-    tune: str = field(default="ntp,prior,oracle",
-                      metadata={"help": "arms whose lr is chosen on validation; others borrow"})
-    seeds: int = field(default=0, metadata={"help": "paired seeds per arm (0 = the preset's)"})
-    parallel: int = field(default=2, metadata={"help": "jobs at once (each with cpu_threads // parallel threads)"})
-    nproc: int = field(default=1, metadata={"help": "processes per training run, under torchrun (e.g. the GPU count)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    seed: int = field(default=0, metadata={"help": "data-generation seed"})
+    out: str = flag("out", "output folder: data, models, runs, results.md")
+    preset: str = flag("cpu", "sizes: smoke, cpu or gpu (see PRESETS)", list(PRESETS))
+    stage: str = flag("all", "prepare = data, tokenizer, reference LM, scores; all = everything", ["prepare", "all"])
+    settings: str = flag("", "mix:family pairs to compare ('' = the preset's), e.g. web:h,hard:u")
+    arms: str = flag("ntp,prior,prior_shuffled,oracle", "arms of the comparison (train.py losses)")
+    tune: str = flag("ntp,prior,oracle", "arms whose lr is chosen on validation; others borrow")
+    seeds: int = flag(0, "paired seeds per arm (0 = the preset's)")
+    parallel: int = flag(2, "jobs at once (each with cpu_threads // parallel threads)")
+    nproc: int = flag(1, "processes per training run, under torchrun (e.g. the GPU count)")
+    device: str = flag("auto", "auto, cpu or cuda")
+    seed: int = flag(0, "data-generation seed")
 
 
 class Experiment:

@@ -11,12 +11,12 @@ refused). For evaluators: `model.generate(model, input_ids, images, max_new_toke
 batch greedily, and `caption()` below does one image end to end.
 """
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from data import tokenizer as T
-from lib.cli import parse_config
+from lib.cli import flag, parse_config
 from data.images import load_image, normalize
 from model import generate
 from lib.utils import autocast, check_fingerprint, pick_device
@@ -24,18 +24,16 @@ from lib.utils import autocast, check_fingerprint, pick_device
 
 @dataclass
 class CaptionConfig:
-    ckpt: str = field(default="runs/default/last.pt",
-                      metadata={"help": "train.py checkpoint (last.pt or ckpt_<step>.pt)"})
-    image: str = field(default="", metadata={"help": "image file to caption (any format PIL reads)"})
-    prompt: str = field(default="", metadata={"help": "text the caption starts with, e.g. 'a photo of' ('' = none)"})
-    greedy: bool = field(default=False,
-                         metadata={"help": "always take the most likely token (ignores --temperature and --top-k)"})
-    temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0 = greedy)"})
-    top_k: int = field(default=20, metadata={"help": "sample among the k most likely tokens (0 = all)"})
-    max_new_tokens: int = field(default=40, metadata={"help": "stop after this many new tokens if no <|eos|> came"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampling: the same seed gives the same caption"})
-    tokenizer: str = field(default="", metadata={"help": "tokenizer.json ('' = the one recorded in the checkpoint)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    ckpt: str = flag("runs/default/last.pt", "train.py checkpoint (last.pt or ckpt_<step>.pt)")
+    image: str = flag("", "image file to caption (any format PIL reads)")
+    prompt: str = flag("", "text the caption starts with, e.g. 'a photo of' ('' = none)")
+    greedy: bool = flag(False, "always take the most likely token (ignores --temperature and --top-k)")
+    temperature: float = flag(0.8, "sampling temperature (0 = greedy)")
+    top_k: int = flag(20, "sample among the k most likely tokens (0 = all)")
+    max_new_tokens: int = flag(40, "stop after this many new tokens if no <|eos|> came")
+    seed: int = flag(0, "seed of the sampling: the same seed gives the same caption")
+    tokenizer: str = flag("", "tokenizer.json ('' = the one recorded in the checkpoint)")
+    device: str = flag("auto", "auto, cpu or cuda")
 
 
 def read_image(path, size):

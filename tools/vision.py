@@ -34,14 +34,14 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lib.cli import parse_config
+from lib.cli import flag, parse_config
 from data.records import read_records
 from data.images import load_images, normalize
 from data.record_types import DataError
@@ -59,32 +59,28 @@ COL_NAMES = ("left", "center", "right")
 
 @dataclass
 class Config:
-    data: str = field(default="data/synth/label.jsonl",
-                      metadata={"help": "JSONL with the generator's 'scene' field per record"})
-    out: str = field(default="out/vit.pt", metadata={"help": "checkpoint path; accuracies go to <stem>.json beside it"})
-    val_fraction: float = field(default=0.05, metadata={"help": "share of records held out for validation"})
-    image_size: int = field(default=48, metadata={"help": "images are resized to this square size"})
-    patch_size: int = field(default=8, metadata={"help": "ViT patch side in pixels"})
-    vit_dim: int = field(default=192, metadata={"help": "ViT width"})
-    vit_depth: int = field(default=4, metadata={"help": "ViT blocks"})
-    vit_heads: int = field(default=3, metadata={"help": "ViT attention heads"})
-    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=32, metadata={"help": "images per step"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
-    warmup: int = field(default=50, metadata={"help": "linear warm-up steps, then cosine to lr/10"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on matrices"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    pixel_noise: float = field(default=0.0,
-                               metadata={"help": "std of Gaussian noise added to normalised pixels (0 = none)"})
-    eval_every: int = field(default=250,
-                            metadata={"help": "print validation accuracy every N steps (0 = only at the end)"})
-    seed: int = field(default=0, metadata={"help": "seed for initialisation, split and batch order"})
-    max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more than this share of records is bad"})
-    workers: int = field(default=0, metadata={"help": "processes for decoding images at start-up"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    threads: int = field(default=0,
-                         metadata={"help": "torch CPU threads (0 = torch's default; 1 is fastest on a "
-                                           "busy shared CPU)"})
+    data: str = flag("data/synth/label.jsonl", "JSONL with the generator's 'scene' field per record")
+    out: str = flag("out/vit.pt", "checkpoint path; accuracies go to <stem>.json beside it")
+    val_fraction: float = flag(0.05, "share of records held out for validation")
+    image_size: int = flag(48, "images are resized to this square size")
+    patch_size: int = flag(8, "ViT patch side in pixels")
+    vit_dim: int = flag(192, "ViT width")
+    vit_depth: int = flag(4, "ViT blocks")
+    vit_heads: int = flag(3, "ViT attention heads")
+    steps: int = flag(1000, "optimizer steps")
+    batch_size: int = flag(32, "images per step")
+    lr: float = flag(2e-3, "peak learning rate")
+    warmup: int = flag(50, "linear warm-up steps, then cosine to lr/10")
+    weight_decay: float = flag(0.05, "AdamW weight decay on matrices")
+    grad_clip: float = flag(1.0, "gradient-norm clip")
+    pixel_noise: float = flag(0.0, "std of Gaussian noise added to normalised pixels (0 = none)")
+    eval_every: int = flag(250, "print validation accuracy every N steps (0 = only at the end)")
+    seed: int = flag(0, "seed for initialisation, split and batch order")
+    max_bad_fraction: float = flag(0.01, "stop if more than this share of records is bad")
+    workers: int = flag(0, "processes for decoding images at start-up")
+    device: str = flag("auto", "auto, cpu or cuda")
+    threads: int = flag(0, "torch CPU threads (0 = torch's default; 1 is fastest on a "
+                        "busy shared CPU)")
 
 
 # ----------------------------------------------------------------------------- labels
