@@ -12,10 +12,21 @@ Every script keeps its settings in one `@dataclass` whose fields carry a help te
 
 The same dataclass is saved (as a plain dict) inside every checkpoint and rebuilt with
 `from_dict`, so a checkpoint alone says how it was made.
+
+Every script's entry point is `run(main, Config, description=__doc__)`: a user's mistake (a bad flag, a bad
+file, a refused resume) raises UserError and ends as one line `error: ...` with exit code 2, no traceback;
+PRIOR_DEBUG=1 shows the traceback too. Any other exception is the project's own bug and keeps its traceback.
 """
 import argparse
 import dataclasses
+import os
+import sys
 import typing
+
+
+class UserError(ValueError):
+    """A mistake of the user's (flag, file, resume), not a bug: run() prints it as one line. A ValueError, so
+    code that catches ValueError keeps working."""
 
 
 def flag(default, help, choices=None):
@@ -56,3 +67,15 @@ def from_dict(cls, values):
     """Rebuild a config saved with dataclasses.asdict, ignoring keys this version does not know."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def run(main, cls, argv=None, description=None):
+    """A script's entry point: parse `cls`'s flags, call main(cfg); a UserError becomes `error: ...` and exit 2."""
+    cfg = parse_config(cls, argv, description)
+    try:
+        return main(cfg)
+    except UserError as e:
+        if os.environ.get("PRIOR_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
