@@ -37,10 +37,24 @@ def _open(path, span=None):
     return io.BytesIO(data)
 
 
+def _to_8bit(im):
+    """An integer or float image (16-bit greyscale PNG or TIFF: modes I;16*, I, F) as 8-bit greyscale by value.
+    PIL's own convert("RGB") clips those at 255, so a 16-bit value of 25700 (39% grey) would come out white:
+    16-bit values (I;16*, and I, which is how PIL opens 16-bit greyscale too) are divided by 257 (65535 -> 255),
+    floats (F) are read as 0..1. Every other mode is returned as it is (convert("RGB") maps it by value)."""
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    import numpy as np
+    a = np.asarray(im).astype(np.float64)
+    a = a * 255 if im.mode == "F" else a / 257
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # 2-d uint8: mode L
+
+
 def _decode(src, size):
     """Decode one image (a path or file object) to RGB bytes (size*size*3, HWC), bicubic-resized to size x size."""
     with Image.open(src) as im:
         im.load()  # decode now, so truncated files fail here and not later
+        im = _to_8bit(im)
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             # Composite on white: plain convert("RGB") would expose whatever colour hides
             # under transparent pixels (often black), which is not what the image shows.
