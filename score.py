@@ -110,8 +110,11 @@ def label_probs(model, samples, row_len, batch_rows, device, progress=True):
             bar.update(len(chunk))
     bar.close()
     for i, s in enumerate(samples):
-        if len(clipped[i]) < len(s.caption_ids):  # the labels past the context: p_ref 0
-            out[i] = torch.cat([out[i], out[i].new_zeros(len(s.caption_ids) + 1 - len(clipped[i]))])
+        # the labels past the context get p_ref 0: every caption of ctx tokens or more, even one of exactly ctx
+        # (all its tokens fit, its <|eos|> label does not), so each sample has len(caption_ids) + 1 scores
+        missing = len(s.caption_ids) + 1 - len(out[i])
+        if missing:
+            out[i] = torch.cat([out[i], out[i].new_zeros(missing)])
     return out, positions
 
 

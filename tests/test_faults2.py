@@ -35,7 +35,8 @@ def test_every_caption_length_up_to_and_past_the_context_gets_one_score_per_labe
         seq = [T.BOS] + s.caption_ids + [T.EOS]
         fit = min(n + 1, ctx)  # labels the context holds; the rest are 0 (weight 1, as in NTP)
         with torch.no_grad():
-            probs = model.eval()(torch.tensor([seq[:fit]])).softmax(-1)[0, torch.arange(fit), torch.tensor(seq[1:fit + 1])]
+            probs = model.eval()(torch.tensor([seq[:fit]])).softmax(-1)
+        probs = probs[0, torch.arange(fit), torch.tensor(seq[1:fit + 1])]
         torch.testing.assert_close(p[:fit], probs, atol=2e-5, rtol=0)
         assert (p[fit:] == 0).all() and (p[:fit] > 0).all()
 
