@@ -45,71 +45,115 @@ instruct   Question-answer pairs from the training scenes (data/qa.py; never fro
            question and 0 on the answer makes --loss prior a masked loss, data/qa.answer_only_scores) or on
            the whole "question: ... answer: ..." text (--it-loss all: plain NTP).
 """
-import argparse
 import sys
+import typing
+from dataclasses import dataclass
 
 from experiments.paper_ablation import ablation
 from experiments.paper_baselines import baselines
 from experiments.paper_instruct import instruct
 from experiments.paper_scaling import scaling
+from lib.cli import UserError, flag, parse_config, run
 
 
-def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+@dataclass
+class PaperConfig:
+    """Every command's flags."""
+    from_: str = flag("out", "the main job's output folder")
+    out: str = flag("", "where to write (empty: <from>/paper/<command>)")
+    mix: str = flag("", "caption mix (empty: the main job's first)")
+    arch: str = flag("h", "model family", ["h", "u"])
+    seeds: int = flag(0, "seeds per arm (0 = the command's default)")
+    steps: int = flag(0, "training steps (0 = the preset's; --quick: 2)")
+    batch_size: int = flag(0, "samples per step (0 = the preset's)")
+    lr: float = flag(0.0, "one learning rate for every arm (0 = chosen_lrs.json)")
+    eval_rows: typing.Optional[int] = flag(None, "rows per probe file and test captions (None: the preset's; "
+                                                 "--quick: 8)")
+    parallel: int = flag(0, "runs at once (0 = the main job's; 1 = in this process, what --quick uses)")
+    device: str = flag("", "auto, cpu or cuda (empty: the main job's)")
+    quick: bool = flag(False, "a seconds-long end-to-end check with tiny settings (tests)")
+    plan: bool = flag(False, "print what would run and the time estimate, then stop")
+    argv = None  # the command line, for the report's header (not a flag)
 
-    def common(sp):
-        sp.add_argument("--from", dest="from_dir", default="out", help="the main job's output folder (default: out)")
-        sp.add_argument("--out", default="", help="where to write (default: <from>/paper/<command>)")
-        sp.add_argument("--mix", default="", help="caption mix (default: the main job's first)")
-        sp.add_argument("--arch", default="h", choices=["h", "u"], help="model family (default: h)")
-        sp.add_argument("--seeds", type=int, default=0, help="seeds per arm (0 = the command's default)")
-        sp.add_argument("--steps", type=int, default=0, help="training steps (0 = the preset's; --quick: 2)")
-        sp.add_argument("--batch-size", type=int, default=0, help="samples per step (0 = the preset's)")
-        sp.add_argument("--lr", type=float, default=0, help="one learning rate for every arm (0 = chosen_lrs.json)")
-        sp.add_argument("--eval-rows", type=int, default=None,
-                        help="rows per probe file and test captions (default: the preset's; --quick: 8)")
-        sp.add_argument("--parallel", type=int, default=0,
-                        help="runs at once (0 = the main job's; 1 = in this process, what --quick uses)")
-        sp.add_argument("--device", default="", help="auto, cpu or cuda (default: the main job's)")
-        sp.add_argument("--quick", action="store_true",
-                        help="a seconds-long end-to-end check with tiny settings (tests)")
-        sp.add_argument("--plan", action="store_true", help="print what would run and the time estimate, then stop")
-        return sp
+    @property
+    def from_dir(self):
+        return self.from_
 
-    a = common(sub.add_parser("ablation", help="Fig. 5: PRIOR's alpha and the factor k, next to NTP"))
-    a.add_argument("--alphas", default="0.5,1,2,4", help="PRIOR exponents (default: the paper's 0.5,1,2,4)")
-    a.add_argument("--no-reuse", action="store_true",
-                   help="train NTP and PRIOR alpha 1 here too, not reuse the main job's runs")
-    sc = common(sub.add_parser("scaling", help="Figs. 6-7: power-law fits over data size"))
-    sc.add_argument("--sizes", default="",
-                    help="subset sizes in records, comma-separated (default: 6 log-spaced over 10x up to all)")
-    sc.add_argument("--epochs", type=float, default=1.0, help="passes over each subset (default 1: D = data size)")
-    sc.add_argument("--methods", default="ntp,prior")
-    sc.add_argument("--targets", default="probe_avg,nll_image",
-                    help="benchmarks to fit (positive values; default: probe_avg,nll_image)")
-    bl = common(sub.add_parser("baselines", help="Table 1: the paper's baselines, Rho-1 and CAL, each at its best lr"))
-    bl.add_argument("--arms", default="rare,attn,itm,itc,recon,rho1,cal", help="baselines to run (default: all)")
-    bl.add_argument("--lrs", default="",
-                    help="lr grid for the baselines, comma-separated (default: the preset's, the main job's grid)")
-    it = common(sub.add_parser("instruct", help="instruction tuning on scene QA, generated-answer exact match"))
-    it.add_argument("--methods", default="ntp,prior")
-    it.add_argument("--it-steps", type=int, default=0,
-                    help="instruction-tuning steps (0 = 100; the paper: 20; --quick: 3)")
-    it.add_argument("--it-lr", type=float, default=1e-3, help="instruction-tuning peak lr")
-    it.add_argument("--it-train", default="all", choices=["all", "projector"], help="what tunes (default: all weights)")
-    it.add_argument("--it-loss", default="answer", choices=["answer", "all"],
-                    help="loss on the answer only (default) or the whole text")
-    it.add_argument("--per-scene", type=int, default=2, help="training questions per training scene")
-    it.add_argument("--qa-rows", type=int, default=0, help="test questions per kind (0 = 100; --quick: 8)")
-    return p
+
+@dataclass
+class AblationConfig(PaperConfig):
+    """Fig. 5: PRIOR's alpha and the factor k, next to NTP."""
+    alphas: str = flag("0.5,1,2,4", "PRIOR exponents (the paper's 0.5,1,2,4)")
+    no_reuse: bool = flag(False, "train NTP and PRIOR alpha 1 here too, not reuse the main job's runs")
+    command = "ablation"
+
+
+@dataclass
+class ScalingConfig(PaperConfig):
+    """Figs. 6-7: power-law fits over data size."""
+    sizes: str = flag("", "subset sizes in records, comma-separated (empty: 6 log-spaced over 10x up to all)")
+    epochs: float = flag(1.0, "passes over each subset (1: D = data size)")
+    methods: str = flag("ntp,prior", "methods to train, comma-separated")
+    targets: str = flag("probe_avg,nll_image", "benchmarks to fit (positive values), comma-separated")
+    command = "scaling"
+
+
+@dataclass
+class BaselinesConfig(PaperConfig):
+    """Table 1: the paper's baselines, Rho-1 and CAL, each at its best lr."""
+    arms: str = flag("rare,attn,itm,itc,recon,rho1,cal", "baselines to run, comma-separated (all of them)")
+    lrs: str = flag("", "lr grid for the baselines, comma-separated (empty: the preset's, the main job's grid)")
+    command = "baselines"
+
+
+@dataclass
+class InstructConfig(PaperConfig):
+    """Instruction tuning on scene QA, generated-answer exact match."""
+    methods: str = flag("ntp,prior", "pre-trained methods to tune, comma-separated")
+    it_steps: int = flag(0, "instruction-tuning steps (0 = 100; the paper: 20; --quick: 3)")
+    it_lr: float = flag(1e-3, "instruction-tuning peak lr")
+    it_train: str = flag("all", "what tunes (all weights or the projector)", ["all", "projector"])
+    it_loss: str = flag("answer", "loss on the answer only or the whole text", ["answer", "all"])
+    per_scene: int = flag(2, "training questions per training scene")
+    qa_rows: int = flag(0, "test questions per kind (0 = 100; --quick: 8)")
+    command = "instruct"
+
+
+COMMANDS = {"ablation": (ablation, AblationConfig), "baselines": (baselines, BaselinesConfig),
+            "scaling": (scaling, ScalingConfig), "instruct": (instruct, InstructConfig)}
+
+
+def command_of(argv):
+    """The command argv[0] names and its config class; `--help` alone prints this file's docstring."""
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        raise SystemExit(0)
+    if not argv or argv[0] not in COMMANDS:
+        raise UserError(f"the first argument is the command, one of {', '.join(COMMANDS)} "
+                        f"(got {repr(argv[0]) if argv else 'nothing'}; --help says what each does)")
+    return COMMANDS[argv[0]]
+
+
+def parse(argv):
+    """The config of `python -m experiments.paper <argv>`, without running it."""
+    _, cls = command_of(argv)
+    cfg = parse_config(cls, argv[1:], description=f"python -m experiments.paper {argv[0]}: {cls.__doc__}")
+    cfg.argv = list(argv)
+    return cfg
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser().parse_args(argv)
-    args.argv = argv
-    return {"ablation": ablation, "baselines": baselines, "scaling": scaling, "instruct": instruct}[args.command](args)
+    try:
+        command, cls = command_of(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    def go(cfg):
+        cfg.argv = argv
+        return command(cfg)
+    return run(go, cls, argv[1:], description=f"python -m experiments.paper {argv[0]}: {cls.__doc__}")
 
 
 if __name__ == "__main__":

@@ -3,29 +3,35 @@ experiments/reporting.py's; its docstring says what they mean):
 
     python -m experiments.report --results results/main/results.json --out results/main/
 """
-import argparse
 import json
-import sys
+from dataclasses import dataclass
 
 from experiments.reporting import parse_rows, write_report
+from lib.cli import UserError, flag, run
+
+
+@dataclass
+class ReportConfig:
+    results: str = flag("out/results.json", "JSON list of evaluation rows (results.json)")
+    out: str = flag("out", "folder for results.md and the PNG plots (created if missing)")
+    no_plots: bool = flag(False, "write results.md only (same text), skip the PNGs")
 
 
 def read_rows(path):
-    """The rows of a results.json, or exit with one line naming the file and what is wrong with it."""
+    """The rows of a results.json; a UserError naming the file and what is wrong with it."""
     try:
         with open(path) as f:
             return parse_rows(json.load(f))
     except (OSError, ValueError) as e:
-        sys.exit(f"report.py: --results {path}: {e}")
+        raise UserError(f"--results {path}: {e}") from None
+
+
+def report(cfg):
+    print(write_report(read_rows(cfg.results), cfg.out, source=cfg.results, plots=not cfg.no_plots))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", default="out/results.json", help="JSON list of evaluation rows (results.json)")
-    p.add_argument("--out", default="out", help="folder for results.md and the PNG plots (created if missing)")
-    p.add_argument("--no-plots", action="store_true", help="write results.md only (same text), skip the PNGs")
-    args = p.parse_args(argv)
-    print(write_report(read_rows(args.results), args.out, source=args.results, plots=not args.no_plots))
+    return run(report, ReportConfig, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -49,18 +49,32 @@ def parse_config(cls, argv=None, description=None):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
+        if f.metadata.get("positional"):
+            add_positional(parser, f, kind)
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "") + f" (default: {default})"
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + f.name.rstrip("_").replace("_", "-")  # from_ (a Python keyword + _) is --from
         if kind is bool:
             # `--flag` alone turns it on; `--flag=false` turns it off.
-            parser.add_argument(flag, type=_bool, nargs="?", const=True, default=default, help=help_text)
+            parser.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=default, help=help_text)
         else:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
             choices = f.metadata.get("choices")
-            parser.add_argument(flag, type=base, default=default, choices=choices, help=help_text)
+            parser.add_argument(flag, dest=f.name, type=base, default=default, choices=choices, help=help_text)
     args = parser.parse_args(argv)
     return cls(**vars(args))
+
+
+def positional(help, choices=None):
+    """A required config field given by position, not as a --flag (`python -m lib.hf FOLDER`); it has no default,
+    so it stands before the fields that have one."""
+    return dataclasses.field(metadata={"help": help, "positional": True, **({"choices": choices} if choices else {})})
+
+
+def add_positional(parser, f, kind):
+    """parse_config's argument for a positional() field."""
+    parser.add_argument(f.name, type=kind, choices=f.metadata.get("choices"), help=f.metadata["help"])
 
 
 def from_dict(cls, values):

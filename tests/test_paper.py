@@ -243,7 +243,7 @@ def test_same_run_reads_a_moved_artefacts_folder(mini_out, tmp_path):
     run: its recorded paths are read relative to the folder it was in. Another setting does not."""
     import train
     from lib.cli import parse_config
-    args = paper.parser().parse_args(["ablation", "--from", str(mini_out), "--out", str(tmp_path / "o"), "--quick"])
+    args = paper.parse(["ablation", "--from", str(mini_out), "--out", str(tmp_path / "o"), "--quick"])
     s = Setup(args, "ablation")
     run = os.path.join(s.src, "runs", "web", "h", "ntp_moved_folder")
     targs = s.train_args("ntp", 3e-3, 0, run)

@@ -179,15 +179,16 @@ def test_grid_chosen_lr_and_edge():
     assert "at the edge of the grid" in "\n".join(reporting._grid_table(fam))
 
 
-def test_data_rows_become_the_data_table(tmp_path):
+def test_data_rows_become_the_data_table(tmp_path, capsys):
     rows = fake_rows(mixes=("web",), archs=("h",)) + [
         {"mix": "web", "phase": "data", "arch": "", "loss": "", "seed": 0, "lr": 0, "step": 0,
          "benchmark": b, "value": v}
         for b, v in (("predicted_image", 0.25), ("mean_image", 0.7), ("share_image", 0.3), ("predicted_boiler", 0.9))]
     md = open(reporting.write_report(rows, tmp_path, plots=False)).read()
     assert "| `web` | image | 0.300 | 0.700 | 0.250 |" in md and "| `web` | boiler | – | – | 0.900 |" in md
-    with pytest.raises(SystemExit, match="--results"):
+    with pytest.raises(SystemExit) as e:
         report.main(["--results", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: --results {tmp_path / 'missing.json'}: ")
 
 
 def test_missing_parts_do_not_crash(tmp_path):
