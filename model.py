@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from data import tokenizer as T
 from lib.encoders import build_encoder
@@ -102,7 +103,7 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.grad_checkpoint = cfg, False  # grad_checkpoint: keep block inputs only, recompute in backward
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -119,18 +120,16 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids=None, embeds=None, position_ids=None, doc_ids=None, mask=None, return_hidden=False,
                 keep=None, cache=None):
-        """Logits (B, T, V). Give `input_ids` or ready `embeds` (B, T, d).
-
-        position_ids (B, T): RoPE positions, default 0..T-1. doc_ids (B, T): tokens attend only to earlier
-        tokens with the same doc id (packing); None means one document per row. mask (B, 1, T, T) bool: any
-        other attention pattern (True = may attend), instead of doc_ids. return_hidden: the states before the
-        final norm and head, for callers that need logits at a few positions only. keep (N,) long: flat
-        indices into the B*T positions; logits (N, V) at those positions only. Training keeps the labelled
-        positions: in a VLM batch most positions are image tokens, whose logits no loss reads, and the head
-        plus its cross-entropy over a vocabulary-wide row is the most expensive per-position work there is.
-        cache (KVCache, inference only): the tokens continue the ones already in the cache, at positions
-        cache.pos.. (one document per row, so no doc_ids or mask); their keys and values are appended.
-        """
+        """Logits (B, T, V). Give `input_ids` or ready `embeds` (B, T, d). position_ids (B, T): RoPE positions, default
+        0..T-1. doc_ids (B, T): tokens attend only to earlier tokens with the same doc id (packing); None means one
+        document per row. mask (B, 1, T, T) bool: any other attention pattern (True = may attend), instead of doc_ids.
+        return_hidden: the states before the final norm and head, for callers that need logits at a few positions only.
+        keep (N,) long: flat indices into the B*T positions; logits (N, V) at those positions only. Training keeps the
+        labelled positions: in a VLM batch most positions are image tokens, whose logits no loss reads, and the head
+        plus its cross-entropy over a vocabulary-wide row is the most expensive per-position work there is. cache
+        (KVCache, inference only): the tokens continue the ones already in the cache, at positions cache.pos.. (one
+        document per row, so no doc_ids or mask); their keys and values are appended. With
+        self.grad_checkpoint (--grad-checkpoint), training recomputes each block in backward instead of keeping it."""
         x = self.embed(input_ids) if embeds is None else embeds
         B, T, _ = x.shape
         start = 0
@@ -152,8 +151,9 @@ class Decoder(nn.Module):
         if doc_ids is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :])).unsqueeze(1)
+        cp = self.grad_checkpoint and torch.is_grad_enabled() and cache is None  # same numbers, less memory
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, cache, i)
+            x = checkpoint(block, x, cos, sin, mask, use_reentrant=False) if cp else block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.pos += T
         if return_hidden:
