@@ -32,21 +32,20 @@ the noise entropy is. --boiler-vary gives partly predictable boilerplate. --bare
 'photo by maria lopez'. --jitter 0 (fixed centres) is easier for a patch-8 ViT. --text-context teaches the base
 LM to use context; such descriptions are never in the reference LM's captions.
 """
-import argparse
 import json
 import os
 import random
 import time
 import typing
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import partial
 from multiprocessing import Pool
 
 from tqdm import tqdm
 
 from data.render import render
-from lib.cli import flag
+from lib.cli import flag, parse_config, run
 from data.scenes import (BOIL, COLOURS, GLUE, IMG, NOISE, PROBES, SHAPES, caption, label_words, make_sites,
                          noise_pools, probe, sample_scene, scene_key, text_document, text_of)
 
@@ -70,7 +69,7 @@ MIXES = {"web": dict(image_share=0.30, noise_share=0.15, noise_vocab=300),    # 
 class GenConfig:
     out: str = flag("data/synth", "output folder")
     seed: int = flag(0, "master seed; same config gives byte-identical files")
-    mix: str = flag("web", f"caption filler preset {list(MIXES)}: sets the next three flags unless given")
+    mix: str = flag("web", "caption filler preset: sets the next three flags unless given", list(MIXES))
     image_share: typing.Optional[float] = flag(None, "target fraction of caption words that depend on the image "
                                                     "(the paper measured ~0.3)")
     noise_share: typing.Optional[float] = flag(None, "target fraction of the NON-image words that are random noise "
@@ -277,13 +276,9 @@ def generate(cfg):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(GenConfig):
-        typ = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))
-        p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=f.default, help=f.metadata["help"],
-                       **({"choices": list(MIXES)} if f.name == "mix" else {}))
-    return GenConfig(**vars(p.parse_args(argv)))
+    """GenConfig from the command line (`python -m data.generate --mix noisy ...`)."""
+    return parse_config(GenConfig, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    generate(parse_args())
+    run(generate, GenConfig, description=__doc__)

@@ -40,12 +40,14 @@ import json
 import os
 import random
 import tarfile
+from dataclasses import dataclass
 
 import torch
 
 from data.images import decode_image_bytes
 from data.record_types import BadRecord, Tally
 from data.shard_reader import IMAGE_EXTS, expand_shards, tar_groups, tar_record
+from lib.cli import UserError, flag, run
 
 
 def _rank_world():
@@ -200,20 +202,28 @@ def write_shards(records, out, per_shard=10000):
     return paths
 
 
-def main(argv=None):
-    import argparse
+@dataclass
+class ShardsConfig:
+    data: str = flag("", "required: any caption source read_records reads (.jsonl, LLaVA/COCO .json with "
+                         "::folder, .tar)")
+    out: str = flag("", "required: folder for the shards 000000.tar, 000001.tar, ...")
+    per_shard: int = flag(10000, "samples per shard")
+    max_bad_fraction: float = flag(0.01, "stop if more than this share of records is bad")
+
+
+def write(cfg):
+    """`python -m data.shards`: read --data, write it as shards into --out."""
     from data.records import read_records
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True,
-                        help="any caption source read_records reads (.jsonl, LLaVA/COCO .json with ::folder, .tar)")
-    parser.add_argument("--out", required=True, help="folder for the shards 000000.tar, 000001.tar, ...")
-    parser.add_argument("--per-shard", type=int, default=10000, help="samples per shard (default: 10000)")
-    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
-                        help="stop if more than this share of records is bad (default: 0.01)")
-    args = parser.parse_args(argv)
-    records = read_records(args.data, max_bad_fraction=args.max_bad_fraction)
-    paths = write_shards(records, args.out, args.per_shard)
-    print(f"wrote {len(records)} samples in {len(paths)} shards to {args.out}")
+    for name in ("data", "out"):
+        if not getattr(cfg, name):
+            raise UserError(f"--{name} is required")
+    records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
+    paths = write_shards(records, cfg.out, cfg.per_shard)
+    print(f"wrote {len(records)} samples in {len(paths)} shards to {cfg.out}")
+
+
+def main(argv=None):
+    return run(write, ShardsConfig, argv, description=__doc__)
 
 
 if __name__ == "__main__":

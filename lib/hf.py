@@ -18,11 +18,12 @@ The converted tokenizer has no post-processor: the project adds BOS/EOS itself (
 """
 import json
 import os
-import sys
+from dataclasses import dataclass
 
 import torch
 
 from lib import hf_tokenizer
+from lib.cli import UserError, flag, positional, run
 from data import tokenizer as T
 from lib.hf_tokenizer import read_json
 from model import Decoder, DecoderConfig, rope_angles
@@ -188,7 +189,7 @@ def export_checkpoint(ckpt_path, source, out):
     from model import VLMConfig
     from lib.utils import load_checkpoint
     if not out:
-        sys.exit("error: --export needs --out, the folder to write")
+        raise UserError("--export needs --out, the folder to write")
     try:
         ckpt = load_checkpoint(ckpt_path)
         if "decoder_config" in ckpt:  # reference_lm.py
@@ -200,7 +201,7 @@ def export_checkpoint(ckpt_path, source, out):
         decoder.load_state_dict(state)
         export_hf(decoder, source, out)
     except (OSError, ValueError, KeyError) as e:
-        sys.exit(f"error: {ckpt_path}: {type(e).__name__}: {e}")
+        raise UserError(f"{ckpt_path}: {type(e).__name__}: {e}") from None
     print(f"wrote {out} (the decoder of {ckpt_path}, config and tokenizer from {source})")
 
 
@@ -215,26 +216,32 @@ def base_checkpoint(spec, kind=None, flag=""):
     return {"model": decoder.state_dict(), "decoder_config": asdict(decoder.cfg), "tokenizer": T.fingerprint(tok)}
 
 
-def main(argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("path", help="Hugging Face Llama checkpoint folder (config.json, safetensors, tokenizer.json)")
-    ap.add_argument("--tokenizer-out", default="", help="write the converted tokenizer.json here")
-    ap.add_argument("--export", default="", help="train.py or reference_lm.py checkpoint: write its decoder out")
-    ap.add_argument("--out", default="", help="--export: the folder to write (path = the folder the decoder came from)")
-    args = ap.parse_args(argv)
-    if args.export:
-        return export_checkpoint(args.export, args.path, args.out)
+@dataclass
+class HfConfig:
+    path: str = positional("Hugging Face Llama checkpoint folder (config.json, safetensors, tokenizer.json)")
+    tokenizer_out: str = flag("", "write the converted tokenizer.json here")
+    export: str = flag("", "train.py or reference_lm.py checkpoint: write its decoder out")
+    out: str = flag("", "--export: the folder to write (path = the folder the decoder came from)")
+
+
+def check_folder(cfg):
+    """`python -m lib.hf FOLDER`: load it, say what it holds, keep its converted tokenizer (or --export)."""
+    if cfg.export:
+        return export_checkpoint(cfg.export, cfg.path, cfg.out)
     try:
-        decoder, tok = load_hf_decoder(args.path, dtype=torch.bfloat16, max_seq_len=1)
+        decoder, tok = load_hf_decoder(cfg.path, dtype=torch.bfloat16, max_seq_len=1)
     except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        raise UserError(str(e)) from None
     n = sum(p.numel() for p in decoder.parameters())
-    print(f"{args.path}: {n / 1e6:,.1f}M parameters, {decoder.cfg}; tokenizer {T.fingerprint(tok)}, "
+    print(f"{cfg.path}: {n / 1e6:,.1f}M parameters, {decoder.cfg}; tokenizer {T.fingerprint(tok)}, "
           f"{tok.get_vocab_size()} tokens")
-    if args.tokenizer_out:
-        tok.save(args.tokenizer_out)
-        print(f"saved {args.tokenizer_out}")
+    if cfg.tokenizer_out:
+        tok.save(cfg.tokenizer_out)
+        print(f"saved {cfg.tokenizer_out}")
+
+
+def main(argv=None):
+    return run(check_folder, HfConfig, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ MAX_LINE = 120
 MAX_HELP = 100
 # Modules whose config dataclasses become command-line flags through cli.parse_config.
 CONFIG_MODULES = ["train", "eval", "score", "reference_lm", "experiments.experiment", "experiments.bench",
-                  "tools.vision", "baselines.attention", "tools.caption", "data.tokenizer", "data.generate"]
+                  "tools.vision", "baselines.attention", "tools.caption", "data.tokenizer", "data.generate",
+                  "experiments.paper", "experiments.report", "lib.hf", "data.shards"]
 # Scripts that build their flags with argparse directly.
-ARGPARSE_SCRIPTS = ["experiments/paper.py", "experiments/report.py", "lib/hf.py", "data/qa.py"]
+ARGPARSE_SCRIPTS = ["data/qa.py"]
 
 
 def project_files():
@@ -52,7 +53,10 @@ def test_config_help_texts_are_short():
     classes = config_classes()
     names = {f"{c.__module__}.{c.__name__}" for c in classes}
     assert {"train.TrainConfig", "score.ScoreConfig", "reference_lm.RefConfig", "tools.vision.Config",
-            "eval.EvalConfig", "experiments.experiment.ExperimentConfig", "data.generate.GenConfig"} <= names, names
+            "eval.EvalConfig", "experiments.experiment.ExperimentConfig", "data.generate.GenConfig",
+            "experiments.paper.AblationConfig", "experiments.paper.ScalingConfig", "experiments.paper.BaselinesConfig",
+            "experiments.paper.InstructConfig", "experiments.report.ReportConfig", "lib.hf.HfConfig",
+            "data.shards.ShardsConfig"} <= names, names
     long = []
     for cls in classes:
         for f in dataclasses.fields(cls):
@@ -78,7 +82,7 @@ def test_argparse_help_texts_are_short():
             count += 1
             if len(text) > MAX_HELP or "\n" in text:
                 long.append(f"{name}:{line} ({len(text)} chars): {text}")
-    assert count > 10
+    assert count >= len(ARGPARSE_SCRIPTS)
     assert not long, f"help texts over {MAX_HELP} characters or not one line:\n" + "\n".join(long)
 
 
@@ -86,3 +90,11 @@ def test_help_scan_finds_argparse_help_texts():
     """The argparse scan sees help= constants inside nested calls (so a long one would be reported)."""
     src = 'def main():\n    p = make()\n    p.sub().add_argument("--x", type=int, help="' + "y" * 101 + '")\n'
     assert [(line, len(text)) for line, text in help_constants(ast.parse(src))] == [(3, 101)]
+
+
+def test_flags_come_from_config_dataclasses():
+    """One config style: lib/cli.py builds every script's ArgumentParser from its dataclass (ARGPARSE_SCRIPTS:
+    the scripts not yet converted)."""
+    by_hand = [str(p.relative_to(ROOT)) for p in project_files()
+               if p.parent.name != "tests" and "ArgumentParser(" in p.read_text(encoding="utf-8")]
+    assert set(by_hand) == {"lib/cli.py", *ARGPARSE_SCRIPTS}, by_hand
