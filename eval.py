@@ -14,20 +14,22 @@ A choice scores log p(choice | image, prompt), summed over its tokens (`<stem>`)
 counted and reported. eval.json rows: {"arch", "loss", "seed", "lr", "step", "benchmark", "value"}; benchmarks:
     <stem>(_norm)                  accuracy on each probe file; files sharing the stem part before "_" (POPE's
                                    presence_random/popular/adversarial) are averaged into a group (presence)
-    probe_avg(_norm)               mean over groups: POPE counts once, like the paper's average over benchmarks
-    probe_cc_avg(_nocount)         mean over groups (_nocount: all but count) of (acc - chance)/(1 - chance),
-                                   chance = mean 1/choices: 0 = guessing, 1 = perfect (the primary endpoint)
+    <stem>_blind, _chance, _const  accuracy with each question's image swapped for another's (what the text gives);
+                                   a guesser's expected accuracy; the best constant answer's
+    probe_avg(_norm, _blind)       mean over groups: POPE counts once, like the paper's average over benchmarks
+    probe_img_avg, <group>_img     mean over groups of accuracy - blind accuracy: what the image adds (the primary
+                                   endpoint of docs/experiment.md)
+    probe_cc_avg(_nocount)         mean over groups (_nocount: all but count) of (acc - chance)/(1 - chance)
     nll_<c>(_shuffled), gap_<c>    mean NLL of caption tokens (eos excluded) of tag c (image/glue/boiler/noise/all)
                                    with the true image and another record's (a seeded derangement); grounding gap
                                    = nll_<c>_shuffled - nll_<c>: how much the image helps those tokens
     nll_w_gt_0.5, nll_w_le_0.5...  (with --test-scores) the same for tokens whose PRIOR weight w = 1 - p_ref is
                                    above / at most 0.25, 0.5, 0.75
 
-Speed (2 CPU cores, d_model 256 x 4 layers, 48 px): 7 probe files x 500 questions and 1000 test captions x 2
-images take ~14 s a checkpoint, ~2.5 s with --max-rows 100; images are decoded once per process.
+Probe files and images are read once per process (data/benchmarks.py); train.py's model can be evaluated in its
+own process at each checkpoint (evaluate_model; experiments/worker.py does).
 """
 import glob
-import hashlib
 import json
 import os
 import re
@@ -41,13 +43,13 @@ from tqdm import tqdm
 from data import tokenizer as T
 from lib.cli import flag, parse_config
 from data.benchmarks import data_key, load_mc, load_test, report_skipped
-from data.features import encoder_features
-from data.images import normalize
+from data.bench_score import bench_results, bench_table, join_repeated
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
 from lib.importance import importance_analysis
+from lib.likelihood import _features, accuracy, derangement, image_embeds, score_docs  # noqa: F401 (tests)
 from model import load_model
-from lib.utils import autocast, check_fingerprint, pick_device
+from lib.utils import check_fingerprint, pick_device
 
 THRESHOLDS = (0.25, 0.5, 0.75)
 
@@ -57,6 +59,7 @@ class EvalConfig:
     ckpt: str = flag("", "one train.py checkpoint to evaluate (results printed)")
     run_dir: str = flag("", "evaluate every ckpt_*.pt here into RUN_DIR/eval.json, skipping those already in it")
     mc: str = flag("", "comma-separated multiple-choice JSONL files of your own")
+    bench: str = flag("", "benchmark files KIND:PATH[::IMAGES], e.g. pope:coco_pope_random.json::val2014 (repeatable)")
     probes: str = flag("", "folder of probe *.jsonl files (built in: data/synth/probes)")
     test: str = flag("", "held-out caption JSONL with word 'tags', for the token NLL")
     test_scores: str = flag("", "score.py output for --test: adds NLL by PRIOR weight w = 1 - p_ref")
@@ -70,6 +73,7 @@ class EvalConfig:
     row_len: int = flag(256, "tokens per packed row (grown to fit the longest question or caption)")
     batch_rows: int = flag(8, "rows per forward pass")
     seed: int = flag(0, "seed of the image derangement and of --max-rows subsets")
+    blind: bool = flag(True, "also score each question with another question's image (the _blind rows)")
     max_bad_fraction: float = flag(0.05, "stop if more than this share of an MC or --test file's rows is bad")
     device: str = flag("auto", "auto, cpu or cuda")
     threads: int = flag(0, "torch CPU threads (0 = torch's default)")
@@ -77,127 +81,33 @@ class EvalConfig:
                               "H-LVLM: folder caching the ViT's features per image file, across runs (data/features)")
 
 
-# ----------------------------------------------------------------------------- scoring
-_features = {}  # (hash of ViT weights, data_key) -> ViT patch features
-
-
-def weights_hash(module):
-    h = hashlib.sha1()
-    for t in module.state_dict().values():
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def image_embeds(model, images, key, device, chunk=256, feature_cache=""):
-    """(N, grid*grid, d) embeddings of uint8 images. The paper trains only the H-LVLM's projector, so its ViT is
-    the same in every checkpoint: its features are cached by a hash of its weights and the ViT runs once per file
-    and process; with feature_cache (a folder, data/features.py) once per file and encoder, across processes."""
-    def run(fn):
-        return torch.cat([fn(normalize(images[i:i + chunk].to(device))) for i in range(0, len(images), chunk)])
-    with autocast(device):
-        if model.cfg.arch != "h":
-            return run(model.embed_images)
-        h = weights_hash(model.encoder)
-        if (h, key) not in _features:
-            for k in [k for k in _features if k[0] != h]:  # another encoder: its features are stale
-                del _features[k]
-            _features[h, key] = (encoder_features(model.encoder, images, feature_cache, device) if feature_cache
-                                 else run(model.encoder.forward_features))
-        return model.projector(_features[h, key])
-
-
-def derangement(n, seed=0):
-    """A fixed permutation without fixed points: one random cycle through all n items."""
-    if n < 2:
-        raise ValueError("shuffling images needs at least 2 records")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    out = [0] * n
-    for a, b in zip(order, order[1:] + order[:1]):
-        out[a] = b
-    return out
-
-
-@torch.inference_mode()
-def score_docs(model, docs, embeds, row_len=256, batch_rows=8, device="cpu", desc="score"):
-    """log p of every branch token of every doc -> per doc, per branch, a float tensor.
-
-    A doc is (image index into embeds, shared ids, branches). The shared ids (image, bos, prompt) are read once
-    and each branch (a choice) continues them, attending to the shared part and to itself only, with positions
-    as if it were alone: k choices cost one image + prompt instead of k (~2.5x fewer tokens on the probes). The
-    LM head runs only where a token is scored. Docs are packed next-fit into rows of row_len (grown to fit the
-    longest doc); short rows run faster on CPU than long ones, as attention is quadratic and caches are small.
-    A doc that reaches past the model's context (a prompt or caption longer than it was trained on) is not
-    scored: its entry is None, and the caller counts it."""
-    limit = model.decoder.cfg.max_seq_len  # the last input of a branch sits at len(shared) + len(b) - 2
-    fits = [len(shared) + max(len(b) - 1 for b in branches) <= limit for _, shared, branches in docs]
-    # a branch's last token is no input
-    sizes = [len(shared) + sum(len(b) - 1 for b in branches) for _, shared, branches in docs]
-    row_len = max(row_len, *(n for n, ok in zip(sizes, fits) if ok), 1)
-    rows, used = [[]], 0
-    for d, n in enumerate(sizes):
-        if not fits[d]:
-            continue
-        if used + n > row_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(d)
-        used += n
-    out = [[None] * len(b) if ok else None for (_, _, b), ok in zip(docs, fits)]
-    causal = torch.ones(row_len, row_len, dtype=torch.bool, device=device).tril()
-    rows = [row for row in rows if row]  # none at all when no doc fits
-    for start in tqdm(range(0, len(rows), batch_rows), desc=desc, leave=False, disable=not sys.stderr.isatty()):
-        cells, pred, target, owner, images = [], [], [], [], []  # cells: (token, position, doc, branch)
-        for r, row in enumerate(rows[start:start + batch_rows]):
-            here = []
-            for k, d in enumerate(row):
-                image, shared, branches = docs[d]
-                images.append(image)
-                here += [(t, p, k, 0) for p, t in enumerate(shared)]
-                last = r * row_len + len(here) - 1  # flat index of the hidden state that predicts each first token
-                for j, b in enumerate(branches):
-                    at = r * row_len + len(here)
-                    pred += [last, *range(at, at + len(b) - 1)]
-                    target += b
-                    owner.append((d, j, len(b)))
-                    here += [(t, len(shared) + p, k, j + 1) for p, t in enumerate(b[:-1])]
-            cells.append(here + [(T.PAD, 0, len(row), 0)] * (row_len - len(here)))  # padding: its own doc
-        ids, pos, doc, branch = torch.tensor(cells, device=device).unbind(-1)
-        if int(pos.max()) >= model.decoder.cfg.max_seq_len:
-            raise ValueError(f"a document reaches position {int(pos.max())}; the model has "
-                             f"{model.decoder.cfg.max_seq_len}")
-        visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
-        mask = (causal & (doc[:, :, None] == doc[:, None, :]) & visible).unsqueeze(1)
-        with autocast(device):
-            x = model(ids, position_ids=pos, mask=mask, image_embeds=embeds[torch.tensor(images, device=device)],
-                      return_hidden=True)
-            logits = model.decoder.head(model.decoder.norm(x.flatten(0, 1)[torch.tensor(pred, device=device)]))
-        logits, tgt = logits.float(), torch.tensor(target, device=device)
-        logp = (logits.gather(1, tgt[:, None]).squeeze(1) - logits.logsumexp(-1)).cpu()
-        for (d, j, _), piece in zip(owner, logp.split([n for _, _, n in owner])):
-            out[d][j] = piece
-    return out
-
-
-def accuracy(logps, answers, normalise=False):
-    """Share of questions whose answer has the highest summed (or per-token mean) log-likelihood; questions
-    score_docs did not score (None: longer than the model's context) are left out, NaN if none is left."""
-    hits = [max(range(len(lp)), key=lambda j: float(lp[j].sum()) / (len(lp[j]) if normalise else 1)) == a
-            for lp, a in zip(logps, answers) if lp is not None]
-    return sum(hits) / len(hits) if hits else float("nan")
-
-
-def mc_eval(model, tok, path, device="cpu", max_rows=None, seed=0, max_bad_fraction=0.05, feature_cache="", **kw):
-    """Choice log-likelihoods of a multiple-choice file: (per question, per choice log p tensors, answers)."""
+# ----------------------------------------------------------------------------- probes and captions
+def mc_eval(model, tok, path, device="cpu", max_rows=None, seed=0, max_bad_fraction=0.05, feature_cache="",
+            blind=False, **kw):
+    """Choice log-likelihoods of a multiple-choice file: (per question, per choice log p tensors, answers).
+    blind: each question sees another question's image (a seeded derangement): what the model gets without the
+    right image, from the text of the prompt and choices and from what images look like in general."""
     questions, images = load_mc(path, model.cfg.image_size, max_rows, seed, max_bad_fraction)
     prefix = model.image_tokens() + [T.BOS]
     prompts = T.encode_captions(tok, [q.caption for q in questions])
     choices = iter(T.encode_captions(tok, [c for q in questions for c in q.extra["choices"]]))
-    docs = [(i, prefix + p, [next(choices) for _ in q.extra["choices"]])
-            for i, (q, p) in enumerate(zip(questions, prompts))]
+    which = derangement(len(questions), seed) if blind else range(len(questions))
+    docs = [(i, prefix + p, [next(choices) for _ in q.extra["choices"]]) for i, q, p in zip(which, questions, prompts)]
     embeds = image_embeds(model, images, data_key("mc", path, model.cfg.image_size, max_rows, seed), device,
                           feature_cache=feature_cache)
-    name = os.path.splitext(os.path.basename(path))[0]
+    name = os.path.splitext(os.path.basename(path))[0] + ("_blind" if blind else "")
     return score_docs(model, docs, embeds, device=device, desc=name, **kw), [q.extra["answer"] for q in questions]
+
+
+def constant_accuracy(questions):
+    """The best constant answer's accuracy: for each answer text, the share of questions it answers right when
+    it is always picked where offered (a guess elsewhere); the best of them. Balanced probes keep it at chance."""
+    best = 0.0
+    for text in {c for q in questions for c in q.extra["choices"]}:
+        hits = [(q.extra["choices"][q.extra["answer"]] == text) if text in q.extra["choices"]
+                else 1 / len(q.extra["choices"]) for q in questions]
+        best = max(best, sum(hits) / len(hits))
+    return best
 
 
 def token_analysis(model, tok, path, scores_path=None, device="cpu", max_rows=None, seed=0, max_bad_fraction=0.05,
@@ -238,40 +148,76 @@ def token_analysis(model, tok, path, scores_path=None, device="cpu", max_rows=No
 
 
 # ----------------------------------------------------------------------------- checkpoints and runs
-def _evaluate(path, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None, mc_files=(),
-              tokenizer=None, seed=0, max_bad_fraction=0.05, **kw):
+def probe_scores(model, tok, files, device, max_rows, seed, max_bad_fraction, blind=True, **kw):
+    """Accuracy (summed and per-token log p), blind accuracy, chance and the best constant answer of each file."""
+    out, chance = {}, {}
+    for f in files:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        logps, answers = mc_eval(model, tok, f, device, max_rows, seed, max_bad_fraction, **kw)
+        out[stem], out[stem + "_norm"] = accuracy(logps, answers), accuracy(logps, answers, normalise=True)
+        if blind:
+            out[stem + "_blind"] = accuracy(mc_eval(model, tok, f, device, max_rows, seed, max_bad_fraction,
+                                                    blind=True, **kw)[0], answers)
+        scored = [lp for lp in logps if lp is not None]
+        chance[stem] = out[stem + "_chance"] = sum(1 / len(lp) for lp in scored) / max(1, len(scored))
+        out[stem + "_const"] = constant_accuracy(load_mc(f, model.cfg.image_size, max_rows, seed, max_bad_fraction)[0])
+        report_skipped(out, stem, sum(lp is None for lp in logps), len(logps), "questions")
+    return out, chance
+
+
+def probe_groups(out, chance, stems):
+    """Group averages (files sharing the stem part before "_": POPE's three splits are one group, presence) and
+    the endpoints over groups: probe_avg(_norm), probe_cc_avg(_nocount) = mean (acc - chance)/(1 - chance), and
+    the primary, probe_img_avg = mean over groups of accuracy - blind accuracy: what the image adds."""
+    groups = {}
+    for stem in stems:
+        groups.setdefault(stem.split("_")[0], []).append(stem)
+    if not groups:
+        return
+    mean = lambda g, key: sum(key(s) for s in groups[g]) / len(groups[g])  # noqa: E731
+    for suffix in ("", "_norm", "_blind"):
+        if all(s + suffix in out for s in stems):
+            means = {g: mean(g, lambda s: out[s + suffix]) for g in groups}
+            out.update({g + suffix: m for g, m in means.items() if len(groups[g]) > 1})
+            out["probe_avg" + suffix] = sum(means.values()) / len(means)
+    cc = {g: mean(g, lambda s: (out[s] - chance[s]) / (1 - chance[s])) for g in groups}
+    out["probe_cc_avg"] = sum(cc.values()) / len(cc)
+    rest = [v for g, v in cc.items() if g != "count"]
+    if rest and len(rest) < len(cc):
+        out["probe_cc_avg_nocount"] = sum(rest) / len(rest)
+    if all(s + "_blind" in out for s in stems):
+        added = {g: mean(g, lambda s: out[s] - out[s + "_blind"]) for g in groups}
+        out.update({g + "_img": v for g, v in added.items()})
+        out["probe_img_avg"] = sum(added.values()) / len(added)
+
+
+def evaluate_model(model, tok, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None,
+                   mc_files=(), seed=0, max_bad_fraction=0.05, blind=True, bench=(), **kw):
+    """{benchmark: value} of a model in hand (eval.py's checkpoints, or train.py's model at a checkpoint)."""
+    probe_files = sorted(glob.glob(os.path.join(probes_dir, "*.jsonl"))) if probes_dir else []
+    if probes_dir and not probe_files:
+        raise FileNotFoundError(f"no *.jsonl files in {probes_dir}")
+    was_training = model.training
+    model.eval()
+    out, chance = probe_scores(model, tok, list(mc_files) + probe_files, device, max_rows, seed, max_bad_fraction,
+                               blind, **kw)
+    probe_groups(out, chance, [os.path.splitext(os.path.basename(f))[0] for f in probe_files])
+    if bench:  # the paper's benchmarks as distributed, their official metrics (data/bench_score.py)
+        out.update(bench_results(bench, model, tok, score_docs, image_embeds, device, max_rows=max_rows, seed=seed,
+                                 max_bad_fraction=max_bad_fraction, **kw))
+    if test_path:
+        out.update(token_analysis(model, tok, test_path, test_scores, device, max_rows, seed, max_bad_fraction, **kw))
+    model.train(was_training)
+    return out
+
+
+def _evaluate(path, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None, tokenizer=None,
+              **kw):
     model, ckpt = load_model(path, device)
     tok_path = tokenizer or ckpt["config"]["tokenizer"]
     tok = T.load_tokenizer(tok_path)
     check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), path, tok_path)
-    out = {}
-    probe_files = sorted(glob.glob(os.path.join(probes_dir, "*.jsonl"))) if probes_dir else []
-    if probes_dir and not probe_files:
-        raise FileNotFoundError(f"no *.jsonl files in {probes_dir}")
-    chance = {}
-    for f in list(mc_files) + probe_files:
-        logps, answers = mc_eval(model, tok, f, device, max_rows, seed, max_bad_fraction, **kw)
-        stem = os.path.splitext(os.path.basename(f))[0]
-        out[stem], out[stem + "_norm"] = accuracy(logps, answers), accuracy(logps, answers, normalise=True)
-        scored = [lp for lp in logps if lp is not None]
-        chance[stem] = sum(1 / len(lp) for lp in scored) / max(1, len(scored))  # a guesser's expected accuracy
-        report_skipped(out, stem, sum(lp is None for lp in logps), len(logps), "questions")
-    groups = {}
-    for f in probe_files:
-        stem = os.path.splitext(os.path.basename(f))[0]
-        groups.setdefault(stem.split("_")[0], []).append(stem)
-    for suffix in ("", "_norm") if groups else ():
-        means = {g: sum(out[s + suffix] for s in stems) / len(stems) for g, stems in groups.items()}
-        out.update({g + suffix: m for g, m in means.items() if len(groups[g]) > 1})
-        out["probe_avg" + suffix] = sum(means.values()) / len(means)
-    if groups:  # the primary endpoint: each group's accuracy above chance, as a share of the room above chance
-        cc = {g: sum((out[s] - chance[s]) / (1 - chance[s]) for s in stems) / len(stems) for g, stems in groups.items()}
-        out["probe_cc_avg"] = sum(cc.values()) / len(cc)
-        rest = [v for g, v in cc.items() if g != "count"]
-        if rest and len(rest) < len(cc):
-            out["probe_cc_avg_nocount"] = sum(rest) / len(rest)
-    if test_path:
-        out.update(token_analysis(model, tok, test_path, test_scores, device, max_rows, seed, max_bad_fraction, **kw))
+    out = evaluate_model(model, tok, probes_dir, test_path, test_scores, device, max_rows, **kw)
     return [{"benchmark": k, "value": v} for k, v in out.items()], ckpt
 
 
@@ -329,13 +275,13 @@ def main(cfg):
         torch.set_num_threads(cfg.threads)
     kw = dict(probes_dir=cfg.probes or None, test_path=cfg.test or None, test_scores=cfg.test_scores or None,
               device=pick_device(cfg.device), max_rows=cfg.max_rows or None,
-              mc_files=[f for f in cfg.mc.split(",") if f],
+              mc_files=[f for f in cfg.mc.split(",") if f], bench=[b for b in cfg.bench.split(",") if b],
               tokenizer=cfg.tokenizer or None, row_len=cfg.row_len, batch_rows=cfg.batch_rows, seed=cfg.seed,
-              max_bad_fraction=cfg.max_bad_fraction, feature_cache=cfg.feature_cache)
+              max_bad_fraction=cfg.max_bad_fraction, feature_cache=cfg.feature_cache, blind=cfg.blind)
     if not (cfg.ckpt or cfg.run_dir or cfg.importance):
         raise SystemExit("nothing to do: give --ckpt, --run-dir or --importance (see --help)")
-    if (cfg.ckpt or cfg.run_dir) and not (kw["probes_dir"] or kw["test_path"] or kw["mc_files"]):
-        raise SystemExit("give --mc, --probes and/or --test to evaluate on")
+    if (cfg.ckpt or cfg.run_dir) and not (kw["probes_dir"] or kw["test_path"] or kw["mc_files"] or kw["bench"]):
+        raise SystemExit("give --mc, --bench, --probes and/or --test to evaluate on")
     if cfg.run_dir:
         rows = evaluate_run(cfg.run_dir, **kw)
         print(f"{cfg.run_dir}/eval.json: {len(rows)} rows, steps {sorted({r['step'] for r in rows})}")
@@ -344,6 +290,8 @@ def main(cfg):
         results = evaluate_checkpoint(cfg.ckpt, **kw)
         for r in results:
             print(f"{r['benchmark']:24s} {r['value']:.4f}")
+        if kw["bench"]:
+            print(bench_table({r["benchmark"]: r["value"] for r in results}, kw["bench"]))
         print(f"({time.perf_counter() - t0:.1f}s)  accuracy: summed log-likelihood; _norm: per-token mean")
     if cfg.importance:
         png = cfg.png or os.path.splitext(cfg.importance)[0] + "_importance.png"
@@ -357,4 +305,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(EvalConfig, description=__doc__))
+    main(parse_config(EvalConfig, join_repeated(sys.argv[1:]), description=__doc__))

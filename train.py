@@ -46,6 +46,7 @@ from data.tags import CATEGORIES, token_tags
 from lib.distributed import full_state, reduce_stats, setup_distributed, unwrap, wait_until, wrap
 from lib.flops import count_work, peak_flops, step_flops
 from lib.health import Alarm
+from lib.tracking import RunLog
 from loss import prior_weights, shuffle_within_captions, token_losses, weighted_loss
 from model import count_params
 from lib.utils import (autocast, file_fingerprint, load_checkpoint, lr_at, make_optimizer, pick_device, seed_everything,
@@ -108,6 +109,9 @@ class TrainConfig:
     fsdp: bool = flag(False, "with several processes, shard weights, gradients and optimizer state (FSDP2)")
     threads: int = flag(0, "torch CPU threads (0 = torch's default)")
     peak_tflops: float = flag(0.0, "the device's dense bf16 peak in TFLOP/s for MFU (0 = flops.PEAK_BF16 by name)")
+    grad_checkpoint: bool = flag(False, "recompute decoder blocks in backward: less activation memory, same numbers")
+    vision_layer: int = flag(0, "--vision timm features: 0 = the final ones; -2 = the penultimate block's (LLaVA)")
+    wandb: str = flag("", "also log the config and every log.jsonl line to this wandb project ('' = off)")
 
 
 @dataclass
@@ -335,7 +339,7 @@ def main(cfg, on_checkpoint=None):
     peak = peak_flops(device, cfg.peak_tflops)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    alarm, log = Alarm(cfg, log_path, step, master), open(log_path, "a") if master else None
+    alarm, log = Alarm(cfg, log_path, step, master), RunLog(log_path, cfg.wandb, meta) if master else None
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=os.path.basename(cfg.out_dir),
                disable=not master, dynamic_ncols=True)
     for step in bar:
@@ -356,8 +360,7 @@ def main(cfg, on_checkpoint=None):
         if master:
             line = log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, peak)
             alarm.watch(line, step)
-            log.write(json.dumps(line) + "\n")
-            log.flush()
+            log.write(line)  # log.jsonl, and wandb with --wandb
             bar.set_postfix(loss=f"{line['loss']:.3f}", ntp=f"{line['ntp']:.3f}")
         done = step + 1
         scheduled, stopping = done % cfg.save_every == 0 or done == cfg.steps, done == cfg.stop_at

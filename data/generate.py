@@ -38,7 +38,7 @@ import random
 import time
 import typing
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from multiprocessing import Pool
 
@@ -153,6 +153,16 @@ def write_jsonl(path, rows):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def probe_scene_cfg(cfg, i):
+    """The scene settings of probe row i: object counts cycle through min..max (uniform; the training scenes'
+    dedup would otherwise drop most one-object scenes), and none of the mix's text correlations (a shape's usual
+    colour, a site's shapes, partner shapes, skewed shape frequencies), so that no answer is given away by what
+    the text says about scenes in general."""
+    n = cfg.min_objects + i % (cfg.max_objects - cfg.min_objects + 1)
+    return replace(cfg, min_objects=n, max_objects=n, colour_corr=0.0, site_shapes=0.0, cooccur_prob=0.0,
+                   shape_skew=0.0)
+
+
 def generate(cfg):
     cfg = resolve(cfg)
     t0 = time.time()
@@ -200,7 +210,7 @@ def generate(cfg):
                 continue  # nothing to choose between
             rng, rows = random.Random(f"{cfg.seed}/{tag}/{kind}"), []
             while len(rows) < n_rows:
-                scene = sample_scene(rng, cfg)
+                scene = sample_scene(rng, probe_scene_cfg(cfg, len(rows)))
                 if scene_key(scene) in train_scenes:
                     dropped[folder] += 1
                     continue

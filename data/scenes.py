@@ -302,18 +302,9 @@ def probe(kind, scene, rng, cfg, stats):
         wrong = [c for c in colours if (g["shape"], c) not in pairs]
         alt = lambda c: text(object_words(dict(g, colour=c, size=None)))  # noqa: E731
         return intro, alt(g["colour"]), [alt(c) for c in rng.sample(wrong, min(3, len(wrong)))]
-    if kind == "count":
+    if kind == "count":  # the number word alone: every choice has one form ("one" vs "two shapes" would not)
         counts = range(cfg.min_objects, cfg.max_objects + 1)
-        return intro, text(count_words(len(scene))), [text(count_words(n)) for n in counts if n != len(scene)]
-    if kind == "position":
-        unique = [o for o in scene if sum((p["shape"], p["colour"]) == (o["shape"], o["colour"]) for p in scene) == 1]
-        if not unique:
-            return None
-        o = rng.choice(unique)
-        g = dict(n=1, shape=o["shape"], colour=o["colour"])
-        others = [(r, c) for r in ROWS for c in COLS if (r, c) != (o["row"], o["col"])]
-        return (f"{intro} {text(object_words(g))}", text(pos_words(o["row"], o["col"])),
-                [text(pos_words(*rc)) for rc in rng.sample(others, 3)])
+        return intro, NUMS[len(scene)], [NUMS[n] for n in counts if n != len(scene)]
     if kind == "retrieval":  # true description vs 3 that each change exactly one detail
         with_pos = rng.random() < 0.5
         groups = [dict(g, size=None) for g in groups_of(scene, with_pos)]
@@ -340,5 +331,7 @@ def probe(kind, scene, rng, cfg, stats):
     raise ValueError(kind)
 
 
-PROBES = ["presence_random", "presence_popular", "presence_adversarial", "colour", "count",
-          "position", "retrieval"]
+# No position probe: at 48 px a grid cell is one image token, and in 16 runs of every arm and setting its accuracy
+# stayed at chance (0.26-0.32 against 0.25; docs/experiment.md): the H-LVLM's per-token projector in front of a
+# frozen LM did not learn to name cells, so the probe could not judge any weighting.
+PROBES = ["presence_random", "presence_popular", "presence_adversarial", "colour", "count", "retrieval"]

@@ -14,6 +14,7 @@ from lib.utils import atomic_save, check_fingerprint
 # grow: it sets the cosine schedule of every step.
 RESUME_MAY_DIFFER = {"out_dir", "resume", "stop_at", "threads", "workers", "device", "image_cache", "compile", "fsdp",
                      "save_every", "max_bad_fraction"}
+RESUME_MAY_DIFFER |= {"grad_checkpoint", "wandb"}  # memory use and where the log also goes: same numbers
 # Files may move (a copied artefacts folder): a path may change, but not from '' to a file or back. What the run read
 # is checked instead: data, tokenizer, scores and text data by fingerprint, the --init-* weights by the model's shape
 # (last.pt holds every weight).

@@ -2,6 +2,7 @@
 with its weights read from a local file (nothing is downloaded).
 
     build_encoder(cfg)            build_vit(cfg) for vision="", TimmEncoder(name) for vision="timm:<name>"
+    TimmEncoder(name, {"vision_layer": -2})  LLaVA's features: the penultimate block's output (train.py --vision-layer)
     load_vision_weights(enc, f)   a timm state dict saved once with torch.save (or a .safetensors file)
 """
 import difflib
@@ -35,7 +36,11 @@ class TimmEncoder(nn.Module):
     """A ViT-style timm model as the H-LVLM's encoder. Built offline (pretrained=False, nothing downloaded): its
     weights come from a local file (load_vision_weights) or from a train.py checkpoint. forward_features gives
     the patch tokens only, in row-major order, as build_vit's encoder does: class and register tokens (timm's
-    num_prefix_tokens) are dropped and nothing is pooled, which is what LLaVA feeds its projector."""
+    num_prefix_tokens) are dropped and nothing is pooled, which is what LLaVA feeds its projector.
+
+    kwargs["vision_layer"] (not passed to timm; saved with the other kwargs in the checkpoint's model_config): 0 = the
+    last block after the final norm (forward_features); -k = the output of the k-th block from the end, before any
+    final norm, as LLaVA takes CLIP's hidden_states[-2] (-2: the penultimate block). Later blocks are not run."""
 
     def __init__(self, name, kwargs=None):
         super().__init__()
@@ -44,8 +49,10 @@ class TimmEncoder(nn.Module):
         if not timm.is_model(name):
             raise ValueError(unknown_timm_model(name))
         self.name, self.kwargs = name, dict(kwargs or {})
+        self.layer = self.kwargs.get("vision_layer", 0)
+        timm_kwargs = {k: v for k, v in self.kwargs.items() if k != "vision_layer"}
         try:
-            self.model = timm.create_model(name, pretrained=False, num_classes=0, **self.kwargs)
+            self.model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
         except Exception as e:  # bad kwargs, unknown pretrained tag, ...: say which model and arguments
             raise ValueError(f"timm could not build {name!r} with {self.kwargs}: {type(e).__name__}: {e}") from e
         pe = getattr(self.model, "patch_embed", None)
@@ -60,6 +67,11 @@ class TimmEncoder(nn.Module):
         blocks = getattr(self.model, "blocks", [])
         self.depth = len(blocks)
         self.heads = getattr(getattr(blocks[0], "attn", None), "num_heads", 0) if self.depth else 0
+        if not isinstance(self.layer, int) or not -self.depth <= self.layer <= 0:
+            raise ValueError(f"--vision-layer {self.layer!r}: timm model {name!r} has {self.depth} blocks; give 0 (the "
+                             f"final features) or -1 .. -{self.depth} (a block's output counted from the end)")
+        if self.layer and not hasattr(self.model, "forward_intermediates"):
+            raise ValueError(f"--vision-layer: timm model {name!r} has no forward_intermediates; use 0")
         # The data pipeline normalises with ImageNet's mean/std (data.images.normalize). A model trained with
         # other statistics (CLIP: OpenAI's; many timm ViTs: 0.5) must see its own, or its features drift: one
         # affine map converts, x_model = (x * std_in + mean_in - mean) / std.
@@ -74,6 +86,9 @@ class TimmEncoder(nn.Module):
         """(N, 3, S, S) ImageNet-normalised pixels -> (N, grid*grid, num_features) patch tokens."""
         if self.renormalize:
             images = images * self.scale + self.shift
+        if self.layer:  # timm drops the prefix tokens itself here; stop_early: the blocks after it do not run
+            return self.model.forward_intermediates(images, indices=[self.depth + self.layer], norm=False,
+                                                    stop_early=True, output_fmt="NLC", intermediates_only=True)[0]
         x = self.model.forward_features(images)
         if x.dim() != 3 or x.shape[1] != self.skip + self.grid ** 2:
             raise ValueError(f"timm model {self.name!r} gave features {tuple(x.shape)}, expected "
