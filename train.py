@@ -35,7 +35,7 @@ from tqdm import tqdm
 import baselines
 from data import tokenizer as T
 from lib.build import build_model
-from lib.checkpoint import check_resume, restore, save
+from lib.checkpoint import check_resume, check_run_dir, claim_run_dir, release_lock, restore, save
 from lib.cli import flag, parse_config
 from data.features import encoder_features
 from data.images import images_cached, load_images, normalize
@@ -99,6 +99,7 @@ class TrainConfig:
     save_every: int = flag(100, "write ckpt_<step>.pt every N steps (the paper: 500 of 5,000)")
     seed: int = flag(0, "seed for initialisation and data order")
     resume: bool = flag(False, "continue from out_dir/last.pt")
+    overwrite: bool = flag(False, "replace the run in --out-dir (with --resume: only when it has no last.pt)")
     stop_at: int = flag(0, "stop (with a checkpoint) after this step; --resume continues (0 = run to --steps)")
     max_bad_fraction: float = flag(0.01, "stop if more than this share of records is bad")
     workers: int = flag(0, "processes for decoding images at start-up")
@@ -295,6 +296,7 @@ def log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, peak):
 def setup(cfg, rank, world, device):
     """(model, records, data, meta, resumed state or None): checked flags, tokenizer, model, data."""
     check_flags(cfg, world)
+    check_run_dir(cfg)  # --resume without last.pt, or a new run over an old one: refused before anything is built
     extra = baselines.hook(cfg, world)
     last_path, state = os.path.join(cfg.out_dir, "last.pt"), None
     if cfg.resume and os.path.exists(last_path):  # before anything is built: a changed flag is refused at once
@@ -331,7 +333,7 @@ def main(cfg, on_checkpoint=None):
     master, sharded, last_path = rank == 0, cfg.fsdp and world > 1, os.path.join(cfg.out_dir, "last.pt")
     model, records, data, meta, state = setup(cfg, rank, world, device)
     opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    lock = claim_run_dir(cfg, master)  # one writer per folder (run.lock)
     step = restore(state, last_path, model, opt, cfg, meta, master) if state is not None else 0
     if master:
         describe(cfg, model, data, meta, world, device)
@@ -374,6 +376,7 @@ def main(cfg, on_checkpoint=None):
             break
     if log:
         log.close()
+        release_lock(lock)
     alarm.summary()
     if world > 1:  # leave together: a rank gone while a peer is in the last all-reduce can abort it at exit
         dist.barrier()

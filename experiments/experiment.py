@@ -148,8 +148,8 @@ class Experiment:
                 v = {**self.p["vlm"], "steps": self.p["stage1_steps"], "save_every": self.p["stage1_steps"]}
                 lm_chain.append((["train.py", "--data", self.path(f"data_{mix}", "label.jsonl"), "--arch", "u",
                                   "--tokenizer", self.path("tokenizer.json"), "--init-decoder", self.path("base_lm.pt"),
-                                  "--out-dir", os.path.dirname(self.stage1_ckpt(mix)), "--lr", "1e-3",
-                                  "--device", self.cfg.device, "--resume", *self.flags(v)], f"u_stage1_{mix}"))
+                                  "--out-dir", os.path.dirname(self.stage1_ckpt(mix)), "--lr", "1e-3", "--device",
+                                  self.cfg.device, "--resume", "--overwrite", *self.flags(v)], f"u_stage1_{mix}"))
         if "h" in self.archs and not os.path.exists(self.path("vit.pt")):
             vit_chain.append((["-m", "tools.vision", "--data", self.path(f"data_{self.mixes[0]}", "label.jsonl"),
                                "--out", self.path("vit.pt"), "--device", self.cfg.device,
@@ -170,7 +170,7 @@ class Experiment:
         args = ["train.py", "--data", os.path.join(data, "train.jsonl"), "--tokenizer", self.path("tokenizer.json"),
                 "--scores", self.path(f"scores_{mix}_train.pt"), "--out-dir", out_dir, "--arch", arch,
                 "--loss", loss, "--lr", str(lr), "--seed", str(seed), "--device", self.cfg.device,
-                "--init-decoder", self.path("base_lm.pt"), "--resume", *self.flags(v)]
+                "--init-decoder", self.path("base_lm.pt"), "--resume", "--overwrite", *self.flags(v)]
         if low is not None:
             args += ["--oracle-low", str(low)]
         if arch == "h":  # the paper's H-LVLM: pretrained, frozen encoder and LM; only the projector trains (its

@@ -46,7 +46,7 @@ def instruct(args):
                      "--save-every", str(it_steps), "--lr", str(args.it_lr), "--warmup",
                      str(min(10, max(1, it_steps // 10))),
                      "--batch-size", str(s.batch()), "--row-len", str(s.p["vlm"]["row_len"]), "--seed", str(seed),
-                     "--device", s.device, "--resume"]
+                     "--device", s.device, "--resume", "--overwrite"]
             targs += (["--loss", "prior", "--alpha", "1", "--scores", mask] if args.it_loss == "answer"
                       else ["--loss", "ntp"])
             runs[m, seed] = (d, targs)

@@ -100,8 +100,8 @@ class Setup:
                     for k, v in have.items()}
         want = vars(parse_config(train.TrainConfig, [str(a) for a in args[1:]]))
         default = vars(parse_config(train.TrainConfig, []))  # a flag newer than the run: its default is what ran
-        skip = {"out_dir", "resume", "device", "threads", "workers", "image_cache", "feature_cache", "stop_at",
-                "save_every", "compile", "fsdp", "micro_batch"}
+        skip = {"out_dir", "resume", "overwrite", "device", "threads", "workers", "image_cache", "feature_cache",
+                "stop_at", "save_every", "compile", "fsdp", "micro_batch"}
         return all(have.get(k, default[k]) == v for k, v in want.items() if k not in skip)
 
     def eval_args(self, run_dir, rows=None, test_scores=True, probes=None, test=None):

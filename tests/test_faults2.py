@@ -56,3 +56,81 @@ def test_16_bit_greyscale_png_is_converted_by_value():
     buf = io.BytesIO()
     Image.fromarray(np.full((6, 6), 0.4, dtype=np.float32)).save(buf, format="TIFF")  # float 0..1
     assert (decode_image_bytes(buf.getvalue(), 6) == 102).all()
+
+
+# ----------------------------------------------------------------------------- 3. one writer per run folder
+
+def _train_cfg(tiny, out_dir, **kw):
+    from test_train import config
+    return config(tiny, out_dir, **{"steps": 2, "save_every": 2, **kw})
+
+
+def test_a_fresh_run_into_a_run_folder_is_refused_unless_resume_or_overwrite(tiny, tmp_path):
+    import train
+    from lib.cli import UserError
+    run = tmp_path / "run"
+    train.main(_train_cfg(tiny, run))
+    log = (run / "log.jsonl").read_text()
+    with pytest.raises(UserError, match=r"--out-dir .*run holds another run \(config.json, log.jsonl, last.pt, \.\.\.\)"):
+        train.main(_train_cfg(tiny, run, seed=1))
+    assert (run / "log.jsonl").read_text() == log  # nothing appended, nothing overwritten
+    train.main(_train_cfg(tiny, run, seed=1, steps=1, save_every=1, overwrite=True))
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1  # the old run's files are gone
+    assert sorted(p.name for p in run.glob("ckpt_*.pt")) == ["ckpt_000001.pt"]
+
+
+def test_resume_without_last_pt_is_refused(tiny, tmp_path):
+    import train
+    from lib.cli import UserError
+    with pytest.raises(UserError, match=r"--resume: no last.pt in .*nowhere to continue from"):
+        train.main(_train_cfg(tiny, tmp_path / "nowhere", resume=True))
+    assert not (tmp_path / "nowhere").exists()
+    train.main(_train_cfg(tiny, tmp_path / "job", resume=True, overwrite=True))  # a restartable job's first start
+    assert (tmp_path / "job" / "last.pt").exists()
+
+
+def test_run_lock_names_its_holder_and_a_stale_one_is_taken_over(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+    from lib.checkpoint import LOCK, release_lock, take_lock
+    from lib.cli import UserError
+    here = socket.gethostname()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK).write_text(json.dumps({"pid": live.pid, "host": here}))
+        with pytest.raises(UserError, match=f"in use by process {live.pid} on {here}"):
+            take_lock(str(tmp_path))
+    finally:
+        live.kill()
+        live.wait()
+    path = take_lock(str(tmp_path))  # its holder is gone (killed: no exit handler ran): stale
+    assert f"left by process {live.pid}, which is gone" in capsys.readouterr().out
+    assert json.loads(open(path).read()) == {"pid": os.getpid(), "host": here}
+    assert take_lock(str(tmp_path)) == path  # this process's own
+    (tmp_path / LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    with pytest.raises(UserError, match=f"in use by process 1 on elsewhere .*delete {path}"):
+        take_lock(str(tmp_path))
+    (tmp_path / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": here}))
+    release_lock(path)
+    assert not os.path.exists(path)
+
+
+def test_a_second_writer_while_a_run_holds_the_folder_is_refused(tiny, tmp_path):
+    import subprocess
+    import sys
+    import train
+    from lib.checkpoint import LOCK
+    from lib.cli import UserError
+    run = tmp_path / "run"
+    train.main(_train_cfg(tiny, run, steps=1, save_every=1, stop_at=1))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # another process on this host holds the lock (as a run started with --resume would)
+        (run / LOCK).write_text(json.dumps({"pid": live.pid, "host": __import__("socket").gethostname()}))
+        before = (run / "last.pt").read_bytes()
+        with pytest.raises(UserError, match=f"in use by process {live.pid}"):
+            train.main(_train_cfg(tiny, run, steps=1, save_every=1, resume=True))
+        assert (run / "last.pt").read_bytes() == before
+    finally:
+        live.kill()
+        live.wait()
