@@ -1,0 +1,123 @@
+"""Scoring the paper's benchmarks (eval.py --bench) with the project's multiple-choice scorer, by likelihood:
+each choice's log p(choice | image, prompt), summed over its tokens (the official numbers) and per-token mean
+(`<name>_norm_<metric>`); the highest is the model's answer, a yes/no question a two-choice one. The metrics are
+data/bench_metrics.py's; the files are read by data/benchmarks.py. See docs/benchmarks.md.
+
+    python eval.py --ckpt runs/x/ckpt_000300.pt --bench pope:coco_pope_random.json::coco/val2014 \\
+        --bench pope:coco_pope_popular.json::coco/val2014 --bench mme:MME_Benchmark_release_version \\
+        --bench mmbench:MMBench_DEV_EN.tsv --bench mmstar:MMStar.tsv --bench seed:SEED-Bench.json::SEED-Bench-image
+
+Results are named <bench>_<metric> (pope_random_f1, mme_perception, mmbench_circular, mmstar_acc, seed_acc, ...);
+POPE's splits are scored together, so pope_f1 is their mean. eval.py passes its own score_docs and image_embeds
+in (this module cannot import a script).
+"""
+import math
+import os
+
+from data import tokenizer as T
+from data.bench_metrics import bench_metrics, rotations
+from data.benchmarks import load_bench, mc_prompt, parse_bench, report_skipped
+
+# the few numbers of each benchmark the table shows (eval.json has them all)
+HEADLINE = {"pope": ("f1", "acc", "yes_ratio", "precision", "recall"), "mme": ("perception", "cognition"),
+            "mmbench": ("circular", "vanilla"), "seed": ("acc",), "mmstar": ("acc",), "seed_tsv": ("acc",),
+            "tsv": ("acc",)}
+
+
+def join_repeated(argv, name="--bench"):
+    """argv with every `--bench X` / `--bench=X` joined into one `--bench X,Y,...` (lib/cli keeps the last
+    value of a repeated flag; the specs are comma-separated after this)."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == name and i + 1 < len(argv):
+            values.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith(name + "="):
+            values.append(a[len(name) + 1:])
+        else:
+            rest.append(a)
+        i += 1
+    return rest + ([name, ",".join(values)] if values else [])
+
+
+def bench_names(specs):
+    """{name: [specs]}: every POPE file under "pope", every other kind under its kind (a kind given twice:
+    "<kind>_<file stem>")."""
+    kinds = [parse_bench(s)[0] for s in specs]
+    out = {}
+    for spec, kind in zip(specs, kinds):
+        name = kind
+        if kind != "pope" and kinds.count(kind) > 1:
+            name = f"{kind}_{os.path.splitext(os.path.basename(os.path.normpath(parse_bench(spec)[1])))[0]}"
+        out.setdefault(name, []).append(spec)
+    return out
+
+
+def _prompt(extra, options):
+    return mc_prompt(extra["question"], options, extra.get("hint", ""))
+
+
+def predictions(logps, normalise=False):
+    """The choice with the highest summed (or per-token mean) log-likelihood; None where not scored."""
+    return [None if lp is None else max(range(len(lp)), key=lambda j: float(lp[j].sum()) / (len(lp[j]) if normalise
+                                                                                             else 1))
+            for lp in logps]
+
+
+def score_spec(spec, model, tok, score_docs, image_embeds, device="cpu", max_rows=None, seed=0,
+               max_bad_fraction=0.05, feature_cache="", **kw):
+    """(records, per record the choices' log p tensors or None) of one --bench spec; MMBench files without
+    circular copies get them here (bench_metrics.rotations)."""
+    size = model.cfg.image_size
+    records, images, index = load_bench(spec, size, max_rows, seed, max_bad_fraction)
+    pairs = list(zip(records, index))
+    if parse_bench(spec)[0] == "mmbench":
+        at = {r.id: i for r, i in pairs}
+        rotated = rotations(records, _prompt)
+        pairs = [(r, at[r.id.split("@")[0]] if r.id not in at else at[r.id]) for r in rotated]
+    prefix = model.image_tokens() + [T.BOS]
+    prompts = T.encode_captions(tok, [r.caption for r, _ in pairs])
+    choices = iter(T.encode_captions(tok, [c for r, _ in pairs for c in r.extra["choices"]]))
+    docs = [(i, prefix + p, [next(choices) for _ in r.extra["choices"]]) for (r, i), p in zip(pairs, prompts)]
+    embeds = image_embeds(model, images, ("bench", spec, size, max_rows, seed), device, feature_cache=feature_cache)
+    name = os.path.basename(os.path.normpath(parse_bench(spec)[1]))
+    return [r for r, _ in pairs], score_docs(model, docs, embeds, device=device, desc=name, **kw)
+
+
+def bench_results(specs, model, tok, score_docs, image_embeds, device="cpu", **kw):
+    """{<bench>_<metric>: value} of every --bench spec (kw: max_rows, seed, max_bad_fraction, feature_cache,
+    row_len, batch_rows); questions longer than the model's context are counted as <bench>_skipped."""
+    out = {}
+    for name, group in bench_names(specs).items():
+        records, logps = [], []
+        for spec in group:
+            r, lp = score_spec(spec, model, tok, score_docs, image_embeds, device, **kw)
+            records += r
+            logps += lp
+        kind = parse_bench(group[0])[0]
+        scored = [i for i, lp in enumerate(logps) if lp is not None]
+        if not scored:
+            out[f"{name}_skipped"] = len(records)
+            continue
+        for suffix, norm in (("", False), ("_norm", True)):
+            preds = predictions(logps, norm)
+            metrics = bench_metrics(kind, [records[i] for i in scored], [preds[i] for i in scored])
+            out.update({f"{name}{suffix}_{k}": v for k, v in metrics.items()})
+        report_skipped(out, name, len(records) - len(scored), len(records), "questions")
+    return out
+
+
+def bench_table(results, specs):
+    """A small Markdown table of each benchmark's headline numbers from {benchmark: value} (summed / mean)."""
+    lines = ["| benchmark | metric | summed | per-token |", "|---|---|---|---|"]
+    for name, group in bench_names(specs).items():
+        kind = parse_bench(group[0])[0]
+        for metric in HEADLINE[kind]:
+            keys = [k for k in results if k.startswith(name + "_") and not k.startswith(name + "_norm_")
+                    and (k == f"{name}_{metric}" or (kind == "pope" and k.endswith("_" + metric)))]
+            for k in keys:
+                v, w = results[k], results.get(k.replace(name + "_", name + "_norm_", 1), math.nan)
+                lines.append(f"| {name} | {k[len(name) + 1:]} | {v:.2f} | {w:.2f} |")
+    return "\n".join(lines)
