@@ -48,7 +48,7 @@ from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
 from lib.importance import importance_analysis
 from lib.likelihood import _features, accuracy, derangement, image_embeds, score_docs  # noqa: F401 (tests)
-from model import load_model
+from lib.build import load_vlm  # a train.py checkpoint, or a folder lib/export.py wrote
 from lib.utils import check_fingerprint, pick_device
 
 THRESHOLDS = (0.25, 0.5, 0.75)
@@ -213,7 +213,7 @@ def evaluate_model(model, tok, probes_dir=None, test_path=None, test_scores=None
 
 def _evaluate(path, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None, tokenizer=None,
               **kw):
-    model, ckpt = load_model(path, device)
+    model, ckpt = load_vlm(path, device)
     tok_path = tokenizer or ckpt["config"]["tokenizer"]
     tok = T.load_tokenizer(tok_path)
     check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), path, tok_path)
