@@ -8,7 +8,11 @@
 
 Stored per caption, aligned with the training tokenisation (the labels: caption tokens, then <|eos|>), with a
 fingerprint of the tokenizer, the reference model and the caption data, in data/scores.py's format (one file, or
-an index and one shard per process). Training derives w = (1 - p_ref)^alpha itself, so alpha stays a training flag.
+an index and one shard per process, written by data/score_shards.py). Training derives w = (1 - p_ref)^alpha
+itself, so alpha stays a training flag.
+
+Read top to bottom: ScoreConfig, label_probs (the scoring: log_softmax, gather, exp), the fingerprints a score
+file carries, the two modes (score_one_file; score_sharded) and main, then the report and its picture.
 
 Captions longer than the reference LM's context (min(--row-len, the model's max_seq_len) positions) are
 scored on the tokens that fit; the rest get p_ref = 0, i.e. weight 1, as plain NTP would give them. They are
@@ -23,7 +27,6 @@ paper's Fig. 1: a few captions with each token shaded by its weight (with --stre
 Flags in detail: --data takes LLaVA/COCO JSON as path::image_folder. With --batch-rows, --row-len is also the
 tokens per forward pass. --stream keeps memory flat as data grows.
 """
-import hashlib
 import json
 import os
 import sys
@@ -37,13 +40,13 @@ from tqdm import tqdm
 from data import tokenizer as T
 from lib.cli import flag, parse_config
 from data.packing import count_overlong, make_samples
-from data.records import iter_records, read_records
-from data.record_types import DataError, Tally
-from data.scores import INDEX_FORMAT, ShardWriter, save_scores, shard_path
+from data.records import read_records
+from data.score_shards import data_pass, overlong_note, processes, refuse_duplicate_ids, score_stream
+from data.scores import save_scores
 from data.tags import CATEGORIES, token_tags
 from lib.health import weight_collapse
 from model import load_lm
-from lib.utils import atomic_save, file_fingerprint, pick_device, text_fingerprint
+from lib.utils import file_fingerprint, pick_device, text_fingerprint
 
 
 @dataclass
@@ -118,6 +121,87 @@ def label_probs(model, samples, row_len, batch_rows, device, progress=True):
     return out, positions
 
 
+# ----------------------------------------------------------------------------- fingerprints
+
+def fingerprints_of(cfg, tok, data_fp):
+    """What a score file is valid for: train.py and eval.py refuse it for another tokenizer or other captions."""
+    return {"tokenizer": T.fingerprint(tok), "reference": file_fingerprint(cfg.ref), "data": data_fp,
+            "data_path": os.path.abspath(cfg.data), "reference_path": os.path.abspath(cfg.ref)}
+
+
+def warn_if_trained_on(cfg, ckpt, data_fp):
+    if ckpt["data"] == data_fp:
+        print(f"WARNING: {cfg.ref} was trained on these very captions; its scores will be inflated "
+              "(the paper scores captions disjoint from the reference LM's training set)")
+
+
+# ----------------------------------------------------------------------------- the two modes
+
+def score_one_file(cfg, tok, model, ckpt, device):
+    """Everything in memory, one file out (the default for one process)."""
+    records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
+    refuse_duplicate_ids((r.id for r in records), cfg.data)
+    data_fp = text_fingerprint(records)
+    warn_if_trained_on(cfg, ckpt, data_fp)
+    samples = make_samples(tok, records)
+    ctx = context_len(model, cfg.row_len)
+    n_long, n_past = count_overlong(samples, ctx)
+    t0 = time.perf_counter()
+    p_ref, positions = label_probs(model, samples, cfg.row_len, cfg.batch_rows, device)
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(len(p) for p in p_ref) - n_past  # labels scored; those past the context are counted apart
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    save_scores(cfg.out, [r.id for r in records], p_ref, fingerprints_of(cfg, tok, data_fp))
+    overlong_note(n_long, n_past, ctx, cfg.data)
+    report = {"config": asdict(cfg), "captions": len(records), "tokens": n_tokens,
+              "pad_fraction": 1 - n_tokens / positions, "score_tokens_per_s": positions / seconds,
+              "ref_train_tokens_per_s": ckpt.get("train_tokens_per_s"),
+              "overlong": {"captions": n_long, "labels_past_context": n_past, "context": ctx}}
+    print(f"scored {len(records)} captions, {n_tokens} tokens in {seconds:.1f}s: "
+          f"{report['score_tokens_per_s']:,.0f} tokens/s scoring vs "
+          f"{report['ref_train_tokens_per_s'] or float('nan'):,.0f} tokens/s reference-LM training "
+          f"({report['score_tokens_per_s'] / (report['ref_train_tokens_per_s'] or float('nan')):.1f}x)")
+    _relevance(report, tok, records, samples, p_ref)
+    _write_report(cfg, report, tok, records, samples, p_ref)
+    return report
+
+
+def score_sharded(cfg, tok, model, ckpt, device, rank, world):
+    """--stream or torchrun: one shard per process and an index, written by data/score_shards.py with this
+    file's label_probs; rank 0 reports on its first --report-captions captions."""
+    n_records, data_fp = data_pass(cfg)
+    if rank == 0:
+        warn_if_trained_on(cfg, ckpt, data_fp)
+
+    def score(samples):
+        return label_probs(model, samples, cfg.row_len, cfg.batch_rows, device, progress=False)
+    report, kept = score_stream(cfg, tok, score, context_len(model, cfg.row_len), n_records,
+                                fingerprints_of(cfg, tok, data_fp), rank, world)
+    if report is None:  # not rank 0
+        return None
+    report["ref_train_tokens_per_s"] = ckpt.get("train_tokens_per_s")
+    _relevance(report, tok, kept["records"], kept["samples"], kept["p_ref"])
+    _write_report(cfg, report, tok, kept["records"], kept["samples"], kept["p_ref"])
+    return report
+
+
+def main(cfg):
+    rank, world, device, started = processes(pick_device(cfg.device))
+    tok = T.load_tokenizer(cfg.tokenizer)
+    model, ckpt = load_lm(cfg.ref, tok)
+    try:
+        if cfg.stream or world > 1:
+            result = score_sharded(cfg, tok, model, ckpt, device, rank, world)
+        else:
+            result = score_one_file(cfg, tok, model, ckpt, device)
+        if started:  # tear down together (see the end of train.main)
+            dist.barrier()
+        return result
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- report and picture
 
 def roc_auc(pos, neg):
@@ -185,12 +269,6 @@ def _relevance(report, tok, records, samples, p_ref):
           ", ".join(f"{k} {v:.3f}" for k, v in rel["predicted"].items() if v is not None))
 
 
-def _overlong_note(n_long, n_labels, ctx, where):
-    if n_long:
-        print(f"{where}: {n_long} captions are longer than the reference LM's context of {ctx} positions; "
-              f"their {n_labels} labels past it got p_ref = 0 (weight 1, as in NTP)", file=sys.stderr)
-
-
 def _write_report(cfg, report, tok, records, samples, p_ref):
     base = os.path.splitext(cfg.out)[0]
     if p_ref:  # do the weights collapse (a memorising reference LM)? health.weight_collapse, numbers in the report
@@ -203,172 +281,6 @@ def _write_report(cfg, report, tok, records, samples, p_ref):
     if samples:
         draw_weights(base + ".png", tok, records, samples, p_ref)
     print(f"saved {cfg.out}, {base}.json, {base}.png")
-
-
-# ----------------------------------------------------------------------------- the two modes
-
-def refuse_duplicate_ids(ids, path):
-    """Scores are keyed by record id: two records with one id cannot both be scored (train.py would refuse the
-    file later), so scoring refuses them first."""
-    seen, dup = set(), []
-    for i in ids:
-        if i in seen:
-            dup.append(i)
-        seen.add(i)
-    if dup:
-        raise DataError(f"{path}: {len(dup)} record ids appear more than once (first: {dup[0]!r}); every record "
-                        f"needs its own id (an \"id\" field, or leave it out to get file:line ids)")
-
-
-def fingerprints_of(cfg, tok, data_fp):
-    return {"tokenizer": T.fingerprint(tok), "reference": file_fingerprint(cfg.ref), "data": data_fp,
-            "data_path": os.path.abspath(cfg.data), "reference_path": os.path.abspath(cfg.ref)}
-
-
-def warn_if_trained_on(cfg, ckpt, data_fp):
-    if ckpt["data"] == data_fp:
-        print(f"WARNING: {cfg.ref} was trained on these very captions; its scores will be inflated "
-              "(the paper scores captions disjoint from the reference LM's training set)")
-
-
-def score_one_file(cfg, tok, model, ckpt, device):
-    """Everything in memory, one file out (the default for one process)."""
-    records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
-    refuse_duplicate_ids((r.id for r in records), cfg.data)
-    data_fp = text_fingerprint(records)
-    warn_if_trained_on(cfg, ckpt, data_fp)
-    samples = make_samples(tok, records)
-    ctx = context_len(model, cfg.row_len)
-    n_long, n_past = count_overlong(samples, ctx)
-    t0 = time.perf_counter()
-    p_ref, positions = label_probs(model, samples, cfg.row_len, cfg.batch_rows, device)
-    seconds = time.perf_counter() - t0
-    n_tokens = sum(len(p) for p in p_ref) - n_past  # labels scored; those past the context are counted apart
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    save_scores(cfg.out, [r.id for r in records], p_ref, fingerprints_of(cfg, tok, data_fp))
-    _overlong_note(n_long, n_past, ctx, cfg.data)
-    report = {"config": asdict(cfg), "captions": len(records), "tokens": n_tokens,
-              "pad_fraction": 1 - n_tokens / positions, "score_tokens_per_s": positions / seconds,
-              "ref_train_tokens_per_s": ckpt.get("train_tokens_per_s"),
-              "overlong": {"captions": n_long, "labels_past_context": n_past, "context": ctx}}
-    print(f"scored {len(records)} captions, {n_tokens} tokens in {seconds:.1f}s: "
-          f"{report['score_tokens_per_s']:,.0f} tokens/s scoring vs "
-          f"{report['ref_train_tokens_per_s'] or float('nan'):,.0f} tokens/s reference-LM training "
-          f"({report['score_tokens_per_s'] / (report['ref_train_tokens_per_s'] or float('nan')):.1f}x)")
-    _relevance(report, tok, records, samples, p_ref)
-    _write_report(cfg, report, tok, records, samples, p_ref)
-    return report
-
-
-def data_pass(cfg):
-    """First pass of the streaming mode: (number of records, data fingerprint), and the bad-record check.
-    The fingerprint is utils.text_fingerprint's, fed one record at a time."""
-    tally, h, n, ids = Tally("records", cfg.data), hashlib.sha256(), 0, []
-    for r in iter_records(cfg.data, tally=tally):
-        h.update(f"{r.id}\t{r.caption}\n".encode())
-        ids.append(r.id)
-        n += 1
-    tally.finish(cfg.max_bad_fraction)
-    refuse_duplicate_ids(ids, cfg.data)
-    return n, h.hexdigest()[:16]
-
-
-def score_stream(cfg, tok, model, ckpt, device, rank, world):
-    """This process's share, scored and written chunk by chunk; rank 0 then writes the index (module doc)."""
-    n_records, data_fp = data_pass(cfg)
-    if rank == 0:
-        warn_if_trained_on(cfg, ckpt, data_fp)
-        if os.path.exists(cfg.out):  # an old index must not outlive the shards this run rewrites
-            os.remove(cfg.out)
-    fingerprints = fingerprints_of(cfg, tok, data_fp)
-    writer = ShardWriter(shard_path(cfg.out, rank, world))
-    ctx = context_len(model, cfg.row_len)
-    kept = {"records": [], "samples": [], "p_ref": []}  # rank 0's first captions, for the report
-    stats = {"positions": 0, "seconds": 0.0, "long": 0, "past": 0}
-
-    def flush(chunk):
-        samples = make_samples(tok, chunk)
-        n_long, n_past = count_overlong(samples, ctx)
-        t0 = time.perf_counter()
-        p_ref, positions = label_probs(model, samples, cfg.row_len, cfg.batch_rows, device, progress=False)
-        stats["seconds"] += time.perf_counter() - t0
-        stats["positions"] += positions
-        stats["long"] += n_long
-        stats["past"] += n_past
-        writer.write([r.id for r in chunk], p_ref)
-        room = cfg.report_captions - len(kept["records"]) if rank == 0 else 0
-        if room > 0:
-            kept["records"] += chunk[:room]
-            kept["samples"] += samples[:room]
-            kept["p_ref"] += p_ref[:room]
-
-    chunk = []
-    bar = tqdm(total=n_records, desc=f"score (rank {rank} of {world})", dynamic_ncols=True, disable=rank != 0)
-    # The second pass reads exactly the records of the first (same file, same rules): record i is rank i % world's.
-    for i, r in enumerate(iter_records(cfg.data, tally=Tally("records", cfg.data))):
-        bar.update()
-        if i % world != rank:
-            continue
-        chunk.append(r)
-        if len(chunk) >= cfg.chunk:
-            flush(chunk)
-            chunk = []
-    if chunk:
-        flush(chunk)
-    bar.close()
-    summary = writer.close(rank=rank, world=world, fingerprint=fingerprints, overlong=stats["long"])
-    summary["file"] = os.path.relpath(writer.path, os.path.dirname(os.path.abspath(cfg.out)))
-    _overlong_note(stats["long"], stats["past"], ctx, f"{cfg.data} (rank {rank})")
-
-    summaries = [None] * world
-    if world > 1:
-        dist.all_gather_object(summaries, summary)  # also the barrier: every shard is closed after this
-    else:
-        summaries = [summary]
-    if rank != 0:
-        return None
-    records, tokens = sum(s["records"] for s in summaries), sum(s["tokens"] for s in summaries)
-    if records != n_records:
-        raise DataError(f"{cfg.data}: the shards hold {records} records but the data has {n_records}: "
-                        f"did the data change while scoring?")
-    atomic_save({"format": INDEX_FORMAT, "shards": summaries, "records": records, "tokens": tokens,
-                 "fingerprint": fingerprints}, cfg.out)
-    per_s = stats["positions"] / max(stats["seconds"], 1e-9)
-    report = {"config": asdict(cfg), "captions": records, "tokens": tokens, "processes": world,
-              "score_tokens_per_s": per_s, "score_tokens_per_s_all_processes": per_s * world,
-              "ref_train_tokens_per_s": ckpt.get("train_tokens_per_s"),
-              "overlong": {"captions": sum(s.get("overlong", 0) for s in summaries), "context": ctx},
-              "report_captions": len(kept["records"])}
-    print(f"scored {records} captions, {tokens} tokens in {world} shard(s) under {os.path.dirname(writer.path)}; "
-          f"rank 0 at {per_s:,.0f} tokens/s")
-    _relevance(report, tok, kept["records"], kept["samples"], kept["p_ref"])
-    _write_report(cfg, report, tok, kept["records"], kept["samples"], kept["p_ref"])
-    return report
-
-
-def main(cfg):
-    world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    started = False
-    if world_env > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # only to gather the shard summaries: CPU objects, any device
-        started = True
-    rank, world = (dist.get_rank(), dist.get_world_size()) if world_env > 1 else (0, 1)
-    device = pick_device(cfg.device)
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    tok = T.load_tokenizer(cfg.tokenizer)
-    model, ckpt = load_lm(cfg.ref, tok)
-    try:
-        if cfg.stream or world > 1:
-            result = score_stream(cfg, tok, model, ckpt, device, rank, world)
-        else:
-            result = score_one_file(cfg, tok, model, ckpt, device)
-        if started:  # tear down together (see the end of train.main)
-            dist.barrier()
-        return result
-    finally:
-        if started:
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ def check_bf16(device):
                          f"with loss scaling is not implemented): use --device cpu or a GPU with bf16 (A100 or newer)")
 
 
-def setup_distributed(device):
-    """(rank, world size, this process's device) under torchrun, or (0, 1, device) alone; GPUs must have bf16."""
-    check_bf16(device)
+def setup_distributed(device, bf16=True):
+    """(rank, world size, this process's device) under torchrun, or (0, 1, device) alone; GPUs must have bf16
+    (bf16=False: a float32 job, score.py's)."""
+    if bf16:
+        check_bf16(device)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
     if device.startswith("cuda"):  # bind the process to its GPU before NCCL starts, and tell NCCL which one
