@@ -62,12 +62,6 @@ class TrainConfig:
     arch: str = flag("h", "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", ["h", "u"])
     loss: str = flag("ntp", "token weighting of the caption loss (see Losses, above)",
                      ["ntp", "prior", "prior_shuffled", "oracle", *baselines.LOSSES])
-    objective: str = flag("none", "auxiliary objective added to the caption loss (baselines/heads.py)",
-                          ["none", "itm", "itc", "recon"])
-    aux_weight: float = flag(1.0, "loss = caption loss + aux_weight x the --objective's loss")
-    rho1_keep: float = flag(0.6, "--loss rho1: share of each micro-batch's caption tokens kept; 1 = NTP")
-    itc_dim: int = flag(64, "--objective itc: width of the image and text projections")
-    attn_scores: str = flag("out/attn_scores_train.pt", "--loss attn: token weights from python -m baselines.attention")
     alpha: float = flag(1.0, "PRIOR exponent: w = (1 - p_ref)^alpha")
     no_k: bool = flag(False, "drop the factor k (caption length) from PRIOR's normalisation (ablation)")
     oracle_low: float = flag(0.1, "oracle weight of boiler and noise words (image and glue words get 1)")
@@ -113,6 +107,14 @@ class TrainConfig:
     grad_checkpoint: bool = flag(False, "recompute decoder blocks in backward: less activation memory, same numbers")
     vision_layer: int = flag(0, "--vision timm features: 0 = the final ones; -2 = the penultimate block's (LLaVA)")
     wandb: str = flag("", "also log the config and every log.jsonl line to this wandb project ('' = off)")
+    # ---- the baselines' flags (baselines/: Table 1's comparisons, not PRIOR); read only with their --loss or
+    # --objective. Named as before, so old checkpoints' configs and the experiment drivers keep working.
+    objective: str = flag("none", "auxiliary objective added to the caption loss (baselines/heads.py)",
+                          ["none", "itm", "itc", "recon"])
+    aux_weight: float = flag(1.0, "loss = caption loss + aux_weight x the --objective's loss")
+    rho1_keep: float = flag(0.6, "--loss rho1: share of each micro-batch's caption tokens kept; 1 = NTP")
+    itc_dim: int = flag(64, "--objective itc: width of the image and text projections")
+    attn_scores: str = flag("out/attn_scores_train.pt", "--loss attn: token weights from python -m baselines.attention")
 
 
 @dataclass
