@@ -39,7 +39,8 @@ from lib.checkpoint import check_resume, check_run_dir, claim_run_dir, release_l
 from lib.cli import flag, parse_config
 from data.features import encoder_features
 from data.images import images_cached, load_images, normalize
-from data.packing import IGNORE, cat, global_batch, make_samples, pack, to_device, warn_overlong
+from data.instruct import instruct_samples, read_instruct, split_text_only
+from data.packing import IGNORE, cat, global_batch, make_samples, n_labels, pack, to_device, warn_overlong
 from data.records import read_records
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
@@ -73,6 +74,7 @@ class TrainConfig:
     vision_weights: str = flag("", "local file with the --vision timm model's state dict; nothing is downloaded")
     vision_kwargs: str = flag("", "extra timm.create_model arguments as JSON, e.g. '{\"img_size\": 336}'")
     text_data: str = flag("", "text-only captions mixed into every batch with NTP loss ('' = none)")
+    instruct: bool = flag(False, "--data is instruction data (LLaVA conversations, data/qa.py): loss on answers only")
     text_ratio: float = flag(1.0, "text-only samples per image-caption sample when --text-data is set")
     image_size: int = flag(48, "images are resized to this square size")
     patch_size: int = flag(8, "pixels per patch side (ViT patches, or U-LVLM pixel patches)")
@@ -148,8 +150,7 @@ def micro_batches(cfg, step, data, rank, world):
     batch_ids = global_batch(step, len(samples), cfg.batch_size, cfg.seed)
     n_text = int(cfg.batch_size * cfg.text_ratio) if texts else 0
     text_ids = global_batch(step, len(texts), n_text, cfg.seed + 1) if n_text else []
-    n_global = sum(len(samples[i].caption_ids) + 1 for i in batch_ids) + \
-        sum(len(texts[i].caption_ids) + 1 for i in text_ids)
+    n_global = sum(n_labels(samples[i]) for i in batch_ids) + sum(n_labels(texts[i]) for i in text_ids)
     mine, mine_text = batch_ids[rank::world], text_ids[rank::world]
     micro = cfg.micro_batch or len(mine)
     chunks = [(mine[i:i + micro], mine_text[i * len(mine_text) // len(mine):(i + micro) * len(mine_text) // len(mine)])
@@ -235,7 +236,8 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
 
 def load_data(cfg, tok, model, extra, device, master, world):
     """(records, Data, fingerprints of the files read besides --data and --tokenizer) for the run."""
-    records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
+    records, chat_text = (split_text_only(read_instruct(cfg.data, max_bad_fraction=cfg.max_bad_fraction))
+                          if cfg.instruct else (read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction), []))
     data_fp = text_fingerprint(records)
     p_ref = weights = None
     inputs = {}  # fingerprints of what else the run read, checked by --resume
@@ -253,12 +255,13 @@ def load_data(cfg, tok, model, extra, device, master, world):
     tags = token_tags(tok, records)
     if cfg.loss == "oracle" and tags is None:
         raise ValueError(f"--loss oracle needs the generator's ground-truth 'tags' field in {cfg.data}")
-    samples = make_samples(tok, records, p_ref, tags, weights, cfg.attn_scores if cfg.loss == "attn" else cfg.scores)
-    text_samples = []
+    make = instruct_samples if cfg.instruct else make_samples  # --instruct: loss masks on the answers
+    samples = make(tok, records, p_ref, tags, weights, cfg.attn_scores if cfg.loss == "attn" else cfg.scores)
+    text_samples = instruct_samples(tok, chat_text)  # --instruct: text-only conversations train as text rows
     if cfg.text_data:
         text_records = read_records(cfg.text_data, require_image=False, check_files=False,
                                     max_bad_fraction=cfg.max_bad_fraction)
-        text_samples = make_samples(tok, text_records)
+        text_samples += make_samples(tok, text_records)
         inputs["text_data"] = text_fingerprint(text_records)
     if master:
         warn_overlong(samples, cfg.row_len, len(model.image_tokens()), "image-caption")

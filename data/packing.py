@@ -47,6 +47,7 @@ class Sample:
     tags: list = None        # ground-truth category id per label (-1: unknown)
     index: int = -1          # position in the data set (its image, its record)
     weights: list = None     # a baseline's own weight per label (--loss attn), 1 where unknown
+    loss_mask: list = None   # 1 = train on the label, 0 = no loss there (instruction data: data/instruct.py); None: all
 
 
 @dataclass
@@ -162,8 +163,8 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
             keep = row_len - len(prefix) - 1
             s = Sample(s.caption_ids[:keep], s.p_ref and s.p_ref[:keep] + [s.p_ref[-1]],
                        s.tags and s.tags[:keep] + [s.tags[-1]], s.index,
-                       s.weights and s.weights[:keep] + [s.weights[-1]])
-        for name in ("p_ref", "tags", "weights"):
+                       s.weights and s.weights[:keep] + [s.weights[-1]], s.loss_mask and s.loss_mask[:keep] + [1])
+        for name in ("p_ref", "tags", "weights", "loss_mask"):
             if getattr(s, name) is not None and len(getattr(s, name)) != len(s.caption_ids) + 1:
                 raise ValueError(f"sample {s.index}: {len(getattr(s, name))} {name} "
                                  f"for {len(s.caption_ids) + 1} labels")
@@ -183,7 +184,9 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
             s, n = kept[i], sizes[i]
             caption = list(s.caption_ids)
             ids += prefix + [T.BOS] + caption
-            labels += [IGNORE] * len(prefix) + caption + [T.EOS]
+            targets = caption + [T.EOS]
+            labels += [IGNORE] * len(prefix) + (targets if s.loss_mask is None else
+                                                [t if m else IGNORE for t, m in zip(targets, s.loss_mask)])
             pos += range(n)
             docs += [d] * n
             p_ref += [0.0] * len(prefix) + (list(s.p_ref) if s.p_ref is not None else [0.0] * (n - len(prefix)))
@@ -208,6 +211,11 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
     weights = torch.frombuffer(array.array("f", weights), dtype=torch.float).view(shape) if any_weights else \
         torch.ones(shape)
     return Batch(ids, labels, pos, docs, p_ref, tags, weights, indices)
+
+
+def n_labels(s):
+    """Labels of a sample that carry loss: caption tokens + <|eos|>, less those its loss_mask leaves out."""
+    return len(s.caption_ids) + 1 if s.loss_mask is None else sum(s.loss_mask)
 
 
 def count_overlong(samples, ctx):

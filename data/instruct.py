@@ -1,0 +1,152 @@
+"""Instruction data for train.py --instruct: real multi-turn conversations, the loss on the assistant's turns only.
+
+    python train.py --instruct --data llava_v1_5_mix665k.json::playground/data --init-from runs/x/ckpt_000300.pt \\
+        --steps 20 --loss ntp --out-dir runs/x_it            # the paper's 20 steps of instruction tuning
+    python train.py --instruct --data out/paper/instruct/qa_train.jsonl ...   # data/qa.py's questions
+
+Formats (picked by shape):
+  .json   LLaVA's instruction list (llava_v1_5_mix665k.json): [{"id", "image" (optional: text-only entries have
+          none), "conversations": [{"from": "human", "value": "<image>\\nWhat ...?"}, {"from": "gpt", "value":
+          "..."}, ...]}], any number of turns, human first; "<image>" markers are dropped (the image always comes
+          first, as in pre-training). "user"/"assistant" are read as human/gpt.
+  .jsonl  data/qa.py's questions: {"image", "prompt", "caption" = prompt + " " + answer} (or "target"): one turn.
+
+A conversation becomes one text, "question: <human> answer: <gpt> question: <human> answer: <gpt>", the prompt
+format of data/qa.py and data/benchmarks.py, so a tuned model is asked the benchmarks' questions the way it was
+tuned. Its tokens are the pieces' tokens end to end, and Sample.loss_mask (data/packing.py) is 1 on every
+assistant piece and the closing <|eos|>, 0 on the rest: pack() gives the masked labels -100, so no loss and no
+logits there, with any --loss. With --loss ntp that is LLaVA's masked loss, the mean over the assistant tokens
+of the batch. Bad entries are skipped, counted by reason and limited by --max-bad-fraction, like every reader.
+"""
+import json
+import os
+
+from data import tokenizer as T
+from data.packing import Sample
+from data.record_types import BadRecord, DataError, Record, Tally
+from data.records import split_source
+
+ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+
+
+def turn_pieces(turns):
+    """[(text, trained)] of a conversation: "question: <human> answer:" (not trained), "<gpt>" (trained)."""
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord("no conversations list")
+    pieces = []
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+            raise BadRecord("turn not {from, value}")
+        role = ROLES.get(t.get("from"))
+        if role is None:
+            raise BadRecord("unknown role", repr(t.get("from")))
+        if role != ("human" if j % 2 == 0 else "gpt"):
+            raise BadRecord("turns do not alternate human, gpt")
+        text = " ".join(t["value"].replace("<image>", " ").split())  # newlines and markers: one space
+        if not text:
+            raise BadRecord("empty turn")
+        pieces.append((f"question: {text} answer:", False) if role == "human" else (text, True))
+    if not pieces[-1][1]:
+        pieces.pop()  # a closing question without an answer trains nothing
+    if not any(trained for _, trained in pieces):
+        raise BadRecord("no gpt turn")
+    return pieces
+
+
+def _entry(obj, key, folder, llava):
+    if not isinstance(obj, dict):
+        raise BadRecord("not an object")
+    if llava:
+        pieces = turn_pieces(obj.get("conversations"))
+    else:
+        prompt, caption = obj.get("prompt"), obj.get("caption")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadRecord("missing prompt")
+        target = obj.get("target")
+        if not isinstance(target, str):
+            if not isinstance(caption, str) or not caption.startswith(prompt):
+                raise BadRecord("caption does not start with the prompt")
+            target = caption[len(prompt):]
+        if not target.strip():
+            raise BadRecord("empty answer")
+        pieces = [(prompt.strip(), False), (target.strip(), True)]
+    image = obj.get("image")
+    if image is not None:
+        if not isinstance(image, str) or not image.strip():
+            raise BadRecord("image not a path")
+        image = os.path.abspath(os.path.join(folder, image))
+        if not os.path.isfile(image):
+            raise BadRecord("missing image file", image)
+    extra = {k: v for k, v in obj.items() if k not in ("id", "image", "conversations", "caption")}
+    extra["pieces"] = pieces
+    rid = obj.get("id")
+    return Record(str(rid) if rid is not None else key, " ".join(p for p, _ in pieces), image, extra)
+
+
+def read_instruct(path, images_root=None, max_bad_fraction=0.01):
+    """Records of an instruction file (module doc): caption = the whole text, extra["pieces"] = [(text, trained)],
+    image None for text-only entries. "file.json::folder" reads image paths relative to folder."""
+    path, images_root = split_source(path, images_root)
+    folder = images_root or os.path.dirname(os.path.abspath(path))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    tally, good = Tally("instruction entries", path), []
+
+    def take(obj, key, loc, llava):
+        tally.total += 1
+        try:
+            good.append(_entry(obj, key, folder, llava))
+        except BadRecord as e:
+            tally.bad(loc, e.args[0], e.args[1] if len(e.args) > 1 else "")
+
+    if path.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    tally.total += 1
+                    tally.bad(f"{path} line {n}", "broken JSON")
+                    continue
+                take(obj, f"{stem}:{n}", f"{path} line {n}", llava=False)
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                items = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: not a JSON file ({e})")
+        if not isinstance(items, list):
+            raise DataError(f"{path}: not a list of conversations (LLaVA's instruction format)")
+        for i, obj in enumerate(items):
+            take(obj, f"{stem}:{i}", f"{path} entry {i}", llava=True)
+    tally.good = len(good)
+    tally.finish(max_bad_fraction)
+    return good
+
+
+def instruct_samples(tok, records, p_ref=None, tags=None, weights=None, source=""):
+    """One Sample per record (data/packing.make_samples' signature): the pieces' tokens end to end and a
+    loss_mask per label, 1 on assistant pieces and <|eos|>. p_ref and weights ({record id: tensor}) must fit
+    those tokens (score.py tokenises the whole caption: the same tokens, as the pieces meet at spaces)."""
+    flat = [p for r in records for p, _ in r.extra["pieces"]]
+    ids = iter(T.encode_captions(tok, flat))
+    out = []
+    for i, r in enumerate(records):
+        caption, mask = [], []
+        for _, trained in r.extra["pieces"]:
+            piece = next(ids)
+            caption += piece
+            mask += [int(trained)] * len(piece)
+        s = Sample(caption, None if p_ref is None else p_ref[r.id].tolist(), None if tags is None else tags[i], i,
+                   None if weights is None else weights[r.id].tolist(), mask + [1])
+        for got in (s.p_ref, s.weights):
+            if got is not None and len(got) != len(caption) + 1:
+                raise ValueError(f"{source}: record {r.id} has {len(got)} scores for {len(caption) + 1} tokens")
+        out.append(s)
+    return out
+
+
+def split_text_only(records):
+    """(records with an image, text-only records): LLaVA's mix has both; train.py packs the second as text rows."""
+    return [r for r in records if r.image is not None], [r for r in records if r.image is None]
