@@ -45,6 +45,14 @@ shifted (logits[b, t] predicts labels[b, t]); positions whose label equals
 packed into one row; `caption_ids` (B, T) tells them apart (None: one caption
 per row). Weights are constants: no gradient flows into them.
 
+Which functions run where. Training (train.py) calls two: `prior_weights` turns the stored p_ref into w
+(train.loss_weights), and `weighted_loss` applies Eq. 4 to a packed micro-batch (train.train_step); keeping
+them apart lets train.py hand the same `weighted_loss` the other weightings (oracle, shuffled, the baselines'),
+and `token_losses` gives its per-tag NLL. `prior_loss` is the two in one call, the form for a user's own
+training loop (logits, labels, p_ref -> loss); tests/test_loss.py checks it against the worked example and
+against NTP, so it stays what training computes. `shuffle_within_captions` is PRIOR's control (--loss
+prior_shuffled).
+
 The same machinery serves the baselines (baselines/losses.py): the rare-word weighting passes
 inverse-frequency weights to `weighted_loss`; Rho-1 and CAL build online weights from the model itself.
 PRIOR differs from them: soft, static, offline weights from a text-only reference model.
@@ -55,7 +63,7 @@ import torch.nn.functional as F
 
 
 # -----------------------------------------------------------------------------
-# plain next-token prediction
+# plain next-token prediction (the per-token losses every weighting multiplies)
 
 def token_losses(logits, labels, ignore_index=-100):
     """Per-position cross-entropy, (B, T) float32, exactly 0 where ignored.
@@ -89,7 +97,7 @@ def ntp_loss(logits, labels, ignore_index=-100):
 
 
 # -----------------------------------------------------------------------------
-# per-caption re-weighting
+# per-caption re-weighting: Eq. 4 for any token weights (PRIOR's, the oracle's, the baselines')
 
 def _caption_index(caption_ids):
     """Map every position to a flat caption index in [0, B*T), (B, T) long.
@@ -165,7 +173,7 @@ def weighted_loss(logits, labels, weights, caption_ids=None, scale_by_k=True,
 
 
 # -----------------------------------------------------------------------------
-# PRIOR: weights from a text-only reference LM
+# PRIOR: weights from a text-only reference LM (prior_weights: what training calls; prior_loss: the one-call form)
 
 def prior_weights(p_ref, alpha=1.0):
     """w = (1 - p_ref) ** alpha, float32, p_ref clamped to [0, 1] first.
@@ -192,7 +200,7 @@ def prior_loss(logits, labels, p_ref, alpha=1.0, scale_by_k=True,
 
 
 # -----------------------------------------------------------------------------
-# rare-word baseline (paper, Table 1)
+# PRIOR's control: the same weights on the wrong tokens (--loss prior_shuffled)
 
 def shuffle_within_captions(p_ref):
     """The control for PRIOR: each caption's scores permuted among its own tokens (eos included). The same
