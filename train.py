@@ -39,7 +39,7 @@ from lib.checkpoint import check_resume, check_run_dir, claim_run_dir, release_l
 from lib.cli import flag, parse_config
 from data.features import encoder_features
 from data.images import images_cached, load_images, normalize
-from data.instruct import instruct_samples, read_instruct, split_text_only
+from data.instruct import instruct_samples, read_train_data
 from data.packing import IGNORE, cat, global_batch, make_samples, n_labels, pack, to_device, warn_overlong
 from data.records import read_records
 from data.scores import load_scores
@@ -236,8 +236,7 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
 
 def load_data(cfg, tok, model, extra, device, master, world):
     """(records, Data, fingerprints of the files read besides --data and --tokenizer) for the run."""
-    records, chat_text = (split_text_only(read_instruct(cfg.data, max_bad_fraction=cfg.max_bad_fraction))
-                          if cfg.instruct else (read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction), []))
+    records, chat_text = read_train_data(cfg.data, cfg.instruct, cfg.max_bad_fraction)  # chat_text: --instruct
     data_fp = text_fingerprint(records)
     p_ref = weights = None
     inputs = {}  # fingerprints of what else the run read, checked by --resume

@@ -24,7 +24,7 @@ import os
 from data import tokenizer as T
 from data.packing import Sample
 from data.record_types import BadRecord, DataError, Record, Tally
-from data.records import split_source
+from data.records import read_records, split_source
 
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
@@ -145,6 +145,14 @@ def instruct_samples(tok, records, p_ref=None, tags=None, weights=None, source="
                 raise ValueError(f"{source}: record {r.id} has {len(got)} scores for {len(caption) + 1} tokens")
         out.append(s)
     return out
+
+
+def read_train_data(path, instruct=False, max_bad_fraction=0.01):
+    """train.py's --data: (records with an image, text-only conversations) of an instruction file with
+    instruct=True, else (data/records.read_records(path), [])."""
+    if not instruct:
+        return read_records(path, max_bad_fraction=max_bad_fraction), []
+    return split_text_only(read_instruct(path, max_bad_fraction=max_bad_fraction))
 
 
 def split_text_only(records):
