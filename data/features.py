@@ -28,7 +28,7 @@ import uuid
 
 import torch
 
-from lib.utils import autocast
+from lib.utils import autocast, check_zip
 
 VERSION = "features-v1"
 
@@ -69,6 +69,7 @@ def compute_features(encoder, images, device, chunk=256):
 
 def _load(path, key, n):
     try:
+        check_zip(path, path, "a feature-cache file")  # a flipped byte keeps the key right: the CRCs catch it
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if obj.get("key") == key and obj["features"].shape[0] == n:
             return obj["features"]

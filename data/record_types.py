@@ -6,6 +6,8 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
+from lib.cli import UserError
+
 
 @dataclass
 class Record:
@@ -16,8 +18,8 @@ class Record:
     image_span: tuple | None = None  # (offset, size) of the image's bytes inside `image` (tar member); None: whole file
 
 
-class DataError(ValueError):
-    """Bad user data; the message says which file and what is wrong with it."""
+class DataError(UserError):
+    """Bad user data; the message says which file and what is wrong with it (a UserError: one line, exit 2)."""
 
 
 class BadRecord(Exception):

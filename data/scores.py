@@ -14,6 +14,10 @@ Two layouts, both read by load_scores(path, ...) -> {record id: float tensor}:
              for the data fingerprint and the bad-record check (cheap: no model), once to score its share;
              rank 0 writes the index after all shards are closed, and the reader checks each shard's size and
              sha256 against it, so a shard cut short, missing or from another run is refused by name.
+
+Checked on load (docs/formats.md): the zip CRCs of every torch.save'd file (lib.utils.check_zip), the fingerprints,
+and the record ids: the one-file layout stores a hash of its ids in order ("ids" in the fingerprint), so ids moved
+between records (two of one length swapped) are refused; a shard's ids are covered by its sha256 in the index.
 """
 import bisect
 import hashlib
@@ -37,10 +41,17 @@ def quantise(p_ref):
     return offsets, (flat.clamp(0, 1) * 65535).round().to(torch.int32).to(torch.uint16)
 
 
+def ids_fingerprint(ids):
+    """A hash of record ids in their order: which scores belong to which record."""
+    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
 def save_scores(path, ids, p_ref, fingerprints):
     """The one-file layout (module doc), written to a temporary file and renamed: never left half-written."""
     offsets, quantised = quantise(p_ref)
-    atomic_save({"ids": list(ids), "offsets": offsets, "p_ref": quantised, "fingerprint": fingerprints}, path)
+    ids = list(ids)
+    atomic_save({"ids": ids, "offsets": offsets, "p_ref": quantised,
+                 "fingerprint": {**fingerprints, "ids": ids_fingerprint(ids)}}, path)
 
 
 # ----------------------------------------------------------------------------- reading score files
@@ -139,6 +150,10 @@ def load_scores(path, tokenizer_fp, data_fp, data_from="the training captions"):
         blocks = _load_index(path, blob)
     else:
         blocks = [_block(path, blob)]
+        if "ids" in fp and ids_fingerprint(blocks[0][0]) != fp["ids"]:  # older files have none
+            raise DataError(f"{path}: its record ids are not those score.py wrote (hash {ids_fingerprint(blocks[0][0])}"
+                            f", written {fp['ids']}): ids were changed or reordered, so scores would go to the wrong "
+                            f"records; re-run score.py")
     out, n = {}, 0
     for ids, off, values in blocks:
         n += len(ids)

@@ -88,8 +88,8 @@ def run(main, cls, argv=None, description=None):
     cfg = parse_config(cls, argv, description)
     try:
         return main(cfg)
-    except UserError as e:
-        if os.environ.get("PRIOR_DEBUG"):
+    except (UserError, FileNotFoundError) as e:  # a missing file is the user's too (the message names it)
+        if os.environ.get("PRIOR_DEBUG") or getattr(cfg, "debug", False):
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,12 +1,18 @@
-"""Small pieces the scripts share: device and precision, the lr schedule and optimizer, fingerprints, atomic saves."""
+"""Small pieces the scripts share: device and precision, the lr schedule and optimizer, fingerprints, atomic saves,
+and the one checked load path (safe_load: no code runs, damaged bytes are refused; load_checkpoint: and the kind)."""
 import contextlib
+import errno
 import hashlib
 import math
 import os
 import pickle
 import random
+import shutil
+import zipfile
 
 import torch
+
+from lib.cli import UserError
 
 
 def pick_device(name="auto"):
@@ -53,23 +59,60 @@ def file_fingerprint(path):
 
 def check_fingerprint(what, expected, found, expected_from, found_from):
     if expected != found:
-        raise ValueError(f"{what} mismatch: {expected_from} was made with {expected}, "
+        raise UserError(f"{what} mismatch: {expected_from} was made with {expected}, "
                          f"but {found_from} is {found}. Re-run the step that made {expected_from}.")
 
 
+def _disk_full(e):
+    """Is `e` what a full disk raises during torch.save? OSError ENOSPC, or torch's zip writer's RuntimeError
+    ("unexpected pos ...", its only words for a short write)."""
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "No space left" in str(e)))
+
+
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint. A write
+    that fails (a full disk: one line saying so) removes the temporary file and leaves the old one as it was."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def safe_load(source, name, what="a checkpoint", error=ValueError):
-    """torch.load with weights_only=True, so a file from an untrusted source cannot run code when loaded; every
-    failure becomes one `error` that names the file (never torch's advice to retry with weights_only=False)."""
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if _disk_full(e):
+            free = shutil.disk_usage(folder).free
+            old = "the previous file is intact" if os.path.exists(path) else "no file was left"
+            raise UserError(f"{path}: no space left on the device ({free / 2**20:.1f} MiB free in {folder}) while "
+                            f"saving; {old}, and no {os.path.basename(tmp)}: free some space and run again") from None
+        raise
+
+
+def check_zip(path, name, what="a checkpoint", error=UserError):
+    """Refuse a damaged file: torch.save writes a zip whose every member carries a CRC-32, which torch.load never
+    checks (a flipped byte loads as a wrong weight). zipfile.testzip reads each member and checks it: about 0.17 s
+    for a 512 MiB checkpoint, half the cost of hashing it (docs/formats.md). Not a zip: left to torch.load."""
+    if not isinstance(path, (str, os.PathLike)) or not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:  # a damaged member header: zipfile cannot even walk the members
+        bad = f"? ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+    if bad is not None:
+        raise error(f"{name}: damaged: its member {bad} fails the zip CRC check (bytes changed since it was saved); "
+                    f"it is not {what} as it was written: make it again, or copy it again") from None
+
+
+def safe_load(source, name, what="a checkpoint", error=UserError, mmap=False):
+    """torch.load with weights_only=True, so a file from an untrusted source cannot run code when loaded, after
+    check_zip (a damaged file is refused); every failure becomes one `error` that names the file (never torch's
+    advice to retry with weights_only=False). mmap: map the tensors from the file (a path) instead of reading them."""
+    check_zip(source, name, what, error)
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
     except pickle.UnpicklingError as e:  # objects a weights-only load refuses
         culprit = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
         raise error(f"{name}: holds Python objects that a safe (weights-only) load refuses"
@@ -107,7 +150,7 @@ def load_checkpoint(path, kind=None, flag=""):
     ckpt = safe_load(path, path)
     found = checkpoint_kind(ckpt)
     if kind is not None and found != kind:
-        raise ValueError(f"{flag + ': ' if flag else ''}{path} is {KINDS[found]}, not {KINDS[kind]} as expected")
+        raise UserError(f"{flag + ': ' if flag else ''}{path} is {KINDS[found]}, not {KINDS[kind]} as expected")
     return ckpt
 
 

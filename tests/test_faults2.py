@@ -134,3 +134,103 @@ def test_a_second_writer_while_a_run_holds_the_folder_is_refused(tiny, tmp_path)
     finally:
         live.kill()
         live.wait()
+
+
+# ----------------------------------------------------------------------------- 4. damaged files are refused on load
+
+def flip_inside(path, tensor):
+    """Flip one byte in the middle of `tensor`'s stored bytes in the torch.save'd file at `path`."""
+    data, raw = bytearray(open(path, "rb").read()), tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    at = data.find(raw)
+    assert at >= 0
+    data[at + len(raw) // 2] ^= 0x40
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_checkpoint_with_a_flipped_byte_is_refused(tmp_path):
+    from lib.cli import UserError
+    from lib.utils import load_checkpoint, safe_load
+    path = str(tmp_path / "ckpt.pt")
+    w = torch.arange(4096, dtype=torch.float32)
+    torch.save({"model": {"w": w}, "model_config": {}, "step": 1}, path)
+    assert torch.equal(load_checkpoint(path, "vlm")["model"]["w"], w)
+    flip_inside(path, w)
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["w"], w)  # torch itself loads it
+    with pytest.raises(UserError, match=r"ckpt.pt: damaged: its member .*data/0 fails the zip CRC check"):
+        load_checkpoint(path, "vlm")
+    with pytest.raises(UserError, match="fails the zip CRC check"):
+        safe_load(path, path, "a ViT encoder")
+
+
+def test_a_damaged_reference_lm_or_score_file_is_refused(tiny, tmp_path):
+    import shutil
+    from data.record_types import DataError
+    from data.records import read_records
+    from data.scores import load_scores
+    from lib.cli import UserError
+    from lib.utils import text_fingerprint
+    from model import load_lm
+    tok = T.load_tokenizer(str(tiny["tokenizer"]))
+    ref = tmp_path / "ref.pt"
+    shutil.copy(tiny["ref_lm"], ref)
+    flip_inside(ref, max(torch.load(ref, weights_only=True)["model"].values(), key=torch.numel))
+    with pytest.raises(UserError, match="ref.pt: damaged"):
+        load_lm(str(ref), tok)
+    scores = tmp_path / "scores.pt"
+    shutil.copy(tiny["scores"], scores)
+    flip_inside(scores, torch.load(scores, weights_only=True)["p_ref"])
+    with pytest.raises(DataError, match="scores.pt: damaged"):
+        load_scores(str(scores), T.fingerprint(tok), text_fingerprint(read_records(str(tiny["train"]))))
+
+
+def test_a_damaged_feature_cache_file_is_computed_again(tmp_path):
+    from data.features import encoder_features, feature_key
+    from test_features import images, small_encoder
+    enc, x = small_encoder(), images()
+    feats = encoder_features(enc, x, str(tmp_path)).clone()
+    path = tmp_path / f"{feature_key(enc, x, 'cpu')}.pt"
+    flip_inside(path, feats)
+    messages = []
+    assert torch.equal(encoder_features(enc, x, str(tmp_path), log=messages.append), feats)
+    assert "computing it again" in messages[0]
+
+
+def test_score_ids_moved_between_records_are_refused(tiny, tmp_path):
+    from data.record_types import DataError
+    from data.records import read_records
+    from data.scores import load_scores
+    from lib.utils import text_fingerprint
+    tok = T.load_tokenizer(str(tiny["tokenizer"]))
+    data_fp = text_fingerprint(read_records(str(tiny["train"])))
+    blob = torch.load(tiny["scores"], weights_only=True)
+    off = blob["offsets"].tolist()
+    lengths = [b - a for a, b in zip(off[:-1], off[1:])]
+    i = 0
+    j = next(k for k in range(1, len(lengths)) if lengths[k] == lengths[i])  # two records of one length
+    ids = list(blob["ids"])
+    ids[i], ids[j] = ids[j], ids[i]
+    torch.save({**blob, "ids": ids}, tmp_path / "edited.pt")  # a hand edit: a valid zip, lengths still fit
+    assert len(load_scores(str(tiny["scores"]), T.fingerprint(tok), data_fp)) == len(ids)
+    with pytest.raises(DataError, match="edited.pt: its record ids are not those score.py wrote"):
+        load_scores(str(tmp_path / "edited.pt"), T.fingerprint(tok), data_fp)
+
+
+@pytest.mark.parametrize("failure", ["enospc", "torch"])
+def test_a_full_disk_while_saving_says_so_and_leaves_no_tmp(tmp_path, monkeypatch, failure):
+    import errno
+    import lib.utils as U
+    from lib.cli import UserError
+    path = str(tmp_path / "last.pt")
+    U.atomic_save({"step": 1}, path)
+    real = torch.save
+
+    def full(obj, f):  # what a full disk does: part of the file, then an error
+        open(f, "wb").write(b"PK\x03\x04 half a file")
+        if failure == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 52")
+    monkeypatch.setattr(U.torch, "save", full)
+    with pytest.raises(UserError, match=r"last.pt: no space left on the device .* the previous file is intact"):
+        U.atomic_save({"step": 2}, path)
+    monkeypatch.setattr(U.torch, "save", real)
+    assert os.listdir(tmp_path) == ["last.pt"] and torch.load(path, weights_only=True) == {"step": 1}
