@@ -13,6 +13,7 @@ already seen (the lines after the resumed checkpoint, which log.jsonl trims and 
 """
 import json
 import os
+import secrets
 
 from lib.cli import UserError
 
@@ -24,7 +25,7 @@ def start_wandb(project, config, out_dir, name=None):
     except ImportError:
         raise UserError("--wandb needs the wandb package: pip install -r requirements-wandb.txt") from None
     id_path = os.path.join(out_dir, "wandb_id")
-    run_id = open(id_path).read().strip() if os.path.exists(id_path) else wandb.util.generate_id()
+    run_id = open(id_path).read().strip() if os.path.exists(id_path) else secrets.token_hex(4)
     with open(id_path, "w") as f:
         f.write(run_id)
     return wandb.init(project=project, config=config, dir=out_dir, id=run_id, resume="allow",

@@ -1,0 +1,90 @@
+"""Export a trained VLM (a train.py checkpoint) as one self-contained folder, to share or archive it.
+
+    python -m lib.export --ckpt runs/h_prior/last.pt --out out/h_prior_vlm    # --tokenizer: default the run's own
+
+The folder holds config.json (format "prior-vlm": the model config, the encoder's and projector's settings, the
+training flags, tokenizer and data fingerprints, step), model.safetensors (every VLM weight, in the checkpoint's
+dtypes; a tied output head stored once; no optimizer, no --objective heads) and tokenizer.json (the run's
+tokenizer, also when it was hf:FOLDER: converted, with the fingerprint the checkpoint records). It loads back
+wherever a checkpoint does: `train.py --init-from FOLDER`, `eval.py --ckpt FOLDER`, lib.build.load_vlm(FOLDER)
+(tests/test_scale.py: identical logits). Nothing of it needs the run folder, the --vision-weights file or network.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+from data import tokenizer as T
+from data.images import IMAGENET_MEAN, IMAGENET_STD
+from lib.build import FOLDER_FORMAT, read_vlm
+from lib.cli import UserError, flag, run
+
+
+def settings(model_config):
+    """What a user of the folder needs to feed the model: image size, normalisation, tokens per image, and what the
+    encoder and projector are (model_config holds the same, in the VLMConfig's own terms)."""
+    c, d = model_config, model_config["decoder"]
+    grid = c["image_size"] // c["patch_size"]
+    image = {"size": c["image_size"], "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize": "square, bilinear"}
+    if c["arch"] == "u":
+        return {"image": image, "image_tokens": grid * grid + grid + 2, "encoder": None,
+                "projector": {"type": "linear patch embedding (no bias)", "in": 3 * c["patch_size"] ** 2,
+                              "out": d["d_model"]}}
+    kwargs = dict(c.get("vision_kwargs") or {})
+    layer = kwargs.pop("vision_layer", 0)
+    encoder = {"type": c["vision"] or "built-in ViT (timm blocks)", "timm_kwargs": kwargs, "patch_size": c["patch_size"],
+               "width": c["vit_dim"], "depth": c["vit_depth"], "heads": c["vit_heads"],
+               "features": "final, normed" if not layer else f"block {layer} (from the end), before the final norm"}
+    return {"image": image, "image_tokens": grid * grid, "encoder": encoder,
+            "projector": {"type": "mlp2x_gelu (Linear, GELU, Linear)", "in": c["vit_dim"], "out": d["d_model"]}}
+
+
+def export_vlm(ckpt_path, out, tokenizer=None):
+    """Write the folder; returns its config.json dict. tokenizer: default the checkpoint's own --tokenizer."""
+    from safetensors.torch import save_file
+    ckpt = read_vlm(ckpt_path, "--ckpt")
+    tok_path = tokenizer or ckpt["config"]["tokenizer"]
+    tok = T.load_tokenizer(tok_path)
+    if T.fingerprint(tok) != ckpt["tokenizer"]:
+        raise UserError(f"--tokenizer {tok_path} is not the tokenizer {ckpt_path} was trained with (fingerprint "
+                        f"{T.fingerprint(tok)}, the checkpoint's {ckpt['tokenizer']}): give the run's --tokenizer")
+    state = {k: v for k, v in ckpt["model"].items() if not k.startswith("aux.")}
+    tied, seen = {}, {}
+    for k, v in state.items():  # safetensors refuses tensors sharing memory: keep one, note the others
+        key = (v.data_ptr(), v.shape, v.stride())
+        if key in seen:
+            tied[k] = seen[key]
+        else:
+            seen[key] = k
+    state = {k: v.contiguous() for k, v in state.items() if k not in tied}
+    meta = {"format": FOLDER_FORMAT, "version": 1, "model_config": ckpt["model_config"], **settings(ckpt["model_config"]),
+            "tied": tied, "tokenizer": ckpt["tokenizer"], "data": ckpt["data"], "step": ckpt["step"],
+            "inputs": ckpt.get("inputs", {}), "train_config": ckpt["config"], "source": os.path.abspath(ckpt_path)}
+    os.makedirs(out, exist_ok=True)
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": FOLDER_FORMAT})
+    with open(os.path.join(out, "tokenizer.json"), "w") as f:
+        f.write(tok.to_str())
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    saved = T.fingerprint(T.load_tokenizer(os.path.join(out, "tokenizer.json")))
+    if saved != ckpt["tokenizer"]:  # the file must load to the tokenizer the checkpoint names
+        raise RuntimeError(f"{out}/tokenizer.json reloads with fingerprint {saved}, not {ckpt['tokenizer']}")
+    return meta
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = flag("", "a train.py checkpoint (ckpt_<step>.pt or last.pt)")
+    out: str = flag("", "folder to write (config.json, model.safetensors, tokenizer.json)")
+    tokenizer: str = flag("", "the run's tokenizer, if its config's path does not hold here ('' = the config's)")
+
+
+def main(cfg):
+    if not cfg.ckpt or not cfg.out:
+        raise UserError("give --ckpt and --out")
+    meta = export_vlm(cfg.ckpt, cfg.out, cfg.tokenizer or None)
+    print(f"wrote {cfg.out}: {meta['model_config']['arch']}-LVLM at step {meta['step']}, {meta['image_tokens']} "
+          f"image tokens per image")
+
+
+if __name__ == "__main__":
+    run(main, ExportConfig, description=__doc__)
