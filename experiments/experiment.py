@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from experiments.jobs import Jobs
+from experiments.protocol import PRIMARY, choose_lr, next_lr, tail_mean
 from lib.cli import flag
 
 # Sizes per preset. "cpu" is sized for a 2-core laptop CPU (docs/performance.md has its measured time); "smoke"
@@ -20,18 +21,19 @@ PRESETS = {
         base_lm=dict(steps=40),
         vit=dict(steps=20, batch_size=32, patch_size=16), seeds=2, lrs={"h": [3e-3], "u": [3e-3]},
         vlm=dict(steps=6, batch_size=8, save_every=3, warmup=2, row_len=128, patch_size=16), stage1_steps=4,
-        eval_rows=24, settings="web:h,web:u", grid_seeds=1, extend=0, oracle_lows=[0.1]),
+        eval_rows=24, eval_rows_val=12, settings="web:h,web:u", pilot_seeds=[100], extend=0, oracle_low=0.1),
     # 48 px scenes on a 3x3 grid, 16 px patches: one image token per grid cell (9 for the H-LVLM's ViT,
     # 14 with the U-LVLM's row markers), so a caption, not the image, is most of a sequence.
     "cpu": dict(
-        data=dict(n_ref=10000, n_text=10000, n_label=3000, n_train=8000, n_val=300, n_test=600, n_probe=300,
-                  n_probe_val=200),
+        data=dict(n_ref=10000, n_text=10000, n_label=3000, n_train=8000, n_val=300, n_test=600, n_probe=160,
+                  n_probe_val=100),
         vocab=1024, lm=dict(n_layer=4, n_head=4, d_model=128, steps=300, batch_rows=8, row_len=256, lr=3e-3, warmup=30),
         base_lm=dict(steps=1200),
         vit=dict(steps=300, batch_size=64, patch_size=16), seeds=5,
         lrs={"h": [1e-3, 3e-3, 1e-2], "u": [3e-4, 1e-3, 3e-3]},
-        vlm=dict(steps=200, batch_size=32, save_every=100, warmup=10, row_len=256, patch_size=16), stage1_steps=600,
-        eval_rows=200, settings="web:h,hard:h", grid_seeds=2, extend=2, oracle_lows=[0.1, 0.3]),
+        # 300 steps (1.2 epochs of the 8,000 pairs), a checkpoint every 30: curves of 10 points
+        vlm=dict(steps=300, batch_size=32, save_every=30, warmup=10, row_len=256, patch_size=16), stage1_steps=600,
+        eval_rows=160, eval_rows_val=100, settings="web:h", pilot_seeds=[100, 101], extend=1, oracle_low=0.1),
     "gpu": dict(
         data=dict(n_ref=100000, n_text=100000, n_label=20000, n_train=100000, n_val=1000, n_test=2000, n_probe=1000,
                   n_probe_val=500),
@@ -43,7 +45,8 @@ PRESETS = {
         # row_len 192: the longest web sample is 14 image tokens + <= 72 caption tokens, the hard mix's captions
         # (with titles) run longer; 1024 computed ~46x the attention the captions need (docs/gpu.md)
         vlm=dict(steps=2000, batch_size=256, save_every=200, warmup=60, row_len=192, patch_size=16), stage1_steps=500,
-        eval_rows=0, settings="web:h,hard:h,noisy:h,web:u,hard:u", grid_seeds=2, extend=2, oracle_lows=[0.1, 0.3]),
+        eval_rows=0, eval_rows_val=0, settings="web:h,hard:h,noisy:h,web:u,hard:u", pilot_seeds=[100, 101], extend=2,
+        oracle_low=0.1),
 }
 
 
@@ -72,7 +75,7 @@ class Experiment:
             raise SystemExit(f"--settings: expected mix:family pairs like web:h,hard:u (family h or u), got {bad}")
         self.mixes = list(dict.fromkeys(m for m, _ in self.settings))  # in order, once each
         self.log = open(os.path.join(self._mk(self.out), "experiment.log"), "a")
-        self.jobs = Jobs(self.path("logs"), cfg.parallel, cfg.nproc, record=self.log)
+        self.jobs = Jobs(self.path("logs"), cfg.parallel, cfg.nproc, record=self.log, workers=True)
 
     def _mk(self, path):
         os.makedirs(path, exist_ok=True)
@@ -185,21 +188,20 @@ class Experiment:
         return self.path("runs", mix, "u_stage1", f"ckpt_{self.p['stage1_steps']:06d}.pt")
 
     def estimate(self):
-        """How many training runs the design makes before any grid extension."""
-        arms, tune = self.arms(), [a for a in self.cfg.tune.split(",") if a in self.arms()]
-        seeds, g = self.cfg.seeds or self.p["seeds"], self.p["grid_seeds"]
-        grid = sum(len(self.p["lrs"][a]) * g * len(tune) for _, a in self.settings)
-        lows = g * (len(self.p["oracle_lows"]) - 1) * len(self.settings) if "oracle" in tune else 0
-        main = len(self.settings) * (len(arms) * seeds - len(tune) * min(g, seeds))
-        return (f"estimate: {grid} lr-grid runs + {lows} oracle low-weight runs + {main} more main runs (grid "
-                f"extensions add 2 runs each), {self.p['vlm']['steps']} steps each; the time per run is printed "
-                f"as runs finish. Re-running skips finished stages and runs.")
+        """How many training runs the design makes before any grid extension, and their steps."""
+        tune = [a for a in self.cfg.tune.split(",") if a in self.arms()]
+        grid = sum(len(self.p["lrs"][a]) * len(self.p["pilot_seeds"]) * len(tune) for _, a in self.settings)
+        main = len(self.settings) * len(self.arms()) * (self.cfg.seeds or self.p["seeds"])
+        v = self.p["vlm"]
+        return (f"estimate: {grid} pilot runs (lr grid, validation) + {main} main runs (test), {v['steps']} steps "
+                f"each, {v['steps'] // v['save_every']} evaluated checkpoints a run; grid edges add "
+                f"{len(self.p['pilot_seeds'])} runs each. Re-running skips finished runs and evaluations.")
 
     def arms(self):
         return self.cfg.arms.split(",")
 
     def run_dir(self, mix, arch, loss, lr, seed, low=None):
-        suffix = "" if low is None or low == self.p["oracle_lows"][0] else f"_low{low:g}"
+        suffix = "" if low is None or low == self.p["oracle_low"] else f"_low{low:g}"
         return self.path("runs", mix, arch, f"{loss}_lr{lr:g}_s{seed}{suffix}")
 
     def finished(self, run_dir):
@@ -207,7 +209,7 @@ class Experiment:
 
     def eval_args(self, run_dir, mix, split, arch):
         """eval.py on the validation probes and captions (final checkpoint, into <run>_val/) or on the test
-        probes and captions (every checkpoint, into <run>/eval.json)."""
+        probes and captions (every checkpoint, into <run>/eval.json): the paper commands' evaluation."""
         data = self.path(f"data_{mix}")
         args = ["eval.py", "--run-dir", run_dir, "--max-rows", str(self.p["eval_rows"]), "--device", self.cfg.device]
         if arch == "h":
@@ -217,20 +219,26 @@ class Experiment:
         return args + ["--probes", os.path.join(data, "probes"), "--test", os.path.join(data, "test.jsonl"),
                        "--test-scores", self.path(f"scores_{mix}_test.pt")]
 
-    def run_chain(self, spec, split):
-        """[train (unless finished), eval on `split`] for spec = (mix, arch, loss, lr, seed, low): one chain, so
-        that a pool of chains keeps every core busy to the end."""
-        mix, arch, loss, lr, seed, low = spec
-        d = self.run_dir(*spec)
-        name = f"{mix}_{arch}_{os.path.basename(d)}"
-        chain = [] if self.finished(d) else [(self.train_args(mix, arch, loss, lr, seed, d, low), "train_" + name)]
-        target = d
-        if split == "val":  # the final checkpoint alone, in a folder of its own, scored on the validation split
-            target = self._mk(d + "_val")
-            last = f"ckpt_{self.p['vlm']['steps']:06d}.pt"
-            chain.append((["link", os.path.join(d, last), os.path.join(target, last)], None))
-        chain.append((self.eval_args(target, mix, split, arch), f"eval_{split}_{name}"))
-        return chain
+    def eval_spec(self, mix, arch, split):
+        """What experiments/worker.py evaluates at each checkpoint of a run: the validation probes (pilot runs),
+        or the test probes plus, at the last step, the test captions' NLL by tag (main runs)."""
+        data = self.path(f"data_{mix}")
+        spec = {"out": "eval.json", "feature_cache": self.path("features") if arch == "h" else ""}
+        if split == "val":
+            return {**spec, "probes": os.path.join(data, "probes_val"), "max_rows": self.p["eval_rows_val"]}
+        return {**spec, "probes": os.path.join(data, "probes"), "max_rows": self.p["eval_rows"],
+                "test": os.path.join(data, "test.jsonl"), "test_scores": self.path(f"scores_{mix}_test.pt")}
+
+    def vlm_job(self, spec, split):
+        """One run as one worker job: train with every checkpoint evaluated in the same process."""
+        mix, arch, loss, lr, seed = spec
+        d = self.run_dir(mix, arch, loss, lr, seed)
+        low = self.p["oracle_low"] if loss == "oracle" else None
+        argv = self.train_args(mix, arch, loss, lr, seed, d, low)[1:]  # [0] is "train.py"
+        if arch == "h" and self.p.get("image_cache", True):  # decoded once per image set, then memory-mapped
+            argv += ["--image-cache", self.path(f"images_{mix}.u8")]
+        return [(("call", "experiments.worker:train_eval", (argv, [self.eval_spec(mix, arch, split)])),
+                 f"{split}_{mix}_{arch}_{os.path.basename(d)}")]
 
     def parallel(self, jobs):
         """Run chains of jobs (jobs.Jobs.run_chains) and print how long they took."""
@@ -245,118 +253,77 @@ class Experiment:
         path = os.path.join(run_dir, "eval.json")
         return [{**r, **extra} for r in json.load(open(path))] if os.path.exists(path) else []
 
-    # ---- learning rates, chosen on validation -------------------------------------------------------------
-    def val_score(self, mix, arch, loss, lr, low):
-        """(primary endpoint, -image NLL) on the validation split at the last step, averaged over the grid seeds;
-        None while a seed is missing."""
-        scores = []
-        for seed in range(self.p["grid_seeds"]):
-            rows = self.rows(self.run_dir(mix, arch, loss, lr, seed, low) + "_val")
-            final = {r["benchmark"]: r["value"] for r in rows if r["step"] == max(x["step"] for x in rows)}
-            if "probe_cc_avg" not in final:
-                return None
-            scores.append((final["probe_cc_avg"], -final.get("nll_image", 0.0)))
-        return tuple(round(sum(x) / len(x), 6) for x in zip(*scores))
+    def curve(self, mix, arch, loss, lr, seed, bench=PRIMARY):
+        rows = self.rows(self.run_dir(mix, arch, loss, lr, seed))
+        return {r["step"]: r["value"] for r in rows if r["benchmark"] == bench}
 
-    def grid_points(self, choice, mix, arch, loss):
-        """The (lr, low) points tried so far for one arm, starting from the preset's grid; each choice at an
-        edge of the lr grid adds the next value beyond it (a factor of the grid's step), up to `extend` times
-        per side."""
-        lows = self.p["oracle_lows"] if loss == "oracle" else [None]
-        c = choice.setdefault(f"{mix}/{arch}", {}).setdefault(loss, {
-            "grid": list(self.p["lrs"][arch]), "low": lows[0], "lows": lows, "extended": 0, "capped": False})
-        return c
-
-    def choose(self, c, mix, arch, loss):
-        """Update c (one arm's record) from the validation scores; return the runs still needed (or [])."""
-        low0 = c["lows"][0]  # the lr grid runs at the first low weight (the oracle's; None for other arms)
-        scores = {lr: self.val_score(mix, arch, loss, lr, low0) for lr in c["grid"]}  # read each eval.json once
-        need = [(lr, low0) for lr in c["grid"] if scores[lr] is None]
-        if need:
-            return need
-        grid = sorted(c["grid"])
-        best = max(grid, key=lambda lr: scores[lr])
-        c.update(chosen=best, scores={f"{lr:g}": scores[lr][0] for lr in grid},
-                 edge=len(grid) > 1 and best in (grid[0], grid[-1]))
-        if c["edge"]:
-            if c["extended"] < self.p["extend"]:
-                ratio = grid[1] / grid[0]
-                new = best / ratio if best == grid[0] else best * ratio
-                c["grid"].append(float(f"{new:.3g}"))
-                c["extended"] += 1
-                return [(c["grid"][-1], low0)]
-            c["capped"] = True
-        if loss == "oracle" and len(c["lows"]) > 1:  # then its low weight, at the chosen lr
-            need = [(best, low) for low in c["lows"] if self.val_score(mix, arch, loss, best, low) is None]
-            if need:
-                return need
-            low_scores = {low: self.val_score(mix, arch, loss, best, low) for low in c["lows"]}
-            c["low"] = max(c["lows"], key=lambda low: low_scores[low])
-            c["low_scores"] = {f"{low:g}": v[0] for low, v in low_scores.items()}
-        return []
-
-    def tune_lrs(self):
-        """Grid runs for every tuned arm of every setting, in one pool per round, until no choice needs more."""
-        path = self.path("lr_choice.json")
-        choice = {}
+    # ---- the pilot: learning rates and the positive control, on validation, on seeds the test never uses ----
+    def pilot(self):
+        """Grid runs (pilot seeds, validation probes at every checkpoint) for every tuned arm, until each arm's
+        choice (protocol.choose_lr) is inside its grid or the grid has grown `extend` values per side."""
         tune = [a for a in self.cfg.tune.split(",") if a in self.arms()]
-        for round_ in range(1, 2 * self.p["extend"] + 3):
-            jobs = []
-            for mix, arch in self.settings:
-                for loss in tune:
-                    c = self.grid_points(choice, mix, arch, loss)
-                    for lr, low in self.choose(c, mix, arch, loss):
-                        jobs += [self.run_chain((mix, arch, loss, lr, seed, low), "val")
-                                 for seed in range(self.p["grid_seeds"])]
-            if not jobs:
+        grids = {(m, a, loss): list(self.p["lrs"][a]) for m, a in self.settings for loss in tune}
+        choice = {}
+        for round_ in range(1, 2 * self.p["extend"] + 2):
+            jobs = [self.vlm_job((m, a, loss, lr, seed), "val") for (m, a, loss), grid in grids.items()
+                    for lr in grid for seed in self.p["pilot_seeds"] if (m, a, loss) not in choice
+                    and not (self.finished(self.run_dir(m, a, loss, lr, seed))
+                             and self.rows(self.run_dir(m, a, loss, lr, seed)))]
+            if jobs:
+                step(f"pilot, round {round_}: {len(jobs)} runs (train + validation probes at every checkpoint)")
+                self.parallel(jobs)
+            for key, grid in grids.items():
+                if key in choice:
+                    continue
+                scores = {lr: sum(tail_mean(self.curve(*key, lr, s)) for s in self.p["pilot_seeds"])
+                          / len(self.p["pilot_seeds"]) for lr in grid}
+                chosen, edge = choose_lr(scores)
+                base = self.p["lrs"][key[1]]
+                beyond = sum(lr < min(base) for lr in grid) if chosen == min(grid) else \
+                    sum(lr > max(base) for lr in grid)
+                if edge and beyond < self.p["extend"]:  # one more value past that edge, then choose again
+                    grid.append(next_lr(grid, chosen))
+                    continue
+                choice[key] = {"chosen": chosen, "edge": edge, "capped": edge,
+                               "scores": {f"{lr:g}": v for lr, v in sorted(scores.items())}, "grid": sorted(grid)}
+            if len(choice) == len(grids):
                 break
-            step(f"lr grid, round {round_}: {len(jobs)} runs (train + validation eval)")
-            self.parallel(jobs)
-        for mix, arch in self.settings:
-            arms = choice[f"{mix}/{arch}"]
+        out = {}
+        for m, a in self.settings:
+            arms = out.setdefault(f"{m}/{a}", {})
             for loss in self.arms():
-                if loss not in arms:  # not tuned: PRIOR's shuffle control takes PRIOR's lr, others NTP's
-                    src = "prior" if loss == "prior_shuffled" and "prior" in arms else "ntp"
-                    lows = self.p["oracle_lows"] if loss == "oracle" else [None]
-                    arms[loss] = {"chosen": arms[src]["chosen"], "low": lows[0], "borrowed_from": src}
-            print(f"  {mix}:{arch} learning rates: " + ", ".join(
-                f"{k} {v['chosen']:g}" + (" (edge, capped)" if v.get("capped") else "") +
-                (f" low {v['low']:g}" if k == "oracle" else "") for k, v in arms.items()))
-        with open(path, "w") as f:
-            json.dump(choice, f, indent=1)
+                if (m, a, loss) in choice:
+                    arms[loss] = choice[m, a, loss]
+                else:  # not tuned: PRIOR's shuffle control takes PRIOR's lr (it differs in the token order only)
+                    src = "prior" if loss == "prior_shuffled" and (m, a, "prior") in choice else "ntp"
+                    arms[loss] = {"chosen": choice[m, a, src]["chosen"], "borrowed_from": src}
+            print(f"  {m}:{a} learning rates: " + ", ".join(
+                f"{k} {v['chosen']:g}" + (" (edge, capped)" if v.get("capped") else "") for k, v in arms.items()))
+        with open(self.path("lr_choice.json"), "w") as f:
+            json.dump(out, f, indent=1)
         with open(self.path("chosen_lrs.json"), "w") as f:  # the short form paper.py reads
-            json.dump({k: {loss: c["chosen"] for loss, c in v.items()} for k, v in choice.items()}, f, indent=1)
-        return choice
+            json.dump({k: {loss: c["chosen"] for loss, c in v.items()} for k, v in out.items()}, f, indent=1)
+        return out
 
     def experiment(self):
-        seeds = self.cfg.seeds or self.p["seeds"]
-        choice = self.tune_lrs()
-        jobs, specs = [], []
-        for mix, arch in self.settings:
-            for loss in self.arms():
-                c = choice[f"{mix}/{arch}"][loss]
-                for seed in range(seeds):
-                    specs.append((mix, arch, loss, c["chosen"], seed, c["low"] if loss == "oracle" else None))
-        for spec in specs:
-            if (not os.path.exists(os.path.join(self.run_dir(*spec), "eval.json"))
-                    or not self.finished(self.run_dir(*spec))):
-                jobs.append(self.run_chain(spec, "test"))
-        step(f"main runs: {len(specs)} ({len(jobs)} to train or evaluate), every checkpoint on the test split")
+        seeds = range(self.cfg.seeds or self.p["seeds"])
+        if set(seeds) & set(self.p["pilot_seeds"]):
+            raise SystemExit(f"--seeds: test seeds {list(seeds)} overlap the pilot seeds {self.p['pilot_seeds']}")
+        choice = self.pilot()
+        specs = [(m, a, loss, choice[f"{m}/{a}"][loss]["chosen"], s) for m, a in self.settings for loss in self.arms()
+                 for s in seeds]
+        jobs = [self.vlm_job(spec, "test") for spec in specs
+                if not (self.finished(self.run_dir(*spec)) and self.rows(self.run_dir(*spec)))]
+        step(f"main runs: {len(specs)} ({len(jobs)} to train or evaluate), test probes at every checkpoint")
         self.parallel(jobs)
         results = []
-        for mix, arch in self.settings:  # validation rows of every grid run, then the main runs' test rows
-            for loss, c in choice[f"{mix}/{arch}"].items():
-                if "grid" not in c:
-                    continue  # a borrowed lr: no grid runs
-                points = ([(lr, c["lows"][0]) for lr in sorted(c["grid"])]
-                          + [(c["chosen"], low) for low in c["lows"][1:]])
-                for lr, low in points:
-                    for seed in range(self.p["grid_seeds"]):
-                        d = self.run_dir(mix, arch, loss, lr, seed, low) + "_val"
-                        results += self.rows(d, mix=mix, phase="grid", **({"oracle_low": low} if low else {}))
+        for m, a in self.settings:  # every pilot run's validation curve, then the main runs' test curves
+            for loss, c in choice[f"{m}/{a}"].items():
+                for lr in c.get("grid", []):
+                    for s in self.p["pilot_seeds"]:
+                        results += self.rows(self.run_dir(m, a, loss, lr, s), mix=m, phase="grid")
         for spec in specs:
-            results += self.rows(self.run_dir(*spec), mix=spec[0], phase="main",
-                                 **({"oracle_low": spec[5]} if spec[5] is not None else {}))
+            results += self.rows(self.run_dir(*spec), mix=spec[0], phase="main")
         for mix in self.mixes:  # the data's side of the story: what the reference LM predicts, per word tag
             rel = json.load(open(self.path(f"scores_{mix}_test.json"))).get("relevance", {})
             for key, short in (("predicted", "predicted"), ("mean_w", "mean"), ("share", "share")):

@@ -7,14 +7,19 @@ own; chains of jobs run --parallel at a time; a failed job stops the run with th
     jobs.run_chains([[(train_args, "train_x"), (eval_args, "eval_x")], ...])   # each chain in order, 2 at a time
 
 With in_process=True (paper.py's --parallel 1) the scripts in IN_PROCESS run in this process instead, one after
-the other: no start-up cost per job.
+the other: no start-up cost per job. With workers=True (the main job) each chain runs in one of --parallel worker
+processes started once (spawn), each on its share of the threads: the scripts of IN_PROCESS and ("call",
+"module:function", args) jobs run there without a new interpreter, torch import or data read per job. Every job's
+time goes into Jobs.timings (name, kind, seconds; a "call" job's own split when it returns one).
 """
 import contextlib
 import importlib
+import multiprocessing
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +28,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_PROCESS = {"train.py": ("train", "TrainConfig", "main"),
               "eval.py": ("eval", "EvalConfig", "main"),
               "score.py": ("score", "ScoreConfig", "main"),
+              "reference_lm.py": ("reference_lm", "RefConfig", "train_lm"),
+              "tools.vision": ("tools.vision", "Config", "main"),
               "baselines.attention": ("baselines.attention", "AttnConfig", "train_attention_scorer")}
+
+
+def _init_worker(threads):
+    import torch
+    torch.set_num_threads(threads)
+
+
+def _call(args, log):
+    """Run ("call", "module:function", positional args) here, its output into `log`; returns its result."""
+    module, function = args[1].split(":")
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            return getattr(importlib.import_module(module), function)(*args[2])
+        except (Exception, SystemExit):
+            import traceback
+            traceback.print_exc(file=f)
+    fail([args[1]], log)
+
+
+def _worker_chain(jobs_, chain):
+    """A chain in a worker process: [(name, kind, seconds, returned split or None)] of its jobs."""
+    done = []
+    for args, name in chain:
+        if args[0] == "link":
+            if not os.path.exists(args[2]):
+                os.link(args[1], args[2])
+            continue
+        t0 = time.perf_counter()
+        split = _call(args, jobs_.log_path(name)) if args[0] == "call" else jobs_.run(args, name)
+        done.append((name, jobs_.kind(args), time.perf_counter() - t0, split if isinstance(split, dict) else None))
+    return done
 
 
 def fail(cmd, log):
@@ -32,12 +70,35 @@ def fail(cmd, log):
 
 
 class Jobs:
-    def __init__(self, log_dir, parallel=1, nproc=1, record=None, in_process=False):
+    def __init__(self, log_dir, parallel=1, nproc=1, record=None, in_process=False, workers=False):
         """log_dir: one <name>.log per job; parallel: jobs at once; nproc: processes per train.py run (torchrun);
-        record: an open file that gets every command line; in_process: run IN_PROCESS's scripts here."""
+        record: an open file that gets every command line; in_process: run IN_PROCESS's scripts here; workers:
+        run chains in --parallel worker processes (IN_PROCESS scripts and "call" jobs in process there)."""
         self.log_dir, self.parallel, self.nproc = log_dir, max(1, parallel), nproc
-        self.record, self.in_process = record, in_process
+        self.record, self.in_process, self.workers = record, in_process, workers and nproc == 1
         self.threads = max(1, (os.cpu_count() or 2) // max(1, parallel))
+        self.timings = []  # (name, kind, seconds, split) of every job run so far
+        self._pool = None
+
+    def kind(self, args):
+        return args[1].split(":")[0] if args[0] == "call" else (args[1] if args[0] == "-m" else args[0])
+
+    def __getstate__(self):  # what a worker needs: no pool, no open record file
+        return {**self.__dict__, "_pool": None, "record": None, "workers": False,
+                "in_process": self.workers or self.in_process}
+
+    def pool(self):
+        """The worker processes, started on first use and kept (spawn: a fresh interpreter, no forked threads)."""
+        if self._pool is None:
+            os.environ["OMP_NUM_THREADS"] = str(self.threads)
+            self._pool = ProcessPoolExecutor(self.parallel, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(self.threads,))
+        return self._pool
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def log_path(self, name):
         os.makedirs(self.log_dir, exist_ok=True)
@@ -114,6 +175,13 @@ class Jobs:
                 run_chain(c)
             return
         from tqdm import tqdm
+        if self.workers:
+            with tqdm(total=len(chains), desc="  runs", leave=False) as bar:
+                futures = [self.pool().submit(_worker_chain, self, c) for c in chains]
+                for f in futures:
+                    self.timings += f.result()
+                    bar.update()
+            return
         with ThreadPoolExecutor(self.parallel) as pool, \
                 tqdm(total=sum(map(len, chains)), desc="  jobs", leave=False) as bar:
             for f in [pool.submit(run_chain, c, bar) for c in chains]:

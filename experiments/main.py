@@ -30,6 +30,30 @@ from experiments.experiment import Experiment, ExperimentConfig
 from experiments.reporting import write_report
 
 
+def time_split(exp, phases, wall):
+    """Where the main job's time went, from the job runner's own timers: timing.json beside results.json.
+    compute_share = (training steps + checkpoint evaluations + pretraining jobs) / (slots x wall)."""
+    jobs = {"train_s": 0.0, "eval_s": 0.0, "run_other_s": 0.0, "pretrain_s": 0.0}
+    for name, kind, seconds, split in exp.jobs.timings:
+        if split:  # a VLM run: its steps, its evaluations, the rest (start, data, model, checkpoints)
+            jobs["train_s"] += split["train_s"]
+            jobs["eval_s"] += split["eval_s"]
+            jobs["run_other_s"] += split["other_s"]
+        else:
+            jobs["pretrain_s"] += seconds
+    slots = max(1, exp.cfg.parallel)
+    compute = jobs["train_s"] + jobs["eval_s"] + jobs["pretrain_s"]
+    out = {"wall_s": wall, "slots": slots, "phases_s": phases, "jobs_s": jobs,
+           "compute_share": compute / (slots * wall), "eval_over_train": jobs["eval_s"] / max(jobs["train_s"], 1e-9)}
+    with open(exp.path("timing.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print("time split: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) +
+          f"; in the runs: training {jobs['train_s'] / 60:.1f}, evaluation {jobs['eval_s'] / 60:.1f}, start/data/"
+          f"saving {jobs['run_other_s'] / 60:.1f} slot-min; pretraining jobs {jobs['pretrain_s'] / 60:.1f} slot-min; "
+          f"compute share {out['compute_share']:.0%} of {slots} slots x {wall / 60:.1f} min (timing.json)")
+    return out
+
+
 def main(cfg):
     t0 = time.time()
     exp = Experiment(cfg)
@@ -38,13 +62,20 @@ def main(cfg):
     print(exp.estimate())
     with open(exp.path("experiment_config.json"), "w") as f:
         json.dump({"config": asdict(cfg), "preset": exp.p}, f, indent=1)
+    phases, t = {}, time.time()
     exp.prepare(with_pretrain=cfg.stage == "all")
+    phases["prepare"], t = time.time() - t, time.time()
     if cfg.stage == "prepare":
+        exp.jobs.close()
         print(f"prepared in {time.time() - t0:.0f}s: scores and relevance reports in {exp.out}")
         return
     rows = exp.experiment()
+    phases["runs"], t = time.time() - t, time.time()
     exp.analyses()
+    exp.jobs.close()
     md = write_report(rows, exp.out)
+    phases["report"] = time.time() - t
+    time_split(exp, phases, time.time() - t0)
     print(f"done in {(time.time() - t0) / 60:.1f} min: {md}")
 
 

@@ -6,12 +6,11 @@ results.json is a list of rows {"mix", "arch", "loss", "seed", "lr", "step", "ph
 curves_*, average_*, token_nll_* and lr_grid_*.png. results.md depends on the rows alone (no paths, dates or
 machine details), so report.py regenerates it byte for byte.
 
-Primary endpoint, declared here and as the constant PRIMARY: "probe_cc_avg" at the final step, the
-chance-corrected probe average: the mean over probe groups (presence, colour, count, position, retrieval) of
-(accuracy − chance)/(1 − chance), 0 = chance and 1 = perfect. eval.py writes it; when it is missing,
-this module computes it per checkpoint from the probe rows, with chance 0.5 for presence_* (two choices) and,
-for the other probes, the value of a row "chance_<probe>" (no such row: the endpoint stays missing, never
-guessed). "probe_cc_avg_nocount" is the same without the count probe. Everything else is secondary.
+Primary endpoint (experiments/protocol.py's PRIMARY, declared in docs/experiment.md): "probe_img_avg" at the
+final step, what the image adds: the mean over probe groups (presence, colour, count, retrieval) of accuracy
+minus blind accuracy (each question with another question's image). The verdicts section (claims.py) applies
+the protocol's rules: the positive control first, then final, peak and stability. "probe_cc_avg" (the
+chance-corrected average; computed here from probe and chance_* rows where eval.py wrote none) is secondary.
 
 Statistics (stats.py), kept simple enough to check by hand:
 - seed s gives every arm the same initialisation and data order, so an arm is compared with NTP by paired
@@ -29,13 +28,14 @@ mean over checkpoints) is added as a secondary row.
 import math
 import os
 
+from experiments.claims import claims_section
+from experiments.protocol import PRIMARY, choose_lr, tail_mean
 from experiments.report_plots import plot_specs, primary_plot
 from experiments.stats import (NAN, ci, fmt, lr_key, lr_str, md_table, paired, pm, seed_key, series,  # noqa: F401
                                still_rising, summary, welch)  # paper.py calls report.fmt / report.pm)
 
-PRIMARY = "probe_cc_avg"
-NOCOUNT = "probe_cc_avg_nocount"
-AUC = "probe_cc_avg AUC (mean over checkpoints)"
+CC, NOCOUNT = "probe_cc_avg", "probe_cc_avg_nocount"
+AUC = f"{PRIMARY} AUC (mean over checkpoints)"
 PROBES = ["presence_random", "presence_popular", "presence_adversarial", "colour", "count", "position", "retrieval"]
 CHANCE = {"presence_random": 0.5, "presence_popular": 0.5, "presence_adversarial": 0.5}  # others: chance_* rows
 CATS = ["image", "glue", "boiler", "noise", "all"]
@@ -60,8 +60,8 @@ def lower_better(bench):
 def bench_key(bench):
     """Probes in the paper's order (each _norm variant after its base), averages, NLL rows, gap rows."""
     base, norm = (bench[:-5], 1) if bench.endswith("_norm") else (bench, 0)
-    if base in ("probe_avg", PRIMARY, NOCOUNT, AUC):
-        return (1, ["probe_avg", PRIMARY, NOCOUNT, AUC].index(base), "", norm)
+    if base in ("probe_avg", PRIMARY, CC, NOCOUNT, AUC):
+        return (1, ["probe_avg", PRIMARY, CC, NOCOUNT, AUC].index(base), "", norm)
     if not bench.startswith(("nll_", "gap_")):
         return (0, PROBES.index(base) if base in PROBES else len(PROBES), base, norm)
     cat = bench.split("_")[1] if "_" in bench else ""  # nll_image, nll_image_shuffled, ..., nll_w_* by weight
@@ -131,7 +131,7 @@ def prepare(rows):
             chance.setdefault(r["mix"], {}).setdefault(r["benchmark"][7:], r["value"])
     new = []
     for key, vals in ckpts.items():
-        for bench, drop in ((PRIMARY, ()), (NOCOUNT, ("count",))):
+        for bench, drop in ((CC, ()), (NOCOUNT, ("count",))):
             v = None if bench in vals else cc_avg(vals, chance.get(key[0], {}), drop)
             if v is not None:
                 new.append({**dict(zip(("mix", "arch", "loss", "seed", "lr", "step", "phase"), key)),
@@ -168,19 +168,21 @@ def _part(runs, arms, pick):
 
 
 def _grid(g):
-    """Grid runs {(loss, lr): steps} -> (score bench, {loss: {"scores": {lr: summary}, "chosen", "edge"}})."""
-    last = [steps[max(steps)] for steps in g.values()]
-    by = next((b for b in (PRIMARY, "probe_avg", "nll_image") if any(b in st for st in last)), None)
-    out, sign = {}, -1 if lower_better(by or "") else 1
+    """Grid runs {(loss, lr): steps} -> (PRIMARY, {loss: {"scores": {lr: summary}, "chosen", "edge"}}): each run's
+    score is the mean of its last protocol.TAIL checkpoints' PRIMARY; the choice is protocol.choose_lr's."""
+    out = {}
     for (loss, lr), steps in sorted(g.items(), key=lambda kv: lr_key(kv[0][1])):
-        v = steps[max(steps)].get(by)
+        by_seed = {}
+        for step, benches in steps.items():
+            for seed, v in benches.get(PRIMARY, {}).items():
+                by_seed.setdefault(seed, {})[step] = v
+        v = {seed: tail_mean(c) for seed, c in by_seed.items()}
         out.setdefault(loss, {"scores": {}})["scores"][lr] = summary(v) if v else None
     for o in out.values():
-        o["tried"] = tried = list(o["scores"])
-        ok = [lr for lr in tried if o["scores"][lr] and not math.isnan(o["scores"][lr]["mean"])]
-        o["chosen"] = max(ok, key=lambda lr: sign * o["scores"][lr]["mean"]) if ok else None
-        o["edge"] = len(tried) > 1 and o["chosen"] in (tried[0], tried[-1])
-    return by, {k: out[k] for k in sorted(out, key=loss_key)}
+        o["tried"] = list(o["scores"])
+        ok = {lr: s["mean"] for lr, s in o["scores"].items() if s and not math.isnan(s["mean"])}
+        o["chosen"], o["edge"] = choose_lr(ok) if ok else (None, False)
+    return PRIMARY, {k: out[k] for k in sorted(out, key=loss_key)}
 
 
 def summarize(rows):
@@ -210,7 +212,8 @@ def summarize(rows):
                 auc = {a: {sd: sum(v) / len(v) for sd, v in series(runs[a], PRIMARY).items()} for a in arms}
                 fam["auc"] = {"vals": auc, "vs": {a: paired(auc[a], auc["ntp"]) for a in arms if a != "ntp"}
                               if "ntp" in auc else {}}
-        fam["grid_by"], fam["grid"] = _grid(grid.get((mix, arch), {}))
+        fam["grid_runs"] = grid.get((mix, arch), {})
+        fam["grid_by"], fam["grid"] = _grid(fam["grid_runs"])
         out.setdefault(mix, {})[arch] = fam
     return out
 
@@ -256,7 +259,7 @@ def _table(fam, part, auc=None):
     for a in vs:
         head += [f"{name(a)} vs NTP: mean d [95% CI]", "relative", "verdict"]
     rows = []
-    for b in [b for b in fam["benchmarks"] if b not in (PRIMARY, NOCOUNT)] + ([AUC] if auc else []):
+    for b in [b for b in fam["benchmarks"] if b != PRIMARY] + ([AUC] if auc else []):
         get = (lambda a: auc["vals"][a]) if b == AUC else (lambda a: vals[a].get(b))
         cells = [f"`{b}` {'↓' if lower_better(b) else '↑'}"] + [pm(summary(get(a))) if get(a) else "–" for a in arms]
         for a in vs:
@@ -283,7 +286,7 @@ def _grid_table(fam):
     if not fam["grid"]:
         return ["No grid runs (phase \"grid\") for this setting."]
     by = f"`{fam['grid_by']}` {'↓' if lower_better(fam['grid_by'] or '') else '↑'}"
-    head = ["loss", "lrs tried", f"mean validation {by} per lr (n seeds), each run's final step", "chosen",
+    head = ["loss", "lrs tried", f"mean validation {by} per lr (n seeds; each run: its last 3 checkpoints)", "chosen",
             "main runs used", "note"]
     rows = []
     for loss, g in fam["grid"].items():
@@ -321,16 +324,17 @@ def write_report(rows, out_dir, source="results.json", plots=True):
     summ = summarize(rows)
     md = ["# PRIOR results", "",
           f"Generated by `report.py` from {len(rows)} rows of `{os.path.basename(str(source))}`"
-          + (f" (plus {derived} `{PRIMARY}`/`{NOCOUNT}` rows computed from probe and chance_* rows)" if derived else "")
+          + (f" (plus {derived} `{CC}`/`{NOCOUNT}` rows computed from probe and chance_* rows)" if derived else "")
           + "; every number and sentence below is computed from them. Arms vs NTP: paired differences d over the "
           "seeds both ran (same seed = same initialisation and data order), positive = better than NTP (nll rows: NTP "
           "− arm); 95% CI mean d ± t(0.975, n−1)·sd(d)/√n; verdict \"better\"/\"worse\" when it excludes 0. Relative "
           "= mean d / |NTP mean|; effect = mean d / sd(d). Cells: mean ± sample std over seeds. ↑/↓: higher/lower is "
           "better.",
-          "", f"## Primary endpoint: `{PRIMARY}` (final step)", "",
-          f"`{PRIMARY}`: mean over probe groups of (accuracy − chance)/(1 − chance); declared in report.py "
-          f"(PRIMARY). One comparison per setting is primary: PRIOR vs NTP; the other arms are controls. Columns "
-          f"arm / NTP: mean ± std over each one's seeds; n: the seeds both ran (the pairs behind mean d).", ""]
+          "", *claims_section(summ),
+          f"## Primary endpoint: `{PRIMARY}` (final step)", "",
+          f"`{PRIMARY}`: mean over probe groups of accuracy − blind accuracy (what the image adds); declared in "
+          f"experiments/protocol.py. One comparison per setting is primary: PRIOR vs NTP; the other arms are "
+          f"controls. Columns arm / NTP: mean ± std over each one's seeds; n: the seeds both ran.", ""]
     md += _primary(summ, PRIMARY)
     points = [(f"{m}:{a} {name(arm)}", c["mean_d"], c["lo"], c["hi"]) for m, fams in summ.items()
               for a, fam in fams.items() for arm, cmp in (fam["final"]["vs"] if fam["arms"] else {}).items()
@@ -343,7 +347,6 @@ def write_report(rows, out_dir, source="results.json", plots=True):
     if notes:
         md += ["", f"Still improving at the last step (the last checkpoint is the maximum of the `{PRIMARY}` curve for "
                f"most seeds): {'; '.join(notes)}. For these settings the secondary tables add `{AUC}`."]
-    md += ["", f"## Probe average without the count probe: `{NOCOUNT}` (final step)", ""] + _primary(summ, NOCOUNT)
     md += _data_section([_normal(dict(r)) for r in rows])
     md += ["", "## Secondary (not corrected for multiple comparisons)", "",
            "Each benchmark once, per setting; with this many rows a few \"better\"/\"worse\" verdicts are expected by "

@@ -1,0 +1,111 @@
+"""The main job's rules, declared before any result is read (docs/experiment.md gives the reasons), as small
+pure functions that experiment.py applies while it runs and reporting.py applies again to results.json alone:
+
+    PRIMARY       probe_img_avg: mean over probe groups of (accuracy - blind accuracy), what the image adds.
+    lr choice     per arm: the mean over pilot seeds of the mean of the validation PRIMARY over the last
+                  TAIL checkpoints; the best lr, and among lrs within TIE of the best the smallest (a float-noise
+                  margin: a near-tie must not flip the choice between machines). At a grid edge: one more value.
+    positive      the oracle beats NTP on validation: oracle - NTP > 0 on every pilot seed (each arm at its lr).
+    control       A setting that fails it is reported as unable to judge PRIOR.
+    converged     NTP's validation curve (pilot mean) rose by at most FLAT of its total rise over the last
+                  third of the steps.
+    claims        final: PRIMARY at the last checkpoint (test probes). Peak: PRIMARY at the step where the
+                  arm's pilot validation curve peaks, read on the test probes. Stability: the largest drop from
+                  the running best along the test curve (lower is better), per seed.
+    statistics    paired differences over seeds with a t interval (stats.paired); the minimum detectable
+                  effect at 80% power; PRIOR's share of the oracle's gain with a seeded bootstrap interval.
+"""
+import random
+import statistics
+
+from experiments.stats import t_quantile
+
+PRIMARY = "probe_img_avg"
+TAIL = 3          # checkpoints averaged for an lr choice
+TIE = 0.005       # lr scores this close to the best count as tied (the smallest lr of them wins)
+FLAT = 0.1        # converged: the last third of the steps added at most this share of the curve's rise
+
+
+def tail_mean(curve, k=TAIL):
+    """Mean of the last k values of a {step: value} curve."""
+    steps = sorted(curve)[-k:]
+    return sum(curve[s] for s in steps) / len(steps)
+
+
+def mean_curve(curves):
+    """{step: mean over curves} over the steps every curve has."""
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return {s: sum(c[s] for c in curves) / len(curves) for s in steps}
+
+
+def choose_lr(scores, tie=TIE):
+    """(chosen lr, at_edge) from {lr: score}: the best, or the smallest lr within `tie` of it."""
+    best = max(scores.values())
+    chosen = min(lr for lr, s in scores.items() if s >= best - tie)
+    grid = sorted(scores)
+    return chosen, len(grid) > 1 and chosen in (grid[0], grid[-1])
+
+
+def next_lr(grid, chosen):
+    """The value beyond the edge `chosen` sits at, one grid factor further."""
+    grid = sorted(grid)
+    ratio = grid[1] / grid[0]
+    return float(f"{(chosen / ratio if chosen == grid[0] else chosen * ratio):.3g}")
+
+
+def peak_step(curve):
+    """The step of a curve's maximum (the earliest of equal maxima)."""
+    return max(sorted(curve), key=lambda s: curve[s])
+
+
+def converged(curve, flat=FLAT):
+    """(flat?, share of the rise in the last third of the steps) of a {step: value} curve."""
+    steps = sorted(curve)
+    last = steps[len(steps) - max(1, len(steps) // 3) - 1] if len(steps) > 1 else steps[0]
+    rise = max(curve.values()) - curve[steps[0]]
+    late = curve[steps[-1]] - curve[last]
+    share = late / rise if rise > 0 else 0.0
+    return share <= flat, share
+
+
+def max_drop(curve):
+    """The largest fall below the running best along a curve (0 for a curve that never falls)."""
+    best, drop = float("-inf"), 0.0
+    for s in sorted(curve):
+        best = max(best, curve[s])
+        drop = max(drop, best - curve[s])
+    return drop
+
+
+def mde(sd, n, level=0.95, power=0.8):
+    """The smallest true mean difference a paired t test over n pairs with this sd finds with `power`:
+    (t_{1-(1-level)/2, n-1} + t_{power, n-1}) x sd / sqrt(n). NaN below 2 pairs."""
+    if n < 2:
+        return float("nan")
+    return (t_quantile(1 - (1 - level) / 2, n - 1) + t_quantile(power, n - 1)) * sd / n ** 0.5
+
+
+def share_of_oracle(prior_d, oracle_d, resamples=2000, seed=0, level=0.95):
+    """PRIOR's share of the oracle's gain, mean(PRIOR - NTP) / mean(oracle - NTP) over paired seeds, with a
+    percentile bootstrap over seeds (seeded: the same numbers give the same interval). (share, lo, hi); the
+    interval is NaN when a resample's oracle gain is 0 or fewer than 2 seeds are shared."""
+    n = len(prior_d)
+    if n != len(oracle_d) or n == 0 or sum(oracle_d) == 0:
+        return float("nan"), float("nan"), float("nan")
+    share = sum(prior_d) / sum(oracle_d)
+    if n < 2:
+        return share, float("nan"), float("nan")
+    rng, draws = random.Random(seed), []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        denominator = sum(oracle_d[i] for i in idx)
+        if denominator == 0:
+            return share, float("nan"), float("nan")
+        draws.append(sum(prior_d[i] for i in idx) / denominator)
+    draws.sort()
+    lo, hi = draws[int((1 - level) / 2 * resamples)], draws[int((1 + level) / 2 * resamples) - 1]
+    return share, lo, hi
+
+
+def sd(values):
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
