@@ -23,15 +23,17 @@ One output line per question, in both formats the project reads:
 train.py trains on "caption" (image, caption); eval.py --mc scores "choices" by likelihood after "prompt";
 qa_qa_eval.qa_generate compares the greedy continuation of "prompt" with the correct choice (exact match).
 
-`answer_only_scores` writes a score file for such a file that train.py's --loss prior turns into a loss on
-the answer tokens only (see its docstring): no change to train.py is needed.
+`train.py --instruct --data <qa file>` trains on the answers only (data/instruct.py: a loss mask of its own,
+Sample.loss_mask). The older route, `answer_only_scores`, writes a score file that train.py's --loss prior turns
+into a loss on the answer tokens only (see its docstring); experiments/paper_instruct.py still uses it.
 """
-import argparse
 import json
 import os
 import random
+from dataclasses import dataclass
 
 from data.scenes import COLOURS, NUMS, SHAPES, pos_words, text_of
+from lib.cli import UserError, flag, run
 
 KINDS = ("count", "colour", "shape", "position", "presence")
 PROMPT = "question: {} answer:"
@@ -108,7 +110,7 @@ def read_scenes(path):
                 continue
             r = json.loads(line)
             if not isinstance(r.get("scene"), list) or "image" not in r:
-                raise ValueError(f"{path}:{n}: no 'scene' or 'image' field: QA needs the generator's ground truth "
+                raise UserError(f"{path}:{n}: no 'scene' or 'image' field: QA needs the generator's ground truth "
                                  f"(python -m data.generate)")
             rows.append((str(r.get("id", f"{os.path.basename(path)}:{n}")), r["image"], r["scene"]))
     return rows
@@ -177,22 +179,32 @@ def answer_only_scores(qa_path, tokenizer_path, out):
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True,
-                   help="a generator JSONL split with 'scene' fields (train.jsonl, test.jsonl)")
-    p.add_argument("--out", required=True, help="QA JSONL to write (image paths relative to its folder)")
-    p.add_argument("--per-scene", type=int, default=2, help="questions per scene (0 = one of every kind that applies)")
-    p.add_argument("--kinds", default=",".join(KINDS), help="question kinds, comma-separated")
-    p.add_argument("--max-scenes", type=int, default=0, help="use only the first N scenes (0 = all)")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    rows = build_qa(a.data, a.out, a.per_scene, a.seed, tuple(a.kinds.split(",")), a.max_scenes)
-    kinds = {}
+@dataclass
+class QAConfig:
+    data: str = flag("", "a generator JSONL split with 'scene' fields (train.jsonl, test.jsonl)")
+    out: str = flag("", "QA JSONL to write (image paths relative to its folder)")
+    per_scene: int = flag(2, "questions per scene (0 = one of every kind that applies)")
+    kinds: str = flag(",".join(KINDS), "question kinds, comma-separated")
+    max_scenes: int = flag(0, "use only the first N scenes (0 = all)")
+    seed: int = flag(0, "seed of the questions drawn per scene")
+
+
+def main(cfg):
+    if not cfg.data or not cfg.out:
+        raise UserError("give --data (a generator split with scenes) and --out (the QA file to write)")
+    if not os.path.isfile(cfg.data):
+        raise UserError(f"--data {cfg.data}: no such file")
+    kinds = tuple(k for k in cfg.kinds.split(",") if k)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise UserError(f"--kinds: unknown kind(s) {', '.join(unknown) or '(none given)'}; choose from {KINDS}")
+    rows = build_qa(cfg.data, cfg.out, cfg.per_scene, cfg.seed, kinds, cfg.max_scenes)
+    counts = {}
     for r in rows:
-        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
-    print(f"wrote {len(rows)} questions to {a.out}: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
+        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+    print(f"wrote {len(rows)} questions to {cfg.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    run(main, QAConfig, description=__doc__)

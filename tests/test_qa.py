@@ -208,3 +208,19 @@ def test_generate_answers_batching_matches_one_by_one(synth):
     alone = [Q.generate_answers(vlm, tok, [p], images[i:i + 1], max_new_tokens=5)[0] for i, p in enumerate(prompts)]
     assert together == alone
     assert all(isinstance(a, str) for a in together)
+
+
+def test_cli_flags_from_the_config_dataclass(synth, tmp_path, capsys):
+    """python -m data.qa: flags from QAConfig (lib/cli.run); a user's mistake is one line and exit code 2."""
+    from lib.cli import run
+    out = tmp_path / "qa.jsonl"
+    rows = run(qa.main, qa.QAConfig, ["--data", str(synth / "data" / "test.jsonl"), "--out", str(out),
+                                      "--per-scene", "0", "--kinds", "count,presence", "--max-scenes", "5"])
+    assert [r["kind"] for r in rows] == ["count", "presence"] * 5
+    assert len(out.read_text().splitlines()) == 10 and "wrote 10 questions" in capsys.readouterr().out
+    for argv, message in ((["--data", str(synth / "data" / "test.jsonl"), "--out", str(out), "--kinds", "size"],
+                           "unknown kind(s) size"), (["--out", str(out)], "give --data")):
+        with pytest.raises(SystemExit) as e:
+            run(qa.main, qa.QAConfig, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1

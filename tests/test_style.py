@@ -15,9 +15,9 @@ MAX_HELP = 100
 # Modules whose config dataclasses become command-line flags through cli.parse_config.
 CONFIG_MODULES = ["train", "eval", "score", "reference_lm", "experiments.experiment", "experiments.bench",
                   "tools.vision", "baselines.attention", "tools.caption", "data.tokenizer", "data.generate",
-                  "experiments.paper", "experiments.report", "lib.hf", "data.shards"]
+                  "experiments.paper", "experiments.report", "lib.hf", "data.shards", "data.qa"]
 # Scripts that build their flags with argparse directly.
-ARGPARSE_SCRIPTS = ["data/qa.py"]
+ARGPARSE_SCRIPTS = []
 
 
 def project_files():
