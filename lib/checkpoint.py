@@ -138,14 +138,29 @@ def check_resume(cfg, state, path, per_micro_batch=False):
                          f"define it (see its config.json): give the old values, or a new --out-dir")
 
 
+def _step_of(line):
+    """A log line's step, or None for a line that is not a whole JSON object (half a line: a full disk or a kill
+    while logging)."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value.get("step", 0) if isinstance(value, dict) else None
+
+
 def trim_log(path, step):
-    """Drop log lines after `step` (the resumed checkpoint's), which the resumed run writes again."""
+    """Drop log lines after `step` (the resumed checkpoint's), which the resumed run writes again, and torn lines
+    (never a JSONDecodeError: every complete line up to the last is kept)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         lines = f.readlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
+    kept = []
+    for line in lines:
+        n = _step_of(line)
+        if isinstance(n, int) and n <= step:
+            kept.append(line.rstrip("\n") + "\n")
+    if kept != lines:
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)

@@ -86,7 +86,7 @@ def past_ntp(log_path, upto):
     if not upto or not os.path.exists(log_path):
         return [], None
     values, alarm = {}, None
-    with open(log_path) as f:
+    with open(log_path, errors="replace") as f:  # a torn line (a full disk while logging) is skipped, never fatal
         for text in f:
             try:
                 line = json.loads(text)

@@ -234,3 +234,22 @@ def test_a_full_disk_while_saving_says_so_and_leaves_no_tmp(tmp_path, monkeypatc
         U.atomic_save({"step": 2}, path)
     monkeypatch.setattr(U.torch, "save", real)
     assert os.listdir(tmp_path) == ["last.pt"] and torch.load(path, weights_only=True) == {"step": 1}
+
+
+# ----------------------------------------------------------------------------- 5. half a line in log.jsonl
+
+def test_resume_after_half_a_log_line(tiny, tmp_path):
+    import train
+    from lib.checkpoint import trim_log
+    from lib.health import past_ntp
+    run = tmp_path / "run"
+    train.main(_train_cfg(tiny, run, steps=4, save_every=2, stop_at=2))
+    with open(run / "log.jsonl", "ab") as f:
+        f.write(b'{"step": 3, "loss": 4.1, "ntp": 4.\xc3')  # a full disk while logging step 3: half a line
+    assert len(past_ntp(str(run / "log.jsonl"), 3)[0]) == 2
+    train.main(_train_cfg(tiny, run, steps=4, save_every=2, resume=True))
+    assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == [1, 2, 3, 4]
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 2}\n{"step": 3}\n[]\n')  # torn in the middle, a list
+    trim_log(str(log), 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
