@@ -31,8 +31,8 @@ def settings(model_config):
                               "out": d["d_model"]}}
     kwargs = dict(c.get("vision_kwargs") or {})
     layer = kwargs.pop("vision_layer", 0)
-    encoder = {"type": c["vision"] or "built-in ViT (timm blocks)", "timm_kwargs": kwargs, "patch_size": c["patch_size"],
-               "width": c["vit_dim"], "depth": c["vit_depth"], "heads": c["vit_heads"],
+    encoder = {"type": c["vision"] or "built-in ViT (timm blocks)", "timm_kwargs": kwargs,
+               "patch_size": c["patch_size"], "width": c["vit_dim"], "depth": c["vit_depth"], "heads": c["vit_heads"],
                "features": "final, normed" if not layer else f"block {layer} (from the end), before the final norm"}
     return {"image": image, "image_tokens": grid * grid, "encoder": encoder,
             "projector": {"type": "mlp2x_gelu (Linear, GELU, Linear)", "in": c["vit_dim"], "out": d["d_model"]}}
@@ -56,8 +56,9 @@ def export_vlm(ckpt_path, out, tokenizer=None):
         else:
             seen[key] = k
     state = {k: v.contiguous() for k, v in state.items() if k not in tied}
-    meta = {"format": FOLDER_FORMAT, "version": 1, "model_config": ckpt["model_config"], **settings(ckpt["model_config"]),
-            "tied": tied, "tokenizer": ckpt["tokenizer"], "data": ckpt["data"], "step": ckpt["step"],
+    meta = {"format": FOLDER_FORMAT, "version": 1, "model_config": ckpt["model_config"],
+            **settings(ckpt["model_config"]), "tied": tied, "tokenizer": ckpt["tokenizer"], "data": ckpt["data"],
+            "step": ckpt["step"],
             "inputs": ckpt.get("inputs", {}), "train_config": ckpt["config"], "source": os.path.abspath(ckpt_path)}
     os.makedirs(out, exist_ok=True)
     save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": FOLDER_FORMAT})
