@@ -31,7 +31,7 @@ def smoke(tmp_path_factory):
 
 def test_smoke_writes_every_output(smoke):
     out, log = smoke
-    assert log.splitlines()[1].startswith("estimate: 6 lr-grid runs + 0 oracle low-weight runs + 10 more main runs")
+    assert log.splitlines()[1].startswith("estimate: 6 pilot runs (lr grid, validation) + 16 main runs (test)")
     rows = json.loads((out / "results.json").read_text())
     assert rows and all({"arch", "loss", "seed", "step", "benchmark", "value"} <= set(r) for r in rows)
     main = [r for r in rows if r.get("phase") == "main"]
@@ -41,10 +41,12 @@ def test_smoke_writes_every_output(smoke):
     assert {(r["arch"], r["loss"]) for r in grid} == {(a, l) for a in "hu" for l in ("ntp", "prior", "oracle")}
     assert {r["seed"] for r in main} == {0, 1}
     assert {r["step"] for r in main} == {3, 6}  # every checkpoint evaluated
-    for b in ("probe_cc_avg", "probe_avg", "nll_image", "nll_glue", "gap_image", "presence"):
+    for b in ("probe_img_avg", "probe_cc_avg", "count_blind", "count_const", "nll_image", "gap_image", "presence"):
         assert any(r["benchmark"] == b for r in main), b
     md = (out / "results.md").read_text()
-    assert "H-LVLM" in md and "U-LVLM" in md and "PRIOR" in md
+    assert "H-LVLM" in md and "U-LVLM" in md and "PRIOR" in md and "Positive control" in md
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["jobs_s"]["train_s"] > 0 and timing["jobs_s"]["eval_s"] > 0 and 0 < timing["compute_share"] <= 1
     for png in ("curves_web_h.png", "average_web_u.png", "token_nll_web_h.png", "importance_web.png",
                 "token_weights_web.png"):
         assert (out / png).stat().st_size > 1000, png
@@ -65,7 +67,7 @@ def test_report_regenerates_results_md_from_results_json(smoke, tmp_path):
 def test_rerun_skips_finished_work(smoke):
     out, _ = smoke
     log = run(out)
-    assert "(done)" in log and "(0 to train or evaluate)" in log and "lr grid, round" not in log
+    assert "(done)" in log and "(0 to train or evaluate)" in log and "pilot, round" not in log
 
 
 def test_torchrun_launcher():
@@ -75,52 +77,45 @@ def test_torchrun_launcher():
     assert exp.jobs.launcher(["eval.py"]) == []
 
 
-def fake_val(exp, mix, arch, loss, lr, seed, low, score):
-    d = exp.run_dir(mix, arch, loss, lr, seed, low) + "_val"
-    os.makedirs(d, exist_ok=True)
-    rows = [{"step": 6, "benchmark": "probe_cc_avg", "value": score},
-            {"step": 6, "benchmark": "nll_image", "value": 1.0}]
-    with open(os.path.join(d, "eval.json"), "w") as f:
-        json.dump(rows, f)
+def fake_parallel(exp, score):
+    """Stand in for the job runner: each pilot job "runs" by writing its final checkpoint and a validation curve
+    whose every point is score(lr, seed)."""
+    def run(jobs):
+        for chain in jobs:
+            (_, _, (argv, _)), _ = chain[0]
+            d, lr, seed = (argv[argv.index(k) + 1] for k in ("--out-dir", "--lr", "--seed"))
+            os.makedirs(d, exist_ok=True)
+            open(os.path.join(d, f"ckpt_{exp.p['vlm']['steps']:06d}.pt"), "w").close()
+            rows = [{"step": s, "benchmark": "probe_img_avg", "value": score(float(lr), int(seed))} for s in (3, 6)]
+            with open(os.path.join(d, "eval.json"), "w") as f:
+                json.dump(rows, f)
+            exp.ran.append((float(lr), int(seed)))
+    exp.ran = []
+    exp.parallel = run
 
 
-def test_lr_choice_extends_the_grid_at_its_edge(tmp_path):
+def test_pilot_extends_the_grid_at_its_edge(tmp_path):
     """Validation scores peak below the grid: the choice sits at the low edge, so the grid grows downwards, one
-    value per round, until the choice is interior; with the cap reached it is reported as capped. Scores are
-    averaged over the grid seeds (seed 1 disagrees with seed 0 on its own)."""
-    exp = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path)))
-    exp.p = {**exp.p, "lrs": {"h": [1e-3, 3e-3, 1e-2]}, "grid_seeds": 2, "extend": 2, "oracle_lows": [0.1, 0.3]}
+    value per round, up to `extend` values; then the choice is reported as capped. Scores are averaged over the
+    pilot seeds (seed 101 disagrees with seed 100 on its own)."""
+    exp = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path), settings="web:h",
+                                                            tune="ntp", arms="ntp"))
+    exp.p = {**exp.p, "lrs": {"h": [1e-3, 3e-3, 1e-2]}, "pilot_seeds": [100, 101], "extend": 2}
     peak = 1e-4  # best lr, two grid steps below the preset's grid
-    score = lambda lr, seed: -abs(math.log10(lr / peak)) + (0.3 if seed == 1 and lr == 1e-2 else 0)  # noqa: E731
-    c = exp.grid_points({}, "web", "h", "ntp")
-    assert exp.choose(c, "web", "h", "ntp") == [(1e-3, None), (3e-3, None), (1e-2, None)]  # nothing run yet
-    for round_ in range(4):
-        for lr in c["grid"]:
-            for seed in (0, 1):
-                fake_val(exp, "web", "h", "ntp", lr, seed, None, score(lr, seed))
-        need = exp.choose(c, "web", "h", "ntp")
-        if not need:
-            break
-        assert need == [(c["grid"][-1], None)] and c["grid"][-1] < min(c["grid"][:-1])
-    assert c["grid"] == [1e-3, 3e-3, 1e-2, 3.33e-4, 1.11e-4] and c["chosen"] == 1.11e-4 and c["edge"] and c["capped"]
-    exp.p["extend"] = 3  # one more step allowed: 3.7e-5 scores worse, so 1.11e-4 becomes interior
-    c = exp.grid_points({}, "web", "h", "ntp")
-    c["grid"] += [3.33e-4, 1.11e-4, 3.7e-5]
-    c["extended"] = 3
-    fake_val(exp, "web", "h", "ntp", 3.7e-5, 0, None, score(3.7e-5, 0))
-    fake_val(exp, "web", "h", "ntp", 3.7e-5, 1, None, score(3.7e-5, 1))
-    assert exp.choose(c, "web", "h", "ntp") == [] and c["chosen"] == 1.11e-4 and not c["edge"] and not c["capped"]
+    fake_parallel(exp, lambda lr, seed: -abs(math.log10(lr / peak)) + (0.9 if seed == 101 and lr == 1e-2 else 0))
+    c = exp.pilot()["web/h"]["ntp"]
+    assert c["grid"] == [1.11e-4, 3.33e-4, 1e-3, 3e-3, 1e-2] and c["chosen"] == 1.11e-4 and c["capped"]
+    assert sorted(exp.ran) == sorted((lr, s) for lr in c["grid"] for s in (100, 101))  # each point run once
+    exp2 = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path / "b"), settings="web:h",
+                                                             tune="ntp", arms="ntp,prior_shuffled"))
+    exp2.p = {**exp.p, "extend": 3}  # one more value allowed: 3.7e-5 scores worse, so 1.11e-4 becomes interior
+    fake_parallel(exp2, lambda lr, seed: -abs(math.log10(lr / peak)))
+    choice = exp2.pilot()["web/h"]
+    assert choice["ntp"]["chosen"] == 1.11e-4 and not choice["ntp"]["capped"] and 3.7e-5 in choice["ntp"]["grid"]
+    assert choice["prior_shuffled"] == {"chosen": 1.11e-4, "borrowed_from": "ntp"}
 
 
-def test_oracle_low_weight_is_chosen_at_its_lr(tmp_path):
-    exp = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path)))
-    exp.p = {**exp.p, "lrs": {"h": [1e-3, 3e-3, 1e-2]}, "grid_seeds": 2, "extend": 0, "oracle_lows": [0.1, 0.3]}
-    for lr, s in ((1e-3, 0.1), (3e-3, 0.5), (1e-2, 0.2)):
-        for seed in (0, 1):
-            fake_val(exp, "web", "h", "oracle", lr, seed, 0.1, s)
-    c = exp.grid_points({}, "web", "h", "oracle")
-    assert exp.choose(c, "web", "h", "oracle") == [(3e-3, 0.3)]  # the other low weight, at the chosen lr
-    assert exp.run_dir("web", "h", "oracle", 3e-3, 0, 0.3).endswith("oracle_lr0.003_s0_low0.3")
-    for seed in (0, 1):
-        fake_val(exp, "web", "h", "oracle", 3e-3, seed, 0.3, 0.6)
-    assert exp.choose(c, "web", "h", "oracle") == [] and (c["chosen"], c["low"]) == (3e-3, 0.3)
+def test_test_seeds_never_overlap_the_pilot_seeds(tmp_path):
+    exp = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path), seeds=101))
+    with pytest.raises(SystemExit, match="overlap the pilot seeds"):
+        exp.experiment()

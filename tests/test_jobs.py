@@ -79,3 +79,19 @@ def test_every_in_process_entry_exists():
     for script, (module, config, function) in jobs.IN_PROCESS.items():
         mod = importlib.import_module(module)
         assert isinstance(getattr(mod, config), type) and callable(getattr(mod, function)), script
+
+
+def test_worker_processes_run_calls_and_time_them(tmp_path):
+    """workers=True: chains run in worker processes started once; a ("call", "module:function", args) job
+    returns its own time split, a failing one names its log."""
+    runner = jobs.Jobs(str(tmp_path / "logs"), parallel=2, workers=True)
+    try:
+        runner.run_chains([[(("call", "json:loads", ('{"train_s": 1.5}',)), "a")],
+                           [(("call", "os:getpid", ()), "b")]])
+        by_name = {name: (kind, split) for name, kind, _, split in runner.timings}
+        assert by_name == {"a": ("json", {"train_s": 1.5}), "b": ("os", None)}
+        with pytest.raises(SystemExit, match="step failed: json:loads"):
+            runner.run_chains([[(("call", "json:loads", ("not json",)), "c")]])
+        assert "JSONDecodeError" in (tmp_path / "logs" / "c.log").read_text()
+    finally:
+        runner.close()
