@@ -102,3 +102,18 @@ def test_a_calm_root_and_short_train_functions():
     assert lengths["train_step"] <= 50, f"train.train_step has {lengths['train_step']} lines (limit 50)"
     assert lengths["main"] <= 60, f"train.main has {lengths['main']} lines (limit 60)"
     assert longest_functions("def f():\n    a = 1\n    return a\n") == {"f": 3}
+
+
+def test_readme_shows_the_method_first_and_a_short_files_table():
+    """README: the method-in-code pointer on the first screen (40 lines), and a files table of folders, not of
+    every module (at most 10 rows)."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert "## The method in code" in lines[:40]
+    table = []
+    for line in lines[lines.index("## Files") + 2:]:  # the heading, a blank line, then the table
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    rows = table[2:]  # after the header and the |---| line
+    assert 5 <= len(rows) <= 10, f"README's files table has {len(rows)} rows (limit 10)"
+    assert {"`data/`", "`lib/`", "`experiments/`"} <= {r.split("|")[1].strip() for r in rows}
