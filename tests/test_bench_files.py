@@ -1,0 +1,60 @@
+"""Tests for data/bench_files.py: the generator's presence probes written as POPE files and test-scene questions
+as a VLMEvalKit-style TSV, read back by data/benchmarks.py's readers, and the report lines of their metrics.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_bench_files.py
+"""
+import base64
+import json
+
+import pytest
+
+from data import bench_files as F
+from data import benchmarks as B
+from data.generate import GenConfig, generate
+from data.scenes import plural
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_files") / "data"
+    generate(GenConfig(out=str(root), n_ref=20, n_text=20, n_label=4, n_train=30, n_val=4, n_test=12, n_probe=5,
+                       workers=1))
+    return root
+
+
+def test_generator_writes_pope_files(synth):
+    specs = F.write_bench_files(str(synth))
+    assert [s.split(":")[0] for s in specs] == ["pope"] * 3 + ["mmbench"]
+    for split, spec in zip(F.POPE_SPLITS, specs):
+        probes = [json.loads(x) for x in open(synth / "probes" / f"presence_{split}.jsonl")]
+        recs = B.read_bench(spec)
+        assert len(recs) == 2 * len(probes) and {r.extra["split"] for r in recs} == {split}
+        for p, (yes, no) in zip(probes, zip(recs[::2], recs[1::2])):
+            present = {o["shape"] for o in p["scene"]}
+            pair = sorted([yes, no], key=lambda r: r.extra["answer"])  # the "yes" question first
+            shapes = [r.extra["question"].removeprefix("Is there a ").removesuffix(" in the image?") for r in pair]
+            assert shapes[0] in present and shapes[1] not in present
+            assert plural(shapes[1], 1) in p["choices"] or plural(shapes[1], 2) in p["choices"]
+            assert yes.image == no.image == str(synth / p["image"].removeprefix("../"))
+
+
+def test_generator_writes_an_mcq_tsv(synth):
+    spec = F.write_bench_files(str(synth))[-1]
+    recs = B.read_bench(spec)
+    test = [json.loads(x) for x in open(synth / "test.jsonl")]
+    assert len(recs) == 2 * len(test)  # two questions a scene (count, colour, shape: at least two always apply)
+    assert {r.extra["category"] for r in recs} <= {"count", "colour", "shape"}
+    for k, r in enumerate(recs[::2]):  # the first question of a scene carries its PNG, the second refers to it
+        assert base64.b64decode(r.extra["image_b64"]) == open(synth / test[k]["image"], "rb").read()
+        assert recs[2 * k + 1].extra["image_b64"] == r.extra["image_b64"]
+    _, images, index = B.load_bench(spec, 16)
+    assert len(images) == len(test) and index == [i // 2 for i in range(len(recs))]
+
+
+def test_report_lines():
+    rows = [{"arch": "h", "loss": "prior", "seed": 0, "step": 10, "benchmark": b, "value": v}
+            for b, v in (("pope_f1", 66.67), ("pope_yes_ratio", 50.0), ("mmbench_circular", 25.0),
+                         ("mmbench_vanilla", 40.0), ("probe_avg", 0.5))]
+    rows.append({"arch": "h", "loss": "ntp", "seed": 0, "step": 10, "benchmark": "probe_avg", "value": 0.4})
+    assert F.bench_files_report(rows) == ["h/prior seed 0 step 10: POPE F1 66.7, yes-ratio 50.0; "
+                                          "MCQ circular 25.0, vanilla 40.0"]
