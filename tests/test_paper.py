@@ -259,3 +259,19 @@ def test_same_run_reads_a_moved_artefacts_folder(mini_out, tmp_path):
     with open(os.path.join(run, "config.json"), "w") as f:
         json.dump({"config": {**moved, "lr": 1e-2}}, f)
     assert not s.same_run(run, targs)
+
+
+def test_each_command_parses_its_own_flags(capsys):
+    """One config per command: `--from` (the field from_) and the command's flags parse; another command's flag,
+    an unknown command or none at all end as one `error:` line with exit code 2."""
+    cfg = paper.parse(["scaling", "--from", "elsewhere", "--epochs", "2", "--quick"])
+    assert isinstance(cfg, paper.ScalingConfig) and cfg.command == "scaling"
+    assert (cfg.from_dir, cfg.epochs, cfg.quick, cfg.methods) == ("elsewhere", 2.0, True, "ntp,prior")
+    assert cfg.argv == ["scaling", "--from", "elsewhere", "--epochs", "2", "--quick"]
+    with pytest.raises(SystemExit) as e:
+        paper.parse(["scaling", "--alphas", "1"])  # ablation's flag
+    assert e.value.code == 2 and "unrecognized arguments: --alphas" in capsys.readouterr().err
+    for argv in (["fig9"], []):
+        with pytest.raises(SystemExit) as e:
+            paper.main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err.startswith("error: the first argument is the command")

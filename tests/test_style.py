@@ -98,3 +98,13 @@ def test_flags_come_from_config_dataclasses():
     by_hand = [str(p.relative_to(ROOT)) for p in project_files()
                if p.parent.name != "tests" and "ArgumentParser(" in p.read_text(encoding="utf-8")]
     assert set(by_hand) == {"lib/cli.py", *ARGPARSE_SCRIPTS}, by_hand
+
+
+def test_positional_and_keyword_named_fields():
+    """lib/cli: a positional() field is given by position (lib/hf.py's folder), and a field named with a trailing
+    underscore is the flag without it (experiments/paper.py's from_ is --from)."""
+    from lib.cli import parse_config
+    from lib.hf import HfConfig
+    from experiments.paper import AblationConfig
+    assert parse_config(HfConfig, ["some/folder", "--out", "o"]) == HfConfig(path="some/folder", out="o")
+    assert parse_config(AblationConfig, ["--from", "x"]).from_ == "x"
