@@ -8,7 +8,8 @@ Every script keeps its settings in one `@dataclass` whose fields carry a help te
 
     cfg = parse_config(Config, description=__doc__)   # python script.py --steps=500
 
-(`steps: int = flag(300, "optimizer steps")` is the same field, shorter.)
+(`steps: int = flag(300, "optimizer steps")` is the same field, shorter.) A `positional("help")` field is given
+by position (`python -m lib.hf FOLDER`); a name with a trailing underscore drops it (`from_` is `--from`).
 
 The same dataclass is saved (as a plain dict) inside every checkpoint and rebuilt with
 `from_dict`, so a checkpoint alone says how it was made.
