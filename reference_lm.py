@@ -14,7 +14,13 @@ Captions are packed into rows of --row-len tokens with attention kept inside eac
 restarting at each caption (data/packing.py), so no compute is spent on padding. The checkpoint holds the
 weights, this config, the decoder config, the tokenizer fingerprint and the training-data fingerprint.
 
-Flags in detail: --data's formats are read by data/records.py.
+Several processes (torchrun; DDP, or --fsdp to shard weights, gradients and AdamW state as train.py does): each
+takes its share of every step's rows, and the loss is the mean over the whole step's tokens, so N processes give
+the 1-process result up to float rounding. For an 8B Llama on 8 GPUs (docs/llama.md):
+    torchrun --standalone --nproc_per_node=8 reference_lm.py --fsdp --grad-checkpoint --init-decoder hf:FOLDER ...
+
+Flags in detail: --data's formats are read by data/records.py. --wandb PROJECT logs the config and every
+validation entry of the history (lib/tracking.py).
 """
 import json
 import os
@@ -24,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data import tokenizer as T
@@ -32,7 +39,9 @@ from data.packing import make_samples, pack
 from data.records import read_records
 from loss import ntp_loss
 from model import Decoder, DecoderConfig
+from lib.distributed import full_weights, global_mean, setup_distributed, wrap
 from lib.health import memorising, val_split_size
+from lib.tracking import start_wandb
 from lib.utils import atomic_save, autocast, lr_at, make_optimizer, pick_device, seed_everything, text_fingerprint
 
 
@@ -62,6 +71,9 @@ class RefConfig:
     seed: int = flag(0, "random seed")
     device: str = flag("auto", "auto, cpu or cuda")
     max_bad_fraction: float = flag(0.01, "stop if more than this share of a file's records is bad")
+    grad_checkpoint: bool = flag(False, "recompute decoder blocks in backward: less activation memory, same numbers")
+    fsdp: bool = flag(False, "with several processes, shard weights, gradients and optimizer state (FSDP2)")
+    wandb: str = flag("", "also log the config and the validation history to this wandb project ('' = off)")
 
 
 @torch.no_grad()
@@ -84,7 +96,10 @@ def evaluate(model, samples, row_len, device, batch_rows=32):
 
 
 def train_lm(cfg):
-    device = pick_device(cfg.device)
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    master, sharded = rank == 0, cfg.fsdp and world > 1
+    if cfg.batch_rows % world:
+        raise ValueError(f"--batch-rows {cfg.batch_rows} is not divisible by {world} processes")
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
     records = [r for path in cfg.data.split(",")
@@ -111,14 +126,20 @@ def train_lm(cfg):
     if base is not None:
         model.load_state_dict(base["model"])
     model = model.to(device)
-    opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    model.grad_checkpoint = cfg.grad_checkpoint
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"LM: {n_params / 1e6:.2f}M params, {len(train)} train / {len(val)} val captions from {cfg.data}")
+    train_model, opt = wrap(model, make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay), cfg, world, device,
+                            master)
+    run = start_wandb(cfg.wandb, {"config": asdict(cfg), "decoder_config": asdict(dcfg)}, os.path.dirname(
+        os.path.abspath(cfg.out)), os.path.basename(cfg.out)) if cfg.wandb and master else None
+    if master:
+        print(f"LM: {n_params / 1e6:.2f}M params, {len(train)} train / {len(val)} val captions from {cfg.data}, "
+              f"{world} process(es)")
 
     rng = random.Random(cfg.seed + 1)
     epoch_rows, cursor, tokens_seen, t_train = [], 0, 0, 0.0
     history, best = [], None  # best: (val_nll, step, weights on the CPU) of the best validation so far
-    bar = tqdm(range(cfg.steps), desc=f"train {os.path.basename(cfg.out)}", dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps), desc=f"train {os.path.basename(cfg.out)}", dynamic_ncols=True, disable=not master)
     for step in bar:
         if cursor + cfg.batch_rows > len(epoch_rows):  # new epoch: reshuffle captions and re-pack
             rng.shuffle(train)
@@ -127,46 +148,64 @@ def train_lm(cfg):
             cursor = 0
         rows = [torch.stack(x) for x in zip(*epoch_rows[cursor:cursor + cfg.batch_rows])]
         cursor += cfg.batch_rows
-        input_ids, labels, position_ids, doc_ids = (x.to(device) for x in rows)
+        n_tokens = int((rows[1] != -100).sum())  # the step's labelled tokens, over all processes
+        input_ids, labels, position_ids, doc_ids = (x[rank::world].to(device) for x in rows)  # this process's rows
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         t0 = time.perf_counter()
         with autocast(device):
-            logits = model(input_ids, position_ids=position_ids, doc_ids=doc_ids)
-        loss = ntp_loss(logits, labels)
+            logits = train_model(input_ids, position_ids=position_ids, doc_ids=doc_ids)
+        # this share's mean x its share of the step's tokens x world: DDP's gradient mean is then the step's mean
+        loss = ntp_loss(logits, labels) * ((labels != -100).sum() * world / n_tokens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         t_train += time.perf_counter() - t0
-        tokens_seen += input_ids.numel()
+        tokens_seen += input_ids.numel() * world
+        loss = global_mean(loss, world)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val_nll = evaluate(model, val, cfg.row_len, device)
             history.append({"step": step + 1, "train_loss": loss.item(), "val_nll": val_nll})
-            tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, val nll {val_nll:.3f}, "
+            if run is not None:
+                run.log(history[-1], step=step + 1)
+            if master:
+                tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, val nll {val_nll:.3f}, "
                        f"val ppl {torch.tensor(val_nll).exp():.2f}")
-            if not val or best is None or val_nll < best[0]:
-                best = (val_nll, step + 1, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            if not val or best is None or val_nll < best[0]:  # sharded: gathered on rank 0, every rank joins
+                best = (val_nll, step + 1, full_weights(model, sharded))
             elif cfg.patience and (step + 1 - best[1]) // cfg.eval_every >= cfg.patience:
                 tqdm.write(f"stopping: no better validation NLL in {cfg.patience} validations")
                 break
 
     warning = memorising(history)
+    if not master:  # rank 0 writes; the others leave once it has
+        return finish(model, world, run)
     if warning:
         print(f"WARNING: {warning}", file=sys.stderr)
-    model.load_state_dict(best[2])
+    if not sharded:  # sharded, the returned model keeps its last step's shards; the file holds the best step
+        model.load_state_dict(best[2])
     kept = {"kept_step": best[1], "best_val_nll": best[0] if val else None, "val_captions": len(val)}
     print(f"kept step {best[1]} of {history[-1]['step']} (validation NLL {best[0]:.3f}, {len(val)} captions)")
     train_tokens_per_s = tokens_seen / t_train
     print(f"training throughput: {train_tokens_per_s:,.0f} tokens/s (forward + backward + step, {device})")
-    atomic_save({"model": model.state_dict(), "decoder_config": asdict(dcfg), "config": asdict(cfg),
-                 "tokenizer": T.fingerprint(tok), "data": text_fingerprint(records), "history": history,
+    atomic_save({"model": best[2] if sharded else model.state_dict(), "decoder_config": asdict(dcfg),
+                 "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": text_fingerprint(records), "history": history,
                  "train_tokens_per_s": train_tokens_per_s, **kept}, cfg.out)
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
         json.dump({"history": history, "train_tokens_per_s": train_tokens_per_s, "params": n_params, **kept,
                    "memorising": warning}, f, indent=1)
     print(f"saved {cfg.out}")
+    return finish(model, world, run)
+
+
+def finish(model, world, run):
+    if run is not None:
+        run.finish()
+    if world > 1:  # leave together, after rank 0 has written
+        dist.barrier()
+        dist.destroy_process_group()
     return model
 
 

@@ -36,6 +36,7 @@ class Tally:
         self.good = 0    # records handed on
         self.counts = Counter()
         self.first = []  # (location, reason, detail) of the first few problems
+        self.shards, self.broken = 0, []  # tar shards read, and the broken ones: (path, reason)
 
     @property
     def n_bad(self):
@@ -46,10 +47,17 @@ class Tally:
         if len(self.first) < 5:
             self.first.append((location, reason, detail))
 
+    def broken_shard(self, path, reason):
+        """A tar shard that broke off (cut, corrupt header, not a tar): every sample after the break is lost, and
+        no count of records can say how many, so the bad-fraction rule counts it as a whole shard too."""
+        self.broken.append((path, reason))
+
     def merge(self, other):
         """Add another tally's counts (e.g. of another worker)."""
         self.total += other.total
         self.good += other.good
+        self.shards += other.shards
+        self.broken += other.broken
         self.counts.update(other.counts)
         self.first = (self.first + other.first)[:5]
 
@@ -62,7 +70,17 @@ class Tally:
         summary = (f"skipped {n_bad} of {self.total} {self.what} in {self.where}: "
                    + ", ".join(f"{r} x {n}" for r, n in counts))
         first = "\n".join(f"  {loc}: {reason}{': ' + detail if detail else ''}" for loc, reason, detail in self.first)
+        if self.broken:
+            summary += (f"; {len(self.broken)} of {self.shards} shards are broken (lost every sample after the "
+                        f"break: {', '.join(sorted({r for _, r in self.broken}))})")
         print(summary + "\n" + first, file=sys.stderr)
+        shard_frac = len(self.broken) / max(1, self.shards)
+        if self.broken and shard_frac > max_bad_fraction:
+            raise DataError(f"{self.where}: {len(self.broken)} of {self.shards} shards are broken ({shard_frac:.2%} "
+                            f"of the shards, more than max_bad_fraction={max_bad_fraction:.2%}; first: "
+                            f"{self.broken[0][0]}: {self.broken[0][1]}): a broken shard loses all its samples after "
+                            f"the break, however few records that counts; fix or remove the shard, or raise "
+                            f"max_bad_fraction")
         frac = n_bad / max(1, self.total)
         if frac > max_bad_fraction:
             raise DataError(f"{self.where}: {n_bad} of {self.total} {self.what} are bad ({frac:.2%}), more than "

@@ -83,7 +83,7 @@ def test_zero_byte_files(tmp_path):
     with pytest.raises(DataError, match="empty.json: not a valid UTF-8 JSON file"):
         read_records(tmp_path / "empty.json")
     (tmp_path / "empty.tar").write_bytes(b"")
-    with pytest.raises(DataError, match="1 of 1 records are bad") as err:
+    with pytest.raises(DataError, match="1 of 1 shards are broken") as err:
         read_records(tmp_path / "empty.tar")
     assert "unreadable shard" in str(err.value) and "empty.tar" in str(err.value)
     (tmp_path / "scores.pt").write_bytes(b"")
@@ -95,9 +95,12 @@ def test_one_unreadable_shard_among_many_is_skipped_and_counted(tmp_path, capfd)
     for s in range(3):
         write_shard(tmp_path / f"{s:06d}.tar", good_samples(40, 40 * s))
     (tmp_path / "000003.tar").write_bytes(b"this is not a tar file" * 50)
-    assert len(read_records(tmp_path)) == 120
+    with pytest.raises(DataError, match=r"1 of 4 shards are broken \(25.00% of the shards, more than max_bad_fraction"):
+        read_records(tmp_path)  # a quarter of the data lost: refused, though it is 1 record of 121
+    assert len(read_records(tmp_path, max_bad_fraction=0.25)) == 120
     err = capfd.readouterr().err
     assert "skipped 1 of 121 records" in err and "unreadable shard x 1" in err and "000003.tar" in err
+    assert "1 of 4 shards are broken" in err
 
 
 # ----------------------------------------------------------------------------- tar shards cut off
@@ -109,18 +112,18 @@ def test_shard_cut_off_mid_member_or_at_a_boundary(tmp_path, capfd):
         member = tf.getmember("000050.png")
     cut = tmp_path / "cut.tar"
     cut.write_bytes(full[: member.offset_data + 10])
-    recs = read_records(cut, max_bad_fraction=0.5)
+    recs = read_records(cut, max_bad_fraction=1.0)  # its only shard is broken: 100% of the shards
     assert [r.id for r in recs] == [f"{i:06d}" for i in range(50)]
     err = capfd.readouterr().err
     assert "shard cut off mid-member x 1" in err and "cut.tar" in err
-    with pytest.raises(DataError, match="cut.tar: 1 of 51 records are bad"):
+    with pytest.raises(DataError, match="cut.tar: 1 of 1 shards are broken"):
         read_records(cut)  # over 1%: refused, not trained on quietly
     ids = [s["id"] for s in ShardStream(cut, image_size=4, rank=0, world=1, max_bad_fraction=0.5)]
     assert ids == [f"{i:06d}" for i in range(50)] and "shard cut off mid-member x 1" in capfd.readouterr().err
     # At a member boundary: tarfile itself would stop quietly; the missing end-of-archive marker is counted.
     boundary = tmp_path / "boundary.tar"
     boundary.write_bytes(full[: member.offset])  # ends right after sample 49's last member
-    recs = read_records(boundary, max_bad_fraction=0.5)
+    recs = read_records(boundary, max_bad_fraction=1.0)
     assert len(recs) == 50
     err = capfd.readouterr().err
     assert "no end-of-archive marker x 1" in err and "anything after is lost" in err
@@ -129,7 +132,7 @@ def test_shard_cut_off_mid_member_or_at_a_boundary(tmp_path, capfd):
     with tarfile.open(tmp_path / "full.tar") as tf:
         final = tf.getmember("000199.txt")
     last.write_bytes(full[: final.offset_data + 3])
-    recs = read_records(last, max_bad_fraction=0.5)
+    recs = read_records(last, max_bad_fraction=1.0)
     assert len(recs) == 199 and "shard cut off mid-member x 1" in capfd.readouterr().err
 
 

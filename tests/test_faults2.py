@@ -253,3 +253,26 @@ def test_resume_after_half_a_log_line(tiny, tmp_path):
     log.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 2}\n{"step": 3}\n[]\n')  # torn in the middle, a list
     trim_log(str(log), 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+# ----------------------------------------------------------------------------- 6. broken tar shards
+
+def test_a_broken_shard_counts_as_a_lost_shard_not_one_record(tmp_path, capfd):
+    import tarfile
+    from data.record_types import DataError
+    from data.records import read_records
+    from test_faults import good_samples, write_shard
+    for s in range(2):
+        write_shard(tmp_path / f"{s:06d}.tar", good_samples(100, 100 * s))
+    (tmp_path / "000002.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(DataError, match=r"1 of 3 shards are broken \(33.33% of the shards, more than max_bad_"):
+        read_records(tmp_path)  # was: "skipped 1 of 201", and training on two thirds of the data
+    (tmp_path / "000002.tar").unlink()
+    full = (tmp_path / "000001.tar").read_bytes()
+    with tarfile.open(tmp_path / "000001.tar") as tf:
+        at = tf.getmember("000150.png").offset
+    (tmp_path / "000001.tar").write_bytes(full[:at] + b"\x07" * 512 + full[at + 512:])  # a corrupt header
+    with pytest.raises(DataError, match="1 of 2 shards are broken .*000001.tar: no end-of-archive marker"):
+        read_records(tmp_path)
+    assert len(read_records(tmp_path, max_bad_fraction=0.5)) == 150
+    assert "1 of 2 shards are broken" in capfd.readouterr().err
