@@ -172,7 +172,7 @@ def train_lm(cfg):
                 run.log(history[-1], step=step + 1)
             if master:
                 tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, val nll {val_nll:.3f}, "
-                       f"val ppl {torch.tensor(val_nll).exp():.2f}")
+                           f"val ppl {torch.tensor(val_nll).exp():.2f}")
             if not val or best is None or val_nll < best[0]:  # sharded: gathered on rank 0, every rank joins
                 best = (val_nll, step + 1, full_weights(model, sharded))
             elif cfg.patience and (step + 1 - best[1]) // cfg.eval_every >= cfg.patience:
@@ -191,8 +191,8 @@ def train_lm(cfg):
     train_tokens_per_s = tokens_seen / t_train
     print(f"training throughput: {train_tokens_per_s:,.0f} tokens/s (forward + backward + step, {device})")
     atomic_save({"model": best[2] if sharded else model.state_dict(), "decoder_config": asdict(dcfg),
-                 "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": text_fingerprint(records), "history": history,
-                 "train_tokens_per_s": train_tokens_per_s, **kept}, cfg.out)
+                 "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": text_fingerprint(records),
+                 "history": history, "train_tokens_per_s": train_tokens_per_s, **kept}, cfg.out)
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
         json.dump({"history": history, "train_tokens_per_s": train_tokens_per_s, "params": n_params, **kept,
                    "memorising": warning}, f, indent=1)

@@ -110,14 +110,17 @@ def bench_results(specs, model, tok, score_docs, image_embeds, device="cpu", **k
 
 
 def bench_table(results, specs):
-    """A small Markdown table of each benchmark's headline numbers from {benchmark: value} (summed / mean)."""
+    """A small Markdown table of each benchmark's headline numbers from {benchmark: value} (summed / mean); POPE
+    shows the mean over its splits when there are several, else its one split."""
     lines = ["| benchmark | metric | summed | per-token |", "|---|---|---|---|"]
     for name, group in bench_names(specs).items():
         kind = parse_bench(group[0])[0]
         for metric in HEADLINE[kind]:
-            keys = [k for k in results if k.startswith(name + "_") and not k.startswith(name + "_norm_")
-                    and (k == f"{name}_{metric}" or (kind == "pope" and k.endswith("_" + metric)))]
-            for k in keys:
+            keys = [f"{name}_{metric}"]
+            if kind == "pope" and keys[0] not in results:  # one split: its own numbers
+                keys = [k for k in results if k.endswith("_" + metric) and "_norm_" not in k and k.count("_") >= 2
+                        and k.startswith(name + "_")]
+            for k in (k for k in keys if k in results):
                 v, w = results[k], results.get(k.replace(name + "_", name + "_norm_", 1), math.nan)
                 lines.append(f"| {name} | {k[len(name) + 1:]} | {v:.2f} | {w:.2f} |")
     return "\n".join(lines)
