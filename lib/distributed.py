@@ -1,6 +1,7 @@
 """Several processes (torchrun): set-up, DDP or FSDP2 wrapping, and unsharded state for checkpoints.
 
-One process needs none of it: setup_distributed returns rank 0 of 1 and train.py trains the bare model.
+One process needs none of it: setup_distributed returns rank 0 of 1 and train.py (and reference_lm.py) trains the
+bare model. wrap and shard take a VLM (its .decoder's blocks are the sharding units) or a bare Decoder (its blocks).
 """
 import os
 import time
@@ -57,7 +58,7 @@ def shard(model, opt, cfg, device):
     state = get_optimizer_state_dict(model, opt, options=full) if opt.state else None
     # An explicit mesh: fully_shard's default is a CUDA mesh whenever CUDA exists, even for --device cpu.
     mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (dist.get_world_size(),))
-    for block in model.decoder.blocks:
+    for block in getattr(model, "decoder", model).blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
@@ -95,7 +96,7 @@ def wrap(model, opt, cfg, world, device, master):
     elif world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.startswith("cuda") else None)
-    if cfg.compile:
+    if getattr(cfg, "compile", False):
         train_model = torch.compile(train_model, dynamic=True)  # batch shapes change every step (tight packing)
     return train_model, opt
 
@@ -109,3 +110,21 @@ def reduce_stats(stats, nll_by_tag, world, device):
         stats.update(zip(keys, packed.tolist()))
         dist.all_reduce(nll_by_tag)
     return stats, nll_by_tag.cpu()
+
+
+def global_mean(x, world):
+    """The mean of a scalar tensor over the processes (a detached copy; x itself when alone): for logs."""
+    if world == 1:
+        return x.detach()
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world
+
+
+def full_weights(model, sharded):
+    """The model's weights as CPU copies that outlive training: gathered onto rank 0 when sharded (a collective
+    every rank joins; the others get {}), else a clone of the state dict."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

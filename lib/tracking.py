@@ -18,16 +18,17 @@ import secrets
 from lib.cli import UserError
 
 
-def start_wandb(project, config, out_dir, name=None):
-    """A wandb run for `project` logging into out_dir/wandb (WANDB_MODE=offline: no network needed)."""
+def start_wandb(project, config, out_dir, name=None, id_path=None):
+    """A wandb run for `project` logging into out_dir/wandb (WANDB_MODE=offline: no network needed). id_path: a
+    file keeping the run's id, so a resumed run continues it (None: a new run each time)."""
     try:
         import wandb
     except ImportError:
         raise UserError("--wandb needs the wandb package: pip install -r requirements-wandb.txt") from None
-    id_path = os.path.join(out_dir, "wandb_id")
-    run_id = open(id_path).read().strip() if os.path.exists(id_path) else secrets.token_hex(4)
-    with open(id_path, "w") as f:
-        f.write(run_id)
+    run_id = open(id_path).read().strip() if id_path and os.path.exists(id_path) else secrets.token_hex(4)
+    if id_path:
+        with open(id_path, "w") as f:
+            f.write(run_id)
     return wandb.init(project=project, config=config, dir=out_dir, id=run_id, resume="allow",
                       name=name or os.path.basename(os.path.normpath(out_dir)))
 
@@ -39,7 +40,8 @@ class RunLog:
     def __init__(self, path, project="", config=None, out_dir=None):
         self.file = open(path, "a")
         out_dir = out_dir or os.path.dirname(path) or "."
-        self.run = start_wandb(project, config or {}, out_dir) if project else None
+        self.run = start_wandb(project, config or {}, out_dir, id_path=os.path.join(out_dir, "wandb_id")) if project \
+            else None
 
     def write(self, line):
         self.file.write(json.dumps(line) + "\n")

@@ -140,6 +140,20 @@ def wandb_records(path):
     return out
 
 
+def wandb_history(path, internal=False):
+    """The logged rows of a .wandb file, without wandb's own _step, _runtime, _timestamp unless `internal`. wandb's
+    service process may still be writing after run.finish() returns: read once the run's exit record is there."""
+    import time
+    for _ in range(300):
+        records = wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.1)
+    rows = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
+    return [{k: v for k, v in row.items() if internal or not k.startswith("_")} for row in rows]
+
+
 def test_wandb_offline_history_equals_log(tiny, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -147,11 +161,9 @@ def test_wandb_offline_history_equals_log(tiny, tmp_path, monkeypatch):
     train.main(config(tiny, tmp_path, steps=3, wandb="prior-test"))
     log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
     (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert wandb_history(run_file) == log
+    assert [h["_step"] for h in wandb_history(run_file, internal=True)] == [1, 2, 3]
     records = wandb_records(run_file)
-    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
-    assert [{k: v for k, v in h.items() if not k.startswith("_")} for h in history] == log
-    assert [h["_step"] for h in history] == [1, 2, 3]
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     logged = {i.key: json.loads(i.value_json) for i in run.config.update}  # config.json's dict
     assert json.load(open(tmp_path / "config.json")) == {k: v for k, v in logged.items() if k != "_wandb"}
@@ -193,3 +205,47 @@ def test_exported_folder_reloads_to_identical_logits(tiny, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
     with pytest.raises(ValueError, match="not an exported VLM"):
         load_vlm(str(tmp_path / "run"))
+
+
+# ----------------------------------------------------------------------------- reference_lm.py under torchrun
+def test_reference_lm_two_gloo_processes_equal_one(tiny, tmp_path):
+    """DDP and FSDP2 over 2 gloo CPU processes, each with half of every step's rows, give the 1-process LM: the
+    loss is the mean over the whole step's tokens, so only the order of float sums differs (1e-5)."""
+    import os
+    import subprocess
+    import sys
+    from tests.test_train import ROOT
+    from lib.utils import load_checkpoint
+    args = ["--data", str(tiny["ref"]), "--tokenizer", str(tiny["tokenizer"]), "--n-layer", "2", "--n-head", "2",
+            "--d-model", "32", "--row-len", "64", "--batch-rows", "4", "--steps", "6", "--eval-every", "3",
+            "--device", "cpu", "--grad-checkpoint"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"one": (1, []), "ddp": (2, []), "fsdp": (2, ["--fsdp"])}
+    for name, (n, extra) in runs.items():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               os.path.join(ROOT, "reference_lm.py"), *args, *extra, "--out", str(tmp_path / f"{name}.pt")]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"{n} process(es)" in done.stdout
+    one = load_checkpoint(tmp_path / "one.pt")
+    for name in ("ddp", "fsdp"):
+        other = load_checkpoint(tmp_path / f"{name}.pt")
+        assert [h["step"] for h in other["history"]] == [3, 6] and other["kept_step"] == one["kept_step"]
+        for a, b in zip(one["history"], other["history"]):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+            assert b["val_nll"] == pytest.approx(a["val_nll"], rel=1e-5)
+        for k, v in one["model"].items():
+            torch.testing.assert_close(other["model"][k], v, atol=1e-5, rtol=1e-4, msg=f"{name} {k}")
+
+
+def test_reference_lm_wandb_logs_the_history(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    import reference_lm
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    reference_lm.train_lm(reference_lm.RefConfig(data=str(tiny["ref"]), tokenizer=str(tiny["tokenizer"]),
+                                                 out=str(tmp_path / "lm.pt"), n_layer=1, n_head=2, d_model=32,
+                                                 row_len=64, batch_rows=4, steps=4, eval_every=2, device="cpu",
+                                                 wandb="prior-test"))
+    (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert wandb_history(run_file) == json.load(open(tmp_path / "lm.json"))["history"]
