@@ -20,6 +20,7 @@ from data import bench_score as S
 from data import tokenizer as T
 from data.record_types import DataError
 from data.images import load_image, normalize
+from lib.cli import parse_config
 from model import DecoderConfig, VLM, VLMConfig
 
 
@@ -273,7 +274,7 @@ def test_eval_command_writes_bench_rows(small, tmp_path, capsys):
     pope = write_pope(tmp_path, "random")
     specs = [f"pope:{pope}::{tmp_path / 'val2014'}", f"mme:{write_mme(tmp_path)}", f"seed:{write_seed(tmp_path)}"
              f"::{tmp_path / 'SEED-Bench-image'}"]
-    cfg = E.parse_config(E.EvalConfig, S.join_repeated(["--ckpt", str(ckpt)] + [a for s in specs
+    cfg = parse_config(E.EvalConfig, S.join_repeated(["--ckpt", str(ckpt)] + [a for s in specs
                                                                                  for a in ("--bench", s)]))
     E.main(cfg)
     out = capsys.readouterr().out
@@ -282,3 +283,27 @@ def test_eval_command_writes_bench_rows(small, tmp_path, capsys):
     got = {r["benchmark"]: r["value"] for r in rows}
     assert got["mme_perception"] == got["mme_existence"] + got["mme_artwork"] and "mme_cognition" not in got
     assert 0 <= got["pope_random_yes_ratio"] <= 100 and "seed_acc_Scene Understanding" in got
+
+
+def test_yes_no_tsvs_mme_and_pope(tmp_path):
+    """VLMEvalKit's MME.tsv / POPE.tsv: yes/no questions; MME's two questions of an image share its image_key."""
+    cols = ["index", "category", "image_path", "question", "answer", "image"]
+    rows = [[0, "existence", "existence/1.png", "Is there a dog?", "Yes", png_b64(5)],
+            [1, "existence", "existence/1.png", "Is there a cat?", "No", "0"],
+            [2, "OCR", "OCR/2.png", "Does it say stop?", "yes", png_b64(6)],
+            [3, "OCR", "OCR/2.png", "Does it say go?", "Maybe", "2"]]
+    with open(tmp_path / "MME.tsv", "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([cols] + rows)
+    recs = B.read_bench(f"mme:{tmp_path / 'MME.tsv'}", max_bad_fraction=0.3)
+    assert [(r.extra["subtask"], r.extra["answer"], r.extra["choices"]) for r in recs] == \
+        [("existence", 0, ["yes", "no"]), ("existence", 1, ["yes", "no"]), ("OCR", 0, ["yes", "no"])]
+    assert recs[0].extra["image_key"] == recs[1].extra["image_key"] != recs[2].extra["image_key"]
+    assert recs[1].caption == "question: Is there a cat? answer:"
+    from data.bench_metrics import mme_metrics
+    assert mme_metrics(recs, [0, 0, 0])["perception"] == (50 + 0) + (100 + 100)
+    with open(tmp_path / "POPE.tsv", "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([["index", "question", "answer", "category", "image"],
+                                                 [0, "Is there a car?", "yes", "adversarial", png_b64(7)],
+                                                 [1, "Is there a bus?", "no", "random", "0"]])
+    recs = B.read_bench(f"pope:{tmp_path / 'POPE.tsv'}")
+    assert [(r.extra["split"], r.extra["answer"]) for r in recs] == [("adversarial", 0), ("random", 1)]
