@@ -234,11 +234,13 @@ class Experiment:
         mix, arch, loss, lr, seed = spec
         d = self.run_dir(mix, arch, loss, lr, seed)
         low = self.p["oracle_low"] if loss == "oracle" else None
-        argv = self.train_args(mix, arch, loss, lr, seed, d, low)[1:]  # [0] is "train.py"
-        if arch == "h" and self.p.get("image_cache", True):  # decoded once per image set, then memory-mapped
-            argv += ["--image-cache", self.path(f"images_{mix}.u8")]
-        return [(("call", "experiments.worker:train_eval", (argv, [self.eval_spec(mix, arch, split)])),
-                 f"{split}_{mix}_{arch}_{os.path.basename(d)}")]
+        name = f"{split}_{mix}_{arch}_{os.path.basename(d)}"
+        args = self.train_args(mix, arch, loss, lr, seed, d, low)
+        if arch == "h":  # decoded once per image set, then memory-mapped by every run
+            args += ["--image-cache", self.path(f"images_{mix}.u8")]
+        if not self.jobs.workers:  # torchrun (--nproc > 1): train.py, then eval.py over every checkpoint
+            return [(args, "train_" + name), (self.eval_args(d, mix, split, arch), "eval_" + name)]
+        return [(("call", "experiments.worker:train_eval", (args[1:], [self.eval_spec(mix, arch, split)])), name)]
 
     def parallel(self, jobs):
         """Run chains of jobs (jobs.Jobs.run_chains) and print how long they took."""

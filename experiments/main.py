@@ -1,31 +1,34 @@
 """The main job: PRIOR vs NTP and its controls, end to end, on the built-in data, following the paper's recipe.
 
     bash run.sh                               # = python -m experiments.main (the CPU preset; prints its estimate)
-    python -m experiments.main --preset smoke       # a 1-minute miniature of every stage (tests/test_experiment.py)
+    python -m experiments.main --preset smoke       # a 2-minute miniature of every stage (tests/test_experiment.py)
     python -m experiments.main --settings web:u     # another setting (mix:family) with the same protocol
     python -m experiments.main --preset gpu --parallel 1 --nproc 8  # bigger data, models, steps (experiment.PRESETS)
     python -m experiments.main --stage prepare      # only data -> tokenizer -> reference LM -> scores
 
-The design, fixed before any result was read (docs/experiment.md explains each choice):
-  settings   mix:family pairs (--settings). Mixes: "web" (mostly predictable boilerplate), "hard" (image words
+The design, fixed before any result was read (docs/experiment.md explains each choice; experiments/protocol.py
+holds the rules, which the report applies again to results.json alone):
+  settings   mix:family pairs (--settings; the cpu preset: web:h, the primary). Mixes: "web", "hard" (image words
              that the text predicts: PRIOR's risk), "noisy" (noise is most of the non-image words).
-  arms       ntp, prior, prior_shuffled (PRIOR's weights permuted within each caption: does the choice of tokens
-             matter, or any reweighting?), oracle (the generator's tags: a reference point, not a bound).
-  seeds      seed s gives every arm the same initialisation and data order: differences are paired.
-  lr         per arm, setting: a grid run with --grid-seeds seeds, scored on the VALIDATION probes (probes_val/)
-             by the primary endpoint, averaged over those seeds; a choice at the grid's edge adds the next value
-             beyond it (up to the preset's "extend" times per side, then reported as capped). The oracle's low
-             weight is chosen the same way at its chosen lr. Arms not in --tune borrow (prior_shuffled: PRIOR's).
-  primary    probe_cc_avg on the TEST probes at the last step: the chance-corrected probe average (eval.py).
+  arms       ntp, prior, prior_shuffled (PRIOR's weights permuted within each caption), oracle (the generator's
+             tags: the positive control; a reference point, not a bound).
+  pilot      seeds the test never uses: each tuned arm at every lr of the grid, validation probes at every
+             checkpoint; lr = best mean of the last 3 checkpoints (near-ties: the smaller lr); a grid edge adds
+             one value. The oracle must beat NTP there (the positive control), or the setting cannot judge PRIOR.
+  main       seed s gives every arm the same initialisation and data order; test probes at every checkpoint.
+  primary    probe_img_avg on the test probes: the mean over probe groups of accuracy - blind accuracy (each
+             question with another question's image), what the image adds; PRIOR - NTP at the final step.
+             Also peak (step chosen on the pilot's validation curve) and stability (largest drop), with MDEs.
 Stages (each skipped when its output exists, so a re-run resumes): data, tokenizer, then in parallel the
-reference LM + scores per mix, the base LM (+ the U-LVLM's stage 1) and the ViT; lr grids; main runs; eval of
-every checkpoint; report (results.json, results.md, plots: reporting.py).
+reference LM + scores per mix, the base LM (+ the U-LVLM's stage 1) and the ViT; the pilot; the main runs (each
+run trains and evaluates its checkpoints in one worker process: experiments/worker.py); report (results.json,
+results.md, plots: reporting.py), timing.json (where the time went).
 """
 import json
 import time
 from dataclasses import asdict
 
-from lib.cli import parse_config
+from lib.cli import run
 from experiments.experiment import Experiment, ExperimentConfig
 from experiments.reporting import write_report
 
@@ -80,4 +83,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(ExperimentConfig, description=__doc__))
+    run(main, ExperimentConfig, description=__doc__)
