@@ -41,7 +41,8 @@ import torch
 from tqdm import tqdm
 
 from data import tokenizer as T
-from lib.cli import flag, parse_config
+from lib.cli import UserError, flag, run
+from lib.flag_checks import EvalChecks
 from data.benchmarks import data_key, load_mc, load_test, report_skipped
 from data.bench_score import bench_results, bench_table, join_repeated
 from data.scores import load_scores
@@ -55,11 +56,12 @@ THRESHOLDS = (0.25, 0.5, 0.75)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EvalChecks):
     ckpt: str = flag("", "one train.py checkpoint to evaluate (results printed)")
     run_dir: str = flag("", "evaluate every ckpt_*.pt here into RUN_DIR/eval.json, skipping those already in it")
     mc: str = flag("", "comma-separated multiple-choice JSONL files of your own")
     bench: str = flag("", "benchmark files KIND:PATH[::IMAGES], e.g. pope:coco_pope_random.json::val2014 (repeatable)")
+    bench_generate: int = flag(0, "--bench: also answer by greedy decoding of up to N tokens (<bench>_gen_*; 0 = off)")
     probes: str = flag("", "folder of probe *.jsonl files (built in: data/synth/probes)")
     test: str = flag("", "held-out caption JSONL with word 'tags', for the token NLL")
     test_scores: str = flag("", "score.py output for --test: adds NLL by PRIOR weight w = 1 - p_ref")
@@ -79,6 +81,7 @@ class EvalConfig:
     threads: int = flag(0, "torch CPU threads (0 = torch's default)")
     feature_cache: str = flag("",
                               "H-LVLM: folder caching the ViT's features per image file, across runs (data/features)")
+
 
 
 # ----------------------------------------------------------------------------- probes and captions
@@ -134,7 +137,7 @@ def token_analysis(model, tok, path, scores_path=None, device="cpu", max_rows=No
         p_ref = load_scores(scores_path, T.fingerprint(tok), data_fp, path)
         bad = [r.id for r, c in zip(records, captions) if r.id not in p_ref or len(p_ref[r.id]) != len(c) + 1]
         if bad:
-            raise ValueError(f"{scores_path}: scores of record {bad[0]} do not match its tokens")
+            raise UserError(f"{scores_path}: scores of record {bad[0]} do not match its tokens")
         w = 1 - torch.cat([p_ref[records[i].id][:-1] for i in scored] or [torch.zeros(0)])
         for t in THRESHOLDS:
             groups[f"w_gt_{t:g}"], groups[f"w_le_{t:g}"] = w > t, w <= t
@@ -192,7 +195,7 @@ def probe_groups(out, chance, stems):
 
 
 def evaluate_model(model, tok, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None,
-                   mc_files=(), seed=0, max_bad_fraction=0.05, blind=True, bench=(), **kw):
+                   mc_files=(), seed=0, max_bad_fraction=0.05, blind=True, bench=(), bench_generate=0, **kw):
     """{benchmark: value} of a model in hand (eval.py's checkpoints, or train.py's model at a checkpoint)."""
     probe_files = sorted(glob.glob(os.path.join(probes_dir, "*.jsonl"))) if probes_dir else []
     if probes_dir and not probe_files:
@@ -203,8 +206,8 @@ def evaluate_model(model, tok, probes_dir=None, test_path=None, test_scores=None
                                blind, **kw)
     probe_groups(out, chance, [os.path.splitext(os.path.basename(f))[0] for f in probe_files])
     if bench:  # the paper's benchmarks as distributed, their official metrics (data/bench_score.py)
-        out.update(bench_results(bench, model, tok, score_docs, image_embeds, device, max_rows=max_rows, seed=seed,
-                                 max_bad_fraction=max_bad_fraction, **kw))
+        out.update(bench_results(bench, model, tok, score_docs, image_embeds, device, bench_generate, max_rows=max_rows,
+                                 seed=seed, max_bad_fraction=max_bad_fraction, **kw))
     if test_path:
         out.update(token_analysis(model, tok, test_path, test_scores, device, max_rows, seed, max_bad_fraction, **kw))
     model.train(was_training)
@@ -276,6 +279,7 @@ def main(cfg):
     kw = dict(probes_dir=cfg.probes or None, test_path=cfg.test or None, test_scores=cfg.test_scores or None,
               device=pick_device(cfg.device), max_rows=cfg.max_rows or None,
               mc_files=[f for f in cfg.mc.split(",") if f], bench=[b for b in cfg.bench.split(",") if b],
+              bench_generate=cfg.bench_generate,
               tokenizer=cfg.tokenizer or None, row_len=cfg.row_len, batch_rows=cfg.batch_rows, seed=cfg.seed,
               max_bad_fraction=cfg.max_bad_fraction, feature_cache=cfg.feature_cache, blind=cfg.blind)
     if not (cfg.ckpt or cfg.run_dir or cfg.importance):
@@ -305,4 +309,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(EvalConfig, join_repeated(sys.argv[1:]), description=__doc__))
+    run(main, EvalConfig, join_repeated(sys.argv[1:]), description=__doc__)

@@ -38,13 +38,14 @@ from lib.build import build_model
 from lib.checkpoint import check_resume, check_run_dir, claim_run_dir, release_lock, restore, save
 from lib.cli import flag, parse_config
 from data.features import encoder_features
-from data.images import images_cached, load_images, normalize
+from data.images import normalize
+from data.stream import open_images
 from data.instruct import instruct_samples, read_train_data
 from data.packing import IGNORE, cat, global_batch, make_samples, n_labels, pack, to_device, warn_overlong
 from data.records import read_records
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
-from lib.distributed import full_state, reduce_stats, setup_distributed, unwrap, wait_until, wrap
+from lib.distributed import full_state, reduce_stats, setup_distributed, unwrap, wrap
 from lib.flops import count_work, peak_flops, step_flops
 from lib.health import Alarm
 from lib.tracking import RunLog
@@ -109,6 +110,7 @@ class TrainConfig:
     grad_checkpoint: bool = flag(False, "recompute decoder blocks in backward: less activation memory, same numbers")
     vision_layer: int = flag(0, "--vision timm features: 0 = the final ones; -2 = the penultimate block's (LLaVA)")
     wandb: str = flag("", "also log the config and every log.jsonl line to this wandb project ('' = off)")
+    stream: bool = flag(False, "decode images per batch from their files or tar shards, not all at start-up")
     # ---- the baselines' flags (baselines/: Table 1's comparisons, not PRIOR); read only with their --loss or
     # --objective. Named as before, so old checkpoints' configs and the experiment drivers keep working.
     objective: str = flag("none", "auxiliary objective added to the caption loss (baselines/heads.py)",
@@ -247,9 +249,7 @@ def load_data(cfg, tok, model, extra, device, master, world):
             p_ref = shuffle_within_captions(p_ref)
     elif extra is not None:
         p_ref, weights = extra.token_inputs(tok, data_fp, inputs)
-    if cfg.image_cache and world > 1 and not master:  # rank 0 decodes into the file, the others wait for it
-        wait_until(lambda: images_cached(records, model.cfg.image_size, cfg.image_cache))
-    records, images = load_images(records, model.cfg.image_size, cfg.max_bad_fraction, cfg.workers, cfg.image_cache)
+    records, images = open_images(cfg, records, model.cfg.image_size, master, world)  # decoded now, or per batch
     features = encoder_features(model.encoder, images, cfg.feature_cache, device) if cfg.feature_cache else None
     tags = token_tags(tok, records)
     if cfg.loss == "oracle" and tags is None:

@@ -14,6 +14,8 @@ in (this module cannot import a script).
 import math
 import os
 
+import torch
+
 from data import tokenizer as T
 from data.bench_metrics import bench_metrics, rotations
 from data.benchmarks import load_bench, mc_prompt, parse_bench, report_skipped
@@ -86,16 +88,48 @@ def score_spec(spec, model, tok, score_docs, image_embeds, device="cpu", max_row
     return [r for r, _ in pairs], score_docs(model, docs, embeds, device=device, desc=name, **kw)
 
 
-def bench_results(specs, model, tok, score_docs, image_embeds, device="cpu", **kw):
+def match_answer(text, choices):
+    """The choice a generated answer names, as the benchmarks match it, or -1: yes/no questions read "no" when
+    the answer has the word "no" or "not" and "yes" otherwise (POPE's and LLaVA's rule); other questions take a
+    leading option letter ("B", "B.", "(B)"), else the one choice whose text the answer contains."""
+    from experiments.qa_eval import normalise_answer
+    words = normalise_answer(text).replace(",", " ").split()
+    if choices == ["yes", "no"]:
+        return 1 if {"no", "not"} & set(words) else 0
+    head = str(text).strip().lstrip("(").upper()
+    letters = [chr(65 + j) for j in range(len(choices))]
+    if head[:1] in letters and (len(head) == 1 or not head[1].isalpha()):
+        return letters.index(head[0])
+    said = " ".join(words)
+    hits = [j for j, c in enumerate(choices) if normalise_answer(c) and f" {normalise_answer(c)} " in f" {said} "]
+    return hits[0] if len(hits) == 1 else -1
+
+
+def generated_predictions(spec, records, model, tok, device="cpu", max_new_tokens=16, max_rows=None, seed=0,
+                          max_bad_fraction=0.05, **_):
+    """Each record's greedy answer (KV-cached, experiments/qa_eval.generate_answers) matched to a choice index
+    (match_answer; -1: none), None where the prompt leaves no room in the context."""
+    from experiments.qa_eval import generate_answers
+    loaded, images, index = load_bench(spec, model.cfg.image_size, max_rows, seed, max_bad_fraction)
+    at = {r.id: i for r, i in zip(loaded, index)}
+    which = torch.tensor([at[r.id.rsplit("@", 1)[0] if r.id not in at else r.id] for r in records], dtype=torch.long)
+    answers = generate_answers(model, tok, [r.caption for r in records], images[which], device, max_new_tokens)
+    return [None if a is None else match_answer(a, r.extra["choices"]) for a, r in zip(answers, records)]
+
+
+def bench_results(specs, model, tok, score_docs, image_embeds, device="cpu", generate=0, **kw):
     """{<bench>_<metric>: value} of every --bench spec (kw: max_rows, seed, max_bad_fraction, feature_cache,
-    row_len, batch_rows); questions longer than the model's context are counted as <bench>_skipped."""
+    row_len, batch_rows); questions longer than the model's context are counted as <bench>_skipped. generate=N:
+    also answer by greedy decoding of up to N tokens, matched like the benchmarks (<bench>_gen_<metric>)."""
     out = {}
     for name, group in bench_names(specs).items():
-        records, logps = [], []
+        records, logps, gen = [], [], []
         for spec in group:
             r, lp = score_spec(spec, model, tok, score_docs, image_embeds, device, **kw)
             records += r
             logps += lp
+            if generate:
+                gen += generated_predictions(spec, r, model, tok, device, generate, **kw)
         kind = parse_bench(group[0])[0]
         scored = [i for i, lp in enumerate(logps) if lp is not None]
         if not scored:
@@ -105,6 +139,11 @@ def bench_results(specs, model, tok, score_docs, image_embeds, device="cpu", **k
             preds = predictions(logps, norm)
             metrics = bench_metrics(kind, [records[i] for i in scored], [preds[i] for i in scored])
             out.update({f"{name}{suffix}_{k}": v for k, v in metrics.items()})
+        answered = [i for i, p in enumerate(gen) if p is not None]
+        if answered:  # generation-based, as VLMEvalKit scores (exact matching, no LLM judge)
+            metrics = bench_metrics(kind, [records[i] for i in answered], [gen[i] for i in answered])
+            out.update({f"{name}_gen_{k}": v for k, v in metrics.items()})
+            out[f"{name}_gen_unmatched"] = 100.0 * sum(gen[i] == -1 for i in answered) / len(answered)
         report_skipped(out, name, len(records) - len(scored), len(records), "questions")
     return out
 
@@ -112,7 +151,9 @@ def bench_results(specs, model, tok, score_docs, image_embeds, device="cpu", **k
 def bench_table(results, specs):
     """A small Markdown table of each benchmark's headline numbers from {benchmark: value} (summed / mean); POPE
     shows the mean over its splits when there are several, else its one split."""
-    lines = ["| benchmark | metric | summed | per-token |", "|---|---|---|---|"]
+    gen = any("_gen_" in k for k in results)
+    lines = ["| benchmark | metric | summed | per-token |" + (" generated |" if gen else ""),
+             "|---|---|---|---|" + ("---|" if gen else "")]
     for name, group in bench_names(specs).items():
         kind = parse_bench(group[0])[0]
         for metric in HEADLINE[kind]:
@@ -122,5 +163,6 @@ def bench_table(results, specs):
                         and k.startswith(name + "_")]
             for k in (k for k in keys if k in results):
                 v, w = results[k], results.get(k.replace(name + "_", name + "_norm_", 1), math.nan)
-                lines.append(f"| {name} | {k[len(name) + 1:]} | {v:.2f} | {w:.2f} |")
+                g = f" {results.get(k.replace(name + '_', name + '_gen_', 1), math.nan):.2f} |" if gen else ""
+                lines.append(f"| {name} | {k[len(name) + 1:]} | {v:.2f} | {w:.2f} |{g}")
     return "\n".join(lines)

@@ -307,3 +307,26 @@ def test_yes_no_tsvs_mme_and_pope(tmp_path):
                                                  [1, "Is there a bus?", "no", "random", "0"]])
     recs = B.read_bench(f"pope:{tmp_path / 'POPE.tsv'}")
     assert [(r.extra["split"], r.extra["answer"]) for r in recs] == [("adversarial", 0), ("random", 1)]
+
+
+def test_generated_answers_matched_like_the_benchmarks():
+    yn = ["yes", "no"]
+    assert [S.match_answer(a, yn) for a in ("Yes, there is.", "No.", "there is not a dog", "a dog")] == [0, 1, 1, 0]
+    opts = ["red circle", "blue", "green"]
+    assert [S.match_answer(a, opts) for a in ("B", "(C) green", "A. red circle", "it is blue", "blue or green",
+                                              "purple", "Blue")] == [1, 2, 0, 1, -1, -1, 1]
+
+
+def test_generation_scoring(small, tmp_path):
+    import eval as E
+    from experiments.qa_eval import generate_answers
+    root, tok, model = small
+    pope = write_pope(tmp_path, "random")
+    spec = f"pope:{pope}::{tmp_path / 'val2014'}"
+    out = S.bench_results([spec], model, tok, E.score_docs, E.image_embeds, generate=4)
+    recs, images, index = B.load_bench(spec, 16)
+    answers = generate_answers(model, tok, [r.caption for r in recs], images[torch.tensor(index)], max_new_tokens=4)
+    preds = [S.match_answer(a, ["yes", "no"]) for a in answers]
+    yes = sum(p == 0 for p in preds)
+    assert out["pope_gen_random_yes_ratio"] == 100.0 * yes / len(recs)
+    assert out["pope_gen_unmatched"] == 0.0  # a yes/no answer always maps to one of the two
