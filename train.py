@@ -238,7 +238,7 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
 
 def load_data(cfg, tok, model, extra, device, master, world):
     """(records, Data, fingerprints of the files read besides --data and --tokenizer) for the run."""
-    records, chat_text = read_train_data(cfg.data, cfg.instruct, cfg.max_bad_fraction)  # chat_text: --instruct
+    records, chat_text, make = read_train_data(cfg.data, cfg.instruct, cfg.max_bad_fraction)  # data/instruct.py
     data_fp = text_fingerprint(records)
     p_ref = weights = None
     inputs = {}  # fingerprints of what else the run read, checked by --resume
@@ -254,7 +254,6 @@ def load_data(cfg, tok, model, extra, device, master, world):
     tags = token_tags(tok, records)
     if cfg.loss == "oracle" and tags is None:
         raise ValueError(f"--loss oracle needs the generator's ground-truth 'tags' field in {cfg.data}")
-    make = instruct_samples if cfg.instruct else make_samples  # --instruct: loss masks on the answers
     samples = make(tok, records, p_ref, tags, weights, cfg.attn_scores if cfg.loss == "attn" else cfg.scores)
     text_samples = instruct_samples(tok, chat_text)  # --instruct: text-only conversations train as text rows
     if cfg.text_data:
