@@ -22,7 +22,7 @@ import json
 import os
 
 from data import tokenizer as T
-from data.packing import Sample
+from data.packing import Sample, make_samples
 from data.record_types import BadRecord, DataError, Record, Tally
 from data.records import read_records, split_source
 
@@ -148,11 +148,11 @@ def instruct_samples(tok, records, p_ref=None, tags=None, weights=None, source="
 
 
 def read_train_data(path, instruct=False, max_bad_fraction=0.01):
-    """train.py's --data: (records with an image, text-only conversations) of an instruction file with
-    instruct=True, else (data/records.read_records(path), [])."""
+    """train.py's --data: (records with an image, text-only conversations, the function that makes their Samples)
+    of an instruction file with instruct=True, else (data/records.read_records(path), [], make_samples)."""
     if not instruct:
-        return read_records(path, max_bad_fraction=max_bad_fraction), []
-    return split_text_only(read_instruct(path, max_bad_fraction=max_bad_fraction))
+        return read_records(path, max_bad_fraction=max_bad_fraction), [], make_samples
+    return (*split_text_only(read_instruct(path, max_bad_fraction=max_bad_fraction)), instruct_samples)
 
 
 def split_text_only(records):
