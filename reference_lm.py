@@ -34,7 +34,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import tokenizer as T
-from lib.cli import flag, parse_config
+from lib.cli import UserError, flag, run
+from lib.flag_checks import RefChecks
 from data.packing import make_samples, pack
 from data.records import read_records
 from loss import ntp_loss
@@ -46,7 +47,7 @@ from lib.utils import atomic_save, autocast, lr_at, make_optimizer, pick_device,
 
 
 @dataclass
-class RefConfig:
+class RefConfig(RefChecks):
     data: str = flag("data/synth/ref.jsonl",
                      "caption file(s), comma-separated: JSONL, LLaVA or COCO JSON, or .tar shards; "
                      "images are not read")
@@ -76,6 +77,7 @@ class RefConfig:
     wandb: str = flag("", "also log the config and the validation history to this wandb project ('' = off)")
 
 
+
 @torch.no_grad()
 def evaluate(model, samples, row_len, device, batch_rows=32):
     """Mean NLL per token over all samples (packed, forward only)."""
@@ -99,7 +101,7 @@ def train_lm(cfg):
     rank, world, device = setup_distributed(pick_device(cfg.device))
     master, sharded = rank == 0, cfg.fsdp and world > 1
     if cfg.batch_rows % world:
-        raise ValueError(f"--batch-rows {cfg.batch_rows} is not divisible by {world} processes")
+        raise UserError(f"--batch-rows {cfg.batch_rows} is not divisible by {world} processes")
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
     records = [r for path in cfg.data.split(",")
@@ -210,4 +212,4 @@ def finish(model, world, run):
 
 
 if __name__ == "__main__":
-    train_lm(parse_config(RefConfig, description=__doc__))
+    run(train_lm, RefConfig, description=__doc__)

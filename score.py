@@ -38,7 +38,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import tokenizer as T
-from lib.cli import flag, parse_config
+from lib.cli import flag, run
+from lib.flag_checks import ScoreChecks
 from data.packing import count_overlong, make_samples
 from data.records import read_records
 from data.score_shards import data_pass, overlong_note, processes, refuse_duplicate_ids, score_stream
@@ -50,7 +51,7 @@ from lib.utils import file_fingerprint, pick_device, text_fingerprint
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(ScoreChecks):
     ref: str = flag("out/ref_lm.pt", "reference LM checkpoint from reference_lm.py")
     tokenizer: str = flag("out/tokenizer.json", "tokenizer.json the reference LM was trained with")
     data: str = flag("data/synth/train.jsonl", "caption data to score (the VLM's training data): .jsonl, LLaVA/COCO "
@@ -69,6 +70,7 @@ class ScoreConfig:
     report_captions: int = flag(2000, "with --stream: captions (the first of rank 0's share) kept for the "
                                 "relevance report and picture")
     max_bad_fraction: float = flag(0.01, "stop if more than this share of records is bad")
+
 
 
 def context_len(model, row_len):
@@ -284,4 +286,4 @@ def _write_report(cfg, report, tok, records, samples, p_ref):
 
 
 if __name__ == "__main__":
-    main(parse_config(ScoreConfig, description=__doc__))
+    run(main, ScoreConfig, description=__doc__)

@@ -35,8 +35,9 @@ from tqdm import tqdm
 import baselines
 from data import tokenizer as T
 from lib.build import build_model
-from lib.checkpoint import check_resume, check_run_dir, claim_run_dir, release_lock, restore, save
-from lib.cli import flag, parse_config
+from lib.checkpoint import claim_run_dir, release_lock, restore, resume_state, save
+from lib.cli import UserError, flag, run
+from lib.flag_checks import TrainChecks
 from data.features import encoder_features
 from data.images import normalize
 from data.stream import open_images
@@ -51,12 +52,12 @@ from lib.health import Alarm
 from lib.tracking import RunLog
 from loss import prior_weights, shuffle_within_captions, token_losses, weighted_loss
 from model import count_params
-from lib.utils import (autocast, file_fingerprint, load_checkpoint, lr_at, make_optimizer, pick_device, seed_everything,
+from lib.utils import (autocast, file_fingerprint, lr_at, make_optimizer, pick_device, seed_everything,
                    text_fingerprint)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrainChecks):
     data: str = flag("data/synth/train.jsonl", "image-caption pairs: JSONL, LLaVA/COCO JSON or .tar shards")
     tokenizer: str = flag("out/tokenizer.json", "tokenizer.json")
     scores: str = flag("out/scores_train.pt", "score.py output for --data (needed by --loss prior)")
@@ -253,7 +254,7 @@ def load_data(cfg, tok, model, extra, device, master, world):
     features = encoder_features(model.encoder, images, cfg.feature_cache, device) if cfg.feature_cache else None
     tags = token_tags(tok, records)
     if cfg.loss == "oracle" and tags is None:
-        raise ValueError(f"--loss oracle needs the generator's ground-truth 'tags' field in {cfg.data}")
+        raise UserError(f"--loss oracle needs the generator's ground-truth 'tags' field in {cfg.data}")
     samples = make(tok, records, p_ref, tags, weights, cfg.attn_scores if cfg.loss == "attn" else cfg.scores)
     text_samples = instruct_samples(tok, chat_text)  # --instruct: text-only conversations train as text rows
     if cfg.text_data:
@@ -273,10 +274,10 @@ def load_data(cfg, tok, model, extra, device, master, world):
 
 def check_flags(cfg, world):
     if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
     if cfg.feature_cache and (cfg.arch != "h" or cfg.train != "projector" or cfg.objective == "recon"):
-        raise ValueError("--feature-cache needs --arch h with a frozen encoder (--train projector), and no --objective "
-                         "recon (it reads the pixels)")
+        raise UserError("--feature-cache needs --arch h with a frozen encoder (--train projector), and no --objective "
+                        "recon (it reads the pixels)")
 
 
 def log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, peak):
@@ -299,19 +300,15 @@ def log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, peak):
 def setup(cfg, rank, world, device):
     """(model, records, data, meta, resumed state or None): checked flags, tokenizer, model, data."""
     check_flags(cfg, world)
-    check_run_dir(cfg)  # --resume without last.pt, or a new run over an old one: refused before anything is built
-    extra = baselines.hook(cfg, world)
-    last_path, state = os.path.join(cfg.out_dir, "last.pt"), None
-    if cfg.resume and os.path.exists(last_path):  # before anything is built: a changed flag is refused at once
-        state = load_checkpoint(last_path, "vlm")
-        check_resume(cfg, state, last_path, extra is not None and extra.per_micro_batch())
+    extra = baselines.hook(cfg, world)  # then the folder and last.pt, before anything is built (refused at once)
+    state = resume_state(cfg, extra is not None and extra.per_micro_batch())
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
     torch.manual_seed(cfg.seed)  # the model first: its encoder decides the image size
     model = build_model(cfg, tok).to(device)
     if len(model.image_tokens()) + 2 > cfg.row_len:
-        raise ValueError(f"an image takes {len(model.image_tokens())} tokens: --row-len {cfg.row_len} leaves no "
-                         f"room for a caption; raise --row-len")
+        raise UserError(f"an image takes {len(model.image_tokens())} tokens: --row-len {cfg.row_len} leaves no "
+                        f"room for a caption; raise --row-len")
     records, data, meta = load_data(cfg, tok, model, extra, device, rank == 0, world)
     return model, records, data, meta, state
 
@@ -389,7 +386,7 @@ def main(cfg, on_checkpoint=None):
 
 
 if __name__ == "__main__":
-    main(parse_config(TrainConfig, description=__doc__))
+    run(main, TrainConfig, description=__doc__)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Finished cleanly, process group destroyed, files closed: skip the interpreter's teardown, where a
         # leftover gloo thread can still abort the process ("terminate called without an active exception";

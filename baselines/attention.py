@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import tokenizer as T
-from lib.cli import flag, parse_config
+from lib.cli import flag, run
+from lib.flag_checks import AttnChecks
 from data.packing import make_samples
 from data.records import read_records
 from data.images import load_images, normalize
@@ -124,7 +125,7 @@ def caption_rows(samples, max_len):
 
 
 @dataclass
-class AttnConfig:
+class AttnConfig(AttnChecks):
     data: str = flag("data/synth/train.jsonl",
                      "image-caption pairs to train the scorer on and to score (train.py's --data)")
     tokenizer: str = flag("out/tokenizer.json", "tokenizer.json (train.py's)")
@@ -155,6 +156,7 @@ class AttnConfig:
     threads: int = flag(0, "torch CPU threads (0 = torch's default)")
     max_bad_fraction: float = flag(0.01, "stop if more than this share of records is bad")
     workers: int = flag(0, "processes for decoding images at start-up")
+
 
 
 def train_attention_scorer(cfg):
@@ -240,4 +242,4 @@ def train_attention_scorer(cfg):
 
 
 if __name__ == "__main__":
-    train_attention_scorer(parse_config(AttnConfig, description=__doc__))
+    run(train_attention_scorer, AttnConfig, description=__doc__)

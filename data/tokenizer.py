@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lib.cli import flag
+from lib.cli import UserError, flag
+from lib.flag_checks import TokenizerChecks
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|image|>", "<|vision|>", "<|/vision|>", "<|vrow|>"]
 PAD, BOS, EOS, IMAGE, VISION, VISION_END, VROW = range(len(SPECIALS))
@@ -44,9 +45,13 @@ def load_tokenizer(path):
         return convert_tokenizer(path[3:], SPECIALS)[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no tokenizer at {path}: make one with `python -m data.tokenizer --out {path}`")
-    tok = Tokenizer.from_file(path)
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library says "expected value at line 1 column 1", and no file name
+        raise UserError(f"{path}: not a tokenizer.json ({(str(e).splitlines() or [''])[0][:200]}); make one with "
+                        f"`python -m data.tokenizer --out {path}`") from None
     if [tok.token_to_id(s) for s in SPECIALS] != list(range(len(SPECIALS))):
-        raise ValueError(f"{path} lacks prior's special tokens {SPECIALS} at ids 0..{len(SPECIALS) - 1}")
+        raise UserError(f"{path} lacks prior's special tokens {SPECIALS} at ids 0..{len(SPECIALS) - 1}")
     tok.encode_special_tokens = True
     return tok
 
@@ -85,7 +90,7 @@ def token_word_index(tok, captions):
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(TokenizerChecks):
     data: str = flag("data/synth/text.jsonl,data/synth/train.jsonl",
                      "comma-separated caption files (JSONL, LLaVA or COCO JSON, .tar shards) to "
                      "learn merges from")
@@ -94,10 +99,14 @@ class TokenizerConfig:
     max_bad_fraction: float = flag(0.01, "stop if more than this share of a file's records is bad")
 
 
+
 def main(argv=None):
     from lib.cli import parse_config
+    return build(parse_config(TokenizerConfig, argv, description=__doc__))
+
+
+def build(cfg):
     from data.records import read_records
-    cfg = parse_config(TokenizerConfig, argv, description=__doc__)
     bad = cfg.max_bad_fraction
     captions = [r.caption for path in cfg.data.split(",")
                 for r in read_records(path, require_image=False, check_files=False, max_bad_fraction=bad)]
@@ -109,4 +118,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from lib.cli import run
+    run(build, TokenizerConfig, description=__doc__)

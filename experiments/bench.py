@@ -48,7 +48,7 @@ from PIL import Image  # noqa: E402
 from data import tokenizer as T  # noqa: E402
 from experiments import bench_parts  # noqa: E402
 import train  # noqa: E402
-from lib.cli import flag, parse_config  # noqa: E402
+from lib.cli import flag, run  # noqa: E402
 from lib.build import build_model  # noqa: E402
 from data.images import load_images  # noqa: E402
 from data.packing import global_batch, make_samples, pack  # noqa: E402
@@ -354,4 +354,4 @@ def print_table(r, cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(BenchConfig, description=__doc__))
+    run(main, BenchConfig, description=__doc__)

@@ -16,6 +16,7 @@ from data import tokenizer as T
 from lib.encoders import load_vision_weights
 from lib.hf import base_checkpoint
 from model import VLM, DecoderConfig, VLMConfig, load_model
+from lib.cli import UserError
 from lib.utils import check_fingerprint, load_checkpoint, pick_device
 
 FOLDER_FORMAT = "prior-vlm"  # config.json's "format" in a folder lib/export.py writes
@@ -29,7 +30,7 @@ def read_vlm(path, flag=""):
     config_path = os.path.join(path, "config.json")
     meta = json.load(open(config_path)) if os.path.isfile(config_path) else {}
     if meta.get("format") != FOLDER_FORMAT:
-        raise ValueError(f"{flag + ': ' if flag else ''}{path} is a folder but not an exported VLM (no config.json "
+        raise UserError(f"{flag + ': ' if flag else ''}{path} is a folder but not an exported VLM (no config.json "
                          f"with format {FOLDER_FORMAT!r}; python -m lib.export writes one)")
     from safetensors.torch import load_file
     state = load_file(os.path.join(path, "model.safetensors"))
@@ -75,18 +76,18 @@ def build_model(cfg, tok):
         dcfg = DecoderConfig(**{**base["decoder_config"],
                                 "max_seq_len": max(cfg.row_len, base["decoder_config"]["max_seq_len"])})
     if cfg.vision and cfg.init_encoder:
-        raise ValueError("--vision (a timm encoder) and --init-encoder (a tools/vision.py ViT) are two encoders: "
+        raise UserError("--vision (a timm encoder) and --init-encoder (a tools/vision.py ViT) are two encoders: "
                          "give one")
     if cfg.vision_weights and not cfg.vision:
-        raise ValueError("--vision-weights needs --vision timm:<name>, the model the weights belong to")
+        raise UserError("--vision-weights needs --vision timm:<name>, the model the weights belong to")
     if getattr(cfg, "vision_layer", 0) and not cfg.vision:
-        raise ValueError("--vision-layer needs --vision timm:<name> (the built-in ViT gives its last layer)")
+        raise UserError("--vision-layer needs --vision timm:<name> (the built-in ViT gives its last layer)")
     if cfg.vision_weights and cfg.init_from:
-        raise ValueError("--init-from already holds the encoder's weights: drop --vision-weights")
+        raise UserError("--init-from already holds the encoder's weights: drop --vision-weights")
     try:
         vision_kwargs = json.loads(cfg.vision_kwargs) if cfg.vision_kwargs else {}
     except json.JSONDecodeError as e:
-        raise ValueError(f"--vision-kwargs is not JSON ({e}): {cfg.vision_kwargs!r}") from None
+        raise UserError(f"--vision-kwargs is not JSON ({e}): {cfg.vision_kwargs!r}") from None
     if getattr(cfg, "vision_layer", 0):  # kept with the kwargs, so the checkpoint's model_config rebuilds it
         vision_kwargs["vision_layer"] = cfg.vision_layer
     vcfg = VLMConfig(arch=cfg.arch, image_size=cfg.image_size, patch_size=cfg.patch_size, vit_dim=cfg.vit_dim,
@@ -102,7 +103,7 @@ def build_model(cfg, tok):
         check_fingerprint("tokenizer", start["tokenizer"], T.fingerprint(tok), cfg.init_from, cfg.tokenizer)
         vcfg = VLMConfig.from_dict(start["model_config"])
         if vcfg.arch != cfg.arch:  # the run would train one family and label it the other
-            raise ValueError(f"--init-from {cfg.init_from} is a {vcfg.arch.upper()}-LVLM, but --arch is {cfg.arch}: "
+            raise UserError(f"--init-from {cfg.init_from} is a {vcfg.arch.upper()}-LVLM, but --arch is {cfg.arch}: "
                              f"give --arch {vcfg.arch}, or another --init-from")
     model = VLM(vcfg)
     if base is not None:

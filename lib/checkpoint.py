@@ -11,7 +11,7 @@ import torch
 
 from model import VLMConfig
 from lib.cli import UserError
-from lib.utils import atomic_save, check_fingerprint
+from lib.utils import atomic_save, check_fingerprint, load_checkpoint
 
 
 # Flags that --resume lets differ from the run's own: where and how it runs, never what it computes. --steps may not
@@ -47,6 +47,18 @@ def check_run_dir(cfg):
         raise UserError(f"--out-dir {cfg.out_dir} holds another run ({', '.join(map(os.path.basename, old[:3]))}"
                         f"{', ...' if len(old) > 3 else ''}): add --resume to continue it, --overwrite to replace it, "
                         f"or give a new --out-dir")
+
+
+def resume_state(cfg, per_micro_batch=False):
+    """train.py's start: check_run_dir, then (--resume) last.pt, loaded and checked against the flags (check_resume);
+    None for a new run."""
+    check_run_dir(cfg)
+    path = os.path.join(cfg.out_dir, "last.pt")
+    if not (cfg.resume and os.path.exists(path)):
+        return None
+    state = load_checkpoint(path, "vlm")
+    check_resume(cfg, state, path, per_micro_batch)
+    return state
 
 
 def _alive(pid):
@@ -134,7 +146,7 @@ def check_resume(cfg, state, path, per_micro_batch=False):
                old[k] != v and (k not in RESUME_PATHS or bool(old[k]) != bool(v))]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, a, b in changed)
-        raise ValueError(f"--resume: {path} is a run with other flags ({flags}); a resumed run keeps the flags that "
+        raise UserError(f"--resume: {path} is a run with other flags ({flags}); a resumed run keeps the flags that "
                          f"define it (see its config.json): give the old values, or a new --out-dir")
 
 
@@ -174,10 +186,10 @@ def restore(state, path, model, opt, cfg, meta, master=True):
     check_fingerprint("tokenizer", state["tokenizer"], meta["tokenizer"], path, cfg.tokenizer)
     for key, fp in meta["inputs"].items():  # checkpoints older than this record have no "inputs"
         if state.get("inputs", {}).get(key, fp) != fp:
-            raise ValueError(f"--resume: --{key.replace('_', '-')} {getattr(cfg, key)} is not the file the run in "
+            raise UserError(f"--resume: --{key.replace('_', '-')} {getattr(cfg, key)} is not the file the run in "
                              f"{path} read (fingerprint {fp}, the run's {state['inputs'][key]})")
     if VLMConfig.from_dict(state["model_config"]) != model.cfg:  # e.g. an --init-* file that changed since
-        raise ValueError(f"--resume: {path} holds another model than these flags build "
+        raise UserError(f"--resume: {path} holds another model than these flags build "
                          f"({state['model_config']} vs {asdict(model.cfg)})")
     model.load_state_dict(state["model"])
     if state.get("optimizer_format") == "fqn":  # from an --fsdp run: keyed by parameter name

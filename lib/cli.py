@@ -20,6 +20,7 @@ PRIOR_DEBUG=1 shows the traceback too. Any other exception is the project's own 
 """
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import typing
@@ -30,9 +31,64 @@ class UserError(ValueError):
     code that catches ValueError keeps working."""
 
 
-def flag(default, help, choices=None):
-    """A config field with its --help text (and the values argparse accepts)."""
-    return dataclasses.field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
+def flag(default, help, choices=None, min=None, max=None):
+    """A config field with its --help text (and the values argparse accepts: choices, or a range min..max,
+    inclusive, checked by validate; a float with a bound must also be finite)."""
+    extra = {k: v for k, v in (("choices", choices), ("min", min), ("max", max)) if v is not None}
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+def option(name):
+    """The flag of a field name: --some-name for some_name (from_, a Python keyword + _, is --from)."""
+    return "--" + name.rstrip("_").replace("_", "-")
+
+
+def check_range(name, value, lo=None, hi=None, help=""):
+    """UserError unless lo <= value <= hi (either bound may be None); a float must also be finite (NaN and inf
+    pass no comparison a weight or a rate needs)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if (lo is not None and not value >= lo) or (hi is not None and not value <= hi) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        number = "an integer" if isinstance(value, int) else "a finite number"
+        allowed = " and ".join(x for x in (f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "")
+                               if x)
+        raise UserError(f"{option(name)} {value}: allowed values are {number}{' ' + allowed if allowed else ''}"
+                        f"{' (' + help + ')' if help else ''}")
+
+
+def check_ranges(cfg, **bounds):
+    """check_range for each name=min or name=(min, max) of cfg (a script's check() method)."""
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cfg)}
+    for name, bound in bounds.items():
+        lo, hi = bound if isinstance(bound, tuple) else (bound, None)
+        check_range(name, getattr(cfg, name), lo, hi, helps.get(name, ""))
+
+
+def check_divisible(cfg, width, heads):
+    """The attention heads must split the width evenly: --d-model 30 --n-head 4 cannot."""
+    if getattr(cfg, width) % getattr(cfg, heads):
+        raise UserError(f"{option(width)} {getattr(cfg, width)} is not divisible by {option(heads)} "
+                        f"{getattr(cfg, heads)}: allowed are widths that are a multiple of the number of heads")
+
+
+def check_warmup(cfg):
+    """--warmup below --steps (or 0): a warm-up as long as the run never reaches --lr."""
+    if cfg.warmup and cfg.warmup >= cfg.steps:
+        raise UserError(f"--warmup {cfg.warmup}: allowed values are 0 to --steps - 1 = {cfg.steps - 1} (a warm-up "
+                        f"of --steps {cfg.steps} or more never reaches --lr)")
+
+
+def validate(cfg):
+    """Refuse a config whose values the flags do not allow: each field's min/max (flag()), then the script's own
+    checks (the config's check() method, if it has one). One UserError naming the flag and the values it takes."""
+    for f in dataclasses.fields(cfg):
+        if "min" in f.metadata or "max" in f.metadata:
+            check_range(f.name, getattr(cfg, f.name), f.metadata.get("min"), f.metadata.get("max"),
+                        f.metadata.get("help", ""))
+    if hasattr(cfg, "check"):
+        cfg.check()
+    return cfg
 
 
 def _bool(text):
@@ -63,8 +119,13 @@ def parse_config(cls, argv=None, description=None):
             base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
             choices = f.metadata.get("choices")
             parser.add_argument(flag, dest=f.name, type=base, default=default, choices=choices, help=help_text)
-    args = parser.parse_args(argv)
-    return cls(**vars(args))
+    names = {f.name for f in dataclasses.fields(cls)}
+    if "debug" not in names:  # every script: show the traceback of a user's mistake too
+        parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    args = vars(parser.parse_args(argv))
+    if args.pop("debug", False) and "debug" not in names:
+        os.environ["PRIOR_DEBUG"] = "1"
+    return validate(cls(**args))
 
 
 def positional(help, choices=None):
@@ -85,12 +146,12 @@ def from_dict(cls, values):
 
 
 def run(main, cls, argv=None, description=None):
-    """A script's entry point: parse `cls`'s flags, call main(cfg); a UserError becomes `error: ...` and exit 2."""
-    cfg = parse_config(cls, argv, description)
+    """A script's entry point: parse `cls`'s flags, call main(cfg); a UserError becomes `error: ...` and exit 2
+    (--debug or PRIOR_DEBUG=1: the traceback too)."""
     try:
-        return main(cfg)
+        return main(parse_config(cls, argv, description))
     except (UserError, FileNotFoundError) as e:  # a missing file is the user's too (the message names it)
-        if os.environ.get("PRIOR_DEBUG") or getattr(cfg, "debug", False):
+        if os.environ.get("PRIOR_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -113,7 +113,12 @@ def safe_load(source, name, what="a checkpoint", error=UserError, mmap=False):
     check_zip(source, name, what, error)
     try:
         return torch.load(source, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
-    except pickle.UnpicklingError as e:  # objects a weights-only load refuses
+    except pickle.UnpicklingError as e:  # objects a weights-only load refuses (not any file pickle cannot read:
+        if "global" not in str(e).lower():  # a JSON or text file is not a pickle at all: "Unsupported operand")
+            detail = next((x.strip() for x in str(e).splitlines() if x.strip().startswith("Unsupported")), "")
+            detail = ": " + detail if detail else ""
+            raise error(f"{name}: cannot read it as {what} (not a file torch.save wrote{detail}); is it the right "
+                        f"file?") from None
         culprit = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
         raise error(f"{name}: holds Python objects that a safe (weights-only) load refuses"
                     f"{' (' + culprit + ')' if culprit else ''}; it is not {what} made by this project, and "
@@ -147,7 +152,7 @@ def load_checkpoint(path, kind=None, flag=""):
     expected when it is another kind (never a KeyError further on). flag: the option that named it, for the message."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag + ': ' if flag else ''}no checkpoint at {path}")
-    ckpt = safe_load(path, path)
+    ckpt = safe_load(path, f"{flag}: {path}" if flag else path)
     found = checkpoint_kind(ckpt)
     if kind is not None and found != kind:
         raise UserError(f"{flag + ': ' if flag else ''}{path} is {KINDS[found]}, not {KINDS[kind]} as expected")

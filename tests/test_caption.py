@@ -38,11 +38,13 @@ def test_prompt_and_seeded_sampling(run):
     assert texts[0] == texts[1] and len(set(texts)) > 1
 
 
-def test_bad_inputs_give_clear_messages(run, tmp_path):
-    def fails(argv):
+def test_bad_inputs_give_clear_messages(run, tmp_path, capsys):
+    def fails(argv):  # one line `error: ...` on stderr, exit code 2 (lib.cli.run)
         with pytest.raises(SystemExit) as err:
             caption.main(argv)
-        return str(err.value)
+        message = capsys.readouterr().err
+        assert err.value.code == 2 and message.startswith("error: tools/caption.py: ") and message.count("\n") == 1
+        return message
     assert "no image file at " + str(tmp_path / "none.png") in fails(
         ["--ckpt", run["ckpt"], "--image", str(tmp_path / "none.png")])
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
@@ -53,9 +55,10 @@ def test_bad_inputs_give_clear_messages(run, tmp_path):
     assert "give an image" in fails(["--ckpt", run["ckpt"]])
 
 
-def test_checkpoint_of_another_kind_is_named(run, tiny):
+def test_checkpoint_of_another_kind_is_named(run, tiny, capsys):
     """A reference LM given as --ckpt: one line naming the file, what it is and what was expected."""
     with pytest.raises(SystemExit) as err:
         caption.main(["--ckpt", str(tiny["ref_lm"]), "--image", run["image"]])
-    assert str(err.value) == (f"tools/caption.py: {tiny['ref_lm']} is a reference_lm.py checkpoint (a language model), "
-                              f"not a train.py checkpoint (a VLM) as expected")
+    assert err.value.code == 2 and capsys.readouterr().err == (
+        f"error: tools/caption.py: {tiny['ref_lm']} is a reference_lm.py checkpoint (a language model), "
+        f"not a train.py checkpoint (a VLM) as expected\n")

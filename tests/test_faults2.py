@@ -71,7 +71,8 @@ def test_a_fresh_run_into_a_run_folder_is_refused_unless_resume_or_overwrite(tin
     run = tmp_path / "run"
     train.main(_train_cfg(tiny, run))
     log = (run / "log.jsonl").read_text()
-    with pytest.raises(UserError, match=r"--out-dir .*run holds another run \(config.json, log.jsonl, last.pt, \.\.\.\)"):
+    refused = r"--out-dir .*run holds another run \(config.json, log.jsonl, last.pt, \.\.\.\)"
+    with pytest.raises(UserError, match=refused):
         train.main(_train_cfg(tiny, run, seed=1))
     assert (run / "log.jsonl").read_text() == log  # nothing appended, nothing overwritten
     train.main(_train_cfg(tiny, run, seed=1, steps=1, save_every=1, overwrite=True))

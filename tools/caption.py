@@ -10,13 +10,12 @@ tokenizer is the one the checkpoint's run recorded (--tokenizer to point elsewhe
 refused). For evaluators: `model.generate(model, input_ids, images, max_new_tokens, temperature=0)` decodes a
 batch greedily, and `caption()` below does one image end to end.
 """
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from data import tokenizer as T
-from lib.cli import flag, parse_config
+from lib.cli import UserError, flag, run
 from data.images import load_image, normalize
 from model import generate
 from lib.utils import autocast, check_fingerprint, pick_device
@@ -71,9 +70,13 @@ def caption(model, tok, image, prompt="", max_new_tokens=40, temperature=0.0, to
 
 
 def main(argv=None):
-    cfg = parse_config(CaptionConfig, argv, description=__doc__)
+    """The command line (argv) -> the caption; a user's mistake is one line `error: ...`, exit 2 (lib.cli.run)."""
+    return run(caption_image, CaptionConfig, argv, description=__doc__)
+
+
+def caption_image(cfg):
     if not cfg.image:
-        raise SystemExit("tools/caption.py: give an image with --image")
+        raise UserError("tools/caption.py: give an image with --image")
     device = pick_device(cfg.device)
     try:  # the user's inputs (files, a prompt longer than the model takes): one line, no traceback
         model, tok = load(cfg.ckpt, cfg.tokenizer, device)
@@ -81,10 +84,10 @@ def main(argv=None):
         text = caption(model, tok, image, cfg.prompt, cfg.max_new_tokens, 0.0 if cfg.greedy else cfg.temperature,
                        cfg.top_k, cfg.seed)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"tools/caption.py: {e}") from None
+        raise UserError(f"tools/caption.py: {e}") from None
     print(text)
     return text
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(caption_image, CaptionConfig, description=__doc__)

@@ -41,7 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lib.cli import flag, parse_config
+from lib.cli import flag, run
+from lib.flag_checks import VisionChecks
 from data.records import read_records
 from data.images import load_images, normalize
 from data.record_types import DataError
@@ -58,7 +59,7 @@ COL_NAMES = ("left", "center", "right")
 
 
 @dataclass
-class Config:
+class Config(VisionChecks):
     data: str = flag("data/synth/label.jsonl", "JSONL with the generator's 'scene' field per record")
     out: str = flag("out/vit.pt", "checkpoint path; accuracies go to <stem>.json beside it")
     val_fraction: float = flag(0.05, "share of records held out for validation")
@@ -81,6 +82,7 @@ class Config:
     device: str = flag("auto", "auto, cpu or cuda")
     threads: int = flag(0, "torch CPU threads (0 = torch's default; 1 is fastest on a "
                         "busy shared CPU)")
+
 
 
 # ----------------------------------------------------------------------------- labels
@@ -280,4 +282,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, description=__doc__))
+    run(main, Config, description=__doc__)

@@ -1,0 +1,100 @@
+"""
+Issue 22, continued (tests/test_faults2.py has the first cases): nonsense flags refused in the config layer
+(lib/cli.py: ranges, --warmup vs --steps, heads vs width, finite alpha, the tokenizer's smallest vocabulary), one-line
+errors through lib.cli.run for every script (--debug for the traceback), and the training alarm's rule on
+synthetic curves.
+
+    .venv/bin/python -m pytest -q tests/test_faults3.py
+"""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lib.cli import UserError, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (module, config class, argv, the one line it must give): every case of the issue, and each script's ranges
+NONSENSE = [
+    ("train", "TrainConfig", ["--steps", "0"], "--steps 0: allowed values are an integer >= 1 (optimizer steps)"),
+    ("train", "TrainConfig", ["--steps", "-5"], "--steps -5: allowed values are an integer >= 1"),
+    ("train", "TrainConfig", ["--batch-size", "0"], "--batch-size 0: allowed values are an integer >= 1"),
+    ("train", "TrainConfig", ["--row-len", "0"], "--row-len 0: allowed values are an integer >= 1"),
+    ("train", "TrainConfig", ["--alpha", "-1"], "--alpha -1.0: allowed values are a finite number >= 0.0"),
+    ("train", "TrainConfig", ["--alpha", "inf"], "--alpha inf: allowed values are a finite number >= 0.0"),
+    ("train", "TrainConfig", ["--alpha", "nan"], "--alpha nan: allowed values are a finite number >= 0.0"),
+    ("train", "TrainConfig", ["--steps", "3", "--warmup", "10"],
+     "--warmup 10: allowed values are 0 to --steps - 1 = 2 (a warm-up of --steps 3 or more never reaches --lr)"),
+    ("train", "TrainConfig", ["--d-model", "30", "--n-head", "4"], "--d-model 30 is not divisible by --n-head 4"),
+    ("train", "TrainConfig", ["--max-bad-fraction", "2"], "--max-bad-fraction 2.0: allowed values are a finite "
+                                                           "number >= 0.0 and <= 1.0"),
+    ("reference_lm", "RefConfig", ["--steps", "-3"], "--steps -3: allowed values are an integer >= 1"),
+    ("reference_lm", "RefConfig", ["--d-model", "30", "--n-head", "4"], "--d-model 30 is not divisible by --n-head 4"),
+    ("reference_lm", "RefConfig", ["--steps", "10", "--warmup", "50"], "--warmup 50: allowed values are 0 to"),
+    ("score", "ScoreConfig", ["--row-len", "0"], "--row-len 0: allowed values are an integer >= 1"),
+    ("eval", "EvalConfig", ["--batch-rows", "0"], "--batch-rows 0: allowed values are an integer >= 1"),
+    ("tools.vision", "Config", ["--batch-size", "0"], "--batch-size 0: allowed values are an integer >= 1"),
+    ("tools.vision", "Config", ["--vit-dim", "100", "--vit-heads", "3"], "--vit-dim 100 is not divisible by "
+                                                                         "--vit-heads 3"),
+    ("data.tokenizer", "TokenizerConfig", ["--vocab-size", "5"], "--vocab-size 5: allowed values are an integer "
+                                                                 ">= 263"),
+    ("baselines.attention", "AttnConfig", ["--batch-size", "0"], "--batch-size 0: allowed values are an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("module, cls, argv, message", NONSENSE, ids=[f"{m} {' '.join(a)}" for m, _, a, _ in NONSENSE])
+def test_nonsense_flags_are_refused_in_one_line_naming_the_flag(module, cls, argv, message):
+    config = getattr(importlib.import_module(module), cls)
+    with pytest.raises(UserError) as err:
+        parse_config(config, argv)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    parse_config(config, [])  # the defaults themselves pass
+
+
+def test_sensible_edges_pass():
+    import train
+    cfg = parse_config(train.TrainConfig, ["--steps", "1", "--warmup", "0", "--alpha", "0", "--batch-size", "1"])
+    assert (cfg.steps, cfg.warmup, cfg.alpha) == (1, 0, 0.0)
+    assert parse_config(train.TrainConfig, ["--steps", "3", "--warmup", "2"]).warmup == 2
+    from data import tokenizer as T
+    assert parse_config(T.TokenizerConfig, ["--vocab-size", "263"]).vocab_size == 263
+
+
+def script(args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_a_users_mistake_is_one_line_and_exit_2_and_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "tok.json").write_text("garbage")
+    done = script(["score.py", "--tokenizer", str(tmp_path / "tok.json"), "--ref", str(tmp_path / "none.pt")])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'tok.json'}: not a tokenizer.json")
+    assert len(done.stderr.strip().splitlines()) == 1
+    debug = script(["score.py", "--tokenizer", str(tmp_path / "tok.json"), "--debug"])
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError" in debug.stderr
+    done = script(["-m", "tools.vision", "--batch-size", "0"])
+    assert done.returncode == 2 and done.stderr.startswith("error: --batch-size 0") and "Traceback" not in done.stderr
+
+
+def test_every_script_enters_through_lib_cli_run():
+    scripts = ["train.py", "eval.py", "score.py", "reference_lm.py", "tools/vision.py", "tools/caption.py",
+               "data/tokenizer.py", "baselines/attention.py", "experiments/main.py", "experiments/bench.py"]
+    for path in scripts:
+        text = open(os.path.join(ROOT, path)).read()
+        main_block = text[text.index('if __name__ == "__main__":'):]
+        assert "run(" in main_block and "parse_config(" not in main_block, path
+
+
+def test_file_mistakes_are_user_errors(tmp_path):
+    from data.record_types import DataError
+    from lib.utils import load_checkpoint
+    assert issubclass(DataError, UserError)
+    (tmp_path / "config.json").write_text('{"model_config": {}}')
+    with pytest.raises(UserError, match=r"--init-from: .*config.json: cannot read it as a checkpoint \(not a file "
+                                        r"torch.save wrote") as err:
+        load_checkpoint(str(tmp_path / "config.json"), "vlm", "--init-from")
+    assert "pickle" not in str(err.value) and "run code" not in str(err.value)
