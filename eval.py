@@ -1,6 +1,9 @@
 """Evaluate train.py checkpoints: multiple-choice probes, token-level NLL by word tag, grounding gap.
 
     python eval.py --ckpt runs/h_prior/ckpt_000300.pt --mc my_questions.jsonl      # your own questions
+    # the paper's benchmarks from the files as distributed, official metrics and a table (docs/benchmarks.md):
+    python eval.py --ckpt runs/h_prior/ckpt_000300.pt --bench pope:coco_pope_random.json::coco/val2014 \\
+        --bench mme:MME_Benchmark_release_version --bench mmbench:MMBench_DEV_EN.tsv [--bench-generate 16]
     # every ckpt_*.pt of a run -> runs/h_prior/eval.json (a re-run skips the checkpoints already there):
     python eval.py --run-dir runs/h_prior --probes data/synth/probes --test data/synth/test.jsonl \\
         --test-scores out/scores_test.pt

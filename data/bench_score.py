@@ -7,6 +7,8 @@ data/bench_metrics.py's; the files are read by data/benchmarks.py. See docs/benc
         --bench pope:coco_pope_popular.json::coco/val2014 --bench mme:MME_Benchmark_release_version \\
         --bench mmbench:MMBench_DEV_EN.tsv --bench mmstar:MMStar.tsv --bench seed:SEED-Bench.json::SEED-Bench-image
 
+With --bench-generate N each question is also answered by greedy decoding (KV cache) and matched like the
+benchmarks (match_answer): <bench>_gen_<metric>, and <bench>_gen_unmatched, the % of answers naming no choice.
 Results are named <bench>_<metric> (pope_random_f1, mme_perception, mmbench_circular, mmstar_acc, seed_acc, ...);
 POPE's splits are scored together, so pope_f1 is their mean. eval.py passes its own score_docs and image_embeds
 in (this module cannot import a script).
