@@ -1,7 +1,8 @@
 """Reading evaluation files: multiple-choice questions (eval.py --mc and --probes, data/qa.py's question files),
 held-out captions (eval.py --test), and the paper's benchmarks as distributed (eval.py --bench, docs/benchmarks.md:
-POPE json-lines, MME folders, VLMEvalKit TSVs, SEED-Bench JSON), decoded once per process, with the same --max-rows
-subset for every checkpoint; and report_skipped, which counts the items a model could not score.
+POPE json-lines, MME folders, VLMEvalKit TSVs, SEED-Bench JSON; the readers are data/bench_formats.py's), decoded
+once per process, with the same --max-rows subset for every checkpoint; and report_skipped, which counts the
+items a model could not score.
 
     from data.benchmarks import load_bench
     records, images, image_index = load_bench("pope:coco_pope_random.json::coco/val2014", size=48)"""
@@ -16,6 +17,7 @@ from data.records import read_records
 from data.images import decode_image_bytes, load_images
 from data.bench_formats import KINDS, mc_prompt, read_mme, read_pope, read_seed, read_tsv  # noqa: F401 (API)
 from data.record_types import BadRecord, DataError, Record, report_bad
+from lib.cli import UserError
 from lib.utils import text_fingerprint
 
 _data = {}  # data_key -> (records, uint8 images[, fingerprint of the whole file])
@@ -103,16 +105,18 @@ def report_skipped(out, name, skipped, total, what):
               f"(counted as {name}_skipped)", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------- the paper's benchmarks (--bench)
 def parse_bench(spec):
-    """'kind:path[::images]' -> (kind, path, images or None); kinds: KINDS (seed_tsv/mmstar/mmbench: TSVs)."""
+    """'kind:path[::images]' -> (kind, path, images or None); kinds: KINDS (seed_tsv/mmstar/mmbench: TSVs).
+    A bad spec is the user's mistake (UserError: eval.py prints it as one line)."""
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in KINDS or not rest:
-        raise DataError(f"--bench {spec!r}: expected KIND:PATH[::IMAGE_FOLDER], KIND one of {', '.join(KINDS)}")
+        raise UserError(f"--bench {spec!r}: expected KIND:PATH[::IMAGE_FOLDER], KIND one of {', '.join(KINDS)}")
     path, images = rest.split("::", 1) if "::" in rest else (rest, None)
     if not os.path.exists(path):
-        raise DataError(f"--bench {spec!r}: {path} does not exist")
+        raise UserError(f"--bench {spec!r}: {path} does not exist")
     if images is not None and not os.path.isdir(images):
-        raise DataError(f"--bench {spec!r}: image folder {images} does not exist")
+        raise UserError(f"--bench {spec!r}: image folder {images} does not exist")
     return kind, path, images
 
 

@@ -20,7 +20,7 @@ from data import bench_score as S
 from data import tokenizer as T
 from data.record_types import DataError
 from data.images import load_image, normalize
-from lib.cli import parse_config
+from lib.cli import UserError, parse_config
 from model import DecoderConfig, VLM, VLMConfig
 
 
@@ -209,9 +209,9 @@ def test_seed_reader(tmp_path, capsys):
 
 
 def test_bench_specs():
-    with pytest.raises(DataError, match="KIND one of"):
+    with pytest.raises(UserError, match="KIND one of"):
         B.parse_bench("popex:file")
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         B.parse_bench("pope:/no/such/file.json")
     argv = ["--ckpt", "c.pt", "--bench", "pope:a.json::img", "--bench=mme:M", "--max-rows", "3"]
     assert S.join_repeated(argv) == ["--ckpt", "c.pt", "--max-rows", "3", "--bench", "pope:a.json::img,mme:M"]
