@@ -330,3 +330,19 @@ def test_generation_scoring(small, tmp_path):
     yes = sum(p == 0 for p in preds)
     assert out["pope_gen_random_yes_ratio"] == 100.0 * yes / len(recs)
     assert out["pope_gen_unmatched"] == 0.0  # a yes/no answer always maps to one of the two
+
+
+def test_file_circular_copies_kept_and_max_rows(small, tmp_path):
+    import eval as E
+    _, tok, model = small
+    img = png_b64(9)
+    rows = [dict(index=0, question="Which?", A="blue", B="red", answer="A", category="c", image=img),
+            dict(index=1000000, question="Which?", A="red", B="blue", answer="B", category="c", image="0")]
+    spec = f"mmbench:{write_tsv(tmp_path / 'circ.tsv', rows)}"
+    recs, logps = S.score_spec(spec, model, tok, E.score_docs, E.image_embeds)
+    assert [r.id for r in recs] == ["mmbench:0", "mmbench:1000000"] and {r.extra["group"] for r in recs} == {0}
+    out = S.bench_results([spec], model, tok, E.score_docs, E.image_embeds)
+    right = [p == r.extra["answer"] for p, r in zip(S.predictions(logps), recs)]
+    assert out["mmbench_circular"] == 100.0 * all(right) and out["mmbench_vanilla"] == 100.0 * right[0]
+    three = f"mmbench:{write_tsv(tmp_path / 'three.tsv', mmbench_rows())}"
+    assert len(B.load_bench(three, 16, max_rows=2)[0]) == 2
