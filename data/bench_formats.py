@@ -101,8 +101,8 @@ def read_mme(folder, max_bad_fraction=0.05):
             image = next((os.path.join(img_dir, stem + e) for e in IMAGE_EXTS
                           if os.path.isfile(os.path.join(img_dir, stem + e))), None)
             with open(txt, "rb") as f:
-                lines = [raw for raw in f if raw.strip()]
-            for n, raw in enumerate(lines, 1):
+                lines = [(n, raw) for n, raw in enumerate(f, 1) if raw.strip()]
+            for n, raw in lines:
                 tally.total += 1
                 try:
                     try:

@@ -93,14 +93,14 @@ def score_spec(spec, model, tok, score_docs, image_embeds, device="cpu", max_row
 def match_answer(text, choices):
     """The choice a generated answer names, as the benchmarks match it, or -1: yes/no questions read "no" when
     the answer has the word "no" or "not" and "yes" otherwise (POPE's and LLaVA's rule); other questions take a
-    leading option letter ("B", "B.", "(B)"), else the one choice whose text the answer contains."""
+    leading option letter ("B", "B.", "(B)", "B:"; capital), else the one choice whose text the answer contains."""
     from experiments.qa_eval import normalise_answer
     words = normalise_answer(text).replace(",", " ").split()
     if choices == ["yes", "no"]:
         return 1 if {"no", "not"} & set(words) else 0
-    head = str(text).strip().lstrip("(").upper()
+    head = str(text).strip().lstrip("(")
     letters = [chr(65 + j) for j in range(len(choices))]
-    if head[:1] in letters and (len(head) == 1 or not head[1].isalpha()):
+    if head[:1] in letters and (len(head) == 1 or head[1] in ".):,"):  # "A dog" is no letter, "A." is
         return letters.index(head[0])
     said = " ".join(words)
     hits = [j for j, c in enumerate(choices) if normalise_answer(c) and f" {normalise_answer(c)} " in f" {said} "]

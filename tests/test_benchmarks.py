@@ -314,7 +314,8 @@ def test_generated_answers_matched_like_the_benchmarks():
     assert [S.match_answer(a, yn) for a in ("Yes, there is.", "No.", "there is not a dog", "a dog")] == [0, 1, 1, 0]
     opts = ["red circle", "blue", "green"]
     assert [S.match_answer(a, opts) for a in ("B", "(C) green", "A. red circle", "it is blue", "blue or green",
-                                              "purple", "Blue")] == [1, 2, 0, 1, -1, -1, 1]
+                                              "purple", "Blue", "a red circle", "A green one")] == \
+        [1, 2, 0, 1, -1, -1, 1, 0, 2]
 
 
 def test_generation_scoring(small, tmp_path):
