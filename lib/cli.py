@@ -19,6 +19,7 @@ file, a refused resume) raises UserError and ends as one line `error: ...` with 
 PRIOR_DEBUG=1 shows the traceback too. Any other exception is the project's own bug and keeps its traceback.
 """
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -73,8 +74,13 @@ def check_divisible(cfg, width, heads):
 
 
 def check_warmup(cfg):
-    """--warmup below --steps (or 0): a warm-up as long as the run never reaches --lr."""
+    """--warmup below --steps (or 0): a warm-up as long as the run never reaches --lr. Refused when --warmup was
+    given; the default --warmup with a short --steps (a quick try) gets a note instead."""
     if cfg.warmup and cfg.warmup >= cfg.steps:
+        if "warmup" not in getattr(cfg, "_given", {"warmup"}):
+            print(f"note: the default --warmup {cfg.warmup} is not below --steps {cfg.steps}: the lr never reaches "
+                  f"--lr {getattr(cfg, 'lr', '')}; give a shorter --warmup", file=sys.stderr)
+            return
         raise UserError(f"--warmup {cfg.warmup}: allowed values are 0 to --steps - 1 = {cfg.steps - 1} (a warm-up "
                         f"of --steps {cfg.steps} or more never reaches --lr)")
 
@@ -125,7 +131,11 @@ def parse_config(cls, argv=None, description=None):
     args = vars(parser.parse_args(argv))
     if args.pop("debug", False) and "debug" not in names:
         os.environ["PRIOR_DEBUG"] = "1"
-    return validate(cls(**args))
+    cfg = cls(**args)
+    # the flags the command line set (differs from the default): some checks are stricter for those
+    with contextlib.suppress(AttributeError, TypeError):  # a slots dataclass has no room for it: all are strict
+        object.__setattr__(cfg, "_given", {k for k, v in args.items() if v != parser.get_default(k)})
+    return validate(cfg)
 
 
 def positional(help, choices=None):

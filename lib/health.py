@@ -29,19 +29,28 @@ def memorising(history):
     return None
 
 
-def nll_rise(ntp, warmup, window=20, margin=0.1, min_rise=0.2):
-    """Has the plain caption NLL risen clearly above its level at the end of warm-up? ntp: the per-step values
-    so far (log.jsonl's "ntp", step 1 first). The baseline is the mean of the `window` values ending at warm-up's
-    end, the current level the mean of the last `window` values (a running mean, so one bad batch does not count).
-    Returns (baseline, current) when current > baseline + max(min_rise, margin x baseline), else None; never
-    before warm-up + window steps (without warm-up, the first `window` steps are the baseline)."""
+def nll_rise(ntp, warmup, window=20, margin=0.1, min_rise=0.2, hold=None):
+    """Has the plain caption NLL risen clearly and lastingly above its level at the end of warm-up? ntp: the
+    per-step values so far (log.jsonl's "ntp", step 1 first). The baseline is the mean of the `window` values ending
+    at warm-up's end; the level at a step is the mean of the `window` values ending there (a running mean, so one
+    bad batch does not count); the threshold is baseline + max(min_rise, margin x baseline).
+
+    A healthy run often climbs for a while right after warm-up (the lr at its peak) and then falls far below its
+    start; unlearning climbs and keeps climbing. So it takes both: the level above the threshold at each of the
+    last `hold` steps (2 x window unless given: longer than the bump after warm-up takes to turn), and the level now
+    no less than half way from the threshold to the highest of those (still up: not a bump on its way down).
+    Returns (baseline, current) then, else
+    None; never before warm-up + window + hold steps (without warm-up, the first `window` steps are the baseline)."""
+    hold = 2 * window if hold is None else hold
     end = max(warmup, window)
-    if len(ntp) < end + window:
+    if len(ntp) < end + window + hold - 1:
         return None
     base = ntp[max(0, end - window):end]
-    baseline, current = sum(base) / len(base), sum(ntp[-window:]) / window
-    if current > baseline + max(min_rise, margin * baseline):
-        return baseline, current
+    baseline = sum(base) / len(base)
+    threshold = baseline + max(min_rise, margin * baseline)
+    levels = [sum(ntp[t - window:t]) / window for t in range(len(ntp) - hold + 1, len(ntp) + 1)]
+    if min(levels) > threshold and levels[-1] - threshold >= (max(levels) - threshold) / 2:
+        return baseline, levels[-1]
     return None
 
 

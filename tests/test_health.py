@@ -39,8 +39,10 @@ def test_nll_rise_on_synthetic_sequences():
     baseline, current = health.nll_rise(rising, warm, window)
     assert baseline == pytest.approx(3.0) and current > 5.0
     first = next(n for n in range(1, 61) if health.nll_rise(rising[:n], warm, window))
-    assert first == 20  # mean of the last 5 (values 3.25..3.45: 3.35) > 3.0 + max(0.2, 0.1 x 3.0)
-    assert health.nll_rise(rising[:14], warm, window) is None        # never before warm-up + window
+    # the level (mean of the last 5) first passes 3.0 + max(0.2, 0.1 x 3.0) at step 20 (values 3.25..3.45: 3.35);
+    # the alarm waits until it has stayed above for hold = 2 x 5 steps: steps 20..29
+    assert first == 29
+    assert health.nll_rise(rising[:28], warm, window) is None        # never before warm-up + window + hold
 
 
 def test_weight_collapse_on_synthetic_scores():
@@ -101,7 +103,7 @@ def test_broken_setup_raises_both_alarms_healthy_neither(tiny, tmp_path, capsys)
     # training: whole decoder from a trained LM, no text mix, PRIOR on collapsed weights -> the alarm fires once
     kw = dict(data=str(tiny["train"]), tokenizer=str(tiny["tokenizer"]), init_decoder=str(tiny["ref_lm"]),
               image_size=16, patch_size=4, vit_dim=16, vit_depth=1, vit_heads=2, batch_size=8, row_len=64,
-              steps=16, warmup=4, save_every=16, device="cpu", lr=0.03, loss="prior")
+              steps=24, warmup=4, save_every=24, device="cpu", lr=0.03, loss="prior")
     train.main(train.TrainConfig(scores=str(bad), out_dir=str(tmp_path / "bad"), **kw))
     lines = [json.loads(l) for l in open(tmp_path / "bad" / "log.jsonl")]
     assert sum("alarm" in l for l in lines) == 1 and "unlearning" in capsys.readouterr().err
