@@ -227,7 +227,18 @@ class Experiment:
         if split == "val":
             return {**spec, "probes": os.path.join(data, "probes_val"), "max_rows": self.p["eval_rows_val"]}
         return {**spec, "probes": os.path.join(data, "probes"), "max_rows": self.p["eval_rows"],
-                "test": os.path.join(data, "test.jsonl"), "test_scores": self.path(f"scores_{mix}_test.pt")}
+                "test": os.path.join(data, "test.jsonl"), "test_scores": self.path(f"scores_{mix}_test.pt"),
+                "bench": self.bench_specs(data)}
+
+    @staticmethod
+    def bench_specs(data):
+        """eval.py --bench specs of the generator's files in the benchmarks' formats (data/bench_files.py): its
+        presence probes as POPE files, scene questions as a VLMEvalKit TSV; read at the last step of main runs."""
+        from data.bench_files import POPE_SPLITS
+        pope = [os.path.join(data, "bench", f"synth_pope_{s}.json") for s in POPE_SPLITS]
+        tsv = os.path.join(data, "bench", "synth_mcq.tsv")
+        return [f"pope:{f}::{data}" for f in pope if os.path.exists(f)] + \
+            ([f"mmbench:{tsv}"] if os.path.exists(tsv) else [])
 
     def vlm_job(self, spec, split):
         """One run as one worker job: train with every checkpoint evaluated in the same process."""

@@ -3,12 +3,12 @@ checkpoint evaluated in the same process on the model in hand (eval.evaluate_mod
 no process start, no re-read probes and no reloaded weights per checkpoint.
 
     from experiments.worker import train_eval
-    timing = train_eval(train_argv, [dict(out="eval.json", probes="data/probes", max_rows=150,
-                                          test="data/test.jsonl", test_scores="out/scores_test.pt", final_only=True)])
+    specs = [dict(out="eval.json", probes="data/probes", max_rows=150, test="data/test.jsonl")]
+    timing = train_eval(train_argv, specs)
 
 Each evaluation spec writes rows {"arch", "loss", "seed", "lr", "step", "benchmark", "value"} to RUN/<out>;
-`final_only` keys (test, test_scores) are evaluated at the last step alone. A re-run skips what is done: a
-finished run only evaluates the checkpoints its files lack (from ckpt_*.pt). Returns the job's time split.
+its FINAL_ONLY keys (test captions, benchmark files) are evaluated at the last step alone. A re-run skips what is
+done: a finished run only evaluates the checkpoints its files lack (from ckpt_*.pt). Returns the job's time split.
 """
 import glob
 import json
@@ -22,7 +22,7 @@ from data import tokenizer as T
 from lib.cli import parse_config
 from model import load_model
 
-FINAL_ONLY = ("test", "test_scores")
+FINAL_ONLY = ("test", "test_scores", "bench")  # read at the last step alone
 
 
 def read_rows(path):
