@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from data import tokenizer as T
 from lib.encoders import build_encoder
+from lib.norm import RMSNorm
 from lib.utils import check_fingerprint, load_checkpoint
 
 
@@ -72,9 +73,8 @@ class Attention(nn.Module):
 
 
 def rotate(x, cos, sin):
-    """Rotary position embedding on (B, H, T, D) with per-token (B, 1, T, D/2) angles."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    """RoPE on (B, H, T, D), two passes: x * [cos, cos] + [x2, x1] * [-sin, sin] (rope_tables' rows), in float32."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin).type_as(x)
 
 
 class SwiGLU(nn.Module):
@@ -92,8 +92,8 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.norm1, self.attn = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps), Attention(cfg)
-        self.norm2, self.mlp = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps), SwiGLU(cfg)
+        self.norm1, self.attn = RMSNorm(cfg.d_model, eps=cfg.norm_eps), Attention(cfg)
+        self.norm2, self.mlp = RMSNorm(cfg.d_model, eps=cfg.norm_eps), SwiGLU(cfg)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         x = x + self.attn(self.norm1(x), cos, sin, mask, cache, layer)
@@ -106,13 +106,12 @@ class Decoder(nn.Module):
         self.cfg, self.grad_checkpoint = cfg, False  # grad_checkpoint: keep block inputs only, recompute in backward
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight  # tied: fewer parameters, better small LMs
-        angles = rope_angles(cfg)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        for name, table in zip(("cos", "sin"), rope_tables(cfg)):  # (max_seq_len, d_head) each
+            self.register_buffer(name, table, persistent=False)
         self.apply(init_weights)
         for block in self.blocks:  # GPT-2's scaled init of residual projections keeps deep nets stable
             for w in (block.attn.proj.weight, block.mlp.down.weight):
@@ -163,13 +162,14 @@ class Decoder(nn.Module):
         return self.head(self.norm(x))
 
 
-def rope_angles(cfg):
-    """RoPE angles (max_seq_len, d_head/2): position x frequency, frequencies theta^(-2i/d_head)."""
+def rope_tables(cfg):
+    """rotate's (max_seq_len, d_head) [cos, cos], [-sin, sin] of angles position x theta^(-2i/d_head)."""
     d_head = cfg.d_model // cfg.n_head
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d_head, 2).float() / d_head)
     if cfg.rope_scaling:
         inv_freq = llama3_rope_scaling(inv_freq, cfg.rope_scaling)
-    return torch.outer(torch.arange(cfg.max_seq_len).float(), inv_freq)
+    angles = torch.outer(torch.arange(cfg.max_seq_len).float(), inv_freq)
+    return angles.cos().repeat(1, 2), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
 def llama3_rope_scaling(inv_freq, s):

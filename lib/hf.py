@@ -26,7 +26,7 @@ from lib import hf_tokenizer
 from lib.cli import UserError, flag, positional, run
 from data import tokenizer as T
 from lib.hf_tokenizer import read_json
-from model import Decoder, DecoderConfig, rope_angles
+from model import Decoder, DecoderConfig, rope_tables
 
 def decoder_config(path, max_seq_len=None):
     """DecoderConfig for the folder's config.json, or a one-line error naming what the Decoder cannot express."""
@@ -135,8 +135,7 @@ def load_hf_decoder(path, dtype=torch.float32, max_seq_len=None):
     decoder.load_state_dict(state, assign=True)
     if cfg.tie_embeddings:
         decoder.head.weight = decoder.embed.weight
-    angles = rope_angles(cfg)
-    decoder.cos, decoder.sin = angles.cos(), angles.sin()
+    decoder.cos, decoder.sin = rope_tables(cfg)
     return decoder, tok
 
 
