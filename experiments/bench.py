@@ -20,7 +20,9 @@ Every number is the median over --steps repetitions after --warmup untimed ones:
   H recipe      the frozen-ViT projector-only step from pixels vs from cached ViT features (--feature-cache),
                 paired (h_feature_cache_speedup), and that step split by kind of work (bench_parts.h_recipe).
   GPT-2 stack   forward + backward of our decoder vs a plain GPT-2 block stack of the same size, 8 rows of
-                row_len tokens, paired (bench_parts.reference_stack). docs/performance.md has measured tables.
+                row_len tokens, paired (bench_parts.reference_stack; decoder_over_gpt2). docs/performance.md.
+  eval          one checkpoint's eval.evaluate_model on generated probes (160 rows per kind) over training the 30
+                steps between two checkpoints (eval_over_train; bench_parts.eval_cost). train_over_matmul: FLOP/s.
 Data: the built-in generator (python -m data.generate, realistic caption lengths) writes a few captions and
 PNGs into a temporary folder; if it cannot run, synthetic 25-45-token captions and random PNGs stand in.
 The reference LM and the VLM are freshly initialised: speed does not depend on the weights.
@@ -74,6 +76,7 @@ PRESETS = {
 # (timed steps, generated pairs, reference captions, matmul side on CPU, tokenizer vocabulary)
 SIZES = {"tiny": (3, 48, 100, 256, 300), "small": (30, 1024, 2000, 2048, 2048), "bench": (30, 1024, 2000, 2048, 2048),
          "cpu": (30, 1024, 2000, 2048, 1024), "gpu": (30, 4096, 2000, 2048, 2048)}
+EVAL_ROWS = {"tiny": dict(n_probe=4, max_rows=4, reps=1)}  # bench_parts.eval_cost; else the cpu preset's 160
 
 
 @dataclass
@@ -189,6 +192,7 @@ def parts_only(cfg):
         s.p_ref = [0.5] * (len(s.caption_ids) + 1)
     r = {"preset": cfg.preset, "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0]}
     r.update(bench_parts.h_recipe(tcfg, tok, samples, images, steps))
+    r.update(bench_parts.eval_cost(tcfg, tok, r["h_step_s_cached"], **EVAL_ROWS.get(cfg.preset, {})))
     r.update(bench_parts.reference_stack(tok.get_vocab_size(), tcfg.d_model, tcfg.n_layer, tcfg.n_head, tcfg.row_len,
                                          reps=max(steps // 2, 3)))
     print(f"python -m experiments.bench --parts-only --preset {cfg.preset} --threads {r['threads']} (1-min load "
@@ -288,6 +292,7 @@ def main(cfg):
     r["train_flops_per_s"] = flops / r["train_step_s_prior"]
     r["matmul_flops_per_s"] = matmul_flops(device, 8192 if device.startswith("cuda") else mm_side)
     r["flops_fraction_of_matmul"] = r["train_flops_per_s"] / r["matmul_flops_per_s"]
+    r["train_over_matmul"] = r["flops_fraction_of_matmul"]  # the name issue 23's target uses
     peak = peak_flops(device, cfg.peak_tflops)
     r["peak_flops_per_s"], r["mfu"] = peak, (r["train_flops_per_s"] / peak if peak else None)
     r["pad_fraction"] = mean["padding"] / mean["positions"]
@@ -301,6 +306,7 @@ def main(cfg):
     r["loader_images_per_s_needed"] = tcfg.batch_size / r["train_step_s_prior"]
     r["loader_headroom"] = r["loader_images_per_s"] / r["loader_images_per_s_needed"]
     r.update(bench_parts.h_recipe(tcfg, tok, samples, images, steps, cfg.warmup, lambda: sync(device)))
+    r.update(bench_parts.eval_cost(tcfg, tok, r["h_step_s_cached"], **EVAL_ROWS.get(cfg.preset, {})))
     r.update(bench_parts.reference_stack(tok.get_vocab_size(), tcfg.d_model, tcfg.n_layer, tcfg.n_head, tcfg.row_len,
                                          reps=max(steps // 3, 3), device=device, sync=lambda: sync(device)))
 

@@ -5,6 +5,8 @@ our decoder compares with a plain GPT-2-style block stack of the same size.
                         pixels vs one from cached encoder features (data/features.py), paired, and the step
                         split by kind of work (packing, encoder forward, projector + decoder forward/backward,
                         optimizer).
+    eval_cost(...)      one checkpoint's evaluation (eval.evaluate_model on generated probes, as the main job's
+                        worker runs it at every checkpoint) over the training steps between two checkpoints.
     reference_stack(...)  forward + backward (logits over the vocabulary and cross-entropy at every position) of
                         model.Decoder vs GPT2, a textbook GPT-2 stack (LayerNorm, GELU MLP 4x, learned
                         positions, biases, tied head) of the same width, depth and about the same parameters.
@@ -18,7 +20,11 @@ other). On their own, without bench.py's other measurements (a few minutes less)
     python -m experiments.bench --parts-only --preset cpu --threads 1 --pairs 512 --steps 20
 """
 import dataclasses
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -108,9 +114,39 @@ def reference_stack(vocab, d_model, n_layer, n_head, row_len, rows=8, reps=10, d
             "ref_ms_ours_packed": 1e3 * statistics.median(times["ours_packed"]),
             "ref_ms_gpt2": 1e3 * statistics.median(times["gpt2"]),
             "ref_ours_over_gpt2": statistics.median(a / b for a, b in zip(times["ours"], times["gpt2"])),
+            "decoder_over_gpt2": statistics.median(a / b for a, b in zip(times["ours"], times["gpt2"])),
             "ref_ours_packed_over_gpt2": statistics.median(a / b for a, b in zip(times["ours_packed"], times["gpt2"])),
             "ref_ours_over_gpt2_cpu": statistics.median(a / b for a, b in zip(cpu["ours"], cpu["gpt2"])),
             "ref_ours_packed_over_gpt2_cpu": statistics.median(a / b for a, b in zip(cpu["ours_packed"], cpu["gpt2"]))}
+
+
+def eval_cost(tcfg, tok, step_s, n_probe=160, max_rows=160, every=30, reps=3, seed=0):
+    """eval_over_train: the seconds of eval.evaluate_model on the probes (blind probes included), at the main
+    job's cpu preset's sizes (160 rows per probe kind, --max-rows 160, H-LVLM with its probe features cached as
+    the worker's --feature-cache does after a run's first checkpoint), over `every` train steps of step_s each
+    (a checkpoint every 30 steps). The probes come from data.generate in a temporary folder; median of reps."""
+    import eval as E  # the evaluation the worker runs; imported here so bench.py's other numbers do not need it
+    cfg = dataclasses.replace(tcfg, arch="h", train="projector")
+    torch.manual_seed(seed)
+    model = build_model(cfg, tok).to(cfg.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "synth")
+        cmd = [sys.executable, "-m", "data.generate", "--out", out, "--seed", str(seed), "--n-probe", str(n_probe),
+               "--image-size", str(cfg.image_size), "--workers", "1"]
+        cmd += [x for k in ("train", "ref", "text", "label", "val", "test", "probe-val") for x in (f"--n-{k}", "1")]
+        subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True,
+                       capture_output=True, text=True, timeout=600)
+        kw = dict(probes_dir=os.path.join(out, "probes"), device=cfg.device, max_rows=max_rows,
+                  feature_cache=os.path.join(tmp, "features"))
+        E.evaluate_model(model, tok, **kw)  # builds the probe images' feature file, as a run's first checkpoint
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            values = E.evaluate_model(model, tok, **kw)
+            times.append(time.perf_counter() - t0)
+    eval_s = statistics.median(times)
+    return {"eval_s_checkpoint": eval_s, "eval_train_s_interval": every * step_s, "eval_every": every,
+            "eval_benchmarks": len(values), "eval_over_train": eval_s / (every * step_s)}
 
 
 def h_recipe(tcfg, tok, samples, images, steps, warmup=2, sync=lambda: None):
@@ -186,6 +222,9 @@ def print_rows(r):
                                   f"CPU time (paired medians; building the cache: "
                                   f"{r['h_feature_cache_build_s']:.1f} s for {r['h_feature_cache_images']} images)"),
         ("H step by kind", split),
+        ("checkpoint evaluation", f"{r['eval_s_checkpoint']:.2f} s for {r['eval_benchmarks']} probe numbers vs "
+                                  f"{r['eval_train_s_interval']:.1f} s training {r['eval_every']} steps "
+                                  f"(eval_over_train {r['eval_over_train']:.3f})"),
         ("ours vs GPT-2 stack", f"{r['ref_ms_ours']:,.0f} ms vs {r['ref_ms_gpt2']:,.0f} ms fwd+bwd "
                                 f"({r['ref_ours_over_gpt2']:.3f}x wall, {r['ref_ours_over_gpt2_cpu']:.3f}x CPU; packed "
                                 f"rows {r['ref_ours_packed_over_gpt2']:.3f}x wall), "

@@ -20,7 +20,9 @@ REQUIRED = ("prior_over_ntp_step_time", "train_flops_per_s", "matmul_flops_per_s
             "score_tokens_per_s", "loader_images_per_s", "pad_fraction", "peak_memory_mb", "train_step_s_ntp",
             "train_step_s_prior", "loader_images_per_s_needed", "flops_fraction_of_matmul",
             "h_feature_cache_speedup", "h_step_s_pixels", "h_step_s_cached", "h_part_s_packing",
-            "h_part_s_encoder_forward", "h_part_s_optimizer", "ref_ms_ours", "ref_ms_gpt2", "ref_ours_over_gpt2")
+            "h_part_s_encoder_forward", "h_part_s_optimizer", "ref_ms_ours", "ref_ms_gpt2", "ref_ours_over_gpt2",
+            # issue 23's targets: ours / GPT-2 stack, train FLOP/s / matmul FLOP/s, checkpoint eval / 30 train steps
+            "decoder_over_gpt2", "train_over_matmul", "eval_over_train", "eval_s_checkpoint", "eval_train_s_interval")
 
 
 def test_bench_tiny_writes_every_number(tmp_path):
@@ -35,6 +37,9 @@ def test_bench_tiny_writes_every_number(tmp_path):
         assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0 or key == "pad_fraction", key
     assert 0 <= r["pad_fraction"] < 1
     assert "mfu" in r  # None on a CPU
+    assert r["decoder_over_gpt2"] == r["ref_ours_over_gpt2"] and r["train_over_matmul"] == r["flops_fraction_of_matmul"]
+    assert r["eval_over_train"] == r["eval_s_checkpoint"] / r["eval_train_s_interval"]
+    assert r["eval_train_s_interval"] == 30 * r["h_step_s_cached"] and r["eval_benchmarks"] > 0
 
 
 def test_bench_help_explains_every_flag():
