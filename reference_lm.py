@@ -23,11 +23,12 @@ Flags in detail: --data's formats are read by data/records.py. --wandb PROJECT l
 validation entry of the history (lib/tracking.py).
 """
 import json
+import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,9 @@ from lib.tracking import start_wandb
 from lib.utils import atomic_save, autocast, lr_at, make_optimizer, pick_device, seed_everything, text_fingerprint
 
 
+MAX_EPOCHS, MAX_STEPS = 40, 600  # sized runs: 150 captions -> 40 steps; 10,000 captions -> 600 (docs/performance.md)
+
+
 @dataclass
 class RefConfig(RefChecks):
     data: str = flag("data/synth/ref.jsonl",
@@ -60,12 +64,15 @@ class RefConfig(RefChecks):
     d_model: int = flag(256, "decoder width")
     row_len: int = flag(256, "tokens per packed row")
     batch_rows: int = flag(16, "packed rows per optimizer step")
-    steps: int = flag(600, "optimizer steps")
+    steps: int = flag(0, "optimizer steps (0 = sized to the data: --max-epochs passes over the training rows, "
+                      "at most 600)")
+    max_epochs: float = flag(MAX_EPOCHS, "with --steps 0: passes over the training captions' packed rows")
     lr: float = flag(2e-3, "peak learning rate (AdamW)")
     warmup: int = flag(50, "linear warm-up steps")
     weight_decay: float = flag(0.1, "AdamW weight decay on matrices")
-    eval_every: int = flag(200, "validate every N steps; the checkpoint keeps the best-validation step")
-    patience: int = flag(0, "stop after this many validations without a better NLL (0 = run "
+    eval_every: int = flag(0, "validate every N steps, the checkpoint keeps the best (0 = a tenth of sized "
+                           "steps, else 200)")
+    patience: int = flag(3, "stop after this many validations without a better NLL (0 = run "
                          "all --steps)")
     init_decoder: str = flag("", "start from this LM: hf:FOLDER (Hugging Face Llama, lib/hf.py) or a "
                              "reference_lm.py checkpoint")
@@ -97,6 +104,18 @@ def evaluate(model, samples, row_len, device, batch_rows=32):
     return total / max(count, 1)
 
 
+def size_steps(cfg, epoch_rows):
+    """cfg with --steps 0 sized to the data (epoch_rows packed rows per pass): --max-epochs passes, at most
+    MAX_STEPS, the warm-up at most a tenth of them; --eval-every 0: a tenth of sized steps, else 200. A given --steps
+    is kept as it is (the main job passes its own), and so is everything else then."""
+    sized = not cfg.steps
+    if sized:  # a step of more rows than a pass has takes the whole pass (the loop re-packs for each epoch)
+        per_epoch = max(1, epoch_rows // cfg.batch_rows)
+        steps = max(1, min(MAX_STEPS, math.ceil(cfg.max_epochs * per_epoch)))
+        cfg = replace(cfg, steps=steps, warmup=min(cfg.warmup, steps // 10))
+    return replace(cfg, eval_every=cfg.eval_every or (max(1, cfg.steps // 10) if sized else 200))
+
+
 def train_lm(cfg):
     rank, world, device = setup_distributed(pick_device(cfg.device))
     master, sharded = rank == 0, cfg.fsdp and world > 1
@@ -113,6 +132,11 @@ def train_lm(cfg):
     samples = make_samples(tok, records)
     val = [samples[i] for i in order[:n_val]]
     train = [samples[i] for i in order[n_val:]]
+    given = cfg.steps
+    cfg = size_steps(cfg, len(pack(train, cfg.row_len).input_ids))
+    if not given and rank == 0:
+        print(f"--steps 0: {cfg.steps} steps of {cfg.batch_rows} rows (at most {cfg.max_epochs:g} passes over the "
+              f"training captions), validation every {cfg.eval_every}, warm-up {cfg.warmup}")
 
     dcfg = DecoderConfig(vocab_size=tok.get_vocab_size(), n_layer=cfg.n_layer, n_head=cfg.n_head,
                          d_model=cfg.d_model, max_seq_len=cfg.row_len)

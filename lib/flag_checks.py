@@ -26,9 +26,11 @@ class TrainChecks:
 
 class RefChecks:
     def check(self):
-        check_ranges(self, val_fraction=FRACTION, n_layer=1, n_head=1, d_model=1, row_len=2, batch_rows=1, steps=1,
-                     lr=0.0, warmup=0, weight_decay=0.0, eval_every=1, patience=0, max_bad_fraction=FRACTION)
-        check_warmup(self)
+        check_ranges(self, val_fraction=FRACTION, n_layer=1, n_head=1, d_model=1, row_len=2, batch_rows=1, steps=0,
+                     lr=0.0, warmup=0, weight_decay=0.0, eval_every=0, patience=0, max_bad_fraction=FRACTION,
+                     max_epochs=1e-9)
+        if self.steps:  # --steps 0: sized to the data, and the warm-up with it (reference_lm.size_steps)
+            check_warmup(self)
         check_divisible(self, "d_model", "n_head")
 
 

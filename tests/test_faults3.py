@@ -31,7 +31,7 @@ NONSENSE = [
     ("train", "TrainConfig", ["--d-model", "30", "--n-head", "4"], "--d-model 30 is not divisible by --n-head 4"),
     ("train", "TrainConfig", ["--max-bad-fraction", "2"], "--max-bad-fraction 2.0: allowed values are a finite "
                                                            "number >= 0.0 and <= 1.0"),
-    ("reference_lm", "RefConfig", ["--steps", "-3"], "--steps -3: allowed values are an integer >= 1"),
+    ("reference_lm", "RefConfig", ["--steps", "-3"], "--steps -3: allowed values are an integer >= 0"),
     ("reference_lm", "RefConfig", ["--d-model", "30", "--n-head", "4"], "--d-model 30 is not divisible by --n-head 4"),
     ("reference_lm", "RefConfig", ["--steps", "10", "--warmup", "40"], "--warmup 40: allowed values are 0 to"),
     ("score", "ScoreConfig", ["--row-len", "0"], "--row-len 0: allowed values are an integer >= 1"),
@@ -149,3 +149,15 @@ def test_a_sustained_climb_still_raises_the_alarm(capsys):
     step = alarm_step(climb)
     assert step == first + 20 - 1  # above the threshold for hold = 2 x window = 20 steps
     assert alarm_step(plateau) is not None and "ALARM" in capsys.readouterr().err
+
+
+def test_train_refusals_are_one_line_without_a_traceback(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "log.jsonl").write_text('{"step": 1}\n')
+    for extra, message in (([], f"error: --out-dir {run} holds another run (config.json, log.jsonl)"),
+                           (["--resume"], f"error: --resume: no last.pt in {run} to continue from")):
+        done = script(["train.py", "--out-dir", str(run), "--device", "cpu", *extra])
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith(message)
