@@ -149,3 +149,15 @@ def test_a_sustained_climb_still_raises_the_alarm(capsys):
     step = alarm_step(climb)
     assert step == first + 20 - 1  # above the threshold for hold = 2 x window = 20 steps
     assert alarm_step(plateau) is not None and "ALARM" in capsys.readouterr().err
+
+
+def test_train_refusals_are_one_line_without_a_traceback(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "log.jsonl").write_text('{"step": 1}\n')
+    for extra, message in (([], f"error: --out-dir {run} holds another run (config.json, log.jsonl)"),
+                           (["--resume"], f"error: --resume: no last.pt in {run} to continue from")):
+        done = script(["train.py", "--out-dir", str(run), "--device", "cpu", *extra])
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith(message)
