@@ -61,6 +61,7 @@ def test_sensible_edges_pass():
     assert parse_config(train.TrainConfig, ["--steps", "3", "--warmup", "2"]).warmup == 2
     from data import tokenizer as T
     assert parse_config(T.TokenizerConfig, ["--vocab-size", "263"]).vocab_size == 263
+    assert T.TokenizerConfig.SMALLEST_VOCAB == len(T.SPECIALS) + 256  # the specials and every byte
 
 
 def script(args, env=None):
