@@ -86,3 +86,23 @@ def test_sigkill_mid_stream_then_resume_equals_an_uninterrupted_run(tiny, shards
     straight, resumed = ([json.loads(x)["loss"] for x in open(p / "log.jsonl")] for p in
                          (tmp_path / "straight", tmp_path / "killed"))
     assert resumed == straight
+
+
+def test_two_processes_stream_tar_shards_and_resume(tiny, shards, tmp_path):
+    """torchrun, 2 gloo processes, --stream from tar shards: stopped at step 2, resumed to 4, equal to one
+    process decoding everything in memory (float tolerance: gradients are summed in another order)."""
+    train.main(config(tiny, tmp_path / "one", loss="prior", steps=4, save_every=2))
+    args = ["--data", f"{shards}/", "--tokenizer", str(tiny["tokenizer"]), "--scores", str(tiny["scores"]),
+            "--loss", "prior", "--image-size", "16", "--patch-size", "4", "--vit-dim", "16", "--vit-depth", "1",
+            "--vit-heads", "2", "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--batch-size", "8",
+            "--row-len", "64", "--steps", "4", "--save-every", "2", "--warmup", "2", "--lr", "3e-3",
+            "--device", "cpu", "--threads", "1", "--stream", "--out-dir", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra in (["--stop-at", "2"], ["--resume"]):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, "train.py"), *args, *extra]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
