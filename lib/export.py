@@ -24,7 +24,8 @@ def settings(model_config):
     encoder and projector are (model_config holds the same, in the VLMConfig's own terms)."""
     c, d = model_config, model_config["decoder"]
     grid = c["image_size"] // c["patch_size"]
-    image = {"size": c["image_size"], "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize": "to size x size, bicubic, alpha on white (data.images)"}
+    image = {"size": c["image_size"], "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+             "resize": "to size x size, bicubic, alpha on white (data.images)"}
     if c["arch"] == "u":
         return {"image": image, "image_tokens": grid * grid + grid + 2, "encoder": None,
                 "projector": {"type": "linear patch embedding (no bias)", "in": 3 * c["patch_size"] ** 2,
