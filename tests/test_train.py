@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from lib.utils import load_checkpoint
+from lib.utils import atomic_save, load_checkpoint
 from data.packing import global_batch, make_samples
 from model import load_model
 from lib.build import build_model
@@ -464,7 +464,7 @@ def test_resume_follows_moved_files_but_not_other_contents(tiny, tmp_path):
     import score
     blob = torch.load(moved, weights_only=True)
     blob["p_ref"] = (blob["p_ref"].to(torch.int32) // 2).to(torch.uint16)  # same records and fingerprints, other scores
-    score.atomic_save(blob, str(moved))
+    atomic_save(blob, str(moved))
     with pytest.raises(ValueError, match="--resume: --scores .* is not the file the run"):
         train.main(config(tiny, run, loss="prior", steps=4, save_every=2, resume=True, scores=str(moved)))
     with pytest.raises(ValueError, match="--init-decoder '' -> "):
