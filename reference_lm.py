@@ -6,7 +6,10 @@
 The reference LM must train on captions disjoint from those it later scores (the paper: ~5M captions train
 it, another ~3M are scored): on captions it has memorised, p_ref is inflated and every weight shrinks.
 The validation split comes out of --data (health.val_split_size: 5%, at least 64 captions, at most a
-quarter). The checkpoint keeps the step with the best validation NLL (its "kept_step"), not the last one:
+quarter). By default (--steps 0) the run is sized to the data: --max-epochs passes over the packed training
+rows (at most 600 steps), validation every tenth of the run, stopping after --patience validations without a
+better NLL; a given --steps is kept as it is. The checkpoint keeps the step with the best validation NLL (its
+"kept_step"), not the last one:
 on a small caption set the LM overfits, and an overfit reference LM memorises boilerplate (p_ref near 1,
 PRIOR's weights near 0). A warning says when validation NLL rises while the training loss falls.
 
@@ -132,11 +135,12 @@ def train_lm(cfg):
     samples = make_samples(tok, records)
     val = [samples[i] for i in order[:n_val]]
     train = [samples[i] for i in order[n_val:]]
-    given = cfg.steps
-    cfg = size_steps(cfg, len(pack(train, cfg.row_len).input_ids))
+    given, epoch_rows = cfg.steps, len(pack(train, cfg.row_len).input_ids)
+    cfg = size_steps(cfg, epoch_rows)
     if not given and rank == 0:
-        print(f"--steps 0: {cfg.steps} steps of {cfg.batch_rows} rows (at most {cfg.max_epochs:g} passes over the "
-              f"training captions), validation every {cfg.eval_every}, warm-up {cfg.warmup}")
+        print(f"--steps 0: {cfg.steps} steps of up to {cfg.batch_rows} rows ({cfg.max_epochs:g} passes over the "
+              f"{epoch_rows} rows of training captions at most), validation every {cfg.eval_every}, "
+              f"warm-up {cfg.warmup}")
 
     dcfg = DecoderConfig(vocab_size=tok.get_vocab_size(), n_layer=cfg.n_layer, n_head=cfg.n_head,
                          d_model=cfg.d_model, max_seq_len=cfg.row_len)
