@@ -7,6 +7,7 @@ import json
 import os
 import re
 import time
+from dataclasses import asdict
 
 import numpy as np
 
@@ -98,8 +99,8 @@ class Setup:
         if old_root and old_root != self.src:
             have = {k: self.src + v[len(old_root):] if isinstance(v, str) and v.startswith(old_root + os.sep) else v
                     for k, v in have.items()}
-        want = vars(parse_config(train.TrainConfig, [str(a) for a in args[1:]]))
-        default = vars(parse_config(train.TrainConfig, []))  # a flag newer than the run: its default is what ran
+        want = asdict(parse_config(train.TrainConfig, [str(a) for a in args[1:]]))  # the fields, as config.json
+        default = asdict(parse_config(train.TrainConfig, []))  # a flag newer than the run: its default is what ran
         skip = {"out_dir", "resume", "overwrite", "device", "threads", "workers", "image_cache", "feature_cache",
                 "stop_at", "save_every", "compile", "fsdp", "micro_batch"}
         return all(have.get(k, default[k]) == v for k, v in want.items() if k not in skip)

@@ -7,6 +7,7 @@ generator's data, tokenizer, reference LM and scores, base LM and ViT, made by t
 runs, plus the experiment_config.json and chosen_lrs.json it writes. It has no main runs, so `instruct` also
 exercises pre-training its own checkpoints.
 """
+import dataclasses
 import json
 import math
 import os
@@ -247,7 +248,7 @@ def test_same_run_reads_a_moved_artefacts_folder(mini_out, tmp_path):
     s = Setup(args, "ablation")
     run = os.path.join(s.src, "runs", "web", "h", "ntp_moved_folder")
     targs = s.train_args("ntp", 3e-3, 0, run)
-    config = vars(parse_config(train.TrainConfig, [str(a) for a in targs[1:]]))
+    config = dataclasses.asdict(parse_config(train.TrainConfig, [str(a) for a in targs[1:]]))
     old = "/elsewhere/out"
     moved = {k: old + v[len(s.src):] if isinstance(v, str) and v.startswith(s.src + os.sep) else v
              for k, v in config.items()}
