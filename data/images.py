@@ -201,9 +201,9 @@ def _cached_images(records, jobs, size, max_bad_fraction, workers, cache):
                 bar.update()
         os.replace(tmp, cache)
         meta = {"key": key, "size": size, "n": n, "kept": kept_index, "bad": bad}
-        with open(meta_path + ".tmp", "w") as f:
+        with open(f"{meta_path}.tmp{os.getpid()}", "w") as f:  # per process: runs may decode side by side
             json.dump(meta, f)
-        os.replace(meta_path + ".tmp", meta_path)
+        os.replace(f"{meta_path}.tmp{os.getpid()}", meta_path)
     kept = [records[i] for i in meta["kept"]]
     _check_decoded([tuple(b) for b in meta["bad"]], kept, n, max_bad_fraction)
     if not kept:  # an empty input (a non-empty one with nothing decodable has raised above)

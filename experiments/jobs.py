@@ -178,9 +178,16 @@ class Jobs:
         if self.workers:
             with tqdm(total=len(chains), desc="  runs", leave=False) as bar:
                 futures = [self.pool().submit(_worker_chain, self, c) for c in chains]
-                for f in futures:
-                    self.timings += f.result()
-                    bar.update()
+                try:
+                    for f in futures:
+                        self.timings += f.result()
+                        bar.update()
+                except BaseException:  # a failed job stops the run: nothing queued behind it may start
+                    for f in futures:
+                        f.cancel()
+                    self._pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = None
+                    raise
             return
         with ThreadPoolExecutor(self.parallel) as pool, \
                 tqdm(total=sum(map(len, chains)), desc="  jobs", leave=False) as bar:

@@ -93,5 +93,11 @@ def test_worker_processes_run_calls_and_time_them(tmp_path):
         with pytest.raises(SystemExit, match="step failed: json:loads"):
             runner.run_chains([[(("call", "json:loads", ("not json",)), "c")]])
         assert "JSONDecodeError" in (tmp_path / "logs" / "c.log").read_text()
+        one = jobs.Jobs(str(tmp_path / "logs"), parallel=1, workers=True)  # a failure stops what is queued
+        slow = [(("call", "time:sleep", (2,)), "d"), (("call", "json:loads", ("not json",)), "e")]
+        with pytest.raises(SystemExit):
+            one.run_chains([slow, [(("call", "os:mkdir", (str(tmp_path / "queued"),)), "f")]])
+        one.close()
+        assert not (tmp_path / "queued").exists()
     finally:
         runner.close()
