@@ -11,6 +11,7 @@ rm -rf "$dest" && mkdir -p "$dest"  # nothing stale from an earlier design stays
 # the table, the JSON it is made from (python -m experiments.report --results results/main/results.json --out results/main
 # regenerates results.md byte for byte), the lr choices, the design, and each mix's data summary
 cp "$src/results.md" "$src/results.json" "$src/lr_choice.json" "$src/experiment_config.json" "$dest/"
+[ -f "$src/timing.json" ] && cp "$src/timing.json" "$dest/"  # where the main job's time went
 for meta in "$src"/data_*/meta.json; do
     mix=$(basename "$(dirname "$meta")"); cp "$meta" "$dest/${mix}_meta.json"
 done
