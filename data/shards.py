@@ -207,7 +207,7 @@ class ShardsConfig:
     data: str = flag("", "required: any caption source read_records reads (.jsonl, LLaVA/COCO .json with "
                          "::folder, .tar)")
     out: str = flag("", "required: folder for the shards 000000.tar, 000001.tar, ...")
-    per_shard: int = flag(10000, "samples per shard")
+    per_shard: int = flag(10000, "samples per shard", min=1)
     max_bad_fraction: float = flag(0.01, "stop if more than this share of records is bad")
 
 

@@ -64,6 +64,7 @@ class ExperimentConfig:
     nproc: int = flag(1, "processes per training run, under torchrun (e.g. the GPU count)")
     device: str = flag("auto", "auto, cpu or cuda")
     seed: int = flag(0, "data-generation seed")
+    wandb: str = flag("", "pass --wandb PROJECT to every VLM run: each logs its config and log.jsonl there")
 
 
 class Experiment:
@@ -177,6 +178,8 @@ class Experiment:
                 "--init-decoder", self.path("base_lm.pt"), "--resume", "--overwrite", *self.flags(v)]
         if low is not None:
             args += ["--oracle-low", str(low)]
+        if getattr(self.cfg, "wandb", ""):  # paper.py's Setup builds these too, from a config without it
+            args += ["--wandb", self.cfg.wandb]
         if arch == "h":  # the paper's H-LVLM: pretrained, frozen encoder and LM; only the projector trains (its
             # frozen ViT's features are computed once per image set and shared by every run: --feature-cache)
             args += ["--init-encoder", self.path("vit.pt"), "--train", "projector",

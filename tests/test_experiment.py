@@ -119,3 +119,11 @@ def test_test_seeds_never_overlap_the_pilot_seeds(tmp_path):
     exp = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path), seeds=101))
     with pytest.raises(SystemExit, match="overlap the pilot seeds"):
         exp.experiment()
+
+
+def test_wandb_reaches_every_vlm_run(tmp_path):
+    exp = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path), wandb="prior-runs"))
+    args = exp.train_args("web", "h", "prior", 3e-3, 0, str(tmp_path / "r"))
+    assert args[args.index("--wandb") + 1] == "prior-runs"
+    plain = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path / "p")))
+    assert "--wandb" not in plain.train_args("web", "h", "prior", 3e-3, 0, str(tmp_path / "r"))

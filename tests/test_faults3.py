@@ -42,6 +42,7 @@ NONSENSE = [
     ("data.tokenizer", "TokenizerConfig", ["--vocab-size", "5"], "--vocab-size 5: allowed values are an integer "
                                                                  ">= 263"),
     ("baselines.attention", "AttnConfig", ["--batch-size", "0"], "--batch-size 0: allowed values are an integer >= 1"),
+    ("data.shards", "ShardsConfig", ["--per-shard", "0"], "--per-shard 0: allowed values are an integer >= 1"),
 ]
 
 
