@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,19 +175,16 @@ class Jobs:
                 run_chain(c)
             return
         from tqdm import tqdm
-        if self.workers:
+        if self.workers:  # at most --parallel chains handed to the workers at once: after a failure none starts
+            pending, running = list(chains), set()
             with tqdm(total=len(chains), desc="  runs", leave=False) as bar:
-                futures = [self.pool().submit(_worker_chain, self, c) for c in chains]
-                try:
-                    for f in futures:
-                        self.timings += f.result()
+                while pending or running:
+                    while pending and len(running) < self.parallel:
+                        running.add(self.pool().submit(_worker_chain, self, pending.pop(0)))
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        self.timings += f.result()  # a failed job raises here: nothing more is submitted
                         bar.update()
-                except BaseException:  # a failed job stops the run: nothing queued behind it may start
-                    for f in futures:
-                        f.cancel()
-                    self._pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = None
-                    raise
             return
         with ThreadPoolExecutor(self.parallel) as pool, \
                 tqdm(total=sum(map(len, chains)), desc="  jobs", leave=False) as bar:
