@@ -20,6 +20,7 @@ import eval as E
 import train
 from data import tokenizer as T
 from lib.cli import parse_config
+from lib.utils import pick_device
 from model import load_model
 
 FINAL_ONLY = ("test", "test_scores", "bench")  # read at the last step alone
@@ -86,8 +87,7 @@ def train_eval(train_argv, specs):
     for path in sorted(glob.glob(os.path.join(cfg.out_dir, "ckpt_*.pt"))):  # a finished run, or an interrupted
         step = int(re.search(r"ckpt_(\d+)\.pt$", path).group(1))       # one's checkpoints before its restart
         if any(not any(r["step"] == step for r in read_rows(os.path.join(cfg.out_dir, s["out"]))) for s in specs):
-            evaluate_into(cfg, specs, tok, step, load_model(path, cfg.device if cfg.device != "auto" else "cpu")[0],
-                          timing)
+            evaluate_into(cfg, specs, tok, step, load_model(path, pick_device(cfg.device))[0], timing)
     timing["wall_s"] = time.perf_counter() - t0
     timing["other_s"] = timing["wall_s"] - timing["train_s"] - timing["eval_s"]
     return timing

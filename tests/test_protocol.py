@@ -79,6 +79,9 @@ def test_in_process_evaluation_equals_eval_py_and_repeats_bit_for_bit(run_args):
     assert (root / "b" / "eval.json").read_text() == (root / "a" / "eval.json").read_text()
     log = lambda d: [json.loads(x)["loss"] for x in open(root / d / "log.jsonl")]  # noqa: E731
     assert log("a") == log("b")
+    before = (root / "a" / "eval.json").read_text()
+    (root / "a" / "eval.json").unlink()  # a finished run without its evaluations: they come from its checkpoints
+    assert train_eval(args("a"), spec)["train_s"] == 0 and (root / "a" / "eval.json").read_text() == before
 
 
 def test_evaluation_changes_no_training(run_args):
