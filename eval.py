@@ -253,14 +253,19 @@ def evaluate_run(run_dir, probes_dir=None, test_path=None, test_scores=None, dev
         c = ckpt["config"]
         rows += [{"arch": c["arch"], "loss": c["loss"], "seed": c["seed"], "lr": c["lr"], "step": ckpt["step"], **r}
                  for r in results]
-        with open(out + ".tmp", "w") as f:  # one row a line: readable, diffable, still one JSON list
-            f.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
-        os.replace(out + ".tmp", out)
+        write_rows(out, rows)
         tqdm.write(f"{path}: {len(results)} benchmarks in {time.perf_counter() - t0:.1f}s")
     alarm = run_alarm(run_dir)
     if alarm:
         print(f"{run_dir}: training raised an alarm at step {alarm[0]}: {alarm[1]}", file=sys.stderr)
     return rows
+
+
+def write_rows(path, rows):
+    """eval.json, atomically: one row a line (readable, diffable), still one JSON list."""
+    with open(path + ".tmp", "w") as f:
+        f.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    os.replace(path + ".tmp", path)
 
 
 def run_alarm(run_dir):

@@ -28,7 +28,7 @@ mean over checkpoints) is added as a secondary row.
 import math
 import os
 
-from experiments.claims import claims_section
+from experiments.claims import claims_section, seed_curves
 from experiments.protocol import PRIMARY, choose_lr, tail_mean
 from experiments.report_plots import plot_specs, primary_plot
 from experiments.stats import (NAN, ci, fmt, lr_key, lr_str, md_table, paired, pm, seed_key, series,  # noqa: F401
@@ -172,11 +172,7 @@ def _grid(g):
     score is the mean of its last protocol.TAIL checkpoints' PRIMARY; the choice is protocol.choose_lr's."""
     out = {}
     for (loss, lr), steps in sorted(g.items(), key=lambda kv: lr_key(kv[0][1])):
-        by_seed = {}
-        for step, benches in steps.items():
-            for seed, v in benches.get(PRIMARY, {}).items():
-                by_seed.setdefault(seed, {})[step] = v
-        v = {seed: tail_mean(c) for seed, c in by_seed.items()}
+        v = {seed: tail_mean(c) for seed, c in seed_curves(steps, PRIMARY).items()}
         out.setdefault(loss, {"scores": {}})["scores"][lr] = summary(v) if v else None
     for o in out.values():
         o["tried"] = list(o["scores"])

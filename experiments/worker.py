@@ -33,12 +33,6 @@ def read_rows(path):
         return json.load(f)
 
 
-def write_rows(path, rows):
-    with open(path + ".tmp", "w") as f:  # one row a line: readable, diffable, still one JSON list
-        f.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
-    os.replace(path + ".tmp", path)
-
-
 def evaluate_into(cfg, specs, tok, step, model, timing):
     """Evaluate `model` (at `step`) for every spec that lacks that step; rows appended to its file."""
     for spec in specs:
@@ -52,7 +46,7 @@ def evaluate_into(cfg, specs, tok, step, model, timing):
                                test_scores=kw.pop("test_scores", None), device=model_device(model), **kw)
         rows += [{"arch": cfg.arch, "loss": cfg.loss, "seed": cfg.seed, "lr": cfg.lr, "step": step,
                   "benchmark": k, "value": v} for k, v in out.items()]
-        write_rows(path, rows)
+        E.write_rows(path, rows)
         timing["eval_s"] += time.perf_counter() - t0
 
 
