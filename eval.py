@@ -2,14 +2,11 @@
 
     python eval.py --ckpt runs/h_prior/ckpt_000300.pt --mc my_questions.jsonl      # your own questions
     # the paper's benchmarks from the files as distributed, official metrics and a table (docs/benchmarks.md):
-    python eval.py --ckpt runs/h_prior/ckpt_000300.pt --bench pope:coco_pope_random.json::coco/val2014 \\
+    python -m benchmarks eval --ckpt runs/h_prior/ckpt_000300.pt --bench pope:coco_pope_random.json::coco/val2014 \
         --bench mme:MME_Benchmark_release_version --bench mmbench:MMBench_DEV_EN.tsv [--bench-generate 16]
     # every ckpt_*.pt of a run -> runs/h_prior/eval.json (a re-run skips the checkpoints already there):
-    python eval.py --run-dir runs/h_prior --probes data/synth/probes --test data/synth/test.jsonl \\
+    python eval.py --run-dir runs/h_prior --probes data/synth/probes --test data/synth/test.jsonl \
         --test-scores out/scores_test.pt
-    # importance scores vs caption length and token position (the paper's Fig. 8; lib/importance.py), no model:
-    python eval.py --importance out/scores_test.pt --importance-data data/synth/test.jsonl \\
-        --tokenizer out/tokenizer.json
 
 Multiple choice (JSONL, docs/formats.md): {"image", "prompt", "choices", "answer"}, image relative to the file.
 A choice scores log p(choice | image, prompt), summed over its tokens (`<stem>`) and per token (`<stem>_norm`),
@@ -29,10 +26,11 @@ counted and reported. eval.json rows: {"arch", "loss", "seed", "lr", "step", "be
     nll_w_gt_0.5, nll_w_le_0.5...  (with --test-scores) the same for tokens whose PRIOR weight w = 1 - p_ref is
                                    above / at most 0.25, 0.5, 0.75
 
-Probe files and images are read once per process (data/benchmarks.py); train.py's model can be evaluated in its
+Probe files and images are read once per process (load_mc, load_test); train.py's model can be evaluated in its
 own process at each checkpoint (evaluate_model; experiments/worker.py does).
 """
 import glob
+import hashlib
 import json
 import os
 import re
@@ -44,16 +42,14 @@ import torch
 from tqdm import tqdm
 
 from data import tokenizer as T
-from lib.cli import UserError, flag, run
-from lib.flag_checks import EvalChecks
-from data.benchmarks import data_key, load_mc, load_test, report_skipped
-from data.bench_score import bench_results, bench_table, join_repeated
+from data.images import load_images, normalize
+from data.record_types import BadRecord, DataError, Record, report_bad
+from data.records import read_records
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
-from lib.importance import importance_analysis
-from lib.likelihood import _features, accuracy, derangement, image_embeds, score_docs  # noqa: F401 (tests)
-from lib.build import load_vlm  # a train.py checkpoint, or a folder lib/export.py wrote
-from lib.utils import check_fingerprint, pick_device
+from model import load_vlm  # a train.py checkpoint, or a folder scale/export.py wrote
+from utils import (EvalChecks, UserError, autocast, check_fingerprint, flag, join_repeated, pick_device, plugin, run,
+                   text_fingerprint)
 
 THRESHOLDS = (0.25, 0.5, 0.75)
 
@@ -68,10 +64,6 @@ class EvalConfig(EvalChecks):
     probes: str = flag("", "folder of probe *.jsonl files (built in: data/synth/probes)")
     test: str = flag("", "held-out caption JSONL with word 'tags', for the token NLL")
     test_scores: str = flag("", "score.py output for --test: adds NLL by PRIOR weight w = 1 - p_ref")
-    importance: str = flag("",
-                           "score.py output to analyse: mean w vs caption length and token position (lib/importance)")
-    importance_data: str = flag("", "the caption file --importance was scored on ('' = the path recorded in it)")
-    png: str = flag("", "figure of the importance analysis ('' = beside the score file)")
     tokenizer: str = flag("", "tokenizer.json ('' = the path in the checkpoint's config); its fingerprint is checked")
     max_rows: int = flag(0,
                          "evaluate a fixed random subset of this many rows of each probe file and of --test (0 = all)")
@@ -84,6 +76,93 @@ class EvalConfig(EvalChecks):
     threads: int = flag(0, "torch CPU threads (0 = torch's default)")
     feature_cache: str = flag("",
                               "H-LVLM: folder caching the ViT's features per image file, across runs (data/features)")
+
+
+
+# ----------------------------------------------------------------------------- reading the files
+_data = {}  # data_key -> (records, uint8 images[, fingerprint of the whole file])
+
+
+def data_key(kind, path, size, max_rows, seed):
+    return kind, os.path.abspath(path), os.path.getmtime(path), size, max_rows, seed
+
+
+def subsample(items, max_rows, seed):
+    """A fixed random subset in file order, so every checkpoint sees the same rows."""
+    if not max_rows or len(items) <= max_rows:
+        return items
+    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:max_rows]
+    return [items[i] for i in sorted(keep.tolist())]
+
+
+def _question(obj, key, folder):
+    """One MC row -> Record(caption=prompt, extra={"choices", "answer"}), or raise BadRecord(reason)."""
+    if not isinstance(obj, dict):
+        raise BadRecord("not an object")
+    image, prompt, choices, answer = obj.get("image"), obj.get("prompt", ""), obj.get("choices"), obj.get("answer")
+    if not isinstance(image, str) or not image.strip():
+        raise BadRecord("missing image field")
+    image = os.path.abspath(os.path.join(folder, image))
+    if not os.path.isfile(image):
+        raise BadRecord("missing image file", image)
+    if not isinstance(prompt, str):
+        raise BadRecord("prompt not a string")
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise BadRecord("fewer than 2 choices")
+    if not all(isinstance(c, str) and c.strip() for c in choices):
+        raise BadRecord("empty or non-string choice")
+    if type(answer) is not int or not 0 <= answer < len(choices):  # type(): True is not a valid answer
+        raise BadRecord("answer not a choice index")
+    # Stripped, so that encode(prompt) + encode(choice) is the tokenisation of "prompt choice" (add_prefix_space).
+    return Record(str(obj.get("id", key)), prompt.strip(), image,
+                  {"choices": [c.strip() for c in choices], "answer": answer})
+
+
+def read_mc(path, max_bad_fraction=0.05):
+    """Valid questions of a multiple-choice JSONL file; bad rows are skipped and reported like data/records.py."""
+    folder, stem = os.path.dirname(os.path.abspath(path)), os.path.splitext(os.path.basename(path))[0]
+    good, bad, total = [], [], 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            total += 1
+            try:
+                good.append(_question(json.loads(raw.decode("utf-8")), f"{stem}:{n}", folder))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                bad.append((f"line {n}", "broken JSON", ""))
+            except BadRecord as e:
+                bad.append((f"line {n}", e.args[0], e.args[1] if len(e.args) > 1 else ""))
+    if total == 0:
+        raise DataError(f"{path}: no questions")
+    report_bad("questions", path, bad, total, max_bad_fraction)
+    if not good:
+        raise DataError(f"{path}: none of the {total} questions is usable")
+    return good
+
+
+def load_mc(path, size, max_rows=None, seed=0, max_bad_fraction=0.05):
+    key = data_key("mc", path, size, max_rows, seed)
+    if key not in _data:  # undecodable images are dropped and reported by load_images
+        _data[key] = load_images(subsample(read_mc(path, max_bad_fraction), max_rows, seed), size, max_bad_fraction)
+    return _data[key]
+
+
+def load_test(path, size, max_rows=None, seed=0, max_bad_fraction=0.05):
+    key = data_key("test", path, size, max_rows, seed)
+    if key not in _data:
+        records = read_records(path, max_bad_fraction=max_bad_fraction)
+        _data[key] = (*load_images(subsample(records, max_rows, seed), size, max_bad_fraction),
+                      text_fingerprint(records))
+    return _data[key]
+
+
+def report_skipped(out, name, skipped, total, what):
+    """Items longer than the model's context: counted in the results (name_skipped) and on stderr."""
+    if skipped:
+        out[f"{name}_skipped"] = skipped
+        print(f"warning: {name}: {skipped} of {total} {what} reach past the model's context and are not scored "
+              f"(counted as {name}_skipped)", file=sys.stderr)
 
 
 
@@ -208,9 +287,9 @@ def evaluate_model(model, tok, probes_dir=None, test_path=None, test_scores=None
     out, chance = probe_scores(model, tok, list(mc_files) + probe_files, device, max_rows, seed, max_bad_fraction,
                                blind, **kw)
     probe_groups(out, chance, [os.path.splitext(os.path.basename(f))[0] for f in probe_files])
-    if bench:  # the paper's benchmarks as distributed, their official metrics (data/bench_score.py)
-        out.update(bench_results(bench, model, tok, score_docs, image_embeds, device, bench_generate, max_rows=max_rows,
-                                 seed=seed, max_bad_fraction=max_bad_fraction, **kw))
+    if bench:  # the paper's benchmarks as distributed, their official metrics (plug-in: benchmarks/scoring.py)
+        out.update(plugin("bench", "--bench")(bench, model, tok, device, bench_generate, max_rows=max_rows, seed=seed,
+                                              max_bad_fraction=max_bad_fraction, **kw))
     if test_path:
         out.update(token_analysis(model, tok, test_path, test_scores, device, max_rows, seed, max_bad_fraction, **kw))
     model.train(was_training)
@@ -290,8 +369,8 @@ def main(cfg):
               bench_generate=cfg.bench_generate,
               tokenizer=cfg.tokenizer or None, row_len=cfg.row_len, batch_rows=cfg.batch_rows, seed=cfg.seed,
               max_bad_fraction=cfg.max_bad_fraction, feature_cache=cfg.feature_cache, blind=cfg.blind)
-    if not (cfg.ckpt or cfg.run_dir or cfg.importance):
-        raise SystemExit("nothing to do: give --ckpt, --run-dir or --importance (see --help)")
+    if not (cfg.ckpt or cfg.run_dir):
+        raise SystemExit("nothing to do: give --ckpt or --run-dir (see --help)")
     if (cfg.ckpt or cfg.run_dir) and not (kw["probes_dir"] or kw["test_path"] or kw["mc_files"] or kw["bench"]):
         raise SystemExit("give --mc, --bench, --probes and/or --test to evaluate on")
     if cfg.run_dir:
@@ -303,17 +382,123 @@ def main(cfg):
         for r in results:
             print(f"{r['benchmark']:24s} {r['value']:.4f}")
         if kw["bench"]:
-            print(bench_table({r["benchmark"]: r["value"] for r in results}, kw["bench"]))
+            print(plugin("bench_table", "--bench")({r["benchmark"]: r["value"] for r in results}, kw["bench"]))
         print(f"({time.perf_counter() - t0:.1f}s)  accuracy: summed log-likelihood; _norm: per-token mean")
-    if cfg.importance:
-        png = cfg.png or os.path.splitext(cfg.importance)[0] + "_importance.png"
-        rep = importance_analysis(cfg.importance, cfg.importance_data or None,
-                                  cfg.tokenizer or "out/tokenizer.json", png)
-        print(f"{rep['captions']} captions, mean w {rep['mean_w']:.3f}, Pearson r(length, mean w) = "
-              f"{rep['pearson_r']:.3f}")
-        for b in rep["length_bins"]:
-            print(f"  length {b['min_len']:3d}-{b['max_len']:3d}: mean w {b['mean_w']:.3f} ({b['captions']} captions)")
-        print(f"figure: {png}")
+
+# ---- likelihood ----------------------------------------------------------------------------------------------------
+# Log-likelihoods of continuations given an image, for evaluation (eval.py, and what builds on it): the
+# H-LVLM's frozen-encoder features cached per process, the image derangement of blind and shuffled-image scores,
+# and score_docs, which scores every choice of many questions in packed rows, reading the shared image and prompt
+# once per question.
+
+
+_features = {}  # (hash of ViT weights, data_key) -> ViT patch features
+
+
+def weights_hash(module):
+    h = hashlib.sha1()
+    for t in module.state_dict().values():
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def image_embeds(model, images, key, device, chunk=256, feature_cache=""):
+    """(N, grid*grid, d) embeddings of uint8 images. The paper trains only the H-LVLM's projector, so its ViT is
+    the same in every checkpoint: its features are cached by a hash of its weights and the ViT runs once per file
+    and process; with feature_cache (a folder, scale/features.py) once per file and encoder, across processes."""
+    def run(fn):
+        return torch.cat([fn(normalize(images[i:i + chunk].to(device))) for i in range(0, len(images), chunk)])
+    with autocast(device):
+        if model.cfg.arch != "h":
+            return run(model.embed_images)
+        h = weights_hash(model.encoder)
+        if (h, key) not in _features:
+            for k in [k for k in _features if k[0] != h]:  # another encoder: its features are stale
+                del _features[k]
+            _features[h, key] = (plugin("feature_cache", "--feature-cache")(model.encoder, images, feature_cache,
+                                                                              device) if feature_cache
+                                 else run(model.encoder.forward_features))
+        return model.projector(_features[h, key])
+
+
+def derangement(n, seed=0):
+    """A fixed permutation without fixed points: one random cycle through all n items."""
+    if n < 2:
+        raise ValueError("shuffling images needs at least 2 records")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    out = [0] * n
+    for a, b in zip(order, order[1:] + order[:1]):
+        out[a] = b
+    return out
+
+
+@torch.inference_mode()
+def score_docs(model, docs, embeds, row_len=256, batch_rows=8, device="cpu", desc="score"):
+    """log p of every branch token of every doc -> per doc, per branch, a float tensor.
+
+    A doc is (image index into embeds, shared ids, branches). The shared ids (image, bos, prompt) are read once
+    and each branch (a choice) continues them, attending to the shared part and to itself only, with positions
+    as if it were alone: k choices cost one image + prompt instead of k (~2.5x fewer tokens on the probes). The
+    LM head runs only where a token is scored. Docs are packed next-fit into rows of row_len (grown to fit the
+    longest doc); short rows run faster on CPU than long ones, as attention is quadratic and caches are small.
+    A doc that reaches past the model's context (a prompt or caption longer than it was trained on) is not
+    scored: its entry is None, and the caller counts it."""
+    limit = model.decoder.cfg.max_seq_len  # the last input of a branch sits at len(shared) + len(b) - 2
+    fits = [len(shared) + max(len(b) - 1 for b in branches) <= limit for _, shared, branches in docs]
+    # a branch's last token is no input
+    sizes = [len(shared) + sum(len(b) - 1 for b in branches) for _, shared, branches in docs]
+    row_len = max(row_len, *(n for n, ok in zip(sizes, fits) if ok), 1)
+    rows, used = [[]], 0
+    for d, n in enumerate(sizes):
+        if not fits[d]:
+            continue
+        if used + n > row_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(d)
+        used += n
+    out = [[None] * len(b) if ok else None for (_, _, b), ok in zip(docs, fits)]
+    causal = torch.ones(row_len, row_len, dtype=torch.bool, device=device).tril()
+    rows = [row for row in rows if row]  # none at all when no doc fits
+    for start in tqdm(range(0, len(rows), batch_rows), desc=desc, leave=False, disable=not sys.stderr.isatty()):
+        cells, pred, target, owner, images = [], [], [], [], []  # cells: (token, position, doc, branch)
+        for r, row in enumerate(rows[start:start + batch_rows]):
+            here = []
+            for k, d in enumerate(row):
+                image, shared, branches = docs[d]
+                images.append(image)
+                here += [(t, p, k, 0) for p, t in enumerate(shared)]
+                last = r * row_len + len(here) - 1  # flat index of the hidden state that predicts each first token
+                for j, b in enumerate(branches):
+                    at = r * row_len + len(here)
+                    pred += [last, *range(at, at + len(b) - 1)]
+                    target += b
+                    owner.append((d, j, len(b)))
+                    here += [(t, len(shared) + p, k, j + 1) for p, t in enumerate(b[:-1])]
+            cells.append(here + [(T.PAD, 0, len(row), 0)] * (row_len - len(here)))  # padding: its own doc
+        ids, pos, doc, branch = torch.tensor(cells, device=device).unbind(-1)
+        if int(pos.max()) >= model.decoder.cfg.max_seq_len:
+            raise ValueError(f"a document reaches position {int(pos.max())}; the model has "
+                             f"{model.decoder.cfg.max_seq_len}")
+        visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+        mask = (causal & (doc[:, :, None] == doc[:, None, :]) & visible).unsqueeze(1)
+        with autocast(device):
+            x = model(ids, position_ids=pos, mask=mask, image_embeds=embeds[torch.tensor(images, device=device)],
+                      return_hidden=True)
+            logits = model.decoder.head(model.decoder.norm(x.flatten(0, 1)[torch.tensor(pred, device=device)]))
+        logits, tgt = logits.float(), torch.tensor(target, device=device)
+        logp = (logits.gather(1, tgt[:, None]).squeeze(1) - logits.logsumexp(-1)).cpu()
+        for (d, j, _), piece in zip(owner, logp.split([n for _, _, n in owner])):
+            out[d][j] = piece
+    return out
+
+
+def accuracy(logps, answers, normalise=False):
+    """Share of questions whose answer has the highest summed (or per-token mean) log-likelihood; questions
+    score_docs did not score (None: longer than the model's context) are left out, NaN if none is left."""
+    hits = [max(range(len(lp)), key=lambda j: float(lp[j].sum()) / (len(lp[j]) if normalise else 1)) == a
+            for lp, a in zip(logps, answers) if lp is not None]
+    return sum(hits) / len(hits) if hits else float("nan")
 
 
 if __name__ == "__main__":

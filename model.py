@@ -6,7 +6,7 @@
     VLM(arch="u")  U-LVLM, SOLO-style, encoder-free: 8x8 pixel patches -> one bias-free Linear -> decoder,
                    framed as <|vision|> (patch x cols, <|vrow|>) x rows <|/vision|>; positions come only from
                    the decoder's RoPE over the flat sequence.
-    VLMConfig(vision="timm:<name>")  the H-LVLM with a ViT-style timm model as encoder (lib/encoders.py), e.g. CLIP.
+    VLMConfig(vision="timm:<name>")  the H-LVLM with a ViT-style timm model as encoder (model.py), e.g. CLIP.
     load_model, load_lm  a train.py / reference_lm.py checkpoint back as a model (the config is inside).
     KVCache, generate  inference: decoding with cached keys/values, greedy or sampled (tools/caption.py).
 
@@ -15,17 +15,17 @@ masks and the loss never need to know which family runs. Sequences may be packed
 inside each document and `position_ids` restart at each document.
 """
 import math
+import difflib
+import os
+import json
+import sys
 from dataclasses import dataclass, field, replace
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
 from data import tokenizer as T
-from lib.encoders import build_encoder
-from lib.norm import RMSNorm
-from lib.utils import check_fingerprint, load_checkpoint
+from utils import UserError, check_fingerprint, load_checkpoint, pick_device, plugin, safe_load
 
 
 @dataclass
@@ -37,7 +37,7 @@ class DecoderConfig:
     max_seq_len: int = 1024  # longest position RoPE tables are built for
     rope_theta: float = 10000.0
     mlp_ratio: float = 8 / 3  # SwiGLU hidden = ratio * d_model, as in Llama (same FLOPs as a 4x GELU MLP)
-    # The rest of the Llama family (lib/hf.py loads its checkpoints). The defaults are the project's own models.
+    # The rest of the Llama family (scale/hf.py loads its checkpoints). The defaults are the project's own models.
     n_kv_head: int = 0        # grouped-query attention: key/value heads (each serves n_head / n_kv_head); 0 = n_head
     mlp_hidden: int = 0       # SwiGLU hidden width; 0 = mlp_ratio * d_model rounded up to a multiple of 64
     norm_eps: float = None    # RMSNorm epsilon (Llama: 1e-5 or 1e-6); None = the dtype's machine epsilon
@@ -247,7 +247,7 @@ class VLM(nn.Module):
 
     def embed_images(self, images):
         """(N, 3, S, S) normalised pixels -> (N, grid*grid, d) embeddings in row-major patch order. H-LVLM: or
-        (N, grid*grid, vit_dim) encoder features computed beforehand (data.features: the frozen encoder's)."""
+        (N, grid*grid, vit_dim) encoder features computed beforehand (scale.features: the frozen encoder's)."""
         if self.cfg.arch == "h":
             if images.dim() == 4 and any(p.requires_grad for p in self.encoder.parameters()):
                 images = self.encoder.forward_features(images)
@@ -398,3 +398,294 @@ def generate(model, input_ids, images=None, max_new_tokens=40, temperature=0.0, 
     if return_logits:
         return out, torch.stack(all_logits, 1) if all_logits else torch.empty(B, 0, decoder.cfg.vocab_size)
     return out
+
+
+# ---- norm ----------------------------------------------------------------------------------------------------------
+# RMSNorm with a hand-written backward for the CPU (model.Decoder's norms).
+#
+# torch's rms_norm on the CPU is not a kernel but a chain of elementwise ops (pow, mean, rsqrt, mul, mul), and its
+# autograd backward walks that chain again op by op. RMSNormFn does the same arithmetic in fewer passes over the
+# activations: the sum of squares as one dot product, the normalised x kept for the backward, and the backward's
+# three terms in two fused ops. On CUDA (where torch's fused kernel is real) and in other dtypes nn.RMSNorm runs
+# unchanged. tests/test_model.py checks outputs and gradients against nn.RMSNorm; docs/performance.md has the timing.
+
+
+class RMSNormFn(torch.autograd.Function):
+    """y = x / sqrt(mean(x^2) + eps) * w over the last dimension."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        r = torch.rsqrt(torch.linalg.vecdot(x, x).unsqueeze(-1) / x.shape[-1] + eps)
+        xhat = x * r
+        ctx.save_for_backward(xhat, w, r)
+        return xhat * w
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, w, r = ctx.saved_tensors
+        gw = (g * xhat).reshape(-1, g.shape[-1]).sum(0)
+        gxhat = g * w
+        # d/dx of x * r: r * (g' - xhat * mean(g' * xhat)), with g' = g * w the gradient reaching xhat
+        m = torch.linalg.vecdot(gxhat, xhat).unsqueeze(-1) / g.shape[-1]
+        return torch.addcmul(gxhat, xhat, m, value=-1).mul_(r), gw, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameters and state dict); float32 on the CPU goes through RMSNormFn."""
+
+    def forward(self, x):
+        if x.is_cuda or x.dtype != torch.float32 or self.weight is None:
+            return super().forward(x)
+        return RMSNormFn.apply(x, self.weight, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
+
+
+# ---- encoders ------------------------------------------------------------------------------------------------------
+# The H-LVLM's vision encoders: the built-in ViT from timm's blocks, or any ViT-style timm model built offline
+# with its weights read from a local file (nothing is downloaded).
+#
+#     build_encoder(cfg)            build_vit(cfg) for vision="", TimmEncoder(name) for vision="timm:<name>"
+#     TimmEncoder(name, {"vision_layer": -2})  LLaVA's features: the penultimate block's output
+#                                              (train.py --vision-layer)
+#     load_vision_weights(enc, f)   a timm state dict saved once with torch.save (or a .safetensors file)
+
+
+def build_vit(cfg):
+    """The H-LVLM's vision encoder from timm's ViT blocks. Patch tokens only (no class token, no pooling):
+    `forward_features` gives one embedding per patch, which is what reaches the LM."""
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vit_dim,
+                             depth=cfg.vit_depth, num_heads=cfg.vit_heads, num_classes=0, global_pool="",
+                             class_token=False)
+
+
+def unknown_timm_model(name):
+    """The message for a model name timm does not know, with the closest names it does know."""
+    import timm
+    base = name.split(".")[0]  # "vit_base_patch16_clip_224.openai": the tag is not in list_models()
+    names = timm.list_models()
+    close = difflib.get_close_matches(base, names, n=6, cutoff=0.6)
+    close += [n for n in timm.list_models(f"*{base}*") if n not in close]
+    hint = f"; close matches: {', '.join(close[:8])}" if close else ""
+    return f"timm has no model {name!r}{hint} (all names: python -c \"import timm; print(timm.list_models())\")"
+
+
+class TimmEncoder(nn.Module):
+    """A ViT-style timm model as the H-LVLM's encoder. Built offline (pretrained=False, nothing downloaded): its
+    weights come from a local file (load_vision_weights) or from a train.py checkpoint. forward_features gives
+    the patch tokens only, in row-major order, as build_vit's encoder does: class and register tokens (timm's
+    num_prefix_tokens) are dropped and nothing is pooled, which is what LLaVA feeds its projector.
+
+    kwargs["vision_layer"] (not passed to timm; saved with the other kwargs in the checkpoint's model_config): 0 = the
+    last block after the final norm (forward_features); -k = the output of the k-th block from the end, before any
+    final norm, as LLaVA takes CLIP's hidden_states[-2] (-2: the penultimate block). Later blocks are not run."""
+
+    def __init__(self, name, kwargs=None):
+        super().__init__()
+        import timm
+        from data.images import IMAGENET_MEAN, IMAGENET_STD
+        if not timm.is_model(name):
+            raise ValueError(unknown_timm_model(name))
+        self.name, self.kwargs = name, dict(kwargs or {})
+        self.layer = self.kwargs.get("vision_layer", 0)
+        timm_kwargs = {k: v for k, v in self.kwargs.items() if k != "vision_layer"}
+        try:
+            self.model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
+        except Exception as e:  # bad kwargs, unknown pretrained tag, ...: say which model and arguments
+            raise ValueError(f"timm could not build {name!r} with {self.kwargs}: {type(e).__name__}: {e}") from e
+        pe = getattr(self.model, "patch_embed", None)
+        if pe is None or not hasattr(pe, "grid_size") or not hasattr(self.model, "num_prefix_tokens"):
+            raise ValueError(f"timm model {name!r} is not a ViT-style model (patch_embed and a token sequence with "
+                             f"num_prefix_tokens); the H-LVLM needs one embedding per image patch")
+        (gh, gw), (ih, iw) = pe.grid_size, pe.img_size
+        if gh != gw or ih != iw:
+            raise ValueError(f"timm model {name!r}: images {ih}x{iw}, grid {gh}x{gw}; only square ones are supported")
+        self.grid, self.image_size, self.patch_size = gh, ih, pe.patch_size[0]
+        self.dim, self.skip = self.model.num_features, self.model.num_prefix_tokens
+        blocks = getattr(self.model, "blocks", [])
+        self.depth = len(blocks)
+        self.heads = getattr(getattr(blocks[0], "attn", None), "num_heads", 0) if self.depth else 0
+        if not isinstance(self.layer, int) or not -self.depth <= self.layer <= 0:
+            raise ValueError(f"--vision-layer {self.layer!r}: timm model {name!r} has {self.depth} blocks; give 0 (the "
+                             f"final features) or -1 .. -{self.depth} (a block's output counted from the end)")
+        if self.layer and not hasattr(self.model, "forward_intermediates"):
+            raise ValueError(f"--vision-layer: timm model {name!r} has no forward_intermediates; use 0")
+        # The data pipeline normalises with ImageNet's mean/std (data.images.normalize). A model trained with
+        # other statistics (CLIP: OpenAI's; many timm ViTs: 0.5) must see its own, or its features drift: one
+        # affine map converts, x_model = (x * std_in + mean_in - mean) / std.
+        mean = torch.tensor(self.model.pretrained_cfg.get("mean", IMAGENET_MEAN)).view(3, 1, 1)
+        std = torch.tensor(self.model.pretrained_cfg.get("std", IMAGENET_STD)).view(3, 1, 1)
+        mean_in, std_in = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.renormalize = not (torch.equal(mean, mean_in) and torch.equal(std, std_in))
+        self.register_buffer("scale", std_in / std, persistent=False)
+        self.register_buffer("shift", (mean_in - mean) / std, persistent=False)
+
+    def forward_features(self, images):
+        """(N, 3, S, S) ImageNet-normalised pixels -> (N, grid*grid, num_features) patch tokens."""
+        if self.renormalize:
+            images = images * self.scale + self.shift
+        if self.layer:  # timm drops the prefix tokens itself here; stop_early: the blocks after it do not run
+            return self.model.forward_intermediates(images, indices=[self.depth + self.layer], norm=False,
+                                                    stop_early=True, output_fmt="NLC", intermediates_only=True)[0]
+        x = self.model.forward_features(images)
+        if x.dim() != 3 or x.shape[1] != self.skip + self.grid ** 2:
+            raise ValueError(f"timm model {self.name!r} gave features {tuple(x.shape)}, expected "
+                             f"(N, {self.skip} + {self.grid ** 2}, {self.dim})")
+        return x[:, self.skip:]
+
+
+def load_vision_weights(encoder, path):
+    """Load a timm state dict from `path` into a TimmEncoder and return the keys ignored.
+
+    The file is what `torch.save(timm.create_model(name, pretrained=True).state_dict(), path)` writes (read with
+    weights_only=True: loading runs no code), or a .safetensors file if the safetensors package is installed.
+    The classifier head, which the encoder is built without (num_classes=0), is ignored; anything else that
+    does not fit is refused, naming the keys."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no vision weights file at {path}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path} is a .safetensors file, but the safetensors package is not installed: "
+                              "pip install safetensors, or save the weights with torch.save(state_dict, 'x.pt')"
+                              ) from None
+        state = load_file(path)
+    else:
+        state = safe_load(path, path, "a state dict of model weights")
+    for key in ("state_dict", "model"):  # a checkpoint dict around the state dict
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict (name -> tensor); save one with "
+                         "torch.save(model.state_dict(), path)")
+    own = encoder.model.state_dict()
+    head = encoder.model.pretrained_cfg.get("classifier") or "head"
+    heads = tuple(h + "." for h in ([head] if isinstance(head, str) else head))
+    ignored = sorted(k for k in state if k not in own and k.startswith(heads))
+    state = {k: v for k, v in state.items() if k not in ignored}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        problems = [f"{len(v)} {what}: {show(v)}" for what, v in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)) if v]
+        raise ValueError(f"{path} does not fit timm model {encoder.name!r} (arguments {encoder.kwargs}): "
+                         + "; ".join(problems) + ". Save the state dict of timm.create_model with the same name "
+                         "and arguments (e.g. the same img_size).")
+    encoder.model.load_state_dict(state)
+    return ignored
+
+
+def build_encoder(cfg):
+    """The H-LVLM encoder cfg asks for: build_vit, or a TimmEncoder for vision='timm:<name>'."""
+    if not cfg.vision:
+        return build_vit(cfg)
+    if not cfg.vision.startswith("timm:") or not cfg.vision[5:]:
+        raise ValueError(f"vision must be '' (the built-in ViT) or 'timm:<model name>', got {cfg.vision!r}")
+    return TimmEncoder(cfg.vision[5:], cfg.vision_kwargs)
+
+
+# ---- build ---------------------------------------------------------------------------------------------------------
+# The VLM a training config asks for, built and initialised: from scratch, from a base LM (reference_lm.py or
+# hf:FOLDER), a tools/vision.py ViT or a timm model with local weights, or a whole train.py checkpoint or exported
+# folder (--init-from; scale/export.py). train.py, bench.py and the tests build their models here.
+#
+#     read_vlm(path), load_vlm(path)  a train.py checkpoint or an exported folder: the checkpoint dict / (model, dict)
+#     frozen_to_bf16(model, device)   --train projector on CUDA: the frozen encoder and decoder held in bf16
+
+
+def read_vlm(path, flag=""):
+    """A train.py checkpoint's dict (model, model_config, config, tokenizer, ...); a folder is an exported VLM, which
+    scale/export.py reads (plug-in vlm_folder)."""
+    if os.path.isdir(path):
+        return plugin("vlm_folder", flag or path)(path, flag)
+    return load_checkpoint(path, "vlm", flag)
+
+
+def load_vlm(path, device="cpu"):
+    """(model, checkpoint dict) like model.load_model, for a .pt checkpoint or an exported folder (eval.py)."""
+    if not os.path.isdir(path):
+        return load_model(path, device)
+    ckpt = read_vlm(path)
+    model = VLM(VLMConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def frozen_to_bf16(model, device):
+    """Cast the frozen parameters (requires_grad False: the encoder and decoder under --train projector) to bf16 on
+    CUDA, halving their memory; under bf16 autocast their matmuls ran in bf16 anyway, and the frozen decoder's
+    residual stream now does too (as LLaVA runs it). Trainable ones stay fp32 for AdamW. Nothing on a CPU, where
+    training runs in fp32. Returns the names cast."""
+    if not str(device).startswith("cuda"):
+        return []
+    names = [n for n, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()]
+    for n, p in model.named_parameters():
+        if n in names:
+            p.data = p.data.to(torch.bfloat16)
+    return names
+
+
+def build_model(cfg, tok, extra=None):
+    """The VLM described by cfg, with the decoder/encoder/whole model initialised as cfg asks; `extra`, a lab
+    method's hook (train.py), attaches its heads."""
+    dcfg = DecoderConfig(vocab_size=tok.get_vocab_size(), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         d_model=cfg.d_model, max_seq_len=cfg.row_len)
+    base = enc = start = None
+    if cfg.init_decoder:
+        base = load_checkpoint(cfg.init_decoder, "lm", "--init-decoder")  # hf:FOLDER: scale/hf.py
+        check_fingerprint("tokenizer", base["tokenizer"], T.fingerprint(tok), cfg.init_decoder, cfg.tokenizer)
+        dcfg = DecoderConfig(**{**base["decoder_config"],
+                                "max_seq_len": max(cfg.row_len, base["decoder_config"]["max_seq_len"])})
+    if cfg.vision and cfg.init_encoder:
+        raise UserError("--vision (a timm encoder) and --init-encoder (a tools/vision.py ViT) are two encoders: "
+                         "give one")
+    if cfg.vision_weights and not cfg.vision:
+        raise UserError("--vision-weights needs --vision timm:<name>, the model the weights belong to")
+    if getattr(cfg, "vision_layer", 0) and not cfg.vision:
+        raise UserError("--vision-layer needs --vision timm:<name> (the built-in ViT gives its last layer)")
+    if cfg.vision_weights and cfg.init_from:
+        raise UserError("--init-from already holds the encoder's weights: drop --vision-weights")
+    try:
+        vision_kwargs = json.loads(cfg.vision_kwargs) if cfg.vision_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"--vision-kwargs is not JSON ({e}): {cfg.vision_kwargs!r}") from None
+    if getattr(cfg, "vision_layer", 0):  # kept with the kwargs, so the checkpoint's model_config rebuilds it
+        vision_kwargs["vision_layer"] = cfg.vision_layer
+    vcfg = VLMConfig(arch=cfg.arch, image_size=cfg.image_size, patch_size=cfg.patch_size, vit_dim=cfg.vit_dim,
+                     vit_depth=cfg.vit_depth, vit_heads=cfg.vit_heads, decoder=dcfg, vision=cfg.vision,
+                     vision_kwargs=vision_kwargs)
+    if cfg.init_encoder:
+        enc = load_checkpoint(cfg.init_encoder, "vit", "--init-encoder")
+        e = enc["vit_config"]
+        vcfg.image_size, vcfg.patch_size = e["image_size"], e["patch_size"]
+        vcfg.vit_dim, vcfg.vit_depth, vcfg.vit_heads = e["vit_dim"], e["vit_depth"], e["vit_heads"]
+    if cfg.init_from:
+        start = read_vlm(cfg.init_from, "--init-from")
+        check_fingerprint("tokenizer", start["tokenizer"], T.fingerprint(tok), cfg.init_from, cfg.tokenizer)
+        vcfg = VLMConfig.from_dict(start["model_config"])
+        if vcfg.arch != cfg.arch:  # the run would train one family and label it the other
+            raise UserError(f"--init-from {cfg.init_from} is a {vcfg.arch.upper()}-LVLM, but --arch is {cfg.arch}: "
+                             f"give --arch {vcfg.arch}, or another --init-from")
+    model = VLM(vcfg)
+    if base is not None:
+        model.decoder.load_state_dict(base["model"])
+    if enc is not None:
+        model.encoder.load_state_dict(enc["model"])
+    if cfg.vision_weights:
+        load_vision_weights(model.encoder, cfg.vision_weights)
+    elif cfg.vision and not cfg.init_from:
+        print(f"warning: no --vision-weights: the {cfg.vision} encoder starts from random weights", file=sys.stderr)
+    if start is not None:  # heads of an --objective run (aux.*) are not part of the VLM
+        model.load_state_dict({k: v for k, v in start["model"].items() if not k.startswith("aux.")})
+    if cfg.train == "projector":
+        for name, part in model.parts().items():
+            part.requires_grad_(name == "projector")
+    if extra is not None:  # after everything else, and trained even with --train projector
+        extra.attach(model, start)
+    model.decoder.grad_checkpoint = getattr(cfg, "grad_checkpoint", False)
+    if cfg.train == "projector" and not cfg.fsdp:  # FSDP2 wants one dtype per sharding unit: fp32 there
+        frozen_to_bf16(model, pick_device(cfg.device))
+    return model

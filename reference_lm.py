@@ -23,7 +23,7 @@ the 1-process result up to float rounding. For an 8B Llama on 8 GPUs (docs/llama
     torchrun --standalone --nproc_per_node=8 reference_lm.py --fsdp --grad-checkpoint --init-decoder hf:FOLDER ...
 
 Flags in detail: --data's formats are read by data/records.py. --wandb PROJECT logs the config and every
-validation entry of the history (lib/tracking.py).
+validation entry of the history (utils.py).
 """
 import json
 import math
@@ -38,16 +38,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import tokenizer as T
-from lib.cli import UserError, flag, run
-from lib.flag_checks import RefChecks
+from utils import (RefChecks, UserError, atomic_save, autocast, check_fingerprint, flag, full_weights, global_mean,
+                   load_checkpoint, lr_at, make_optimizer, memorising, pick_device, run, seed_everything,
+                   setup_distributed, start_wandb, text_fingerprint, val_split_size, wrap)
 from data.packing import make_samples, pack
 from data.records import read_records
 from loss import ntp_loss
 from model import Decoder, DecoderConfig
-from lib.distributed import full_weights, global_mean, setup_distributed, wrap
-from lib.health import memorising, val_split_size
-from lib.tracking import start_wandb
-from lib.utils import atomic_save, autocast, lr_at, make_optimizer, pick_device, seed_everything, text_fingerprint
 
 
 MAX_EPOCHS, MAX_STEPS = 40, 600  # sized runs: 150 captions -> 40 steps; 10,000 captions -> 600 (docs/performance.md)
@@ -77,7 +74,7 @@ class RefConfig(RefChecks):
                            "steps, else 200)")
     patience: int = flag(3, "stop after this many validations without a better NLL (0 = run "
                          "all --steps)")
-    init_decoder: str = flag("", "start from this LM: hf:FOLDER (Hugging Face Llama, lib/hf.py) or a "
+    init_decoder: str = flag("", "start from this LM: hf:FOLDER (Hugging Face Llama, scale/hf.py) or a "
                              "reference_lm.py checkpoint")
     seed: int = flag(0, "random seed")
     device: str = flag("auto", "auto, cpu or cuda")
@@ -146,9 +143,7 @@ def train_lm(cfg):
                          d_model=cfg.d_model, max_seq_len=cfg.row_len)
     base = None
     if cfg.init_decoder:  # a pretrained LM trained further on captions (the paper's reference LM: Llama-3-8B)
-        from lib.hf import base_checkpoint
-        from lib.utils import check_fingerprint
-        base = base_checkpoint(cfg.init_decoder, "lm", "--init-decoder")
+        base = load_checkpoint(cfg.init_decoder, "lm", "--init-decoder")  # hf:FOLDER: scale/hf.py
         check_fingerprint("tokenizer", base["tokenizer"], T.fingerprint(tok), cfg.init_decoder, cfg.tokenizer)
         dc = base["decoder_config"]
         dcfg = DecoderConfig(**{**dc, "max_seq_len": max(cfg.row_len, dc["max_seq_len"])})

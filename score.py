@@ -8,7 +8,7 @@
 
 Stored per caption, aligned with the training tokenisation (the labels: caption tokens, then <|eos|>), with a
 fingerprint of the tokenizer, the reference model and the caption data, in data/scores.py's format (one file, or
-an index and one shard per process, written by data/score_shards.py). Training derives w = (1 - p_ref)^alpha
+an index and one shard per process, written by scale/score_shards.py). Training derives w = (1 - p_ref)^alpha
 itself, so alpha stays a training flag.
 
 Read top to bottom: ScoreConfig, label_probs (the scoring: log_softmax, gather, exp), the fingerprints a score
@@ -38,16 +38,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import tokenizer as T
-from lib.cli import flag, run
-from lib.flag_checks import ScoreChecks
+from utils import (ScoreChecks, file_fingerprint, flag, pick_device, plugin, run, setup_distributed, text_fingerprint,
+                   weight_collapse)
 from data.packing import count_overlong, make_samples
+from data.record_types import DataError
 from data.records import read_records
-from data.score_shards import data_pass, overlong_note, processes, refuse_duplicate_ids, score_stream
 from data.scores import save_scores
 from data.tags import CATEGORIES, token_tags
-from lib.health import weight_collapse
 from model import load_lm
-from lib.utils import file_fingerprint, pick_device, text_fingerprint
 
 
 @dataclass
@@ -139,6 +137,40 @@ def warn_if_trained_on(cfg, ckpt, data_fp):
 
 # ----------------------------------------------------------------------------- the two modes
 
+def processes(device):
+    """(rank, world, device, started) under torchrun, through utils.setup_distributed (gloo on CPU,
+    NCCL on a GPU: the group only gathers the shard summaries), or (0, 1, device, False) alone. started: this
+    call made the group, so the caller tears it down."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device, False
+    if dist.is_initialized():  # a caller's own group: join it, leave it to the caller
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return dist.get_rank(), dist.get_world_size(), device, False
+    rank, world, device = setup_distributed(device, bf16=False)  # scoring runs in float32
+    return rank, world, device, True
+
+
+def refuse_duplicate_ids(ids, path):
+    """Scores are keyed by record id: two records with one id cannot both be scored (train.py would refuse the
+    file later), so scoring refuses them first."""
+    seen, dup = set(), []
+    for i in ids:
+        if i in seen:
+            dup.append(i)
+        seen.add(i)
+    if dup:
+        raise DataError(f"{path}: {len(dup)} record ids appear more than once (first: {dup[0]!r}); every record "
+                        f"needs its own id (an \"id\" field, or leave it out to get file:line ids)")
+
+
+def overlong_note(n_long, n_labels, ctx, where):
+    """One line on stderr for captions longer than the reference LM's context (both modes print it)."""
+    if n_long:
+        print(f"{where}: {n_long} captions are longer than the reference LM's context of {ctx} positions; "
+              f"their {n_labels} labels past it got p_ref = 0 (weight 1, as in NTP)", file=sys.stderr)
+
+
 def score_one_file(cfg, tok, model, ckpt, device):
     """Everything in memory, one file out (the default for one process)."""
     records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
@@ -168,32 +200,14 @@ def score_one_file(cfg, tok, model, ckpt, device):
     return report
 
 
-def score_sharded(cfg, tok, model, ckpt, device, rank, world):
-    """--stream or torchrun: one shard per process and an index, written by data/score_shards.py with this
-    file's label_probs; rank 0 reports on its first --report-captions captions."""
-    n_records, data_fp = data_pass(cfg)
-    if rank == 0:
-        warn_if_trained_on(cfg, ckpt, data_fp)
-
-    def score(samples):
-        return label_probs(model, samples, cfg.row_len, cfg.batch_rows, device, progress=False)
-    report, kept = score_stream(cfg, tok, score, context_len(model, cfg.row_len), n_records,
-                                fingerprints_of(cfg, tok, data_fp), rank, world)
-    if report is None:  # not rank 0
-        return None
-    report["ref_train_tokens_per_s"] = ckpt.get("train_tokens_per_s")
-    _relevance(report, tok, kept["records"], kept["samples"], kept["p_ref"])
-    _write_report(cfg, report, tok, kept["records"], kept["samples"], kept["p_ref"])
-    return report
-
-
 def main(cfg):
     rank, world, device, started = processes(pick_device(cfg.device))
     tok = T.load_tokenizer(cfg.tokenizer)
     model, ckpt = load_lm(cfg.ref, tok)
     try:
-        if cfg.stream or world > 1:
-            result = score_sharded(cfg, tok, model, ckpt, device, rank, world)
+        if cfg.stream or world > 1:  # one shard per process and an index (plug-in: scale/score_shards.py)
+            result = plugin("score_sharded", "--stream" if cfg.stream else "torchrun")(cfg, tok, model, ckpt, device,
+                                                                                      rank, world)
         else:
             result = score_one_file(cfg, tok, model, ckpt, device)
         if started:  # tear down together (see the end of train.main)

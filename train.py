@@ -12,48 +12,43 @@ captions mixed 1:1 with text; a timm ViT such as CLIP: --vision timm:<name> --vi
 Losses (--loss), the method and its controls here: ntp (plain next-token prediction); prior (w = (1 - p_ref)^alpha
 from score.py, per-caption normalised, Eq. 4: loss.weighted_loss); prior_shuffled (each caption's PRIOR weights
 permuted among its own tokens: keeps the weights, not their tokens); oracle (the generator's tags: image and glue
-words 1, others --oracle-low; a reference point, not a bound). The baselines (rare, attn, rho1, cal, and the
-auxiliary --objective itm, itc, recon) live in baselines/ and enter through one hook (baselines.hook).
+words 1, others --oracle-low; a reference point, not a bound). Each is a function registered with
+@weighting(NAME) (train.WEIGHTINGS); the baselines (rare, attn, rho1, cal, and the auxiliary --objective itm, itc,
+recon) register theirs from baselines/ (python -m baselines train ...).
 
 Writes to --out-dir: config.json, log.jsonl (a line per step), ckpt_<step>.pt (weights, for eval.py), last.pt
-(lib/checkpoint.py: --resume continues bit for bit).
+(train.py: --resume continues bit for bit).
 Alarm: with a weighted loss, when the plain caption NLL (log.jsonl's "ntp") rises clearly above its level at the
 end of warm-up (health.nll_rise), the run warns once and logs "alarm": it is unlearning the caption language.
-Speed: python -m experiments.bench times this script's step. Data formats: docs/formats.md; own data: docs/own_data.md.
+Speed: python -m bench.bench times this script's step. Data formats: docs/formats.md; own data: docs/own_data.md.
 """
+import atexit
+import glob
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import baselines
 from data import tokenizer as T
-from lib.build import build_model
-from lib.checkpoint import claim_run_dir, release_lock, restore, resume_state, save
-from lib.cli import UserError, flag, run
-from lib.flag_checks import TrainChecks
-from data.features import encoder_features
-from data.images import normalize
-from data.stream import open_images
-from data.instruct import instruct_samples, read_train_data
+from data.images import images_cached, load_images, normalize
 from data.packing import IGNORE, cat, global_batch, make_samples, n_labels, pack, to_device, warn_overlong
 from data.records import read_records
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
-from lib.distributed import full_state, reduce_stats, setup_distributed, unwrap, wrap
-from lib.flops import count_work, peak_flops, step_flops
-from lib.health import Alarm
-from lib.tracking import RunLog
 from loss import prior_weights, shuffle_within_captions, token_losses, weighted_loss
-from model import count_params
-from lib.utils import (autocast, file_fingerprint, lr_at, make_optimizer, pick_device, seed_everything,
-                   text_fingerprint)
+from model import VLMConfig, build_model, count_params
+from utils import (PLUGINS, Alarm, RunLog, TrainChecks, UserError, atomic_save, autocast, check_fingerprint,
+                   file_fingerprint, flag, full_state, load_checkpoint, lr_at, make_optimizer, pick_device, plugin,
+                   reduce_stats, run, seed_everything, setup_distributed, text_fingerprint, unwrap, wait_until, wrap,
+                   exit_distributed)
 
 
 @dataclass
@@ -63,20 +58,19 @@ class TrainConfig(TrainChecks):
     scores: str = flag("out/scores_train.pt", "score.py output for --data (needed by --loss prior)")
     out_dir: str = flag("runs/default", "where config, log and checkpoints go")
     arch: str = flag("h", "h: ViT -> projector -> LM; u: encoder-free pixel patches -> LM", ["h", "u"])
-    loss: str = flag("ntp", "token weighting of the caption loss (see Losses, above)",
-                     ["ntp", "prior", "prior_shuffled", "oracle", *baselines.LOSSES])
+    loss: str = flag("ntp", "token weighting of the caption loss: a name in train.WEIGHTINGS (see Losses, above)")
     alpha: float = flag(1.0, "PRIOR exponent: w = (1 - p_ref)^alpha")
     no_k: bool = flag(False, "drop the factor k (caption length) from PRIOR's normalisation (ablation)")
     oracle_low: float = flag(0.1, "oracle weight of boiler and noise words (image and glue words get 1)")
     train: str = flag("all", "which parts train: all, or projector (the paper's H-LVLM recipe)", ["all", "projector"])
-    init_decoder: str = flag("", "base LM: a reference_lm.py checkpoint, or hf:FOLDER (lib/hf.py) ('' = scratch)")
+    init_decoder: str = flag("", "base LM: a reference_lm.py checkpoint, or hf:FOLDER (scale/hf.py) ('' = scratch)")
     init_encoder: str = flag("", "ViT checkpoint from tools/vision.py to start the encoder from ('' = scratch)")
     init_from: str = flag("", "a train.py checkpoint to start all weights from (e.g. the U-LVLM's stage 1)")
     vision: str = flag("", "H-LVLM encoder: '' = the built-in ViT; 'timm:<name>' = that timm model")
     vision_weights: str = flag("", "local file with the --vision timm model's state dict; nothing is downloaded")
     vision_kwargs: str = flag("", "extra timm.create_model arguments as JSON, e.g. '{\"img_size\": 336}'")
     text_data: str = flag("", "text-only captions mixed into every batch with NTP loss ('' = none)")
-    instruct: bool = flag(False, "--data is instruction data (LLaVA conversations, data/qa.py): loss on answers only")
+    instruct: bool = flag(False, "--data is instruction data (LLaVA conversations; benchmarks/): loss on answers only")
     text_ratio: float = flag(1.0, "text-only samples per image-caption sample when --text-data is set")
     image_size: int = flag(48, "images are resized to this square size")
     patch_size: int = flag(8, "pixels per patch side (ViT patches, or U-LVLM pixel patches)")
@@ -102,7 +96,7 @@ class TrainConfig(TrainChecks):
     max_bad_fraction: float = flag(0.01, "stop if more than this share of records is bad")
     workers: int = flag(0, "processes for decoding images at start-up")
     image_cache: str = flag("", "keep decoded images in this memory-mapped file, reused by re-runs ('' = memory)")
-    feature_cache: str = flag("", "folder caching the frozen ViT's features (--train projector; data/features.py)")
+    feature_cache: str = flag("", "folder caching the frozen ViT's features (--train projector; scale/features.py)")
     device: str = flag("auto", "auto, cpu or cuda")
     compile: bool = flag(False, "torch.compile the model")
     fsdp: bool = flag(False, "with several processes, shard weights, gradients and optimizer state (FSDP2)")
@@ -122,6 +116,58 @@ class TrainConfig(TrainChecks):
     attn_scores: str = flag("out/attn_scores_train.pt", "--loss attn: token weights from python -m baselines.attention")
 
 
+# ---- token weightings: --loss NAME is the function registered as NAME ------------------------------------------------
+@dataclass
+class Weighting:
+    weights: Callable        # (cfg, batch, state) -> (R, L) float weight of every position (only labels count)
+    inputs: dict             # per-token input name on Sample.inputs / Batch.inputs -> TrainConfig field naming its
+    #                          score file (score.py's format, read by data.scores.load_scores)
+    prepare: Callable = None  # (cfg, samples, records, tok, device) -> state handed to weights; runs once, after the
+    #                           samples are made (it may change their inputs)
+
+
+WEIGHTINGS = {}
+
+
+def weighting(name, inputs=None, prepare=None):
+    """Decorator: register fn(cfg, batch, state) -> weights as `--loss name` (loss.weighted_loss normalises them per
+    caption, so only their ratios inside a caption matter). inputs: {input name: TrainConfig field of its file}."""
+    def add(fn):
+        WEIGHTINGS[name] = Weighting(fn, inputs or {}, prepare)
+        return fn
+    return add
+
+
+@weighting("ntp")
+def ntp_weights(cfg, batch, state):
+    return torch.ones(batch.labels.shape, device=batch.labels.device)
+
+
+@weighting("prior", inputs={"p_ref": "scores"})
+def prior(cfg, batch, state):
+    """The paper's Eq. 4: w = (1 - p_ref)^alpha, p_ref from score.py."""
+    return prior_weights(batch.inputs["p_ref"], cfg.alpha)
+
+
+def shuffle_p_ref(cfg, samples, records, tok, device):
+    """Each caption's p_ref permuted among its own tokens, by its record id (loss.shuffle_within_captions)."""
+    shuffled = shuffle_within_captions({records[s.index].id: torch.tensor(s.inputs["p_ref"]) for s in samples})
+    for s in samples:
+        s.inputs["p_ref"] = shuffled[records[s.index].id].tolist()
+
+
+# the control: PRIOR's weights on the wrong tokens (p_ref permuted once, by `prepare`)
+weighting("prior_shuffled", inputs={"p_ref": "scores"}, prepare=shuffle_p_ref)(prior)
+
+
+@weighting("oracle")
+def oracle(cfg, batch, state):
+    """The generator's ground-truth tags: image words and glue (its form depends on the image) 1, the rest
+    --oracle-low. The positive control: what the right weights buy; a reference point, not a bound."""
+    related = (batch.tags == CATEGORIES.index("image")) | (batch.tags == CATEGORIES.index("glue"))
+    return torch.where(related, 1.0, cfg.oracle_low)
+
+
 @dataclass
 class Data:
     """What the steps draw from."""
@@ -130,19 +176,16 @@ class Data:
     prefix: list                  # the model's image placeholder tokens
     text_samples: list = field(default_factory=list)  # text-only Samples (--text-data), trained with NTP
     features: torch.Tensor = None                     # --feature-cache: the frozen encoder's (N, P, D) features
-    extra: baselines.Baseline = None                  # a baseline's hook (baselines.hook), None for the core
+    extra: object = None          # a lab method's hook (plug-in "method": baselines/), None for a weighting alone
+    state: object = None          # what the weighting's prepare returned
 
 
-def loss_weights(cfg, batch, extra=None):
-    """Per-position token weights (R, L) of the chosen --loss (rows of text-only data get NTP's 1s later)."""
-    if cfg.loss in ("prior", "prior_shuffled"):  # prior_shuffled: p_ref was permuted per caption in load_data
-        return prior_weights(batch.p_ref, cfg.alpha)
-    if cfg.loss == "oracle":  # ground-truth tags: image words and glue (its form depends on the image) 1
-        related = (batch.tags == CATEGORIES.index("image")) | (batch.tags == CATEGORIES.index("glue"))
-        return torch.where(related, 1.0, cfg.oracle_low)
-    if extra is not None and cfg.loss in baselines.LOSSES:
-        return extra.weights(batch)
-    return torch.ones_like(batch.p_ref)  # ntp (rho1 and cal make their weights online: baselines/heads.py)
+def method_hook(cfg, world=1):
+    """The hook of a method that is more than a token weighting (plug-in "method": baselines/' rho1, cal and the
+    --objective heads), or None."""
+    if cfg.objective != "none" and "method" not in PLUGINS:
+        plugin("method", f"--objective {cfg.objective}")
+    return PLUGINS["method"](cfg, world) if "method" in PLUGINS else None
 
 
 def micro_batches(cfg, step, data, rank, world):
@@ -180,10 +223,8 @@ def add_tag_nll(nll_by_tag, tags, per_token):
 
 
 def prepare_hook(cfg, data, train_model, device):
-    """The baselines' hook for a caller that built Data by hand (bench, tests); None for the core's losses."""
-    data.extra = baselines.hook(cfg)
-    if data.extra is not None:
-        data.extra.prepare(data.samples, unwrap(train_model).decoder.cfg.vocab_size, device)
+    """The lab method's hook for a caller that built Data by hand (bench, tests); None for a weighting alone."""
+    data.extra = method_hook(cfg)
     return data.extra
 
 
@@ -211,7 +252,7 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
         keep, captions = to_device(keep, device), to_device(captions, device)
         pixels = to_device(data.features[image_indices], device) if data.features is not None else \
             normalize(to_device(data.images[image_indices], device))  # features: the frozen encoder's output
-        weights = loss_weights(cfg, batch, extra)
+        weights = WEIGHTINGS[cfg.loss].weights(cfg, batch, data.state)
         weights[image_rows:] = 1.0  # text-only rows train with plain NTP in every arm
         labels = batch.labels.flatten()[keep][None]
         with gradient_sync(train_model, world, last=c == len(chunks) - 1):
@@ -237,42 +278,57 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
     return stats, nll_by_tag, batch_ids
 
 
+def open_images(cfg, records, size, master=True, world=1):
+    """(records kept, uint8 images) for the run: decoded now (with --image-cache, rank 0 decodes into the file and
+    the other ranks wait for it), or with --stream per batch (plug-in "stream": scale/stream.py)."""
+    if cfg.stream:
+        return plugin("stream", "--stream")(cfg, records, size, master, world)
+    if cfg.image_cache and world > 1 and not master:
+        wait_until(lambda: images_cached(records, size, cfg.image_cache))
+    return load_images(records, size, cfg.max_bad_fraction, cfg.workers, cfg.image_cache)
+
+
 def load_data(cfg, tok, model, extra, device, master, world):
     """(records, Data, fingerprints of the files read besides --data and --tokenizer) for the run."""
-    records, chat_text, make = read_train_data(cfg.data, cfg.instruct, cfg.max_bad_fraction)  # data/instruct.py
+    if cfg.instruct:  # instruction data: records whose extra["pieces"] say what trains (benchmarks/instruct.py)
+        records = plugin("instruct", "--instruct")(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
+    else:
+        records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
+    chat_text = [r for r in records if r.image is None]  # text-only conversations of instruction data
+    records = [r for r in records if r.image is not None]
     data_fp = text_fingerprint(records)
-    p_ref = weights = None
-    inputs = {}  # fingerprints of what else the run read, checked by --resume
-    if cfg.loss in ("prior", "prior_shuffled"):
-        p_ref = load_scores(cfg.scores, T.fingerprint(tok), data_fp, cfg.data)
-        inputs["scores"] = file_fingerprint(cfg.scores)
-        if cfg.loss == "prior_shuffled":
-            p_ref = shuffle_within_captions(p_ref)
-    elif extra is not None:
-        p_ref, weights = extra.token_inputs(tok, data_fp, inputs)
+    inputs, files = {}, {}  # the weighting's per-token inputs; fingerprints of what else the run read (--resume)
+    how = WEIGHTINGS[cfg.loss]
+    for name, source in how.inputs.items():
+        inputs[name] = load_scores(getattr(cfg, source), T.fingerprint(tok), data_fp, cfg.data)
+        files[source] = file_fingerprint(getattr(cfg, source))
     records, images = open_images(cfg, records, model.cfg.image_size, master, world)  # decoded now, or per batch
-    features = encoder_features(model.encoder, images, cfg.feature_cache, device) if cfg.feature_cache else None
+    features = plugin("feature_cache", "--feature-cache")(model.encoder, images, cfg.feature_cache, device) \
+        if cfg.feature_cache else None
     tags = token_tags(tok, records)
     if cfg.loss == "oracle" and tags is None:
         raise UserError(f"--loss oracle needs the generator's ground-truth 'tags' field in {cfg.data}")
-    samples = make(tok, records, p_ref, tags, weights, cfg.attn_scores if cfg.loss == "attn" else cfg.scores)
-    text_samples = instruct_samples(tok, chat_text)  # --instruct: text-only conversations train as text rows
+    source = ", ".join(getattr(cfg, s) for s in how.inputs.values())
+    samples = make_samples(tok, records, inputs, tags, source)
+    text_samples = make_samples(tok, chat_text)  # --instruct: text-only conversations train as text rows
     if cfg.text_data:
         text_records = read_records(cfg.text_data, require_image=False, check_files=False,
                                     max_bad_fraction=cfg.max_bad_fraction)
         text_samples += make_samples(tok, text_records)
-        inputs["text_data"] = text_fingerprint(text_records)
+        files["text_data"] = text_fingerprint(text_records)
     if master:
         warn_overlong(samples, cfg.row_len, len(model.image_tokens()), "image-caption")
         warn_overlong(text_samples, cfg.row_len, 0, "text-only")
-    if extra is not None:
-        extra.prepare(samples, tok.get_vocab_size(), device)
+    state = how.prepare(cfg, samples, records, tok, device) if how.prepare is not None else None
     meta = {"model_config": asdict(model.cfg), "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": data_fp,
-            "inputs": inputs}
-    return records, Data(samples, images, model.image_tokens(), text_samples, features, extra), meta
+            "inputs": files}
+    return records, Data(samples, images, model.image_tokens(), text_samples, features, extra, state), meta
 
 
 def check_flags(cfg, world):
+    for name, wanted in (("stream", cfg.stream), ("feature_cache", cfg.feature_cache), ("instruct", cfg.instruct)):
+        if wanted:  # a lab feature: its plug-in must be there before any work (utils.plugin names the way)
+            plugin(name, "--" + name.replace("_", "-"))
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
     if cfg.feature_cache and (cfg.arch != "h" or cfg.train != "projector" or cfg.objective == "recon"):
@@ -300,12 +356,15 @@ def log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, peak):
 def setup(cfg, rank, world, device):
     """(model, records, data, meta, resumed state or None): checked flags, tokenizer, model, data."""
     check_flags(cfg, world)
-    extra = baselines.hook(cfg, world)  # then the folder and last.pt, before anything is built (refused at once)
+    if cfg.loss not in WEIGHTINGS:
+        raise UserError(f"--loss {cfg.loss}: no such weighting; registered: {', '.join(WEIGHTINGS)} (the baselines' "
+                        f"come with python -m baselines train ...)")
+    extra = method_hook(cfg, world)  # then the folder and last.pt, before anything is built (refused at once)
     state = resume_state(cfg, extra is not None and extra.per_micro_batch())
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
     torch.manual_seed(cfg.seed)  # the model first: its encoder decides the image size
-    model = build_model(cfg, tok).to(device)
+    model = build_model(cfg, tok, extra).to(device)
     if len(model.image_tokens()) + 2 > cfg.row_len:
         raise UserError(f"an image takes {len(model.image_tokens())} tokens: --row-len {cfg.row_len} leaves no "
                         f"room for a caption; raise --row-len")
@@ -384,13 +443,306 @@ def main(cfg, on_checkpoint=None):
         dist.destroy_process_group()
     return model
 
+# ---- checkpoint ----------------------------------------------------------------------------------------------------
+# train.py's checkpoints: what --resume may change, restoring a run bit for bit, and writing ckpt_<step>.pt
+# (weights, for eval.py) and last.pt (weights, optimizer, step and RNG); one writer per run folder (run.lock).
+
+
+# Flags that --resume lets differ from the run's own: where and how it runs, never what it computes. --steps may not
+# grow: it sets the cosine schedule of every step.
+RESUME_MAY_DIFFER = {"out_dir", "resume", "stop_at", "threads", "workers", "device", "image_cache", "compile", "fsdp",
+                     "save_every", "max_bad_fraction", "overwrite"}
+RESUME_MAY_DIFFER |= {"grad_checkpoint", "wandb"}  # memory use and where the log also goes: same numbers
+# Files may move (a copied artefacts folder): a path may change, but not from '' to a file or back. What the run read
+# is checked instead: data, tokenizer, scores and text data by fingerprint, the --init-* weights by the model's shape
+# (last.pt holds every weight).
+RESUME_PATHS = {"data", "tokenizer", "scores", "attn_scores", "text_data", "init_decoder", "init_encoder", "init_from",
+                "vision_weights"}
+
+
+LOCK = "run.lock"  # in --out-dir while a run writes there: {"pid", "host"} of the writer
+
+
+def run_files(out_dir):
+    """The files a train.py run leaves in out_dir (what eval.py --run-dir and --resume read)."""
+    names = [os.path.join(out_dir, n) for n in ("config.json", "log.jsonl", "last.pt")]
+    return [p for p in names if os.path.exists(p)] + sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+
+
+def check_run_dir(cfg):
+    """Before anything is built: --resume needs a last.pt, and a fresh run needs a folder without another run's
+    files (their log and checkpoints would mix with its own in eval.py --run-dir); --overwrite allows both (a new
+    run replaces the old one's files; with --resume, only where there is no last.pt to continue)."""
+    last, old = os.path.join(cfg.out_dir, "last.pt"), run_files(cfg.out_dir)
+    if cfg.resume and not os.path.exists(last) and not cfg.overwrite:
+        raise UserError(f"--resume: no last.pt in {cfg.out_dir} to continue from (leave out --resume for a new run, "
+                        f"or add --overwrite to start one there when there is nothing to resume)")
+    if not cfg.resume and old and not cfg.overwrite:
+        raise UserError(f"--out-dir {cfg.out_dir} holds another run ({', '.join(map(os.path.basename, old[:3]))}"
+                        f"{', ...' if len(old) > 3 else ''}): add --resume to continue it, --overwrite to replace it, "
+                        f"or give a new --out-dir")
+
+
+def resume_state(cfg, per_micro_batch=False):
+    """train.py's start: check_run_dir, then (--resume) last.pt, loaded and checked against the flags (check_resume);
+    None for a new run."""
+    check_run_dir(cfg)
+    path = os.path.join(cfg.out_dir, "last.pt")
+    if not (cfg.resume and os.path.exists(path)):
+        return None
+    state = load_checkpoint(path, "vlm")
+    check_resume(cfg, state, path, per_micro_batch)
+    return state
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def take_lock(out_dir):
+    """One writer per run folder: create out_dir/run.lock naming this process (pid, host), atomically (O_EXCL).
+    Refused while another live process holds it; a lock left by a process that is gone (killed: it never ran its
+    exit handler) on this host is stale and taken over; on another host its state is unknown, so it is refused
+    with the file to delete. This process's own lock (a second run in one process) is its own."""
+    path, me = os.path.join(out_dir, LOCK), {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    holder = json.load(f)
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except (OSError, ValueError, KeyError, TypeError):  # half-written by a writer killed at once
+                holder, pid, host = None, None, me["host"]
+            if holder == me:
+                return path
+            if host != me["host"]:
+                raise UserError(f"--out-dir {out_dir} is in use by process {pid} on {host} ({path}); if no run "
+                                f"writes there any more, delete {path}")
+            if pid is not None and _alive(pid):
+                raise UserError(f"--out-dir {out_dir} is in use by process {pid} on {host} (its lock {path}): one "
+                                f"run writes to a folder at a time; wait for it, or give another --out-dir")
+            print(f"note: {path} was left by process {pid}, which is gone: taking it over")
+            os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(release_lock, path)
+        return path
+    raise UserError(f"--out-dir {out_dir}: cannot take its lock {path} (another process keeps taking it)")
+
+
+def release_lock(path):
+    """Remove the lock if it is still this process's (at the end of a run, and at exit after a failure)."""
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            if json.load(f).get("pid") == os.getpid():
+                os.remove(path)
+    except (OSError, ValueError):
+        pass
+
+
+def claim_run_dir(cfg, master):
+    """train.py's folder, once the model is built: made, locked by the writer (rank 0), and with --overwrite and
+    no run to resume, cleared of the old run's files. Returns the lock's path (None on other ranks)."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if not master:
+        return None
+    lock = take_lock(cfg.out_dir)
+    try:
+        check_run_dir(cfg)  # again, now that no other writer can come between: one may have finished since
+    except UserError:
+        release_lock(lock)
+        raise
+    if cfg.overwrite and not (cfg.resume and os.path.exists(os.path.join(cfg.out_dir, "last.pt"))):
+        for path in run_files(cfg.out_dir):
+            os.remove(path)
+    return lock
+
+
+def check_resume(cfg, state, path, per_micro_batch=False):
+    """Refuse to resume `state` (last.pt) under flags that would change the run: one line naming them.
+    per_micro_batch: the loss depends on how the batch is split (baselines.Baseline.per_micro_batch)."""
+    old = state.get("config", {})
+    may_differ = set(RESUME_MAY_DIFFER)
+    if not per_micro_batch:
+        may_differ.add("micro_batch")
+    changed = [(k, old[k], v) for k, v in asdict(cfg).items() if k not in may_differ and k in old and
+               old[k] != v and (k not in RESUME_PATHS or bool(old[k]) != bool(v))]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, a, b in changed)
+        raise UserError(f"--resume: {path} is a run with other flags ({flags}); a resumed run keeps the flags that "
+                         f"define it (see its config.json): give the old values, or a new --out-dir")
+
+
+def _step_of(line):
+    """A log line's step, or None for a line that is not a whole JSON object (half a line: a full disk or a kill
+    while logging)."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value.get("step", 0) if isinstance(value, dict) else None
+
+
+def trim_log(path, step):
+    """Drop log lines after `step` (the resumed checkpoint's), which the resumed run writes again, and torn lines
+    (never a JSONDecodeError: every complete line up to the last is kept)."""
+    if not os.path.exists(path):
+        return
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        n = _step_of(line)
+        if isinstance(n, int) and n <= step:
+            kept.append(line.rstrip("\n") + "\n")
+    if kept != lines:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+def restore(state, path, model, opt, cfg, meta, master=True):
+    """Put a run's last.pt (`state`, from `path`) back into model and opt; returns its step. meta: this run's
+    config.json dict; what it read (data, tokenizer, the files in "inputs") must be what the run read. The log's
+    lines after that step go (the resumed run writes them again)."""
+    check_fingerprint("caption data", state["data"], meta["data"], path, cfg.data)
+    check_fingerprint("tokenizer", state["tokenizer"], meta["tokenizer"], path, cfg.tokenizer)
+    for key, fp in meta["inputs"].items():  # checkpoints older than this record have no "inputs"
+        if state.get("inputs", {}).get(key, fp) != fp:
+            raise UserError(f"--resume: --{key.replace('_', '-')} {getattr(cfg, key)} is not the file the run in "
+                             f"{path} read (fingerprint {fp}, the run's {state['inputs'][key]})")
+    if VLMConfig.from_dict(state["model_config"]) != model.cfg:  # e.g. an --init-* file that changed since
+        raise UserError(f"--resume: {path} holds another model than these flags build "
+                         f"({state['model_config']} vs {asdict(model.cfg)})")
+    model.load_state_dict(state["model"])
+    if state.get("optimizer_format") == "fqn":  # from an --fsdp run: keyed by parameter name
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if master:
+        trim_log(os.path.join(cfg.out_dir, "log.jsonl"), state["step"])
+        print(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def save(out_dir, done, model_state, opt_state, meta, cfg, scheduled, sharded):
+    """ckpt_<done>.pt (weights, when `scheduled`: every --save-every steps and the last) and last.pt (weights,
+    optimizer, step, schedule and RNG: what --resume needs to continue bit for bit)."""
+    weights_only = {"model": model_state, "step": done, **meta}
+    if scheduled:
+        atomic_save(weights_only, os.path.join(out_dir, f"ckpt_{done:06d}.pt"))
+    atomic_save({**weights_only, "optimizer": opt_state, **({"optimizer_format": "fqn"} if sharded else {}),
+                 "schedule": {"lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps},
+                 "rng": {"torch": torch.get_rng_state()}}, os.path.join(out_dir, "last.pt"))
+
+
+# ---- flops ---------------------------------------------------------------------------------------------------------
+# FLOPs of a training step, and the GPU's peak: what train.py logs as flops_per_s and MFU, and bench.py
+# compares with the machine's own matmul.
+
+
+def step_flops(model, positions, labelled, images, context):
+    """Training FLOPs (forward + backward) of the work a step needs, in the nanoGPT/PaLM accounting:
+    a weight multiplying a token's vector costs 2 FLOPs per weight forward and 4 backward (the input's and
+    the weight's gradient), 6 x params per token; attention (scores and mixing, 2 x 2 x d x context per
+    token and layer forward) adds 12 x n_layer x d_model x context per token, forward and backward.
+
+        decoder  (6 x non-embedding params + 12 x n_layer x d_model x context) x positions
+        head     6 x d_model x vocab x labelled    (logits only where a label is; the tied embedding is
+                                                    a lookup and costs nothing)
+        vision   (6 x (encoder + projector params) + 12 x depth x vit_dim x patches/image) x patches
+
+    positions: the non-padding positions of the step (padding is waste, so it does not count as work
+    done); labelled: the positions with a label; images: images encoded; context: keys per query, on average:
+    attended_pairs / positions for the attention each document needs (causal, inside the document; train.py
+    logs this), or the row width for what a dense masked kernel computes (bench.py reports both). Frozen weights
+    skip their weight gradient (4N, not 6N); like everyone we still count 6N, so numbers compare across recipes
+    and papers."""
+    d = model.decoder.cfg
+    head = d.vocab_size * d.d_model
+    flops = (6 * (count_params(model.decoder) - head) + 12 * d.n_layer * d.d_model * context) * positions
+    flops += 6 * head * labelled
+    patches = images * model.grid ** 2
+    if model.cfg.arch == "h":
+        vision = count_params(model.encoder) + count_params(model.projector)
+        flops += (6 * vision + 12 * model.cfg.vit_depth * model.cfg.vit_dim * model.grid ** 2) * patches
+    else:
+        flops += 6 * count_params(model.patch_embed) * patches
+    return flops
+
+
+def attended_pairs(doc_ids, real):
+    """Query-key pairs that causal attention inside each document needs: n (n + 1) / 2 for a document of n
+    positions, summed over the (R, L) batch's documents; padding (real False) counts nothing. Host tensors."""
+    R, L = doc_ids.shape
+    docs = (doc_ids + torch.arange(R)[:, None] * (L + 1))[real]  # unique over the batch
+    n = torch.bincount(docs - docs.min()) if docs.numel() else docs
+    return int((n * (n + 1) // 2).sum())
+
+
+def flops_per_token(model, context):
+    """Training FLOPs of one labelled text token in a row `context` wide (see step_flops)."""
+    return step_flops(model, 1, 1, 0, context)
+
+
+# Dense (no sparsity) bf16 tensor-core peak per GPU, FLOP/s, from NVIDIA's data sheets (their sparse figure / 2).
+# Keys are whole words of torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"); the
+# longest key whose words all appear wins, so "H100 NVL" is not taken for an H100 SXM, nor "L40S" for an L40.
+PEAK_BF16 = {
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H800": 989e12, "H800 PCIe": 756e12,
+    "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12, "H20": 148e12,
+    "A100": 312e12, "A800": 312e12, "A30": 165e12, "A10": 125e12, "A40": 150e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "B200": 2250e12, "B100": 1750e12, "GB200": 2500e12,
+}
+
+
+def name_words(name):
+    return set(name.upper().replace("-", " ").replace("_", " ").split())
+
+
+def peak_for_name(name):
+    """Dense bf16 peak (FLOP/s) of a GPU by its device name (PEAK_BF16), None if the name is not known."""
+    words = name_words(name)
+    known = [key for key in PEAK_BF16 if name_words(key) <= words]
+    return PEAK_BF16[max(known, key=lambda k: len(name_words(k)))] if known else None
+
+
+def peak_flops(device, peak_tflops=0.0):
+    """The GPU's dense bf16 peak (FLOP/s): peak_tflops (--peak-tflops) if given, else from PEAK_BF16 by device
+    name; None on a CPU or for an unknown GPU (MFU is then not reported: pass --peak-tflops)."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if not str(device).startswith("cuda"):
+        return None
+    return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def count_work(counts, batch, keep, n_images):
+    """Add a packed micro-batch's sizes to `counts`: tokens (labelled positions), positions, padding, context
+    (non-padding positions x row width: what a masked attention kernel computes), attended (the query-key pairs
+    per-document causal attention needs: what step_flops counts) and images."""
+    R, L = batch.input_ids.shape
+    padding = int((batch.input_ids == T.PAD).sum())
+    for key, n in (("tokens", len(keep)), ("positions", R * L), ("padding", padding),
+                   ("context", (R * L - padding) * L),
+                   ("attended", attended_pairs(batch.doc_ids, batch.input_ids != T.PAD)), ("images", n_images)):
+        counts[key] = counts.get(key, 0) + n
+
 
 if __name__ == "__main__":
     run(main, TrainConfig, description=__doc__)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Finished cleanly, process group destroyed, files closed: skip the interpreter's teardown, where a
-        # leftover gloo thread can still abort the process ("terminate called without an active exception";
-        # seen in CI about once in thirty 2-process runs) and turn a finished run into a failed one.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_distributed()

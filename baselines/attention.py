@@ -19,16 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import tokenizer as T
-from lib.cli import flag, run
-from lib.flag_checks import AttnChecks
+from utils import (AttnChecks, atomic_save, autocast, check_fingerprint, flag, load_checkpoint, lr_at, make_optimizer,
+                   pick_device, run, seed_everything, text_fingerprint)
 from data.packing import make_samples
 from data.records import read_records
 from data.images import load_images, normalize
 from data.scores import quantise
-from lib.encoders import build_vit
-from model import Decoder, DecoderConfig, VLMConfig, init_weights
-from lib.utils import (atomic_save, autocast, check_fingerprint, load_checkpoint, lr_at, make_optimizer, pick_device,
-                   seed_everything, text_fingerprint)
+from model import Decoder, DecoderConfig, VLMConfig, build_vit, init_weights
 
 
 # ----------------------------------------------------------------------------- attention weighting (--loss attn)

@@ -39,7 +39,7 @@ from data import tokenizer as T
 from baselines.losses import cal_loss, rho1_loss
 from loss import weighted_loss
 from model import init_weights
-from lib.utils import autocast
+from utils import autocast
 
 OBJECTIVES = ("none", "itm", "itc", "recon")
 

@@ -44,9 +44,8 @@ from multiprocessing import Pool
 
 from tqdm import tqdm
 
-from data.bench_files import write_bench_files
 from data.render import render
-from lib.cli import flag, parse_config, run
+from utils import flag, parse_config, run
 from data.scenes import (BOIL, COLOURS, GLUE, IMG, NOISE, PROBES, SHAPES, caption, label_words, make_sites,
                          noise_pools, probe, sample_scene, scene_key, text_document, text_of)
 
@@ -279,7 +278,6 @@ def generate(cfg):
                 dropped_as_duplicates=dict(sorted(dropped.items())))
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    write_bench_files(out)  # POPE files of the presence probes, an MCQ TSV of test scenes (docs/benchmarks.md)
     print(f"wrote {out} in {time.time() - t0:.1f}s  (mix={cfg.mix}: image_share={cfg.image_share} "
           f"noise_share={cfg.noise_share} noise_vocab={cfg.noise_vocab})")
     for k, s in meta["shares"].items():

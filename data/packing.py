@@ -14,22 +14,22 @@ the order inside a batch does not matter (the loss is a sum over tokens): it spr
 over the fewest rows that hold them and makes the batch only as wide as its fullest row (<= row_len), so
 almost no position is padding. It matters because padding costs as much compute as a real token: next-fit
 leaves most of a row's tail empty when a few long samples fill it. Its cost is host time. `python -m
-experiments.bench` reports the padding of both on the same batches (pad_fraction, pad_fraction_next_fit).
+bench.bench` reports the padding of both on the same batches (pad_fraction, pad_fraction_next_fit).
 """
 import array
 import heapq
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from data import tokenizer as T
 
 IGNORE = -100
-FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "p_ref", "tags", "weights")
-# fill of each field where padding goes (doc_ids: see pad_to)
-FILL = {"input_ids": T.PAD, "labels": IGNORE, "position_ids": 0, "p_ref": 0.0, "tags": -1, "weights": 1.0}
+FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "tags")
+# fill of each field where padding goes (doc_ids: see pad_to); every per-token input (Batch.inputs) is 0 there
+FILL = {"input_ids": T.PAD, "labels": IGNORE, "position_ids": 0, "tags": -1}
 
 
 def to_device(t, device):
@@ -43,11 +43,11 @@ def to_device(t, device):
 @dataclass
 class Sample:
     caption_ids: list        # caption tokens, without bos/eos
-    p_ref: list = None       # reference-LM probability of each label (caption tokens, then eos)
+    inputs: dict = field(default_factory=dict)  # per-token inputs of a weighting, one value per label (caption
+    #                          tokens, then eos): "p_ref" (score.py's reference-LM probabilities), a baseline's own
     tags: list = None        # ground-truth category id per label (-1: unknown)
     index: int = -1          # position in the data set (its image, its record)
-    weights: list = None     # a baseline's own weight per label (--loss attn), 1 where unknown
-    loss_mask: list = None   # 1 = train on the label, 0 = no loss there (instruction data: data/instruct.py); None: all
+    loss_mask: list = None   # 1 = train on the label, 0 = no loss there (instruction data: its pieces); None: all
 
 
 @dataclass
@@ -56,14 +56,14 @@ class Batch:
     labels: torch.Tensor        # (R, L) -100 where no loss
     position_ids: torch.Tensor  # (R, L)
     doc_ids: torch.Tensor       # (R, L) sample number within the row; padding has its own
-    p_ref: torch.Tensor         # (R, L) float, 0 where unknown
     tags: torch.Tensor          # (R, L) long, -1 where unknown
-    weights: torch.Tensor       # (R, L) float, 1 where unknown
+    inputs: dict                # name -> (R, L) float: the samples' per-token inputs, 0 where a sample has none
     indices: list               # data-set index of each packed sample, in the order their images are needed
 
     def to(self, device):
         for name in FIELDS:
             setattr(self, name, to_device(getattr(self, name), device))
+        self.inputs = {k: to_device(v, device) for k, v in self.inputs.items()}
         return self
 
     def pad_to(self, width):
@@ -71,12 +71,15 @@ class Batch:
         extra = width - self.input_ids.shape[1]
         if extra <= 0:
             return self
-        for name in FIELDS:
-            t = getattr(self, name)
-            fill = self.doc_ids.max(dim=1, keepdim=True).values + 1 if name == "doc_ids" else FILL[name]
+
+        def padded(t, fill):
             pad = torch.empty(t.shape[0], extra, dtype=t.dtype, device=t.device)
             pad[:] = fill
-            setattr(self, name, torch.cat([t, pad], dim=1))
+            return torch.cat([t, pad], dim=1)
+        for name in FIELDS:
+            fill = self.doc_ids.max(dim=1, keepdim=True).values + 1 if name == "doc_ids" else FILL[name]
+            setattr(self, name, padded(getattr(self, name), fill))
+        self.inputs = {k: padded(v, 0.0) for k, v in self.inputs.items()}
         return self
 
 
@@ -84,7 +87,9 @@ def cat(a, b):
     """The rows of a, then the rows of b, in one Batch (the narrower one is padded to the wider)."""
     width = max(a.input_ids.shape[1], b.input_ids.shape[1])
     a, b = a.pad_to(width), b.pad_to(width)
-    return Batch(*(torch.cat([getattr(a, n), getattr(b, n)]) for n in FIELDS), a.indices + b.indices)
+    inputs = {k: torch.cat([x.inputs.get(k, torch.zeros(x.input_ids.shape)) for x in (a, b)])
+              for k in {**a.inputs, **b.inputs}}
+    return Batch(*(torch.cat([getattr(a, n), getattr(b, n)]) for n in FIELDS), inputs, a.indices + b.indices)
 
 
 def next_fit(sizes, row_len):
@@ -161,13 +166,11 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
             if not truncate:
                 raise ValueError(f"sample {s.index} needs {n} positions, more than row_len {row_len}")
             keep = row_len - len(prefix) - 1
-            s = Sample(s.caption_ids[:keep], s.p_ref and s.p_ref[:keep] + [s.p_ref[-1]],
-                       s.tags and s.tags[:keep] + [s.tags[-1]], s.index,
-                       s.weights and s.weights[:keep] + [s.weights[-1]], s.loss_mask and s.loss_mask[:keep] + [1])
-        for name in ("p_ref", "tags", "weights", "loss_mask"):
-            if getattr(s, name) is not None and len(getattr(s, name)) != len(s.caption_ids) + 1:
-                raise ValueError(f"sample {s.index}: {len(getattr(s, name))} {name} "
-                                 f"for {len(s.caption_ids) + 1} labels")
+            s = Sample(s.caption_ids[:keep], {k: v[:keep] + [v[-1]] for k, v in s.inputs.items()},
+                       s.tags and s.tags[:keep] + [s.tags[-1]], s.index, s.loss_mask and s.loss_mask[:keep] + [1])
+        for name, got in (*s.inputs.items(), ("tags", s.tags), ("loss_mask", s.loss_mask)):
+            if got is not None and len(got) != len(s.caption_ids) + 1:
+                raise ValueError(f"sample {s.index}: {len(got)} {name} for {len(s.caption_ids) + 1} labels")
         kept.append(s)
     sizes = [len(prefix) + len(s.caption_ids) + 1 for s in kept]
     if tight and sizes:
@@ -177,8 +180,8 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
 
     # Build every field as one flat Python list and convert once: a few tensor ops per batch instead of
     # several per sample (this runs on the host every step, while the GPU waits for the batch).
-    ids, labels, pos, docs, p_ref, tags, weights, indices = [], [], [], [], [], [], [], []
-    any_weights = any(s.weights is not None for s in kept)  # only --loss attn has them: skip the list otherwise
+    ids, labels, pos, docs, tags, indices = [], [], [], [], [], []
+    inputs = {k: [] for s in kept for k in s.inputs}
     for row in rows:
         for d, i in enumerate(row):
             s, n = kept[i], sizes[i]
@@ -189,28 +192,24 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
                                                 [t if m else IGNORE for t, m in zip(targets, s.loss_mask)])
             pos += range(n)
             docs += [d] * n
-            p_ref += [0.0] * len(prefix) + (list(s.p_ref) if s.p_ref is not None else [0.0] * (n - len(prefix)))
             tags += [-1] * len(prefix) + (list(s.tags) if s.tags is not None else [-1] * (n - len(prefix)))
-            if any_weights:
-                weights += [1.0] * len(prefix) + (list(s.weights) if s.weights is not None
-                                                  else [1.0] * (n - len(prefix)))
+            for k, values in inputs.items():
+                values += [0.0] * len(prefix) + (list(s.inputs[k]) if k in s.inputs else [0.0] * (n - len(prefix)))
             indices.append(s.index)
         pad = width - sum(sizes[i] for i in row)
         ids += [T.PAD] * pad
         labels += [IGNORE] * pad
         pos += [0] * pad
         docs += [len(row)] * pad  # padding: its own document at position 0, attends only to padding
-        p_ref += [0.0] * pad
         tags += [-1] * pad
-        weights += [1.0] * pad if any_weights else []
+        for values in inputs.values():
+            values += [0.0] * pad
     # list -> tensor through array.array: ~4x faster than torch.tensor(list) for long lists
     shape = (len(rows), width)
     ids, labels, pos, docs, tags = (torch.frombuffer(array.array("q", x), dtype=torch.long).view(shape)
                                     for x in (ids, labels, pos, docs, tags))
-    p_ref = torch.frombuffer(array.array("f", p_ref), dtype=torch.float).view(shape)
-    weights = torch.frombuffer(array.array("f", weights), dtype=torch.float).view(shape) if any_weights else \
-        torch.ones(shape)
-    return Batch(ids, labels, pos, docs, p_ref, tags, weights, indices)
+    inputs = {k: torch.frombuffer(array.array("f", v), dtype=torch.float).view(shape) for k, v in inputs.items()}
+    return Batch(ids, labels, pos, docs, tags, inputs, indices)
 
 
 def n_labels(s):
@@ -234,17 +233,27 @@ def warn_overlong(samples, row_len, prefix_len, what):
               f"--row-len to keep them)", file=sys.stderr)
 
 
-def make_samples(tok, records, p_ref=None, tags=None, weights=None, source=""):
-    """One Sample per record: its caption's tokens, and p_ref and weights ({record id: tensor}, from the file
-    `source`) and tags (a list per record) if given. A record whose scores do not fit its tokens is refused."""
-    ids = T.encode_captions(tok, [r.caption for r in records])
-    out = [Sample(c, None if p_ref is None else p_ref[r.id].tolist(), None if tags is None else tags[i], i,
-                  None if weights is None else weights[r.id].tolist()) for i, (c, r) in enumerate(zip(ids, records))]
-    for s in out:
-        for got in (s.p_ref, s.weights):
-            if got is not None and len(got) != len(s.caption_ids) + 1:
-                raise ValueError(f"{source}: record {records[s.index].id} has {len(got)} scores for "
-                                 f"{len(s.caption_ids) + 1} tokens")
+def make_samples(tok, records, inputs=None, tags=None, source=""):
+    """One Sample per record: its caption's tokens, its per-token `inputs` ({name: {record id: tensor}}, read from
+    the file `source`) and tags (a list per record) if given. A record with extra["pieces"] = [(text, trained)]
+    (instruction data, benchmarks/instruct.py) is its pieces' tokens end to end, with loss_mask 1 on the trained
+    pieces and <|eos|>. A record whose inputs do not fit its tokens is refused."""
+    pieces = [r.extra.get("pieces") or [(r.caption, True)] for r in records]
+    ids = iter(T.encode_captions(tok, [text for p in pieces for text, _ in p]))
+    out = []
+    for i, (r, parts) in enumerate(zip(records, pieces)):
+        caption, mask = [], []
+        for _, trained in parts:
+            piece = next(ids)
+            caption += piece
+            mask += [int(trained)] * len(piece)
+        s = Sample(caption, {k: v[r.id].tolist() for k, v in (inputs or {}).items()},
+                   None if tags is None else tags[i], i, mask + [1] if "pieces" in r.extra else None)
+        for name, got in s.inputs.items():
+            if len(got) != len(caption) + 1:
+                raise ValueError(f"{source}: record {r.id} has {len(got)} {name} scores for {len(caption) + 1} "
+                                 f"tokens")
+        out.append(s)
     return out
 
 

@@ -1,12 +1,12 @@
 """
-The pieces every caption reader shares (data/records.py, data/shard_reader.py, data/images.py): the `Record`, the
+The pieces every caption reader shares (data/records.py, scale/shard_reader.py, data/images.py): the `Record`, the
 errors for bad data, and the bad-record accounting (`Tally`) with its max-bad-fraction rule.
 """
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lib.cli import UserError
+from utils import UserError
 
 
 @dataclass

@@ -21,7 +21,7 @@ Formats (picked by extension, then by shape):
           or key.json ({"caption": ..., optional "id" and other fields}); give one shard, a
           folder of them, a glob ("shards/*.tar") or a range ("shards/{000000..000099}.tar").
           Record.image is then the shard's path and Record.image_span the member's (offset,
-          size) inside it; id: the json's "id", else the key. See data/shards.py, which also
+          size) inside it; id: the json's "id", else the key. See scale/shards.py, which also
           streams shards across torchrun ranks and DataLoader workers.
   Default ids are "<file stem>:<line number>" (1-based) for .jsonl and "<file stem>:<list
   index>" (0-based) for LLaVA / COCO.
@@ -49,7 +49,13 @@ import json
 import os
 
 from data.record_types import BadRecord, DataError, Record, Tally
-from data.shard_reader import is_shard_spec, iter_shard_records
+from utils import plugin
+
+
+def is_shard_spec(path):
+    """True for tar shards: a .tar path, glob or range, or a folder (read by scale/shard_reader.py)."""
+    path = os.fspath(path)
+    return path.lower().endswith(".tar") or os.path.isdir(path)
 
 
 def _record(obj, key, folder, require_image, check_files, llava):
@@ -117,7 +123,7 @@ def iter_records(path, require_image=True, check_files=True, images_root=None, t
         if images_root is not None:
             raise DataError(f"{path}: tar shards hold their images; an image folder ({images_root}) "
                             "makes no sense here")
-        yield from iter_shard_records(path, require_image, check_files, tally)
+        yield from plugin("shards", f"tar shards ({path})")(path, require_image, check_files, tally)
         return
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")

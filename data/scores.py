@@ -15,7 +15,7 @@ Two layouts, both read by load_scores(path, ...) -> {record id: float tensor}:
              rank 0 writes the index after all shards are closed, and the reader checks each shard's size and
              sha256 against it, so a shard cut short, missing or from another run is refused by name.
 
-Checked on load (docs/formats.md): the zip CRCs of every torch.save'd file (lib.utils.check_zip), the fingerprints,
+Checked on load (docs/formats.md): the zip CRCs of every torch.save'd file (utils.check_zip), the fingerprints,
 and the record ids: the one-file layout stores a hash of its ids in order ("ids" in the fingerprint), so ids moved
 between records (two of one length swapped) are refused; a shard's ids are covered by its sha256 in the index.
 """
@@ -28,7 +28,7 @@ import struct
 import torch
 
 from data.record_types import DataError
-from lib.utils import atomic_save, check_fingerprint, safe_load
+from utils import atomic_save, check_fingerprint, safe_load
 
 INDEX_FORMAT = "prior-scores-index-1"
 SHARD_MAGIC = b"PRIOR-SCORES-SHARD-1\n"

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lib.cli import UserError, flag
-from lib.flag_checks import TokenizerChecks
+from utils import TokenizerChecks, UserError, flag
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|image|>", "<|vision|>", "<|/vision|>", "<|vrow|>"]
 PAD, BOS, EOS, IMAGE, VISION, VISION_END, VROW = range(len(SPECIALS))
@@ -39,10 +38,10 @@ def train_tokenizer(captions, vocab_size=2048):
 
 
 def load_tokenizer(path):
-    """A tokenizer.json from this script, or "hf:FOLDER": a Hugging Face Llama folder's, relabelled (lib/hf.py)."""
+    """A tokenizer.json from this script, or "hf:FOLDER": a Hugging Face Llama folder's, relabelled (scale/hf.py)."""
     if path.startswith("hf:"):
-        from lib.hf_tokenizer import convert_tokenizer
-        return convert_tokenizer(path[3:], SPECIALS)[0]
+        from utils import plugin
+        return plugin("hf_tokenizer", "--tokenizer")(path[3:], SPECIALS)[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no tokenizer at {path}: make one with `python -m data.tokenizer --out {path}`")
     try:
@@ -101,7 +100,7 @@ class TokenizerConfig(TokenizerChecks):
 
 
 def main(argv=None):
-    from lib.cli import parse_config
+    from utils import parse_config
     return build(parse_config(TokenizerConfig, argv, description=__doc__))
 
 
@@ -118,5 +117,5 @@ def build(cfg):
 
 
 if __name__ == "__main__":
-    from lib.cli import run
+    from utils import run
     run(build, TokenizerConfig, description=__doc__)

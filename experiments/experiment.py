@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from experiments.jobs import Jobs
 from experiments.protocol import PRIMARY, choose_lr, next_lr, tail_mean
-from lib.cli import flag
+from utils import flag
 
 # Sizes per preset. "cpu" is sized for a 2-core laptop CPU (docs/performance.md has its measured time); "smoke"
 # exercises every stage in miniature; "gpu" is a starting point for GPUs.
@@ -236,9 +236,12 @@ class Experiment:
 
     @staticmethod
     def bench_specs(data):
-        """eval.py --bench specs of the generator's files in the benchmarks' formats (data/bench_files.py): its
-        presence probes as POPE files, scene questions as a VLMEvalKit TSV; read at the last step of main runs."""
-        from data.bench_files import POPE_SPLITS
+        """eval.py --bench specs of the generator's files in the benchmarks' formats (benchmarks/files.py, written on
+        first use): its presence probes as POPE files, scene questions as a VLMEvalKit TSV; read at the last step of
+        main runs."""
+        from benchmarks.files import POPE_SPLITS, write_bench_files
+        if not os.path.isdir(os.path.join(data, "bench")):
+            write_bench_files(data)
         pope = [os.path.join(data, "bench", f"synth_pope_{s}.json") for s in POPE_SPLITS]
         tsv = os.path.join(data, "bench", "synth_mcq.tsv")
         return [f"pope:{f}::{data}" for f in pope if os.path.exists(f)] + \
@@ -355,9 +358,9 @@ class Experiment:
         for mix in self.mixes:
             png = self.path(f"importance_{mix}.png")
             if not os.path.exists(png):
-                self.jobs.run(["eval.py", "--importance", self.path(f"scores_{mix}_train.pt"), "--importance-data",
-                               self.path(f"data_{mix}", "train.jsonl"), "--tokenizer", self.path("tokenizer.json"),
-                               "--png", png], f"importance_{mix}")
+                self.jobs.run(["-m", "experiments.importance", "--scores", self.path(f"scores_{mix}_train.pt"),
+                               "--data", self.path(f"data_{mix}", "train.jsonl"), "--tokenizer",
+                               self.path("tokenizer.json"), "--png", png], f"importance_{mix}")
             shutil.copy(self.path(f"scores_{mix}_train.png"), self.path(f"token_weights_{mix}.png"))
 
 

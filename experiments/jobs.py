@@ -30,7 +30,15 @@ IN_PROCESS = {"train.py": ("train", "TrainConfig", "main"),
               "score.py": ("score", "ScoreConfig", "main"),
               "reference_lm.py": ("reference_lm", "RefConfig", "train_lm"),
               "tools.vision": ("tools.vision", "Config", "main"),
+              "experiments.importance": ("experiments.importance", "ImportanceConfig", "main"),
               "baselines.attention": ("baselines.attention", "AttnConfig", "train_attention_scorer")}
+
+
+def lab_script(args):
+    """A core script's job (["train.py", ...]) as `-m experiments train ...`: the script with every lab plug-in."""
+    if args[0].endswith(".py"):
+        return ["-m", "experiments", args[0][:-3], *args[1:]]
+    return args
 
 
 def _init_worker(threads):
@@ -111,7 +119,7 @@ class Jobs:
             return self._in_process(args, log_name)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads_per_process(args))}
         log_path = self.log_path(log_name)
-        cmd = [sys.executable, *self.launcher(args), *args]
+        cmd = [sys.executable, *self.launcher(args), *lab_script(args)]
         if self.record is not None:
             self.record.write(" ".join(cmd) + "\n")
             self.record.flush()
@@ -133,7 +141,7 @@ class Jobs:
 
     def _in_process(self, args, name):
         """Run a script of IN_PROCESS by calling its function with its parsed flags; output into its log."""
-        from lib.cli import parse_config
+        from utils import parse_config
         script, argv = (args[1], args[2:]) if args[0] == "-m" else (args[0], args[1:])
         if script not in IN_PROCESS:
             raise ValueError(script)

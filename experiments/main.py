@@ -28,7 +28,7 @@ import json
 import time
 from dataclasses import asdict
 
-from lib.cli import run
+from utils import run
 from experiments.experiment import Experiment, ExperimentConfig
 from experiments.reporting import write_report
 

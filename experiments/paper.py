@@ -36,7 +36,7 @@ scaling    NTP and PRIOR trained for --epochs epochs on nested subsets of train.
            separate points); alpha_D gets a 95% interval from the regression's standard error (t, n - 2 dof)
            and from a bootstrap over runs; the fit on all but the largest size predicts the largest, and the
            relative error of that prediction is reported.
-instruct   Question-answer pairs from the training scenes (data/qa.py; never from test or probe images), a
+instruct   Question-answer pairs from the training scenes (benchmarks/qa.py; never from test or probe images), a
            short instruction-tuning run (train.py --init-from) from each pre-trained NTP and PRIOR checkpoint,
            then, on questions about the test scenes, exact match of the greedily generated answer
            (qa_eval.qa_generate, KV-cached model.generate) next to the likelihood evaluation of the same
@@ -53,7 +53,7 @@ from experiments.paper_ablation import ablation
 from experiments.paper_baselines import baselines
 from experiments.paper_instruct import instruct
 from experiments.paper_scaling import scaling
-from lib.cli import UserError, flag, parse_config, run
+from utils import UserError, flag, parse_config, run
 
 
 @dataclass

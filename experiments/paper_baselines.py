@@ -27,7 +27,7 @@ def weight_relevance(s, score_file, attention):
     from score import relevance_report
     from data.scores import load_scores
     from data.tags import token_tags
-    from lib.utils import text_fingerprint
+    from utils import text_fingerprint
     data = os.path.join(s.data, "train.jsonl")
     tok = T.load_tokenizer(s.path("tokenizer.json"))
     records = read_records(data, check_files=False)

@@ -12,7 +12,7 @@ from experiments.paper_setup import Setup, _plt, table, write_json
 
 def instruct(args):
     from experiments import reporting as report
-    from data import qa
+    from benchmarks import qa
     t0 = time.time()
     s = Setup(args, "instruct")
     lrs, seeds = s.lrs(), args.seeds or (1 if args.quick else s.p["seeds"])
@@ -87,9 +87,9 @@ def instruct(args):
 
     # generated answers and the same questions by likelihood, before and after tuning
     import eval as E
-    from experiments import qa_eval
+    from benchmarks import qa_eval
     from tools.caption import load
-    from lib.utils import pick_device
+    from utils import pick_device
     device = pick_device(s.device)
     kind_of = {}
     for k in kinds:
@@ -133,7 +133,7 @@ def instruct(args):
     md = s.header("Instruction tuning and generated answers (issue 7, item 4)",
                   "A short instruction-tuning stage (the paper: 20 steps before its benchmarks) from each pre-trained "
                   "NTP and PRIOR checkpoint, on question-answer pairs made from the ground truth of the *training* "
-                  "scenes (data/qa.py), then questions about the *test* scenes: exact match of the greedily "
+                  "scenes (benchmarks/qa.py), then questions about the *test* scenes: exact match of the greedily "
                   "generated answer (KV-cached `model.generate`; `em_*`), and the same questions scored by "
                   "likelihood as multiple choice (`mc_*`), with eval.py's probes and token NLL of the same "
                   "checkpoints. \"pre\" = the pre-trained checkpoint before tuning, \"it\" = after.")

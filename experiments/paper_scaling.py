@@ -106,7 +106,7 @@ def scaling(args):
     if "prior" in methods:
         from data.records import read_records
         from data.scores import load_scores
-        from lib.utils import text_fingerprint
+        from utils import text_fingerprint
         tok = T.load_tokenizer(s.path("tokenizer.json"))
         full_records = read_records(train_path, require_image=False, check_files=False)
         full = load_scores(s.path(f"scores_{s.mix}_train.pt"), T.fingerprint(tok), text_fingerprint(full_records))

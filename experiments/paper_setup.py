@@ -19,7 +19,7 @@ class Setup:
     """What the main job left in --from, and a runner for train.py / eval.py / score.py jobs."""
 
     def __init__(self, args, command):
-        from lib.cli import from_dict
+        from utils import from_dict
         from experiments.experiment import Experiment, ExperimentConfig
         self.args = args
         self.src = os.path.abspath(args.from_dir)
@@ -88,7 +88,7 @@ class Setup:
         """Whether run_dir's train.py config equals what `args` would train (all but where it is written,
         how it runs and how often it saves): then its results can stand for this run."""
         import train
-        from lib.cli import parse_config
+        from utils import parse_config
         path = os.path.join(run_dir, "config.json")
         if not os.path.exists(path):
             return False

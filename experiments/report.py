@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 
 from experiments.reporting import parse_rows, write_report
-from lib.cli import UserError, flag, run
+from utils import UserError, flag, run
 
 
 @dataclass

@@ -19,8 +19,7 @@ import time
 import eval as E
 import train
 from data import tokenizer as T
-from lib.cli import parse_config
-from lib.utils import pick_device
+from utils import parse_config, pick_device
 from model import load_model
 
 FINAL_ONLY = ("test", "test_scores", "bench")  # read at the last step alone

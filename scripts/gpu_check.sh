@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/gpu.md in one go, on a machine with one CUDA GPU (bf16: A100 or newer):
 #     bash scripts/gpu_check.sh [OUT]          # results in OUT (default out/gpu_check), summary at the end
-# 1. experiments/bench.py at the bench and gpu presets, H and U, with and without --compile (JSON per run; --profile once)
+# 1. bench/bench.py at the bench and gpu presets, H and U, with and without --compile (JSON per run; --profile once)
 # 2. the sync tests: the CPU proxy (tests/test_gpu_ready.py), then a real train step on the GPU under
 #    torch.cuda.set_sync_debug_mode("warn"), which reports every synchronising CUDA call
 # 3. 50 steps of experiments/main.py's gpu preset VLM for H and U (train.py --compile): step time, MFU, peak memory
-# Extra flags for experiments/bench.py and train.py (e.g. --peak-tflops 835 for a GPU flops.PEAK_BF16 does not know): PEAK=...
+# Extra flags for bench/bench.py and train.py (e.g. --peak-tflops 835 for a GPU flops.PEAK_BF16 does not know): PEAK=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/gpu_check}
@@ -15,16 +15,16 @@ mkdir -p "$OUT"
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name(0))" \
     | tee "$OUT/device.txt"
 
-echo "== 1. experiments/bench.py"
+echo "== 1. bench/bench.py"
 for preset in bench gpu; do
   for arch in h u; do
     for compile in "" "--compile"; do
       name="bench_${preset}_${arch}${compile:+_compile}"
-      $PY experiments/bench.py --preset $preset --arch $arch $compile $PEAK --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+      $PY -m bench.bench --preset $preset --arch $arch $compile $PEAK --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
     done
   done
 done
-$PY experiments/bench.py --preset gpu --profile $PEAK --json "$OUT/bench_gpu_h_profile.json" 2>&1 \
+$PY -m bench.bench --preset gpu --profile $PEAK --json "$OUT/bench_gpu_h_profile.json" 2>&1 \
     | tee "$OUT/bench_gpu_h_profile.log"
 
 echo "== 2. syncs"
@@ -61,7 +61,7 @@ for arch in h u; do
   [ $arch = u ] && extra="--text-data $DATA/synth/text.jsonl"
   $PY - "$arch" "$DATA" "$OUT/train_$arch" $extra $PEAK <<'PY' 2>&1 | tee "$OUT/train_$arch.log"
 import json, statistics, sys, torch, train
-from cli import parse_config
+from utils import parse_config
 arch, data, out, *extra = sys.argv[1:]
 cfg = parse_config(train.TrainConfig, argv=[
     "--arch", arch, "--data", f"{data}/synth/train.jsonl", "--tokenizer", f"{data}/tok.json", "--out-dir", out,

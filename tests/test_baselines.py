@@ -1,4 +1,5 @@
-"""baselines/: the hook train.py calls, the auxiliary heads (ITM, ITC, reconstruction), the attention-weight scorer."""
+"""baselines/: the weightings and the hook they register in train.py, the auxiliary heads (ITM, ITC,
+reconstruction), the attention-weight scorer."""
 import json
 from dataclasses import replace
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from data import tokenizer as T
+import baselines
 import train
 from data.packing import IGNORE, pack
 from data.records import read_records
@@ -14,9 +16,14 @@ from baselines import attention
 from baselines.heads import AuxHeads, MicroBatch, host_positions, micro_batch_loss, patchify
 from data.scores import load_scores
 from data.tags import token_tags
-from lib.utils import text_fingerprint
+from utils import text_fingerprint
 from data.packing import make_samples
-from lib.build import build_model
+from model import build_model as build_vlm
+
+
+def build_model(cfg, tok):
+    """The VLM with the heads of cfg's --objective, as train.py builds it (the baselines' hook attaches them)."""
+    return build_vlm(cfg, tok, train.method_hook(cfg))
 
 
 def config(tiny, **kw):
@@ -60,10 +67,11 @@ def micro_batch(cfg, model, samples, images):
         by_index = {s.index: s for s in samples}
         tb = pack([by_index[i] for i in batch.indices], cfg.row_len)  # the captions alone, in the images' order
         text = (tb.input_ids, tb.position_ids, tb.doc_ids, (tb.labels == T.EOS).flatten().nonzero().squeeze(1))
-    weights = train.loss_weights(cfg, batch)
+    weights = train.WEIGHTINGS[cfg.loss].weights(cfg, batch, None)
     return MicroBatch(batch.input_ids, batch.position_ids, batch.doc_ids, normalize(images[batch.indices]), keep,
                       batch.labels.flatten()[keep][None], captions[None], weights.flatten()[keep][None],
-                      batch.p_ref.flatten()[keep][None], R, image_labels, len(batch.indices), eos, slots, text)
+                      batch.inputs.get("p_ref", torch.zeros(R, L)).flatten()[keep][None], R,
+                      image_labels, len(batch.indices), eos, slots, text)
 
 
 def test_heads_exist_only_for_their_objective(pairs, tiny):
@@ -236,30 +244,32 @@ def test_itm_itc_pairs_are_drawn_per_micro_batch(tiny, tmp_path, objective):
     assert split["aux"] != pytest.approx(whole["aux"], rel=1e-5)  # other pairs: 5e-4 apart for ITM here
 
 
-def test_hook_is_none_for_the_core_and_a_baseline_otherwise(tiny):
-    import baselines
-    for loss in ("ntp", "prior", "prior_shuffled", "oracle"):
+def test_hook_is_none_for_a_weighting_and_a_baseline_otherwise(tiny):
+    """rare and attn are token weightings alone (registered like PRIOR's); rho1, cal and the objectives need the
+    hook, which importing baselines registers as train.py's plug-in "method"."""
+    for loss in ("ntp", "prior", "prior_shuffled", "oracle", "rare", "attn"):
         assert baselines.hook(config(tiny, loss=loss)) is None, loss
-    for loss in baselines.LOSSES:
+        assert loss in train.WEIGHTINGS
+    for loss in ("rho1", "cal"):
         assert isinstance(baselines.hook(config(tiny, loss=loss)), baselines.Baseline), loss
+        assert train.method_hook(config(tiny, loss=loss)) is not None
     assert isinstance(baselines.hook(config(tiny, objective="itm")), baselines.Baseline)
     with pytest.raises(ValueError, match="--fsdp"):
         baselines.hook(config(tiny, loss="cal", fsdp=True), world=2)
 
 
-def test_attn_weights_ride_in_their_own_field_not_p_ref(tiny):
-    """--loss attn's weights reach the loss through Sample.weights / Batch.weights; p_ref stays empty."""
-    import baselines
+def test_attn_weights_ride_in_their_own_input_not_p_ref(tiny):
+    """--loss attn's weights reach the loss as the per-token input "attn" (Sample.inputs / Batch.inputs); no p_ref."""
     tok = T.load_tokenizer(str(tiny["tokenizer"]))
     records = read_records(str(tiny["train"]))[:4]
     captions = T.encode_captions(tok, [r.caption for r in records])
     given = {r.id: torch.linspace(0.1, 0.9, len(c) + 1) for r, c in zip(records, captions)}
-    samples = make_samples(tok, records, weights=given)
-    assert all(s.p_ref is None and s.weights == given[r.id].tolist() for s, r in zip(samples, records))
+    samples = make_samples(tok, records, {"attn": given})
+    assert all(s.inputs == {"attn": given[r.id].tolist()} for s, r in zip(samples, records))
     batch = pack(samples, 64, [T.IMAGE] * 4)
     labelled = batch.labels != IGNORE
-    got = baselines.hook(config(tiny, loss="attn")).weights(batch)
+    got = train.WEIGHTINGS["attn"].weights(config(tiny, loss="attn"), batch, None)
     assert torch.equal(got[labelled], torch.cat([given[r.id] for r in records]))
-    assert (batch.p_ref == 0).all()
+    assert set(batch.inputs) == {"attn"}
     with pytest.raises(ValueError, match="scores for"):
-        make_samples(tok, records, weights={r.id: torch.ones(2) for r in records}, source="w.pt")
+        make_samples(tok, records, {"attn": {r.id: torch.ones(2) for r in records}}, source="w.pt")

@@ -13,7 +13,7 @@ from data import tokenizer as T
 from data.packing import IGNORE, Sample, cat, pack
 from loss import prior_weights, weighted_loss
 from model import VLM, Decoder, DecoderConfig, VLMConfig
-from lib.flops import flops_per_token, step_flops
+from train import flops_per_token, step_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ("prior_over_ntp_step_time", "train_flops_per_s", "matmul_flops_per_s", "train_tokens_per_s",
@@ -27,7 +27,7 @@ REQUIRED = ("prior_over_ntp_step_time", "train_flops_per_s", "matmul_flops_per_s
 
 def test_bench_tiny_writes_every_number(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "experiments.bench", "--preset", "tiny", "--steps", "2",
+    done = subprocess.run([sys.executable, "-m", "bench.bench", "--preset", "tiny", "--steps", "2",
                            "--warmup", "1",
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -43,8 +43,8 @@ def test_bench_tiny_writes_every_number(tmp_path):
 
 
 def test_bench_help_explains_every_flag():
-    from experiments import bench
-    text = subprocess.run([sys.executable, "-m", "experiments.bench", "--help"], cwd=ROOT, capture_output=True,
+    from bench import bench
+    text = subprocess.run([sys.executable, "-m", "bench.bench", "--help"], cwd=ROOT, capture_output=True,
                           text=True).stdout
     for f in bench.BenchConfig.__dataclass_fields__:
         assert "--" + f.replace("_", "-") in text
@@ -55,7 +55,7 @@ def random_samples(n, prefix_len=6, seed=0):
     out = []
     for i in range(n):
         k = rng.randint(3, 30)
-        out.append(Sample([rng.randrange(10, 64) for _ in range(k)], [rng.random() for _ in range(k + 1)],
+        out.append(Sample([rng.randrange(10, 64) for _ in range(k)], {"p_ref": [rng.random() for _ in range(k + 1)]},
                           [rng.randrange(-1, 3) for _ in range(k + 1)], i))
     return out
 
@@ -80,7 +80,7 @@ def test_tight_packing_holds_every_sample_intact(n):
             assert tight.input_ids[r, at].tolist() == prefix + [T.BOS] + s.caption_ids
             assert tight.labels[r, at].tolist() == [IGNORE] * 6 + s.caption_ids + [T.EOS]
             assert tight.position_ids[r, at].tolist() == list(range(len(at)))
-            assert tight.p_ref[r, at[6:]].tolist() == torch.tensor(s.p_ref).tolist()
+            assert tight.inputs["p_ref"][r, at[6:]].tolist() == torch.tensor(s.inputs["p_ref"]).tolist()
             assert tight.tags[r, at[6:]].tolist() == s.tags
     assert k == n
 
@@ -131,7 +131,7 @@ def test_logits_at_kept_positions_and_flat_prior_loss_match_the_full_batch():
     torch.testing.assert_close(kept, full.flatten(0, 1)[keep], atol=1e-10, rtol=1e-10)
     R, L = b.input_ids.shape
     captions = (b.doc_ids + torch.arange(R)[:, None] * (L + 1)).flatten()[keep]
-    w = prior_weights(b.p_ref).double()
+    w = prior_weights(b.inputs["p_ref"]).double()
     flat = weighted_loss(kept[None], b.labels.flatten()[keep][None], w.flatten()[keep][None], captions[None])
     # the loss itself is reduced in float32 (token_losses): the same positive per-token terms summed in another
     # order, relative error under n_tokens x 1.2e-7 (measured: 2.3e-7 on a ~4.2 loss)

@@ -1,5 +1,5 @@
-"""Tests for data/bench_files.py: the generator's presence probes written as POPE files and test-scene questions
-as a VLMEvalKit-style TSV, read back by data/benchmarks.py's readers, and the report lines of their metrics.
+"""Tests for benchmarks/files.py: the generator's presence probes written as POPE files and test-scene questions
+as a VLMEvalKit-style TSV, read back by benchmarks/load.py's readers, and the report lines of their metrics.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_bench_files.py
 """
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from data import bench_files as F
-from data import benchmarks as B
+from benchmarks import files as F
+from benchmarks import load as B
 from data.generate import GenConfig, generate
 from data.scenes import plural
 

@@ -1,4 +1,4 @@
-"""Tests for the benchmarks' official metrics (data/bench_metrics.py) against hand computations on a few items:
+"""Tests for the benchmarks' official metrics (benchmarks/metrics.py) against hand computations on a few items:
 POPE accuracy / precision / recall / F1 / yes-ratio per split (and an always-"yes" model), MME accuracy, acc+ and
 the perception / cognition sums, MMBench circular evaluation with the evaluator's own rotations, and accuracy
 per category. Values are percentages; approx(rel=1e-12) only absorbs the rounding of a few float divisions.
@@ -7,7 +7,7 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_bench_metrics.py
 """
 from pytest import approx
 
-from data import bench_metrics as M
+from benchmarks import metrics as M
 from data.record_types import Record
 
 YES, NO = 0, 1

@@ -1,5 +1,5 @@
-"""Tests for the readers of the paper's benchmarks as distributed (data/benchmarks.py) and their scoring through
-eval.py --bench (data/bench_score.py): each reader on a tiny file of its exact format made here (POPE lines, an
+"""Tests for the readers of the paper's benchmarks as distributed (benchmarks/load.py) and their scoring through
+eval.py --bench (benchmarks/scoring.py): each reader on a tiny file of its exact format made here (POPE lines, an
 MME folder of both layouts, a VLMEvalKit TSV with base64 PNGs and rows that borrow another row's image, SEED-Bench
 JSON), bad rows counted by reason, and the scored predictions against plain single-sequence forward passes.
 
@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data import benchmarks as B
-from data import bench_score as S
+from benchmarks import load as B
+from benchmarks import scoring as S
 from data import tokenizer as T
 from data.record_types import DataError
 from data.images import load_image, normalize
-from lib.cli import UserError, parse_config
+from utils import UserError, join_repeated, parse_config
 from model import DecoderConfig, VLM, VLMConfig
 
 
@@ -214,7 +214,7 @@ def test_bench_specs():
     with pytest.raises(UserError, match="does not exist"):
         B.parse_bench("pope:/no/such/file.json")
     argv = ["--ckpt", "c.pt", "--bench", "pope:a.json::img", "--bench=mme:M", "--max-rows", "3"]
-    assert S.join_repeated(argv) == ["--ckpt", "c.pt", "--max-rows", "3", "--bench", "pope:a.json::img,mme:M"]
+    assert join_repeated(argv) == ["--ckpt", "c.pt", "--max-rows", "3", "--bench", "pope:a.json::img,mme:M"]
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +250,7 @@ def test_scoring_matches_plain_forward_and_rotations(small):
     import eval as E
     root, tok, model = small
     spec = f"mmbench:{write_tsv(root / 'MMBench.tsv', mmbench_rows())}"
-    recs, logps = S.score_spec(spec, model, tok, E.score_docs, E.image_embeds)
+    recs, logps = S.score_spec(spec, model, tok)
     assert [r.id for r in recs] == [f"mmbench:{i}@{s}" for i, k in ((0, 3), (1, 2), (2, 4)) for s in range(k)]
     _, images, index = B.load_bench(spec, 16)
     at = {0: 0, 1: 0, 2: 1}
@@ -258,7 +258,7 @@ def test_scoring_matches_plain_forward_and_rotations(small):
         img = images[at[r.extra["group"]]]
         for norm in (False, True):
             assert S.predictions([lp], norm)[0] == hand_choice(model, tok, img, r.caption, r.extra["choices"], norm)
-    out = S.bench_results([spec], model, tok, E.score_docs, E.image_embeds)
+    out = S.bench_results([spec], model, tok)
     assert {"mmbench_circular", "mmbench_vanilla", "mmbench_norm_circular", "mmbench_circular_color"} <= set(out)
 
 
@@ -274,7 +274,7 @@ def test_eval_command_writes_bench_rows(small, tmp_path, capsys):
     pope = write_pope(tmp_path, "random")
     specs = [f"pope:{pope}::{tmp_path / 'val2014'}", f"mme:{write_mme(tmp_path)}", f"seed:{write_seed(tmp_path)}"
              f"::{tmp_path / 'SEED-Bench-image'}"]
-    cfg = parse_config(E.EvalConfig, S.join_repeated(["--ckpt", str(ckpt)] + [a for s in specs
+    cfg = parse_config(E.EvalConfig, join_repeated(["--ckpt", str(ckpt)] + [a for s in specs
                                                                                  for a in ("--bench", s)]))
     E.main(cfg)
     out = capsys.readouterr().out
@@ -299,7 +299,7 @@ def test_yes_no_tsvs_mme_and_pope(tmp_path):
         [("existence", 0, ["yes", "no"]), ("existence", 1, ["yes", "no"]), ("OCR", 0, ["yes", "no"])]
     assert recs[0].extra["image_key"] == recs[1].extra["image_key"] != recs[2].extra["image_key"]
     assert recs[1].caption == "question: Is there a cat? answer:"
-    from data.bench_metrics import mme_metrics
+    from benchmarks.metrics import mme_metrics
     assert mme_metrics(recs, [0, 0, 0])["perception"] == (50 + 0) + (100 + 100)
     with open(tmp_path / "POPE.tsv", "w", newline="") as f:
         csv.writer(f, delimiter="\t").writerows([["index", "question", "answer", "category", "image"],
@@ -320,11 +320,11 @@ def test_generated_answers_matched_like_the_benchmarks():
 
 def test_generation_scoring(small, tmp_path):
     import eval as E
-    from experiments.qa_eval import generate_answers
+    from benchmarks.qa_eval import generate_answers
     root, tok, model = small
     pope = write_pope(tmp_path, "random")
     spec = f"pope:{pope}::{tmp_path / 'val2014'}"
-    out = S.bench_results([spec], model, tok, E.score_docs, E.image_embeds, generate=4)
+    out = S.bench_results([spec], model, tok, generate=4)
     recs, images, index = B.load_bench(spec, 16)
     answers = generate_answers(model, tok, [r.caption for r in recs], images[torch.tensor(index)], max_new_tokens=4)
     preds = [S.match_answer(a, ["yes", "no"]) for a in answers]
@@ -340,9 +340,9 @@ def test_file_circular_copies_kept_and_max_rows(small, tmp_path):
     rows = [dict(index=0, question="Which?", A="blue", B="red", answer="A", category="c", image=img),
             dict(index=1000000, question="Which?", A="red", B="blue", answer="B", category="c", image="0")]
     spec = f"mmbench:{write_tsv(tmp_path / 'circ.tsv', rows)}"
-    recs, logps = S.score_spec(spec, model, tok, E.score_docs, E.image_embeds)
+    recs, logps = S.score_spec(spec, model, tok)
     assert [r.id for r in recs] == ["mmbench:0", "mmbench:1000000"] and {r.extra["group"] for r in recs} == {0}
-    out = S.bench_results([spec], model, tok, E.score_docs, E.image_embeds)
+    out = S.bench_results([spec], model, tok)
     right = [p == r.extra["answer"] for p, r in zip(S.predictions(logps), recs)]
     assert out["mmbench_circular"] == 100.0 * all(right) and out["mmbench_vanilla"] == 100.0 * right[0]
     three = f"mmbench:{write_tsv(tmp_path / 'three.tsv', mmbench_rows())}"

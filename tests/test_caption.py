@@ -39,7 +39,7 @@ def test_prompt_and_seeded_sampling(run):
 
 
 def test_bad_inputs_give_clear_messages(run, tmp_path, capsys):
-    def fails(argv):  # one line `error: ...` on stderr, exit code 2 (lib.cli.run)
+    def fails(argv):  # one line `error: ...` on stderr, exit code 2 (utils.run)
         with pytest.raises(SystemExit) as err:
             caption.main(argv)
         message = capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Tests for eval.py: choice log-likelihoods against plain single-sequence forward passes, accuracy definitions,
-the image derangement, the grounding gap, bad rows and run-directory resume (lib/importance.py: test_importance.py).
+the image derangement, the grounding gap, bad rows and run-directory
+resume (experiments/importance.py: test_importance.py).
 
 Run: .venv/bin/python -m pytest tests/test_eval.py
 """
@@ -13,10 +14,10 @@ import torch
 from PIL import Image
 
 import eval as E
-from experiments import qa_eval as Q
+from benchmarks import qa_eval as Q
 from data import tokenizer as T
-from lib.cli import parse_config
-from data import benchmarks as B
+from utils import parse_config
+from benchmarks import load as B
 from data.packing import Sample, pack
 from data.images import load_image, normalize
 from data.record_types import DataError
@@ -25,7 +26,7 @@ from loss import token_losses
 from model import DecoderConfig, VLM, VLMConfig
 from data.scores import save_scores
 from data.tags import CATEGORIES
-from lib.utils import text_fingerprint
+from utils import text_fingerprint
 
 CAPTIONS = [  # (caption, per-word tags) for the held-out caption file
     ("a photo of a red circle . stock photo by maria lopez", "b b b b i i b b b b n n"),

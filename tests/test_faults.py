@@ -29,8 +29,8 @@ from data.records import read_records
 from data.images import load_images
 from data.record_types import DataError
 from data.scores import load_scores
-from data.shards import ShardStream
-from lib.utils import atomic_save, load_checkpoint, text_fingerprint
+from scale.shards import ShardStream
+from utils import atomic_save, load_checkpoint, text_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,7 +204,7 @@ def test_nan_or_out_of_range_scores(tmp_path):
 
 SAVER = """
 import sys, torch
-from lib.utils import atomic_save
+from utils import atomic_save
 x = torch.empty(16 * 2**20)  # 64 MB: each save takes a while, so the kill lands mid-write
 i = 0
 while True:
@@ -268,7 +268,7 @@ def test_train_killed_while_checkpointing_resumes(tiny, tmp_path, capsys):
     # The same command line with --resume, run in this process (train.py's own argument parsing; no second
     # interpreter start-up): it must go on from the surviving checkpoint.
     import train
-    from lib.cli import parse_config
+    from utils import parse_config
     train.main(parse_config(train.TrainConfig, args[2:] + ["--steps", "100000", "--save-every", "1", "--resume",
                                                            "--stop-at", str(step + 2)]))
     assert f"resumed from {run / 'last.pt'} at step {step}" in capsys.readouterr().out
@@ -306,7 +306,7 @@ def test_untrusted_pickle_cannot_run_code(tmp_path):
 def test_untrusted_vision_weights_get_the_safe_load_message(tmp_path):
     """--vision-weights goes through the same safe load: the project's message, never torch's advice to retry
     with weights_only=False."""
-    from lib.encoders import load_vision_weights
+    from model import load_vision_weights
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"w": torch.zeros(2), "payload": Exploit(marker)}, evil)
     with pytest.raises(ValueError, match=r"evil.pt: holds Python objects that a safe \(weights-only\) load "

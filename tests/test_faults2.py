@@ -67,7 +67,7 @@ def _train_cfg(tiny, out_dir, **kw):
 
 def test_a_fresh_run_into_a_run_folder_is_refused_unless_resume_or_overwrite(tiny, tmp_path):
     import train
-    from lib.cli import UserError
+    from utils import UserError
     run = tmp_path / "run"
     train.main(_train_cfg(tiny, run))
     log = (run / "log.jsonl").read_text()
@@ -82,7 +82,7 @@ def test_a_fresh_run_into_a_run_folder_is_refused_unless_resume_or_overwrite(tin
 
 def test_resume_without_last_pt_is_refused(tiny, tmp_path):
     import train
-    from lib.cli import UserError
+    from utils import UserError
     with pytest.raises(UserError, match=r"--resume: no last.pt in .*nowhere to continue from"):
         train.main(_train_cfg(tiny, tmp_path / "nowhere", resume=True))
     assert not (tmp_path / "nowhere").exists()
@@ -94,8 +94,8 @@ def test_run_lock_names_its_holder_and_a_stale_one_is_taken_over(tmp_path, capsy
     import socket
     import subprocess
     import sys
-    from lib.checkpoint import LOCK, release_lock, take_lock
-    from lib.cli import UserError
+    from train import LOCK, release_lock, take_lock
+    from utils import UserError
     here = socket.gethostname()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -121,8 +121,8 @@ def test_a_second_writer_while_a_run_holds_the_folder_is_refused(tiny, tmp_path)
     import subprocess
     import sys
     import train
-    from lib.checkpoint import LOCK
-    from lib.cli import UserError
+    from train import LOCK
+    from utils import UserError
     run = tmp_path / "run"
     train.main(_train_cfg(tiny, run, steps=1, save_every=1, stop_at=1))
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -149,8 +149,8 @@ def flip_inside(path, tensor):
 
 
 def test_a_checkpoint_with_a_flipped_byte_is_refused(tmp_path):
-    from lib.cli import UserError
-    from lib.utils import load_checkpoint, safe_load
+    from utils import UserError
+    from utils import load_checkpoint, safe_load
     path = str(tmp_path / "ckpt.pt")
     w = torch.arange(4096, dtype=torch.float32)
     torch.save({"model": {"w": w}, "model_config": {}, "step": 1}, path)
@@ -168,8 +168,8 @@ def test_a_damaged_reference_lm_or_score_file_is_refused(tiny, tmp_path):
     from data.record_types import DataError
     from data.records import read_records
     from data.scores import load_scores
-    from lib.cli import UserError
-    from lib.utils import text_fingerprint
+    from utils import UserError
+    from utils import text_fingerprint
     from model import load_lm
     tok = T.load_tokenizer(str(tiny["tokenizer"]))
     ref = tmp_path / "ref.pt"
@@ -185,7 +185,7 @@ def test_a_damaged_reference_lm_or_score_file_is_refused(tiny, tmp_path):
 
 
 def test_a_damaged_feature_cache_file_is_computed_again(tmp_path):
-    from data.features import encoder_features, feature_key
+    from scale.features import encoder_features, feature_key
     from test_features import images, small_encoder
     enc, x = small_encoder(), images()
     feats = encoder_features(enc, x, str(tmp_path)).clone()
@@ -200,7 +200,7 @@ def test_score_ids_moved_between_records_are_refused(tiny, tmp_path):
     from data.record_types import DataError
     from data.records import read_records
     from data.scores import load_scores
-    from lib.utils import text_fingerprint
+    from utils import text_fingerprint
     tok = T.load_tokenizer(str(tiny["tokenizer"]))
     data_fp = text_fingerprint(read_records(str(tiny["train"])))
     blob = torch.load(tiny["scores"], weights_only=True)
@@ -219,8 +219,8 @@ def test_score_ids_moved_between_records_are_refused(tiny, tmp_path):
 @pytest.mark.parametrize("failure", ["enospc", "torch"])
 def test_a_full_disk_while_saving_says_so_and_leaves_no_tmp(tmp_path, monkeypatch, failure):
     import errno
-    import lib.utils as U
-    from lib.cli import UserError
+    import utils as U
+    from utils import UserError
     path = str(tmp_path / "last.pt")
     U.atomic_save({"step": 1}, path)
     real = torch.save
@@ -241,8 +241,8 @@ def test_a_full_disk_while_saving_says_so_and_leaves_no_tmp(tmp_path, monkeypatc
 
 def test_resume_after_half_a_log_line(tiny, tmp_path):
     import train
-    from lib.checkpoint import trim_log
-    from lib.health import past_ntp
+    from train import trim_log
+    from utils import past_ntp
     run = tmp_path / "run"
     train.main(_train_cfg(tiny, run, steps=4, save_every=2, stop_at=2))
     with open(run / "log.jsonl", "ab") as f:

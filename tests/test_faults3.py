@@ -1,7 +1,7 @@
 """
 Issue 22, continued (tests/test_faults2.py has the first cases): nonsense flags refused in the config layer
-(lib/cli.py: ranges, --warmup vs --steps, heads vs width, finite alpha, the tokenizer's smallest vocabulary), one-line
-errors through lib.cli.run for every script (--debug for the traceback), and the training alarm's rule on
+(utils.py: ranges, --warmup vs --steps, heads vs width, finite alpha, the tokenizer's smallest vocabulary), one-line
+errors through utils.run for every script (--debug for the traceback), and the training alarm's rule on
 synthetic curves.
 
     .venv/bin/python -m pytest -q tests/test_faults3.py
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from lib.cli import UserError, parse_config
+from utils import UserError, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ NONSENSE = [
     ("data.tokenizer", "TokenizerConfig", ["--vocab-size", "5"], "--vocab-size 5: allowed values are an integer "
                                                                  ">= 263"),
     ("baselines.attention", "AttnConfig", ["--batch-size", "0"], "--batch-size 0: allowed values are an integer >= 1"),
-    ("data.shards", "ShardsConfig", ["--per-shard", "0"], "--per-shard 0: allowed values are an integer >= 1"),
+    ("scale.shards", "ShardsConfig", ["--per-shard", "0"], "--per-shard 0: allowed values are an integer >= 1"),
 ]
 
 
@@ -84,7 +84,7 @@ def test_a_users_mistake_is_one_line_and_exit_2_and_debug_shows_the_traceback(tm
 
 def test_every_script_enters_through_lib_cli_run():
     scripts = ["train.py", "eval.py", "score.py", "reference_lm.py", "tools/vision.py", "tools/caption.py",
-               "data/tokenizer.py", "baselines/attention.py", "experiments/main.py", "experiments/bench.py"]
+               "data/tokenizer.py", "baselines/attention.py", "experiments/main.py", "bench/bench.py"]
     for path in scripts:
         text = open(os.path.join(ROOT, path)).read()
         main_block = text[text.index('if __name__ == "__main__":'):]
@@ -93,7 +93,7 @@ def test_every_script_enters_through_lib_cli_run():
 
 def test_file_mistakes_are_user_errors(tmp_path):
     from data.record_types import DataError
-    from lib.utils import load_checkpoint
+    from utils import load_checkpoint
     assert issubclass(DataError, UserError)
     (tmp_path / "config.json").write_text('{"model_config": {}}')
     with pytest.raises(UserError, match=r"--init-from: .*config.json: cannot read it as a checkpoint \(not a file "
@@ -120,9 +120,9 @@ def curve(points, steps, wiggle=0.03):
 
 
 def alarm_step(ntp, warmup=10):
-    """The step at which train.py's alarm (lib.health.Alarm, as train.py drives it) fires, or None."""
+    """The step at which train.py's alarm (utils.Alarm, as train.py drives it) fires, or None."""
     import types
-    from lib.health import Alarm
+    from utils import Alarm
     alarm = Alarm(types.SimpleNamespace(loss="prior", warmup=warmup), "no-such-log.jsonl", 0, True)
     for step, value in enumerate(ntp):
         line = {"ntp": value}

@@ -13,8 +13,8 @@ from data.packing import Sample
 from model import VLM, Decoder, DecoderConfig, VLMConfig
 from baselines.heads import attach_heads
 from data.packing import global_batch
-from lib.distributed import check_bf16
-from lib.flops import attended_pairs, peak_flops, peak_for_name, step_flops
+from utils import check_bf16
+from train import attended_pairs, peak_flops, peak_for_name, step_flops
 
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
 
@@ -74,9 +74,10 @@ def tiny_data(model, n=16, text=0):
     rng = random.Random(0)
     samples = [Sample([rng.randrange(10, 64) for _ in range(rng.randint(3, 9))], index=i) for i in range(n)]
     for s in samples:
-        s.p_ref = [rng.random() for _ in range(len(s.caption_ids) + 1)]
+        s.inputs["p_ref"] = [rng.random() for _ in range(len(s.caption_ids) + 1)]
         s.tags = [rng.randrange(-1, 3) for _ in range(len(s.caption_ids) + 1)]
-    texts = [Sample([rng.randrange(10, 64) for _ in range(5)], p_ref=[0.5] * 6, tags=[-1] * 6) for _ in range(text)]
+    texts = [Sample([rng.randrange(10, 64) for _ in range(5)], {"p_ref": [0.5] * 6}, tags=[-1] * 6)
+             for _ in range(text)]
     images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8)
     return train.Data(samples, images, model.image_tokens(), texts)
 
@@ -119,7 +120,7 @@ def test_bad_inputs_are_still_refused():
 
 
 def test_profile_counts_gpu_time_once_and_knows_kernel_names():
-    from experiments import bench_parts as bench
+    from bench import parts as bench
     events = [  # (name, where, self time): operators on the host, kernels on the GPU
         ("aten::mm", "cpu", 50.0), ("aten::addmm", "cpu", 30.0), ("aten::_efficient_attention_forward", "cpu", 20.0),
         ("aten::mul", "cpu", 10.0),

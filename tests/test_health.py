@@ -1,4 +1,4 @@
-"""The own-data alarms (lib/health.py): a memorising reference LM, PRIOR unlearning the caption language, collapsed
+"""The own-data alarms (utils.py): a memorising reference LM, PRIOR unlearning the caption language, collapsed
 weights; on made-up numbers, plus one small end-to-end run of each script that raises them."""
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import eval as evaluation
-from lib import health
+import utils as health
 import reference_lm
 import score
 import train

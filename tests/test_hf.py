@@ -1,4 +1,4 @@
-"""lib/hf.py against transformers' LlamaForCausalLM (a test-only reference): tiny random Llama folders written by
+"""scale/hf.py against transformers' LlamaForCausalLM (a test-only reference): tiny random Llama folders written by
 save_pretrained, loaded by our loader, same logits, same greedy continuation, same tokens."""
 import json
 
@@ -9,9 +9,9 @@ from data import tokenizer as T
 
 transformers = pytest.importorskip("transformers")
 
-from lib import hf  # noqa: E402
+from scale import hf  # noqa: E402
 from model import generate  # noqa: E402
-from lib.build import build_model
+from model import build_model
 
 TEXT = ["a red circle by ann", "the blue square left of a green circle", "stock photo: a yellow square by bob"] * 5
 SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -187,7 +187,7 @@ def test_recipe_end_to_end_tiny(tmp_path, tiny):
     import reference_lm
     import score
     import train
-    from lib.utils import load_checkpoint
+    from utils import load_checkpoint
     make_llama(tmp_path / "llama")
     spec = f"hf:{tmp_path / 'llama'}"
     reference_lm.train_lm(reference_lm.RefConfig(data=str(tiny["ref"]), tokenizer=spec, init_decoder=spec,

@@ -1,4 +1,5 @@
-"""Tests for lib/importance.py: the importance analysis (mean w vs caption length and token position, Pearson r).
+"""Tests for experiments/importance.py: the importance analysis (mean w vs caption length and token position,
+Pearson r).
 
 Run: .venv/bin/python -m pytest tests/test_importance.py
 """
@@ -8,12 +9,12 @@ import statistics
 import pytest
 import torch
 
-from lib import importance as I
+from experiments import importance as I
 from data import tokenizer as T
 from data.records import read_records
 from data.scores import save_scores
 from test_eval import enc, world  # noqa: F401  (the tiny caption file and tokenizer of tests/test_eval.py)
-from lib.utils import text_fingerprint
+from utils import text_fingerprint
 
 
 def test_importance_pearson(world, tmp_path):

@@ -1,5 +1,5 @@
-"""Tests for instruction data (data/instruct.py, train.py --instruct): LLaVA's multi-turn conversations and
-data/qa.py's questions read with their bad entries counted, and loss masks that cover exactly the assistant
+"""Tests for instruction data (benchmarks/instruct.py, train.py --instruct): LLaVA's multi-turn conversations and
+benchmarks/qa.py's questions read with their bad entries counted, and loss masks that cover exactly the assistant
 turns (and <|eos|>) once packed (data/packing.py), whatever the row's truncation.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_instruct.py
@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from data import tokenizer as T
-from data.instruct import instruct_samples, read_instruct, split_text_only
+from benchmarks.instruct import read_instruct
+from data.packing import make_samples
 from data.packing import IGNORE, n_labels, pack
 from data.record_types import DataError
 
@@ -41,7 +42,7 @@ def test_llava_multi_turn_read(tmp_path):
                                "answer: The square is blue.")
     assert [t for _, t in recs[0].extra["pieces"]] == [False, True, False, True]
     assert recs[0].image == str(tmp_path / "coco" / "1.png") and recs[1].image is None  # a text-only entry
-    with_image, text_only = split_text_only(recs)
+    with_image, text_only = [r for r in recs if r.image], [r for r in recs if r.image is None]
     assert [r.id for r in with_image] == ["a"] and [r.id for r in text_only] == ["t"]
 
 
@@ -70,7 +71,7 @@ def test_bad_entries_counted(tmp_path, capsys):
 
 def test_masks_cover_exactly_the_assistant_turns(tmp_path, tok):
     recs = read_instruct(str(llava(tmp_path)))
-    samples = instruct_samples(tok, recs)
+    samples = make_samples(tok, recs)
     s = samples[0]
     assert s.caption_ids == T.encode_captions(tok, [recs[0].caption])[0]  # the pieces meet at spaces
     answers = [T.encode_captions(tok, [p])[0] for p, trained in recs[0].extra["pieces"] if trained]
@@ -83,11 +84,11 @@ def test_masks_cover_exactly_the_assistant_turns(tmp_path, tok):
     # the question pieces and the image get no loss: every label before the first answer is masked
     first = len(prefix) + len(T.encode_captions(tok, [recs[0].extra["pieces"][0][0]])[0])
     assert all(t == IGNORE for t in labels[:first]) and labels[first] == answers[0][0]
-    assert pack(instruct_samples(tok, recs[1:]), 64).labels[0].tolist().count(IGNORE) < 64  # text-only too
+    assert pack(make_samples(tok, recs[1:]), 64).labels[0].tolist().count(IGNORE) < 64  # text-only too
 
 
 def test_truncated_sample_keeps_its_mask(tmp_path, tok):
-    s = instruct_samples(tok, read_instruct(str(llava(tmp_path))))[0]
+    s = make_samples(tok, read_instruct(str(llava(tmp_path))))[0]
     n_q = s.loss_mask.index(1)
     batch = pack([s], n_q + 2, truncate=True)  # bos + question + 1 answer token: eos takes the last label
     labels = batch.labels[0].tolist()
@@ -104,7 +105,7 @@ def test_qa_jsonl_one_turn(tmp_path, tok):
     recs = read_instruct(str(tmp_path / "qa.jsonl"))
     assert [r.extra["pieces"] for r in recs] == [[("question: how many shapes are there? answer:", False),
                                                   ("three", True)]] * 2
-    s = instruct_samples(tok, recs)[0]
+    s = make_samples(tok, recs)[0]
     assert [t for t, m in zip(s.caption_ids + [T.EOS], s.loss_mask) if m] == \
         T.encode_captions(tok, ["three"])[0] + [T.EOS]
 
@@ -112,7 +113,7 @@ def test_qa_jsonl_one_turn(tmp_path, tok):
 def test_train_instruct_runs(tiny, tmp_path):
     """train.py --instruct on a LLaVA-format file: masked samples, text-only conversations as text rows."""
     import train
-    from lib.build import build_model
+    from model import build_model
     rows = [json.loads(line) for line in open(tiny["train"])][:8]
     items = [{"id": r["id"], "image": r["image"], "conversations": [
         {"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": r["caption"]},

@@ -154,7 +154,7 @@ def test_sampling_is_reproducible_and_stops_at_eos():
 # ----------------------------------------------------------------------------- timm encoders
 import timm  # noqa: E402
 
-from lib.encoders import TimmEncoder, load_vision_weights
+from model import TimmEncoder, load_vision_weights
 
 SMALL_VIT = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
 
@@ -216,7 +216,7 @@ def test_timm_weights_load_from_torch_save_and_safetensors(tmp_path):
 
 
 def test_rmsnorm_with_its_own_backward_equals_torch():
-    from lib.norm import RMSNorm, RMSNormFn
+    from model import RMSNorm, RMSNormFn
     torch.manual_seed(0)
     for eps in (None, 1e-5):
         ours, ref = RMSNorm(32, eps=eps), torch.nn.RMSNorm(32, eps=eps)

@@ -6,8 +6,8 @@ from model import Decoder, DecoderConfig
 
 
 def samples():
-    return [Sample([10, 11, 12], p_ref=[0.1, 0.2, 0.3, 0.9], tags=[0, 1, 2, -1], index=0),
-            Sample([20, 21], p_ref=[0.5, 0.6, 0.7], index=1),
+    return [Sample([10, 11, 12], {"p_ref": [0.1, 0.2, 0.3, 0.9]}, tags=[0, 1, 2, -1], index=0),
+            Sample([20, 21], {"p_ref": [0.5, 0.6, 0.7]}, index=1),
             Sample([30, 31, 32, 33, 34], index=2)]
 
 
@@ -20,14 +20,16 @@ def test_layout_labels_positions_docs():
     assert b.position_ids[0, :11].tolist() == list(range(6)) + list(range(5))
     assert b.doc_ids[0].tolist() == [0] * 6 + [1] * 5 + [2]
     assert b.labels[0, 11] == IGNORE and b.input_ids[0, 11] == T.PAD
-    assert b.p_ref[0, 2:6].tolist() == torch.tensor([0.1, 0.2, 0.3, 0.9]).tolist()
+    assert b.inputs["p_ref"][0, 2:6].tolist() == torch.tensor([0.1, 0.2, 0.3, 0.9]).tolist()
+    assert b.inputs["p_ref"][1].eq(0).all() and b.inputs["p_ref"][0, :2].eq(0).all()  # no input there: 0
     assert b.tags[0, 2:6].tolist() == [0, 1, 2, -1] and b.tags[0, 6:].eq(-1).all()
     assert b.indices == [0, 1, 2]
 
 
 def test_truncation_keeps_eos_label():
-    b = pack([Sample(list(range(10, 30)), p_ref=[0.5] * 21)], row_len=8, prefix=[T.IMAGE])
+    b = pack([Sample(list(range(10, 30)), {"p_ref": [0.5] * 20 + [0.25]})], row_len=8, prefix=[T.IMAGE])
     assert b.labels[0].tolist()[-1] == T.EOS and (b.labels[0] != IGNORE).sum() == 7
+    assert b.inputs["p_ref"][0, 1:].tolist() == [0.5] * 6 + [0.25]  # the inputs are cut like the labels
 
 
 def test_packed_equals_unpacked_forward():

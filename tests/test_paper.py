@@ -243,7 +243,7 @@ def test_same_run_reads_a_moved_artefacts_folder(mini_out, tmp_path):
     """A main-job run made when the artefacts folder lived elsewhere (copied, renamed) still counts as the same
     run: its recorded paths are read relative to the folder it was in. Another setting does not."""
     import train
-    from lib.cli import parse_config
+    from utils import parse_config
     args = paper.parse(["ablation", "--from", str(mini_out), "--out", str(tmp_path / "o"), "--quick"])
     s = Setup(args, "ablation")
     run = os.path.join(s.src, "runs", "web", "h", "ntp_moved_folder")

@@ -89,7 +89,7 @@ def test_evaluation_changes_no_training(run_args):
     import torch
 
     import train
-    from lib.cli import parse_config
+    from utils import parse_config
     root, args = run_args
     seen = []
     a = train.main(parse_config(train.TrainConfig, args("c")), on_checkpoint=lambda s, m: seen.append(

@@ -1,4 +1,4 @@
-"""data/qa.py (questions about the generator's scenes) and experiments/qa_eval.py's generated-answer scoring."""
+"""benchmarks/qa.py (questions about the generator's scenes) and benchmarks/qa_eval.py's generated-answer scoring."""
 import json
 import random
 import re
@@ -6,10 +6,10 @@ import re
 import pytest
 import torch
 
-from experiments import qa_eval as Q
+from benchmarks import qa_eval as Q
 from data import tokenizer as T
-from data import qa
-from data.benchmarks import read_mc
+from benchmarks import qa
+from benchmarks.load import read_mc
 from data.generate import GenConfig, generate, resolve
 from data.scenes import NUMS, sample_scene
 from data.scores import load_scores
@@ -116,7 +116,7 @@ def test_build_uses_only_the_given_split(synth):
 def test_answer_only_scores_mask_the_question(synth):
     from data.records import read_records
     from loss import caption_factors, prior_weights
-    from lib.utils import text_fingerprint
+    from utils import text_fingerprint
     root = synth
     path = qa.answer_only_scores(str(root / "qa" / "train.jsonl"), str(root / "tok.json"), str(root / "mask.pt"))
     tok = T.load_tokenizer(str(root / "tok.json"))
@@ -211,8 +211,8 @@ def test_generate_answers_batching_matches_one_by_one(synth):
 
 
 def test_cli_flags_from_the_config_dataclass(synth, tmp_path, capsys):
-    """python -m data.qa: flags from QAConfig (lib/cli.run); a user's mistake is one line and exit code 2."""
-    from lib.cli import run
+    """python -m benchmarks.qa: flags from QAConfig (utils.run); a user's mistake is one line and exit code 2."""
+    from utils import run
     out = tmp_path / "qa.jsonl"
     rows = run(qa.main, qa.QAConfig, ["--data", str(synth / "data" / "test.jsonl"), "--out", str(out),
                                       "--per-scene", "0", "--kinds", "count,presence", "--max-scenes", "5"])

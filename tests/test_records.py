@@ -235,7 +235,7 @@ def test_tar_shards_read_as_records(tmp_path):
 def _stream_ids(spec, world, workers, **kw):
     """Ids each (rank, worker) yields: a real DataLoader per simulated rank."""
     from torch.utils.data import DataLoader
-    from data.shards import ShardStream
+    from scale.shards import ShardStream
     seen = []
     for rank in range(world):
         ds = ShardStream(spec, image_size=4, rank=rank, world=world, **kw)
@@ -258,7 +258,7 @@ def test_stream_sees_every_sample_once_across_ranks_and_workers(tmp_path, capfd,
     seen = _stream_ids(tmp_path, world=2, workers=2, max_bad_fraction=0.5)
     assert sorted(seen) == sorted(expected)  # nothing lost, nothing twice
     assert "non-UTF-8 caption x 1" in capfd.readouterr().err  # counted by the one reader that owns it
-    from data.shards import ShardStream
+    from scale.shards import ShardStream
     ds = ShardStream(tmp_path, rank=0, world=1, shuffle=True, shuffle_buffer=4, max_bad_fraction=0.5)
     orders = []
     for epoch in range(2):
@@ -269,9 +269,9 @@ def test_stream_sees_every_sample_once_across_ranks_and_workers(tmp_path, capfd,
 
 
 def test_write_shards_round_trip(tmp_path):
-    """python -m data.shards turns any source into shards whose records (and so fingerprint) are the same."""
-    from data.shards import main as shards_main
-    from lib.utils import text_fingerprint
+    """python -m scale.shards turns any source into shards whose records (and so fingerprint) are the same."""
+    from scale.shards import main as shards_main
+    from utils import text_fingerprint
     png(tmp_path / "images" / "a.png", (1, 2, 3))
     png(tmp_path / "images" / "b.jpg", (200, 100, 50))
     rows = [{"image": "images/a.png", "caption": f"caption {i}", "tags": ["x", str(i)]} for i in range(5)]

@@ -1,5 +1,5 @@
 """The options for big models and shared runs (docs/scale.md, docs/llama.md): --grad-checkpoint, --vision-layer,
-frozen parts in bf16, --wandb, and the exported VLM folder (lib/export.py).
+frozen parts in bf16, --wandb, and the exported VLM folder (scale/export.py).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_scale.py
 """
@@ -10,9 +10,10 @@ import struct
 import pytest
 import torch
 
+import scale  # noqa: F401 (plug-ins: exported folders, hf:FOLDER)
 import train
-from lib.build import build_model, frozen_to_bf16, load_vlm
-from lib.encoders import TimmEncoder
+from model import build_model, frozen_to_bf16, load_vlm
+from model import TimmEncoder
 from model import Decoder, DecoderConfig, load_model
 from tests.test_train import config
 
@@ -182,7 +183,7 @@ def test_wandb_missing_is_one_line(tiny, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- exported folder
 def test_exported_folder_reloads_to_identical_logits(tiny, tmp_path):
     import eval as evaluation
-    from lib.export import export_vlm
+    from scale.export import export_vlm
     from safetensors.torch import load_file
     train.main(config(tiny, tmp_path / "run", loss="prior", steps=2, save_every=2))
     ckpt = str(tmp_path / "run" / "ckpt_000002.pt")
@@ -215,7 +216,7 @@ def test_reference_lm_two_gloo_processes_equal_one(tiny, tmp_path):
     import subprocess
     import sys
     from tests.test_train import ROOT
-    from lib.utils import load_checkpoint
+    from utils import load_checkpoint
     args = ["--data", str(tiny["ref"]), "--tokenizer", str(tiny["tokenizer"]), "--n-layer", "2", "--n-head", "2",
             "--d-model", "32", "--row-len", "64", "--batch-rows", "4", "--steps", "6", "--eval-every", "3",
             "--device", "cpu", "--grad-checkpoint"]

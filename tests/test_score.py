@@ -4,11 +4,13 @@ import pytest
 import torch
 
 import score
+import scale  # noqa: F401 (plug-ins: score.py --stream and under torchrun)
+from scale.score_shards import data_pass
 from data import tokenizer as T
 from data.records import read_records
 from data.record_types import DataError
 from model import load_lm
-from lib.utils import text_fingerprint
+from utils import text_fingerprint
 from data.scores import INDEX_FORMAT, _load_shard, load_scores
 
 
@@ -79,7 +81,7 @@ def _same_scores(a, b):
 
 
 def test_stream_fingerprint_is_text_fingerprint(tiny):
-    n, fp = score.data_pass(_cfg(tiny, "unused"))
+    n, fp = data_pass(_cfg(tiny, "unused"))
     assert (n, fp) == (48, _fps(tiny)[1])
 
 

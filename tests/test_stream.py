@@ -1,4 +1,4 @@
-"""train.py --stream (data/stream.py): images decoded per batch from image files or tar shards.
+"""train.py --stream (scale/stream.py): images decoded per batch from image files or tar shards.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_stream.py
 """
@@ -15,8 +15,8 @@ import torch
 import train
 from data.images import load_images
 from data.records import read_records
-from data.shards import write_shards
-from data.stream import StreamedImages
+from scale.shards import write_shards
+from scale.stream import StreamedImages
 from tests.test_train import ROOT, config, weights
 
 
@@ -64,7 +64,7 @@ def test_sigkill_mid_stream_then_resume_equals_an_uninterrupted_run(tiny, shards
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def command(out, *extra):
-        return [sys.executable, os.path.join(ROOT, "train.py"), *args, "--out-dir", str(out), *extra]
+        return [sys.executable, "-m", "scale", "train", *args, "--out-dir", str(out), *extra]
 
     done = subprocess.run(command(tmp_path / "straight"), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -100,7 +100,7 @@ def test_two_processes_stream_tar_shards_and_resume(tiny, shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for extra in (["--stop-at", "2"], ["--resume"]):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(ROOT, "train.py"), *args, *extra]
+               "-m", "scale", "train", *args, *extra]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     a, b = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")

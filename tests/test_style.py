@@ -13,16 +13,17 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAX_LINE = 120
 MAX_HELP = 100
 # Modules whose config dataclasses become command-line flags through cli.parse_config.
-CONFIG_MODULES = ["train", "eval", "score", "reference_lm", "experiments.experiment", "experiments.bench",
+CONFIG_MODULES = ["train", "eval", "score", "reference_lm", "experiments.experiment", "bench.bench",
                   "tools.vision", "baselines.attention", "tools.caption", "data.tokenizer", "data.generate",
-                  "experiments.paper", "experiments.report", "lib.hf", "data.shards", "data.qa"]
+                  "experiments.paper", "experiments.report", "scale.hf", "scale.shards", "benchmarks.qa"]
 # Scripts that build their flags with argparse directly.
 ARGPARSE_SCRIPTS = []
 
 
 def project_files():
     files = []
-    for folder in (ROOT, *(ROOT / d for d in ("data", "tests", "experiments", "baselines", "lib", "tools"))):
+    folders = ("data", "tests", "experiments", "baselines", "tools", "benchmarks", "scale", "bench")
+    for folder in (ROOT, *(ROOT / d for d in folders)):
         files += sorted(folder.glob("*.py"))
     return files
 
@@ -55,8 +56,8 @@ def test_config_help_texts_are_short():
     assert {"train.TrainConfig", "score.ScoreConfig", "reference_lm.RefConfig", "tools.vision.Config",
             "eval.EvalConfig", "experiments.experiment.ExperimentConfig", "data.generate.GenConfig",
             "experiments.paper.AblationConfig", "experiments.paper.ScalingConfig", "experiments.paper.BaselinesConfig",
-            "experiments.paper.InstructConfig", "experiments.report.ReportConfig", "lib.hf.HfConfig",
-            "data.shards.ShardsConfig"} <= names, names
+            "experiments.paper.InstructConfig", "experiments.report.ReportConfig", "scale.hf.HfConfig",
+            "scale.shards.ShardsConfig"} <= names, names
     long = []
     for cls in classes:
         for f in dataclasses.fields(cls):
@@ -93,18 +94,18 @@ def test_help_scan_finds_argparse_help_texts():
 
 
 def test_flags_come_from_config_dataclasses():
-    """One config style: lib/cli.py builds every script's ArgumentParser from its dataclass (ARGPARSE_SCRIPTS:
+    """One config style: utils.py builds every script's ArgumentParser from its dataclass (ARGPARSE_SCRIPTS:
     the scripts not yet converted)."""
     by_hand = [str(p.relative_to(ROOT)) for p in project_files()
                if p.parent.name != "tests" and "ArgumentParser(" in p.read_text(encoding="utf-8")]
-    assert set(by_hand) == {"lib/cli.py", *ARGPARSE_SCRIPTS}, by_hand
+    assert set(by_hand) == {"utils.py", *ARGPARSE_SCRIPTS}, by_hand
 
 
 def test_positional_and_keyword_named_fields():
-    """lib/cli: a positional() field is given by position (lib/hf.py's folder), and a field named with a trailing
+    """utils: a positional() field is given by position (scale/hf.py's folder), and a field named with a trailing
     underscore is the flag without it (experiments/paper.py's from_ is --from)."""
-    from lib.cli import parse_config
-    from lib.hf import HfConfig
+    from utils import parse_config
+    from scale.hf import HfConfig
     from experiments.paper import AblationConfig
     assert parse_config(HfConfig, ["some/folder", "--out", "o"]) == HfConfig(path="some/folder", out="o")
     assert parse_config(AblationConfig, ["--from", "x"]).from_ == "x"

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import train
-from lib.utils import atomic_save, load_checkpoint
+from utils import atomic_save, load_checkpoint
 from data.packing import global_batch, make_samples
 from model import load_model
-from lib.build import build_model
+from model import build_model
+import baselines  # noqa: F401 (registers rho1, cal and the objectives: the baseline tests below)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,7 +166,7 @@ def test_fsdp_two_processes_equal_one_and_checkpoints_load_anywhere(tiny, tmp_pa
 def test_timm_encoder_from_weights_file_trains_only_the_projector(tiny, tmp_path):
     import json
     import timm
-    from lib.encoders import TimmEncoder
+    from model import TimmEncoder
     kwargs = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
     torch.manual_seed(123)  # weights unlike the ones train.py's seeded build would make
     source = TimmEncoder("vit_tiny_patch16_224", kwargs).model.state_dict()
@@ -257,8 +258,8 @@ def test_init_from_a_run_with_heads(tiny, tmp_path):
 def test_projector_only_with_an_objective_trains_projector_and_heads(tiny, tmp_path):
     model = train.main(config(tiny, tmp_path, train="projector", objective="recon", steps=3))
     torch.manual_seed(0)
-    start = build_model(config(tiny, tmp_path, train="projector", objective="recon"),
-                              train.T.load_tokenizer(str(tiny["tokenizer"])))
+    cfg = config(tiny, tmp_path, train="projector", objective="recon")
+    start = build_model(cfg, train.T.load_tokenizer(str(tiny["tokenizer"])), train.method_hook(cfg))
     parts = {**model.parts(), "aux": model.aux}
     for name, part in parts.items():
         before = start.aux if name == "aux" else start.parts()[name]
@@ -283,7 +284,7 @@ def test_two_processes_with_cal_and_itm(tiny, tmp_path):
             "--row-len", "64", "--steps", "2", "--save-every", "2", "--device", "cpu", "--threads", "1",
             "--out-dir", str(tmp_path)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *args]
+           "-m", "baselines", "train", *args]  # train.py with the baselines' plug-ins
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -325,7 +326,7 @@ def test_logged_prior_loss_equals_a_hand_computation(tiny, tmp_path):
     records = read_records(cfg.data)
     p_ref = load_scores(cfg.scores, train.T.fingerprint(tok), train.text_fingerprint(records))
     records, images = load_images(records, model.cfg.image_size)
-    samples = make_samples(tok, records, p_ref)
+    samples = make_samples(tok, records, {"p_ref": p_ref})
     weighted = plain = tokens = 0.0
     with torch.no_grad():
         for i in global_batch(0, len(samples), cfg.batch_size, cfg.seed):
@@ -333,7 +334,7 @@ def test_logged_prior_loss_equals_a_hand_computation(tiny, tmp_path):
             logits = model(b.input_ids, normalize(images[[i]]), b.position_ids, b.doc_ids)
             valid = b.labels[0] != -100
             nll = -F.log_softmax(logits[0].double(), -1)[valid].gather(1, b.labels[0][valid][:, None])[:, 0]
-            w = 1 - torch.tensor(samples[i].p_ref, dtype=torch.float64)
+            w = 1 - torch.tensor(samples[i].inputs["p_ref"], dtype=torch.float64)
             k = len(nll)
             weighted += float((k * w / w.sum() * nll).sum())
             plain += float(nll.sum())
@@ -387,9 +388,9 @@ def test_oracle_weights_follow_the_tags():
     from types import SimpleNamespace
     from data.tags import CATEGORIES
     tags = torch.tensor([[CATEGORIES.index(c) for c in ("image", "glue", "boiler", "noise")] + [-1]])
-    batch = SimpleNamespace(tags=tags, p_ref=torch.zeros(1, 5), labels=torch.zeros(1, 5, dtype=torch.long))
+    batch = SimpleNamespace(tags=tags, inputs={}, labels=torch.zeros(1, 5, dtype=torch.long))
     cfg = train.TrainConfig(loss="oracle", oracle_low=0.25)
-    assert train.loss_weights(cfg, batch).tolist() == [[1.0, 1.0, 0.25, 0.25, 0.25]]
+    assert train.WEIGHTINGS["oracle"].weights(cfg, batch, None).tolist() == [[1.0, 1.0, 0.25, 0.25, 0.25]]
 
 
 def test_resume_refuses_changed_flags_and_keeps_the_record(tiny, tmp_path):

@@ -18,10 +18,10 @@ from data.records import read_records
 from data.images import load_images, normalize
 from data.record_types import DataError
 from model import VLMConfig
-from lib.encoders import build_vit
+from model import build_vit
 from data.tokenizer import train_tokenizer
-from lib.utils import load_checkpoint
-from lib.build import build_model
+from utils import load_checkpoint
+from model import build_model
 
 COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 230), "yellow": (240, 215, 40)}
 ROWS, COLS = ["top", "middle", "bottom"], ["left", "center", "right"]

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from data import tokenizer as T
-from lib.cli import UserError, flag, run
+from utils import UserError, autocast, check_fingerprint, flag, pick_device, run
 from data.images import load_image, normalize
 from model import generate
-from lib.utils import autocast, check_fingerprint, pick_device
 
 
 @dataclass
@@ -70,7 +69,7 @@ def caption(model, tok, image, prompt="", max_new_tokens=40, temperature=0.0, to
 
 
 def main(argv=None):
-    """The command line (argv) -> the caption; a user's mistake is one line `error: ...`, exit 2 (lib.cli.run)."""
+    """The command line (argv) -> the caption; a user's mistake is one line `error: ...`, exit 2 (utils.run)."""
     return run(caption_image, CaptionConfig, argv, description=__doc__)
 
 

@@ -41,15 +41,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lib.cli import flag, run
-from lib.flag_checks import VisionChecks
+from utils import (VisionChecks, atomic_save, autocast, flag, lr_at, make_optimizer, pick_device, run, seed_everything,
+                   text_fingerprint)
 from data.records import read_records
 from data.images import load_images, normalize
 from data.record_types import DataError
-from model import VLMConfig, count_params
-from lib.encoders import build_vit
-from lib.utils import make_optimizer
-from lib.utils import atomic_save, autocast, lr_at, pick_device, seed_everything, text_fingerprint
+from model import VLMConfig, build_vit, count_params
 
 GRID = 3                                  # the generator's scenes are 3x3 grids of cells
 ATTRS = ("shape", "colour", "size")       # one classifier per attribute, per cell

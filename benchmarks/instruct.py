@@ -1,19 +1,22 @@
-"""Instruction data for train.py --instruct: real multi-turn conversations, the loss on the assistant's turns only.
+"""Instruction data for train.py --instruct (plug-in "instruct"): real multi-turn conversations, the loss on the
+assistant's turns only.
 
-    python train.py --instruct --data llava_v1_5_mix665k.json::playground/data --init-from runs/x/ckpt_000300.pt \\
+    python -m benchmarks train --instruct --data llava_v1_5_mix665k.json::playground/data \
+        --init-from runs/x/ckpt_000300.pt \\
         --steps 20 --loss ntp --out-dir runs/x_it            # the paper's 20 steps of instruction tuning
-    python train.py --instruct --data out/paper/instruct/qa_train.jsonl ...   # data/qa.py's questions
+    python -m benchmarks train --instruct --data out/paper/instruct/qa_train.jsonl ...   # benchmarks/qa.py's questions
 
 Formats (picked by shape):
   .json   LLaVA's instruction list (llava_v1_5_mix665k.json): [{"id", "image" (optional: text-only entries have
           none), "conversations": [{"from": "human", "value": "<image>\\nWhat ...?"}, {"from": "gpt", "value":
           "..."}, ...]}], any number of turns, human first; "<image>" markers are dropped (the image always comes
           first, as in pre-training). "user"/"assistant" are read as human/gpt.
-  .jsonl  data/qa.py's questions: {"image", "prompt", "caption" = prompt + " " + answer} (or "target"): one turn.
+  .jsonl  benchmarks/qa.py's questions: {"image", "prompt", "caption" = prompt + " " + answer} (or "target"): one turn.
 
 A conversation becomes one text, "question: <human> answer: <gpt> question: <human> answer: <gpt>", the prompt
-format of data/qa.py and data/benchmarks.py, so a tuned model is asked the benchmarks' questions the way it was
-tuned. Its tokens are the pieces' tokens end to end, and Sample.loss_mask (data/packing.py) is 1 on every
+format of benchmarks/qa.py and benchmarks/load.py, so a tuned model is asked the benchmarks' questions the way it was
+tuned. Each record keeps its pieces in extra["pieces"]: data.packing.make_samples makes the Sample, whose tokens
+are the pieces' tokens end to end and whose loss_mask is 1 on every
 assistant piece and the closing <|eos|>, 0 on the rest: pack() gives the masked labels -100, so no loss and no
 logits there, with any --loss. With --loss ntp that is LLaVA's masked loss, the mean over the assistant tokens
 of the batch. Bad entries are skipped, counted by reason and limited by --max-bad-fraction, like every reader.
@@ -22,9 +25,9 @@ import json
 import os
 
 from data import tokenizer as T
-from data.packing import Sample, make_samples
 from data.record_types import BadRecord, DataError, Record, Tally
-from data.records import read_records, split_source
+from data.records import split_source
+from utils import register
 
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
@@ -83,6 +86,7 @@ def _entry(obj, key, folder, llava):
     return Record(str(rid) if rid is not None else key, " ".join(p for p, _ in pieces), image, extra)
 
 
+@register("instruct")
 def read_instruct(path, images_root=None, max_bad_fraction=0.01):
     """Records of an instruction file (module doc): caption = the whole text, extra["pieces"] = [(text, trained)],
     image None for text-only entries. "file.json::folder" reads image paths relative to folder."""
@@ -123,38 +127,3 @@ def read_instruct(path, images_root=None, max_bad_fraction=0.01):
     tally.good = len(good)
     tally.finish(max_bad_fraction)
     return good
-
-
-def instruct_samples(tok, records, p_ref=None, tags=None, weights=None, source=""):
-    """One Sample per record (data/packing.make_samples' signature): the pieces' tokens end to end and a
-    loss_mask per label, 1 on assistant pieces and <|eos|>. p_ref and weights ({record id: tensor}) must fit
-    those tokens (score.py tokenises the whole caption: the same tokens, as the pieces meet at spaces)."""
-    flat = [p for r in records for p, _ in r.extra["pieces"]]
-    ids = iter(T.encode_captions(tok, flat))
-    out = []
-    for i, r in enumerate(records):
-        caption, mask = [], []
-        for _, trained in r.extra["pieces"]:
-            piece = next(ids)
-            caption += piece
-            mask += [int(trained)] * len(piece)
-        s = Sample(caption, None if p_ref is None else p_ref[r.id].tolist(), None if tags is None else tags[i], i,
-                   None if weights is None else weights[r.id].tolist(), mask + [1])
-        for got in (s.p_ref, s.weights):
-            if got is not None and len(got) != len(caption) + 1:
-                raise ValueError(f"{source}: record {r.id} has {len(got)} scores for {len(caption) + 1} tokens")
-        out.append(s)
-    return out
-
-
-def read_train_data(path, instruct=False, max_bad_fraction=0.01):
-    """train.py's --data: (records with an image, text-only conversations, the function that makes their Samples)
-    of an instruction file with instruct=True, else (data/records.read_records(path), [], make_samples)."""
-    if not instruct:
-        return read_records(path, max_bad_fraction=max_bad_fraction), [], make_samples
-    return (*split_text_only(read_instruct(path, max_bad_fraction=max_bad_fraction)), instruct_samples)
-
-
-def split_text_only(records):
-    """(records with an image, text-only records): LLaVA's mix has both; train.py packs the second as text rows."""
-    return [r for r in records if r.image is not None], [r for r in records if r.image is None]

@@ -1,5 +1,5 @@
 """The benchmarks' official metrics, as pure functions of (records, predicted choice index per record), the
-records as data/benchmarks.py reads them (extra: "answer", "choices" and the keys a metric groups by).
+records as benchmarks/load.py reads them (extra: "answer", "choices" and the keys a metric groups by).
 Percentages are in %, as the benchmarks report them; every function returns {name: value}.
 
     pope_metrics     per split: acc, precision, recall, f1 (positive = "yes"), yes_ratio; "f1" etc. averaged
@@ -11,7 +11,7 @@ Percentages are in %, as the benchmarks report them; every function returns {nam
     rotations        the circular copies of each question, for files that have none (MMBench test/dev_en.tsv
                      as many users have it: each question once)
 
-    from data.bench_metrics import pope_metrics
+    from benchmarks.metrics import pope_metrics
     pope_metrics(records, preds)   # {"random_f1": 85.3, ..., "f1": 85.3}
 """
 from dataclasses import replace

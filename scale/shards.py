@@ -21,7 +21,7 @@ tar's end-of-archive marker (cut at a member boundary, or a corrupt header: what
 we say so), or one that is not a tar at all (counted as one bad sample: its samples cannot be counted).
 
 Usage:
-    from data.shards import ShardStream
+    from scale.shards import ShardStream
     ds = ShardStream("shards/{000000..000099}.tar", image_size=48, shuffle=True)   # rank/world from torchrun
     for epoch in range(3):
         ds.set_epoch(epoch)
@@ -29,7 +29,7 @@ Usage:
             batch["id"], batch["caption"], batch["image"]   # lists, and uint8 (32, 3, 48, 48)
 
 Writing shards from any readable caption source (e.g. to try the streaming path on a JSONL):
-    python -m data.shards --data data/synth/train.jsonl --out shards/train --per-shard 5000
+    python -m scale.shards --data data/synth/train.jsonl --out shards/train --per-shard 5000
     # -> shards/train/000000.tar, 000001.tar, ...: key.<image ext> + key.json {"caption", "id", other fields}
 
 Split: the shards (shuffled per epoch with a seed every rank shares) are dealt round-robin to the
@@ -46,8 +46,8 @@ import torch
 
 from data.images import decode_image_bytes
 from data.record_types import BadRecord, Tally
-from data.shard_reader import IMAGE_EXTS, expand_shards, tar_groups, tar_record
-from lib.cli import UserError, flag, run
+from scale.shard_reader import IMAGE_EXTS, expand_shards, tar_groups, tar_record
+from utils import UserError, flag, run
 
 
 def _rank_world():
@@ -212,7 +212,7 @@ class ShardsConfig:
 
 
 def write(cfg):
-    """`python -m data.shards`: read --data, write it as shards into --out."""
+    """`python -m scale.shards`: read --data, write it as shards into --out."""
     from data.records import read_records
     for name in ("data", "out"):
         if not getattr(cfg, name):

@@ -28,7 +28,7 @@ import uuid
 
 import torch
 
-from lib.utils import autocast, check_zip
+from utils import autocast, check_zip, register
 
 VERSION = "features-v1"
 
@@ -78,6 +78,7 @@ def _load(path, key, n):
     return None
 
 
+@register("feature_cache")
 def encoder_features(encoder, images, folder, device="cpu", log=None):
     """The encoder's features of `images` (uint8, N x 3 x S x S), from FOLDER/<key>.pt or computed and stored
     there. Returns a float32 CPU tensor (N, grid*grid, D), memory-mapped from the file."""

@@ -1,7 +1,7 @@
 """Question-answer pairs about the built-in scenes, for a short instruction-tuning stage and its evaluation.
 
-    python -m data.qa --data out/data_web/train.jsonl --out out/paper/instruct/qa_train.jsonl --per-scene 2
-    python -m data.qa --data out/data_web/test.jsonl --out out/paper/instruct/qa_test.jsonl --per-scene 0
+    python -m benchmarks.qa --data out/data_web/train.jsonl --out out/paper/instruct/qa_train.jsonl --per-scene 2
+    python -m benchmarks.qa --data out/data_web/test.jsonl --out out/paper/instruct/qa_test.jsonl --per-scene 0
 
 Every question is read off the generator's ground truth, the "scene" field of the given split's records
 (1-4 objects with shape, colour, size, grid row and column), never from another split: the tuning set comes
@@ -23,7 +23,7 @@ One output line per question, in both formats the project reads:
 train.py trains on "caption" (image, caption); eval.py --mc scores "choices" by likelihood after "prompt";
 qa_qa_eval.qa_generate compares the greedy continuation of "prompt" with the correct choice (exact match).
 
-`train.py --instruct --data <qa file>` trains on the answers only (data/instruct.py: a loss mask of its own,
+`train.py --instruct --data <qa file>` trains on the answers only (benchmarks/instruct.py: a loss mask of its own,
 Sample.loss_mask). The older route, `answer_only_scores`, writes a score file that train.py's --loss prior turns
 into a loss on the answer tokens only (see its docstring); experiments/paper_instruct.py still uses it.
 """
@@ -33,7 +33,7 @@ import random
 from dataclasses import dataclass
 
 from data.scenes import COLOURS, NUMS, SHAPES, pos_words, text_of
-from lib.cli import UserError, flag, run
+from utils import UserError, flag, run
 
 KINDS = ("count", "colour", "shape", "position", "presence")
 PROMPT = "question: {} answer:"
@@ -161,7 +161,7 @@ def answer_only_scores(qa_path, tokenizer_path, out):
     from data import tokenizer as T
     from data.records import read_records
     from data.scores import save_scores
-    from lib.utils import text_fingerprint
+    from utils import text_fingerprint
 
     tok = T.load_tokenizer(tokenizer_path)
     records = read_records(qa_path, require_image=False, check_files=False)
@@ -174,7 +174,7 @@ def answer_only_scores(qa_path, tokenizer_path, out):
         p_ref.append(torch.tensor([1.0] * len(p) + [0.0] * (len(c) - len(p) + 1)))
     fp = {"tokenizer": T.fingerprint(tok), "data": text_fingerprint(records), "data_path": os.path.abspath(qa_path),
           "reference": "answer-mask",
-          "reference_path": "data/qa.py answer_only_scores (p_ref 1 = question, 0 = answer)"}
+          "reference_path": "benchmarks/qa.py answer_only_scores (p_ref 1 = question, 0 = answer)"}
     save_scores(out, [r.id for r in records], p_ref, fp)
     return out
 

@@ -4,7 +4,7 @@ with the FLOP counts at the main job's gpu preset (d 512 x 8 layers). docs/gpu.m
 
     python -m data.generate --out /tmp/g/synth --n-train 3000 --n-ref 3000 --n-text 0 --n-label 0 --n-val 0 \\
         --n-test 0 --n-probe 0
-    python -m experiments.row_len /tmp/g/synth/train.jsonl /tmp/g/synth/ref.jsonl
+    python -m bench.row_len /tmp/g/synth/train.jsonl /tmp/g/synth/ref.jsonl
 """
 import statistics
 import sys
@@ -14,10 +14,10 @@ from data.packing import IGNORE, pack
 from data.records import read_records
 from model import VLM, DecoderConfig, VLMConfig
 from data.packing import global_batch, make_samples
-from lib.flops import attended_pairs, step_flops
+from train import attended_pairs, step_flops
 
 if len(sys.argv) != 3:
-    raise SystemExit("usage: python -m experiments.row_len TRAIN.jsonl REF.jsonl (captions to tokenize with)")
+    raise SystemExit("usage: python -m bench.row_len TRAIN.jsonl REF.jsonl (captions to tokenize with)")
 recs = read_records(sys.argv[1])
 ref = read_records(sys.argv[2], require_image=False, check_files=False)
 tok = T.train_tokenizer([r.caption for r in ref + recs], 2048)

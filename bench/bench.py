@@ -1,10 +1,10 @@
 """Benchmark: how fast training, scoring and data loading run on this machine, and how close the training
 step comes to the machine's own limit (in the spirit of nanoGPT's bench.py).
 
-    python -m experiments.bench                                        # train.py's default model (--preset small)
-    python -m experiments.bench --preset bench --json out/bench.json   # decoder width 384: docs/performance.md
-    python -m experiments.bench --preset tiny                          # a few seconds: the test
-    python -m experiments.bench --preset cpu --threads 2  # the main job's CPU preset: feature cache speedup
+    python -m bench.bench                                        # train.py's default model (--preset small)
+    python -m bench.bench --preset bench --json out/bench.json   # decoder width 384: docs/performance.md
+    python -m bench.bench --preset tiny                          # a few seconds: the test
+    python -m bench.bench --preset cpu --threads 2  # the main job's CPU preset: feature cache speedup
 
 Every number is the median over --steps repetitions after --warmup untimed ones:
   train step    train.train_step + gradient clip + AdamW, exactly what train.py runs per step, for NTP and
@@ -48,18 +48,16 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data import tokenizer as T  # noqa: E402
-from experiments import bench_parts  # noqa: E402
+from bench import parts as bench_parts  # noqa: E402
 import train  # noqa: E402
-from lib.cli import flag, run  # noqa: E402
-from lib.build import build_model  # noqa: E402
+from utils import flag, make_optimizer, pick_device, run
+from model import Decoder, DecoderConfig, build_model, count_params
 from data.images import load_images  # noqa: E402
 from data.packing import global_batch, make_samples, pack  # noqa: E402
 from data.record_types import Record  # noqa: E402
 from data.records import read_records  # noqa: E402
-from lib.flops import peak_flops, step_flops  # noqa: E402
-from model import Decoder, DecoderConfig, count_params  # noqa: E402
+from train import peak_flops, step_flops  # noqa: E402
 from score import label_probs  # noqa: E402
-from lib.utils import make_optimizer, pick_device  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,13 +187,13 @@ def parts_only(cfg):
         records, images = load_images(records, tcfg.image_size)
     samples = make_samples(tok, records)
     for s in samples:  # PRIOR's weights need scores; their values do not change the speed
-        s.p_ref = [0.5] * (len(s.caption_ids) + 1)
+        s.inputs["p_ref"] = [0.5] * (len(s.caption_ids) + 1)
     r = {"preset": cfg.preset, "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0]}
     r.update(bench_parts.h_recipe(tcfg, tok, samples, images, steps))
     r.update(bench_parts.eval_cost(tcfg, tok, r["h_step_s_cached"], **EVAL_ROWS.get(cfg.preset, {})))
     r.update(bench_parts.reference_stack(tok.get_vocab_size(), tcfg.d_model, tcfg.n_layer, tcfg.n_head, tcfg.row_len,
                                          reps=max(steps // 2, 3)))
-    print(f"python -m experiments.bench --parts-only --preset {cfg.preset} --threads {r['threads']} (1-min load "
+    print(f"python -m bench.bench --parts-only --preset {cfg.preset} --threads {r['threads']} (1-min load "
           f"average {r['load_avg_1m']:.2f} before)")
     for k, v in bench_parts.print_rows(r):
         print(f"  {k:<22}  {v}")
@@ -238,7 +236,7 @@ def main(cfg):
     r["score_tokens_per_s"] = positions / seconds
     del ref
     for s, p in zip(samples, p_ref):  # PRIOR's weights come from these scores, as in training
-        s.p_ref = p.tolist()
+        s.inputs["p_ref"] = p.tolist()
 
     # Training: one model, one optimizer; NTP and PRIOR take turns on the same step's batch.
     model = build_model(tcfg, tok).to(device)
@@ -353,7 +351,7 @@ def print_table(r, cfg):
         ("peak memory", f"{r['peak_memory_mb']:,.0f} MB"),
     ] + bench_parts.print_rows(r)
     width = max(len(k) for k, _ in rows)
-    print(f"\npython -m experiments.bench --preset {cfg.preset}" + (f" --arch {cfg.arch}" if cfg.arch != "h" else "") +
+    print(f"\npython -m bench.bench --preset {cfg.preset}" + (f" --arch {cfg.arch}" if cfg.arch != "h" else "") +
           (" --compile" if cfg.compile else ""))
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")

@@ -1,11 +1,13 @@
 """A Hugging Face Llama folder's tokenizer.json, relabelled so that the project's special tokens (tokenizer.SPECIALS)
-hold ids 0..6: what `--tokenizer hf:FOLDER` loads (tokenizer.load_tokenizer) and lib/hf.py's weights follow (its
+hold ids 0..6: what `--tokenizer hf:FOLDER` loads (tokenizer.load_tokenizer) and scale/hf.py's weights follow (its
 module docstring explains the relabelling)."""
 import json
 import os
 import re
 
 import torch
+
+from utils import register
 
 RESERVED = re.compile(r"<\|reserved_special_token_(\d+)\|>")
 
@@ -39,6 +41,7 @@ def _special_id(path, which, data, config):
     return i
 
 
+@register("hf_tokenizer")
 def convert_tokenizer(path, specials):
     """(tokenizers.Tokenizer with `specials` (tokenizer.SPECIALS) at ids 0.., perm, n_new): row i of the converted
     model is row perm[i] of the original one; perm[i] >= the original vocabulary size marks a new token (n_new of

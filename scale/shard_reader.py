@@ -1,6 +1,6 @@
 """
 Tar shards in webdataset layout read as Records: shard specs, member headers grouped into samples, one sample's
-Record. The layout, the specs and the bad-sample rules are in data/shards.py's doc, which streams and writes shards.
+Record. The layout, the specs and the bad-sample rules are in scale/shards.py's doc, which streams and writes shards.
 """
 import glob
 import json
@@ -9,16 +9,11 @@ import re
 import tarfile
 
 from data.record_types import BadRecord, DataError, Record, Tally
+from utils import register
 
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 RANGE = re.compile(r"^(.*)\{(\d+)\.\.(\d+)\}(.*)$")
-
-
-def is_shard_spec(path):
-    """True for what expand_shards reads: a .tar path, glob or range, or a folder."""
-    path = os.fspath(path)
-    return path.lower().endswith(".tar") or os.path.isdir(path)
 
 
 def expand_shards(spec):
@@ -148,6 +143,7 @@ def tar_record(path, key, members, f, require_image=True, want_image_bytes=False
                   image_span=span), data
 
 
+@register("shards")
 def iter_shard_records(spec, require_image=True, check_files=True, tally=None):
     """Records of every sample of every shard, in order (data/records.iter_records for .tar specs).
     check_files is accepted for symmetry: a member cut off by the end of the file is always caught. A broken shard

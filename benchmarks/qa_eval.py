@@ -1,13 +1,13 @@
-"""Generated-answer evaluation of multiple-choice files (the format of eval.py --mc; data/qa.py writes one):
+"""Generated-answer evaluation of multiple-choice files (the format of eval.py --mc; benchmarks/qa.py writes one):
 greedy answers compared with the correct choice by exact match. Used by paper.py's instruction-tuning experiment."""
 import os
 
 import torch
 
 from data import tokenizer as T
-from data.benchmarks import load_mc, report_skipped
+from benchmarks.load import load_mc, report_skipped
 from data.images import normalize
-from lib.utils import autocast
+from utils import autocast
 
 
 def normalise_answer(text):
@@ -50,7 +50,7 @@ def generate_answers(model, tok, prompts, images, device="cpu", max_new_tokens=8
 
 
 def qa_generate(model, tok, path, device="cpu", max_rows=None, seed=0, max_new_tokens=8, max_bad_fraction=0.05):
-    """Generated-answer evaluation of a multiple-choice file (the format of --mc; data/qa.py writes one): the
+    """Generated-answer evaluation of a multiple-choice file (the format of --mc; benchmarks/qa.py writes one): the
     model answers each prompt by greedy decoding, and is right when its answer equals the correct choice
     (exact_match). The same rows as the likelihood evaluation (same --max-rows subset and seed).
     Returns [{"id", "prompt", "target", "prediction", "correct"}] in file order; a question whose prompt

@@ -1,17 +1,17 @@
 """Scoring the paper's benchmarks (eval.py --bench) with the project's multiple-choice scorer, by likelihood:
 each choice's log p(choice | image, prompt), summed over its tokens (the official numbers) and per-token mean
 (`<name>_norm_<metric>`); the highest is the model's answer, a yes/no question a two-choice one. The metrics are
-data/bench_metrics.py's; the files are read by data/benchmarks.py. See docs/benchmarks.md.
+benchmarks/metrics.py's; the files are read by benchmarks/load.py. See docs/benchmarks.md.
 
-    python eval.py --ckpt runs/x/ckpt_000300.pt --bench pope:coco_pope_random.json::coco/val2014 \\
+    python -m benchmarks eval --ckpt runs/x/ckpt_000300.pt --bench pope:coco_pope_random.json::coco/val2014 \\
         --bench pope:coco_pope_popular.json::coco/val2014 --bench mme:MME_Benchmark_release_version \\
         --bench mmbench:MMBench_DEV_EN.tsv --bench mmstar:MMStar.tsv --bench seed:SEED-Bench.json::SEED-Bench-image
 
 With --bench-generate N each question is also answered by greedy decoding (KV cache) and matched like the
 benchmarks (match_answer): <bench>_gen_<metric>, and <bench>_gen_unmatched, the % of answers naming no choice.
 Results are named <bench>_<metric> (pope_random_f1, mme_perception, mmbench_circular, mmstar_acc, seed_acc, ...);
-POPE's splits are scored together, so pope_f1 is their mean. eval.py passes its own score_docs and image_embeds
-in (this module cannot import a script).
+POPE's splits are scored together, so pope_f1 is their mean. Registered as eval.py's plug-ins "bench" and
+"bench_table" (utils.register): the core never imports this folder.
 """
 import math
 import os
@@ -19,31 +19,15 @@ import os
 import torch
 
 from data import tokenizer as T
-from data.bench_metrics import bench_metrics, rotations
-from data.benchmarks import load_bench, mc_prompt, parse_bench, report_skipped
+from benchmarks.metrics import bench_metrics, rotations
+from benchmarks.load import load_bench, mc_prompt, parse_bench, report_skipped
+from eval import image_embeds, score_docs
+from utils import register
 
 # the few numbers of each benchmark the table shows (eval.json has them all)
 HEADLINE = {"pope": ("f1", "acc", "yes_ratio", "precision", "recall"), "mme": ("perception", "cognition"),
             "mmbench": ("circular", "vanilla"), "seed": ("acc",), "mmstar": ("acc",), "seed_tsv": ("acc",),
             "tsv": ("acc",)}
-
-
-def join_repeated(argv, name="--bench"):
-    """argv with every `--bench X` / `--bench=X` joined into one `--bench X,Y,...` (lib/cli keeps the last
-    value of a repeated flag; the specs are comma-separated after this)."""
-    values, rest, i = [], [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a == name and i + 1 < len(argv):
-            values.append(argv[i + 1])
-            i += 2
-            continue
-        if a.startswith(name + "="):
-            values.append(a[len(name) + 1:])
-        else:
-            rest.append(a)
-        i += 1
-    return rest + ([name, ",".join(values)] if values else [])
 
 
 def bench_names(specs):
@@ -70,7 +54,7 @@ def predictions(logps, normalise=False):
             for lp in logps]
 
 
-def score_spec(spec, model, tok, score_docs, image_embeds, device="cpu", max_rows=None, seed=0,
+def score_spec(spec, model, tok, device="cpu", max_rows=None, seed=0,
                max_bad_fraction=0.05, feature_cache="", **kw):
     """(records, per record the choices' log p tensors or None) of one --bench spec; MMBench files without
     circular copies get them here (bench_metrics.rotations)."""
@@ -94,7 +78,7 @@ def match_answer(text, choices):
     """The choice a generated answer names, as the benchmarks match it, or -1: yes/no questions read "no" when
     the answer has the word "no" or "not" and "yes" otherwise (POPE's and LLaVA's rule); other questions take a
     leading option letter ("B", "B.", "(B)", "B:"; capital), else the one choice whose text the answer contains."""
-    from experiments.qa_eval import normalise_answer
+    from benchmarks.qa_eval import normalise_answer
     words = normalise_answer(text).replace(",", " ").split()
     if choices == ["yes", "no"]:
         return 1 if {"no", "not"} & set(words) else 0
@@ -111,7 +95,7 @@ def generated_predictions(spec, records, model, tok, device="cpu", max_new_token
                           max_bad_fraction=0.05, **_):
     """Each record's greedy answer (KV-cached, experiments/qa_eval.generate_answers) matched to a choice index
     (match_answer; -1: none), None where the prompt leaves no room in the context."""
-    from experiments.qa_eval import generate_answers
+    from benchmarks.qa_eval import generate_answers
     loaded, images, index = load_bench(spec, model.cfg.image_size, max_rows, seed, max_bad_fraction)
     at = {r.id: i for r, i in zip(loaded, index)}
     which = torch.tensor([at[r.id.rsplit("@", 1)[0] if r.id not in at else r.id] for r in records], dtype=torch.long)
@@ -119,7 +103,8 @@ def generated_predictions(spec, records, model, tok, device="cpu", max_new_token
     return [None if a is None else match_answer(a, r.extra["choices"]) for a, r in zip(answers, records)]
 
 
-def bench_results(specs, model, tok, score_docs, image_embeds, device="cpu", generate=0, **kw):
+@register("bench")
+def bench_results(specs, model, tok, device="cpu", generate=0, **kw):
     """{<bench>_<metric>: value} of every --bench spec (kw: max_rows, seed, max_bad_fraction, feature_cache,
     row_len, batch_rows); questions longer than the model's context are counted as <bench>_skipped. generate=N:
     also answer by greedy decoding of up to N tokens, matched like the benchmarks (<bench>_gen_<metric>)."""
@@ -127,7 +112,7 @@ def bench_results(specs, model, tok, score_docs, image_embeds, device="cpu", gen
     for name, group in bench_names(specs).items():
         records, logps, gen = [], [], []
         for spec in group:
-            r, lp = score_spec(spec, model, tok, score_docs, image_embeds, device, **kw)
+            r, lp = score_spec(spec, model, tok, device, **kw)
             records += r
             logps += lp
             if generate:
@@ -150,6 +135,7 @@ def bench_results(specs, model, tok, score_docs, image_embeds, device="cpu", gen
     return out
 
 
+@register("bench_table")
 def bench_table(results, specs):
     """A small Markdown table of each benchmark's headline numbers from {benchmark: value} (summed / mean); POPE
     shows the mean over its splits when there are several, else its one split."""

@@ -2,7 +2,8 @@
 
     decoder, tok = load_hf_decoder("/models/Llama-3.2-3B")   # config.json, *.safetensors, tokenizer.json
     python train.py --tokenizer hf:/models/Llama-3.2-3B --init-decoder hf:/models/Llama-3.2-3B ...
-    python -m lib.hf /models/Llama-3.2-3B --tokenizer-out out/llama_tokenizer.json  # check a folder, keep its tokenizer
+    # check a folder, keep its tokenizer:
+    python -m scale.hf /models/Llama-3.2-3B --tokenizer-out out/llama_tokenizer.json
 
 The folder is read as written by `save_pretrained` of a LlamaForCausalLM: config.json, model.safetensors or
 shards listed in model.safetensors.index.json, tokenizer.json (and tokenizer_config.json for BOS/EOS). Nothing
@@ -22,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lib import hf_tokenizer
-from lib.cli import UserError, flag, positional, run
+from scale.hf_tokenizer import convert_tokenizer
+from utils import UserError, flag, positional, register, run
 from data import tokenizer as T
-from lib.hf_tokenizer import read_json
+from scale.hf_tokenizer import read_json
 from model import Decoder, DecoderConfig, rope_tables
 
 def decoder_config(path, max_seq_len=None):
@@ -65,7 +66,7 @@ def decoder_config(path, max_seq_len=None):
 
 def convert_tokenizer(path):
     """hf_tokenizer.convert_tokenizer with the project's special tokens: (tokenizer, perm, n_new)."""
-    return hf_tokenizer.convert_tokenizer(path, T.SPECIALS)
+    return convert_tokenizer(path, T.SPECIALS)
 
 
 def read_weights(path):
@@ -184,9 +185,10 @@ def export_hf(decoder, source, out):
 
 
 def export_checkpoint(ckpt_path, source, out):
-    """lib/hf.py --export: the decoder of a reference_lm.py or train.py checkpoint (started from `source`) -> `out`."""
+    """scale/hf.py --export: the decoder of a reference_lm.py or train.py checkpoint (started from `source`) ->
+    `out`."""
     from model import VLMConfig
-    from lib.utils import load_checkpoint
+    from utils import load_checkpoint
     if not out:
         raise UserError("--export needs --out, the folder to write")
     try:
@@ -204,13 +206,11 @@ def export_checkpoint(ckpt_path, source, out):
     print(f"wrote {out} (the decoder of {ckpt_path}, config and tokenizer from {source})")
 
 
+@register("hf_checkpoint")
 def base_checkpoint(spec, kind=None, flag=""):
-    """What --init-decoder names, as a reference_lm.py checkpoint dict (model, decoder_config, tokenizer
-    fingerprint): "hf:FOLDER" converts that folder (float32 weights); anything else is such a checkpoint file."""
+    """"hf:FOLDER" (what --init-decoder may name) as a reference_lm.py checkpoint dict (model, decoder_config,
+    tokenizer fingerprint), the folder's weights converted to float32: what utils.load_checkpoint gives for it."""
     from dataclasses import asdict
-    from lib.utils import load_checkpoint
-    if not spec.startswith("hf:"):
-        return load_checkpoint(spec, kind, flag)
     decoder, tok = load_hf_decoder(spec[3:])
     return {"model": decoder.state_dict(), "decoder_config": asdict(decoder.cfg), "tokenizer": T.fingerprint(tok)}
 
@@ -224,7 +224,7 @@ class HfConfig:
 
 
 def check_folder(cfg):
-    """`python -m lib.hf FOLDER`: load it, say what it holds, keep its converted tokenizer (or --export)."""
+    """`python -m scale.hf FOLDER`: load it, say what it holds, keep its converted tokenizer (or --export)."""
     if cfg.export:
         return export_checkpoint(cfg.export, cfg.path, cfg.out)
     try:

@@ -1,9 +1,9 @@
 """Readers of the paper's benchmarks as their authors distribute them (docs/benchmarks.md), used through
-data/benchmarks.py (read_bench, load_bench; eval.py --bench): POPE json-lines, MME folders (both layouts),
+benchmarks/load.py (read_bench, load_bench; eval.py --bench): POPE json-lines, MME folders (both layouts),
 VLMEvalKit TSVs (multiple choice with options A, B, ...; yes/no like VLMEvalKit's MME.tsv and POPE.tsv) and
 SEED-Bench's JSON, all as one Record shape.
 
-    from data.bench_formats import read_pope
+    from benchmarks.formats import read_pope
     records = read_pope("coco_pope_random.json", "coco/val2014")
 """
 import csv
@@ -16,7 +16,7 @@ from data.record_types import BadRecord, DataError, Record, Tally
 
 # ----------------------------------------------------------------------------- the paper's benchmarks as distributed
 # Every reader returns Records of one shape: caption = the prompt a choice continues ("question: ... answer:", as
-# data/qa.py writes its questions), image = the image file (None for a TSV row: its base64 bytes are in
+# benchmarks/qa.py writes its questions), image = the image file (None for a TSV row: its base64 bytes are in
 # extra["image_b64"]), extra = {"bench", "choices", "answer" (index), "question"} and the metric's keys ("split",
 # "subtask" + "image_key", "category" / "l2_category" / "group", "question_type").
 PROMPT = "question: {} answer:"

@@ -1,12 +1,12 @@
 """Export a trained VLM (a train.py checkpoint) as one self-contained folder, to share or archive it.
 
-    python -m lib.export --ckpt runs/h_prior/last.pt --out out/h_prior_vlm    # --tokenizer: default the run's own
+    python -m scale.export --ckpt runs/h_prior/last.pt --out out/h_prior_vlm    # --tokenizer: default the run's own
 
 The folder holds config.json (format "prior-vlm": the model config, the encoder's and projector's settings, the
 training flags, tokenizer and data fingerprints, step), model.safetensors (every VLM weight, in the checkpoint's
 dtypes; a tied output head stored once; no optimizer, no --objective heads) and tokenizer.json (the run's
 tokenizer, also when it was hf:FOLDER: converted, with the fingerprint the checkpoint records). It loads back
-wherever a checkpoint does: `train.py --init-from FOLDER`, `eval.py --ckpt FOLDER`, lib.build.load_vlm(FOLDER)
+wherever a checkpoint does: `train.py --init-from FOLDER`, `eval.py --ckpt FOLDER`, model.load_vlm(FOLDER)
 (tests/test_scale.py: identical logits). Nothing of it needs the run folder, the --vision-weights file or network.
 """
 import json
@@ -15,8 +15,28 @@ from dataclasses import dataclass
 
 from data import tokenizer as T
 from data.images import IMAGENET_MEAN, IMAGENET_STD
-from lib.build import FOLDER_FORMAT, read_vlm
-from lib.cli import UserError, flag, run
+from model import read_vlm
+from utils import UserError, flag, register, run
+
+FOLDER_FORMAT = "prior-vlm"  # config.json's "format" in a folder this script writes
+
+
+@register("vlm_folder")
+def read_folder(path, flag=""):
+    """An exported folder (config.json, model.safetensors, tokenizer.json) as a train.py checkpoint's dict, whose
+    config["tokenizer"] is the folder's tokenizer.json: what model.read_vlm gives for a folder."""
+    config_path = os.path.join(path, "config.json")
+    meta = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+    if meta.get("format") != FOLDER_FORMAT:
+        raise UserError(f"{flag + ': ' if flag else ''}{path} is a folder but not an exported VLM (no config.json "
+                        f"with format {FOLDER_FORMAT!r}; python -m scale.export writes one)")
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(path, "model.safetensors"))
+    for key, source in meta["tied"].items():  # safetensors stores a shared tensor once
+        state[key] = state[source]
+    return {"model": state, "model_config": meta["model_config"], "tokenizer": meta["tokenizer"], "data": meta["data"],
+            "step": meta["step"], "inputs": meta.get("inputs", {}),
+            "config": {**meta["train_config"], "tokenizer": os.path.join(path, "tokenizer.json")}}
 
 
 def settings(model_config):

@@ -1,11 +1,17 @@
 """Importance scores against caption length and token position (the paper's Fig. 8), no model needed:
-eval.py --importance SCORES [--importance-data CAPTIONS] [--png FIGURE]."""
+
+    python -m experiments.importance --scores out/scores_test.pt --data data/synth/test.jsonl \
+        --tokenizer out/tokenizer.json [--png FIGURE]
+"""
+import os
+from dataclasses import dataclass
+
 import torch
 
 from data import tokenizer as T
 from data.records import read_records
 from data.scores import load_scores
-from lib.utils import text_fingerprint
+from utils import flag, run, text_fingerprint
 
 
 def pearson(x, y):
@@ -54,3 +60,26 @@ def importance_analysis(scores_path, data_path=None, tokenizer_path="out/tokeniz
         fig.savefig(png_path, dpi=110)
         plt.close(fig)
     return report
+
+
+@dataclass
+class ImportanceConfig:
+    scores: str = flag("out/scores_test.pt", "score.py output to analyse")
+    data: str = flag("", "the caption file --scores was scored on ('' = the path recorded in it)")
+    tokenizer: str = flag("out/tokenizer.json", "tokenizer.json the scores were made with")
+    png: str = flag("", "figure ('' = beside the score file)")
+
+
+def main(cfg):
+    png = cfg.png or os.path.splitext(cfg.scores)[0] + "_importance.png"
+    rep = importance_analysis(cfg.scores, cfg.data or None, cfg.tokenizer, png)
+    print(f"{rep['captions']} captions, mean w {rep['mean_w']:.3f}, Pearson r(length, mean w) = "
+          f"{rep['pearson_r']:.3f}")
+    for b in rep["length_bins"]:
+        print(f"  length {b['min_len']:3d}-{b['max_len']:3d}: mean w {b['mean_w']:.3f} ({b['captions']} captions)")
+    print(f"figure: {png}")
+    return rep
+
+
+if __name__ == "__main__":
+    run(main, ImportanceConfig, description=__doc__)

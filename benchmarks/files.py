@@ -2,8 +2,10 @@
 end to end on every generated data set: the presence probes as POPE files, scene questions as a VLMEvalKit-style
 multiple-choice TSV (base64 PNGs; a second question about an image refers to the first one's row).
 
-    python -m data.generate --out data/synth ...        # calls write_bench_files(out): data/synth/bench/
-    python eval.py --ckpt runs/x/ckpt_000300.pt --bench pope:data/synth/bench/synth_pope_random.json::data/synth \\
+    python -m data.generate --out data/synth ...
+    python -m benchmarks.files --data data/synth         # write_bench_files: data/synth/bench/
+    python -m benchmarks eval --ckpt runs/x/ckpt_000300.pt \
+        --bench pope:data/synth/bench/synth_pope_random.json::data/synth \\
         --bench pope:data/synth/bench/synth_pope_popular.json::data/synth \\
         --bench pope:data/synth/bench/synth_pope_adversarial.json::data/synth \\
         --bench mmbench:data/synth/bench/synth_mcq.tsv
@@ -16,9 +18,11 @@ import csv
 import json
 import os
 import random
+from dataclasses import dataclass
 
-from data import qa
+from benchmarks import qa
 from data.scenes import SHAPES, plural
+from utils import UserError, flag, run
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 TSV_COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "E", "F", "G", "H", "answer", "category",
@@ -48,7 +52,8 @@ def presence_to_pope(probe_rows, image_prefix=""):
 
 
 def scene_mcq_rows(test_rows, data_dir, n=200, seed=0, kinds=("count", "colour", "shape")):
-    """VLMEvalKit-style MCQ rows (dicts of TSV_COLUMNS) from the test split's scenes: up to n questions of data/qa.py
+    """VLMEvalKit-style MCQ rows (dicts of TSV_COLUMNS) from the test split's scenes: up to n questions of
+    benchmarks/qa.py
     kinds with at most 8 options (A..H), two per scene; a scene's second question refers to its first's image."""
     rng = random.Random(f"{seed}/bench_mcq")
     meta_path = os.path.join(data_dir, "meta.json")
@@ -127,3 +132,21 @@ def bench_files_report(rows):
         lines.append(f"{arch}/{loss} seed {seed} step {step}: POPE F1 {fmt(f1)}, yes-ratio {fmt(yes)}; "
                      f"MCQ circular {fmt(v.get('mmbench_circular'))}, vanilla {fmt(v.get('mmbench_vanilla'))}")
     return lines
+
+
+@dataclass
+class FilesConfig:
+    data: str = flag("data/synth", "a folder data.generate wrote (probes/, test.jsonl); the files go into its bench/")
+    n_mcq: int = flag(200, "scene questions in synth_mcq.tsv", min=0)
+    seed: int = flag(0, "seed of the questions")
+
+
+def main(cfg):
+    if not os.path.isdir(cfg.data):
+        raise UserError(f"--data {cfg.data}: no such folder (python -m data.generate --out {cfg.data} makes one)")
+    for spec in write_bench_files(cfg.data, n_mcq=cfg.n_mcq, seed=cfg.seed):
+        print(f"--bench {spec}")
+
+
+if __name__ == "__main__":
+    run(main, FilesConfig, description=__doc__)

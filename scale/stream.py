@@ -20,9 +20,8 @@ from multiprocessing import Pool
 
 import torch
 
-from data.images import _to_tensor, _try_load, images_cached, load_images
-from lib.cli import UserError
-from lib.distributed import wait_until
+from data.images import _to_tensor, _try_load
+from utils import UserError, register
 
 
 class StreamedImages:
@@ -67,14 +66,10 @@ class StreamedImages:
         self.close()
 
 
-def open_images(cfg, records, size, master=True, world=1):
-    """(records kept, images) for train.py: StreamedImages with --stream, else load_images' decoded tensor (with
-    --image-cache, rank 0 decodes into the file and the other ranks wait for it)."""
-    if cfg.stream:
-        if cfg.image_cache or cfg.feature_cache:
-            raise UserError("--stream decodes per batch: --image-cache and --feature-cache decode every image up "
-                            "front; give one or the other")
-        return list(records), StreamedImages(records, size, cfg.workers)
-    if cfg.image_cache and world > 1 and not master:  # rank 0 decodes into the file, the others wait for it
-        wait_until(lambda: images_cached(records, size, cfg.image_cache))
-    return load_images(records, size, cfg.max_bad_fraction, cfg.workers, cfg.image_cache)
+@register("stream")
+def stream_images(cfg, records, size, master=True, world=1):
+    """(records, StreamedImages) for train.py --stream (train.open_images)."""
+    if cfg.image_cache or cfg.feature_cache:
+        raise UserError("--stream decodes per batch: --image-cache and --feature-cache decode every image up "
+                        "front; give one or the other")
+    return list(records), StreamedImages(records, size, cfg.workers)

@@ -2,7 +2,7 @@
 our decoder compares with a plain GPT-2-style block stack of the same size.
 
     h_recipe(...)       the paper's H-LVLM recipe (frozen ViT and decoder, --train projector): one step from
-                        pixels vs one from cached encoder features (data/features.py), paired, and the step
+                        pixels vs one from cached encoder features (scale/features.py), paired, and the step
                         split by kind of work (packing, encoder forward, projector + decoder forward/backward,
                         optimizer).
     eval_cost(...)      one checkpoint's evaluation (eval.evaluate_model on generated probes, as the main job's
@@ -17,7 +17,7 @@ ratio comes twice: by wall-clock time and by this process's CPU time (`*_cpu`), 
 other processes tracks the work done better (with --threads 1 it is not inflated by threads waiting on each
 other). On their own, without bench.py's other measurements (a few minutes less):
 
-    python -m experiments.bench --parts-only --preset cpu --threads 1 --pairs 512 --steps 20
+    python -m bench.bench --parts-only --preset cpu --threads 1 --pairs 512 --steps 20
 """
 import dataclasses
 import os
@@ -32,13 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
-from data.features import compute_features
+from scale.features import compute_features
 from data.packing import pack
 from data.images import normalize
-from model import Decoder, DecoderConfig, count_params
-from lib.utils import make_optimizer
+from model import Decoder, DecoderConfig, build_model, count_params
+from utils import make_optimizer
 from data.packing import global_batch
-from lib.build import build_model
 
 
 CPU = []  # per-call process CPU seconds of the last _clock calls (read by the callers just after)

@@ -25,35 +25,9 @@ from data.packing import count_overlong, make_samples
 from data.record_types import DataError, Tally
 from data.records import iter_records
 from data.scores import INDEX_FORMAT, ShardWriter, shard_path
-from lib.distributed import setup_distributed
-from lib.utils import atomic_save
-
-
-def processes(device):
-    """(rank, world, device, started) under torchrun, through lib.distributed.setup_distributed (gloo on CPU,
-    NCCL on a GPU: the group only gathers the shard summaries), or (0, 1, device, False) alone. started: this
-    call made the group, so the caller tears it down."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, device, False
-    if dist.is_initialized():  # a caller's own group: join it, leave it to the caller
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        return dist.get_rank(), dist.get_world_size(), device, False
-    rank, world, device = setup_distributed(device, bf16=False)  # scoring runs in float32
-    return rank, world, device, True
-
-
-def refuse_duplicate_ids(ids, path):
-    """Scores are keyed by record id: two records with one id cannot both be scored (train.py would refuse the
-    file later), so scoring refuses them first."""
-    seen, dup = set(), []
-    for i in ids:
-        if i in seen:
-            dup.append(i)
-        seen.add(i)
-    if dup:
-        raise DataError(f"{path}: {len(dup)} record ids appear more than once (first: {dup[0]!r}); every record "
-                        f"needs its own id (an \"id\" field, or leave it out to get file:line ids)")
+from score import (_relevance, _write_report, context_len, fingerprints_of, label_probs, overlong_note,
+                   refuse_duplicate_ids, warn_if_trained_on)
+from utils import atomic_save, register
 
 
 def data_pass(cfg):
@@ -152,8 +126,21 @@ def score_stream(cfg, tok, score, ctx, n_records, fingerprints, rank, world):
     return report, kept
 
 
-def overlong_note(n_long, n_labels, ctx, where):
-    """One line on stderr for captions longer than the reference LM's context (both modes print it)."""
-    if n_long:
-        print(f"{where}: {n_long} captions are longer than the reference LM's context of {ctx} positions; "
-              f"their {n_labels} labels past it got p_ref = 0 (weight 1, as in NTP)", file=sys.stderr)
+@register("score_sharded")
+def score_sharded(cfg, tok, model, ckpt, device, rank, world):
+    """--stream or torchrun: one shard per process and an index, written by scale/score_shards.py with this
+    file's label_probs; rank 0 reports on its first --report-captions captions."""
+    n_records, data_fp = data_pass(cfg)
+    if rank == 0:
+        warn_if_trained_on(cfg, ckpt, data_fp)
+
+    def score(samples):
+        return label_probs(model, samples, cfg.row_len, cfg.batch_rows, device, progress=False)
+    report, kept = score_stream(cfg, tok, score, context_len(model, cfg.row_len), n_records,
+                                fingerprints_of(cfg, tok, data_fp), rank, world)
+    if report is None:  # not rank 0
+        return None
+    report["ref_train_tokens_per_s"] = ckpt.get("train_tokens_per_s")
+    _relevance(report, tok, kept["records"], kept["samples"], kept["p_ref"])
+    _write_report(cfg, report, tok, kept["records"], kept["samples"], kept["p_ref"])
+    return report
