@@ -20,7 +20,7 @@ weights, this config, the decoder config, the tokenizer fingerprint and the trai
 Several processes (torchrun; DDP, or --fsdp to shard weights, gradients and AdamW state as train.py does): each
 takes its share of every step's rows, and the loss is the mean over the whole step's tokens, so N processes give
 the 1-process result up to float rounding. For an 8B Llama on 8 GPUs (docs/llama.md):
-    torchrun --standalone --nproc_per_node=8 reference_lm.py --fsdp --grad-checkpoint --init-decoder hf:FOLDER ...
+    torchrun --standalone --nproc_per_node=8 -m scale reference_lm --fsdp --grad-checkpoint --init-decoder hf:FOLDER ...
 
 Flags in detail: --data's formats are read by data/records.py. --wandb PROJECT logs the config and every
 validation entry of the history (utils.py).
@@ -40,7 +40,7 @@ from tqdm import tqdm
 from data import tokenizer as T
 from utils import (RefChecks, UserError, atomic_save, autocast, check_fingerprint, flag, full_weights, global_mean,
                    load_checkpoint, lr_at, make_optimizer, memorising, pick_device, run, seed_everything,
-                   setup_distributed, start_wandb, text_fingerprint, val_split_size, wrap)
+                   setup_distributed, plugin, text_fingerprint, val_split_size, wrap)
 from data.packing import make_samples, pack
 from data.records import read_records
 from loss import ntp_loss
@@ -155,8 +155,9 @@ def train_lm(cfg):
     n_params = sum(p.numel() for p in model.parameters())
     train_model, opt = wrap(model, make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay), cfg, world, device,
                             master)
-    run = start_wandb(cfg.wandb, {"config": asdict(cfg), "decoder_config": asdict(dcfg)}, os.path.dirname(
-        os.path.abspath(cfg.out)), os.path.basename(cfg.out)) if cfg.wandb and master else None
+    run = plugin("wandb", "--wandb")(cfg.wandb, {"config": asdict(cfg), "decoder_config": asdict(dcfg)},
+                                     os.path.dirname(os.path.abspath(cfg.out)), os.path.basename(cfg.out)) \
+        if cfg.wandb and master else None
     if master:
         print(f"LM: {n_params / 1e6:.2f}M params, {len(train)} train / {len(val)} val captions from {cfg.data}, "
               f"{world} process(es)")

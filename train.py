@@ -38,7 +38,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import tokenizer as T
-from data.images import images_cached, load_images, normalize
+from data.images import load_images, normalize
 from data.packing import IGNORE, cat, global_batch, make_samples, n_labels, pack, to_device, warn_overlong
 from data.records import read_records
 from data.scores import load_scores
@@ -101,7 +101,7 @@ class TrainConfig(TrainChecks):
     compile: bool = flag(False, "torch.compile the model")
     fsdp: bool = flag(False, "with several processes, shard weights, gradients and optimizer state (FSDP2)")
     threads: int = flag(0, "torch CPU threads (0 = torch's default)")
-    peak_tflops: float = flag(0.0, "the device's dense bf16 peak in TFLOP/s for MFU (0 = flops.PEAK_BF16 by name)")
+    peak_tflops: float = flag(0.0, "the device's dense bf16 peak in TFLOP/s for MFU (0 = scale/flops.py's by name)")
     grad_checkpoint: bool = flag(False, "recompute decoder blocks in backward: less activation memory, same numbers")
     vision_layer: int = flag(0, "--vision timm features: 0 = the final ones; -2 = the penultimate block's (LLaVA)")
     wandb: str = flag("", "also log the config and every log.jsonl line to this wandb project ('' = off)")
@@ -283,8 +283,8 @@ def open_images(cfg, records, size, master=True, world=1):
     the other ranks wait for it), or with --stream per batch (plug-in "stream": scale/stream.py)."""
     if cfg.stream:
         return plugin("stream", "--stream")(cfg, records, size, master, world)
-    if cfg.image_cache and world > 1 and not master:
-        wait_until(lambda: images_cached(records, size, cfg.image_cache))
+    if cfg.image_cache and world > 1 and not master:  # rank 0 decodes into the file (scale/image_cache.py)
+        wait_until(lambda: plugin("image_cache_ready", "--image-cache")(records, size, cfg.image_cache))
     return load_images(records, size, cfg.max_bad_fraction, cfg.workers, cfg.image_cache)
 
 
@@ -326,7 +326,10 @@ def load_data(cfg, tok, model, extra, device, master, world):
 
 
 def check_flags(cfg, world):
-    for name, wanted in (("stream", cfg.stream), ("feature_cache", cfg.feature_cache), ("instruct", cfg.instruct)):
+    if cfg.fsdp and world > 1:
+        plugin("fsdp", "--fsdp")
+    for name, wanted in (("stream", cfg.stream), ("feature_cache", cfg.feature_cache), ("instruct", cfg.instruct),
+                         ("image_cache", cfg.image_cache)):
         if wanted:  # a lab feature: its plug-in must be there before any work (utils.plugin names the way)
             plugin(name, "--" + name.replace("_", "-"))
     if cfg.batch_size % world:
@@ -336,20 +339,20 @@ def check_flags(cfg, world):
                         "recon (it reads the pixels)")
 
 
-def log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, peak):
-    """log.jsonl's line for a step: losses per caption token, speed, work (FLOPs the step needed) and NLL by tag."""
-    tokens, positions, real = stats["tokens"], stats["positions"], stats["positions"] - stats["padding"]
-    flops = step_flops(model, real, tokens, stats["images"], stats["attended"] / real)
+def log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, device):
+    """log.jsonl's line for a step: losses per caption token, speed and NLL by tag (and with scale/flops.py the
+    FLOPs the step needed, FLOP/s and MFU)."""
+    tokens, positions = stats["tokens"], stats["positions"]
     line = {"step": step + 1, "loss": stats["loss"] / tokens, "ntp": stats["ntp"] / tokens, "lr": lr,
-            "grad_norm": float(grad_norm), "tokens_per_s": positions / seconds, "flops_per_s": flops / seconds,
+            "grad_norm": float(grad_norm), "tokens_per_s": positions / seconds,
             "seconds": seconds, "pad_fraction": stats["padding"] / positions, "label_fraction": tokens / positions}
+    if "flops" in PLUGINS:
+        line.update(PLUGINS["flops"](cfg, model, stats, seconds, device))
     if cfg.objective != "none":  # mean auxiliary loss per sample; the objective is loss + aux_weight x aux
         line["aux"] = stats["aux"] / cfg.batch_size
     for i, name in enumerate(CATEGORIES):
         if nll_by_tag[1][i] > 0:
             line[f"nll_{name}"] = float(nll_by_tag[0][i] / nll_by_tag[1][i])
-    if peak:
-        line["mfu"] = line["flops_per_s"] / peak
     return line
 
 
@@ -379,9 +382,6 @@ def describe(cfg, model, data, meta, world, device):
     print(f"{cfg.arch}-LVLM, loss {cfg.loss}: {count_params(model) / 1e6:.2f}M params, "
           f"{count_params(model, True) / 1e6:.3f}M trainable; {len(data.samples)} pairs; "
           f"{world} process(es) on {device}")
-    if peak_flops(device, cfg.peak_tflops) is None and device.startswith("cuda"):
-        print(f"note: no bf16 peak known for {torch.cuda.get_device_name(device)!r}: no MFU in the log "
-              f"(pass --peak-tflops)", file=sys.stderr)
 
 
 def main(cfg, on_checkpoint=None):
@@ -397,7 +397,6 @@ def main(cfg, on_checkpoint=None):
     if master:
         describe(cfg, model, data, meta, world, device)
     train_model, opt = wrap(model, opt, cfg, world, device, master)
-    peak = peak_flops(device, cfg.peak_tflops)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     alarm, log = Alarm(cfg, log_path, step, master), RunLog(log_path, cfg.wandb, meta) if master else None
@@ -419,7 +418,7 @@ def main(cfg, on_checkpoint=None):
         seconds = time.perf_counter() - t0
         stats, nll_by_tag = reduce_stats(stats, nll_by_tag, world, device)
         if master:
-            line = log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, peak)
+            line = log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, device)
             alarm.watch(line, step)
             log.write(line)  # log.jsonl, and wandb with --wandb
             bar.set_postfix(loss=f"{line['loss']:.3f}", ntp=f"{line['ntp']:.3f}")
@@ -626,9 +625,8 @@ def restore(state, path, model, opt, cfg, meta, master=True):
         raise UserError(f"--resume: {path} holds another model than these flags build "
                          f"({state['model_config']} vs {asdict(model.cfg)})")
     model.load_state_dict(state["model"])
-    if state.get("optimizer_format") == "fqn":  # from an --fsdp run: keyed by parameter name
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    if state.get("optimizer_format") == "fqn":  # from an --fsdp run: keyed by parameter name (scale/fsdp.py)
+        plugin("fsdp_load_optimizer", f"--resume from an --fsdp run's {path}")(model, opt, state["optimizer"])
     else:
         opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -649,39 +647,7 @@ def save(out_dir, done, model_state, opt_state, meta, cfg, scheduled, sharded):
                  "rng": {"torch": torch.get_rng_state()}}, os.path.join(out_dir, "last.pt"))
 
 
-# ---- flops ---------------------------------------------------------------------------------------------------------
-# FLOPs of a training step, and the GPU's peak: what train.py logs as flops_per_s and MFU, and bench.py
-# compares with the machine's own matmul.
-
-
-def step_flops(model, positions, labelled, images, context):
-    """Training FLOPs (forward + backward) of the work a step needs, in the nanoGPT/PaLM accounting:
-    a weight multiplying a token's vector costs 2 FLOPs per weight forward and 4 backward (the input's and
-    the weight's gradient), 6 x params per token; attention (scores and mixing, 2 x 2 x d x context per
-    token and layer forward) adds 12 x n_layer x d_model x context per token, forward and backward.
-
-        decoder  (6 x non-embedding params + 12 x n_layer x d_model x context) x positions
-        head     6 x d_model x vocab x labelled    (logits only where a label is; the tied embedding is
-                                                    a lookup and costs nothing)
-        vision   (6 x (encoder + projector params) + 12 x depth x vit_dim x patches/image) x patches
-
-    positions: the non-padding positions of the step (padding is waste, so it does not count as work
-    done); labelled: the positions with a label; images: images encoded; context: keys per query, on average:
-    attended_pairs / positions for the attention each document needs (causal, inside the document; train.py
-    logs this), or the row width for what a dense masked kernel computes (bench.py reports both). Frozen weights
-    skip their weight gradient (4N, not 6N); like everyone we still count 6N, so numbers compare across recipes
-    and papers."""
-    d = model.decoder.cfg
-    head = d.vocab_size * d.d_model
-    flops = (6 * (count_params(model.decoder) - head) + 12 * d.n_layer * d.d_model * context) * positions
-    flops += 6 * head * labelled
-    patches = images * model.grid ** 2
-    if model.cfg.arch == "h":
-        vision = count_params(model.encoder) + count_params(model.projector)
-        flops += (6 * vision + 12 * model.cfg.vit_depth * model.cfg.vit_dim * model.grid ** 2) * patches
-    else:
-        flops += 6 * count_params(model.patch_embed) * patches
-    return flops
+# ---- the work a step did ----------------------------------------------------------------------------------------
 
 
 def attended_pairs(doc_ids, real):
@@ -691,44 +657,6 @@ def attended_pairs(doc_ids, real):
     docs = (doc_ids + torch.arange(R)[:, None] * (L + 1))[real]  # unique over the batch
     n = torch.bincount(docs - docs.min()) if docs.numel() else docs
     return int((n * (n + 1) // 2).sum())
-
-
-def flops_per_token(model, context):
-    """Training FLOPs of one labelled text token in a row `context` wide (see step_flops)."""
-    return step_flops(model, 1, 1, 0, context)
-
-
-# Dense (no sparsity) bf16 tensor-core peak per GPU, FLOP/s, from NVIDIA's data sheets (their sparse figure / 2).
-# Keys are whole words of torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"); the
-# longest key whose words all appear wins, so "H100 NVL" is not taken for an H100 SXM, nor "L40S" for an L40.
-PEAK_BF16 = {
-    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H800": 989e12, "H800 PCIe": 756e12,
-    "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12, "H20": 148e12,
-    "A100": 312e12, "A800": 312e12, "A30": 165e12, "A10": 125e12, "A40": 150e12,
-    "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-    "B200": 2250e12, "B100": 1750e12, "GB200": 2500e12,
-}
-
-
-def name_words(name):
-    return set(name.upper().replace("-", " ").replace("_", " ").split())
-
-
-def peak_for_name(name):
-    """Dense bf16 peak (FLOP/s) of a GPU by its device name (PEAK_BF16), None if the name is not known."""
-    words = name_words(name)
-    known = [key for key in PEAK_BF16 if name_words(key) <= words]
-    return PEAK_BF16[max(known, key=lambda k: len(name_words(k)))] if known else None
-
-
-def peak_flops(device, peak_tflops=0.0):
-    """The GPU's dense bf16 peak (FLOP/s): peak_tflops (--peak-tflops) if given, else from PEAK_BF16 by device
-    name; None on a CPU or for an unknown GPU (MFU is then not reported: pass --peak-tflops)."""
-    if peak_tflops:
-        return peak_tflops * 1e12
-    if not str(device).startswith("cuda"):
-        return None
-    return peak_for_name(torch.cuda.get_device_name(device))
 
 
 def count_work(counts, batch, keep, n_images):

@@ -33,7 +33,6 @@ import shutil
 import zipfile
 import time
 import json
-import secrets
 
 import torch
 import torch.distributed as dist
@@ -416,7 +415,7 @@ def make_optimizer(params, lr, weight_decay):
 # Several processes (torchrun): set-up, DDP or FSDP2 wrapping, and unsharded state for checkpoints.
 #
 # One process needs none of it: setup_distributed returns rank 0 of 1 and train.py (and reference_lm.py) trains the
-# bare model. wrap and shard take a VLM (its .decoder's blocks are the sharding units) or a bare Decoder (its blocks).
+# bare model. Sharding (--fsdp) is scale/fsdp.py's.
 
 
 def check_bf16(device):
@@ -450,40 +449,12 @@ def unwrap(module):
     return module
 
 
-def shard(model, opt, cfg, device):
-    """FSDP2: fully_shard each decoder block, then the root (encoder, projector, embeddings, final norm: one
-    unit). Each process keeps 1/world of every weight, gradient and optimizer moment; a block's full weights
-    are gathered just for its forward and backward. Weights stay fp32 in the all-gathers (no
-    MixedPrecisionPolicy): under autocast the matmuls run in bf16 anyway, while norms, embeddings and the
-    residual stream keep fp32. fully_shard swaps the parameters for sharded ones, so the optimizer is made
-    again over them, carrying over the state `opt` holds when resuming (by parameter name)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    full = StateDictOptions(full_state_dict=True)
-    state = get_optimizer_state_dict(model, opt, options=full) if opt.state else None
-    # An explicit mesh: fully_shard's default is a CUDA mesh whenever CUDA exists, even for --device cpu.
-    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (dist.get_world_size(),))
-    for block in getattr(model, "decoder", model).blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
-    if state is not None:
-        set_optimizer_state_dict(model, opt, state, options=full)
-    return opt
-
-
 def full_state(model, opt, sharded):
-    """Weights and optimizer state as one unsharded process holds them. Sharded (FSDP): a collective that every
-    rank must join, gathering full tensors onto rank 0's CPU (the others get empty dicts), so a checkpoint
-    of a sharded run loads anywhere (load_model, eval.py, a run without --fsdp); the optimizer state is then
-    keyed by parameter name, which --resume reads with or without --fsdp."""
-    if not sharded:
-        return model.state_dict(), opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    gather = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=gather), get_optimizer_state_dict(model, opt, options=gather)
+    """Weights and optimizer state as one unsharded process holds them (sharded: scale/fsdp.py gathers them onto
+    rank 0, a collective every rank joins), so a checkpoint of a sharded run loads anywhere."""
+    if sharded:
+        return PLUGINS["fsdp_full_state"](model, opt)
+    return model.state_dict(), opt.state_dict()
 
 
 def wait_until(ready, poll=1.0):
@@ -498,8 +469,8 @@ def wrap(model, opt, cfg, world, device, master):
     train_model = model
     if cfg.fsdp and world == 1 and master:
         print("--fsdp: one process, nothing to shard; training unsharded")
-    if cfg.fsdp and world > 1:
-        opt = shard(model, opt, cfg, device)
+    if cfg.fsdp and world > 1:  # FSDP2: scale/fsdp.py
+        opt = plugin("fsdp", "--fsdp")(model, opt, cfg, device)
     elif world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.startswith("cuda") else None)
@@ -529,11 +500,10 @@ def global_mean(x, world):
 
 
 def full_weights(model, sharded):
-    """The model's weights as CPU copies that outlive training: gathered onto rank 0 when sharded (a collective
-    every rank joins; the others get {}), else a clone of the state dict."""
+    """The model's weights as CPU copies that outlive training (sharded: gathered onto rank 0 by scale/fsdp.py, a
+    collective every rank joins; the others get {})."""
     if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return PLUGINS["fsdp_full_weights"](model)
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
@@ -665,45 +635,18 @@ class Alarm:
                   + (f"\n{self.message}" if self.message else ""), file=sys.stderr if self.message else sys.stdout)
 
 
-# ---- tracking ------------------------------------------------------------------------------------------------------
-# A run's log: log.jsonl (one JSON line per step, always) and, with --wandb PROJECT, the same lines and the run's
-# config in Weights & Biases (nanoGPT's convention), for train.py and reference_lm.py.
-#
-#     python train.py ... --wandb prior-runs                      # needs: pip install -r requirements-wandb.txt
-#     WANDB_MODE=offline python train.py ... --wandb prior-runs   # no network: the run stays in OUT_DIR/wandb/
-#     wandb sync runs/h_prior/wandb/offline-run-*                 # later, from a machine with network
-#
-# wandb is optional: it is imported only when --wandb is given, and a missing package is one line saying what to
-# install. Every key of every log line goes to wandb.log at that line's "step" (the same numbers as log.jsonl), and
-# the config dict (train.py: config.json's; reference_lm.py: its flags and decoder config) to wandb.init. The wandb
-# run's id is kept in OUT_DIR/wandb_id, so a --resume'd run continues the same wandb run; wandb drops steps it has
-# already seen (the lines after the resumed checkpoint, which log.jsonl trims and writes again).
-
-
-def start_wandb(project, config, out_dir, name=None, id_path=None):
-    """A wandb run for `project` logging into out_dir/wandb (WANDB_MODE=offline: no network needed). id_path: a
-    file keeping the run's id, so a resumed run continues it (None: a new run each time)."""
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb needs the wandb package: pip install -r requirements-wandb.txt") from None
-    run_id = open(id_path).read().strip() if id_path and os.path.exists(id_path) else secrets.token_hex(4)
-    if id_path:
-        with open(id_path, "w") as f:
-            f.write(run_id)
-    return wandb.init(project=project, config=config, dir=out_dir, id=run_id, resume="allow",
-                      name=name or os.path.basename(os.path.normpath(out_dir)))
+# ---- the run's log ---------------------------------------------------------------------------------------------------
 
 
 class RunLog:
-    """log.jsonl opened for appending, and the wandb run when `project` is set. write(line) writes one JSON line
-    (flushed, so a killed run keeps its lines) and logs the same dict to wandb."""
+    """log.jsonl opened for appending, and, with --wandb PROJECT, a Weights & Biases run (scale/wandb_log.py).
+    write(line) writes one JSON line (flushed, so a killed run keeps its lines) and logs the same dict to wandb."""
 
     def __init__(self, path, project="", config=None, out_dir=None):
         self.file = open(path, "a")
         out_dir = out_dir or os.path.dirname(path) or "."
-        self.run = start_wandb(project, config or {}, out_dir, id_path=os.path.join(out_dir, "wandb_id")) if project \
-            else None
+        self.run = plugin("wandb", "--wandb")(project, config or {}, out_dir, id_path=os.path.join(out_dir, "wandb_id")) \
+            if project else None
 
     def write(self, line):
         self.file.write(json.dumps(line) + "\n")

@@ -56,7 +56,7 @@ from data.images import load_images  # noqa: E402
 from data.packing import global_batch, make_samples, pack  # noqa: E402
 from data.record_types import Record  # noqa: E402
 from data.records import read_records  # noqa: E402
-from train import peak_flops, step_flops  # noqa: E402
+from scale.flops import peak_flops, step_flops  # noqa: E402
 from score import label_probs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

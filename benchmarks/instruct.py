@@ -9,17 +9,25 @@ assistant's turns only.
 Formats (picked by shape):
   .json   LLaVA's instruction list (llava_v1_5_mix665k.json): [{"id", "image" (optional: text-only entries have
           none), "conversations": [{"from": "human", "value": "<image>\\nWhat ...?"}, {"from": "gpt", "value":
-          "..."}, ...]}], any number of turns, human first; "<image>" markers are dropped (the image always comes
-          first, as in pre-training). "user"/"assistant" are read as human/gpt.
+          "..."}, ...]}], any number of turns, alternating human, gpt; "user"/"assistant" are read as human/gpt.
+          Read as LLaVA's own preprocessing reads it: a first turn from gpt is dropped (the rest of the entry is
+          kept), "<image>" markers are removed (the image always comes first, as in pre-training) and each turn
+          stripped, so a leading "<image>\\n" goes with its newline; newlines inside a turn stay (lists, code).
   .jsonl  benchmarks/qa.py's questions: {"image", "prompt", "caption" = prompt + " " + answer} (or "target"): one turn.
 
-A conversation becomes one text, "question: <human> answer: <gpt> question: <human> answer: <gpt>", the prompt
-format of benchmarks/qa.py and benchmarks/load.py, so a tuned model is asked the benchmarks' questions the way it was
-tuned. Each record keeps its pieces in extra["pieces"]: data.packing.make_samples makes the Sample, whose tokens
-are the pieces' tokens end to end and whose loss_mask is 1 on every
-assistant piece and the closing <|eos|>, 0 on the rest: pack() gives the masked labels -100, so no loss and no
-logits there, with any --loss. With --loss ntp that is LLaVA's masked loss, the mean over the assistant tokens
-of the batch. Bad entries are skipped, counted by reason and limited by --max-bad-fraction, like every reader.
+A conversation becomes one text, "question: <human> answer: <gpt> <|eos|> question: <human> answer: <gpt>", the
+prompt format of benchmarks/qa.py and benchmarks/load.py, so a tuned model is asked the benchmarks' questions the way
+it was tuned. Every answer but the last is followed by the tokenizer's <|eos|> token (piece [T.EOS], token ids, not
+text: the text "<|eos|>" is never the special token), trained, as LLaVA trains the separator after each of its
+answers: a multi-turn model learns to stop after an inner answer too. The last answer is closed by the sample's own
+<|eos|> label, so a one-turn conversation is exactly the one-turn sample it always was. Each record keeps its
+pieces in extra["pieces"]: data.packing.make_samples makes the Sample, whose tokens are the pieces' tokens end to
+end and whose loss_mask is 1 on every assistant piece, its <|eos|> and the closing <|eos|>, 0 on the rest: pack()
+gives the masked labels -100, so no loss and no logits there, with any --loss. With --loss ntp that is LLaVA's
+masked loss, the mean over the assistant tokens of the batch. A conversation cut by --row-len keeps its closing
+<|eos|> trained only after an answer token (data.packing.pack); one cut before its first answer trains nothing and
+is counted at start-up (data.packing.warn_unanswered). Bad entries are skipped, counted by reason and limited by
+--max-bad-fraction, like every reader.
 """
 import json
 import os
@@ -32,28 +40,47 @@ from utils import register
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 
+def turn_text(value):
+    """A turn's text as LLaVA's preprocessing leaves it: "<image>" markers removed, the ends stripped (a leading
+    "<image>\\n" leaves no newline behind), every other newline and space kept."""
+    return value.replace("<image>", "").strip()
+
+
 def turn_pieces(turns):
-    """[(text, trained)] of a conversation: "question: <human> answer:" (not trained), "<gpt>" (trained)."""
+    """[(text or token ids, trained)] of a conversation: "question: <human> answer:" (not trained), "<gpt>"
+    (trained), and [T.EOS] (trained) after every answer but the last (module doc)."""
     if not isinstance(turns, list) or not turns:
         raise BadRecord("no conversations list")
-    pieces = []
-    for j, t in enumerate(turns):
+    roles = []
+    for t in turns:
         if not isinstance(t, dict) or not isinstance(t.get("value"), str):
             raise BadRecord("turn not {from, value}")
         role = ROLES.get(t.get("from"))
         if role is None:
             raise BadRecord("unknown role", repr(t.get("from")))
+        roles.append(role)
+    if roles[0] == "gpt":  # LLaVA skips a first turn that is not the human's: an answer to no question
+        turns, roles = turns[1:], roles[1:]
+    pieces = []
+    for j, (t, role) in enumerate(zip(turns, roles)):
         if role != ("human" if j % 2 == 0 else "gpt"):
             raise BadRecord("turns do not alternate human, gpt")
-        text = " ".join(t["value"].replace("<image>", " ").split())  # newlines and markers: one space
+        text = turn_text(t["value"])
         if not text:
             raise BadRecord("empty turn")
+        if role == "gpt" and pieces and pieces[-1][1]:
+            pieces.append(([T.EOS], True))  # the end of the previous answer, trained like the answer
         pieces.append((f"question: {text} answer:", False) if role == "human" else (text, True))
-    if not pieces[-1][1]:
+    if pieces and not pieces[-1][1]:
         pieces.pop()  # a closing question without an answer trains nothing
     if not any(trained for _, trained in pieces):
         raise BadRecord("no gpt turn")
     return pieces
+
+
+def piece_text(piece):
+    """A piece as text, for the record's caption: token ids by their special tokens' names."""
+    return piece if isinstance(piece, str) else "".join(T.SPECIALS[i] for i in piece)
 
 
 def _entry(obj, key, folder, llava):
@@ -83,12 +110,14 @@ def _entry(obj, key, folder, llava):
     extra = {k: v for k, v in obj.items() if k not in ("id", "image", "conversations", "caption")}
     extra["pieces"] = pieces
     rid = obj.get("id")
-    return Record(str(rid) if rid is not None else key, " ".join(p for p, _ in pieces), image, extra)
+    return Record(str(rid) if rid is not None else key, " ".join(piece_text(p) for p, _ in pieces), image,
+                  extra)
 
 
 @register("instruct")
 def read_instruct(path, images_root=None, max_bad_fraction=0.01):
-    """Records of an instruction file (module doc): caption = the whole text, extra["pieces"] = [(text, trained)],
+    """Records of an instruction file (module doc): caption = the whole text, extra["pieces"] = [(text, trained)]
+    (a piece of token ids in place of text for the <|eos|> after an inner answer),
     image None for text-only entries. "file.json::folder" reads image paths relative to folder."""
     path, images_root = split_source(path, images_root)
     folder = images_root or os.path.dirname(os.path.abspath(path))

@@ -1,6 +1,6 @@
 """
 Image decoding for the Records of data/records.py: an image file (or a tar member inside a shard) into a uint8
-(3, size, size) RGB tensor, a whole record list at once (in memory, or in a cache file the tensor maps), and the
+(3, size, size) RGB tensor, a whole record list at once (in memory; in a file with scale/image_cache.py), and the
 ImageNet normalisation the models see. Images that cannot be decoded are skipped and reported like bad records.
 
 Usage:
@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.record_types import DataError, report_bad
+from utils import plugin
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,11 +110,8 @@ def _decode_all(jobs, workers):
 def load_images(records, size, max_bad_fraction=0.01, workers=0, cache=""):
     """Decode every record's image once into uint8 (N, 3, size, size); drop (and report) undecodable ones.
 
-    Returns (kept_records, images) in the input order, images[i] belonging to kept_records[i].
-    With `cache` (a file path) the decoded images go to that file instead of memory, and the returned tensor
-    maps it (torch.from_file): the OS pages in the images a batch touches, so memory stays flat however many
-    images there are (LLaVA-558K at 224 px is 84 GB of pixels). A later call with the same records, size and
-    image files (paths, byte sizes, modification times) maps the file again without decoding anything.
+    Returns (kept_records, images) in the input order, images[i] belonging to kept_records[i]. With `cache` (a
+    file path: --image-cache) the images go to a file the tensor maps instead (scale/image_cache.py).
     """
     records = list(records)
     n = len(records)
@@ -123,7 +121,7 @@ def load_images(records, size, max_bad_fraction=0.01, workers=0, cache=""):
                         f"was the file read with require_image=False?")
     jobs = [(r.image, size, r.image_span) for r in records]
     if cache:
-        return _cached_images(records, jobs, size, max_bad_fraction, workers, cache)
+        return plugin("image_cache", "--image-cache")(records, jobs, size, max_bad_fraction, workers, cache)
     out = torch.empty((n, 3, size, size), dtype=torch.uint8)
     kept, bad = [], []
     with tqdm(total=n, desc="decoding images", unit="img", disable=not sys.stderr.isatty()) as bar:
@@ -134,82 +132,15 @@ def load_images(records, size, max_bad_fraction=0.01, workers=0, cache=""):
             else:
                 bad.append((f"record {rec.id}", res[0], res[1]))
             bar.update()
-    _check_decoded(bad, kept, n, max_bad_fraction)
+    check_decoded(bad, kept, n, max_bad_fraction)
     return kept, out[:len(kept)]
 
 
-def _check_decoded(bad, kept, n, max_bad_fraction):
+def check_decoded(bad, kept, n, max_bad_fraction):
     if n:
         report_bad("images", "load_images", bad, n, max_bad_fraction)
         if not kept:
             raise DataError(f"load_images: none of the {n} images could be decoded")
-
-
-def _images_key(records, size):
-    """What a cache file must match: the size, and each record's id and image file (path, span, bytes, mtime)."""
-    import hashlib
-    h = hashlib.sha256(f"v1 {size}".encode())
-    stats = {}
-    for r in records:
-        if r.image not in stats:
-            try:
-                st = os.stat(r.image)
-                stats[r.image] = f"{st.st_size} {st.st_mtime_ns}"
-            except OSError:
-                stats[r.image] = "missing"
-        h.update(f"\n{r.id}\t{r.image}\t{r.image_span}\t{stats[r.image]}".encode())
-    return h.hexdigest()
-
-
-def _cache_meta(cache, key, per_image):
-    """The cache's .json if it is complete and made from these images (key), else None."""
-    try:
-        meta = json.load(open(cache + ".json"))
-        if meta.get("key") == key and os.path.getsize(cache) == len(meta["kept"]) * per_image:
-            return meta
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    return None
-
-
-def images_cached(records, size, cache):
-    """Whether `cache` holds these records' images at this size (what load_images(..., cache=) would map)."""
-    return _cache_meta(cache, _images_key(list(records), size), 3 * size * size) is not None
-
-
-def _cached_images(records, jobs, size, max_bad_fraction, workers, cache):
-    """load_images through a file: `cache` holds the kept images' pixels back to back, `cache`.json the key,
-    which records were kept and why the others were not. The .json is written last, so a run killed while
-    decoding leaves no cache that looks complete."""
-    n, per_image = len(records), 3 * size * size
-    key, meta_path = _images_key(records, size), cache + ".json"
-    meta = _cache_meta(cache, key, per_image)
-    if meta is None and os.path.exists(meta_path):
-        print(f"load_images: {cache} was made from other images or settings; decoding again", file=sys.stderr)
-    if meta is None:
-        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-        tmp = f"{cache}.tmp{os.getpid()}"
-        kept_index, bad = [], []
-        with open(tmp, "wb") as f, tqdm(total=n, desc=f"decoding images to {os.path.basename(cache)}", unit="img",
-                                        disable=not sys.stderr.isatty()) as bar:
-            for i, (rec, res) in enumerate(zip(records, _decode_all(jobs, workers))):
-                if isinstance(res, bytes):  # HWC bytes; the file holds CHW, as the tensor does
-                    f.write(_to_tensor(res, size).contiguous().numpy().tobytes())
-                    kept_index.append(i)
-                else:
-                    bad.append((f"record {rec.id}", res[0], res[1]))
-                bar.update()
-        os.replace(tmp, cache)
-        meta = {"key": key, "size": size, "n": n, "kept": kept_index, "bad": bad}
-        with open(f"{meta_path}.tmp{os.getpid()}", "w") as f:  # per process: runs may decode side by side
-            json.dump(meta, f)
-        os.replace(f"{meta_path}.tmp{os.getpid()}", meta_path)
-    kept = [records[i] for i in meta["kept"]]
-    _check_decoded([tuple(b) for b in meta["bad"]], kept, n, max_bad_fraction)
-    if not kept:  # an empty input (a non-empty one with nothing decodable has raised above)
-        return kept, torch.empty((0, 3, size, size), dtype=torch.uint8)
-    images = torch.from_file(cache, shared=False, size=len(kept) * per_image, dtype=torch.uint8)
-    return kept, images.view(len(kept), 3, size, size)
 
 
 _STATS = {}  # device -> (mean, std): built once per device, not copied to the GPU at every call

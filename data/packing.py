@@ -157,7 +157,8 @@ def tight_rows(sizes, row_len):
 def pack(samples, row_len, prefix=(), truncate=True, tight=False):
     """Pack samples into rows. tight=False: in order (next-fit), every row row_len wide, the last one padded.
     tight=True: any order, as few rows as possible and only as wide as the fullest (see the module doc).
-    Samples longer than row_len lose the end of their caption (truncate=True; <|eos|> stays) or raise."""
+    Samples longer than row_len lose the end of their caption (truncate=True; <|eos|> stays) or raise. A cut
+    masked sample (instruction data) trains its <|eos|> label only after a kept answer token (the rule below)."""
     prefix = list(prefix)
     kept = []
     for s in samples:
@@ -166,8 +167,17 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
             if not truncate:
                 raise ValueError(f"sample {s.index} needs {n} positions, more than row_len {row_len}")
             keep = row_len - len(prefix) - 1
+            mask = s.loss_mask
+            if mask is not None:
+                # The rule for a cut masked sample: its closing <|eos|> label trains only when the last kept label
+                # is a trained (assistant) label that is not itself an end of turn (<|eos|>). A cut may end inside
+                # a question: an <|eos|> trained there would teach "ask, then stop", and a sample cut before its
+                # first answer would train "answer nothing" (warn_unanswered counts those: with this rule they
+                # have no trained label). A cut right after an inner answer's <|eos|> would teach <|eos|> twice.
+                mask = mask[:keep]
+                mask = mask + [int(bool(mask) and mask[-1] == 1 and s.caption_ids[keep - 1] != T.EOS)]
             s = Sample(s.caption_ids[:keep], {k: v[:keep] + [v[-1]] for k, v in s.inputs.items()},
-                       s.tags and s.tags[:keep] + [s.tags[-1]], s.index, s.loss_mask and s.loss_mask[:keep] + [1])
+                       s.tags and s.tags[:keep] + [s.tags[-1]], s.index, mask)
         for name, got in (*s.inputs.items(), ("tags", s.tags), ("loss_mask", s.loss_mask)):
             if got is not None and len(got) != len(s.caption_ids) + 1:
                 raise ValueError(f"sample {s.index}: {len(got)} {name} for {len(s.caption_ids) + 1} labels")
@@ -233,18 +243,38 @@ def warn_overlong(samples, row_len, prefix_len, what):
               f"--row-len to keep them)", file=sys.stderr)
 
 
+def warn_unanswered(row_len, *groups):
+    """Warn (stderr, one line) about instruction samples (those with a loss_mask) that pack() cuts before their
+    first answer token; groups are (samples, prefix length) pairs, e.g. the image rows' and the text rows'. By
+    pack's rule such a sample keeps no trained label (not even <|eos|>): it costs its row space and trains nothing,
+    so this line is the only sign that it is lost. A cut sample trains a label iff a kept caption label trains."""
+    lost = masked = 0
+    for samples, prefix_len in groups:
+        room = row_len - prefix_len - 1  # caption tokens a row keeps (pack)
+        for s in samples:
+            if s.loss_mask is not None:
+                masked += 1
+                lost += len(s.caption_ids) > room and not any(s.loss_mask[:max(room, 0)])
+    if lost:
+        print(f"warning: {lost} of {masked} instruction conversations have no answer token within --row-len "
+              f"{row_len} (their questions fill the row): they train nothing (raise --row-len to train them)",
+              file=sys.stderr)
+    return lost
+
+
 def make_samples(tok, records, inputs=None, tags=None, source=""):
     """One Sample per record: its caption's tokens, its per-token `inputs` ({name: {record id: tensor}}, read from
     the file `source`) and tags (a list per record) if given. A record with extra["pieces"] = [(text, trained)]
     (instruction data, benchmarks/instruct.py) is its pieces' tokens end to end, with loss_mask 1 on the trained
-    pieces and <|eos|>. A record whose inputs do not fit its tokens is refused."""
+    pieces and <|eos|>. A piece may be a list of token ids in place of text, taken as is: the way to a special token
+    (the text "<|eos|>" is text, never the token). A record whose inputs do not fit its tokens is refused."""
     pieces = [r.extra.get("pieces") or [(r.caption, True)] for r in records]
-    ids = iter(T.encode_captions(tok, [text for p in pieces for text, _ in p]))
+    ids = iter(T.encode_captions(tok, [text for p in pieces for text, _ in p if isinstance(text, str)]))
     out = []
     for i, (r, parts) in enumerate(zip(records, pieces)):
         caption, mask = [], []
-        for _, trained in parts:
-            piece = next(ids)
+        for text, trained in parts:
+            piece = next(ids) if isinstance(text, str) else list(text)
             caption += piece
             mask += [int(trained)] * len(piece)
         s = Sample(caption, {k: v[r.id].tolist() for k, v in (inputs or {}).items()},

@@ -6,14 +6,8 @@ model and the caption data.
 
 Two layouts, both read by load_scores(path, ...) -> {record id: float tensor}:
   one file   (default, one process): torch.save of {"ids", "offsets", "p_ref", "fingerprint"}.
-  indexed    (--stream, or any run under torchrun): --out is a small index {"format", "shards": [{"file",
-             "bytes", "sha256", "records", "tokens"}], "fingerprint"}, and each process r of N writes
-             <out stem>.shards/rank-0000r-of-0000N.bin: a magic line, then frames (8-byte little-endian
-             length + a torch.save'd dict): chunks {"ids", "offsets", "p_ref"}, then one end frame. Records
-             are dealt round-robin (record i to rank i % N). Every process reads the captions twice: once
-             for the data fingerprint and the bad-record check (cheap: no model), once to score its share;
-             rank 0 writes the index after all shards are closed, and the reader checks each shard's size and
-             sha256 against it, so a shard cut short, missing or from another run is refused by name.
+  indexed    (score.py --stream, or under torchrun): a small index {"format": INDEX_FORMAT, "shards", "fingerprint"}
+             and one shard file per process, written and read by scale/score_shards.py (its docstring).
 
 Checked on load (docs/formats.md): the zip CRCs of every torch.save'd file (utils.check_zip), the fingerprints,
 and the record ids: the one-file layout stores a hash of its ids in order ("ids" in the fingerprint), so ids moved
@@ -21,17 +15,14 @@ between records (two of one length swapped) are refused; a shard's ids are cover
 """
 import bisect
 import hashlib
-import io
 import os
-import struct
 
 import torch
 
 from data.record_types import DataError
-from utils import atomic_save, check_fingerprint, safe_load
+from utils import atomic_save, check_fingerprint, plugin, safe_load
 
 INDEX_FORMAT = "prior-scores-index-1"
-SHARD_MAGIC = b"PRIOR-SCORES-SHARD-1\n"
 
 
 def quantise(p_ref):
@@ -90,48 +81,6 @@ def _block(name, blob):
     return ids, off, values
 
 
-def _read_frames(path):
-    """Frames of a shard file (module doc), checking the magic and that no frame is cut short.
-    Yields dicts; returns the sha256 of the whole file via StopIteration.value (see _load_shard)."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        magic = f.read(len(SHARD_MAGIC))
-        sha.update(magic)
-        if magic != SHARD_MAGIC:
-            raise DataError(f"{path}: not a score shard (bad magic)")
-        while True:
-            head = f.read(8)
-            if not head:
-                return sha.hexdigest()
-            sha.update(head)
-            if len(head) != 8:
-                raise DataError(f"{path}: cut short inside a frame header")
-            (n,) = struct.unpack("<Q", head)
-            data = f.read(n)
-            sha.update(data)
-            if len(data) != n:
-                raise DataError(f"{path}: cut short: a frame of {n} bytes has only {len(data)}")
-            yield _torch_load(io.BytesIO(data), path)
-
-
-def _load_shard(path):
-    """(blocks, end frame, sha256) of one shard file; refuses a shard without its end frame."""
-    blocks, end, frames = [], None, _read_frames(path)
-    while True:
-        try:
-            frame = next(frames)
-        except StopIteration as stop:
-            sha = stop.value
-            break
-        if isinstance(frame, dict) and frame.get("end"):
-            end = frame
-        else:
-            blocks.append(_block(path, frame))
-    if end is None:
-        raise DataError(f"{path}: incomplete shard (no end frame): its process stopped early; re-run score.py")
-    return blocks, end, sha
-
-
 def load_scores(path, tokenizer_fp, data_fp, data_from="the training captions"):
     """{record id: p_ref float tensor}, from a one-file or an indexed score file (module doc); refuses scores
     made with another tokenizer or other captions, and damaged files, with a message naming the file."""
@@ -146,8 +95,8 @@ def load_scores(path, tokenizer_fp, data_fp, data_from="the training captions"):
             raise DataError(f"{path}: not a score file (its fingerprint has no {key!r})")
     check_fingerprint("tokenizer", fp["tokenizer"], tokenizer_fp, path, "the tokenizer in use")
     check_fingerprint("caption data", fp["data"], data_fp, path, data_from)
-    if blob.get("format") == INDEX_FORMAT:
-        blocks = _load_index(path, blob)
+    if blob.get("format") == INDEX_FORMAT:  # the indexed layout: scale/score_shards.py reads its shards
+        blocks = plugin("score_index", f"the score index {path}")(path, blob)
     else:
         blocks = [_block(path, blob)]
         if "ids" in fp and ids_fingerprint(blocks[0][0]) != fp["ids"]:  # older files have none
@@ -163,68 +112,3 @@ def load_scores(path, tokenizer_fp, data_fp, data_from="the training captions"):
         raise DataError(f"{path}: {n - len(out)} record ids appear more than once; every record needs its own "
                         f"id (an \"id\" field, or leave it out to get file:line ids)")
     return out
-
-
-def _load_index(path, index):
-    folder = os.path.dirname(os.path.abspath(path))
-    blocks = []
-    for s in index["shards"]:
-        shard = os.path.join(folder, s["file"])
-        if not os.path.isfile(shard):
-            raise DataError(f"{path}: its shard {shard} is missing")
-        size = os.path.getsize(shard)
-        if size != s["bytes"]:
-            raise DataError(f"{shard}: {size} bytes, but the index {path} says {s['bytes']}: the shard is cut "
-                            f"short or from another run; re-run score.py")
-        got, end, sha = _load_shard(shard)
-        if sha != s["sha256"]:
-            raise DataError(f"{shard}: content (sha256 {sha[:16]}) differs from what the index {path} recorded "
-                            f"({s['sha256'][:16]}): damaged or from another run; re-run score.py")
-        if sum(len(ids) for ids, _, _ in got) != s["records"]:
-            raise DataError(f"{shard}: holds {sum(len(ids) for ids, _, _ in got)} records, the index says "
-                            f"{s['records']}")
-        blocks += got
-    return blocks
-
-
-# ----------------------------------------------------------------------------- writing shards
-
-def shard_path(out, rank, world):
-    return os.path.join(os.path.splitext(out)[0] + ".shards", f"rank-{rank:05d}-of-{world:05d}.bin")
-
-
-class ShardWriter:
-    """One process's shard (module doc), written frame by frame to a temporary name and renamed on close,
-    so a shard under its final name is always complete; its size and sha256 are known without re-reading."""
-
-    def __init__(self, path):
-        self.path, self.tmp = path, path + ".tmp"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.f = open(self.tmp, "wb")
-        self.sha = hashlib.sha256()
-        self.bytes = self.records = self.tokens = 0
-        self._write(SHARD_MAGIC)
-
-    def _write(self, data):
-        self.f.write(data)
-        self.sha.update(data)
-        self.bytes += len(data)
-
-    def _frame(self, obj):
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        data = buf.getvalue()
-        self._write(struct.pack("<Q", len(data)))
-        self._write(data)
-
-    def write(self, ids, p_ref):
-        offsets, quantised = quantise(p_ref)
-        self._frame({"ids": list(ids), "offsets": offsets, "p_ref": quantised})
-        self.records += len(ids)
-        self.tokens += len(quantised)
-
-    def close(self, **end):
-        self._frame({"end": True, "records": self.records, "tokens": self.tokens, **end})
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        return {"bytes": self.bytes, "sha256": self.sha.hexdigest(), "records": self.records, "tokens": self.tokens}

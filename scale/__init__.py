@@ -4,10 +4,16 @@
 
     shards.py, shard_reader.py  webdataset-style tar shards: writing them, reading their records (data.records)
     stream.py                   --stream: images decoded per batch (train.open_images)
+    image_cache.py              --image-cache: decoded images in a file the tensor maps (data.images)
     features.py                 --feature-cache: the frozen ViT's features computed once (train.py, eval.py)
-    score_shards.py             score.py --stream: p_ref written in shards as it is computed
+    score_shards.py             score.py --stream / torchrun: p_ref written in shards as it is computed
+    flops.py                    FLOPs of a step, FLOP/s and MFU in train.py's log lines
+    fsdp.py                     --fsdp: FSDP2 sharding under torchrun (utils.wrap)
     hf.py, hf_tokenizer.py      Hugging Face Llama folders: --init-decoder hf:FOLDER, --tokenizer hf:FOLDER, export
     export.py                   a trained VLM as a self-contained folder (--init-from FOLDER, eval.py --ckpt FOLDER)
-FSDP (--fsdp) is torch's own, in utils.wrap. docs/scale.md.
+    wandb_log.py                --wandb PROJECT: the log's lines in Weights & Biases too (utils.RunLog)
+    timm_encoder.py             --vision timm:<name> --vision-weights FILE: a pretrained ViT (CLIP) as the encoder
+docs/scale.md.
 """
-from scale import export, features, hf, hf_tokenizer, score_shards, shard_reader, stream  # noqa: F401 (plug-ins)
+from scale import (export, features, flops, fsdp, hf, hf_tokenizer, image_cache,  # noqa: F401 (they register plug-ins)
+                   score_shards, shard_reader, stream, timm_encoder, wandb_log)

@@ -1,33 +1,40 @@
-"""score.py's streaming mode: the indexed score layout of data/scores.py, written in chunks by every process.
+"""score.py's streaming mode: the indexed score layout, written in chunks by every process, and read back for
+data.scores.load_scores (plug-ins "score_sharded" and "score_index").
 
-    torchrun --standalone --nproc_per_node=4 score.py --ref out/ref_lm.pt --data "shards/{000000..000099}.tar" \\
-        --out out/scores_train.pt
-    python score.py --stream ...     # the same layout from one process; memory stays flat as data grows
+    torchrun --standalone --nproc_per_node=4 -m scale score --ref out/ref_lm.pt \
+        --data "shards/{000000..000099}.tar" --out out/scores_train.pt
+    python -m scale score --stream ...     # the same layout from one process; memory stays flat as data grows
 
-Every process reads the captions twice (data/scores.py's docstring has the layout): data_pass counts them,
-fingerprints them and refuses bad ones and duplicate ids without a model; write_shard then scores record i when
-i % world is its rank, --chunk captions at a time, and appends each chunk to its shard. gather_index collects
-the shard summaries on rank 0, which writes the index last, so an index names only complete shards.
-
-The scoring itself is score.py's (label_probs), handed in as a function: this module only reads, deals out and
-writes, and never imports score.py.
+The layout: --out is a small index {"format", "shards": [{"file", "bytes", "sha256", "records", "tokens"}],
+"fingerprint"}, and each process r of N writes <out stem>.shards/rank-0000r-of-0000N.bin: a magic line, then
+frames (8-byte little-endian length + a torch.save'd dict): chunks {"ids", "offsets", "p_ref"}, then one end frame.
+Records are dealt round-robin (record i to rank i % N). Every process reads the captions twice: data_pass counts
+them, fingerprints them and refuses bad ones and duplicate ids without a model; write_shard then scores its share,
+--chunk captions at a time. gather_index collects the shard summaries on rank 0, which writes the index last, so
+an index names only complete shards; the reader checks each shard's size and sha256 against it, so a shard cut
+short, missing or from another run is refused by name.
 """
 import hashlib
+import io
 import os
+import struct
 import sys
 import time
 from dataclasses import asdict
 
+import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from data.packing import count_overlong, make_samples
 from data.record_types import DataError, Tally
 from data.records import iter_records
-from data.scores import INDEX_FORMAT, ShardWriter, shard_path
+from data.scores import INDEX_FORMAT, _block, _torch_load, quantise
 from score import (_relevance, _write_report, context_len, fingerprints_of, label_probs, overlong_note,
                    refuse_duplicate_ids, warn_if_trained_on)
 from utils import atomic_save, register
+
+SHARD_MAGIC = b"PRIOR-SCORES-SHARD-1\n"
 
 
 def data_pass(cfg):
@@ -144,3 +151,114 @@ def score_sharded(cfg, tok, model, ckpt, device, rank, world):
     _relevance(report, tok, kept["records"], kept["samples"], kept["p_ref"])
     _write_report(cfg, report, tok, kept["records"], kept["samples"], kept["p_ref"])
     return report
+
+
+# ----------------------------------------------------------------------------- the shard files
+
+def _read_frames(path):
+    """Frames of a shard file (module doc), checking the magic and that no frame is cut short.
+    Yields dicts; returns the sha256 of the whole file via StopIteration.value (see _load_shard)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        magic = f.read(len(SHARD_MAGIC))
+        sha.update(magic)
+        if magic != SHARD_MAGIC:
+            raise DataError(f"{path}: not a score shard (bad magic)")
+        while True:
+            head = f.read(8)
+            if not head:
+                return sha.hexdigest()
+            sha.update(head)
+            if len(head) != 8:
+                raise DataError(f"{path}: cut short inside a frame header")
+            (n,) = struct.unpack("<Q", head)
+            data = f.read(n)
+            sha.update(data)
+            if len(data) != n:
+                raise DataError(f"{path}: cut short: a frame of {n} bytes has only {len(data)}")
+            yield _torch_load(io.BytesIO(data), path)
+
+
+def _load_shard(path):
+    """(blocks, end frame, sha256) of one shard file; refuses a shard without its end frame."""
+    blocks, end, frames = [], None, _read_frames(path)
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration as stop:
+            sha = stop.value
+            break
+        if isinstance(frame, dict) and frame.get("end"):
+            end = frame
+        else:
+            blocks.append(_block(path, frame))
+    if end is None:
+        raise DataError(f"{path}: incomplete shard (no end frame): its process stopped early; re-run score.py")
+    return blocks, end, sha
+
+
+
+
+@register("score_index")
+def load_index(path, index):
+    """The blocks of an indexed score file (data.scores.load_scores' plug-in), each shard checked against the index."""
+    folder = os.path.dirname(os.path.abspath(path))
+    blocks = []
+    for s in index["shards"]:
+        shard = os.path.join(folder, s["file"])
+        if not os.path.isfile(shard):
+            raise DataError(f"{path}: its shard {shard} is missing")
+        size = os.path.getsize(shard)
+        if size != s["bytes"]:
+            raise DataError(f"{shard}: {size} bytes, but the index {path} says {s['bytes']}: the shard is cut "
+                            f"short or from another run; re-run score.py")
+        got, end, sha = _load_shard(shard)
+        if sha != s["sha256"]:
+            raise DataError(f"{shard}: content (sha256 {sha[:16]}) differs from what the index {path} recorded "
+                            f"({s['sha256'][:16]}): damaged or from another run; re-run score.py")
+        if sum(len(ids) for ids, _, _ in got) != s["records"]:
+            raise DataError(f"{shard}: holds {sum(len(ids) for ids, _, _ in got)} records, the index says "
+                            f"{s['records']}")
+        blocks += got
+    return blocks
+
+
+def shard_path(out, rank, world):
+    return os.path.join(os.path.splitext(out)[0] + ".shards", f"rank-{rank:05d}-of-{world:05d}.bin")
+
+
+class ShardWriter:
+    """One process's shard (module doc), written frame by frame to a temporary name and renamed on close,
+    so a shard under its final name is always complete; its size and sha256 are known without re-reading."""
+
+    def __init__(self, path):
+        self.path, self.tmp = path, path + ".tmp"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.f = open(self.tmp, "wb")
+        self.sha = hashlib.sha256()
+        self.bytes = self.records = self.tokens = 0
+        self._write(SHARD_MAGIC)
+
+    def _write(self, data):
+        self.f.write(data)
+        self.sha.update(data)
+        self.bytes += len(data)
+
+    def _frame(self, obj):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data = buf.getvalue()
+        self._write(struct.pack("<Q", len(data)))
+        self._write(data)
+
+    def write(self, ids, p_ref):
+        offsets, quantised = quantise(p_ref)
+        self._frame({"ids": list(ids), "offsets": offsets, "p_ref": quantised})
+        self.records += len(ids)
+        self.tokens += len(quantised)
+
+    def close(self, **end):
+        self._frame({"end": True, "records": self.records, "tokens": self.tokens, **end})
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return {"bytes": self.bytes, "sha256": self.sha.hexdigest(), "records": self.records, "tokens": self.tokens}

@@ -61,6 +61,7 @@ for arch in h u; do
   [ $arch = u ] && extra="--text-data $DATA/synth/text.jsonl"
   $PY - "$arch" "$DATA" "$OUT/train_$arch" $extra $PEAK <<'PY' 2>&1 | tee "$OUT/train_$arch.log"
 import json, statistics, sys, torch, train
+import scale  # noqa: F401 (FLOP/s and MFU in the log: scale/flops.py)
 from utils import parse_config
 arch, data, out, *extra = sys.argv[1:]
 cfg = parse_config(train.TrainConfig, argv=[

@@ -13,7 +13,7 @@ from data import tokenizer as T
 from data.packing import IGNORE, Sample, cat, pack
 from loss import prior_weights, weighted_loss
 from model import VLM, Decoder, DecoderConfig, VLMConfig
-from train import flops_per_token, step_flops
+from scale.flops import flops_per_token, step_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ("prior_over_ntp_step_time", "train_flops_per_s", "matmul_flops_per_s", "train_tokens_per_s",

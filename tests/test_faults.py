@@ -306,7 +306,7 @@ def test_untrusted_pickle_cannot_run_code(tmp_path):
 def test_untrusted_vision_weights_get_the_safe_load_message(tmp_path):
     """--vision-weights goes through the same safe load: the project's message, never torch's advice to retry
     with weights_only=False."""
-    from model import load_vision_weights
+    from scale.timm_encoder import load_vision_weights
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"w": torch.zeros(2), "payload": Exploit(marker)}, evil)
     with pytest.raises(ValueError, match=r"evil.pt: holds Python objects that a safe \(weights-only\) load "

@@ -14,7 +14,8 @@ from model import VLM, Decoder, DecoderConfig, VLMConfig
 from baselines.heads import attach_heads
 from data.packing import global_batch
 from utils import check_bf16
-from train import attended_pairs, peak_flops, peak_for_name, step_flops
+from scale.flops import peak_flops, peak_for_name, step_flops
+from train import attended_pairs
 
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
 

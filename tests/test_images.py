@@ -35,7 +35,7 @@ def test_load_images_drops_undecodable(tmp_path, capsys):
 
 
 def test_image_cache_equals_memory_and_is_reused(tmp_path, capsys, monkeypatch):
-    import data.images as R
+    import scale.image_cache as R  # --image-cache (registers the plug-in)
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9), (1, 2, 3)]
     rows = [{"image": f"i{k}.png", "caption": f"c{k}"} for k in range(5)]
     for k, c in enumerate(colors):

@@ -1,6 +1,7 @@
 """Tests for instruction data (benchmarks/instruct.py, train.py --instruct): LLaVA's multi-turn conversations and
 benchmarks/qa.py's questions read with their bad entries counted, and loss masks that cover exactly the assistant
-turns (and <|eos|>) once packed (data/packing.py), whatever the row's truncation.
+turns (and the <|eos|> ending each) once packed (data/packing.py), whatever the row's truncation, as LLaVA's own
+preprocessing trains them: a first gpt turn dropped, newlines kept, <|eos|> after every answer.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_instruct.py
 """
@@ -13,7 +14,8 @@ from PIL import Image
 from data import tokenizer as T
 from benchmarks.instruct import read_instruct
 from data.packing import make_samples
-from data.packing import IGNORE, n_labels, pack
+from data.packing import IGNORE, Sample, n_labels, pack, warn_unanswered
+from data.record_types import Record
 from data.record_types import DataError
 
 CONV = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "It is red."},
@@ -38,9 +40,10 @@ def tok():
 
 def test_llava_multi_turn_read(tmp_path):
     recs = read_instruct(str(llava(tmp_path)))
-    assert recs[0].caption == ("question: What colour is the circle? answer: It is red. question: And the square? "
-                               "answer: The square is blue.")
-    assert [t for _, t in recs[0].extra["pieces"]] == [False, True, False, True]
+    assert recs[0].caption == ("question: What colour is the circle? answer: It is red. <|eos|> question: And the "
+                               "square? answer: The square is\nblue.")
+    assert [t for _, t in recs[0].extra["pieces"]] == [False, True, True, False, True]
+    assert recs[0].extra["pieces"][2] == ([T.EOS], True)  # token ids: the end of the first answer
     assert recs[0].image == str(tmp_path / "coco" / "1.png") and recs[1].image is None  # a text-only entry
     with_image, text_only = [r for r in recs if r.image], [r for r in recs if r.image is None]
     assert [r.id for r in with_image] == ["a"] and [r.id for r in text_only] == ["t"]
@@ -63,7 +66,7 @@ def test_bad_entries_counted(tmp_path, capsys):
         read_instruct(str(path))
     assert len(read_instruct(str(path), max_bad_fraction=0.7)) == 2
     err = capsys.readouterr().err
-    for reason in ("turns do not alternate human, gpt x 1", "missing image file x 1", "no conversations list x 1",
+    for reason in ("no gpt turn x 1", "missing image file x 1", "no conversations list x 1",
                    "unknown role x 1"):
         assert reason in err
     assert f"{path} entry 3: missing image file" in err
@@ -73,13 +76,15 @@ def test_masks_cover_exactly_the_assistant_turns(tmp_path, tok):
     recs = read_instruct(str(llava(tmp_path)))
     samples = make_samples(tok, recs)
     s = samples[0]
-    assert s.caption_ids == T.encode_captions(tok, [recs[0].caption])[0]  # the pieces meet at spaces
-    answers = [T.encode_captions(tok, [p])[0] for p, trained in recs[0].extra["pieces"] if trained]
+    first, second = (recs[0].caption.split(" <|eos|> "))
+    assert s.caption_ids == T.encode_captions(tok, [first])[0] + [T.EOS] + T.encode_captions(tok, [second])[0]
+    answers = [T.encode_captions(tok, [p])[0] for p, trained in recs[0].extra["pieces"]
+               if trained and isinstance(p, str)]
     prefix = [5, 5, 5]  # three image placeholders
     batch = pack([s], 128, prefix)
     labels = batch.labels[0].tolist()
     trained = [t for t in labels if t != IGNORE]
-    assert trained == answers[0] + answers[1] + [T.EOS]  # both answers and eos, in order, nothing else
+    assert trained == answers[0] + [T.EOS] + answers[1] + [T.EOS]  # each answer and its eos, in order, nothing else
     assert n_labels(s) == len(trained)
     # the question pieces and the image get no loss: every label before the first answer is masked
     first = len(prefix) + len(T.encode_captions(tok, [recs[0].extra["pieces"][0][0]])[0])

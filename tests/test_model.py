@@ -154,7 +154,7 @@ def test_sampling_is_reproducible_and_stops_at_eos():
 # ----------------------------------------------------------------------------- timm encoders
 import timm  # noqa: E402
 
-from model import TimmEncoder, load_vision_weights
+from scale.timm_encoder import TimmEncoder, load_vision_weights
 
 SMALL_VIT = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
 

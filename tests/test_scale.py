@@ -13,7 +13,7 @@ import torch
 import scale  # noqa: F401 (plug-ins: exported folders, hf:FOLDER)
 import train
 from model import build_model, frozen_to_bf16, load_vlm
-from model import TimmEncoder
+from scale.timm_encoder import TimmEncoder
 from model import Decoder, DecoderConfig, load_model
 from tests.test_train import config
 
@@ -224,7 +224,7 @@ def test_reference_lm_two_gloo_processes_equal_one(tiny, tmp_path):
     runs = {"one": (1, []), "ddp": (2, []), "fsdp": (2, ["--fsdp"])}
     for name, (n, extra) in runs.items():
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               os.path.join(ROOT, "reference_lm.py"), *args, *extra, "--out", str(tmp_path / f"{name}.pt")]
+               "-m", "scale", "reference_lm", *args, *extra, "--out", str(tmp_path / f"{name}.pt")]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"{n} process(es)" in done.stdout

@@ -11,7 +11,8 @@ from data.records import read_records
 from data.record_types import DataError
 from model import load_lm
 from utils import text_fingerprint
-from data.scores import INDEX_FORMAT, _load_shard, load_scores
+from data.scores import INDEX_FORMAT, load_scores
+from scale.score_shards import _load_shard
 
 
 def test_scores_align_with_single_caption_forward(tiny):

@@ -12,6 +12,7 @@ from data.packing import global_batch, make_samples
 from model import load_model
 from model import build_model
 import baselines  # noqa: F401 (registers rho1, cal and the objectives: the baseline tests below)
+import scale  # noqa: F401 (--fsdp, --image-cache, timm encoders: the tests of scale/ features below)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,8 +114,9 @@ def test_two_processes_equal_one(tiny, tmp_path):
             "--row-len", "64", "--steps", "3", "--save-every", "3", "--device", "cpu", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for n in (1, 2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               os.path.join(ROOT, "train.py"), *args, "--out-dir", str(tmp_path / f"n{n}")]
+        script = [os.path.join(ROOT, "train.py")] if n == 1 else ["-m", "scale", "train"]  # --image-cache: scale/
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *script,
+               *args, "--out-dir", str(tmp_path / f"n{n}")]
         if n == 2:
             cmd += ["--image-cache", str(tmp_path / "cache" / "images_16.u8")]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -144,7 +146,7 @@ def test_fsdp_two_processes_equal_one_and_checkpoints_load_anywhere(tiny, tmp_pa
             "--threads", "1", "--fsdp", "--micro-batch", "2", "--resume", "--stop-at", "3",
             "--out-dir", str(tmp_path / "mixed")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *args]
+           "-m", "scale", "train", *args]  # --fsdp: scale/fsdp.py
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -166,7 +168,7 @@ def test_fsdp_two_processes_equal_one_and_checkpoints_load_anywhere(tiny, tmp_pa
 def test_timm_encoder_from_weights_file_trains_only_the_projector(tiny, tmp_path):
     import json
     import timm
-    from model import TimmEncoder
+    from scale.timm_encoder import TimmEncoder
     kwargs = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
     torch.manual_seed(123)  # weights unlike the ones train.py's seeded build would make
     source = TimmEncoder("vit_tiny_patch16_224", kwargs).model.state_dict()
