@@ -1,33 +1,20 @@
 """Evaluate train.py checkpoints: multiple-choice probes, token-level NLL by word tag, grounding gap.
 
-    python eval.py --ckpt runs/h_prior/ckpt_000300.pt --mc my_questions.jsonl      # your own questions
-    # the paper's benchmarks from the files as distributed, official metrics and a table (docs/benchmarks.md):
-    python -m benchmarks eval --ckpt runs/h_prior/ckpt_000300.pt --bench pope:coco_pope_random.json::coco/val2014 \
-        --bench mme:MME_Benchmark_release_version --bench mmbench:MMBench_DEV_EN.tsv [--bench-generate 16]
-    # every ckpt_*.pt of a run -> runs/h_prior/eval.json (a re-run skips the checkpoints already there):
+    python eval.py --ckpt runs/h_prior/ckpt_000300.pt --mc my_questions.jsonl      # your own questions, printed
     python eval.py --run-dir runs/h_prior --probes data/synth/probes --test data/synth/test.jsonl \
-        --test-scores out/scores_test.pt
+        --test-scores out/scores_test.pt     # every ckpt_*.pt not yet in runs/h_prior/eval.json, into it
+    python -m benchmarks eval --ckpt CKPT --bench pope:coco_pope_random.json::coco/val2014   # docs/benchmarks.md
 
-Multiple choice (JSONL, docs/formats.md): {"image", "prompt", "choices", "answer"}, image relative to the file.
-A choice scores log p(choice | image, prompt), summed over its tokens (`<stem>`) and per token (`<stem>_norm`),
-<|eos|> excluded: the models are not instruction tuned, so a prompt is a caption prefix. Bad rows are skipped,
-counted and reported. eval.json rows: {"arch", "loss", "seed", "lr", "step", "benchmark", "value"}; benchmarks:
-    <stem>(_norm)                  accuracy on each probe file; files sharing the stem part before "_" (POPE's
-                                   presence_random/popular/adversarial) are averaged into a group (presence)
-    <stem>_blind, _chance, _const  accuracy with each question's image swapped for another's (what the text gives);
-                                   a guesser's expected accuracy; the best constant answer's
-    probe_avg(_norm, _blind)       mean over groups: POPE counts once, like the paper's average over benchmarks
-    probe_img_avg, <group>_img     mean over groups of accuracy - blind accuracy: what the image adds (the primary
-                                   endpoint of docs/experiment.md)
-    probe_cc_avg(_nocount)         mean over groups (_nocount: all but count) of (acc - chance)/(1 - chance)
-    nll_<c>(_shuffled), gap_<c>    mean NLL of caption tokens (eos excluded) of tag c (image/glue/boiler/noise/all)
-                                   with the true image and another record's (a seeded derangement); grounding gap
-                                   = nll_<c>_shuffled - nll_<c>: how much the image helps those tokens
-    nll_w_gt_0.5, nll_w_le_0.5...  (with --test-scores) the same for tokens whose PRIOR weight w = 1 - p_ref is
-                                   above / at most 0.25, 0.5, 0.75
-
-Probe files and images are read once per process (load_mc, load_test); train.py's model can be evaluated in its
-own process at each checkpoint (evaluate_model; experiments/worker.py does).
+A choice (docs/formats.md) scores log p(choice | image, prompt), summed over its tokens and per token (_norm).
+eval.json rows are {"arch", "loss", "seed", "lr", "step", "benchmark", "value"}; the benchmarks:
+    <stem>(_norm, _blind)         accuracy on each file (_blind: each question given another's image)
+    <stem>_chance, _const         a guesser's expected accuracy; the best constant answer's
+    probe_avg(_norm, _blind)      mean over groups (files sharing the stem before "_": POPE's splits are one)
+    probe_img_avg, <group>_img    mean over groups of accuracy - blind accuracy (the primary endpoint)
+    probe_cc_avg(_nocount)        mean over groups (_nocount: all but count) of (acc - chance)/(1 - chance)
+    nll_<c>(_shuffled), gap_<c>   mean NLL of caption tokens of tag c (image/glue/boiler/noise/all) with the true
+                                  and another record's image; the grounding gap is their difference
+    nll_w_gt_0.5, nll_w_le_0.5..  (--test-scores) the same for tokens of PRIOR weight 1 - p_ref > or <= 0.25/0.5/0.75
 """
 import glob
 import hashlib
@@ -43,15 +30,14 @@ from tqdm import tqdm
 
 from data import tokenizer as T
 from data.images import load_images, normalize
-from data.record_types import BadRecord, DataError, Record, report_bad
+from data.packing import next_fit
+from data.record_types import BadRecord, DataError, Record, Tally
 from data.records import read_records
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
 from model import load_vlm  # a train.py checkpoint, or a folder scale/export.py wrote
 from utils import (EvalChecks, UserError, autocast, check_fingerprint, flag, join_repeated, pick_device, plugin, run,
                    text_fingerprint)
-
-THRESHOLDS = (0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -78,13 +64,16 @@ class EvalConfig(EvalChecks):
                               "H-LVLM: folder caching the ViT's features per image file, across runs (data/features)")
 
 
-
 # ----------------------------------------------------------------------------- reading the files
-_data = {}  # data_key -> (records, uint8 images[, fingerprint of the whole file])
+_data = {}  # data_key -> (records, uint8 images[, fingerprint of the whole file]), read once per process
 
 
 def data_key(kind, path, size, max_rows, seed):
     return kind, os.path.abspath(path), os.path.getmtime(path), size, max_rows, seed
+
+
+def stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def subsample(items, max_rows, seed):
@@ -120,24 +109,22 @@ def _question(obj, key, folder):
 
 def read_mc(path, max_bad_fraction=0.05):
     """Valid questions of a multiple-choice JSONL file; bad rows are skipped and reported like data/records.py."""
-    folder, stem = os.path.dirname(os.path.abspath(path)), os.path.splitext(os.path.basename(path))[0]
-    good, bad, total = [], [], 0
+    folder, tally, good = os.path.dirname(os.path.abspath(path)), Tally("questions", path), []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            total += 1
+            tally.total += 1
             try:
-                good.append(_question(json.loads(raw.decode("utf-8")), f"{stem}:{n}", folder))
+                good.append(_question(json.loads(raw.decode("utf-8")), f"{stem(path)}:{n}", folder))
             except (UnicodeDecodeError, json.JSONDecodeError):
-                bad.append((f"line {n}", "broken JSON", ""))
+                tally.bad(f"line {n}", "broken JSON")
             except BadRecord as e:
-                bad.append((f"line {n}", e.args[0], e.args[1] if len(e.args) > 1 else ""))
-    if total == 0:
+                tally.bad(f"line {n}", *e.args)
+    if tally.total == 0:
         raise DataError(f"{path}: no questions")
-    report_bad("questions", path, bad, total, max_bad_fraction)
-    if not good:
-        raise DataError(f"{path}: none of the {total} questions is usable")
+    tally.good = len(good)
+    tally.finish(max_bad_fraction)  # "none of the N questions is usable" when no row is
     return good
 
 
@@ -165,13 +152,11 @@ def report_skipped(out, name, skipped, total, what):
               f"(counted as {name}_skipped)", file=sys.stderr)
 
 
-
 # ----------------------------------------------------------------------------- probes and captions
 def mc_eval(model, tok, path, device="cpu", max_rows=None, seed=0, max_bad_fraction=0.05, feature_cache="",
             blind=False, **kw):
-    """Choice log-likelihoods of a multiple-choice file: (per question, per choice log p tensors, answers).
-    blind: each question sees another question's image (a seeded derangement): what the model gets without the
-    right image, from the text of the prompt and choices and from what images look like in general."""
+    """(per question, per choice log p tensors; answers) of a multiple-choice file. blind: each question sees
+    another question's image (a seeded derangement): what the text and the look of images in general give."""
     questions, images = load_mc(path, model.cfg.image_size, max_rows, seed, max_bad_fraction)
     prefix = model.image_tokens() + [T.BOS]
     prompts = T.encode_captions(tok, [q.caption for q in questions])
@@ -180,13 +165,12 @@ def mc_eval(model, tok, path, device="cpu", max_rows=None, seed=0, max_bad_fract
     docs = [(i, prefix + p, [next(choices) for _ in q.extra["choices"]]) for i, q, p in zip(which, questions, prompts)]
     embeds = image_embeds(model, images, data_key("mc", path, model.cfg.image_size, max_rows, seed), device,
                           feature_cache=feature_cache)
-    name = os.path.splitext(os.path.basename(path))[0] + ("_blind" if blind else "")
+    name = stem(path) + ("_blind" if blind else "")
     return score_docs(model, docs, embeds, device=device, desc=name, **kw), [q.extra["answer"] for q in questions]
 
 
 def constant_accuracy(questions):
-    """The best constant answer's accuracy: for each answer text, the share of questions it answers right when
-    it is always picked where offered (a guess elsewhere); the best of them. Balanced probes keep it at chance."""
+    """The best constant answer's accuracy: an answer text picked wherever offered (a guess elsewhere)."""
     best = 0.0
     for text in {c for q in questions for c in q.extra["choices"]}:
         hits = [(q.extra["choices"][q.extra["answer"]] == text) if text in q.extra["choices"]
@@ -221,7 +205,7 @@ def token_analysis(model, tok, path, scores_path=None, device="cpu", max_rows=No
         if bad:
             raise UserError(f"{scores_path}: scores of record {bad[0]} do not match its tokens")
         w = 1 - torch.cat([p_ref[records[i].id][:-1] for i in scored] or [torch.zeros(0)])
-        for t in THRESHOLDS:
+        for t in (0.25, 0.5, 0.75):
             groups[f"w_gt_{t:g}"], groups[f"w_le_{t:g}"] = w > t, w <= t
     out = {}
     for name, sel in groups.items():
@@ -233,30 +217,11 @@ def token_analysis(model, tok, path, scores_path=None, device="cpu", max_rows=No
 
 
 # ----------------------------------------------------------------------------- checkpoints and runs
-def probe_scores(model, tok, files, device, max_rows, seed, max_bad_fraction, blind=True, **kw):
-    """Accuracy (summed and per-token log p), blind accuracy, chance and the best constant answer of each file."""
-    out, chance = {}, {}
-    for f in files:
-        stem = os.path.splitext(os.path.basename(f))[0]
-        logps, answers = mc_eval(model, tok, f, device, max_rows, seed, max_bad_fraction, **kw)
-        out[stem], out[stem + "_norm"] = accuracy(logps, answers), accuracy(logps, answers, normalise=True)
-        if blind:
-            out[stem + "_blind"] = accuracy(mc_eval(model, tok, f, device, max_rows, seed, max_bad_fraction,
-                                                    blind=True, **kw)[0], answers)
-        scored = [lp for lp in logps if lp is not None]
-        chance[stem] = out[stem + "_chance"] = sum(1 / len(lp) for lp in scored) / max(1, len(scored))
-        out[stem + "_const"] = constant_accuracy(load_mc(f, model.cfg.image_size, max_rows, seed, max_bad_fraction)[0])
-        report_skipped(out, stem, sum(lp is None for lp in logps), len(logps), "questions")
-    return out, chance
-
-
 def probe_groups(out, chance, stems):
-    """Group averages (files sharing the stem part before "_": POPE's three splits are one group, presence) and
-    the endpoints over groups: probe_avg(_norm), probe_cc_avg(_nocount) = mean (acc - chance)/(1 - chance), and
-    the primary, probe_img_avg = mean over groups of accuracy - blind accuracy: what the image adds."""
+    """Group averages and the endpoints over groups (see the module doc); POPE's three splits count once."""
     groups = {}
-    for stem in stems:
-        groups.setdefault(stem.split("_")[0], []).append(stem)
+    for s in stems:
+        groups.setdefault(s.split("_")[0], []).append(s)
     if not groups:
         return
     mean = lambda g, key: sum(key(s) for s in groups[g]) / len(groups[g])  # noqa: E731
@@ -276,45 +241,51 @@ def probe_groups(out, chance, stems):
         out["probe_img_avg"] = sum(added.values()) / len(added)
 
 
-def evaluate_model(model, tok, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None,
-                   mc_files=(), seed=0, max_bad_fraction=0.05, blind=True, bench=(), bench_generate=0, **kw):
-    """{benchmark: value} of a model in hand (eval.py's checkpoints, or train.py's model at a checkpoint)."""
+def evaluate_model(model, tok, probes_dir=None, test_path=None, test_scores=None, mc_files=(), blind=True, bench=(),
+                   bench_generate=0, device="cpu", max_rows=None, seed=0, max_bad_fraction=0.05, **kw):
+    """{benchmark: value} of a model in hand (eval.py's checkpoints, or train.py's model at a checkpoint).
+    kw: feature_cache, row_len, batch_rows."""
     probe_files = sorted(glob.glob(os.path.join(probes_dir, "*.jsonl"))) if probes_dir else []
     if probes_dir and not probe_files:
         raise FileNotFoundError(f"no *.jsonl files in {probes_dir}")
+    kw = dict(device=device, max_rows=max_rows, seed=seed, max_bad_fraction=max_bad_fraction, **kw)
     was_training = model.training
     model.eval()
-    out, chance = probe_scores(model, tok, list(mc_files) + probe_files, device, max_rows, seed, max_bad_fraction,
-                               blind, **kw)
-    probe_groups(out, chance, [os.path.splitext(os.path.basename(f))[0] for f in probe_files])
+    out, chance = {}, {}
+    for f in list(mc_files) + probe_files:
+        s = stem(f)
+        logps, answers = mc_eval(model, tok, f, **kw)
+        out[s], out[s + "_norm"] = accuracy(logps, answers), accuracy(logps, answers, normalise=True)
+        if blind:
+            out[s + "_blind"] = accuracy(mc_eval(model, tok, f, blind=True, **kw)[0], answers)
+        scored = [lp for lp in logps if lp is not None]
+        chance[s] = out[s + "_chance"] = sum(1 / len(lp) for lp in scored) / max(1, len(scored))
+        out[s + "_const"] = constant_accuracy(load_mc(f, model.cfg.image_size, max_rows, seed, max_bad_fraction)[0])
+        report_skipped(out, s, sum(lp is None for lp in logps), len(logps), "questions")
+    probe_groups(out, chance, [stem(f) for f in probe_files])
     if bench:  # the paper's benchmarks as distributed, their official metrics (plug-in: benchmarks/scoring.py)
-        out.update(plugin("bench", "--bench")(bench, model, tok, device, bench_generate, max_rows=max_rows, seed=seed,
-                                              max_bad_fraction=max_bad_fraction, **kw))
+        out.update(plugin("bench", "--bench")(bench, model, tok, generate=bench_generate, **kw))
     if test_path:
-        out.update(token_analysis(model, tok, test_path, test_scores, device, max_rows, seed, max_bad_fraction, **kw))
+        out.update(token_analysis(model, tok, test_path, test_scores, **kw))
     model.train(was_training)
     return out
 
 
-def _evaluate(path, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None, tokenizer=None,
-              **kw):
+def evaluate_checkpoint(path, tokenizer=None, device="cpu", run_rows=False, **kw):
+    """[{"benchmark", "value"}] of one checkpoint; run_rows: eval.json's rows, with the run's arch, loss, seed,
+    lr and the step. kw: evaluate_model's."""
     model, ckpt = load_vlm(path, device)
     tok_path = tokenizer or ckpt["config"]["tokenizer"]
     tok = T.load_tokenizer(tok_path)
     check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), path, tok_path)
-    out = evaluate_model(model, tok, probes_dir, test_path, test_scores, device, max_rows, **kw)
-    return [{"benchmark": k, "value": v} for k, v in out.items()], ckpt
+    meta = {}
+    if run_rows:
+        c = ckpt["config"]
+        meta = {"arch": c["arch"], "loss": c["loss"], "seed": c["seed"], "lr": c["lr"], "step": ckpt["step"]}
+    return [{**meta, "benchmark": k, "value": v} for k, v in evaluate_model(model, tok, device=device, **kw).items()]
 
 
-def evaluate_checkpoint(path, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None, **kw):
-    """[{"benchmark", "value"}] of one checkpoint.
-
-    kw: mc_files, tokenizer, row_len, batch_rows, seed, max_bad_fraction."""
-    return _evaluate(path, probes_dir, test_path, test_scores, device, max_rows, **kw)[0]
-
-
-def evaluate_run(run_dir, probes_dir=None, test_path=None, test_scores=None, device="cpu", max_rows=None,
-                 out=None, **kw):
+def evaluate_run(run_dir, out=None, **kw):
     """Evaluate every ckpt_*.pt of run_dir not yet in `out` (default run_dir/eval.json); returns all rows.
     The file is rewritten after each checkpoint, so an interrupted run loses at most one checkpoint's work."""
     out = out or os.path.join(run_dir, "eval.json")
@@ -323,15 +294,13 @@ def evaluate_run(run_dir, probes_dir=None, test_path=None, test_scores=None, dev
         with open(out) as f:
             rows = json.load(f)
     done = {r["step"] for r in rows}
-    ckpts = sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")))
-    todo = [p for p in ckpts if int(re.search(r"ckpt_(\d+)\.pt$", p).group(1)) not in done]
+    todo = [p for p in sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")))
+            if int(re.search(r"ckpt_(\d+)\.pt$", p).group(1)) not in done]
     for path in tqdm(todo, desc=f"eval {os.path.basename(os.path.normpath(run_dir))}",
                      disable=not todo or not sys.stderr.isatty()):
         t0 = time.perf_counter()
-        results, ckpt = _evaluate(path, probes_dir, test_path, test_scores, device, max_rows, **kw)
-        c = ckpt["config"]
-        rows += [{"arch": c["arch"], "loss": c["loss"], "seed": c["seed"], "lr": c["lr"], "step": ckpt["step"], **r}
-                 for r in results]
+        results = evaluate_checkpoint(path, run_rows=True, **kw)
+        rows += results
         write_rows(out, rows)
         tqdm.write(f"{path}: {len(results)} benchmarks in {time.perf_counter() - t0:.1f}s")
     alarm = run_alarm(run_dir)
@@ -350,28 +319,26 @@ def write_rows(path, rows):
 def run_alarm(run_dir):
     """(step, message) of the unlearning alarm train.py recorded in run_dir/log.jsonl, or None."""
     path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        hit = next((line for line in f if '"alarm"' in line), None)
-    if hit is None:
-        return None
-    line = json.loads(hit)
-    return line.get("step"), line.get("alarm")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if '"alarm"' in line:
+                    line = json.loads(line)
+                    return line.get("step"), line.get("alarm")
+    return None
 
 
 def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    kw = dict(probes_dir=cfg.probes or None, test_path=cfg.test or None, test_scores=cfg.test_scores or None,
-              device=pick_device(cfg.device), max_rows=cfg.max_rows or None,
+    kw = dict(probes_dir=cfg.probes, test_path=cfg.test, test_scores=cfg.test_scores,
               mc_files=[f for f in cfg.mc.split(",") if f], bench=[b for b in cfg.bench.split(",") if b],
-              bench_generate=cfg.bench_generate,
-              tokenizer=cfg.tokenizer or None, row_len=cfg.row_len, batch_rows=cfg.batch_rows, seed=cfg.seed,
-              max_bad_fraction=cfg.max_bad_fraction, feature_cache=cfg.feature_cache, blind=cfg.blind)
+              bench_generate=cfg.bench_generate, tokenizer=cfg.tokenizer, device=pick_device(cfg.device),
+              max_rows=cfg.max_rows or None, seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction, blind=cfg.blind,
+              feature_cache=cfg.feature_cache, row_len=cfg.row_len, batch_rows=cfg.batch_rows)
     if not (cfg.ckpt or cfg.run_dir):
         raise SystemExit("nothing to do: give --ckpt or --run-dir (see --help)")
-    if (cfg.ckpt or cfg.run_dir) and not (kw["probes_dir"] or kw["test_path"] or kw["mc_files"] or kw["bench"]):
+    if not (cfg.probes or cfg.test or kw["mc_files"] or kw["bench"]):
         raise SystemExit("give --mc, --bench, --probes and/or --test to evaluate on")
     if cfg.run_dir:
         rows = evaluate_run(cfg.run_dir, **kw)
@@ -385,21 +352,9 @@ def main(cfg):
             print(plugin("bench_table", "--bench")({r["benchmark"]: r["value"] for r in results}, kw["bench"]))
         print(f"({time.perf_counter() - t0:.1f}s)  accuracy: summed log-likelihood; _norm: per-token mean")
 
-# ---- likelihood ----------------------------------------------------------------------------------------------------
-# Log-likelihoods of continuations given an image, for evaluation (eval.py, and what builds on it): the
-# H-LVLM's frozen-encoder features cached per process, the image derangement of blind and shuffled-image scores,
-# and score_docs, which scores every choice of many questions in packed rows, reading the shared image and prompt
-# once per question.
 
-
+# ----------------------------------------------------------------------------- likelihood
 _features = {}  # (hash of ViT weights, data_key) -> ViT patch features
-
-
-def weights_hash(module):
-    h = hashlib.sha1()
-    for t in module.state_dict().values():
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def image_embeds(model, images, key, device, chunk=256, feature_cache=""):
@@ -411,7 +366,10 @@ def image_embeds(model, images, key, device, chunk=256, feature_cache=""):
     with autocast(device):
         if model.cfg.arch != "h":
             return run(model.embed_images)
-        h = weights_hash(model.encoder)
+        h = hashlib.sha1()
+        for t in model.encoder.state_dict().values():
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        h = h.hexdigest()
         if (h, key) not in _features:
             for k in [k for k in _features if k[0] != h]:  # another encoder: its features are stale
                 del _features[k]
@@ -437,29 +395,17 @@ def score_docs(model, docs, embeds, row_len=256, batch_rows=8, device="cpu", des
     """log p of every branch token of every doc -> per doc, per branch, a float tensor.
 
     A doc is (image index into embeds, shared ids, branches). The shared ids (image, bos, prompt) are read once
-    and each branch (a choice) continues them, attending to the shared part and to itself only, with positions
-    as if it were alone: k choices cost one image + prompt instead of k (~2.5x fewer tokens on the probes). The
-    LM head runs only where a token is scored. Docs are packed next-fit into rows of row_len (grown to fit the
-    longest doc); short rows run faster on CPU than long ones, as attention is quadratic and caches are small.
-    A doc that reaches past the model's context (a prompt or caption longer than it was trained on) is not
-    scored: its entry is None, and the caller counts it."""
+    and each branch (a choice) attends to them and to itself only, with positions as if it were alone: k choices
+    cost one image + prompt instead of k. Docs are packed next-fit into rows of row_len (grown to fit the longest
+    doc). A doc that reaches past the model's context is not scored: its entry is None, and the caller counts it."""
     limit = model.decoder.cfg.max_seq_len  # the last input of a branch sits at len(shared) + len(b) - 2
     fits = [len(shared) + max(len(b) - 1 for b in branches) <= limit for _, shared, branches in docs]
-    # a branch's last token is no input
-    sizes = [len(shared) + sum(len(b) - 1 for b in branches) for _, shared, branches in docs]
+    sizes = [len(shared) + sum(len(b) - 1 for b in branches) for _, shared, branches in docs]  # last tokens: no input
     row_len = max(row_len, *(n for n, ok in zip(sizes, fits) if ok), 1)
-    rows, used = [[]], 0
-    for d, n in enumerate(sizes):
-        if not fits[d]:
-            continue
-        if used + n > row_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(d)
-        used += n
+    keep = [d for d, ok in enumerate(fits) if ok]
+    rows = [[keep[i] for i in row] for row in next_fit([sizes[d] for d in keep], row_len)]
     out = [[None] * len(b) if ok else None for (_, _, b), ok in zip(docs, fits)]
     causal = torch.ones(row_len, row_len, dtype=torch.bool, device=device).tril()
-    rows = [row for row in rows if row]  # none at all when no doc fits
     for start in tqdm(range(0, len(rows), batch_rows), desc=desc, leave=False, disable=not sys.stderr.isatty()):
         cells, pred, target, owner, images = [], [], [], [], []  # cells: (token, position, doc, branch)
         for r, row in enumerate(rows[start:start + batch_rows]):
@@ -477,12 +423,9 @@ def score_docs(model, docs, embeds, row_len=256, batch_rows=8, device="cpu", des
                     here += [(t, len(shared) + p, k, j + 1) for p, t in enumerate(b[:-1])]
             cells.append(here + [(T.PAD, 0, len(row), 0)] * (row_len - len(here)))  # padding: its own doc
         ids, pos, doc, branch = torch.tensor(cells, device=device).unbind(-1)
-        if int(pos.max()) >= model.decoder.cfg.max_seq_len:
-            raise ValueError(f"a document reaches position {int(pos.max())}; the model has "
-                             f"{model.decoder.cfg.max_seq_len}")
         visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
         mask = (causal & (doc[:, :, None] == doc[:, None, :]) & visible).unsqueeze(1)
-        with autocast(device):
+        with autocast(device):  # the LM head runs only where a token is scored
             x = model(ids, position_ids=pos, mask=mask, image_embeds=embeds[torch.tensor(images, device=device)],
                       return_hidden=True)
             logits = model.decoder.head(model.decoder.norm(x.flatten(0, 1)[torch.tensor(pred, device=device)]))
@@ -495,7 +438,7 @@ def score_docs(model, docs, embeds, row_len=256, batch_rows=8, device="cpu", des
 
 def accuracy(logps, answers, normalise=False):
     """Share of questions whose answer has the highest summed (or per-token mean) log-likelihood; questions
-    score_docs did not score (None: longer than the model's context) are left out, NaN if none is left."""
+    score_docs did not score (None) are left out, NaN if none is left."""
     hits = [max(range(len(lp)), key=lambda j: float(lp[j].sum()) / (len(lp[j]) if normalise else 1)) == a
             for lp, a in zip(logps, answers) if lp is not None]
     return sum(hits) / len(hits) if hits else float("nan")

@@ -45,17 +45,10 @@ shifted (logits[b, t] predicts labels[b, t]); positions whose label equals
 packed into one row; `caption_ids` (B, T) tells them apart (None: one caption
 per row). Weights are constants: no gradient flows into them.
 
-Which functions run where. Training (train.py) calls two: `prior_weights` turns the stored p_ref into w
-(train.loss_weights), and `weighted_loss` applies Eq. 4 to a packed micro-batch (train.train_step); keeping
-them apart lets train.py hand the same `weighted_loss` the other weightings (oracle, shuffled, the baselines'),
-and `token_losses` gives its per-tag NLL. `prior_loss` is the two in one call, the form for a user's own
-training loop (logits, labels, p_ref -> loss); tests/test_loss.py checks it against the worked example and
-against NTP, so it stays what training computes. `shuffle_within_captions` is PRIOR's control (--loss
-prior_shuffled).
-
-The same machinery serves the baselines (baselines/losses.py): the rare-word weighting passes
-inverse-frequency weights to `weighted_loss`; Rho-1 and CAL build online weights from the model itself.
-PRIOR differs from them: soft, static, offline weights from a text-only reference model.
+Where they run: train.py's registered weightings make w (`prior_weights` for --loss prior) and `weighted_loss`
+applies Eq. 4 to a packed micro-batch, whatever the weighting (oracle, shuffled, the baselines'); `token_losses`
+gives its per-tag NLL. `prior_loss` is the two in one call, for a training loop of your own; tests/test_loss.py
+checks it against the worked example and against NTP. `shuffle_within_captions` is PRIOR's control.
 """
 
 import torch

@@ -1,18 +1,9 @@
-"""The models: one decoder LM, and two vision-language models built on it.
+"""The models: one decoder (RMSNorm, RoPE, SwiGLU, fused QKV, SDPA) for the reference LM, the base LM and both
+vision-language models: the H-LVLM (LLaVA-style: ViT encoder -> MLP projector -> decoder) and the encoder-free U-LVLM
+(SOLO-style: pixel patches -> one bias-free Linear -> decoder, positions only from the decoder's RoPE).
 
-    Decoder  pre-norm transformer (RMSNorm, RoPE, SwiGLU, fused QKV, F.scaled_dot_product_attention).
-             The text-only reference LM, the base LM and both VLMs all use this one module.
-    VLM(arch="h")  H-LVLM, LLaVA-style: ViT encoder (timm blocks) -> MLP projector -> decoder.
-    VLM(arch="u")  U-LVLM, SOLO-style, encoder-free: 8x8 pixel patches -> one bias-free Linear -> decoder,
-                   framed as <|vision|> (patch x cols, <|vrow|>) x rows <|/vision|>; positions come only from
-                   the decoder's RoPE over the flat sequence.
-    VLMConfig(vision="timm:<name>")  the H-LVLM with a ViT-style timm model as encoder (model.py), e.g. CLIP.
-    load_model, load_lm  a train.py / reference_lm.py checkpoint back as a model (the config is inside).
-    KVCache, generate  inference: decoding with cached keys/values, greedy or sampled (tools/caption.py).
-
-Both VLMs splice image embeddings into the token sequence at the <|image|> placeholders, so packing,
-masks and the loss never need to know which family runs. Sequences may be packed: `doc_ids` keeps attention
-inside each document and `position_ids` restart at each document.
+Both VLMs splice image embeddings into the token sequence at the <|image|> placeholders, so packing, masks and the
+loss never need to know which family runs. Text generation with a KV cache: benchmarks/generate.py.
 """
 import json
 import math
@@ -66,10 +57,9 @@ class Attention(nn.Module):
         if cache is not None:  # inference: the new tokens also attend to every cached earlier one
             k, v = cache.update(layer, k, v)
         gqa = self.n_kv_head != self.n_head  # grouped-query: each key/value head serves n_head / n_kv_head queries
-        if mask is None and q.shape[2] == k.shape[2]:  # one document per row: the fast causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # mask None here: one new token after the cached ones, which may see all of them
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        # No mask: one document per row, the fast causal kernel; or, after cached keys, one new token that sees them all
+        causal = mask is None and q.shape[2] == k.shape[2]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -120,26 +110,19 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids=None, embeds=None, position_ids=None, doc_ids=None, mask=None, return_hidden=False,
                 keep=None, cache=None):
-        """Logits (B, T, V). Give `input_ids` or ready `embeds` (B, T, d). position_ids (B, T): RoPE positions, default
-        0..T-1. doc_ids (B, T): tokens attend only to earlier tokens with the same doc id (packing); None means one
-        document per row. mask (B, 1, T, T) bool: any other attention pattern (True = may attend), instead of doc_ids.
-        return_hidden: the states before the final norm and head, for callers that need logits at a few positions only.
-        keep (N,) long: flat indices into the B*T positions; logits (N, V) at those positions only. Training keeps the
-        labelled positions: in a VLM batch most positions are image tokens, whose logits no loss reads, and the head
-        plus its cross-entropy over a vocabulary-wide row is the most expensive per-position work there is. cache
-        (KVCache, inference only): the tokens continue the ones already in the cache, at positions cache.pos.. (one
-        document per row, so no doc_ids or mask); their keys and values are appended. With
-        self.grad_checkpoint (--grad-checkpoint), training recomputes each block in backward instead of keeping it."""
+        """Logits (B, T, V) of `input_ids` or `embeds` (B, T, d). position_ids (B, T): default 0..T-1, restarting at
+        each document when packed. doc_ids (B, T): tokens attend only to earlier ones of the same document (packing);
+        None: one document per row. mask (B, 1, T, T) bool (True = may attend): any other pattern. return_hidden: the
+        states before the final norm. keep (N,): flat indices into B*T, logits (N, V) there only: most positions of a
+        VLM batch are image tokens no loss reads, and the vocabulary-wide head is the costliest per-position work.
+        cache (benchmarks/generate.py): the tokens continue the cached ones, whose keys and values it keeps."""
         x = self.embed(input_ids) if embeds is None else embeds
         B, T, _ = x.shape
-        start = 0
-        if cache is not None:
-            if doc_ids is not None or mask is not None:
-                raise ValueError("the KV cache decodes one document per row: no doc_ids or mask")
-            start = cache.pos
-            if start and T > 1:  # several new tokens after cached ones: causal with the offset (True = may attend)
-                mask = (torch.arange(start + T, device=x.device)
-                        <= torch.arange(start, start + T, device=x.device)[:, None])
+        if cache is not None and (doc_ids is not None or mask is not None):
+            raise ValueError("the KV cache decodes one document per row: no doc_ids or mask")
+        start = cache.pos if cache is not None else 0
+        if start and T > 1:  # several new tokens after cached ones: causal with the offset (True = may attend)
+            mask = torch.arange(start + T, device=x.device) <= torch.arange(start, start + T, device=x.device)[:, None]
         if position_ids is None:  # checked on the host: no device sync
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"position {start + T - 1} >= max_seq_len {self.cfg.max_seq_len}")
@@ -167,23 +150,16 @@ def rope_tables(cfg):
     """rotate's (max_seq_len, d_head) [cos, cos], [-sin, sin] of angles position x theta^(-2i/d_head)."""
     d_head = cfg.d_model // cfg.n_head
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d_head, 2).float() / d_head)
-    if cfg.rope_scaling:
-        inv_freq = llama3_rope_scaling(inv_freq, cfg.rope_scaling)
+    if s := cfg.rope_scaling:  # Llama 3.1/3.2's longer context: wavelengths over context / low_freq_factor are
+        # divided by `factor`, those under context / high_freq_factor kept, in between blended in context / wavelength
+        if s.get("rope_type", s.get("type")) != "llama3":
+            raise ValueError(f"rope_scaling {s}: only rope_type 'llama3' is supported")
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        wavelength = 2 * math.pi / inv_freq
+        blend = ((s["original_max_position_embeddings"] / wavelength - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - blend) * inv_freq / factor + blend * inv_freq
     angles = torch.outer(torch.arange(cfg.max_seq_len).float(), inv_freq)
     return angles.cos().repeat(1, 2), torch.cat([-angles.sin(), angles.sin()], dim=-1)
-
-
-def llama3_rope_scaling(inv_freq, s):
-    """Llama-3.1/3.2's longer context: frequencies whose wavelength exceeds the original context / low_freq_factor
-    are divided by `factor`, those shorter than context / high_freq_factor are kept, and in between the two are
-    blended linearly in (context / wavelength)."""
-    if s.get("rope_type", s.get("type")) != "llama3":
-        raise ValueError(f"rope_scaling {s}: only rope_type 'llama3' is supported")
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    context = s["original_max_position_embeddings"]
-    wavelength = 2 * math.pi / inv_freq
-    blend = ((context / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long wavelengths, 1: short ones
-    return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
 def init_weights(module):
@@ -193,224 +169,9 @@ def init_weights(module):
             nn.init.zeros_(module.bias)
 
 
-@dataclass
-class VLMConfig:
-    arch: str = "h"           # "h": ViT -> projector -> decoder; "u": pixel patches -> Linear -> decoder
-    image_size: int = 48
-    patch_size: int = 8
-    vit_dim: int = 192         # H-LVLM vision encoder (timm ViT blocks)
-    vit_depth: int = 4
-    vit_heads: int = 3
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    # "" = the built-in ViT (build_vit); "timm:<name>" = that timm model (TimmEncoder). With a timm model,
-    # image_size, patch_size and vit_* are read from it, so the config saved in a checkpoint describes it.
-    vision: str = ""
-    vision_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments, e.g. {"img_size": 336}
-
-    @staticmethod
-    def from_dict(d):
-        d = dict(d)
-        d["decoder"] = DecoderConfig(**d["decoder"])
-        return VLMConfig(**d)
-
-
-class VLM(nn.Module):
-    def __init__(self, cfg: VLMConfig):
-        super().__init__()
-        if cfg.arch not in ("h", "u"):
-            raise ValueError(f"arch must be 'h' or 'u', got {cfg.arch!r}")
-        if cfg.vision and cfg.arch != "h":
-            raise ValueError(f"vision {cfg.vision!r} needs arch 'h' (the encoder-free U-LVLM has no encoder)")
-        if cfg.arch == "h":
-            self.encoder = build_encoder(cfg)
-            if cfg.vision:  # image size, patches and width come from the timm model
-                e = self.encoder
-                cfg = replace(cfg, image_size=e.image_size, patch_size=e.patch_size, vit_dim=e.dim,
-                              vit_depth=e.depth, vit_heads=e.heads)
-        if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-        self.cfg = cfg
-        self.grid = cfg.image_size // cfg.patch_size
-        d = cfg.decoder.d_model
-        if cfg.arch == "h":
-            # LLaVA's "mlp2x_gelu" projector.
-            self.projector = nn.Sequential(nn.Linear(cfg.vit_dim, d), nn.GELU(), nn.Linear(d, d))
-        else:
-            self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, d, bias=False)
-            init_weights(self.patch_embed)
-        self.decoder = Decoder(cfg.decoder)
-
-    def image_tokens(self):
-        """The token ids one image occupies in a sequence; each <|image|> receives one image embedding."""
-        if self.cfg.arch == "h":
-            return [T.IMAGE] * self.grid ** 2
-        return [T.VISION] + ([T.IMAGE] * self.grid + [T.VROW]) * self.grid + [T.VISION_END]
-
-    def embed_images(self, images):
-        """(N, 3, S, S) normalised pixels -> (N, grid*grid, d) embeddings in row-major patch order. H-LVLM: or
-        (N, grid*grid, vit_dim) encoder features computed beforehand (scale.features: the frozen encoder's)."""
-        if self.cfg.arch == "h":
-            if images.dim() == 4 and any(p.requires_grad for p in self.encoder.parameters()):
-                images = self.encoder.forward_features(images)
-            elif images.dim() == 4:
-                with torch.no_grad():  # frozen encoder (--train projector): no autograd state for it
-                    images = self.encoder.forward_features(images)
-            return self.projector(images)
-        p = self.cfg.patch_size
-        patches = images.unfold(2, p, p).unfold(3, p, p)                  # N, 3, g, g, p, p
-        patches = patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # N, g*g, 3*p*p
-        return self.patch_embed(patches)
-
-    def forward(self, input_ids, images=None, position_ids=None, doc_ids=None, image_embeds=None, **kw):
-        """Logits (B, T, V). `images` holds one image per <|image|> block, in the order blocks appear in
-        input_ids read row by row (the packer builds it that way); or pass ready `image_embeds` from
-        embed_images. Other keywords (mask, return_hidden, keep, cache) go to Decoder.forward."""
-        embeds = self.decoder.embed(input_ids)
-        # Whether there are images is read from the inputs (shapes the host knows), not from input_ids on the
-        # device: no device sync, and one graph under torch.compile. Given images must fill the slots exactly.
-        if image_embeds is None and images is not None and images.shape[0] > 0:
-            image_embeds = self.embed_images(images)
-        if image_embeds is not None and image_embeds.shape[0] > 0:
-            slots = input_ids == T.IMAGE
-            n = image_embeds.shape[0] * image_embeds.shape[1]
-            torch._assert_async(slots.sum() == n, f"the <|image|> slots do not match {image_embeds.shape[0]} "
-                                                  f"images x {image_embeds.shape[1]} embeddings")
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), image_embeds.to(embeds.dtype))
-        return self.decoder(embeds=embeds, position_ids=position_ids, doc_ids=doc_ids, **kw)
-
-    def parts(self):
-        """Named parameter groups, for freezing: the paper trains only the projector of the H-LVLM."""
-        if self.cfg.arch == "h":
-            return {"encoder": self.encoder, "projector": self.projector, "decoder": self.decoder}
-        return {"projector": self.patch_embed, "decoder": self.decoder}
-
-
-def count_params(module, trainable_only=False):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def load_model(path, device="cpu"):
-    """A VLM rebuilt from a train.py checkpoint alone (config inside), plus the checkpoint dict. Auxiliary
-    heads (--objective: itm, itc, recon) are left out; they stay in ckpt["model"] under aux.*."""
-    ckpt = load_checkpoint(path, "vlm")
-    model = VLM(VLMConfig.from_dict(ckpt["model_config"]))
-    # Heads of an --objective run (keys aux.*) are training-only: evaluation and captioning use the VLM alone.
-    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("aux.")})
-    return model.to(device).eval(), ckpt
-
-
-def load_lm(path, tok=None):
-    """Decoder from a reference_lm.py checkpoint; checks the tokenizer fingerprint when `tok` is given."""
-    ckpt = load_checkpoint(path, "lm")
-    if tok is not None:
-        check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), path, "the tokenizer in use")
-    model = Decoder(DecoderConfig(**ckpt["decoder_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model, ckpt
-
-
-SPECIAL_NOT_EOS = (T.PAD, T.BOS, T.IMAGE, T.VISION, T.VISION_END, T.VROW)
-
-
-class KVCache:
-    """Keys and values of every decoder layer for the positions decoded so far (inference only): each new
-    token then costs one position's work instead of re-reading the whole sequence. All rows of a batch are
-    at the same position (no padding). Allocated at the first write, in the dtype attention produces (bf16
-    under autocast), for at most max_len positions."""
-
-    def __init__(self, max_len):
-        self.max_len, self.pos, self.k, self.v = max_len, 0, [], []
-
-    def update(self, layer, k, v):
-        """Write (B, H, T, D) keys and values at positions pos..pos+T-1 of `layer`; return those of 0..pos+T-1.
-        Decoder.forward advances pos once all layers have written."""
-        if layer == len(self.k):
-            B, H, _, D = k.shape
-            self.k.append(k.new_empty(B, H, self.max_len, D))
-            self.v.append(v.new_empty(B, H, self.max_len, D))
-        end = self.pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions, room for {self.max_len}")
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-def sample_next(logits, temperature=0.0, top_k=None, generator=None):
-    """Next token ids (B,) from last-position logits (B, V): argmax for temperature 0, else a draw from
-    softmax(logits / temperature) over the top_k most likely tokens (None or 0: all)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-
-
-@torch.no_grad()
-def generate(model, input_ids, images=None, max_new_tokens=40, temperature=0.0, top_k=None, eos_id=T.EOS,
-             generator=None, use_cache=True, return_logits=False, banned=SPECIAL_NOT_EOS):
-    """Continue input_ids (B, T) with a VLM (images: one per image block, as in VLM.forward) or a Decoder.
-
-    Greedy for temperature 0, else sampled (sample_next; `generator` makes draws reproducible). A row stops
-    at eos_id (None: never); decoding stops when every row has, after max_new_tokens, or at the model's
-    max_seq_len. `banned` ids are never chosen: by default the special tokens other than eos, which training
-    never labels (an <|image|> drawn by chance would ask for an image that is not there). Returns a list of B
-    lists of new token ids, without the eos; with return_logits also the
-    (B, steps, V) float logits each step was drawn from. use_cache=False re-runs the whole sequence every step:
-    the slow reference the cache is tested against."""
-    model.eval()
-    decoder = model.decoder if isinstance(model, VLM) else model
-    B, n = input_ids.shape
-    steps = min(max_new_tokens, decoder.cfg.max_seq_len - n)
-    if steps < 0 or n == 0:
-        raise ValueError(f"{n} input tokens; the model takes 1 to {decoder.cfg.max_seq_len}")
-
-    def run(ids, images=None, **kw):  # logits at each row's last position
-        keep = torch.arange(1, ids.shape[0] + 1, device=ids.device) * ids.shape[1] - 1
-        if isinstance(model, VLM):
-            return model(ids, images, keep=keep, **kw).float()
-        return model(ids, keep=keep, **kw).float()
-
-    cache = KVCache(n + steps) if use_cache else None
-    ban = torch.tensor(list(banned or ()), dtype=torch.long, device=input_ids.device)
-    seq, new, all_logits = input_ids, [], []
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    logits = run(input_ids, images, cache=cache)  # the prompt (image included) in one pass
-    for step in range(steps):
-        allowed = logits.index_fill(1, ban, float("-inf")) if len(ban) else logits
-        token = sample_next(allowed, temperature, top_k, generator)
-        if eos_id is not None:
-            token = torch.where(done, eos_id, token)  # finished rows keep emitting eos, ignored below
-            done |= token == eos_id
-        new.append(token)
-        all_logits.append(logits)
-        if bool(done.all()) or step == steps - 1:
-            break
-        if use_cache:  # images are in the cache already: only the new token runs
-            logits = run(token[:, None], cache=cache)
-        else:
-            seq = torch.cat([seq, token[:, None]], dim=1)
-            logits = run(seq, images)
-    out = torch.stack(new, 1).tolist() if new else [[] for _ in range(B)]
-    if eos_id is not None:
-        out = [row[:row.index(eos_id)] if eos_id in row else row for row in out]
-    if return_logits:
-        return out, torch.stack(all_logits, 1) if all_logits else torch.empty(B, 0, decoder.cfg.vocab_size)
-    return out
-
-
-# ---- norm ----------------------------------------------------------------------------------------------------------
-# RMSNorm with a hand-written backward for the CPU (model.Decoder's norms).
-#
-# torch's rms_norm on the CPU is not a kernel but a chain of elementwise ops (pow, mean, rsqrt, mul, mul), and its
-# autograd backward walks that chain again op by op. RMSNormFn does the same arithmetic in fewer passes over the
-# activations: the sum of squares as one dot product, the normalised x kept for the backward, and the backward's
-# three terms in two fused ops. On CUDA (where torch's fused kernel is real) and in other dtypes nn.RMSNorm runs
-# unchanged. tests/test_model.py checks outputs and gradients against nn.RMSNorm; docs/performance.md has the timing.
-
-
+# Why a hand-written backward: on the CPU torch's rms_norm is a chain of elementwise ops whose autograd backward walks
+# it again op by op; RMSNormFn needs fewer passes (the sum of squares as one dot product, the normalised x kept, the
+# backward's three terms in two fused ops). CUDA (a real fused kernel) and other dtypes keep nn.RMSNorm.
 class RMSNormFn(torch.autograd.Function):
     """y = x / sqrt(mean(x^2) + eps) * w over the last dimension."""
 
@@ -440,73 +201,150 @@ class RMSNorm(nn.RMSNorm):
         return RMSNormFn.apply(x, self.weight, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
 
 
-# ---- encoders ------------------------------------------------------------------------------------------------------
-# The H-LVLM's vision encoder: the built-in ViT from timm's blocks; a pretrained ViT-style timm model (CLIP), with
-# its weights from a local file, comes from scale/timm_encoder.py (plug-ins "timm_encoder", "vision_weights").
+@dataclass
+class VLMConfig:
+    arch: str = "h"           # "h": ViT -> projector -> decoder; "u": pixel patches -> Linear -> decoder
+    image_size: int = 48
+    patch_size: int = 8
+    vit_dim: int = 192         # H-LVLM vision encoder (timm ViT blocks)
+    vit_depth: int = 4
+    vit_heads: int = 3
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # "" = the built-in ViT (build_vit); "timm:<name>" = that timm model (scale/timm_encoder.py, local weights).
+    # With a timm model, image_size, patch_size and vit_* are read from it, so a checkpoint's config describes it.
+    vision: str = ""
+    vision_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments, e.g. {"img_size": 336}
+
+    @staticmethod
+    def from_dict(d):
+        d = dict(d)
+        d["decoder"] = DecoderConfig(**d["decoder"])
+        return VLMConfig(**d)
 
 
 def build_vit(cfg):
-    """The H-LVLM's vision encoder from timm's ViT blocks. Patch tokens only (no class token, no pooling):
-    `forward_features` gives one embedding per patch, which is what reaches the LM."""
+    """The H-LVLM's encoder of timm's ViT blocks: no class token, no pooling; one embedding per patch reaches the LM."""
     from timm.models.vision_transformer import VisionTransformer
     return VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vit_dim,
                              depth=cfg.vit_depth, num_heads=cfg.vit_heads, num_classes=0, global_pool="",
                              class_token=False)
 
 
-def build_encoder(cfg):
-    """The H-LVLM encoder cfg asks for: build_vit, or a TimmEncoder for vision='timm:<name>'."""
-    if not cfg.vision:
-        return build_vit(cfg)
-    if not cfg.vision.startswith("timm:") or not cfg.vision[5:]:
-        raise ValueError(f"vision must be '' (the built-in ViT) or 'timm:<model name>', got {cfg.vision!r}")
-    return plugin("timm_encoder", "--vision timm:<name>")(cfg.vision[5:], cfg.vision_kwargs)
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        if cfg.arch not in ("h", "u"):
+            raise ValueError(f"arch must be 'h' or 'u', got {cfg.arch!r}")
+        if cfg.vision and cfg.arch != "h":
+            raise ValueError(f"vision {cfg.vision!r} needs arch 'h' (the encoder-free U-LVLM has no encoder)")
+        if cfg.arch == "h" and not cfg.vision:
+            self.encoder = build_vit(cfg)
+        elif cfg.arch == "h":
+            if not cfg.vision.startswith("timm:") or not cfg.vision[5:]:
+                raise ValueError(f"vision must be '' (the built-in ViT) or 'timm:<model name>', got {cfg.vision!r}")
+            e = self.encoder = plugin("timm_encoder", "--vision timm:<name>")(cfg.vision[5:], cfg.vision_kwargs)
+            cfg = replace(cfg, image_size=e.image_size, patch_size=e.patch_size, vit_dim=e.dim,
+                          vit_depth=e.depth, vit_heads=e.heads)
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        self.cfg, self.grid = cfg, cfg.image_size // cfg.patch_size
+        d = cfg.decoder.d_model
+        if cfg.arch == "h":  # LLaVA's "mlp2x_gelu" projector
+            self.projector = nn.Sequential(nn.Linear(cfg.vit_dim, d), nn.GELU(), nn.Linear(d, d))
+        else:
+            self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, d, bias=False)
+            init_weights(self.patch_embed)
+        self.decoder = Decoder(cfg.decoder)
+
+    def image_tokens(self):
+        """The token ids one image occupies in a sequence; each <|image|> receives one image embedding."""
+        if self.cfg.arch == "h":
+            return [T.IMAGE] * self.grid ** 2
+        return [T.VISION] + ([T.IMAGE] * self.grid + [T.VROW]) * self.grid + [T.VISION_END]
+
+    def embed_images(self, images):
+        """(N, 3, S, S) normalised pixels -> (N, grid*grid, d) embeddings in row-major patch order. H-LVLM: or
+        (N, grid*grid, vit_dim) encoder features computed beforehand (scale.features: the frozen encoder's)."""
+        if self.cfg.arch == "h":
+            if images.dim() == 4:  # a frozen encoder (--train projector) runs without autograd state
+                trainable = any(p.requires_grad for p in self.encoder.parameters())
+                with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+                    images = self.encoder.forward_features(images)
+            return self.projector(images)
+        p = self.cfg.patch_size
+        patches = images.unfold(2, p, p).unfold(3, p, p)                  # N, 3, g, g, p, p
+        patches = patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # N, g*g, 3*p*p
+        return self.patch_embed(patches)
+
+    def forward(self, input_ids, images=None, position_ids=None, doc_ids=None, image_embeds=None, **kw):
+        """Logits (B, T, V). `images` holds one image per <|image|> block, in the order blocks appear in
+        input_ids read row by row (the packer builds it that way); or pass ready `image_embeds` from
+        embed_images. Other keywords (mask, return_hidden, keep, cache) go to Decoder.forward."""
+        embeds = self.decoder.embed(input_ids)
+        # Images are told by the inputs' shapes, not by input_ids on the device: no sync, one graph under torch.compile
+        if image_embeds is None and images is not None and images.shape[0] > 0:
+            image_embeds = self.embed_images(images)
+        if image_embeds is not None and image_embeds.shape[0] > 0:
+            slots = input_ids == T.IMAGE
+            n, k = image_embeds.shape[:2]
+            torch._assert_async(slots.sum() == n * k, f"the <|image|> slots do not match {n} images x {k} embeddings")
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), image_embeds.to(embeds.dtype))
+        return self.decoder(embeds=embeds, position_ids=position_ids, doc_ids=doc_ids, **kw)
+
+    def parts(self):
+        """Named parameter groups, for freezing: the paper trains only the projector of the H-LVLM."""
+        if self.cfg.arch == "h":
+            return {"encoder": self.encoder, "projector": self.projector, "decoder": self.decoder}
+        return {"projector": self.patch_embed, "decoder": self.decoder}
 
 
-# ---- build ---------------------------------------------------------------------------------------------------------
-# The VLM a training config asks for, built and initialised: from scratch, from a base LM (reference_lm.py or
-# hf:FOLDER), a tools/vision.py ViT or a timm model with local weights, or a whole train.py checkpoint or exported
-# folder (--init-from; scale/export.py). train.py, bench.py and the tests build their models here.
-#
-#     read_vlm(path), load_vlm(path)  a train.py checkpoint or an exported folder: the checkpoint dict / (model, dict)
-#     frozen_to_bf16(model, device)   --train projector on CUDA: the frozen encoder and decoder held in bf16
+def count_params(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def read_vlm(path, flag=""):
-    """A train.py checkpoint's dict (model, model_config, config, tokenizer, ...); a folder is an exported VLM, which
-    scale/export.py reads (plug-in vlm_folder)."""
+    """A train.py checkpoint's dict; or an exported VLM's folder, which scale/export.py reads (plug-in vlm_folder)."""
     if os.path.isdir(path):
         return plugin("vlm_folder", flag or path)(path, flag)
     return load_checkpoint(path, "vlm", flag)
 
 
-def load_vlm(path, device="cpu"):
-    """(model, checkpoint dict) like model.load_model, for a .pt checkpoint or an exported folder (eval.py)."""
-    if not os.path.isdir(path):
-        return load_model(path, device)
+def load_model(path, device="cpu"):
+    """(VLM, checkpoint dict) from a train.py checkpoint or an exported folder (read_vlm). Heads of an --objective
+    run (keys aux.*) are training-only: left out of the model (evaluation and captioning), kept in ckpt["model"]."""
     ckpt = read_vlm(path)
     model = VLM(VLMConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("aux.")})
     return model.to(device).eval(), ckpt
 
 
+load_vlm = load_model  # eval.py's name: a checkpoint or a folder
+
+
+def load_lm(path, tok=None):
+    """Decoder from a reference_lm.py checkpoint; checks the tokenizer fingerprint when `tok` is given."""
+    ckpt = load_checkpoint(path, "lm")
+    if tok is not None:
+        check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), path, "the tokenizer in use")
+    model = Decoder(DecoderConfig(**ckpt["decoder_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
 def frozen_to_bf16(model, device):
-    """Cast the frozen parameters (requires_grad False: the encoder and decoder under --train projector) to bf16 on
-    CUDA, halving their memory; under bf16 autocast their matmuls ran in bf16 anyway, and the frozen decoder's
-    residual stream now does too (as LLaVA runs it). Trainable ones stay fp32 for AdamW. Nothing on a CPU, where
-    training runs in fp32. Returns the names cast."""
+    """The frozen parameters (--train projector) cast to bf16 on CUDA, at half the memory: their matmuls ran in bf16
+    under autocast anyway. Trainable ones stay fp32 for AdamW; a CPU trains in fp32. Returns the names cast."""
     if not str(device).startswith("cuda"):
         return []
-    names = [n for n, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()]
-    for n, p in model.named_parameters():
-        if n in names:
-            p.data = p.data.to(torch.bfloat16)
-    return names
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()}
+    for p in frozen.values():
+        p.data = p.data.to(torch.bfloat16)
+    return list(frozen)
 
 
 def build_model(cfg, tok, extra=None):
-    """The VLM described by cfg, with the decoder/encoder/whole model initialised as cfg asks; `extra`, a lab
-    method's hook (train.py), attaches its heads."""
+    """The VLM cfg asks for, from scratch or from a base LM, a tools/vision.py ViT, timm weights or a whole checkpoint
+    or exported folder (--init-from); `extra`, a lab method's hook (train.py), attaches its heads."""
     dcfg = DecoderConfig(vocab_size=tok.get_vocab_size(), n_layer=cfg.n_layer, n_head=cfg.n_head,
                          d_model=cfg.d_model, max_seq_len=cfg.row_len)
     base = enc = start = None
@@ -517,7 +355,7 @@ def build_model(cfg, tok, extra=None):
                                 "max_seq_len": max(cfg.row_len, base["decoder_config"]["max_seq_len"])})
     if cfg.vision and cfg.init_encoder:
         raise UserError("--vision (a timm encoder) and --init-encoder (a tools/vision.py ViT) are two encoders: "
-                         "give one")
+                        "give one")
     if cfg.vision_weights and not cfg.vision:
         raise UserError("--vision-weights needs --vision timm:<name>, the model the weights belong to")
     if getattr(cfg, "vision_layer", 0) and not cfg.vision:
@@ -535,16 +373,15 @@ def build_model(cfg, tok, extra=None):
                      vision_kwargs=vision_kwargs)
     if cfg.init_encoder:
         enc = load_checkpoint(cfg.init_encoder, "vit", "--init-encoder")
-        e = enc["vit_config"]
-        vcfg.image_size, vcfg.patch_size = e["image_size"], e["patch_size"]
-        vcfg.vit_dim, vcfg.vit_depth, vcfg.vit_heads = e["vit_dim"], e["vit_depth"], e["vit_heads"]
+        fields = ("image_size", "patch_size", "vit_dim", "vit_depth", "vit_heads")
+        vcfg = replace(vcfg, **{k: enc["vit_config"][k] for k in fields})
     if cfg.init_from:
         start = read_vlm(cfg.init_from, "--init-from")
         check_fingerprint("tokenizer", start["tokenizer"], T.fingerprint(tok), cfg.init_from, cfg.tokenizer)
         vcfg = VLMConfig.from_dict(start["model_config"])
         if vcfg.arch != cfg.arch:  # the run would train one family and label it the other
             raise UserError(f"--init-from {cfg.init_from} is a {vcfg.arch.upper()}-LVLM, but --arch is {cfg.arch}: "
-                             f"give --arch {vcfg.arch}, or another --init-from")
+                            f"give --arch {vcfg.arch}, or another --init-from")
     model = VLM(vcfg)
     if base is not None:
         model.decoder.load_state_dict(base["model"])

@@ -2,28 +2,12 @@
 
     python reference_lm.py --data data/synth/ref.jsonl --out out/ref_lm.pt     # reference LM (scores captions)
     python reference_lm.py --data data/synth/text.jsonl --out out/base_lm.pt   # base LM the VLMs start from
-
-The reference LM must train on captions disjoint from those it later scores (the paper: ~5M captions train
-it, another ~3M are scored): on captions it has memorised, p_ref is inflated and every weight shrinks.
-The validation split comes out of --data (health.val_split_size: 5%, at least 64 captions, at most a
-quarter). By default (--steps 0) the run is sized to the data: --max-epochs passes over the packed training
-rows (at most 600 steps), validation every tenth of the run, stopping after --patience validations without a
-better NLL; a given --steps is kept as it is. The checkpoint keeps the step with the best validation NLL (its
-"kept_step"), not the last one:
-on a small caption set the LM overfits, and an overfit reference LM memorises boilerplate (p_ref near 1,
-PRIOR's weights near 0). A warning says when validation NLL rises while the training loss falls.
-
-Captions are packed into rows of --row-len tokens with attention kept inside each caption and positions
-restarting at each caption (data/packing.py), so no compute is spent on padding. The checkpoint holds the
-weights, this config, the decoder config, the tokenizer fingerprint and the training-data fingerprint.
-
-Several processes (torchrun; DDP, or --fsdp to shard weights, gradients and AdamW state as train.py does): each
-takes its share of every step's rows, and the loss is the mean over the whole step's tokens, so N processes give
-the 1-process result up to float rounding. For an 8B Llama on 8 GPUs (docs/llama.md):
     torchrun --standalone --nproc_per_node=8 -m scale reference_lm --fsdp --grad-checkpoint --init-decoder hf:FOLDER ...
 
-Flags in detail: --data's formats are read by data/records.py. --wandb PROJECT logs the config and every
-validation entry of the history (utils.py).
+Writes --out (the weights of the step with the best validation NLL, "kept_step", with this config, the decoder
+config and the tokenizer's and captions' fingerprints) and beside it a .json of the validation history. The
+reference LM must train on captions disjoint from those it scores: on memorised captions p_ref is inflated and
+every weight shrinks. --steps 0 sizes the run to the data (docs/own_data.md, docs/performance.md).
 """
 import json
 import math
@@ -53,36 +37,32 @@ MAX_EPOCHS, MAX_STEPS = 40, 600  # sized runs: 150 captions -> 40 steps; 10,000 
 @dataclass
 class RefConfig(RefChecks):
     data: str = flag("data/synth/ref.jsonl",
-                     "caption file(s), comma-separated: JSONL, LLaVA or COCO JSON, or .tar shards; "
-                     "images are not read")
+                     "caption file(s), comma-separated: JSONL, LLaVA or COCO JSON, or .tar shards; images are not read")
     tokenizer: str = flag("out/tokenizer.json", "tokenizer.json from data/tokenizer.py")
     out: str = flag("out/ref_lm.pt", "checkpoint to write")
-    val_fraction: float = flag(0.05, "share of captions held out for validation (at least 64, at "
-                               "most a quarter)")
+    val_fraction: float = flag(0.05, "share of captions held out for validation (at least 64, at most a quarter)")
     n_layer: int = flag(4, "decoder layers")
     n_head: int = flag(4, "attention heads")
     d_model: int = flag(256, "decoder width")
     row_len: int = flag(256, "tokens per packed row")
     batch_rows: int = flag(16, "packed rows per optimizer step")
-    steps: int = flag(0, "optimizer steps (0 = sized to the data: --max-epochs passes over the training rows, "
-                      "at most 600)")
+    steps: int = flag(
+        0, "optimizer steps (0 = sized to the data: --max-epochs passes over the training rows, at most 600)")
     max_epochs: float = flag(MAX_EPOCHS, "with --steps 0: passes over the training captions' packed rows")
     lr: float = flag(2e-3, "peak learning rate (AdamW)")
     warmup: int = flag(50, "linear warm-up steps")
     weight_decay: float = flag(0.1, "AdamW weight decay on matrices")
-    eval_every: int = flag(0, "validate every N steps, the checkpoint keeps the best (0 = a tenth of sized "
-                           "steps, else 200)")
-    patience: int = flag(3, "stop after this many validations without a better NLL (0 = run "
-                         "all --steps)")
-    init_decoder: str = flag("", "start from this LM: hf:FOLDER (Hugging Face Llama, scale/hf.py) or a "
-                             "reference_lm.py checkpoint")
+    eval_every: int = flag(
+        0, "validate every N steps, the checkpoint keeps the best (0 = a tenth of sized steps, else 200)")
+    patience: int = flag(3, "stop after this many validations without a better NLL (0 = run all --steps)")
+    init_decoder: str = flag(
+        "", "start from this LM: hf:FOLDER (Hugging Face Llama, scale/hf.py) or a reference_lm.py checkpoint")
     seed: int = flag(0, "random seed")
     device: str = flag("auto", "auto, cpu or cuda")
     max_bad_fraction: float = flag(0.01, "stop if more than this share of a file's records is bad")
     grad_checkpoint: bool = flag(False, "recompute decoder blocks in backward: less activation memory, same numbers")
     fsdp: bool = flag(False, "with several processes, shard weights, gradients and optimizer state (FSDP2)")
     wandb: str = flag("", "also log the config and the validation history to this wandb project ('' = off)")
-
 
 
 @torch.no_grad()
@@ -130,8 +110,7 @@ def train_lm(cfg):
     random.Random(cfg.seed).shuffle(order)
     n_val = val_split_size(len(records), cfg.val_fraction)
     samples = make_samples(tok, records)
-    val = [samples[i] for i in order[:n_val]]
-    train = [samples[i] for i in order[n_val:]]
+    val, train = [samples[i] for i in order[:n_val]], [samples[i] for i in order[n_val:]]
     given, epoch_rows = cfg.steps, len(pack(train, cfg.row_len).input_ids)
     cfg = size_steps(cfg, epoch_rows)
     if not given and rank == 0:
@@ -206,27 +185,22 @@ def train_lm(cfg):
                 break
 
     warning = memorising(history)
-    if not master:  # rank 0 writes; the others leave once it has
-        return finish(model, world, run)
-    if warning:
-        print(f"WARNING: {warning}", file=sys.stderr)
-    if not sharded:  # sharded, the returned model keeps its last step's shards; the file holds the best step
-        model.load_state_dict(best[2])
-    kept = {"kept_step": best[1], "best_val_nll": best[0] if val else None, "val_captions": len(val)}
-    print(f"kept step {best[1]} of {history[-1]['step']} (validation NLL {best[0]:.3f}, {len(val)} captions)")
-    train_tokens_per_s = tokens_seen / t_train
-    print(f"training throughput: {train_tokens_per_s:,.0f} tokens/s (forward + backward + step, {device})")
-    atomic_save({"model": best[2] if sharded else model.state_dict(), "decoder_config": asdict(dcfg),
-                 "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": text_fingerprint(records),
-                 "history": history, "train_tokens_per_s": train_tokens_per_s, **kept}, cfg.out)
-    with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump({"history": history, "train_tokens_per_s": train_tokens_per_s, "params": n_params, **kept,
-                   "memorising": warning}, f, indent=1)
-    print(f"saved {cfg.out}")
-    return finish(model, world, run)
-
-
-def finish(model, world, run):
+    if master:  # rank 0 writes; the others leave once it has
+        if warning:
+            print(f"WARNING: {warning}", file=sys.stderr)
+        if not sharded:  # sharded, the returned model keeps its last step's shards; the file holds the best step
+            model.load_state_dict(best[2])
+        kept = {"kept_step": best[1], "best_val_nll": best[0] if val else None, "val_captions": len(val)}
+        print(f"kept step {best[1]} of {history[-1]['step']} (validation NLL {best[0]:.3f}, {len(val)} captions)")
+        train_tokens_per_s = tokens_seen / t_train
+        print(f"training throughput: {train_tokens_per_s:,.0f} tokens/s (forward + backward + step, {device})")
+        atomic_save({"model": best[2] if sharded else model.state_dict(), "decoder_config": asdict(dcfg),
+                     "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": text_fingerprint(records),
+                     "history": history, "train_tokens_per_s": train_tokens_per_s, **kept}, cfg.out)
+        with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
+            json.dump({"history": history, "train_tokens_per_s": train_tokens_per_s, "params": n_params, **kept,
+                       "memorising": warning}, f, indent=1)
+        print(f"saved {cfg.out}")
     if run is not None:
         run.finish()
     if world > 1:  # leave together, after rank 0 has written

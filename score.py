@@ -6,26 +6,11 @@
         --out out/scores_train.pt
     python score.py --stream ...     # the same streaming, sharded format from one process
 
-Stored per caption, aligned with the training tokenisation (the labels: caption tokens, then <|eos|>), with a
-fingerprint of the tokenizer, the reference model and the caption data, in data/scores.py's format (one file, or
-an index and one shard per process, written by scale/score_shards.py). Training derives w = (1 - p_ref)^alpha
-itself, so alpha stays a training flag.
-
-Read top to bottom: ScoreConfig, label_probs (the scoring: log_softmax, gather, exp), the fingerprints a score
-file carries, the two modes (score_one_file; score_sharded) and main, then the report and its picture.
-
-Captions longer than the reference LM's context (min(--row-len, the model's max_seq_len) positions) are
-scored on the tokens that fit; the rest get p_ref = 0, i.e. weight 1, as plain NTP would give them. They are
-counted and reported, never dropped, so every record keeps one score per label.
-
-When the captions carry the generator's ground-truth word tags (image, glue, boiler, noise), it reports how
-well the weights find image-related tokens (ROC-AUC, mean weight per category, the share of each category
-that the reference LM predicts with p_ref > 0.5) and draws a picture like the
-paper's Fig. 1: a few captions with each token shaded by its weight (with --stream: on the first
---report-captions captions of rank 0's share).
-
-Flags in detail: --data takes LLaVA/COCO JSON as path::image_folder. With --batch-rows, --row-len is also the
-tokens per forward pass. --stream keeps memory flat as data grows.
+Writes --out in data/scores.py's format (one score per label: caption tokens, then <|eos|>; with the tokenizer's,
+the reference LM's and the captions' fingerprints), and beside it a report (.json) and a picture of token weights
+like the paper's Fig. 1 (.png). Captions longer than the reference LM's context get p_ref = 0 past it (weight 1,
+as in NTP): counted, never dropped (docs/formats.md). With the generator's word tags the report says how well
+w = 1 - p_ref finds image words: mean w and ROC-AUC by tag, and the share the reference LM predicts (p_ref > 0.5).
 """
 import json
 import os
@@ -52,23 +37,20 @@ from model import load_lm
 class ScoreConfig(ScoreChecks):
     ref: str = flag("out/ref_lm.pt", "reference LM checkpoint from reference_lm.py")
     tokenizer: str = flag("out/tokenizer.json", "tokenizer.json the reference LM was trained with")
-    data: str = flag("data/synth/train.jsonl", "caption data to score (the VLM's training data): .jsonl, LLaVA/COCO "
-                     ".json, .tar shards")
+    data: str = flag("data/synth/train.jsonl",
+                     "caption data to score (the VLM's training data): .jsonl, LLaVA/COCO .json, .tar shards")
     out: str = flag("out/scores_train.pt",
-                    "score file (or, with --stream / torchrun, index file) to write; report .json "
-                    "and .png beside it")
-    row_len: int = flag(512, "longest caption scored whole (capped by the model's context); tokens per "
-                        "row of a forward pass")
-    batch_rows: int = flag(16, "a forward pass holds up to row_len x batch_rows tokens (captions "
-                           "of one length)")
+                    "score file (or, with --stream / torchrun, index file) to write; report .json and .png beside it")
+    row_len: int = flag(
+        512, "longest caption scored whole (capped by the model's context); tokens per row of a forward pass")
+    batch_rows: int = flag(16, "a forward pass holds up to row_len x batch_rows tokens (captions of one length)")
     device: str = flag("auto", "auto, cpu or cuda")
-    stream: bool = flag(False, "score in chunks, write a shard per process and an index at --out (always "
-                        "on under torchrun)")
+    stream: bool = flag(False,
+                        "score in chunks, write a shard per process and an index at --out (always on under torchrun)")
     chunk: int = flag(2048, "with --stream: captions scored and written at a time")
-    report_captions: int = flag(2000, "with --stream: captions (the first of rank 0's share) kept for the "
-                                "relevance report and picture")
+    report_captions: int = flag(
+        2000, "with --stream: captions (the first of rank 0's share) kept for the relevance report and picture")
     max_bad_fraction: float = flag(0.01, "stop if more than this share of records is bad")
-
 
 
 def context_len(model, row_len):
@@ -80,13 +62,9 @@ def context_len(model, row_len):
 def label_probs(model, samples, row_len, batch_rows, device, progress=True):
     """p_ref of every label of every sample, as one tensor per sample (forward only), and the positions run.
 
-    Captions are grouped by length and each batch holds captions of one length, row_len * batch_rows tokens
-    at most: no padding at all, and no cross-document mask, so attention is the fast causal kernel over one
-    caption (~30 positions) instead of a masked pass over a packed 512-position row, most of whose scores
-    the mask throws away. (Training packs, because it needs batches of random captions; scoring may order
-    them as it likes.) A caption longer than the model's context is scored on its first ctx labels (ctx
-    positions: <|bos|> and ctx - 1 tokens); its later labels (and <|eos|>) get 0 (see the module doc;
-    count_overlong counts exactly those)."""
+    Each batch holds captions of one length (row_len * batch_rows tokens at most): no padding and no
+    cross-document mask, so attention is the fast causal kernel over one caption. A caption longer than the
+    context is scored on its first ctx labels; its later labels (and <|eos|>) get 0 (count_overlong counts them)."""
     model.eval().to(device)
     ctx = context_len(model, row_len)
     clipped = [s.caption_ids if len(s.caption_ids) + 1 <= ctx else s.caption_ids[:ctx] for s in samples]
@@ -107,21 +85,13 @@ def label_probs(model, samples, row_len, batch_rows, device, progress=True):
             with torch.autocast(torch.device(device).type, enabled=False):
                 logits = model(inputs)
             logp = logits.float().log_softmax(-1).gather(2, labels[..., None]).squeeze(2)
-            for i, p in zip(chunk, logp.exp().cpu()):
-                out[i] = p
+            for i, p in zip(chunk, logp.exp().cpu()):  # one score per label: those past the context get 0
+                out[i] = torch.cat([p, p.new_zeros(len(samples[i].caption_ids) + 1 - len(p))])
             positions += inputs.numel()
             bar.update(len(chunk))
     bar.close()
-    for i, s in enumerate(samples):
-        # the labels past the context get p_ref 0: every caption of ctx tokens or more, even one of exactly ctx
-        # (all its tokens fit, its <|eos|> label does not), so each sample has len(caption_ids) + 1 scores
-        missing = len(s.caption_ids) + 1 - len(out[i])
-        if missing:
-            out[i] = torch.cat([out[i], out[i].new_zeros(missing)])
     return out, positions
 
-
-# ----------------------------------------------------------------------------- fingerprints
 
 def fingerprints_of(cfg, tok, data_fp):
     """What a score file is valid for: train.py and eval.py refuse it for another tokenizer or other captions."""
@@ -135,25 +105,8 @@ def warn_if_trained_on(cfg, ckpt, data_fp):
               "(the paper scores captions disjoint from the reference LM's training set)")
 
 
-# ----------------------------------------------------------------------------- the two modes
-
-def processes(device):
-    """(rank, world, device, started) under torchrun, through utils.setup_distributed (gloo on CPU,
-    NCCL on a GPU: the group only gathers the shard summaries), or (0, 1, device, False) alone. started: this
-    call made the group, so the caller tears it down."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, device, False
-    if dist.is_initialized():  # a caller's own group: join it, leave it to the caller
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        return dist.get_rank(), dist.get_world_size(), device, False
-    rank, world, device = setup_distributed(device, bf16=False)  # scoring runs in float32
-    return rank, world, device, True
-
-
 def refuse_duplicate_ids(ids, path):
-    """Scores are keyed by record id: two records with one id cannot both be scored (train.py would refuse the
-    file later), so scoring refuses them first."""
+    """Scores are keyed by record id, so two records with one id cannot both be scored."""
     seen, dup = set(), []
     for i in ids:
         if i in seen:
@@ -165,7 +118,6 @@ def refuse_duplicate_ids(ids, path):
 
 
 def overlong_note(n_long, n_labels, ctx, where):
-    """One line on stderr for captions longer than the reference LM's context (both modes print it)."""
     if n_long:
         print(f"{where}: {n_long} captions are longer than the reference LM's context of {ctx} positions; "
               f"their {n_labels} labels past it got p_ref = 0 (weight 1, as in NTP)", file=sys.stderr)
@@ -187,21 +139,27 @@ def score_one_file(cfg, tok, model, ckpt, device):
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     save_scores(cfg.out, [r.id for r in records], p_ref, fingerprints_of(cfg, tok, data_fp))
     overlong_note(n_long, n_past, ctx, cfg.data)
+    speed, ref_speed = positions / seconds, ckpt.get("train_tokens_per_s")
     report = {"config": asdict(cfg), "captions": len(records), "tokens": n_tokens,
-              "pad_fraction": 1 - n_tokens / positions, "score_tokens_per_s": positions / seconds,
-              "ref_train_tokens_per_s": ckpt.get("train_tokens_per_s"),
+              "pad_fraction": 1 - n_tokens / positions, "score_tokens_per_s": speed,
+              "ref_train_tokens_per_s": ref_speed,
               "overlong": {"captions": n_long, "labels_past_context": n_past, "context": ctx}}
-    print(f"scored {len(records)} captions, {n_tokens} tokens in {seconds:.1f}s: "
-          f"{report['score_tokens_per_s']:,.0f} tokens/s scoring vs "
-          f"{report['ref_train_tokens_per_s'] or float('nan'):,.0f} tokens/s reference-LM training "
-          f"({report['score_tokens_per_s'] / (report['ref_train_tokens_per_s'] or float('nan')):.1f}x)")
+    print(f"scored {len(records)} captions, {n_tokens} tokens in {seconds:.1f}s: {speed:,.0f} tokens/s scoring vs "
+          f"{ref_speed or float('nan'):,.0f} tokens/s reference-LM training "
+          f"({speed / (ref_speed or float('nan')):.1f}x)")
     _relevance(report, tok, records, samples, p_ref)
     _write_report(cfg, report, tok, records, samples, p_ref)
     return report
 
 
 def main(cfg):
-    rank, world, device, started = processes(pick_device(cfg.device))
+    device, rank, world, started = pick_device(cfg.device), 0, int(os.environ.get("WORLD_SIZE", "1")), False
+    if world > 1 and dist.is_initialized():  # a caller's own group: join it, leave it to the caller
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    elif world > 1:  # gloo on CPU, NCCL on a GPU: the group only gathers the shard summaries
+        (rank, world, device), started = setup_distributed(device, bf16=False), True  # scoring runs in float32
     tok = T.load_tokenizer(cfg.tokenizer)
     model, ckpt = load_lm(cfg.ref, tok)
     try:
@@ -219,35 +177,29 @@ def main(cfg):
 
 
 # ----------------------------------------------------------------------------- report and picture
-
 def roc_auc(pos, neg):
     """P(a random positive scores above a random negative), ties count half (Mann-Whitney U)."""
-    scores = torch.cat([pos, neg]).double()
-    ranks = torch.empty_like(scores)
-    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    last = counts.cumsum(0).double()
-    ranks = (last - (counts.double() - 1) / 2)[inverse]  # average rank of tied values, 1-based
+    _, inverse, counts = torch.unique(torch.cat([pos, neg]).double(), return_inverse=True, return_counts=True)
+    ranks = (counts.cumsum(0).double() - (counts.double() - 1) / 2)[inverse]  # average rank of tied values, 1-based
     u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
     return float(u / (len(pos) * len(neg)))
 
 
 def relevance_report(p_ref, tags):
-    w = torch.cat(p_ref).clamp(0, 1)
-    w = 1 - w  # alpha = 1, the paper's default
+    w = 1 - torch.cat(p_ref).clamp(0, 1)  # alpha = 1, the paper's default
     t = torch.tensor([c for row in tags for c in row])
     by = {name: w[t == i] for i, name in enumerate(CATEGORIES)}
-    other = torch.cat([by["boiler"], by["noise"]])
     report = {"mean_w": {k: float(v.mean()) if len(v) else None for k, v in by.items()},
               "share": {k: len(v) / max(1, int((t >= 0).sum())) for k, v in by.items()},
               # tokens the reference LM predicts well (p_ref > 0.5, w < 0.5): for image words, PRIOR's risk
-              "predicted": {k: float((v < 0.5).float().mean()) if len(v) else None for k, v in by.items()}}
-    report["auc"] = {}
-    for name, neg in (("image_vs_boiler", by["boiler"]), ("image_vs_noise", by["noise"]), ("image_vs_rest", other)):
+              "predicted": {k: float((v < 0.5).float().mean()) if len(v) else None for k, v in by.items()}, "auc": {}}
+    for name, neg in (("image_vs_boiler", by["boiler"]), ("image_vs_noise", by["noise"]),
+                      ("image_vs_rest", torch.cat([by["boiler"], by["noise"]]))):
         report["auc"][name] = roc_auc(by["image"], neg) if len(by["image"]) and len(neg) else None
     return report
 
 
-def draw_weights(path, tok, records, samples, p_ref, n=6):
+def draw_weights(path, tok, samples, p_ref, n=6):
     """The paper's Fig. 1 in miniature: tokens shaded by w = 1 - p_ref (darker = more weight)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -256,11 +208,9 @@ def draw_weights(path, tok, records, samples, p_ref, n=6):
     fig = plt.figure(figsize=(14, 0.75 * n + 0.6))
     cmap = plt.get_cmap("Reds")
     for row in range(n):
-        y = 1 - (row + 0.8) / (n + 0.3)
-        x = 0.005
+        x, y = 0.005, 1 - (row + 0.8) / (n + 0.3)
         for token_id, p in zip(samples[row].caption_ids, p_ref[row].tolist()):
-            text = tok.decode([token_id]).replace(" ", "")
-            w = 1 - p
+            text, w = tok.decode([token_id]).replace(" ", ""), 1 - p
             fig.text(x, y, text, family="monospace", fontsize=9, color="white" if w > 0.6 else "black",
                      bbox=dict(boxstyle="square,pad=0.15", fc=cmap(w), ec="none"))
             x += 0.0072 * (len(text) + 1)
@@ -295,7 +245,7 @@ def _write_report(cfg, report, tok, records, samples, p_ref):
     with open(base + ".json", "w") as f:
         json.dump(report, f, indent=1)
     if samples:
-        draw_weights(base + ".png", tok, records, samples, p_ref)
+        draw_weights(base + ".png", tok, samples, p_ref)
     print(f"saved {cfg.out}, {base}.json, {base}.png")
 
 

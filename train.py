@@ -1,26 +1,17 @@
 """Train a vision-language model on image-caption pairs with NTP, PRIOR, or another token weighting.
 
-One process (CPU or one GPU), or several with torchrun (DDP; --fsdp shards instead; docs/scale.md):
     python train.py --arch h --loss prior --scores out/scores_train.pt --out-dir runs/h_prior
-    torchrun --standalone --nproc_per_node=4 train.py --arch h --loss prior --out-dir runs/h_prior
+    torchrun --standalone --nproc_per_node=4 train.py --arch h --loss prior --out-dir runs/h_prior  # DDP (or --fsdp)
+    python train.py --arch h --init-decoder out/base_lm.pt --init-encoder out/vit.pt --train projector ...  # H-LVLM
+    python train.py --arch u --init-decoder out/base_lm.pt --text-data data/synth/text.jsonl ...  # U-LVLM, 1:1 text
 
-The paper's recipes (H: frozen pretrained ViT and LM, only the projector trains; U: all trains from the base LM,
-captions mixed 1:1 with text; a timm ViT such as CLIP: --vision timm:<name> --vision-weights FILE):
-    python train.py --arch h --init-decoder out/base_lm.pt --init-encoder out/vit.pt --train projector ...
-    python train.py --arch u --init-decoder out/base_lm.pt --text-data data/synth/text.jsonl ...
+Losses (--loss): ntp; prior (w = (1 - p_ref)^alpha, p_ref from score.py, normalised per caption: Eq. 4);
+prior_shuffled (each caption's PRIOR weights permuted among its own tokens: the control); oracle (the generator's tags:
+image and glue words 1, the rest --oracle-low). The baselines register theirs: python -m baselines train ...
 
-Losses (--loss), the method and its controls here: ntp (plain next-token prediction); prior (w = (1 - p_ref)^alpha
-from score.py, per-caption normalised, Eq. 4: loss.weighted_loss); prior_shuffled (each caption's PRIOR weights
-permuted among its own tokens: keeps the weights, not their tokens); oracle (the generator's tags: image and glue
-words 1, others --oracle-low; a reference point, not a bound). Each is a function registered with
-@weighting(NAME) (train.WEIGHTINGS); the baselines (rare, attn, rho1, cal, and the auxiliary --objective itm, itc,
-recon) register theirs from baselines/ (python -m baselines train ...).
-
-Writes to --out-dir: config.json, log.jsonl (a line per step), ckpt_<step>.pt (weights, for eval.py), last.pt
-(train.py: --resume continues bit for bit).
-Alarm: with a weighted loss, when the plain caption NLL (log.jsonl's "ntp") rises clearly above its level at the
-end of warm-up (health.nll_rise), the run warns once and logs "alarm": it is unlearning the caption language.
-Speed: python -m bench.bench times this script's step. Data formats: docs/formats.md; own data: docs/own_data.md.
+Writes to --out-dir: config.json, log.jsonl (a line per step; "alarm" once if a weighted loss's plain caption NLL
+rises: the model is unlearning the language), ckpt_<step>.pt (weights, for eval.py), last.pt (for --resume, which
+continues bit for bit) and run.lock while it runs. Resume, locks, FSDP: docs/scale.md; data formats: docs/formats.md.
 """
 import atexit
 import glob
@@ -28,7 +19,6 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -39,7 +29,8 @@ from tqdm import tqdm
 
 from data import tokenizer as T
 from data.images import load_images, normalize
-from data.packing import IGNORE, cat, global_batch, make_samples, n_labels, pack, to_device, warn_overlong
+from data.packing import (IGNORE, cat, global_batch, make_samples, n_labels, pack, to_device, warn_overlong,
+                          warn_unanswered)
 from data.records import read_records
 from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
@@ -106,8 +97,7 @@ class TrainConfig(TrainChecks):
     vision_layer: int = flag(0, "--vision timm features: 0 = the final ones; -2 = the penultimate block's (LLaVA)")
     wandb: str = flag("", "also log the config and every log.jsonl line to this wandb project ('' = off)")
     stream: bool = flag(False, "decode images per batch from their files or tar shards, not all at start-up")
-    # ---- the baselines' flags (baselines/: Table 1's comparisons, not PRIOR); read only with their --loss or
-    # --objective. Named as before, so old checkpoints' configs and the experiment drivers keep working.
+    # the baselines' flags (baselines/), read only with their --loss or --objective; old configs keep these names
     objective: str = flag("none", "auxiliary objective added to the caption loss (baselines/heads.py)",
                           ["none", "itm", "itc", "recon"])
     aux_weight: float = flag(1.0, "loss = caption loss + aux_weight x the --objective's loss")
@@ -119,19 +109,16 @@ class TrainConfig(TrainChecks):
 # ---- token weightings: --loss NAME is the function registered as NAME ------------------------------------------------
 @dataclass
 class Weighting:
-    weights: Callable        # (cfg, batch, state) -> (R, L) float weight of every position (only labels count)
-    inputs: dict             # per-token input name on Sample.inputs / Batch.inputs -> TrainConfig field naming its
-    #                          score file (score.py's format, read by data.scores.load_scores)
-    prepare: Callable = None  # (cfg, samples, records, tok, device) -> state handed to weights; runs once, after the
-    #                           samples are made (it may change their inputs)
+    weights: Callable         # (cfg, batch, state) -> (R, L) weight of every position (only labelled ones count)
+    inputs: dict              # per-token input name (Sample.inputs) -> the TrainConfig field naming its score file
+    prepare: Callable = None  # (cfg, samples, records, tok, device) -> state for weights; once, may change inputs
 
 
 WEIGHTINGS = {}
 
 
 def weighting(name, inputs=None, prepare=None):
-    """Decorator: register fn(cfg, batch, state) -> weights as `--loss name` (loss.weighted_loss normalises them per
-    caption, so only their ratios inside a caption matter). inputs: {input name: TrainConfig field of its file}."""
+    """Register fn(cfg, batch, state) -> weights as `--loss name` (normalised per caption by loss.weighted_loss)."""
     def add(fn):
         WEIGHTINGS[name] = Weighting(fn, inputs or {}, prepare)
         return fn
@@ -145,53 +132,61 @@ def ntp_weights(cfg, batch, state):
 
 @weighting("prior", inputs={"p_ref": "scores"})
 def prior(cfg, batch, state):
-    """The paper's Eq. 4: w = (1 - p_ref)^alpha, p_ref from score.py."""
-    return prior_weights(batch.inputs["p_ref"], cfg.alpha)
+    return prior_weights(batch.inputs["p_ref"], cfg.alpha)  # Eq. 4: w = (1 - p_ref)^alpha
 
 
 def shuffle_p_ref(cfg, samples, records, tok, device):
-    """Each caption's p_ref permuted among its own tokens, by its record id (loss.shuffle_within_captions)."""
+    """Each caption's p_ref permuted among its own tokens (by record id): PRIOR's weights on the wrong tokens."""
     shuffled = shuffle_within_captions({records[s.index].id: torch.tensor(s.inputs["p_ref"]) for s in samples})
     for s in samples:
         s.inputs["p_ref"] = shuffled[records[s.index].id].tolist()
 
 
-# the control: PRIOR's weights on the wrong tokens (p_ref permuted once, by `prepare`)
 weighting("prior_shuffled", inputs={"p_ref": "scores"}, prepare=shuffle_p_ref)(prior)
 
 
 @weighting("oracle")
 def oracle(cfg, batch, state):
-    """The generator's ground-truth tags: image words and glue (its form depends on the image) 1, the rest
-    --oracle-low. The positive control: what the right weights buy; a reference point, not a bound."""
+    # the positive control: image words and glue (their form depends on the image) 1; a reference point, not a bound
     related = (batch.tags == CATEGORIES.index("image")) | (batch.tags == CATEGORIES.index("glue"))
     return torch.where(related, 1.0, cfg.oracle_low)
 
 
 @dataclass
 class Data:
-    """What the steps draw from."""
     samples: list                 # image-caption Samples
-    images: torch.Tensor          # uint8 (N, 3, S, S), decoded once at start-up; images[s.index] is s's
+    images: torch.Tensor          # uint8 (N, 3, S, S); images[s.index] is s's
     prefix: list                  # the model's image placeholder tokens
     text_samples: list = field(default_factory=list)  # text-only Samples (--text-data), trained with NTP
     features: torch.Tensor = None                     # --feature-cache: the frozen encoder's (N, P, D) features
-    extra: object = None          # a lab method's hook (plug-in "method": baselines/), None for a weighting alone
+    extra: object = None          # a lab method's hook (plug-in "method": baselines/); None for a weighting alone
     state: object = None          # what the weighting's prepare returned
 
 
 def method_hook(cfg, world=1):
-    """The hook of a method that is more than a token weighting (plug-in "method": baselines/' rho1, cal and the
-    --objective heads), or None."""
+    """The hook of a method that is more than a token weighting (baselines/' rho1, cal, --objective), or None."""
     if cfg.objective != "none" and "method" not in PLUGINS:
         plugin("method", f"--objective {cfg.objective}")
     return PLUGINS["method"](cfg, world) if "method" in PLUGINS else None
 
 
-def micro_batches(cfg, step, data, rank, world):
-    """Step `step`'s global batch (sample ids), this process's share split into micro-batches of (image-caption
-    ids, text-only ids), and the global batch's caption-token count. The loss is a sum over the global batch / that
-    count, computed from the sample list every rank knows, so N processes x accumulation give one big batch."""
+def gradient_sync(train_model, world, last):
+    """The context a backward runs in: gradients are reduced once, after the last micro-batch (DDP: no_sync()
+    before it; FSDP2 keeps full gradients until told, then reduce-scatters)."""
+    if world > 1 and hasattr(train_model, "set_requires_gradient_sync"):
+        train_model.set_requires_gradient_sync(last)
+    elif world > 1 and not last:
+        return train_model.no_sync()
+    return torch.enable_grad()
+
+
+def train_step(cfg, step, train_model, data, device, rank=0, world=1):
+    """Forward and backward of this process's share of step `step`'s batch; returns (stats, nll_by_tag, batch_ids)
+    and leaves the gradients for the caller to clip and step. All a step does but the optimizer, so bench.py times
+    what training runs. One device sync, at the end, for the stats."""
+    extra = data.extra = data.extra or method_hook(cfg)  # Data built by hand (bench, tests) has no hook yet
+    # The loss is a sum over the global batch / its caption-token count, computed from the sample list every rank
+    # knows, so N processes x gradient accumulation give one big batch.
     samples, texts = data.samples, data.text_samples
     batch_ids = global_batch(step, len(samples), cfg.batch_size, cfg.seed)
     n_text = int(cfg.batch_size * cfg.text_ratio) if texts else 0
@@ -201,53 +196,20 @@ def micro_batches(cfg, step, data, rank, world):
     micro = cfg.micro_batch or len(mine)
     chunks = [(mine[i:i + micro], mine_text[i * len(mine_text) // len(mine):(i + micro) * len(mine_text) // len(mine)])
               for i in range(0, len(mine), micro)]
-    return batch_ids, chunks, n_global
-
-
-def gradient_sync(train_model, world, last):
-    """Under DDP/FSDP, reduce gradients only after the last micro-batch: DDP's no_sync() before it; FSDP2 keeps
-    full gradients until told, then reduce-scatters once. Returns the context the backward runs in."""
-    if world > 1 and hasattr(train_model, "set_requires_gradient_sync"):
-        train_model.set_requires_gradient_sync(last)
-    elif world > 1 and not last:
-        return train_model.no_sync()
-    return torch.enable_grad()
-
-
-def add_tag_nll(nll_by_tag, tags, per_token):
-    """Sum and count of the token NLL per ground-truth word tag (tag -1 = unknown), with masks rather than boolean
-    indexing, which would wait for the GPU."""
-    known = tags >= 0
-    nll_by_tag[0].index_add_(0, tags.clamp(min=0), torch.where(known, per_token, 0.0))
-    nll_by_tag[1].index_add_(0, tags.clamp(min=0), known.float())
-
-
-def prepare_hook(cfg, data, train_model, device):
-    """The lab method's hook for a caller that built Data by hand (bench, tests); None for a weighting alone."""
-    data.extra = method_hook(cfg)
-    return data.extra
-
-
-def train_step(cfg, step, train_model, data, device, rank=0, world=1):
-    """Forward and backward of step `step`: this process's share of the global batch, in micro-batches. Leaves the
-    gradients in the model (the caller clips and steps); returns (stats, nll_by_tag, batch_ids). Everything a step
-    does but the optimizer, so bench.py times what training runs. One device sync, at the end, for the stats."""
-    extra = data.extra or prepare_hook(cfg, data, train_model, device)
-    batch_ids, chunks, n_global = micro_batches(cfg, step, data, rank, world)
     counts, sums = {}, torch.zeros(3, device=device)  # weighted loss x tokens, NTP loss, aux x samples
     nll_by_tag = torch.zeros(2, len(CATEGORIES), device=device)
     for c, (ids, text_ids) in enumerate(chunks):
-        batch = pack([data.samples[i] for i in ids], cfg.row_len, data.prefix, tight=True)  # tight: no padding
+        batch = pack([samples[i] for i in ids], cfg.row_len, data.prefix, tight=True)  # tight: no padding
         image_rows, image_indices = len(batch.input_ids), batch.indices
         if text_ids:
-            batch = cat(batch, pack([data.text_samples[i] for i in text_ids], cfg.row_len, tight=True))
+            batch = cat(batch, pack([texts[i] for i in text_ids], cfg.row_len, tight=True))
         # Logits only at labelled positions, chosen on the host (no device sync). Caption ids unique over the
         # micro-batch (row x (L + 1) + doc) keep PRIOR's per-caption normalisation on the flat list.
         keep = (batch.labels != IGNORE).flatten().nonzero().squeeze(1)
         rows, width = batch.input_ids.shape
         captions = (batch.doc_ids + torch.arange(rows)[:, None] * (width + 1)).flatten()[keep]
         count_work(counts, batch, keep, len(image_indices))
-        host = extra.host(batch, image_rows, image_indices, data.samples, device) if extra is not None else None
+        host = extra.host(batch, image_rows, image_indices, samples, device) if extra is not None else None
         batch.to(device)
         keep, captions = to_device(keep, device), to_device(captions, device)
         pixels = to_device(data.features[image_indices], device) if data.features is not None else \
@@ -273,23 +235,47 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
             per_token = token_losses(logits.detach(), labels)[0]
             aux_sum = aux.detach().float() * len(ids) if aux is not None else torch.zeros((), device=device)
             sums += torch.stack([loss.detach() * len(keep), per_token.sum(), aux_sum])
-            add_tag_nll(nll_by_tag, batch.tags.flatten()[keep], per_token)
+            # NLL per ground-truth word tag (-1: unknown), with masks: boolean indexing would wait for the GPU
+            tags = batch.tags.flatten()[keep]
+            known = tags >= 0
+            nll_by_tag[0].index_add_(0, tags.clamp(min=0), torch.where(known, per_token, 0.0))
+            nll_by_tag[1].index_add_(0, tags.clamp(min=0), known.float())
     stats = dict(zip(("loss", "ntp", "aux"), sums.tolist()), **counts)  # the one device sync of the step
     return stats, nll_by_tag, batch_ids
 
 
+def count_work(counts, batch, keep, n_images):
+    """Add a micro-batch's sizes to `counts`: labelled tokens, positions, padding, context (non-padding positions x
+    row width: what a masked attention kernel computes), attended pairs (what step_flops counts), images."""
+    R, L = batch.input_ids.shape
+    padding = int((batch.input_ids == T.PAD).sum())
+    for key, n in (("tokens", len(keep)), ("positions", R * L), ("padding", padding),
+                   ("context", (R * L - padding) * L),
+                   ("attended", attended_pairs(batch.doc_ids, batch.input_ids != T.PAD)), ("images", n_images)):
+        counts[key] = counts.get(key, 0) + n
+
+
+def attended_pairs(doc_ids, real):
+    """Query-key pairs causal attention inside each document needs: n (n + 1) / 2 per document of n positions;
+    padding (real False) counts nothing. Host tensors."""
+    R, L = doc_ids.shape
+    docs = (doc_ids + torch.arange(R)[:, None] * (L + 1))[real]  # unique over the batch
+    n = torch.bincount(docs - docs.min()) if docs.numel() else docs
+    return int((n * (n + 1) // 2).sum())
+
+
 def open_images(cfg, records, size, master=True, world=1):
-    """(records kept, uint8 images) for the run: decoded now (with --image-cache, rank 0 decodes into the file and
-    the other ranks wait for it), or with --stream per batch (plug-in "stream": scale/stream.py)."""
+    """(records kept, uint8 images): decoded now (with --image-cache, rank 0 decodes into the file and the other
+    ranks wait for it), or with --stream per batch (plug-in "stream": scale/stream.py)."""
     if cfg.stream:
         return plugin("stream", "--stream")(cfg, records, size, master, world)
-    if cfg.image_cache and world > 1 and not master:  # rank 0 decodes into the file (scale/image_cache.py)
+    if cfg.image_cache and world > 1 and not master:
         wait_until(lambda: plugin("image_cache_ready", "--image-cache")(records, size, cfg.image_cache))
     return load_images(records, size, cfg.max_bad_fraction, cfg.workers, cfg.image_cache)
 
 
 def load_data(cfg, tok, model, extra, device, master, world):
-    """(records, Data, fingerprints of the files read besides --data and --tokenizer) for the run."""
+    """(records, Data, meta: config.json's dict, with fingerprints of all the run read) for the run."""
     if cfg.instruct:  # instruction data: records whose extra["pieces"] say what trains (benchmarks/instruct.py)
         records = plugin("instruct", "--instruct")(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
     else:
@@ -302,7 +288,7 @@ def load_data(cfg, tok, model, extra, device, master, world):
     for name, source in how.inputs.items():
         inputs[name] = load_scores(getattr(cfg, source), T.fingerprint(tok), data_fp, cfg.data)
         files[source] = file_fingerprint(getattr(cfg, source))
-    records, images = open_images(cfg, records, model.cfg.image_size, master, world)  # decoded now, or per batch
+    records, images = open_images(cfg, records, model.cfg.image_size, master, world)
     features = plugin("feature_cache", "--feature-cache")(model.encoder, images, cfg.feature_cache, device) \
         if cfg.feature_cache else None
     tags = token_tags(tok, records)
@@ -319,13 +305,16 @@ def load_data(cfg, tok, model, extra, device, master, world):
     if master:
         warn_overlong(samples, cfg.row_len, len(model.image_tokens()), "image-caption")
         warn_overlong(text_samples, cfg.row_len, 0, "text-only")
+        warn_unanswered(cfg.row_len, (samples, len(model.image_tokens())), (text_samples, 0))
     state = how.prepare(cfg, samples, records, tok, device) if how.prepare is not None else None
     meta = {"model_config": asdict(model.cfg), "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": data_fp,
             "inputs": files}
     return records, Data(samples, images, model.image_tokens(), text_samples, features, extra, state), meta
 
 
-def check_flags(cfg, world):
+def setup(cfg, rank, world, device):
+    """(model, records, data, meta, resumed state or None). Every flag is checked, and the run folder and last.pt,
+    before anything is built: a mistake is refused at once."""
     if cfg.fsdp and world > 1:
         plugin("fsdp", "--fsdp")
     for name, wanted in (("stream", cfg.stream), ("feature_cache", cfg.feature_cache), ("instruct", cfg.instruct),
@@ -337,32 +326,10 @@ def check_flags(cfg, world):
     if cfg.feature_cache and (cfg.arch != "h" or cfg.train != "projector" or cfg.objective == "recon"):
         raise UserError("--feature-cache needs --arch h with a frozen encoder (--train projector), and no --objective "
                         "recon (it reads the pixels)")
-
-
-def log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, device):
-    """log.jsonl's line for a step: losses per caption token, speed and NLL by tag (and with scale/flops.py the
-    FLOPs the step needed, FLOP/s and MFU)."""
-    tokens, positions = stats["tokens"], stats["positions"]
-    line = {"step": step + 1, "loss": stats["loss"] / tokens, "ntp": stats["ntp"] / tokens, "lr": lr,
-            "grad_norm": float(grad_norm), "tokens_per_s": positions / seconds,
-            "seconds": seconds, "pad_fraction": stats["padding"] / positions, "label_fraction": tokens / positions}
-    if "flops" in PLUGINS:
-        line.update(PLUGINS["flops"](cfg, model, stats, seconds, device))
-    if cfg.objective != "none":  # mean auxiliary loss per sample; the objective is loss + aux_weight x aux
-        line["aux"] = stats["aux"] / cfg.batch_size
-    for i, name in enumerate(CATEGORIES):
-        if nll_by_tag[1][i] > 0:
-            line[f"nll_{name}"] = float(nll_by_tag[0][i] / nll_by_tag[1][i])
-    return line
-
-
-def setup(cfg, rank, world, device):
-    """(model, records, data, meta, resumed state or None): checked flags, tokenizer, model, data."""
-    check_flags(cfg, world)
     if cfg.loss not in WEIGHTINGS:
         raise UserError(f"--loss {cfg.loss}: no such weighting; registered: {', '.join(WEIGHTINGS)} (the baselines' "
                         f"come with python -m baselines train ...)")
-    extra = method_hook(cfg, world)  # then the folder and last.pt, before anything is built (refused at once)
+    extra = method_hook(cfg, world)
     state = resume_state(cfg, extra is not None and extra.per_micro_batch())
     seed_everything(cfg.seed)
     tok = T.load_tokenizer(cfg.tokenizer)
@@ -373,15 +340,6 @@ def setup(cfg, rank, world, device):
                         f"room for a caption; raise --row-len")
     records, data, meta = load_data(cfg, tok, model, extra, device, rank == 0, world)
     return model, records, data, meta, state
-
-
-def describe(cfg, model, data, meta, world, device):
-    """config.json, and a line on what trains."""
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    print(f"{cfg.arch}-LVLM, loss {cfg.loss}: {count_params(model) / 1e6:.2f}M params, "
-          f"{count_params(model, True) / 1e6:.3f}M trainable; {len(data.samples)} pairs; "
-          f"{world} process(es) on {device}")
 
 
 def main(cfg, on_checkpoint=None):
@@ -395,7 +353,11 @@ def main(cfg, on_checkpoint=None):
     lock = claim_run_dir(cfg, master)  # one writer per folder (run.lock)
     step = restore(state, last_path, model, opt, cfg, meta, master) if state is not None else 0
     if master:
-        describe(cfg, model, data, meta, world, device)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        print(f"{cfg.arch}-LVLM, loss {cfg.loss}: {count_params(model) / 1e6:.2f}M params, "
+              f"{count_params(model, True) / 1e6:.3f}M trainable; {len(data.samples)} pairs; "
+              f"{world} process(es) on {device}")
     train_model, opt = wrap(model, opt, cfg, world, device, master)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
@@ -417,8 +379,18 @@ def main(cfg, on_checkpoint=None):
         opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
         stats, nll_by_tag = reduce_stats(stats, nll_by_tag, world, device)
-        if master:
-            line = log_line(cfg, model, step, lr, stats, nll_by_tag, grad_norm, seconds, device)
+        if master:  # log.jsonl: losses per caption token, speed, NLL by word tag (and FLOPs, MFU: scale/flops.py)
+            tokens, positions = stats["tokens"], stats["positions"]
+            line = {"step": step + 1, "loss": stats["loss"] / tokens, "ntp": stats["ntp"] / tokens, "lr": lr,
+                    "grad_norm": float(grad_norm), "tokens_per_s": positions / seconds, "seconds": seconds,
+                    "pad_fraction": stats["padding"] / positions, "label_fraction": tokens / positions}
+            if "flops" in PLUGINS:
+                line.update(PLUGINS["flops"](cfg, model, stats, seconds, device))
+            if cfg.objective != "none":  # mean auxiliary loss per sample; the objective is loss + aux_weight x aux
+                line["aux"] = stats["aux"] / cfg.batch_size
+            for i, name in enumerate(CATEGORIES):
+                if nll_by_tag[1][i] > 0:
+                    line[f"nll_{name}"] = float(nll_by_tag[0][i] / nll_by_tag[1][i])
             alarm.watch(line, step)
             log.write(line)  # log.jsonl, and wandb with --wandb
             bar.set_postfix(loss=f"{line['loss']:.3f}", ntp=f"{line['ntp']:.3f}")
@@ -426,8 +398,13 @@ def main(cfg, on_checkpoint=None):
         scheduled, stopping = done % cfg.save_every == 0 or done == cfg.steps, done == cfg.stop_at
         if scheduled or stopping:
             model_state, opt_state = full_state(model, opt, sharded)  # sharded: every rank joins
-            if master:
-                save(cfg.out_dir, done, model_state, opt_state, meta, cfg, scheduled, sharded)
+            weights_only = {"model": model_state, "step": done, **meta}  # ckpt_<step>.pt, for eval.py
+            if master and scheduled:
+                atomic_save(weights_only, os.path.join(cfg.out_dir, f"ckpt_{done:06d}.pt"))
+            if master:  # last.pt: all --resume needs to continue bit for bit
+                atomic_save({**weights_only, "optimizer": opt_state, **({"optimizer_format": "fqn"} if sharded else {}),
+                             "schedule": {"lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps},
+                             "rng": {"torch": torch.get_rng_state()}}, last_path)
             if master and scheduled and on_checkpoint is not None:
                 on_checkpoint(done, model)
         if stopping:
@@ -442,36 +419,27 @@ def main(cfg, on_checkpoint=None):
         dist.destroy_process_group()
     return model
 
-# ---- checkpoint ----------------------------------------------------------------------------------------------------
-# train.py's checkpoints: what --resume may change, restoring a run bit for bit, and writing ckpt_<step>.pt
-# (weights, for eval.py) and last.pt (weights, optimizer, step and RNG); one writer per run folder (run.lock).
 
-
-# Flags that --resume lets differ from the run's own: where and how it runs, never what it computes. --steps may not
-# grow: it sets the cosine schedule of every step.
+# ---- the run folder and its checkpoints (docs/scale.md: resume, run.lock) ------------------------------------------
+# Flags --resume may change: where and how the run computes, never what (same numbers). --steps may not grow: it sets
+# the cosine schedule of every step.
 RESUME_MAY_DIFFER = {"out_dir", "resume", "stop_at", "threads", "workers", "device", "image_cache", "compile", "fsdp",
-                     "save_every", "max_bad_fraction", "overwrite"}
-RESUME_MAY_DIFFER |= {"grad_checkpoint", "wandb"}  # memory use and where the log also goes: same numbers
-# Files may move (a copied artefacts folder): a path may change, but not from '' to a file or back. What the run read
-# is checked instead: data, tokenizer, scores and text data by fingerprint, the --init-* weights by the model's shape
-# (last.pt holds every weight).
+                     "save_every", "max_bad_fraction", "overwrite", "grad_checkpoint", "wandb"}
+# Files may move (a copied artefacts folder), but not change from '' to a file or back: what the run read is checked
+# by fingerprint (restore), and the --init-* weights by the model's shape (last.pt holds every weight).
 RESUME_PATHS = {"data", "tokenizer", "scores", "attn_scores", "text_data", "init_decoder", "init_encoder", "init_from",
                 "vision_weights"}
-
-
 LOCK = "run.lock"  # in --out-dir while a run writes there: {"pid", "host"} of the writer
 
 
 def run_files(out_dir):
-    """The files a train.py run leaves in out_dir (what eval.py --run-dir and --resume read)."""
     names = [os.path.join(out_dir, n) for n in ("config.json", "log.jsonl", "last.pt")]
     return [p for p in names if os.path.exists(p)] + sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
 
 
 def check_run_dir(cfg):
-    """Before anything is built: --resume needs a last.pt, and a fresh run needs a folder without another run's
-    files (their log and checkpoints would mix with its own in eval.py --run-dir); --overwrite allows both (a new
-    run replaces the old one's files; with --resume, only where there is no last.pt to continue)."""
+    """--resume needs a last.pt; a new run needs a folder without another run's files (their log and checkpoints
+    would mix with its own in eval.py --run-dir); --overwrite allows both."""
     last, old = os.path.join(cfg.out_dir, "last.pt"), run_files(cfg.out_dir)
     if cfg.resume and not os.path.exists(last) and not cfg.overwrite:
         raise UserError(f"--resume: no last.pt in {cfg.out_dir} to continue from (leave out --resume for a new run, "
@@ -483,14 +451,21 @@ def check_run_dir(cfg):
 
 
 def resume_state(cfg, per_micro_batch=False):
-    """train.py's start: check_run_dir, then (--resume) last.pt, loaded and checked against the flags (check_resume);
-    None for a new run."""
+    """check_run_dir, then with --resume last.pt, refused under flags that would change the run; else None.
+    per_micro_batch: the loss depends on how the batch is split (baselines.Baseline.per_micro_batch)."""
     check_run_dir(cfg)
     path = os.path.join(cfg.out_dir, "last.pt")
     if not (cfg.resume and os.path.exists(path)):
         return None
     state = load_checkpoint(path, "vlm")
-    check_resume(cfg, state, path, per_micro_batch)
+    old = state.get("config", {})
+    may_differ = RESUME_MAY_DIFFER | (set() if per_micro_batch else {"micro_batch"})
+    changed = [(k, old[k], v) for k, v in asdict(cfg).items() if k not in may_differ and k in old and
+               old[k] != v and (k not in RESUME_PATHS or bool(old[k]) != bool(v))]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, a, b in changed)
+        raise UserError(f"--resume: {path} is a run with other flags ({flags}); a resumed run keeps the flags that "
+                        f"define it (see its config.json): give the old values, or a new --out-dir")
     return state
 
 
@@ -505,43 +480,39 @@ def _alive(pid):
 
 
 def take_lock(out_dir):
-    """One writer per run folder: create out_dir/run.lock naming this process (pid, host), atomically (O_EXCL).
-    Refused while another live process holds it; a lock left by a process that is gone (killed: it never ran its
-    exit handler) on this host is stale and taken over; on another host its state is unknown, so it is refused
-    with the file to delete. This process's own lock (a second run in one process) is its own."""
+    """Create out_dir/run.lock naming this process, atomically (O_EXCL). A lock of a live process is refused; one
+    left on this host by a process that is gone (killed: no exit handler ran) is taken over; on another host its
+    state is unknown, so it is refused. This process's own lock (a second run in one process) is its own."""
     path, me = os.path.join(out_dir, LOCK), {"pid": os.getpid(), "host": socket.gethostname()}
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with open(path, "x") as f:  # "x": created atomically (O_EXCL), or FileExistsError
+                json.dump(me, f)
+            atexit.register(release_lock, path)
+            return path
         except FileExistsError:
-            try:
-                with open(path) as f:
-                    holder = json.load(f)
-                pid, host = int(holder["pid"]), str(holder["host"])
-            except (OSError, ValueError, KeyError, TypeError):  # half-written by a writer killed at once
-                holder, pid, host = None, None, me["host"]
-            if holder == me:
-                return path
-            if host != me["host"]:
-                raise UserError(f"--out-dir {out_dir} is in use by process {pid} on {host} ({path}); if no run "
-                                f"writes there any more, delete {path}")
-            if pid is not None and _alive(pid):
-                raise UserError(f"--out-dir {out_dir} is in use by process {pid} on {host} (its lock {path}): one "
-                                f"run writes to a folder at a time; wait for it, or give another --out-dir")
-            print(f"note: {path} was left by process {pid}, which is gone: taking it over")
-            os.remove(path)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        atexit.register(release_lock, path)
-        return path
+            pass
+        try:
+            with open(path) as f:
+                holder = json.load(f)
+            pid, host = int(holder["pid"]), str(holder["host"])
+        except (OSError, ValueError, KeyError, TypeError):  # half-written by a writer killed at once
+            holder, pid, host = None, None, me["host"]
+        if holder == me:
+            return path
+        if host != me["host"]:
+            raise UserError(f"--out-dir {out_dir} is in use by process {pid} on {host} ({path}); if no run "
+                            f"writes there any more, delete {path}")
+        if pid is not None and _alive(pid):
+            raise UserError(f"--out-dir {out_dir} is in use by process {pid} on {host} (its lock {path}): one "
+                            f"run writes to a folder at a time; wait for it, or give another --out-dir")
+        print(f"note: {path} was left by process {pid}, which is gone: taking it over")
+        os.remove(path)
     raise UserError(f"--out-dir {out_dir}: cannot take its lock {path} (another process keeps taking it)")
 
 
 def release_lock(path):
     """Remove the lock if it is still this process's (at the end of a run, and at exit after a failure)."""
-    if not path:
-        return
     try:
         with open(path) as f:
             if json.load(f).get("pid") == os.getpid():
@@ -551,8 +522,8 @@ def release_lock(path):
 
 
 def claim_run_dir(cfg, master):
-    """train.py's folder, once the model is built: made, locked by the writer (rank 0), and with --overwrite and
-    no run to resume, cleared of the old run's files. Returns the lock's path (None on other ranks)."""
+    """Once the model is built: make the folder, lock it (rank 0) and, with --overwrite and no run to resume, clear
+    the old run's files. Returns the lock's path (None on other ranks)."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     if not master:
         return None
@@ -568,41 +539,20 @@ def claim_run_dir(cfg, master):
     return lock
 
 
-def check_resume(cfg, state, path, per_micro_batch=False):
-    """Refuse to resume `state` (last.pt) under flags that would change the run: one line naming them.
-    per_micro_batch: the loss depends on how the batch is split (baselines.Baseline.per_micro_batch)."""
-    old = state.get("config", {})
-    may_differ = set(RESUME_MAY_DIFFER)
-    if not per_micro_batch:
-        may_differ.add("micro_batch")
-    changed = [(k, old[k], v) for k, v in asdict(cfg).items() if k not in may_differ and k in old and
-               old[k] != v and (k not in RESUME_PATHS or bool(old[k]) != bool(v))]
-    if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, a, b in changed)
-        raise UserError(f"--resume: {path} is a run with other flags ({flags}); a resumed run keeps the flags that "
-                         f"define it (see its config.json): give the old values, or a new --out-dir")
-
-
-def _step_of(line):
-    """A log line's step, or None for a line that is not a whole JSON object (half a line: a full disk or a kill
-    while logging)."""
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return None
-    return value.get("step", 0) if isinstance(value, dict) else None
-
-
 def trim_log(path, step):
-    """Drop log lines after `step` (the resumed checkpoint's), which the resumed run writes again, and torn lines
-    (never a JSONDecodeError: every complete line up to the last is kept)."""
+    """Keep the log lines up to `step` (the resumed run writes the later ones again); drop torn lines (a full disk
+    or a kill while logging), so every complete line up to the last is kept."""
     if not os.path.exists(path):
         return
     with open(path, errors="replace") as f:
         lines = f.readlines()
     kept = []
     for line in lines:
-        n = _step_of(line)
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        n = value.get("step", 0) if isinstance(value, dict) else None
         if isinstance(n, int) and n <= step:
             kept.append(line.rstrip("\n") + "\n")
     if kept != lines:
@@ -612,18 +562,17 @@ def trim_log(path, step):
 
 
 def restore(state, path, model, opt, cfg, meta, master=True):
-    """Put a run's last.pt (`state`, from `path`) back into model and opt; returns its step. meta: this run's
-    config.json dict; what it read (data, tokenizer, the files in "inputs") must be what the run read. The log's
-    lines after that step go (the resumed run writes them again)."""
+    """Put last.pt (`state`, from `path`) back into model and opt, and return its step; what the run read (data,
+    tokenizer, meta["inputs"]) must be what it reads now."""
     check_fingerprint("caption data", state["data"], meta["data"], path, cfg.data)
     check_fingerprint("tokenizer", state["tokenizer"], meta["tokenizer"], path, cfg.tokenizer)
     for key, fp in meta["inputs"].items():  # checkpoints older than this record have no "inputs"
         if state.get("inputs", {}).get(key, fp) != fp:
             raise UserError(f"--resume: --{key.replace('_', '-')} {getattr(cfg, key)} is not the file the run in "
-                             f"{path} read (fingerprint {fp}, the run's {state['inputs'][key]})")
+                            f"{path} read (fingerprint {fp}, the run's {state['inputs'][key]})")
     if VLMConfig.from_dict(state["model_config"]) != model.cfg:  # e.g. an --init-* file that changed since
         raise UserError(f"--resume: {path} holds another model than these flags build "
-                         f"({state['model_config']} vs {asdict(model.cfg)})")
+                        f"({state['model_config']} vs {asdict(model.cfg)})")
     model.load_state_dict(state["model"])
     if state.get("optimizer_format") == "fqn":  # from an --fsdp run: keyed by parameter name (scale/fsdp.py)
         plugin("fsdp_load_optimizer", f"--resume from an --fsdp run's {path}")(model, opt, state["optimizer"])
@@ -634,41 +583,6 @@ def restore(state, path, model, opt, cfg, meta, master=True):
         trim_log(os.path.join(cfg.out_dir, "log.jsonl"), state["step"])
         print(f"resumed from {path} at step {state['step']}")
     return state["step"]
-
-
-def save(out_dir, done, model_state, opt_state, meta, cfg, scheduled, sharded):
-    """ckpt_<done>.pt (weights, when `scheduled`: every --save-every steps and the last) and last.pt (weights,
-    optimizer, step, schedule and RNG: what --resume needs to continue bit for bit)."""
-    weights_only = {"model": model_state, "step": done, **meta}
-    if scheduled:
-        atomic_save(weights_only, os.path.join(out_dir, f"ckpt_{done:06d}.pt"))
-    atomic_save({**weights_only, "optimizer": opt_state, **({"optimizer_format": "fqn"} if sharded else {}),
-                 "schedule": {"lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps},
-                 "rng": {"torch": torch.get_rng_state()}}, os.path.join(out_dir, "last.pt"))
-
-
-# ---- the work a step did ----------------------------------------------------------------------------------------
-
-
-def attended_pairs(doc_ids, real):
-    """Query-key pairs that causal attention inside each document needs: n (n + 1) / 2 for a document of n
-    positions, summed over the (R, L) batch's documents; padding (real False) counts nothing. Host tensors."""
-    R, L = doc_ids.shape
-    docs = (doc_ids + torch.arange(R)[:, None] * (L + 1))[real]  # unique over the batch
-    n = torch.bincount(docs - docs.min()) if docs.numel() else docs
-    return int((n * (n + 1) // 2).sum())
-
-
-def count_work(counts, batch, keep, n_images):
-    """Add a packed micro-batch's sizes to `counts`: tokens (labelled positions), positions, padding, context
-    (non-padding positions x row width: what a masked attention kernel computes), attended (the query-key pairs
-    per-document causal attention needs: what step_flops counts) and images."""
-    R, L = batch.input_ids.shape
-    padding = int((batch.input_ids == T.PAD).sum())
-    for key, n in (("tokens", len(keep)), ("positions", R * L), ("padding", padding),
-                   ("context", (R * L - padding) * L),
-                   ("attended", attended_pairs(batch.doc_ids, batch.input_ids != T.PAD)), ("images", n_images)):
-        counts[key] = counts.get(key, 0) + n
 
 
 if __name__ == "__main__":

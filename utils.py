@@ -1,38 +1,26 @@
-"""Command-line flags from a config dataclass, so each script has one source of truth.
+"""What every script shares: flags from a config dataclass and what each may be, checked saves and loads, the
+plug-in registry, torchrun helpers, the own-data health alarms and the run's log.
 
-Every script keeps its settings in one `@dataclass` whose fields carry a help text:
-
-    @dataclass
-    class Config:
-        steps: int = field(default=300, metadata={"help": "optimizer steps"})
-
-    cfg = parse_config(Config, description=__doc__)   # python script.py --steps=500
-
-(`steps: int = flag(300, "optimizer steps")` is the same field, shorter.) A `positional("help")` field is given
-by position (`python -m scale.hf FOLDER`); a name with a trailing underscore drops it (`from_` is `--from`).
-
-The same dataclass is saved (as a plain dict) inside every checkpoint and rebuilt with
-`from_dict`, so a checkpoint alone says how it was made.
-
-Every script's entry point is `run(main, Config, description=__doc__)`: a user's mistake (a bad flag, a bad
-file, a refused resume) raises UserError and ends as one line `error: ...` with exit code 2, no traceback;
-PRIOR_DEBUG=1 shows the traceback too. Any other exception is the project's own bug and keeps its traceback.
+A script's settings are one dataclass (`steps: int = flag(300, "optimizer steps")`), saved in every checkpoint
+(from_dict rebuilds it). Its entry point, run(main, Config), ends a user's mistake (UserError) as one line
+`error: ...`, exit code 2 (--debug or PRIOR_DEBUG=1: the traceback too); any other exception is a bug of ours.
 """
 import argparse
 import contextlib
 import dataclasses
-import math
-import os
-import sys
-import typing
 import errno
 import hashlib
+import importlib
+import json
+import math
+import os
 import pickle
 import random
 import shutil
-import zipfile
+import sys
 import time
-import json
+import typing
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -40,73 +28,37 @@ from tqdm import tqdm
 
 
 class UserError(ValueError):
-    """A mistake of the user's (flag, file, resume), not a bug: run() prints it as one line. A ValueError, so
-    code that catches ValueError keeps working."""
+    """A mistake of the user's (flag, file, resume), not a bug. A ValueError, so code catching ValueError works."""
 
 
 def flag(default, help, choices=None, min=None, max=None):
-    """A config field with its --help text (and the values argparse accepts: choices, or a range min..max,
-    inclusive, checked by validate; a float with a bound must also be finite)."""
+    """A config field with its --help text and the values it takes: choices, or min..max (inclusive)."""
     extra = {k: v for k, v in (("choices", choices), ("min", min), ("max", max)) if v is not None}
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
+def positional(help, choices=None):
+    """A required field given by position (`python -m scale.hf FOLDER`): no default, so before those with one."""
+    return dataclasses.field(metadata={"help": help, "positional": True, **({"choices": choices} if choices else {})})
+
+
 def option(name):
-    """The flag of a field name: --some-name for some_name (from_, a Python keyword + _, is --from)."""
+    """--some-name for some_name; from_ (a Python keyword + _) is --from."""
     return "--" + name.rstrip("_").replace("_", "-")
 
 
-def check_range(name, value, lo=None, hi=None, help=""):
-    """UserError unless lo <= value <= hi (either bound may be None); a float must also be finite (NaN and inf
-    pass no comparison a weight or a rate needs)."""
+def check_range(cfg, name, lo=None, hi=None):
+    """UserError unless lo <= value <= hi; a float must also be finite (NaN and inf pass no comparison)."""
+    value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if (lo is not None and not value >= lo) or (hi is not None and not value <= hi) or (
             isinstance(value, float) and not math.isfinite(value)):
+        help = next(f.metadata.get("help", "") for f in dataclasses.fields(cfg) if f.name == name)
         number = "an integer" if isinstance(value, int) else "a finite number"
-        allowed = " and ".join(x for x in (f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "")
-                               if x)
+        allowed = " and ".join(f"{op} {bound}" for op, bound in ((">=", lo), ("<=", hi)) if bound is not None)
         raise UserError(f"{option(name)} {value}: allowed values are {number}{' ' + allowed if allowed else ''}"
                         f"{' (' + help + ')' if help else ''}")
-
-
-def check_ranges(cfg, **bounds):
-    """check_range for each name=min or name=(min, max) of cfg (a script's check() method)."""
-    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cfg)}
-    for name, bound in bounds.items():
-        lo, hi = bound if isinstance(bound, tuple) else (bound, None)
-        check_range(name, getattr(cfg, name), lo, hi, helps.get(name, ""))
-
-
-def check_divisible(cfg, width, heads):
-    """The attention heads must split the width evenly: --d-model 30 --n-head 4 cannot."""
-    if getattr(cfg, width) % getattr(cfg, heads):
-        raise UserError(f"{option(width)} {getattr(cfg, width)} is not divisible by {option(heads)} "
-                        f"{getattr(cfg, heads)}: allowed are widths that are a multiple of the number of heads")
-
-
-def check_warmup(cfg):
-    """--warmup below --steps (or 0): a warm-up as long as the run never reaches --lr. Refused when --warmup was
-    given; the default --warmup with a short --steps (a quick try) gets a note instead."""
-    if cfg.warmup and cfg.warmup >= cfg.steps:
-        if "warmup" not in getattr(cfg, "_given", {"warmup"}):
-            print(f"note: the default --warmup {cfg.warmup} is not below --steps {cfg.steps}: the lr never reaches "
-                  f"--lr {getattr(cfg, 'lr', '')}; give a shorter --warmup", file=sys.stderr)
-            return
-        raise UserError(f"--warmup {cfg.warmup}: allowed values are 0 to --steps - 1 = {cfg.steps - 1} (a warm-up "
-                        f"of --steps {cfg.steps} or more never reaches --lr)")
-
-
-def validate(cfg):
-    """Refuse a config whose values the flags do not allow: each field's min/max (flag()), then the script's own
-    checks (the config's check() method, if it has one). One UserError naming the flag and the values it takes."""
-    for f in dataclasses.fields(cfg):
-        if "min" in f.metadata or "max" in f.metadata:
-            check_range(f.name, getattr(cfg, f.name), f.metadata.get("min"), f.metadata.get("max"),
-                        f.metadata.get("help", ""))
-    if hasattr(cfg, "check"):
-        cfg.check()
-    return cfg
 
 
 def _bool(text):
@@ -118,47 +70,39 @@ def _bool(text):
 
 
 def parse_config(cls, argv=None, description=None):
-    """Build an ArgumentParser from `cls`'s fields (`--some-name` for `some_name`) and parse argv."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """`cls` from argv (`--some-name` for `some_name`), refused (UserError) where a value is out of its field's
+    min..max or fails the config's check() (a config built in code, as in tests, is not checked)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if f.metadata.get("positional"):
-            add_positional(parser, f, kind)
+            parser.add_argument(f.name, type=kind, choices=f.metadata.get("choices"), help=f.metadata["help"])
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "") + f" (default: {default})"
-        flag = "--" + f.name.rstrip("_").replace("_", "-")  # from_ (a Python keyword + _) is --from
-        if kind is bool:
-            # `--flag` alone turns it on; `--flag=false` turns it off.
-            parser.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=default, help=help_text)
-        else:
+        if kind is bool:  # `--flag` alone turns it on; `--flag=false` turns it off
+            how = {"type": _bool, "nargs": "?", "const": True}
+        else:  # Optional[int] is int
             base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
-            choices = f.metadata.get("choices")
-            parser.add_argument(flag, dest=f.name, type=base, default=default, choices=choices, help=help_text)
+            how = {"type": base, "choices": f.metadata.get("choices")}
+        parser.add_argument(option(f.name), dest=f.name, default=default, help=help_text, **how)
     names = {f.name for f in dataclasses.fields(cls)}
-    if "debug" not in names:  # every script: show the traceback of a user's mistake too
+    if "debug" not in names:
         parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     args = vars(parser.parse_args(argv))
     if args.pop("debug", False) and "debug" not in names:
         os.environ["PRIOR_DEBUG"] = "1"
     cfg = cls(**args)
-    # the flags the command line set (differs from the default): some checks are stricter for those
-    with contextlib.suppress(AttributeError, TypeError):  # a slots dataclass has no room for it: all are strict
+    # the flags the command line set: some checks are stricter for those (a slots dataclass has no room: all strict)
+    with contextlib.suppress(AttributeError, TypeError):
         object.__setattr__(cfg, "_given", {k for k, v in args.items() if v != parser.get_default(k)})
-    return validate(cfg)
-
-
-def positional(help, choices=None):
-    """A required config field given by position, not as a --flag (`python -m scale.hf FOLDER`); it has no default,
-    so it stands before the fields that have one."""
-    return dataclasses.field(metadata={"help": help, "positional": True, **({"choices": choices} if choices else {})})
-
-
-def add_positional(parser, f, kind):
-    """parse_config's argument for a positional() field."""
-    parser.add_argument(f.name, type=kind, choices=f.metadata.get("choices"), help=f.metadata["help"])
+    for f in dataclasses.fields(cfg):
+        if "min" in f.metadata or "max" in f.metadata:
+            check_range(cfg, f.name, f.metadata.get("min"), f.metadata.get("max"))
+    if hasattr(cfg, "check"):
+        cfg.check()
+    return cfg
 
 
 def from_dict(cls, values):
@@ -168,8 +112,7 @@ def from_dict(cls, values):
 
 
 def run(main, cls, argv=None, description=None):
-    """A script's entry point: parse `cls`'s flags, call main(cfg); a UserError becomes `error: ...` and exit 2
-    (--debug or PRIOR_DEBUG=1: the traceback too)."""
+    """A script's entry point: main(parse_config(...)), a user's mistake one line `error: ...` and exit 2."""
     try:
         return main(parse_config(cls, argv, description))
     except (UserError, FileNotFoundError) as e:  # a missing file is the user's too (the message names it)
@@ -179,30 +122,28 @@ def run(main, cls, argv=None, description=None):
         raise SystemExit(2) from None
 
 
-
 def join_repeated(argv, name="--bench"):
-    """argv with every `--bench X` / `--bench=X` joined into one `--bench X,Y,...` (utils.py keeps the last
-    value of a repeated flag; the specs are comma-separated after this)."""
+    """argv with every `--bench X` / `--bench=X` joined into one `--bench X,Y,...` (argparse keeps only the last)."""
     values, rest, i = [], [], 0
     while i < len(argv):
-        a = argv[i]
-        if a == name and i + 1 < len(argv):
-            values.append(argv[i + 1])
-            i += 2
-            continue
-        if a.startswith(name + "="):
-            values.append(a[len(name) + 1:])
+        if argv[i] == name and i + 1 < len(argv):
+            i += 1
+            values.append(argv[i])
+        elif argv[i].startswith(name + "="):
+            values.append(argv[i][len(name) + 1:])
         else:
-            rest.append(a)
+            rest.append(argv[i])
         i += 1
     return rest + ([name, ",".join(values)] if values else [])
 
 
-# ---- plug-ins: where the lab extends the core ------------------------------------------------------------------------
-# The core never imports the lab (scale/, baselines/, benchmarks/, experiments/). A lab folder that adds to a core
-# script registers functions here when it is imported, under the names the core looks up; its __main__.py runs a core
-# script with them: `python -m scale train --stream ...` (run_script). `python -m experiments SCRIPT` has them all.
+# ---- plug-ins: the core never imports the lab (scale/, baselines/, benchmarks/, experiments/). A lab folder registers
+# functions here when imported, under the names the core looks up, and its __main__.py runs a core script with them
+# (run_script: `python -m scale train --stream ...`; `python -m experiments SCRIPT` has them all).
 PLUGINS = {}
+SCRIPTS = {"train": ("TrainConfig", "main"), "eval": ("EvalConfig", "main"), "score": ("ScoreConfig", "main"),
+           "reference_lm": ("RefConfig", "train_lm"),
+           "data.tokenizer": ("TokenizerConfig", "build")}  # a core script: (its config dataclass, its function)
 
 
 def register(name):
@@ -221,15 +162,8 @@ def plugin(name, flag):
     return PLUGINS[name]
 
 
-# a core script: (its config dataclass, the function that takes it)
-SCRIPTS = {"train": ("TrainConfig", "main"), "eval": ("EvalConfig", "main"), "score": ("ScoreConfig", "main"),
-           "reference_lm": ("RefConfig", "train_lm")}
-
-
 def run_script(folder, argv=None):
-    """`python -m FOLDER SCRIPT [flags]`: the core SCRIPT (SCRIPTS) run as `python SCRIPT.py [flags]` would run it,
-    with the plug-ins FOLDER registered."""
-    import importlib
+    """`python -m FOLDER SCRIPT [flags]`: `python SCRIPT.py [flags]` with FOLDER's plug-ins registered."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].removesuffix(".py") not in SCRIPTS:
         print(f"usage: python -m {folder} {{{','.join(SCRIPTS)}}} [flags] (--help: the script's flags)",
@@ -244,19 +178,15 @@ def run_script(folder, argv=None):
 
 
 def exit_distributed():
-    """Under torchrun, after a clean finish (process group destroyed, files closed): skip the interpreter's teardown,
-    where a leftover gloo thread can still abort the process ("terminate called without an active exception"; seen
-    in CI about once in thirty 2-process runs) and turn a finished run into a failed one."""
+    """Under torchrun, after a clean finish: skip the interpreter's teardown, where a leftover gloo thread can still
+    abort the process ("terminate called without an active exception"; about once in thirty 2-process CI runs)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
 
-# ---- utils ---------------------------------------------------------------------------------------------------------
-# Small pieces the scripts share: device and precision, the lr schedule and optimizer, fingerprints, atomic saves,
-# and the one checked load path (safe_load: no code runs, damaged bytes are refused; load_checkpoint: and the kind).
 
-
+# ---- device, schedule, fingerprints, and the checked save and load paths
 def pick_device(name="auto"):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -302,29 +232,29 @@ def file_fingerprint(path):
 def check_fingerprint(what, expected, found, expected_from, found_from):
     if expected != found:
         raise UserError(f"{what} mismatch: {expected_from} was made with {expected}, "
-                         f"but {found_from} is {found}. Re-run the step that made {expected_from}.")
-
-
-def _disk_full(e):
-    """Is `e` what a full disk raises during torch.save? OSError ENOSPC, or torch's zip writer's RuntimeError
-    ("unexpected pos ...", its only words for a short write)."""
-    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-        isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "No space left" in str(e)))
+                        f"but {found_from} is {found}. Re-run the step that made {expected_from}.")
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint. A write
-    that fails (a full disk: one line saying so) removes the temporary file and leaves the old one as it was."""
+    """torch.save through atomic_write: never a broken checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write(path, write):
+    """write(temporary path), then rename to `path`: a crash mid-write never leaves a broken file. A failed write
+    (a full disk: one line saying so) removes the temporary file and leaves the old one as it was."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if _disk_full(e):
+        # a full disk: OSError ENOSPC, or torch's zip writer's RuntimeError ("unexpected pos": its short write)
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+                isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "No space left" in str(e))):
             free = shutil.disk_usage(folder).free
             old = "the previous file is intact" if os.path.exists(path) else "no file was left"
             raise UserError(f"{path}: no space left on the device ({free / 2**20:.1f} MiB free in {folder}) while "
@@ -333,11 +263,10 @@ def atomic_save(obj, path):
 
 
 def check_zip(path, name, what="a checkpoint", error=UserError):
-    """Refuse a damaged file: torch.save writes a zip whose every member carries a CRC-32, which torch.load never
-    checks (a flipped byte loads as a wrong weight). zipfile.testzip reads each member and checks it: cheaper than
-    a stored sha256 (measured in docs/formats.md), and old files carry the CRCs too. Not a zip: left to torch.load."""
+    """Refuse a damaged file: torch.save writes a zip whose members carry CRC-32s that torch.load never checks (a
+    flipped byte loads as a wrong weight); testzip checks them, cheaper than a stored sha256 (docs/formats.md)."""
     if not isinstance(path, (str, os.PathLike)) or not zipfile.is_zipfile(path):
-        return
+        return  # not a zip: left to torch.load
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
@@ -349,16 +278,14 @@ def check_zip(path, name, what="a checkpoint", error=UserError):
 
 
 def safe_load(source, name, what="a checkpoint", error=UserError, mmap=False):
-    """torch.load with weights_only=True, so a file from an untrusted source cannot run code when loaded, after
-    check_zip (a damaged file is refused); every failure becomes one `error` that names the file (never torch's
-    advice to retry with weights_only=False). mmap: map the tensors from the file (a path) instead of reading them."""
+    """torch.load with weights_only=True (a file from an untrusted source cannot run code) after check_zip; every
+    failure is one `error` naming the file, never torch's advice to retry with weights_only=False."""
     check_zip(source, name, what, error)
     try:
         return torch.load(source, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
     except pickle.UnpicklingError as e:  # objects a weights-only load refuses (not any file pickle cannot read:
         if "global" not in str(e).lower():  # a JSON or text file is not a pickle at all: "Unsupported operand")
-            detail = next((x.strip() for x in str(e).splitlines() if x.strip().startswith("Unsupported")), "")
-            detail = ": " + detail if detail else ""
+            detail = next((": " + x.strip() for x in str(e).splitlines() if x.strip().startswith("Unsupported")), "")
             raise error(f"{name}: cannot read it as {what} (not a file torch.save wrote{detail}); is it the right "
                         f"file?") from None
         culprit = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
@@ -375,29 +302,22 @@ KINDS = {"vlm": "a train.py checkpoint (a VLM)", "lm": "a reference_lm.py checkp
          "vit": "a tools/vision.py checkpoint (a ViT encoder)", "scores": "a score file (score.py or baselines/)",
          "score-index": "a sharded score file's index (score.py)", "state-dict": "a bare state dict (no config)",
          "unknown": "no checkpoint this project writes"}
-
-
-def checkpoint_kind(ckpt):
-    """Which of KINDS a loaded file is, told by the keys each script writes."""
-    if isinstance(ckpt, dict):
-        for key, kind in (("model_config", "vlm"), ("decoder_config", "lm"), ("vit_config", "vit"),
-                          ("p_ref", "scores"), ("shards", "score-index")):
-            if key in ckpt:
-                return kind
-        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            return "state-dict"
-    return "unknown"
+KIND_KEYS = {"model_config": "vlm", "decoder_config": "lm", "vit_config": "vit", "p_ref": "scores",
+             "shards": "score-index"}  # the key each script writes
 
 
 def load_checkpoint(path, kind=None, flag=""):
     """A checkpoint, loaded safely; with `kind` (a KINDS key), one line naming the file, what it is and what was
-    expected when it is another kind (never a KeyError further on). flag: the option that named it, for the message."""
+    expected when it is another kind (never a KeyError further on). flag: the option that named it."""
     if str(path).startswith("hf:"):  # a Hugging Face Llama folder, converted on the fly by scale/hf.py
         return plugin("hf_checkpoint", flag or path)(path, kind, flag)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag + ': ' if flag else ''}no checkpoint at {path}")
     ckpt = safe_load(path, f"{flag}: {path}" if flag else path)
-    found = checkpoint_kind(ckpt)
+    found = "unknown"
+    if isinstance(ckpt, dict):
+        bare = ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        found = next((k for key, k in KIND_KEYS.items() if key in ckpt), "state-dict" if bare else "unknown")
     if kind is not None and found != kind:
         raise UserError(f"{flag + ': ' if flag else ''}{path} is {KINDS[found]}, not {KINDS[kind]} as expected")
     return ckpt
@@ -411,24 +331,17 @@ def make_optimizer(params, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=False)
 
 
-# ---- distributed ---------------------------------------------------------------------------------------------------
-# Several processes (torchrun): set-up, DDP or FSDP2 wrapping, and unsharded state for checkpoints.
-#
-# One process needs none of it: setup_distributed returns rank 0 of 1 and train.py (and reference_lm.py) trains the
-# bare model. Sharding (--fsdp) is scale/fsdp.py's.
-
-
+# ---- several processes (torchrun). Alone, setup_distributed returns rank 0 of 1 and the scripts train the bare
+# model; sharding (--fsdp) is scale/fsdp.py's.
 def check_bf16(device):
-    """Training on a GPU runs under bf16 autocast (utils.autocast); refuse GPUs without bf16 (V100, T4), whose
-    fp16 would need a GradScaler this project does not have."""
+    """Refuse GPUs without bf16 (V100, T4): their fp16 would need a GradScaler this project does not have."""
     if str(device).startswith("cuda") and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16, which training on a GPU needs (fp16 "
                          f"with loss scaling is not implemented): use --device cpu or a GPU with bf16 (A100 or newer)")
 
 
 def setup_distributed(device, bf16=True):
-    """(rank, world size, this process's device) under torchrun, or (0, 1, device) alone; GPUs must have bf16
-    (bf16=False: a float32 job, score.py's)."""
+    """(rank, world size, this process's device); bf16=False: a float32 job (score.py's) on any GPU."""
     if bf16:
         check_bf16(device)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -449,27 +362,12 @@ def unwrap(module):
     return module
 
 
-def full_state(model, opt, sharded):
-    """Weights and optimizer state as one unsharded process holds them (sharded: scale/fsdp.py gathers them onto
-    rank 0, a collective every rank joins), so a checkpoint of a sharded run loads anywhere."""
-    if sharded:
-        return PLUGINS["fsdp_full_state"](model, opt)
-    return model.state_dict(), opt.state_dict()
-
-
-def wait_until(ready, poll=1.0):
-    """Poll ready() until it holds: for files another rank writes (not a barrier: decoding a large image set can
-    outlast a collective's timeout; if that rank fails, torchrun stops the others)."""
-    while not ready():
-        time.sleep(poll)
-
-
 def wrap(model, opt, cfg, world, device, master):
     """(train_model, opt): the model as the step runs it: sharded in place (--fsdp), inside DDP, compiled."""
     train_model = model
     if cfg.fsdp and world == 1 and master:
         print("--fsdp: one process, nothing to shard; training unsharded")
-    if cfg.fsdp and world > 1:  # FSDP2: scale/fsdp.py
+    if cfg.fsdp and world > 1:
         opt = plugin("fsdp", "--fsdp")(model, opt, cfg, device)
     elif world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -477,6 +375,27 @@ def wrap(model, opt, cfg, world, device, master):
     if getattr(cfg, "compile", False):
         train_model = torch.compile(train_model, dynamic=True)  # batch shapes change every step (tight packing)
     return train_model, opt
+
+
+def full_state(model, opt, sharded):
+    """Weights and optimizer state unsharded (sharded: gathered onto rank 0, a collective every rank joins)."""
+    if sharded:
+        return PLUGINS["fsdp_full_state"](model, opt)
+    return model.state_dict(), opt.state_dict()
+
+
+def full_weights(model, sharded):
+    """The weights as CPU copies that outlive training (sharded: as full_state; ranks other than 0 get {})."""
+    if sharded:
+        return PLUGINS["fsdp_full_weights"](model)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def wait_until(ready, poll=1.0):
+    """Poll ready(): for files another rank writes. Not a barrier: decoding a large image set can outlast a
+    collective's timeout (if that rank fails, torchrun stops the others)."""
+    while not ready():
+        time.sleep(poll)
 
 
 def reduce_stats(stats, nll_by_tag, world, device):
@@ -499,34 +418,18 @@ def global_mean(x, world):
     return x / world
 
 
-def full_weights(model, sharded):
-    """The model's weights as CPU copies that outlive training (sharded: gathered onto rank 0 by scale/fsdp.py, a
-    collective every rank joins; the others get {})."""
-    if sharded:
-        return PLUGINS["fsdp_full_weights"](model)
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-# ---- health --------------------------------------------------------------------------------------------------------
-# Alarms for the ways PRIOR goes wrong on a user's own data, as small pure functions (tests feed them made-up
-# numbers). Used by reference_lm.py (validation split, memorising), train.py (the caption language being
-# unlearned) and score.py (collapsed weights). docs/own_data.md explains each alarm and what to do about it.
-
-
-VAL_MIN = 64  # captions: below this a validation NLL is too noisy to pick a checkpoint by
-
-
-def val_split_size(n, fraction=0.05, minimum=VAL_MIN):
-    """Captions to hold out for validation out of n: the larger of fraction x n and `minimum`, but never more
-    than a quarter of the captions (the rest must still train the LM), and at least 1 (when n >= 2)."""
+# ---- health: alarms for the ways PRIOR goes wrong on a user's own data, as pure functions (tests feed them made-up
+# numbers); docs/own_data.md explains each alarm and what to do about it.
+def val_split_size(n, fraction=0.05, minimum=64):
+    """Captions to hold out for validation: fraction x n, but at least `minimum` (a smaller split's NLL is too
+    noisy to pick a checkpoint by), at most a quarter (the rest must train the LM), and 1 when n >= 2."""
     if n < 2:
         return 0
     return max(1, min(max(int(n * fraction), minimum), n // 4))
 
 
 def memorising(history):
-    """A warning (str) when validation NLL rose between two evaluations while the training loss fell (the LM
-    is learning its training captions by heart), else None. history: [{"step", "train_loss", "val_nll"}]."""
+    """A warning when validation NLL rose while the training loss fell (the LM learns its captions by heart)."""
     for a, b in zip(history, history[1:]):
         if b["val_nll"] > a["val_nll"] and b["train_loss"] < a["train_loss"]:
             return (f"validation NLL rose from {a['val_nll']:.3f} (step {a['step']}) to {b['val_nll']:.3f} "
@@ -537,19 +440,14 @@ def memorising(history):
 
 
 def nll_rise(ntp, warmup, window=20, margin=0.1, min_rise=0.2, hold=None):
-    """Has the plain caption NLL risen clearly and lastingly above its level at the end of warm-up? ntp: the
-    per-step values so far (log.jsonl's "ntp", step 1 first). The baseline is the mean of the `window` values ending
-    at warm-up's end; the level at a step is the mean of the `window` values ending there (a running mean, so one
-    bad batch does not count); the threshold is baseline + max(min_rise, margin x baseline).
-
-    A healthy run often climbs for a while right after warm-up (the lr at its peak) and then falls far below its
-    start; unlearning climbs and keeps climbing. So it takes both: the level above the threshold at each of the
-    last `hold` steps (2 x window unless given: longer than the bump after warm-up takes to turn), and the level now
-    no less than half way from the threshold to the highest of those (still up: not a bump on its way down).
-    Returns (baseline, current) then, else
-    None; never before warm-up + window + hold steps (without warm-up, the first `window` steps are the baseline)."""
+    """(baseline, current) when the plain caption NLL (ntp: per-step values, step 1 first) has risen clearly and
+    lastingly above its level at the end of warm-up, else None. Levels are running means over `window` steps (one
+    bad batch does not count); the threshold is baseline + max(min_rise, margin x baseline). A healthy run often
+    climbs for a while after warm-up (the lr at its peak) and then falls; unlearning keeps climbing. So it takes
+    both: the level above the threshold for the last `hold` steps (2 x window: longer than that bump), and the level
+    now at least half way from the threshold to the highest of those (not a bump on its way down)."""
     hold = 2 * window if hold is None else hold
-    end = max(warmup, window)
+    end = max(warmup, window)  # without warm-up, the first `window` steps are the baseline
     if len(ntp) < end + window + hold - 1:
         return None
     base = ntp[max(0, end - window):end]
@@ -561,20 +459,9 @@ def nll_rise(ntp, warmup, window=20, margin=0.1, min_rise=0.2, hold=None):
     return None
 
 
-def nll_alarm_message(loss, baseline, current, step):
-    return (f"ALARM: the plain caption NLL (ntp) rose from {baseline:.3f} at the end of warm-up to {current:.3f} "
-            f"(mean of the last steps, step {step}) while --loss {loss} trains: the model is unlearning the caption "
-            f"language. Likely causes: an overfit reference LM (p_ref near 1, weights near 0: check reference_lm.py's "
-            f"kept step and score.py's report), the whole decoder training without a text mix (use --train projector "
-            f"for the H-LVLM, --text-data for the U-LVLM), or --alpha too high. See docs/own_data.md")
-
-
 def weight_collapse(p_ref, near_zero=0.05, caption_share=0.9, max_token_share=0.75, max_caption_share=0.1):
-    """Do PRIOR's weights w = 1 - p_ref collapse to zero? p_ref: per-caption 1-d tensors (scores of caption tokens
-    then <|eos|>; eos is left out here). Returns (stats, warning or None): stats = {"tokens_near_zero": share of
-    tokens with w < near_zero, "captions_near_zero": share of captions with more than caption_share of their tokens
-    near zero}. A warning when either share is above its limit (the reference LM predicts the captions it scores
-    almost perfectly: it has memorised them, or saw them in training)."""
+    """(stats, warning or None): do PRIOR's weights w = 1 - p_ref collapse to zero (the reference LM has memorised
+    the captions it scores)? p_ref: per-caption scores of caption tokens then <|eos|> (left out here)."""
     n_tok = n_low = n_cap = n_cap_low = 0
     for p in p_ref:
         w = 1 - p[:-1].float().clamp(0, 1)
@@ -597,8 +484,6 @@ def weight_collapse(p_ref, near_zero=0.05, caption_share=0.9, max_token_share=0.
 
 def past_ntp(log_path, upto):
     """(ntp values of steps 1..upto, the alarm already raised or None) from a run's log.jsonl, for --resume."""
-    import json
-    import os
     if not upto or not os.path.exists(log_path):
         return [], None
     values, alarm = {}, None
@@ -615,7 +500,7 @@ def past_ntp(log_path, upto):
 
 
 class Alarm:
-    """The unlearning alarm (health.nll_rise) over a weighted run's plain caption NLL; resumed runs read the log."""
+    """train.py's unlearning alarm (nll_rise) over a weighted run's plain caption NLL; a resumed run reads the log."""
     def __init__(self, cfg, log_path, step, master):
         self.cfg, self.on = cfg, master and cfg.loss != "ntp"
         self.ntp, self.message = past_ntp(log_path, step) if self.on else ([], None)
@@ -626,7 +511,14 @@ class Alarm:
         self.ntp.append(line["ntp"])
         rise = None if self.message else nll_rise(self.ntp, self.cfg.warmup, window=max(5, min(20, self.cfg.warmup)))
         if rise:
-            self.message = line["alarm"] = nll_alarm_message(self.cfg.loss, *rise, step + 1)
+            baseline, current = rise
+            self.message = line["alarm"] = (
+                f"ALARM: the plain caption NLL (ntp) rose from {baseline:.3f} at the end of warm-up to {current:.3f} "
+                f"(mean of the last steps, step {step + 1}) while --loss {self.cfg.loss} trains: the model is "
+                f"unlearning the caption language. Likely causes: an overfit reference LM (p_ref near 1, weights near "
+                f"0: check reference_lm.py's kept step and score.py's report), the whole decoder training without a "
+                f"text mix (use --train projector for the H-LVLM, --text-data for the U-LVLM), or --alpha too high. "
+                f"See docs/own_data.md")
             tqdm.write(self.message, file=sys.stderr)
 
     def summary(self):
@@ -635,18 +527,16 @@ class Alarm:
                   + (f"\n{self.message}" if self.message else ""), file=sys.stderr if self.message else sys.stdout)
 
 
-# ---- the run's log ---------------------------------------------------------------------------------------------------
-
-
 class RunLog:
-    """log.jsonl opened for appending, and, with --wandb PROJECT, a Weights & Biases run (scale/wandb_log.py).
-    write(line) writes one JSON line (flushed, so a killed run keeps its lines) and logs the same dict to wandb."""
-
+    """log.jsonl, one flushed JSON line per write (a killed run keeps its lines), and with --wandb PROJECT the same
+    dicts in a Weights & Biases run (scale/wandb_log.py)."""
     def __init__(self, path, project="", config=None, out_dir=None):
         self.file = open(path, "a")
         out_dir = out_dir or os.path.dirname(path) or "."
-        self.run = plugin("wandb", "--wandb")(project, config or {}, out_dir, id_path=os.path.join(out_dir, "wandb_id")) \
-            if project else None
+        self.run = None
+        if project:
+            start = plugin("wandb", "--wandb")
+            self.run = start(project, config or {}, out_dir, id_path=os.path.join(out_dir, "wandb_id"))
 
     def write(self, line):
         self.file.write(json.dumps(line) + "\n")
@@ -661,73 +551,63 @@ class RunLog:
             self.run = None
 
 
-# ---- flag_checks ---------------------------------------------------------------------------------------------------
-# What each script's flags may be: ranges and cross-checks, as mixins of the scripts' config dataclasses
-# (`class TrainConfig(TrainChecks)`), so a script keeps its fields and this file the rules. utils.validate calls
-# check() on the command line's values (parse_config, run); a config built in code (tests) is not checked.
-#
+# ---- what each script's flags may be: a mixin of its config dataclass (`class TrainConfig(TrainChecks)`), so the
+# script keeps its fields and this file the rules. A flag's range is the same in every script that has it:
 #     python train.py --steps 0      # error: --steps 0: allowed values are an integer >= 1 (optimizer steps)
-#
-# Each rule is one line here: check_ranges(name=min or (min, max)), check_warmup (--warmup below --steps),
-# check_divisible (attention heads split the width). A float with a bound must be finite (no nan, no inf).
-
-
 FRACTION = (0.0, 1.0)
+RANGES = {  # flag name: min, or (min, max)
+    **dict.fromkeys(("steps", "batch_size", "row_len", "batch_rows", "chunk", "save_every", "image_size", "patch_size",
+                     "vit_dim", "vit_depth", "vit_heads", "n_layer", "n_head", "d_model", "itc_dim"), 1),
+    **dict.fromkeys(("micro_batch", "warmup", "stop_at", "eval_every", "patience", "max_rows", "report_captions",
+                     "workers", "threads"), 0),
+    **dict.fromkeys(("lr", "alpha", "weight_decay", "grad_clip", "text_ratio", "aux_weight", "pixel_noise", "budget",
+                     "peak_tflops"), 0.0),
+    **dict.fromkeys(("val_fraction", "rho1_keep", "oracle_low", "max_bad_fraction"), FRACTION),
+    "max_epochs": 1e-9}
 
 
-class TrainChecks:
+class Checks:
+    """check(): each field's range (RANGES, then the script's OWN_RANGES), a --warmup below --steps, and attention
+    heads that split their width evenly (DIVISIBLE: --d-model 30 --n-head 4 cannot)."""
+    OWN_RANGES = {}
+    DIVISIBLE = (("d_model", "n_head"), ("vit_dim", "vit_heads"))
+
     def check(self):
-        check_ranges(self, steps=1, batch_size=1, micro_batch=0, row_len=1, warmup=0, lr=0.0, alpha=0.0, save_every=1,
-                     image_size=1, patch_size=1, vit_dim=1, vit_depth=1, vit_heads=1, n_layer=1, n_head=1, d_model=1,
-                     weight_decay=0.0, grad_clip=0.0, text_ratio=0.0, aux_weight=0.0, rho1_keep=FRACTION,
-                     oracle_low=FRACTION, itc_dim=1, stop_at=0, max_bad_fraction=FRACTION, workers=0, threads=0,
-                     peak_tflops=0.0)
-        check_warmup(self)
-        check_divisible(self, "d_model", "n_head")
-        check_divisible(self, "vit_dim", "vit_heads")
+        ranges = {**RANGES, **self.OWN_RANGES}
+        for f in dataclasses.fields(self):
+            if f.name in ranges:
+                bound = ranges[f.name]
+                check_range(self, f.name, *(bound if isinstance(bound, tuple) else (bound, None)))
+        steps, warmup = getattr(self, "steps", 0), getattr(self, "warmup", 0)  # --steps 0: sized to the data
+        if steps and warmup and warmup >= steps:
+            if "warmup" not in getattr(self, "_given", {"warmup"}):  # the default, with a short --steps: a quick try
+                print(f"note: the default --warmup {warmup} is not below --steps {steps}: the lr never reaches "
+                      f"--lr {getattr(self, 'lr', '')}; give a shorter --warmup", file=sys.stderr)
+            else:
+                raise UserError(f"--warmup {warmup}: allowed values are 0 to --steps - 1 = {steps - 1} (a warm-up "
+                                f"of --steps {steps} or more never reaches --lr)")
+        for width, heads in self.DIVISIBLE:
+            if hasattr(self, width) and getattr(self, width) % getattr(self, heads):
+                raise UserError(f"{option(width)} {getattr(self, width)} is not divisible by {option(heads)} "
+                                f"{getattr(self, heads)}: allowed are widths that are a multiple of the number of "
+                                f"heads")
 
 
-class RefChecks:
-    def check(self):
-        check_ranges(self, val_fraction=FRACTION, n_layer=1, n_head=1, d_model=1, row_len=2, batch_rows=1, steps=0,
-                     lr=0.0, warmup=0, weight_decay=0.0, eval_every=0, patience=0, max_bad_fraction=FRACTION,
-                     max_epochs=1e-9)
-        if self.steps:  # --steps 0: sized to the data, and the warm-up with it (reference_lm.size_steps)
-            check_warmup(self)
-        check_divisible(self, "d_model", "n_head")
+TrainChecks = ScoreChecks = EvalChecks = Checks
 
 
-class ScoreChecks:
-    def check(self):
-        check_ranges(self, row_len=1, batch_rows=1, chunk=1, report_captions=0, max_bad_fraction=FRACTION)
+class RefChecks(Checks):
+    OWN_RANGES = {"steps": 0, "row_len": 2}  # --steps 0: sized to the data (reference_lm.size_steps)
 
 
-class EvalChecks:
-    def check(self):
-        check_ranges(self, max_rows=0, row_len=1, batch_rows=1, max_bad_fraction=FRACTION, threads=0)
+class VisionChecks(Checks):
+    DIVISIBLE = (("vit_dim", "vit_heads"), ("image_size", "patch_size"))
 
 
-class VisionChecks:
-    def check(self):
-        check_ranges(self, val_fraction=FRACTION, image_size=1, patch_size=1, vit_dim=1, vit_depth=1, vit_heads=1,
-                     steps=1, batch_size=1, lr=0.0, warmup=0, weight_decay=0.0, grad_clip=0.0, pixel_noise=0.0,
-                     eval_every=0, max_bad_fraction=FRACTION, workers=0, threads=0)
-        check_warmup(self)
-        check_divisible(self, "vit_dim", "vit_heads")
-        check_divisible(self, "image_size", "patch_size")
-
-
-class TokenizerChecks:
+class TokenizerChecks(Checks):
     SMALLEST_VOCAB = 7 + 256  # byte-level BPE starts from the 7 specials (data/tokenizer.SPECIALS) and all 256 bytes
-
-    def check(self):
-        check_ranges(self, vocab_size=self.SMALLEST_VOCAB, max_bad_fraction=FRACTION)
+    OWN_RANGES = {"vocab_size": SMALLEST_VOCAB}
 
 
-class AttnChecks:
-    def check(self):
-        check_ranges(self, image_size=1, patch_size=1, vit_dim=1, vit_depth=1, vit_heads=1, d_model=1, n_layer=0,
-                     n_head=1, steps=1, batch_size=1, lr=0.0, budget=0.0, threads=0, max_bad_fraction=FRACTION,
-                     workers=0)
-        check_divisible(self, "d_model", "n_head")
-        check_divisible(self, "vit_dim", "vit_heads")
+class AttnChecks(Checks):
+    OWN_RANGES = {"n_layer": 0}  # 0: each token's own embedding

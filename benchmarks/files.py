@@ -116,7 +116,7 @@ def write_bench_files(data_dir, out_dir=None, n_mcq=200, seed=0):
 
 def bench_files_report(rows):
     """Report lines from eval.json rows ({"arch", "loss", "seed", "step", "benchmark", "value"}) of runs evaluated
-    with write_bench_files' specs: per (arch, loss, seed, step) POPE F1 and yes-ratio (mean over the splits)
+    with write_bench_files' specs: per (arch, loss, seed, step) POPE F1 and yes-ratio (the splits pooled)
     and circular / vanilla accuracy of the TSV (summed log-likelihood; percentages)."""
     runs = {}
     for r in rows:

@@ -17,8 +17,10 @@ from data.record_types import BadRecord, DataError, Record, Tally
 # ----------------------------------------------------------------------------- the paper's benchmarks as distributed
 # Every reader returns Records of one shape: caption = the prompt a choice continues ("question: ... answer:", as
 # benchmarks/qa.py writes its questions), image = the image file (None for a TSV row: its base64 bytes are in
-# extra["image_b64"]), extra = {"bench", "choices", "answer" (index), "question"} and the metric's keys ("split",
-# "subtask" + "image_key", "category" / "l2_category" / "group", "question_type").
+# extra["image_b64"]), extra = {"bench", "choices", "answer" (index), "question"} and the metric's keys ("splits",
+# "subtask" + "image_key", "category" / "l2_category" / "group" + "index", "question_type"). POPE's "splits" is a
+# list: VLMEvalKit's POPE.tsv stores a question shared by several splits once ("random,popular,adversarial"), and
+# its scoring counts that row in each of them; "split" keeps the field as written, for display.
 PROMPT = "question: {} answer:"
 YES_NO = ["yes", "no"]
 KINDS = ("pope", "mme", "mmbench", "mmstar", "seed", "seed_tsv", "tsv")
@@ -56,7 +58,7 @@ def read_pope(path, images_root=None, max_bad_fraction=0.05):
                 continue
             tally.total += 1
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                obj = json.loads(raw.decode("utf-8-sig"))  # -sig: a byte-order mark (Windows editors) is no error
                 if not isinstance(obj, dict):
                     raise BadRecord("not an object")
                 text = obj.get("text")
@@ -65,8 +67,8 @@ def read_pope(path, images_root=None, max_bad_fraction=0.05):
                 answer = _yes_no(obj.get("label"))
                 image = _image_file(folder, obj.get("image"))
                 good.append(Record(str(obj.get("question_id", n)), PROMPT.format(text.strip()), image,
-                                   {"bench": "pope", "split": split, "choices": YES_NO, "answer": answer,
-                                    "question": text.strip()}))
+                                   {"bench": "pope", "split": split, "splits": [split], "choices": YES_NO,
+                                    "answer": answer, "question": text.strip()}))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 tally.bad(f"{path} line {n}", "broken JSON")
             except BadRecord as e:
@@ -106,7 +108,7 @@ def read_mme(folder, max_bad_fraction=0.05):
                 tally.total += 1
                 try:
                     try:
-                        line = raw.decode("utf-8").rstrip("\r\n")
+                        line = raw.decode("utf-8-sig").rstrip("\r\n")
                     except UnicodeDecodeError:
                         raise BadRecord("not UTF-8")
                     if "\t" not in line:
@@ -142,27 +144,65 @@ def _cell(row, name):
     return "" if v is None or v.strip().lower() in ("", "nan", "none") else v.strip()
 
 
+OFFSET = 1_000_000  # VLMEvalKit's circular copies of question g are rows g + k * OFFSET, k = 1, 2, ...
+YES_NO_KINDS = {"pope": "POPE", "mme": "MME"}  # the only kinds whose questions are yes/no (never by their options)
+
+
+def pope_splits(field):
+    """The POPE splits a row counts in: VLMEvalKit's POPE.tsv writes a question shared by several splits once, its
+    category listing them ("random,popular,adversarial"), and its scoring counts it in each."""
+    return [s.strip() for s in field.split(",") if s.strip()] or ["all"]
+
+
+def _tsv_rows(path):
+    """(header, [(line number, row)]) of a TSV; a file that is not UTF-8 is refused as a whole, in one line (the
+    csv module would raise mid-file, far from any row)."""
+    csv.field_size_limit(sys.maxsize)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is read through
+            reader = csv.DictReader(f, delimiter="\t")
+            return reader.fieldnames or [], list(enumerate(reader, 2))  # line numbers count the header
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}); save the TSV as UTF-8") from None
+
+
+def _unique_indices(path, rows):
+    """A duplicated index is refused as a whole: a row whose image refers to it could get either row's image, and
+    circular copies (index % OFFSET) could not be told apart."""
+    seen, dups = {}, []
+    for n, row in rows:
+        index = _cell(row, "index")
+        key = int(index) if index.lstrip("-").isdigit() else index
+        if index and key in seen:
+            dups.append(f"{index} (lines {seen[key]} and {n})")
+        seen.setdefault(key, n)
+    if dups:
+        more = f" and {len(dups) - 3} more" if len(dups) > 3 else ""
+        raise DataError(f"{path}: duplicated index {', '.join(dups[:3])}{more}: each row needs its own index "
+                        f"(image references and circular copies go by it)")
+
+
 def read_tsv(path, kind="tsv", max_bad_fraction=0.05):
     """A VLMEvalKit multiple-choice TSV (MMBench, MMStar, SEEDBench_IMG, ...): columns index, question, optional
     hint, options A, B, ... (empty: absent), answer (a letter), category, l2-category (or l2_category), image
     (base64; a short number: the image of the row with that index). Rows of MMBench's circular copies share a
-    group, index % 1e6. Yes/no TSVs (no A, B columns; answer Yes/No: VLMEvalKit's MME.tsv, POPE.tsv) become two-choice
-    questions; their category is MME's subtask or POPE's split, and an image is known by its image_path or by
-    the index of the row that holds it (MME's acc+ pairs the two questions of an image)."""
-    csv.field_size_limit(sys.maxsize)
-    tally, rows = Tally(f"{kind} questions", path), []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        header = reader.fieldnames or []
-        yes_no = "A" not in header and kind in ("pope", "mme")
-        missing = [c for c in ("index", "question", "answer", "image") + (() if yes_no else ("A", "B"))
-                   if c not in header]
-        if missing:
-            raise DataError(f"{path}: not a VLMEvalKit multiple-choice TSV, no column(s) {', '.join(missing)}")
-        letters = [c for c in header if len(c) == 1 and c.isupper()]
-        for n, row in enumerate(reader, 2):  # line numbers count the header
-            tally.total += 1
-            rows.append((n, row))
+    group, index % 1e6. Yes/no TSVs (kind pope or mme, no A, B columns; answer Yes/No: VLMEvalKit's MME.tsv,
+    POPE.tsv) become two-choice questions; their category is MME's subtask or POPE's splits (pope_splits), and an
+    image is known by its image_path or by the index of the row that holds it (MME's acc+ pairs the two questions
+    of an image). A multiple-choice TSV given as pope or mme is refused: it has no POPE or MME metric."""
+    tally = Tally(f"{kind} questions", path)
+    header, rows = _tsv_rows(path)
+    tally.total = len(rows)
+    if kind in YES_NO_KINDS and "A" in header and "B" in header:
+        raise DataError(f"--bench {kind}:{path}: looks like a multiple-choice TSV (option columns A, B, ...), not "
+                        f"{YES_NO_KINDS[kind]}'s yes/no questions; give it as mmbench:, mmstar: or tsv:")
+    yes_no = kind in YES_NO_KINDS
+    missing = [c for c in ("index", "question", "answer", "image") + (() if yes_no else ("A", "B"))
+               if c not in header]
+    if missing:
+        raise DataError(f"{path}: not a VLMEvalKit multiple-choice TSV, no column(s) {', '.join(missing)}")
+    _unique_indices(path, rows)
+    letters = [c for c in header if len(c) == 1 and c.isupper()]
     images = {_cell(row, "index"): _cell(row, "image") for _, row in rows}
     good = []
     for n, row in rows:
@@ -193,13 +233,15 @@ def read_tsv(path, kind="tsv", max_bad_fraction=0.05):
             if not image:
                 raise BadRecord("missing image field")
             cat = _cell(row, "category")
+            image_id = _cell(row, "image_path") or source
             prompt = PROMPT.format(question) if yes_no else mc_prompt(question, options, _cell(row, "hint"))
             good.append(Record(f"{kind}:{index}", prompt, None,
                                {"bench": kind, "choices": options, "answer": ord(answer) - 65, "question": question,
                                 "category": cat, "l2_category": _cell(row, "l2-category") or _cell(row, "l2_category"),
-                                "group": int(index) % 1_000_000, "image_b64": image, "hint": _cell(row, "hint"),
-                                "subtask": cat, "split": cat or "all",
-                                "image_key": f"{cat}/{_cell(row, 'image_path') or source}"}))
+                                "index": int(index), "group": int(index) % OFFSET, "image_b64": image,
+                                "hint": _cell(row, "hint"), "subtask": cat, "split": cat or "all",
+                                "image_id": image_id, "image_key": f"{cat}/{image_id}"}
+                               | ({"splits": pope_splits(cat)} if kind == "pope" else {})))
         except BadRecord as e:
             tally.bad(f"{path} line {n}", *_bad_reason(e))
     tally.good = len(good)
@@ -212,7 +254,7 @@ def read_seed(path, images_root=None, max_bad_fraction=0.05):
     "data_id" (the image file, in images_root), "question_id"}], "question_type": {name: id}}. Video questions
     (data_type "video") are left out and counted on stderr: this project's models see one image."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is read through
             obj = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: not a JSON file ({e})")

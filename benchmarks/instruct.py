@@ -68,14 +68,13 @@ def turn_pieces(turns):
         text = turn_text(t["value"])
         if not text:
             raise BadRecord("empty turn")
-        if role == "gpt" and pieces and pieces[-1][1]:
-            pieces.append(([T.EOS], True))  # the end of the previous answer, trained like the answer
         pieces.append((f"question: {text} answer:", False) if role == "human" else (text, True))
     if pieces and not pieces[-1][1]:
         pieces.pop()  # a closing question without an answer trains nothing
     if not any(trained for _, trained in pieces):
         raise BadRecord("no gpt turn")
-    return pieces
+    # every answer but the last ends with <|eos|>, trained like the answer; the last one's is the sample's own
+    return [q for p in pieces[:-1] for q in ([p, ([T.EOS], True)] if p[1] else [p])] + pieces[-1:]
 
 
 def piece_text(piece):

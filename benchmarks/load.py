@@ -48,13 +48,44 @@ def read_bench(spec, max_bad_fraction=0.05):
     return read_tsv(path, kind, max_bad_fraction)
 
 
+def unit_of(record):
+    """The whole a --max-rows subset keeps or drops together: an MME image (its two questions: acc+ pairs them), a
+    POPE image (all its questions), an MMBench question with its circular copies (group = index % 1e6); any other
+    question alone."""
+    e = record.extra
+    if e.get("bench") == "mme":
+        return e["image_key"]
+    if e.get("bench") == "pope":
+        return record.image or e["image_id"]
+    return e.get("group", record.id)
+
+
+def subsample_units(records, max_rows, seed):
+    """A fixed random subset of whole units (unit_of), in file order: units in a seeded random order are taken until
+    max_rows questions are reached (so a little over max_rows when the last unit has several). eval.subsample
+    draws single rows, which would split an image's MME pair or a question's rotations and bias acc+ / circular."""
+    if not max_rows or len(records) <= max_rows:
+        return records
+    units = {}
+    for i, r in enumerate(records):
+        units.setdefault(unit_of(r), []).append(i)
+    groups = list(units.values())
+    keep = []
+    for u in torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist():
+        if len(keep) >= max_rows:
+            break
+        keep += groups[u]
+    return [records[i] for i in sorted(keep)]
+
+
 def load_bench(spec, size, max_rows=None, seed=0, max_bad_fraction=0.05):
     """(records, uint8 images (M, 3, size, size), image index of each record): each distinct image decoded once
-    (POPE asks 6 questions of an image, MME 2). Undecodable images drop their questions, counted like bad rows."""
+    (POPE asks 6 questions of an image, MME 2). Undecodable images drop their questions, counted like bad rows.
+    max_rows: a fixed subset of whole units (subsample_units)."""
     key = ("bench", spec, size, max_rows, seed)
     if key in _data:
         return _data[key]
-    records = subsample(read_bench(spec, max_bad_fraction), max_rows, seed)
+    records = subsample_units(read_bench(spec, max_bad_fraction), max_rows, seed)
     first = {}
     for r in records:
         first.setdefault(r.image or r.extra["image_b64"], r)

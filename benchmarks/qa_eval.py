@@ -25,11 +25,11 @@ def exact_match(predictions, targets):
 
 @torch.inference_mode()
 def generate_answers(model, tok, prompts, images, device="cpu", max_new_tokens=8, batch=32):
-    """Greedy continuation (model.generate, KV-cached) of each prompt after its image and <|bos|>, decoded to
+    """Greedy continuation (benchmarks.generate, KV-cached) of each prompt after its image and <|bos|>, decoded to
     text, until <|eos|> or max_new_tokens. images: uint8 (N, 3, S, S), one per prompt. Prompts of equal
     token length are decoded together (generate takes rows of equal length), so no row is padded. A prompt
     that leaves no room in the model's context gets None (not answered; the caller counts it)."""
-    from model import generate
+    from benchmarks.generate import generate
     prefix = model.image_tokens() + [T.BOS]
     ids = T.encode_captions(tok, [p.strip() for p in prompts])
     by_len = {}

@@ -7,14 +7,16 @@ benchmarks/metrics.py's; the files are read by benchmarks/load.py. See docs/benc
         --bench pope:coco_pope_popular.json::coco/val2014 --bench mme:MME_Benchmark_release_version \\
         --bench mmbench:MMBench_DEV_EN.tsv --bench mmstar:MMStar.tsv --bench seed:SEED-Bench.json::SEED-Bench-image
 
-With --bench-generate N each question is also answered by greedy decoding (KV cache) and matched like the
-benchmarks (match_answer): <bench>_gen_<metric>, and <bench>_gen_unmatched, the % of answers naming no choice.
-Results are named <bench>_<metric> (pope_random_f1, mme_perception, mmbench_circular, mmstar_acc, seed_acc, ...);
-POPE's splits are scored together, so pope_f1 is their mean. Registered as eval.py's plug-ins "bench" and
-"bench_table" (utils.register): the core never imports this folder.
+With --bench-generate N each question is also answered by greedy decoding (KV cache) and matched by the rule of
+the benchmark's own scoring code (answer_rule, match_answer): <bench>_gen_<metric>, and <bench>_gen_unmatched, the
+% of answers that rule cannot place. Results are named <bench>_<metric> (pope_random_f1, mme_perception,
+mmbench_circular, mmstar_acc, seed_acc, ...); POPE's splits are scored together, so pope_f1 pools them, as
+VLMEvalKit's "Overall". Registered as eval.py's plug-ins "bench" and "bench_table" (utils.register): the core never
+imports this folder.
 """
 import math
 import os
+import re
 
 import torch
 
@@ -22,7 +24,7 @@ from data import tokenizer as T
 from benchmarks.metrics import bench_metrics, rotations
 from benchmarks.load import load_bench, mc_prompt, parse_bench, report_skipped
 from eval import image_embeds, score_docs
-from utils import register
+from utils import UserError, register
 
 # the few numbers of each benchmark the table shows (eval.json has them all)
 HEADLINE = {"pope": ("f1", "acc", "yes_ratio", "precision", "recall"), "mme": ("perception", "cognition"),
@@ -74,33 +76,98 @@ def score_spec(spec, model, tok, device="cpu", max_rows=None, seed=0,
     return [r for r, _ in pairs], score_docs(model, docs, embeds, device=device, desc=name, **kw)
 
 
-def match_answer(text, choices):
-    """The choice a generated answer names, as the benchmarks match it, or -1: yes/no questions read "no" when
-    the answer has the word "no" or "not" and "yes" otherwise (POPE's and LLaVA's rule); other questions take a
-    leading option letter ("B", "B.", "(B)", "B:"; capital), else the one choice whose text the answer contains."""
+# ----------------------------------------------------------------------------- matching generated answers
+# Each yes/no benchmark is scored by its own code's rule (docs/benchmarks.md has a table of what each gives on tricky
+# answers); they disagree often enough ("NO", "Not sure", "There is no dog.") that only the benchmark's own rule
+# gives numbers comparable with published ones. Each returns 0 (yes), 1 (no) or -1 (neither: wrong).
+
+def pope_yes_no(text):
+    """POPE's evaluate.py: the text before the first ".", commas dropped, split on spaces; "no" if a word is
+    exactly No, no or not (case-sensitive: "NO" and "No!" are yes), else "yes". Never -1."""
+    words = str(text).split(".")[0].replace(",", "").split(" ")
+    return 1 if {"No", "no", "not"} & set(words) else 0
+
+
+def mme_yes_no(text):
+    """MME's calculation.py: lower-cased, exactly "yes" / "no", else "yes" anywhere in the first four characters,
+    else "no" there ("not sure" is no), else neither (-1, wrong)."""
+    t = str(text).lower()
+    if t in ("yes", "no"):
+        return ("yes", "no").index(t)
+    return 0 if "yes" in t[:4] else 1 if "no" in t[:4] else -1
+
+
+_VLMEVALKIT_PUNCT = ';/[]"{}()=+\\_-><@`,?!'  # exactly its list: others (":", "'") stay
+
+
+def vlmevalkit_yes_no(text):
+    """VLMEvalKit's yes/no extraction: lower-cased, its punctuation cleaning (each of ; / [ ] " { } ( ) = + \\ _ - >
+    < @ ` , ? ! deleted everywhere if it touches a space somewhere in the answer or the answer has a comma between
+    two digits, else made a space; a "." not beside a digit deleted), split into words; "yes" if the words hold
+    yes and not no, "no" if no and not yes, else -1 (its "Unknown", wrong: no LLM judge here)."""
+    low = str(text).lower()
+    glue = re.search(r"\d,\d", low) is not None
+    t = low
+    for p in _VLMEVALKIT_PUNCT:
+        t = t.replace(p, "" if glue or p + " " in low or " " + p in low else " ")
+    words = set(re.sub(r"(?<!\d)\.(?!\d)", "", t).split())
+    if ("yes" in words) != ("no" in words):
+        return 0 if "yes" in words else 1
+    return -1
+
+
+YES_NO_RULES = {"pope": pope_yes_no, "mme": mme_yes_no, "vlmevalkit": vlmevalkit_yes_no}
+
+
+def answer_rule(spec):
+    """The matching rule of a --bench spec: "pope" (POPE's json-lines), "mme" (MME's folders), "vlmevalkit"
+    (VLMEvalKit's POPE.tsv / MME.tsv), "choice" for every multiple-choice kind, even one whose options are yes/no."""
+    kind, path, _ = parse_bench(spec)
+    if kind in ("pope", "mme"):
+        return "vlmevalkit" if path.endswith(".tsv") else kind
+    return "choice"
+
+
+def match_answer(text, choices, rule="choice"):
+    """The choice a generated answer names, or -1. rule "pope", "mme", "vlmevalkit": a yes/no question (choices
+    yes, no) read by that benchmark's rule (YES_NO_RULES); "choice": a leading option letter ("B", "B.", "(B)",
+    "B:"; capital), else the one choice whose text the answer contains (VLMEvalKit's exact matching, no judge)."""
     from benchmarks.qa_eval import normalise_answer
-    words = normalise_answer(text).replace(",", " ").split()
-    if choices == ["yes", "no"]:
-        return 1 if {"no", "not"} & set(words) else 0
+    if rule != "choice":
+        return YES_NO_RULES[rule](text)
     head = str(text).strip().lstrip("(")
     letters = [chr(65 + j) for j in range(len(choices))]
     if head[:1] in letters and (len(head) == 1 or head[1] in ".):,"):  # "A dog" is no letter, "A." is
         return letters.index(head[0])
-    said = " ".join(words)
+    said = " ".join(normalise_answer(text).replace(",", " ").split())
     hits = [j for j, c in enumerate(choices) if normalise_answer(c) and f" {normalise_answer(c)} " in f" {said} "]
     return hits[0] if len(hits) == 1 else -1
 
 
 def generated_predictions(spec, records, model, tok, device="cpu", max_new_tokens=16, max_rows=None, seed=0,
                           max_bad_fraction=0.05, **_):
-    """Each record's greedy answer (KV-cached, experiments/qa_eval.generate_answers) matched to a choice index
-    (match_answer; -1: none), None where the prompt leaves no room in the context."""
+    """Each record's greedy answer (KV-cached, benchmarks/qa_eval.generate_answers) matched to a choice index by the
+    spec's rule (answer_rule, match_answer; -1: none), None where the prompt leaves no room in the context."""
     from benchmarks.qa_eval import generate_answers
     loaded, images, index = load_bench(spec, model.cfg.image_size, max_rows, seed, max_bad_fraction)
     at = {r.id: i for r, i in zip(loaded, index)}
     which = torch.tensor([at[r.id.rsplit("@", 1)[0] if r.id not in at else r.id] for r in records], dtype=torch.long)
     answers = generate_answers(model, tok, [r.caption for r in records], images[which], device, max_new_tokens)
-    return [None if a is None else match_answer(a, r.extra["choices"]) for a, r in zip(answers, records)]
+    rule = answer_rule(spec)
+    return [None if a is None else match_answer(a, r.extra["choices"], rule) for a, r in zip(answers, records)]
+
+
+def check_pope_splits(specs, size, max_rows=None, seed=0, max_bad_fraction=0.05, **_):
+    """Refuse two POPE files that hold the same split (e.g. COCO's and A-OKVQA's coco_pope_random.json /
+    aokvqa_pope_random.json): pooled into one pope_random_* they would give a number neither paper reports."""
+    holder = {}
+    for spec in specs:
+        for split in dict.fromkeys(s for r in load_bench(spec, size, max_rows, seed, max_bad_fraction)[0]
+                                   for s in r.extra["splits"]):
+            if split in holder:
+                raise UserError(f"--bench {holder[split]} and --bench {spec} both hold POPE split {split!r}: give "
+                                f"each split once (score another POPE set in a separate command)")
+            holder[split] = spec
 
 
 @register("bench")
@@ -110,6 +177,8 @@ def bench_results(specs, model, tok, device="cpu", generate=0, **kw):
     also answer by greedy decoding of up to N tokens, matched like the benchmarks (<bench>_gen_<metric>)."""
     out = {}
     for name, group in bench_names(specs).items():
+        if name == "pope" and len(group) > 1:  # before any scoring: the files are read (and cached) here
+            check_pope_splits(group, model.cfg.image_size, **kw)
         records, logps, gen = [], [], []
         for spec in group:
             r, lp = score_spec(spec, model, tok, device, **kw)
@@ -138,7 +207,7 @@ def bench_results(specs, model, tok, device="cpu", generate=0, **kw):
 @register("bench_table")
 def bench_table(results, specs):
     """A small Markdown table of each benchmark's headline numbers from {benchmark: value} (summed / mean); POPE
-    shows the mean over its splits when there are several, else its one split."""
+    shows its splits pooled (VLMEvalKit's "Overall") when there are several, else its one split."""
     gen = any("_gen_" in k for k in results)
     lines = ["| benchmark | metric | summed | per-token |" + (" generated |" if gen else ""),
              "|---|---|---|---|" + ("---|" if gen else "")]

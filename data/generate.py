@@ -1,68 +1,37 @@
 """
-Built-in synthetic image-caption data for PRIOR, with ground truth for every caption word.
+Built-in synthetic image-caption data for PRIOR, with a ground-truth tag for every caption word: image, glue,
+boiler or noise (docs/formats.md). The world itself (scenes, captions, probes) is data/scenes.py.
 
     python -m data.generate --out data/synth                    # default 'web' mix, about a minute on 2 cores
     python -m data.generate --out data/synth_hard --mix hard    # presets: web, hard, boiler, noisy
-    python -m data.generate --help                              # every knob, explained
 
-Scenes are 1-4 coloured shapes on a 3x3 grid. Captions imitate web alt-text: a consistent
-image description ("a photo of two red circles and a blue star at the top left") buried in
-- boilerplate: stock-photo/website phrases and glue words, predictable from text alone (each caption
-  comes from one of --n-sites sites, and a site always writes the same template), and
-- noise: names, prices, dates, places, photo ids, independent of the image AND of the text.
-Every word carries a tag, so we can check what PRIOR's reference LM down-weights:
-- image: names what is in the image (shape, colour, size, count, position words);
-- glue: not a visual word, but whether it is there depends on the image: the article "a" (versus a
-  number word), "and" (one fewer than the objects), "shape"/"shapes" after a count, and the separator
-  that ends the description (its place depends on how long the description is);
-- boiler: predictable from the text alone ("at the", stock phrases, template words, the site's intro);
-- noise: names, prices, dates, ids, independent of the image and of the text.
-PRIOR should down-weight boilerplate, but it will UP-weight noise (it cannot predict it either), and
-in the "hard" mix it will also DOWN-weight image words that the text gives away (a shape's usual
-colour, a site's usual shapes, a title that repeats the description): the mix where PRIOR can lose.
-Probes are multiple-choice caption fragments scored by likelihood (the models are never instruction tuned).
-No validation, test or probe scene equals a training scene, and no training-side text (reference LM,
-base LM, labels) holds a validation, test or probe scene or caption: the evaluation measures generalisation.
-Same config -> byte-identical files: every random draw comes from a seeded stream per split
-and every image from its own seed, so the worker count does not matter.
-
-Flags in detail: --noise-share: the description's glue words ('a', 'of', 'at the') are boilerplate too, so at
-image_share 0.3 the measured share saturates near 0.25 (1.0: all filler is noise). --noise-vocab sets how high
-the noise entropy is. --boiler-vary gives partly predictable boilerplate. --bare-noise: 'maria lopez' instead of
-'photo by maria lopez'. --jitter 0 (fixed centres) is easier for a patch-8 ViT. --text-context teaches the base
-LM to use context; such descriptions are never in the reference LM's captions.
+No validation, test or probe scene equals a training scene, and no training-side text (reference LM, base LM,
+labels) holds one of their scenes or captions. Same config -> byte-identical files, whatever --workers.
 """
 import json
 import os
 import random
 import time
-import typing
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from multiprocessing import Pool
+from typing import Optional
 
 from tqdm import tqdm
 
-from data.render import render
-from utils import flag, parse_config, run
 from data.scenes import (BOIL, COLOURS, GLUE, IMG, NOISE, PROBES, SHAPES, caption, label_words, make_sites,
-                         noise_pools, probe, sample_scene, scene_key, text_document, text_of)
+                         noise_pools, probe, render, sample_scene, scene_key, text_document, text_of)
+from utils import flag, parse_config, run
 
-
-# caption filler presets (fill image_share / noise_share / noise_vocab unless given explicitly).
-# Image share is the same in all of them, so they differ in what the non-image words are and in how much the
-# text gives the image words away.
+# caption filler presets (fill the flags below left at None), all with one image share. PRIOR should down-weight
+# boilerplate but will UP-weight noise (it cannot predict it either); in "hard" the text gives image words away (a
+# shape's usual colour, a site's shapes, a title), so PRIOR down-weights those too: the mix where it can lose.
 MIXES = {"web": dict(image_share=0.30, noise_share=0.15, noise_vocab=300),    # mostly boilerplate
          "boiler": dict(image_share=0.30, noise_share=0.02, noise_vocab=20),  # predictable filler only
-         # noise is most of the non-image words: bare noise fields (no "photo by"), few stock phrases
          "noisy": dict(image_share=0.30, noise_share=1.0, noise_vocab=5000, bare_noise=1.0),
-         # image words that text predicts (PRIOR's risk) and boilerplate that it predicts only in part
          "hard": dict(image_share=0.30, noise_share=0.15, noise_vocab=300, colour_corr=0.7, site_shapes=0.7,
                       title_prob=0.5, boiler_vary=0.5)}
-
-
-
 
 
 @dataclass
@@ -70,22 +39,15 @@ class GenConfig:
     out: str = flag("data/synth", "output folder")
     seed: int = flag(0, "master seed; same config gives byte-identical files")
     mix: str = flag("web", "caption filler preset: sets the next three flags unless given", list(MIXES))
-    image_share: typing.Optional[float] = flag(None, "target fraction of caption words that depend on the image "
-                                                    "(the paper measured ~0.3)")
-    noise_share: typing.Optional[float] = flag(None, "target fraction of the NON-image words that are random noise "
-                                                    "(rest: boilerplate)")
-    noise_vocab: typing.Optional[int] = flag(None, "distinct items per noise kind (names, places, prices, dates, "
-                                                  "ids, numbers)")
-    colour_corr: typing.Optional[float] = flag(None, "chance an object has its shape's usual colour (text predicts "
-                                                    "the shape from the colour)")
-    site_shapes: typing.Optional[float] = flag(None, "chance an object's shape is one of its caption site's two "
-                                                    "favourite shapes")
-    title_prob: typing.Optional[float] = flag(None, "chance a site repeats a short title of the scene (image words "
-                                                   "that the description predicts)")
-    boiler_vary: typing.Optional[float] = flag(None, "chance a stock phrase is drawn at random instead of from the "
-                                                    "site's template")
-    bare_noise: typing.Optional[float] = flag(None, "chance a noise field comes without its template words "
-                                                   "('maria lopez')")
+    image_share: Optional[float] = flag(None, "share of caption words that depend on the image (paper: ~0.3)")
+    # the description's own glue words count as boilerplate, so a high noise_share may not fit (it saturates)
+    noise_share: Optional[float] = flag(None, "share of the NON-image words that are random noise (rest: boiler)")
+    noise_vocab: Optional[int] = flag(None, "distinct items per noise kind (names, places, prices, dates, ids)")
+    colour_corr: Optional[float] = flag(None, "chance an object has its shape's usual colour (text gives it away)")
+    site_shapes: Optional[float] = flag(None, "chance an object's shape is one of its caption site's two favourites")
+    title_prob: Optional[float] = flag(None, "chance a site repeats a short title of the scene (text predicts it)")
+    boiler_vary: Optional[float] = flag(None, "chance a stock phrase is drawn at random, not from the site's template")
+    bare_noise: Optional[float] = flag(None, "chance a noise field comes without its template words ('maria lopez')")
     n_ref: int = flag(20000, "text-only captions for the reference LM (fresh scenes, never a train/val/test caption)")
     n_text: int = flag(20000, "more text-only captions (base LM pre-training / text-only mix)")
     n_label: int = flag(5000, "images with a short label as caption (stage 1 of the encoder-free model)")
@@ -101,8 +63,7 @@ class GenConfig:
     n_colours: int = flag(8, f"colours used, the first n of: {' '.join(COLOURS)}")
     object_scale: float = flag(1.0, "object size multiplier; large radius = 0.42 cell x scale (bigger: easier)")
     small_ratio: float = flag(0.75, "radius of 'small' objects relative to 'large' ones (smaller: harder)")
-    jitter: float = flag(1.0, "how far an object may drift from its cell centre, as a share of the free room "
-                              "(0: fixed)")
+    jitter: float = flag(1.0, "drift from the cell centre, as a share of the free room (0: fixed, easier)")
     rotate: float = flag(10.0, "max random rotation of a shape in degrees (keep < 45: square vs diamond)")
     colour_jitter: float = flag(15.0, "max per-channel RGB jitter of an object's colour")
     colour_contrast: float = flag(1.0, "scale colours around grey (< 1: more similar colours, harder)")
@@ -138,7 +99,6 @@ def _render_job(cfg, job):
     render(scene, cfg, key).save(path)
 
 
-# ----------------------------------------------------------------------------- main
 def shares(rows):
     c = Counter(t for r in rows for t in r["tags"])
     n = sum(c.values()) or 1
@@ -148,16 +108,9 @@ def shares(rows):
     return out
 
 
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
 def probe_scene_cfg(cfg, i):
-    """The scene settings of probe row i: object counts cycle through min..max (uniform; the training scenes'
-    dedup would otherwise drop most one-object scenes), and none of the mix's text correlations (a shape's usual
-    colour, a site's shapes, partner shapes, skewed shape frequencies), so that no answer is given away by what
-    the text says about scenes in general."""
+    """Probe row i's scene settings: object counts cycle through min..max (the training scenes' dedup would drop
+    most one-object scenes), and no text correlations of the mix, so that no answer is given away by the text."""
     n = cfg.min_objects + i % (cfg.max_objects - cfg.min_objects + 1)
     return replace(cfg, min_objects=n, max_objects=n, colour_corr=0.0, site_shapes=0.0, cooccur_prob=0.0,
                    shape_skew=0.0)
@@ -177,7 +130,7 @@ def generate(cfg):
 
     # Image-caption splits first: their captions are what the ref LM must never see. Val and test scenes
     # and captions differ from every training one (a test scene seen in training would measure memory).
-    train_scenes, train_captions, eval_scenes, eval_captions = set(), set(), set(), set()
+    train_scenes, train_captions, eval_scenes = set(), set(), set()
     dropped = Counter()
     for split in ("train", "val", "test"):
         rng, rows = random.Random(f"{cfg.seed}/{split}"), []
@@ -189,8 +142,11 @@ def generate(cfg):
             if split != "train" and (key in train_scenes or text in train_captions):
                 dropped[split] += 1
                 continue
-            (train_scenes if split == "train" else eval_scenes).add(key)
-            (train_captions if split == "train" else eval_captions).add(text)
+            if split == "train":
+                train_scenes.add(key)
+                train_captions.add(text)
+            else:
+                eval_scenes.add(key)
             seen.add(text)
             i = len(rows)
             rows.append(dict(id=f"{split}-{i:06d}", image=image_path(split, i, scene), caption=text, tags=tags,
@@ -202,9 +158,9 @@ def generate(cfg):
         present = {o["shape"] for o in r["scene"]}
         stats["cooc"].update((a, b) for a in present for b in present if a != b)
     probes = {}
+    # probes_val: the same kinds on other scenes, for choices made in training (learning rates), so that the
+    # test probes never tune anything
     for folder, n_rows, tag in (("probes", cfg.n_probe, "probe"), ("probes_val", cfg.n_probe_val, "probe_val")):
-        # probes_val: the same kinds on other scenes, for choices made during training (learning rates), so
-        # the test probes are never used to tune anything
         for kind in PROBES:
             if kind == "count" and cfg.min_objects == cfg.max_objects:
                 continue  # nothing to choose between
@@ -234,10 +190,8 @@ def generate(cfg):
         while len(rows) < getattr(cfg, f"n_{split}"):
             site = rng.choice(sites) if cfg.site_shapes else None
             scene = sample_scene(rng, cfg, site)
-            if split == "text":
-                text, tags = text_document(scene, rng, cfg, pools, sites, site)
-            else:
-                text, tags = caption(scene, rng, cfg, pools, sites, site)
+            make = text_document if split == "text" else caption
+            text, tags = make(scene, rng, cfg, pools, sites, site)
             # a text document is "<full description> . <caption>": its caption part must be new too
             if scene_key(scene) in eval_scenes or text in seen or text.partition(" . ")[2] in seen:
                 dropped[split] += 1
@@ -255,23 +209,20 @@ def generate(cfg):
                          tags=[t for _, t in words], scene=scene))
     files["label"] = rows
 
-    # render all images; each has its own seed, so the pool's order does not matter
     work = partial(_render_job, cfg)
-    if cfg.workers > 1:
+    if cfg.workers > 1:  # each image has its own seed, so the pool's order does not matter
         with Pool(cfg.workers) as pool:
             list(tqdm(pool.imap_unordered(work, jobs, chunksize=64), total=len(jobs), desc="images"))
     else:
-        for job in tqdm(jobs, desc="images"):
-            work(job)
+        list(tqdm(map(work, jobs), total=len(jobs), desc="images"))
 
     for folder in ("probes", "probes_val"):
         os.makedirs(os.path.join(out, folder), exist_ok=True)
-    for name, rows in files.items():
-        write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
-    for name, rows in probes.items():
-        write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
+    for name, rows in {**files, **probes}.items():
+        with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     meta = dict(config={k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")},  # no effect on data
-                counts={**{k: len(v) for k, v in files.items()}, **{k: len(v) for k, v in probes.items()}},
+                counts={k: len(v) for k, v in {**files, **probes}.items()},
                 shares={k: shares(v) for k, v in files.items()},
                 shapes=SHAPES[:cfg.n_shapes], colours=list(COLOURS)[:cfg.n_colours],
                 train_shape_freq=dict(stats["freq"].most_common()),
@@ -286,7 +237,6 @@ def generate(cfg):
 
 
 def parse_args(argv=None):
-    """GenConfig from the command line (`python -m data.generate --mix noisy ...`)."""
     return parse_config(GenConfig, argv, description=__doc__)
 
 

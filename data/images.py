@@ -1,19 +1,11 @@
-"""
-Image decoding for the Records of data/records.py: an image file (or a tar member inside a shard) into a uint8
-(3, size, size) RGB tensor, a whole record list at once (in memory; in a file with scale/image_cache.py), and the
-ImageNet normalisation the models see. Images that cannot be decoded are skipped and reported like bad records.
-
-Usage:
-    from data.images import load_images, normalize
-    recs, imgs = load_images(recs, size=48)      # imgs: uint8 (N, 3, 48, 48)
-    x = normalize(imgs[:64].to(device))           # float32, ImageNet mean/std
-"""
+"""Image decoding for data/records.py's Records: one image (file or tar member) to a uint8 (3, size, size) RGB
+tensor, a whole record list at once (undecodable images skipped and reported like bad records), and the ImageNet
+normalisation the models see: `recs, imgs = load_images(recs, 48)`, `x = normalize(imgs[:64].to(device))`."""
 import io
-import json
-import os
 import sys
 from multiprocessing import Pool
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -38,27 +30,18 @@ def _open(path, span=None):
     return io.BytesIO(data)
 
 
-def _to_8bit(im):
-    """An integer or float image (16-bit greyscale PNG or TIFF: modes I;16*, I, F) as 8-bit greyscale by value.
-    PIL's own convert("RGB") clips those at 255, so a 16-bit value of 25700 (39% grey) would come out white:
-    16-bit values (I;16*, and I, which is how PIL opens 16-bit greyscale too) are divided by 257 (65535 -> 255),
-    floats (F) are read as 0..1. Every other mode is returned as it is (convert("RGB") maps it by value)."""
-    if not (im.mode.startswith("I") or im.mode == "F"):
-        return im
-    import numpy as np
-    a = np.asarray(im).astype(np.float64)
-    a = a * 255 if im.mode == "F" else a / 257
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # 2-d uint8: mode L
-
-
 def _decode(src, size):
     """Decode one image (a path or file object) to RGB bytes (size*size*3, HWC), bicubic-resized to size x size."""
     with Image.open(src) as im:
         im.load()  # decode now, so truncated files fail here and not later
-        im = _to_8bit(im)
+        if im.mode.startswith("I") or im.mode == "F":
+            # 16-bit or float greyscale: convert("RGB") would clip the values at 255 (a 16-bit 39% grey would come
+            # out white), so map them by value to 8 bits: I;16* and I (PIL's 16-bit greyscale) / 257, F as 0..1
+            a = np.asarray(im).astype(np.float64)
+            a = a * 255 if im.mode == "F" else a / 257
+            im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # 2-d uint8: mode L
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            # Composite on white: plain convert("RGB") would expose whatever colour hides
-            # under transparent pixels (often black), which is not what the image shows.
+            # composite on white: convert("RGB") would show whatever colour hides under transparent pixels
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(bg, im.convert("RGBA"))
         im = im.convert("RGB")
@@ -82,11 +65,8 @@ def decode_image_bytes(data, size):
 
 
 def _try_load(job):
-    """Worker: (path, size, span) -> RGB bytes, or (reason, detail) if the image can't be decoded.
-
-    Bytes, not tensors: torch sends tensors between processes through shared-memory
-    handles, which for thousands of tiny images is ~10x slower than pickling bytes.
-    """
+    """Worker: (path, size, span) -> RGB bytes, or (reason, detail) if the image can't be decoded. Bytes, not
+    tensors: torch sends tensors between processes through shared memory, ~10x slower for many tiny images."""
     path, size, span = job
     try:
         return _decode(_open(path, span), size)
@@ -102,17 +82,13 @@ def _decode_all(jobs, workers):
     if workers <= 0:
         yield from map(_try_load, jobs)
         return
-    with Pool(workers) as pool:
-        # imap keeps input order, so results line up with records; chunks amortize the IPC.
+    with Pool(workers) as pool:  # imap keeps the order; chunks amortise the IPC
         yield from pool.imap(_try_load, jobs, chunksize=max(1, min(256, len(jobs) // (4 * workers))))
 
 
 def load_images(records, size, max_bad_fraction=0.01, workers=0, cache=""):
-    """Decode every record's image once into uint8 (N, 3, size, size); drop (and report) undecodable ones.
-
-    Returns (kept_records, images) in the input order, images[i] belonging to kept_records[i]. With `cache` (a
-    file path: --image-cache) the images go to a file the tensor maps instead (scale/image_cache.py).
-    """
+    """Decode every record's image into uint8 (N, 3, size, size), dropping (and reporting) undecodable ones:
+    (kept_records, images) in the input order. With `cache` (--image-cache) the tensor maps a file instead."""
     records = list(records)
     n = len(records)
     missing = [r.id for r in records if r.image is None]
@@ -124,14 +100,13 @@ def load_images(records, size, max_bad_fraction=0.01, workers=0, cache=""):
         return plugin("image_cache", "--image-cache")(records, jobs, size, max_bad_fraction, workers, cache)
     out = torch.empty((n, 3, size, size), dtype=torch.uint8)
     kept, bad = [], []
-    with tqdm(total=n, desc="decoding images", unit="img", disable=not sys.stderr.isatty()) as bar:
-        for rec, res in zip(records, _decode_all(jobs, workers)):
-            if isinstance(res, bytes):
-                out[len(kept)] = _to_tensor(res, size)
-                kept.append(rec)
-            else:
-                bad.append((f"record {rec.id}", res[0], res[1]))
-            bar.update()
+    for rec, res in tqdm(zip(records, _decode_all(jobs, workers)), total=n, desc="decoding images", unit="img",
+                         disable=not sys.stderr.isatty()):
+        if isinstance(res, bytes):
+            out[len(kept)] = _to_tensor(res, size)
+            kept.append(rec)
+        else:
+            bad.append((f"record {rec.id}", res[0], res[1]))
     check_decoded(bad, kept, n, max_bad_fraction)
     return kept, out[:len(kept)]
 

@@ -1,7 +1,5 @@
-"""
-The pieces every caption reader shares (data/records.py, scale/shard_reader.py, data/images.py): the `Record`, the
-errors for bad data, and the bad-record accounting (`Tally`) with its max-bad-fraction rule.
-"""
+"""What every caption reader shares (data/records.py, scale/shard_reader.py, data/images.py): the `Record`, the
+errors for bad data, and the bad-record accounting (`Tally`) with its max-bad-fraction rule."""
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,24 +21,19 @@ class DataError(UserError):
 
 
 class BadRecord(Exception):
-    """One bad record; args[0] is a short reason used as the counting key."""
+    """One bad record; args: a short reason (the counting key), optionally a detail."""
 
 
 class Tally:
-    """Bad-record accounting of one pass over a data source, in bounded memory (counts per reason and
-    the first five problems), so a stream of any length can be checked with the max-bad-fraction rule."""
+    """Bad-record accounting of one pass over a data source, in bounded memory (counts per reason and the first
+    five problems), so a stream of any length can be checked with the max-bad-fraction rule."""
 
     def __init__(self, what="records", where=""):
         self.what, self.where = what, where
-        self.total = 0   # records seen, good or bad
-        self.good = 0    # records handed on
+        self.total = self.good = 0  # records seen (good or bad), records handed on
         self.counts = Counter()
-        self.first = []  # (location, reason, detail) of the first few problems
+        self.first = []  # (location, reason, detail) of the first five problems
         self.shards, self.broken = 0, []  # tar shards read, and the broken ones: (path, reason)
-
-    @property
-    def n_bad(self):
-        return sum(self.counts.values())
 
     def bad(self, location, reason, detail=""):
         self.counts[reason] += 1
@@ -48,24 +41,15 @@ class Tally:
             self.first.append((location, reason, detail))
 
     def broken_shard(self, path, reason):
-        """A tar shard that broke off (cut, corrupt header, not a tar): every sample after the break is lost, and
-        no count of records can say how many, so the bad-fraction rule counts it as a whole shard too."""
+        """A tar shard that broke off (cut, corrupt header, not a tar) lost every sample after the break, and no
+        count of records can say how many, so the bad-fraction rule counts it as a whole shard too."""
         self.broken.append((path, reason))
-
-    def merge(self, other):
-        """Add another tally's counts (e.g. of another worker)."""
-        self.total += other.total
-        self.good += other.good
-        self.shards += other.shards
-        self.broken += other.broken
-        self.counts.update(other.counts)
-        self.first = (self.first + other.first)[:5]
 
     def report(self, max_bad_fraction):
         """Print the skip summary (if anything was skipped) and raise DataError above max_bad_fraction."""
         if not self.counts:
             return
-        n_bad = self.n_bad
+        n_bad = sum(self.counts.values())
         counts = sorted(self.counts.items(), key=lambda kv: -kv[1])  # stable: first seen first among ties
         summary = (f"skipped {n_bad} of {self.total} {self.what} in {self.where}: "
                    + ", ".join(f"{r} x {n}" for r, n in counts))
@@ -88,7 +72,7 @@ class Tally:
                             f"fix the data or raise max_bad_fraction")
 
     def finish(self, max_bad_fraction):
-        """The end-of-pass checks read_records makes: not empty, not too many bad, at least one good."""
+        """The end-of-pass checks: not empty, not too many bad, at least one good."""
         if self.total == 0:
             raise DataError(f"{self.where}: empty file, no {self.what}")
         self.report(max_bad_fraction)

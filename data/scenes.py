@@ -1,12 +1,12 @@
-"""
-The world of the built-in synthetic data (data/generate.py): its vocabulary, scenes of 1-4 coloured shapes on a
-3x3 grid, the caption grammar that tags every word (image, glue, boiler, noise), the web sites captions come from,
-web-style captions and text-only documents, and the multiple-choice probes. data/render.py draws a scene;
-data/generate.py writes the files.
-"""
+"""The world of the synthetic data (data/generate.py writes it): its vocabulary, scenes of 1-4 coloured shapes on a
+3x3 grid and how one is drawn, the caption grammar that tags every word (image, glue, boiler, noise), the web sites
+captions come from, web-style captions, text-only documents and the multiple-choice probes."""
+import math
 import random
 
-# ----------------------------------------------------------------------------- vocabulary
+import numpy as np
+from PIL import Image, ImageDraw
+
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring"]
 COLOURS = {  # clearly distinct hues; --colour-contrast pulls them towards grey (harder)
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 215, 40),
@@ -36,15 +36,14 @@ MONTHS = "january february march april may june july august september october no
 SYLLABLES = "ka lo mi ren tu sa vel dor an bri ost um qua zel fin ha jo ter ne pil gor shi wa ex".split()
 
 
-# ----------------------------------------------------------------------------- scenes
 def usual_colour(shape, colours):
     """The colour a shape comes in most often when --colour-corr is set (a fixed pairing)."""
     return colours[SHAPES.index(shape) % len(colours)]
 
 
 def sample_scene(rng, cfg, site=None):
-    """1-4 objects on distinct cells. With --site-shapes a caption's site favours two shapes, and with
-    --colour-corr shapes favour their usual colour: then the text predicts image words."""
+    """Objects on distinct cells. A caption's site may favour two shapes (--site-shapes) and shapes their usual
+    colour (--colour-corr): then the text predicts image words."""
     shapes, colours = SHAPES[:cfg.n_shapes], list(COLOURS)[:cfg.n_colours]
     weights = [(i + 1) ** -cfg.shape_skew for i in range(len(shapes))]
     partner = {s: shapes[(i + len(shapes) // 2) % len(shapes)] for i, s in enumerate(shapes)}
@@ -73,9 +72,56 @@ def scene_key(scene):
     return tuple(sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"]) for o in scene))
 
 
+def _regular(k, r, start=-90.0, r2=None):  # k-gon (or 2k-point star when r2 is given), unit space
+    n = 2 * k if r2 else k
+    return [((r2 if r2 and i % 2 else r) * math.cos(math.radians(start + 360 * i / n)),
+             (r2 if r2 and i % 2 else r) * math.sin(math.radians(start + 360 * i / n))) for i in range(n)]
+
+
+_w, _l = 0.38, 1.15
+POLYGONS = {  # radii chosen so all shapes cover a similar area (area alone must not give it away)
+    "square": _regular(4, 1.22, 45), "diamond": _regular(4, 1.3, 0), "triangle": _regular(3, 1.45),
+    "hexagon": _regular(6, 1.1, 0), "star": _regular(5, 1.45, -90, 0.6),
+    "cross": [(_w, _l), (_w, _w), (_l, _w), (_l, -_w), (_w, -_w), (_w, -_l), (-_w, -_l), (-_w, -_w),
+              (-_l, -_w), (-_l, _w), (-_w, _w), (-_w, _l)]}
+
+
+def render(scene, cfg, key):
+    """Scene -> RGB image, `key` seeding its noise. Shapes are drawn 4x larger and box-downsampled (anti-aliasing)."""
+    S, SS = cfg.image_size, 4
+    rng = np.random.default_rng(key)
+    yy, xx = np.mgrid[0:S, 0:S] / S - 0.5
+    angle = rng.uniform(0, 2 * np.pi)  # background: random tone + tint + soft gradient
+    bg = rng.uniform(50, 200) + rng.uniform(-30, 30) * (xx * np.cos(angle) + yy * np.sin(angle))
+    img = bg[..., None] + rng.normal(0, 10, 3)
+    cell = S / 3
+    for o in scene:
+        r = 0.42 * cell * cfg.object_scale * (1.0 if o["size"] == "large" else cfg.small_ratio)
+        free = cfg.jitter * max(0.0, cell / 2 - r)  # jitter inside the cell without leaving it
+        cx = (COLS.index(o["col"]) + 0.5) * cell + rng.uniform(-free, free)
+        cy = (ROWS.index(o["row"]) + 0.5) * cell + rng.uniform(-free, free)
+        rot = math.radians(rng.uniform(-cfg.rotate, cfg.rotate))
+        mask = Image.new("L", (S * SS, S * SS), 0)
+        d = ImageDraw.Draw(mask)
+        box = lambda k: [SS * (cx - k * r), SS * (cy - k * r), SS * (cx + k * r), SS * (cy + k * r)]  # noqa
+        if o["shape"] in ("circle", "ring"):
+            d.ellipse(box(1.0), fill=255)
+            if o["shape"] == "ring":
+                d.ellipse(box(0.5), fill=0)
+        else:
+            d.polygon([(SS * (cx + r * (x * math.cos(rot) - y * math.sin(rot))),
+                        SS * (cy + r * (x * math.sin(rot) + y * math.cos(rot)))) for x, y in POLYGONS[o["shape"]]],
+                      fill=255)
+        a = np.asarray(mask.reduce(SS), np.float64)[..., None] / 255
+        rgb = 128 + cfg.colour_contrast * (np.array(COLOURS[o["colour"]]) - 128)
+        img = img * (1 - a) + (rgb + rng.uniform(-cfg.colour_jitter, cfg.colour_jitter, 3)) * a
+    img += rng.normal(0, cfg.bg_noise, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), "RGB")
+
+
 def groups_of(scene, with_pos):
-    """Object phrases for a scene: one per object when positions are given, else identical
-    shape+colour objects merge into 'two red circles' (size kept only if they agree)."""
+    """Object phrases: one per object with positions, else one per shape+colour ('two red circles'; size kept
+    only if they agree)."""
     if with_pos:
         return [dict(n=1, shape=o["shape"], colour=o["colour"], size=o["size"], pos=(o["row"], o["col"]))
                 for o in scene]
@@ -88,7 +134,6 @@ def groups_of(scene, with_pos):
     return list(out.values())
 
 
-# ----------------------------------------------------------------------------- caption grammar
 def W(text, tag):  # "a photo of" -> [("a", tag), ("photo", tag), ("of", tag)]
     return [(w, tag) for w in text.split()]
 
@@ -102,21 +147,15 @@ def plural(shape, n):
 
 
 def pos_words(row, col):
-    """'at the top left', 'at the center'. Always "at the": with "in the center" / "on the left" the glue
-    word would give the position away, so a text-only model could not predict it (it depends on the image)."""
-    if row == "middle" and col == "center":
-        return W("at the", BOIL) + [("center", IMG)]
-    if row == "middle":
-        return W("at the", BOIL) + [(col, IMG)]
-    if col == "center":
-        return W("at the", BOIL) + [(row, IMG)]
-    return W("at the", BOIL) + [(row, IMG), (col, IMG)]
+    """'at the top left', 'at the left', 'at the center'. Always "at the": "in the center" / "on the left" would
+    give the position away in a glue word that a text-only model could not predict (it depends on the image)."""
+    words = [w for w in (row, col) if w not in ("middle", "center")] or ["center"]
+    return W("at the", BOIL) + [(w, IMG) for w in words]
 
 
 def object_words(g, with_shape=True):
-    """'a large red circle at the top left' / 'two blue stars'. The article is glue (it says "one", where
-    a number word would say more), a number word is image content. Always "a", never "an": "an" would
-    announce "orange" before it comes."""
+    """'a large red circle at the top left' / 'two blue stars'. The article is glue (it says "one"), a number word
+    image content. Always "a", never "an": "an" would announce "orange" before it comes."""
     attrs = [a for a in (g.get("size"), g.get("colour")) if a]
     w = [("a", GLUE)] if g["n"] == 1 else [(NUMS[g["n"]], IMG)]
     w += [(a, IMG) for a in attrs]
@@ -128,9 +167,8 @@ def object_words(g, with_shape=True):
 
 
 def describe(groups):
-    """'A and B and C': one fixed list grammar, so a model can learn where objects start ('A , B and C'
-    would make the glue word tell how many objects are left, which only the image knows). "and" itself is
-    glue: whether another object follows depends on the image."""
+    """'A and B and C': 'A , B and C' would make the glue word tell how many objects are left, which only the
+    image knows. "and" is glue: whether another object follows depends on the image."""
     w = []
     for i, g in enumerate(groups):
         if i:
@@ -139,26 +177,19 @@ def describe(groups):
     return w
 
 
-def count_words(n):
-    return [(NUMS[n], IMG), (plural("shape", n), GLUE)]  # "shape" or "shapes": the count decides
-
-
 def label_words(scene):  # short label: 'two red circles and a blue square' (no size, no position)
     return describe([dict(g, size=None) for g in groups_of(scene, False)])
 
 
 def noise_pools(cfg):
-    """V distinct items per noise kind, fixed per seed (ref LM and VLM see the same pools)."""
+    """V distinct items per noise kind, fixed per seed (the ref LM and the VLM see the same pools)."""
     rng, V = random.Random(f"{cfg.seed}/noise"), cfg.noise_vocab
 
     def distinct(make):
-        seen, items = set(), []
+        items = {}  # a dict keeps the order of first appearance
         while len(items) < V:
-            x = make()
-            if x not in seen:
-                seen.add(x)
-                items.append(x)
-        return items
+            items.setdefault(make())
+        return list(items)
 
     pseudo = lambda: "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))  # noqa: E731
     last = LAST + [pseudo() for _ in range(max(0, 2 * V // len(FIRST) - len(LAST) + 1))]
@@ -179,11 +210,9 @@ NOISE_TEMPLATES = {"name": ["by {}", "{}", "photo by {}", "{}"], "place": ["in {
 
 
 def make_sites(cfg):
-    """The web sites captions come from. A site writes all its alt-text from one template: the same intro,
-    separator, stock phrases and noise fields, in the same order, and the same habits (positions given or
-    not, a count or not). That is what makes real boilerplate predictable from text: a reference LM learns
-    each site's template, so once a caption's first words give the site away, the rest of its boilerplate
-    is predictable and only the noise values (and the image words) are not."""
+    """The web sites captions come from. A site writes all its alt-text from one template (intro, separator, stock
+    phrases, noise fields, habits): what makes real boilerplate predictable from text, once a caption's first
+    words give the site away; only the noise values (and the image words) are not."""
     rng = random.Random(f"{cfg.seed}/sites")
     sites = []
     for _ in range(cfg.n_sites):
@@ -201,20 +230,9 @@ def make_sites(cfg):
     return sites
 
 
-def noise_segment(rng, pools, slots, bare=0.0):  # [(kind, "photo by {}"), ...] -> "photo by maria lopez ..."
-    seg = []
-    for kind, template in slots:
-        if bare and rng.random() < bare:  # --bare-noise: the value without its template words
-            template = "{}"
-        pre, post = template.split("{}")
-        seg += W(pre, BOIL) + W(rng.choice(pools[kind]), NOISE) + W(post, BOIL)
-    return seg
-
-
 def caption(scene, rng, cfg, pools, sites, site=None):
-    """One web-style caption from a site (random unless given): the site's intro and a description of the
-    scene, padded with the site's boilerplate and noise segments until image words make up ~image_share of
-    it; sites with a title habit also repeat a short label of the scene. Returns (text, tags)."""
+    """(text, tags) of a caption from a site (random unless given): its intro and a description of the scene,
+    padded with its noise and boilerplate until image words are ~image_share; maybe a short title too."""
     site = site or rng.choice(sites)
     groups = groups_of(scene, site["pos"])
     rng.shuffle(groups)
@@ -222,21 +240,24 @@ def caption(scene, rng, cfg, pools, sites, site=None):
         g["size"] = g["size"] if rng.random() < cfg.size_prob else None
         g["colour"] = g["colour"] if rng.random() < cfg.colour_prob else None
     core = W(site["intro"], BOIL)
-    if site["count"]:
-        core += count_words(len(scene)) + [(":", BOIL)]
+    if site["count"]:  # "three shapes :" ("shape" or "shapes": the count decides)
+        core += [(NUMS[len(scene)], IMG), (plural("shape", len(scene)), GLUE), (":", BOIL)]
     core += describe(groups)
     title = label_words(scene) if site["title"] else []  # the scene again, in short: text predicts it
-    # word budgets: non-image words = image words * (1/image_share - 1), noise_share of them noise.
-    # The description's own glue words come first, so a high noise_share may not fit (capped).
+    # word budgets: non-image words = image words * (1/image_share - 1), noise_share of them noise
     n_img = sum(t == IMG for _, t in core + title)
     room = n_img / cfg.image_share - len(core) - len(title)  # words still to add
     noise_left = cfg.noise_share * (n_img / cfg.image_share - n_img)
     noise, boiler = [], []
-    # noise first (its template words and separators count as boiler), boilerplate fills the rest, each
-    # in the site's order. A segment that overshoots a budget is kept with probability budget/size, so
-    # shares stay unbiased.
+    # noise first (its template words and separators are boiler), then boilerplate, each in the site's order; a
+    # segment that overshoots a budget is kept with probability budget/size, so shares stay unbiased
     while noise_left > 0 and room > 0:
-        seg = noise_segment(rng, pools, site["noise"][len(noise) % len(site["noise"])], cfg.bare_noise)
+        seg = []
+        for kind, template in site["noise"][len(noise) % len(site["noise"])]:  # e.g. (name, "photo by {}")
+            if cfg.bare_noise and rng.random() < cfg.bare_noise:  # the value without its template words
+                template = "{}"
+            pre, post = template.split("{}")
+            seg += W(pre, BOIL) + W(rng.choice(pools[kind]), NOISE) + W(post, BOIL)
         # +1: the separator it brings (bare noise runs on without separators: "maria lopez 14.99 lisbon")
         k, m = sum(t == NOISE for _, t in seg), len(seg) + (not cfg.bare_noise)
         if (k > noise_left or m > room) and rng.random() > min(noise_left / k, room / m):
@@ -269,10 +290,8 @@ def caption(scene, rng, cfg, pools, sites, site=None):
 
 
 def text_document(scene, rng, cfg, pools, sites, site=None):
-    """A text-only document: with probability text_context, a full description of the scene (every object
-    with its size, colour and position) before a caption of it, the way a web page repeats in its text
-    what its alt-text says. A base LM trained on such text learns to use what its context says about the
-    scene, which the frozen LM of the H-LVLM needs to read the projector's output (a real LLM can)."""
+    """A caption, with probability text_context after a full description of its scene (as a web page repeats
+    its alt-text): a base LM learns to use its context, which the H-LVLM's frozen LM needs (a real LLM can)."""
     text, tags = caption(scene, rng, cfg, pools, sites, site)
     if rng.random() >= cfg.text_context:
         return text, tags
@@ -280,7 +299,6 @@ def text_document(scene, rng, cfg, pools, sites, site=None):
     return f"{text_of(full)} {text}", [t for _, t in full] + tags
 
 
-# ----------------------------------------------------------------------------- probes
 def probe(kind, scene, rng, cfg, stats):
     """(prompt, correct, wrong choices) for one scene, or None if the scene does not fit."""
     intro, text = "a photo of", text_of
@@ -331,7 +349,5 @@ def probe(kind, scene, rng, cfg, stats):
     raise ValueError(kind)
 
 
-# No position probe: at 48 px a grid cell is one image token, and in 16 runs of every arm and setting its accuracy
-# stayed at chance (0.26-0.32 against 0.25; docs/experiment.md): the H-LVLM's per-token projector in front of a
-# frozen LM did not learn to name cells, so the probe could not judge any weighting.
+# No position probe: its accuracy stayed at chance in every run (docs/experiment.md), so it judged nothing.
 PROBES = ["presence_random", "presence_popular", "presence_adversarial", "colour", "count", "retrieval"]

@@ -1,18 +1,8 @@
-"""The score file: p_ref per caption token, written by score.py, read by train.py and eval.py.
-
-Stored per caption, aligned with the training tokenisation (the labels: caption tokens, then <|eos|>), as
-uint16 (p * 65535, so 2 bytes a token and error < 1e-5), with a fingerprint of the tokenizer, the reference
-model and the caption data.
-
-Two layouts, both read by load_scores(path, ...) -> {record id: float tensor}:
-  one file   (default, one process): torch.save of {"ids", "offsets", "p_ref", "fingerprint"}.
-  indexed    (score.py --stream, or under torchrun): a small index {"format": INDEX_FORMAT, "shards", "fingerprint"}
-             and one shard file per process, written and read by scale/score_shards.py (its docstring).
-
-Checked on load (docs/formats.md): the zip CRCs of every torch.save'd file (utils.check_zip), the fingerprints,
-and the record ids: the one-file layout stores a hash of its ids in order ("ids" in the fingerprint), so ids moved
-between records (two of one length swapped) are refused; a shard's ids are covered by its sha256 in the index.
-"""
+"""The score file: p_ref per caption label (caption tokens, then <|eos|>), written by score.py, read by train.py
+and eval.py, as uint16 (p * 65535: error < 1e-5), with fingerprints of the tokenizer, the reference model, the
+captions and (one-file layout) the record ids in order. Layouts: one torch.save'd file {"ids", "offsets", "p_ref",
+"fingerprint"}, or (score.py --stream) an index {"format": INDEX_FORMAT, ...} with a shard per process
+(scale/score_shards.py). What load_scores checks: docs/formats.md."""
 import bisect
 import hashlib
 import os
@@ -44,8 +34,6 @@ def save_scores(path, ids, p_ref, fingerprints):
     atomic_save({"ids": ids, "offsets": offsets, "p_ref": quantised,
                  "fingerprint": {**fingerprints, "ids": ids_fingerprint(ids)}}, path)
 
-
-# ----------------------------------------------------------------------------- reading score files
 
 def _torch_load(source, name):
     """A weights-only torch.load (a score file cannot run code), every failure a DataError naming the file."""

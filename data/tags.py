@@ -1,18 +1,14 @@
-"""The generator's ground-truth word tags (data/generate.py), carried down to tokens.
-
-A caption's record may hold "tags": one category per word. token_tags gives each label (caption tokens, then
-<|eos|>) the category of the word it belongs to, so training and evaluation can report loss per category and
-the tag oracle can weight by it.
-"""
+"""The generator's ground-truth word tags ("tags" in a record: one category per caption word, data/generate.py)
+carried down to tokens, so training and evaluation can report loss per category and the tag oracle weight by it."""
 import sys
 
 from data import tokenizer as T
 
-CATEGORIES = ("image", "boiler", "noise", "glue")  # the generator's word tags (data/generate.py)
+CATEGORIES = ("image", "boiler", "noise", "glue")
 
 
 def token_tags(tok, records):
-    """Category id (index into CATEGORIES) of each label, -1 for <|eos|> or untagged words."""
+    """Category id (index into CATEGORIES) of each label (caption tokens, then <|eos|>); -1: <|eos|>, untagged."""
     if any(not isinstance(r.extra.get("tags"), list) for r in records):
         return None
     word_index = T.token_word_index(tok, [r.caption for r in records])

@@ -1,25 +1,20 @@
-"""Byte-level BPE tokenizer for captions, trained with HuggingFace `tokenizers`.
+"""Byte-level BPE tokenizer for captions (HuggingFace `tokenizers`). Later artefacts (reference LM, scores,
+checkpoints) record `fingerprint(tok)`, so a mismatched tokenizer is refused instead of producing garbage.
 
     python -m data.tokenizer --data data/synth/text.jsonl,data/synth/train.jsonl --out out/tokenizer.json
-
-Special tokens (always the first ids, in this order):
-    <|pad|> <|bos|> <|eos|>          sequence plumbing
-    <|image|>                        placeholder for one image embedding (a ViT token or a pixel patch)
-    <|vision|> <|/vision|> <|vrow|>  image boundaries and row separator of the encoder-free model
-
-Every later artefact (reference LM, scores, checkpoints) records `fingerprint(tok)` so a mismatched
-tokenizer is refused instead of silently producing garbage.
-
-Flags in detail: --data's formats are read by data/records.py.
 """
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from utils import TokenizerChecks, UserError, flag
+from data.records import read_records
+from utils import TokenizerChecks, UserError, atomic_write, flag, parse_config, plugin, run
 
+# always the first ids: sequence plumbing, one image embedding (a ViT token or a pixel patch), and the image
+# boundaries and row separator of the encoder-free model
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|image|>", "<|vision|>", "<|/vision|>", "<|vrow|>"]
 PAD, BOS, EOS, IMAGE, VISION, VISION_END, VROW = range(len(SPECIALS))
 
@@ -40,7 +35,6 @@ def train_tokenizer(captions, vocab_size=2048):
 def load_tokenizer(path):
     """A tokenizer.json from this script, or "hf:FOLDER": a Hugging Face Llama folder's, relabelled (scale/hf.py)."""
     if path.startswith("hf:"):
-        from utils import plugin
         return plugin("hf_tokenizer", "--tokenizer")(path[3:], SPECIALS)[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no tokenizer at {path}: make one with `python -m data.tokenizer --out {path}`")
@@ -65,57 +59,39 @@ def encode_captions(tok, captions):
 
 
 def token_word_index(tok, captions):
-    """For each caption, the index of the whitespace-separated word each token belongs to.
-
-    Lets per-word ground truth (the generator's "tags") be read per token. A byte-level token like
-    'Ġred' spans the space before the word, so a token belongs to the word of its first non-space char.
-    """
+    """For each caption, the index of the space-separated word each token belongs to (to read per-word ground
+    truth per token). A byte-level token like 'Ġred' spans the space before its word: a token belongs to the word
+    of its first non-space character (-1: none)."""
     out = []
     for caption, enc in zip(captions, tok.encode_batch(captions, add_special_tokens=False)):
-        word_of_char, word = [], 0
-        for i, ch in enumerate(caption):
-            if ch == " ":
-                word_of_char.append(-1)
-                if i > 0 and caption[i - 1] != " ":
-                    word += 1
-            else:
-                word_of_char.append(word)
-        index = []
-        for start, end in enc.offsets:
-            hits = [w for w in word_of_char[start:end] if w >= 0]
-            index.append(hits[0] if hits else -1)
-        out.append(index)
+        word_of_char = [-1] * len(caption)
+        for w, m in enumerate(re.finditer("[^ ]+", caption)):
+            word_of_char[m.start():m.end()] = [w] * len(m.group())
+        out.append([next((w for w in word_of_char[a:b] if w >= 0), -1) for a, b in enc.offsets])
     return out
 
 
 @dataclass
 class TokenizerConfig(TokenizerChecks):
     data: str = flag("data/synth/text.jsonl,data/synth/train.jsonl",
-                     "comma-separated caption files (JSONL, LLaVA or COCO JSON, .tar shards) to "
-                     "learn merges from")
+                     "comma-separated caption files (JSONL, LLaVA or COCO JSON, .tar shards) to learn merges from")
     out: str = flag("out/tokenizer.json", "where to write tokenizer.json")
     vocab_size: int = flag(2048, "BPE vocabulary size including special tokens")
     max_bad_fraction: float = flag(0.01, "stop if more than this share of a file's records is bad")
 
 
-
 def main(argv=None):
-    from utils import parse_config
     return build(parse_config(TokenizerConfig, argv, description=__doc__))
 
 
 def build(cfg):
-    from data.records import read_records
-    bad = cfg.max_bad_fraction
-    captions = [r.caption for path in cfg.data.split(",")
-                for r in read_records(path, require_image=False, check_files=False, max_bad_fraction=bad)]
+    captions = [r.caption for path in cfg.data.split(",") for r in
+                read_records(path, require_image=False, check_files=False, max_bad_fraction=cfg.max_bad_fraction)]
     tok = train_tokenizer(captions, cfg.vocab_size)
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    tok.save(cfg.out)
+    atomic_write(cfg.out, tok.save)  # a full disk leaves the previous tokenizer.json whole, and no cut-off file
     print(f"tokenizer: {tok.get_vocab_size()} tokens from {len(captions)} captions -> {cfg.out} "
           f"(fingerprint {fingerprint(tok)})")
 
 
 if __name__ == "__main__":
-    from utils import run
     run(build, TokenizerConfig, description=__doc__)

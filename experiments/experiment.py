@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from experiments.jobs import Jobs
 from experiments.protocol import PRIMARY, choose_lr, next_lr, tail_mean
-from utils import flag
+from data.generate import MIXES
+from train import WEIGHTINGS
+from utils import UserError, flag
 
 # Sizes per preset. "cpu" is sized for a 2-core laptop CPU (docs/performance.md has its measured time); "smoke"
 # exercises every stage in miniature; "gpu" is a starting point for GPUs.
@@ -72,9 +74,14 @@ class Experiment:
         self.cfg, self.p = cfg, PRESETS[cfg.preset]
         self.out = os.path.abspath(cfg.out)
         self.settings = [tuple(x.split(":")) for x in (cfg.settings or self.p["settings"]).split(",")]
-        bad = [x for x in self.settings if len(x) != 2 or x[1] not in ("h", "u")]
-        if bad:
-            raise SystemExit(f"--settings: expected mix:family pairs like web:h,hard:u (family h or u), got {bad}")
+        bad = [x for x in self.settings if len(x) != 2 or x[1] not in ("h", "u") or x[0] not in MIXES]
+        if bad:  # every flag is checked here, before any work (not in a worker after the pilot)
+            raise UserError(f"--settings: expected mix:family pairs like web:h,hard:u (mix one of {', '.join(MIXES)}; "
+                            f"family h or u), got {', '.join(':'.join(x) for x in bad)}")
+        unknown = [a for a in cfg.arms.split(",") + cfg.tune.split(",") if a not in WEIGHTINGS]
+        if unknown:
+            raise UserError(f"--arms/--tune: {', '.join(unknown)} is not a registered weighting (train.WEIGHTINGS: "
+                            f"{', '.join(WEIGHTINGS)})")
         self.mixes = list(dict.fromkeys(m for m, _ in self.settings))  # in order, once each
         self.log = open(os.path.join(self._mk(self.out), "experiment.log"), "a")
         self.jobs = Jobs(self.path("logs"), cfg.parallel, cfg.nproc, record=self.log, workers=True)

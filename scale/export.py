@@ -9,8 +9,10 @@ tokenizer, also when it was hf:FOLDER: converted, with the fingerprint the check
 wherever a checkpoint does: `train.py --init-from FOLDER`, `eval.py --ckpt FOLDER`, model.load_vlm(FOLDER)
 (tests/test_scale.py: identical logits). Nothing of it needs the run folder, the --vision-weights file or network.
 """
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 from data import tokenizer as T
@@ -19,6 +21,27 @@ from model import read_vlm
 from utils import UserError, flag, register, run
 
 FOLDER_FORMAT = "prior-vlm"  # config.json's "format" in a folder this script writes
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_out(out):
+    """--out must be a new folder or an earlier export: never a file, never a run folder (its config.json is the
+    run's), never a folder of something else."""
+    if os.path.isfile(out):
+        raise UserError(f"--out {out} is a file; give a folder to write the export into")
+    if os.path.isdir(out) and os.listdir(out):
+        config = os.path.join(out, "config.json")
+        meta = json.load(open(config)) if os.path.isfile(config) else {}
+        if not isinstance(meta, dict) or meta.get("format") != FOLDER_FORMAT:
+            raise UserError(f"--out {out} is a folder that holds something else (a run folder?): export into a new "
+                            f"folder or an earlier export")
 
 
 @register("vlm_folder")
@@ -31,7 +54,14 @@ def read_folder(path, flag=""):
         raise UserError(f"{flag + ': ' if flag else ''}{path} is a folder but not an exported VLM (no config.json "
                         f"with format {FOLDER_FORMAT!r}; python -m scale.export writes one)")
     from safetensors.torch import load_file
-    state = load_file(os.path.join(path, "model.safetensors"))
+    weights = os.path.join(path, "model.safetensors")
+    if "sha256" in meta and file_sha256(weights) != meta["sha256"]:  # flipped or cut bytes load silently otherwise
+        raise UserError(f"{flag + ': ' if flag else ''}{weights} is not the file this export wrote (sha256 differs "
+                        f"from its config.json): damaged or edited; export the checkpoint again")
+    try:
+        state = load_file(weights)
+    except Exception as e:  # safetensors' own errors name no file
+        raise UserError(f"{flag + ': ' if flag else ''}{weights} cannot be read ({type(e).__name__}: {e})") from None
     for key, source in meta["tied"].items():  # safetensors stores a shared tensor once
         state[key] = state[source]
     return {"model": state, "model_config": meta["model_config"], "tokenizer": meta["tokenizer"], "data": meta["data"],
@@ -62,6 +92,7 @@ def settings(model_config):
 def export_vlm(ckpt_path, out, tokenizer=None):
     """Write the folder; returns its config.json dict. tokenizer: default the checkpoint's own --tokenizer."""
     from safetensors.torch import save_file
+    check_out(out)
     ckpt = read_vlm(ckpt_path, "--ckpt")
     tok_path = tokenizer or ckpt["config"]["tokenizer"]
     tok = T.load_tokenizer(tok_path)
@@ -81,15 +112,30 @@ def export_vlm(ckpt_path, out, tokenizer=None):
             **settings(ckpt["model_config"]), "tied": tied, "tokenizer": ckpt["tokenizer"], "data": ckpt["data"],
             "step": ckpt["step"],
             "inputs": ckpt.get("inputs", {}), "train_config": ckpt["config"], "source": os.path.abspath(ckpt_path)}
-    os.makedirs(out, exist_ok=True)
-    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": FOLDER_FORMAT})
-    with open(os.path.join(out, "tokenizer.json"), "w") as f:
-        f.write(tok.to_str())
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    saved = T.fingerprint(T.load_tokenizer(os.path.join(out, "tokenizer.json")))
-    if saved != ckpt["tokenizer"]:  # the file must load to the tokenizer the checkpoint names
-        raise RuntimeError(f"{out}/tokenizer.json reloads with fingerprint {saved}, not {ckpt['tokenizer']}")
+    # Written into a temporary folder beside --out, then swapped in: an interrupted export leaves the earlier one
+    # whole (never two checkpoints mixed, never a 0-byte config.json).
+    out = os.path.normpath(out)
+    tmp, old = f"{out}.tmp{os.getpid()}", f"{out}.old{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": FOLDER_FORMAT})
+        meta["sha256"] = file_sha256(os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
+            f.write(tok.to_str())
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        saved = T.fingerprint(T.load_tokenizer(os.path.join(tmp, "tokenizer.json")))
+        if saved != ckpt["tokenizer"]:  # the file must load to the tokenizer the checkpoint names
+            raise RuntimeError(f"{out}/tokenizer.json reloads with fingerprint {saved}, not {ckpt['tokenizer']}")
+        if os.path.isdir(out):
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write the export ({e.strerror or e}); nothing was changed") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return meta
 
 

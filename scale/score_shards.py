@@ -90,23 +90,27 @@ def write_shard(cfg, tok, score, ctx, n_records, fingerprints, rank, world):
     bar.close()
     summary = writer.close(rank=rank, world=world, fingerprint=fingerprints, overlong=stats["long"])
     summary["file"] = os.path.relpath(writer.path, os.path.dirname(os.path.abspath(cfg.out)))
-    return summary, stats, kept
+    return summary, stats, kept, writer
 
 
-def gather_index(cfg, summary, n_records, fingerprints, rank, world):
-    """Every shard's summary to rank 0 (also the barrier: every shard is closed after this), which checks the
-    count and writes the index at --out; returns the summaries on rank 0, None elsewhere."""
+def gather_index(cfg, summary, writer, n_records, fingerprints, rank, world):
+    """Every shard's summary to rank 0 (also the barrier: every shard is closed after this); rank 0 checks the
+    count; then the shards take their final names and rank 0 writes the index at --out, last (the previous
+    index and shards stay untouched until here). Returns the summaries on rank 0, None elsewhere."""
     summaries = [None] * world
     if world > 1:
         dist.all_gather_object(summaries, summary)
     else:
         summaries = [summary]
-    if rank != 0:
-        return None
     records, tokens = sum(s["records"] for s in summaries), sum(s["tokens"] for s in summaries)
     if records != n_records:
         raise DataError(f"{cfg.data}: the shards hold {records} records but the data has {n_records}: "
                         f"did the data change while scoring?")
+    writer.commit()
+    if world > 1:
+        dist.barrier()  # every shard under its final name before the index names them
+    if rank != 0:
+        return None
     atomic_save({"format": INDEX_FORMAT, "shards": summaries, "records": records, "tokens": tokens,
                  "fingerprint": fingerprints}, cfg.out)
     return summaries
@@ -115,11 +119,9 @@ def gather_index(cfg, summary, n_records, fingerprints, rank, world):
 def score_stream(cfg, tok, score, ctx, n_records, fingerprints, rank, world):
     """This process's shard, then (rank 0) the index and the report's numbers: (report, kept captions) on rank
     0, (None, None) elsewhere. The caller has run data_pass (n_records, fingerprints' data)."""
-    if rank == 0 and os.path.exists(cfg.out):  # an old index must not outlive the shards this run rewrites
-        os.remove(cfg.out)
-    summary, stats, kept = write_shard(cfg, tok, score, ctx, n_records, fingerprints, rank, world)
+    summary, stats, kept, writer = write_shard(cfg, tok, score, ctx, n_records, fingerprints, rank, world)
     overlong_note(stats["long"], stats["past"], ctx, f"{cfg.data} (rank {rank})")
-    summaries = gather_index(cfg, summary, n_records, fingerprints, rank, world)
+    summaries = gather_index(cfg, summary, writer, n_records, fingerprints, rank, world)
     if summaries is None:
         return None, None
     records, tokens = sum(s["records"] for s in summaries), sum(s["tokens"] for s in summaries)
@@ -228,8 +230,9 @@ def shard_path(out, rank, world):
 
 
 class ShardWriter:
-    """One process's shard (module doc), written frame by frame to a temporary name and renamed on close,
-    so a shard under its final name is always complete; its size and sha256 are known without re-reading."""
+    """One process's shard (module doc), written frame by frame to a temporary name and renamed by commit(), once
+    every process has finished its shard: a shard under its final name is always complete, and an interrupted
+    re-score leaves the previous shards and index as they were. Its size and sha256 are known without re-reading."""
 
     def __init__(self, path):
         self.path, self.tmp = path, path + ".tmp"
@@ -238,6 +241,9 @@ class ShardWriter:
         self.sha = hashlib.sha256()
         self.bytes = self.records = self.tokens = 0
         self._write(SHARD_MAGIC)
+
+    def commit(self):
+        os.replace(self.tmp, self.path)
 
     def _write(self, data):
         self.f.write(data)
@@ -258,7 +264,7 @@ class ShardWriter:
         self.tokens += len(quantised)
 
     def close(self, **end):
+        """The end frame; the shard stays under its temporary name until commit()."""
         self._frame({"end": True, "records": self.records, "tokens": self.tokens, **end})
         self.f.close()
-        os.replace(self.tmp, self.path)
         return {"bytes": self.bytes, "sha256": self.sha.hexdigest(), "records": self.records, "tokens": self.tokens}

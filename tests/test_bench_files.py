@@ -38,6 +38,15 @@ def test_generator_writes_pope_files(synth):
             assert yes.image == no.image == str(synth / p["image"].removeprefix("../"))
 
 
+def test_generator_pope_files_are_three_distinct_splits(synth):
+    """The three files are one split each, so eval.py --bench takes them together (two files of one split are
+    refused: scoring.check_pope_splits), and their questions pool into pope_f1."""
+    from benchmarks import scoring as S
+    specs = F.write_bench_files(str(synth))[:3]
+    S.check_pope_splits(specs, 16)
+    assert [S.answer_rule(s) for s in specs] == ["pope"] * 3  # generated answers: POPE's own rule
+
+
 def test_generator_writes_an_mcq_tsv(synth):
     spec = F.write_bench_files(str(synth))[-1]
     recs = B.read_bench(spec)

@@ -5,6 +5,7 @@ per category. Values are percentages; approx(rel=1e-12) only absorbs the roundin
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_bench_metrics.py
 """
+import pytest
 from pytest import approx
 
 from benchmarks import metrics as M
@@ -43,12 +44,14 @@ def test_always_yes_model():
     assert never["popular_yes_ratio"] == 0 and never["popular_f1"] == 0 and never["popular_precision"] == 0
 
 
-def test_pope_splits_averaged():
+def test_pope_splits_pooled():
     recs = pope([YES, NO], "random") + pope([YES, NO], "adversarial")
     out = M.pope_metrics(recs, [YES, NO, YES, YES])  # random perfect; adversarial: tp 1, fp 1
     assert out["random_f1"] == 100.0 and out["adversarial_f1"] == approx(2 * 50 * 100 / 150, rel=1e-12)
-    assert out["f1"] == approx((100 + 2 * 50 * 100 / 150) / 2, rel=1e-12)
-    assert out["yes_ratio"] == approx((50 + 100) / 2, rel=1e-12)
+    # the plain names pool the splits' questions (VLMEvalKit's "Overall": tp 2, fp 1, fn 0), not the mean of F1s
+    assert out["f1"] == approx(2 * (200 / 3) * 100 / (200 / 3 + 100), rel=1e-12) == approx(80.0)
+    assert out["mean_f1"] == approx((100 + 2 * 50 * 100 / 150) / 2, rel=1e-12)
+    assert out["yes_ratio"] == 75.0 and out["acc"] == 75.0
 
 
 def mme(subtask, image, answers):
@@ -74,9 +77,11 @@ def test_mme_acc_plus_and_sums():
     assert out["cognition"] == 200.0 + 50.0
 
 
-def mc(group, choices, answer, category="c"):
-    return Record(f"q{group}", f"prompt {group}", None, {"group": group, "choices": choices, "answer": answer,
-                                                          "category": category, "question": f"Q{group}"})
+def mc(group, choices, answer, category="c", index=None):
+    index = group if index is None else index
+    return Record(f"q{index}", f"prompt {group}", None, {"group": group, "choices": choices, "answer": answer,
+                                                          "category": category, "question": f"Q{group}",
+                                                          "index": index})
 
 
 def test_rotations_made_by_the_evaluator():
@@ -86,7 +91,7 @@ def test_rotations_made_by_the_evaluator():
     assert [r.extra["choices"] for r in rows[:3]] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
     assert [r.extra["choices"][r.extra["answer"]] for r in rows] == ["b", "b", "b", "x", "x"]
     assert rows[1].caption == "b / c / a" and {r.extra["group"] for r in rows[:3]} == {0}
-    has_copies = [mc(0, ["a", "b"], 0), mc(0, ["b", "a"], 1)]
+    has_copies = [mc(0, ["a", "b"], 0), mc(0, ["b", "a"], 1, index=1_000_000)]  # index g + k * 1e6
     assert M.rotations(has_copies) == has_copies  # the file's own circular copies are kept as they are
 
 
@@ -109,3 +114,30 @@ def test_category_accuracy_by_hand():
     seed = [Record("s", "q", None, {"answer": 2, "question_type": "Scene Understanding"})]
     assert M.bench_metrics("seed", seed, [2]) == {"acc": 100.0, "acc_Scene Understanding": 100.0,
                                                    "mean_category": 100.0}
+
+
+def test_pope_answer_neither_yes_nor_no_is_wrong():
+    """A generated answer the rule cannot place (-1) is a negative prediction for F1, as VLMEvalKit's "Unknown",
+    and wrong for accuracy (not a correct "no")."""
+    out = M.pope_metrics(pope([YES, NO, NO]), [-1, -1, NO])
+    assert out["random_acc"] == approx(100 / 3, rel=1e-12) and out["random_yes_ratio"] == 0.0
+    assert out["random_recall"] == 0.0 and out["random_f1"] == 0.0
+
+
+def test_mme_acc_plus_needs_both_questions():
+    recs = mme("existence", "a", [YES, NO]) + mme("existence", "b", [YES])  # b: its pair missing
+    out = M.mme_metrics(recs, [YES, NO, YES])  # every answer right
+    assert out["existence_acc"] == 100.0 and out["existence_acc_plus"] == 50.0 and out["existence"] == 150.0
+
+
+def test_rotations_follow_the_index_structure():
+    """Copies are rows g + k * 1e6; a row duplicated under one index is no copy and does not switch the
+    evaluator's own rotations off."""
+    plain = [mc(0, ["a", "b"], 0), mc(1, ["x", "y"], 1)]
+    assert len(M.rotations(plain)) == 4
+    with pytest.raises(ValueError, match="same index 1"):  # not taken for circular copies
+        M.rotations(plain + [mc(1, ["x", "y"], 1)])
+    copies = [mc(0, ["a", "b"], 0), mc(0, ["b", "a"], 1, index=1_000_000), mc(1, ["x", "y"], 1)]
+    assert M.rotations(copies) == copies
+    out = M.circular_metrics(list(reversed(copies[:2])), [1, 1])  # vanilla: the offset-0 row, wherever it is
+    assert out["vanilla"] == 0.0 and out["circular"] == 0.0

@@ -300,7 +300,8 @@ def test_yes_no_tsvs_mme_and_pope(tmp_path):
     assert recs[0].extra["image_key"] == recs[1].extra["image_key"] != recs[2].extra["image_key"]
     assert recs[1].caption == "question: Is there a cat? answer:"
     from benchmarks.metrics import mme_metrics
-    assert mme_metrics(recs, [0, 0, 0])["perception"] == (50 + 0) + (100 + 100)
+    # OCR's image lost its pair ("Maybe" is a bad row): its one right answer is no "both right" (acc+ 0, not 100)
+    assert mme_metrics(recs, [0, 0, 0])["perception"] == (50 + 0) + (100 + 0)
     with open(tmp_path / "POPE.tsv", "w", newline="") as f:
         csv.writer(f, delimiter="\t").writerows([["index", "question", "answer", "category", "image"],
                                                  [0, "Is there a car?", "yes", "adversarial", png_b64(7)],
@@ -311,7 +312,8 @@ def test_yes_no_tsvs_mme_and_pope(tmp_path):
 
 def test_generated_answers_matched_like_the_benchmarks():
     yn = ["yes", "no"]
-    assert [S.match_answer(a, yn) for a in ("Yes, there is.", "No.", "there is not a dog", "a dog")] == [0, 1, 1, 0]
+    assert [S.match_answer(a, yn, "pope") for a in ("Yes, there is.", "No.", "there is not a dog", "a dog")] == \
+        [0, 1, 1, 0]
     opts = ["red circle", "blue", "green"]
     assert [S.match_answer(a, opts) for a in ("B", "(C) green", "A. red circle", "it is blue", "blue or green",
                                               "purple", "Blue", "a red circle", "A green one")] == \
@@ -327,10 +329,10 @@ def test_generation_scoring(small, tmp_path):
     out = S.bench_results([spec], model, tok, generate=4)
     recs, images, index = B.load_bench(spec, 16)
     answers = generate_answers(model, tok, [r.caption for r in recs], images[torch.tensor(index)], max_new_tokens=4)
-    preds = [S.match_answer(a, ["yes", "no"]) for a in answers]
+    preds = [S.match_answer(a, ["yes", "no"], "pope") for a in answers]  # POPE's json-lines: POPE's own rule
     yes = sum(p == 0 for p in preds)
     assert out["pope_gen_random_yes_ratio"] == 100.0 * yes / len(recs)
-    assert out["pope_gen_unmatched"] == 0.0  # a yes/no answer always maps to one of the two
+    assert out["pope_gen_unmatched"] == 0.0  # POPE's rule places every answer (anything without no/not is yes)
 
 
 def test_file_circular_copies_kept_and_max_rows(small, tmp_path):
@@ -347,3 +349,154 @@ def test_file_circular_copies_kept_and_max_rows(small, tmp_path):
     assert out["mmbench_circular"] == 100.0 * all(right) and out["mmbench_vanilla"] == 100.0 * right[0]
     three = f"mmbench:{write_tsv(tmp_path / 'three.tsv', mmbench_rows())}"
     assert len(B.load_bench(three, 16, max_rows=2)[0]) == 2
+
+
+# ----------------------------------------------------------------------------- issue 30: scored as the official code
+
+
+def write_pope_tsv(path, rows):
+    with open(path, "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([["index", "question", "answer", "category", "image"]] + rows)
+    return path
+
+
+def test_pope_tsv_question_shared_by_splits_counts_in_each(tmp_path):
+    """VLMEvalKit's POPE.tsv stores a question of several splits once; its scoring splits the category, and its
+    "Overall" pools every (question, split) pair."""
+    path = write_pope_tsv(tmp_path / "POPE.tsv", [[0, "Is there a car?", "Yes", "random,popular,adversarial",
+                                                   png_b64(7)],
+                                                  [1, "Is there a bus?", "No", "random", "0"],
+                                                  [2, "Is there a cat?", "No", "popular,adversarial", "0"],
+                                                  [3, "Is there a dog?", "Yes", "adversarial", png_b64(8)]])
+    recs = B.read_bench(f"pope:{path}")
+    assert [r.extra["splits"] for r in recs] == [["random", "popular", "adversarial"], ["random"],
+                                                 ["popular", "adversarial"], ["adversarial"]]
+    from benchmarks.metrics import bench_metrics
+    out = bench_metrics("pope", recs, [0, 0, 0, 1])  # yes, yes, yes, no
+    assert {k.rsplit("_", 1)[0] for k in out if k.endswith("_f1") and k != "mean_f1"} == \
+        {"random", "popular", "adversarial"}  # no split named "random,popular,adversarial"
+    # by hand: random tp 1 fp 1; popular tp 1 fp 1; adversarial tp 1 fp 1 fn 1; pooled tp 3 fp 3 fn 1 of 7 pairs
+    assert out["random_f1"] == pytest.approx(200 / 3) and out["popular_acc"] == 50.0
+    assert out["adversarial_f1"] == pytest.approx(50.0) and out["adversarial_acc"] == pytest.approx(100 / 3)
+    assert out["f1"] == pytest.approx(2 * 50 * 75 / 125) and out["acc"] == pytest.approx(300 / 7)
+    assert out["precision"] == pytest.approx(50.0) and out["recall"] == pytest.approx(75.0)
+
+
+def test_max_rows_keeps_whole_units(tmp_path):
+    """--max-rows takes whole POPE images, MME images (both questions) and MMBench questions with every copy."""
+    pope = write_pope(tmp_path, "random")  # 2 images x 2 questions
+    mme = write_mme(tmp_path)              # 3 images x 2 questions
+    img = png_b64(9)
+    circ = [dict(index=0, question="Which?", A="a", B="b", C="c", answer="A", image=img),
+            dict(index=1_000_000, question="Which?", A="b", B="c", C="a", answer="C", image="0"),
+            dict(index=2_000_000, question="Which?", A="c", B="a", C="b", answer="B", image="0"),
+            dict(index=1, question="Who?", A="x", B="y", answer="B", image="0"),
+            dict(index=1_000_001, question="Who?", A="y", B="x", answer="A", image="0")]
+    mmb = write_tsv(tmp_path / "circ.tsv", circ)
+    for seed in range(4):
+        recs = B.load_bench(f"pope:{pope}::{tmp_path / 'val2014'}", 16, max_rows=1, seed=seed)[0]
+        assert len(recs) == 2 and recs[0].image == recs[1].image  # one row asked for: its image's two questions
+        recs = B.load_bench(f"mme:{mme}", 16, max_rows=3, seed=seed)[0]
+        keys = [r.extra["image_key"] for r in recs]
+        assert len(recs) == 4 and all(keys.count(k) == 2 for k in keys)
+        recs = B.load_bench(f"mmbench:{mmb}", 16, max_rows=1, seed=seed)[0]
+        groups = {r.extra["group"] for r in recs}
+        assert len(groups) == 1 and len(recs) == {0: 3, 1: 2}[groups.pop()]
+    assert [r.id for r in B.load_bench(f"mme:{mme}", 16, max_rows=3, seed=5)[0]] == \
+        [r.id for r in B.subsample_units(B.read_bench(f"mme:{mme}"), 3, 5)]  # the same subset every time
+
+
+def test_yes_no_options_stay_multiple_choice(tmp_path):
+    """Only POPE and MME are yes/no questions: a multiple-choice question whose options are yes and no is matched
+    by its letter."""
+    rows = [dict(index=0, question="Is it red?", A="yes", B="no", answer="B", category="c", image=png_b64(3))]
+    spec = f"mmstar:{write_tsv(tmp_path / 'yn.tsv', rows)}"
+    rec = B.read_bench(spec)[0]
+    assert rec.caption == "question: Is it red? options: A. yes B. no answer:"
+    assert S.answer_rule(spec) == "choice"
+    assert [S.match_answer(a, rec.extra["choices"], S.answer_rule(spec)) for a in ("B", "A", "(B)", "no")] == \
+        [1, 0, 1, 1]
+    assert S.match_answer("B", ["yes", "no"]) == 1  # the default is the multiple-choice rule, not a yes/no one
+
+
+TRICKY = ["Yes. There is no dog.", "NO", "Not sure", "No!", "yes", "Yes, there is.", "no.", "There is no dog."]
+
+
+def test_each_benchmark_matches_answers_by_its_own_rule(tmp_path):
+    """docs/benchmarks.md's table: 0 yes, 1 no, -1 neither (wrong)."""
+    yn = ["yes", "no"]
+    assert [S.match_answer(a, yn, "pope") for a in TRICKY] == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert [S.match_answer(a, yn, "mme") for a in TRICKY] == [0, 1, 1, 1, 0, 0, 1, -1]
+    assert [S.match_answer(a, yn, "vlmevalkit") for a in TRICKY] == [-1, 1, -1, 1, 0, 0, 1, 1]
+    assert S.vlmevalkit_yes_no("yes-no - maybe") == -1 and S.vlmevalkit_yes_no("yes/no") == -1
+    assert S.vlmevalkit_yes_no("(yes)") == 0 and S.vlmevalkit_yes_no("yes:") == -1  # ":" is not in its list
+    pope = write_pope(tmp_path, "random")
+    tsv = write_pope_tsv(tmp_path / "POPE.tsv", [[0, "Is there a car?", "Yes", "random", png_b64(7)]])
+    assert [S.answer_rule(s) for s in (f"pope:{pope}", f"pope:{tsv}", f"mme:{write_mme(tmp_path)}",
+                                       f"mme:{tsv}", f"mmbench:{tsv}", f"seed:{pope}")] == \
+        ["pope", "vlmevalkit", "mme", "vlmevalkit", "choice", "choice"]
+
+
+def test_two_pope_files_of_one_split_refused(small, tmp_path):
+    _, tok, model = small
+    a = write_pope(tmp_path, "random")
+    b = tmp_path / "aokvqa_pope_random.json"
+    b.write_text(a.read_text())
+    specs = [f"pope:{a}::{tmp_path / 'val2014'}", f"pope:{b}::{tmp_path / 'val2014'}"]
+    with pytest.raises(UserError, match="coco_pope_random.json.*aokvqa_pope_random.json.*split 'random'"):
+        S.bench_results(specs, model, tok)
+    tsv = write_pope_tsv(tmp_path / "POPE.tsv", [[0, "Is there a car?", "Yes", "popular,random", png_b64(7)]])
+    with pytest.raises(UserError, match="POPE.tsv both hold POPE split 'random'"):
+        S.check_pope_splits([specs[0], f"pope:{tsv}"], 16)
+    c = tmp_path / "coco_pope_popular.json"
+    c.write_text(a.read_text())
+    S.check_pope_splits([specs[0], f"pope:{c}::{tmp_path / 'val2014'}"], 16)  # different splits: fine
+
+
+def test_mme_image_missing_its_pair_is_not_both_right(tmp_path, capsys):
+    mme = write_mme(tmp_path)
+    (mme / "existence" / "000000000001.txt").write_text("Is there a dog?\tYes\nIs there a cat?\tPerhaps\n")
+    recs = B.read_mme(str(mme), max_bad_fraction=0.5)
+    from benchmarks.metrics import mme_metrics
+    out = mme_metrics(recs, [r.extra["answer"] for r in recs])  # every answer right
+    assert out["existence_acc"] == 100.0 and out["existence_acc_plus"] == 50.0 and out["artwork_acc_plus"] == 100.0
+
+
+def test_tsv_duplicated_index_refused(tmp_path):
+    rows = mmbench_rows() + [dict(mmbench_rows()[1], question="How many cats?")]  # index 1 twice
+    path = write_tsv(tmp_path / "dup.tsv", rows)
+    with pytest.raises(DataError, match=r"dup.tsv: duplicated index 1 \(lines 3 and 5\)"):
+        B.read_bench(f"mmbench:{path}")
+
+
+def test_yes_no_kind_given_a_multiple_choice_tsv_refused(tmp_path):
+    path = write_tsv(tmp_path / "MMBench.tsv", mmbench_rows())
+    for kind, name in (("pope", "POPE"), ("mme", "MME")):
+        with pytest.raises(DataError) as e:
+            B.read_bench(f"{kind}:{path}")
+        msg = str(e.value)
+        assert msg.startswith(f"--bench {kind}:{path}: looks like a multiple-choice TSV") and name in msg
+        assert "\n" not in msg
+
+
+def test_not_utf8_and_byte_order_marks(tmp_path):
+    path = tmp_path / "latin1.tsv"
+    write_tsv(path, mmbench_rows())
+    path.write_bytes(path.read_bytes().replace(b"What colour", "Quelle couleur é".encode("latin-1")))
+    with pytest.raises(DataError, match="latin1.tsv: not UTF-8 text") as e:
+        B.read_bench(f"mmbench:{path}")
+    assert "\n" not in str(e.value)
+    bom = b"\xef\xbb\xbf"
+    tsv = tmp_path / "bom.tsv"
+    write_tsv(tsv, mmbench_rows())
+    tsv.write_bytes(bom + tsv.read_bytes())
+    assert len(B.read_bench(f"mmbench:{tsv}")) == 3
+    pope = write_pope(tmp_path, "random")
+    pope.write_bytes(bom + pope.read_bytes())
+    assert len(B.read_pope(str(pope), str(tmp_path / "val2014"), max_bad_fraction=0.0)) == 4
+    txt = write_mme(tmp_path) / "existence" / "000000000000.txt"
+    txt.write_bytes(bom + txt.read_bytes())
+    assert all(not r.extra["question"].startswith("\ufeff") for r in B.read_mme(str(txt.parent.parent)))
+    seed = write_seed(tmp_path)
+    seed.write_bytes(bom + seed.read_bytes())
+    assert len(B.read_seed(str(seed), str(tmp_path / "SEED-Bench-image"))) == 2

@@ -5,7 +5,7 @@ from tools import caption
 from data import tokenizer as T
 import train
 from data.images import load_image, normalize
-from model import generate
+from benchmarks.generate import generate
 
 
 @pytest.fixture(scope="module")

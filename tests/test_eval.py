@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import eval as E
+import scale  # noqa: F401 (plug-in feature_cache: --feature-cache)
 from benchmarks import qa_eval as Q
 from data import tokenizer as T
 from utils import parse_config
@@ -252,8 +253,8 @@ def test_run_dir_resumes(world, tmp_path, monkeypatch):
     for step in (10, 20):
         save_ckpt(model, tok, str(run / f"ckpt_{step:06d}.pt"), step, "h", world["tok_path"])
     calls = []
-    real = E._evaluate
-    monkeypatch.setattr(E, "_evaluate", lambda path, *a, **k: calls.append(path) or real(path, *a, **k))
+    real = E.evaluate_checkpoint
+    monkeypatch.setattr(E, "evaluate_checkpoint", lambda path, *a, **k: calls.append(path) or real(path, *a, **k))
     kw = dict(probes_dir=str(probes), test_path=world["test"], max_rows=4)
     rows = E.evaluate_run(str(run), **kw)
     assert len(calls) == 2 and sorted({r["step"] for r in rows}) == [10, 20]

@@ -127,3 +127,15 @@ def test_wandb_reaches_every_vlm_run(tmp_path):
     assert args[args.index("--wandb") + 1] == "prior-runs"
     plain = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path / "p")))
     assert "--wandb" not in plain.train_args("web", "h", "prior", 3e-3, 0, str(tmp_path / "r"))
+
+
+@pytest.mark.parametrize("flags,name", [(["--arms", "ntp,priorx"], "priorx"), (["--tune", "nope"], "nope"),
+                                        (["--settings", "webb:h"], "webb:h"), (["--settings", "web:x"], "web:x")])
+def test_bad_flags_are_refused_before_any_work(tmp_path, flags, name):
+    """An unknown arm, tuned arm, mix or family: one line naming it, exit 2, no output folder (today's main job
+    failed inside a worker after the whole pilot)."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "experiments.main", "--preset", "smoke", "--out", str(out), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and name in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not out.exists()

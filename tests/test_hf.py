@@ -10,7 +10,7 @@ from data import tokenizer as T
 transformers = pytest.importorskip("transformers")
 
 from scale import hf  # noqa: E402
-from model import generate  # noqa: E402
+from benchmarks.generate import generate  # noqa: E402
 from model import build_model
 
 TEXT = ["a red circle by ann", "the blue square left of a green circle", "stock photo: a yellow square by bob"] * 5

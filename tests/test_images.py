@@ -52,7 +52,7 @@ def test_image_cache_equals_memory_and_is_reused(tmp_path, capsys, monkeypatch):
     assert R.images_cached(recs, 16, cache) and not R.images_cached(recs, 8, cache)
     assert os.path.getsize(cache) == 4 * 3 * 16 * 16
     # a second call maps the file: nothing is decoded, the bad record is still reported and counted
-    monkeypatch.setattr(R, "_try_load", lambda job: pytest.fail("decoded again"))
+    monkeypatch.setattr("data.images._try_load", lambda job: pytest.fail("decoded again"))
     kept_c, imgs_c = load_images(recs, 16, max_bad_fraction=0.5, cache=cache)
     assert torch.equal(imgs_c, imgs) and "skipped 1 of 5 images" in capsys.readouterr().err
     with pytest.raises(DataError, match="1 of 5"):

@@ -86,7 +86,7 @@ def test_config_round_trip():
 
 
 # ----------------------------------------------------------------------------- KV cache and generation
-from model import KVCache, generate  # noqa: E402
+from benchmarks.generate import KVCache, generate  # noqa: E402
 
 
 def spread(model, std=0.5):

@@ -47,3 +47,17 @@ def test_packed_equals_unpacked_forward():
         n = len(s.caption_ids) + 1
         torch.testing.assert_close(logits[0, at:at + n], ref[0], atol=1e-10, rtol=1e-10)
         at += n
+
+
+def test_cut_masked_sample_trains_eos_only_after_an_answer():
+    """pack's rule for a cut masked sample (instruction data): its <|eos|> label trains only right after a kept
+    trained label that is not itself an <|eos|>; an unmasked sample keeps its trained <|eos|> whatever the cut."""
+    s = Sample([10, 11, 12, 13, 14, 15], loss_mask=[0, 1, 1, 0, 0, 1, 1])
+
+    def trained(sample, row_len):
+        return [t for t in pack([sample], row_len).labels[0].tolist() if t != IGNORE]
+    assert trained(s, 4) == [11, 12, T.EOS]  # cut inside the answer: it ends there
+    assert trained(s, 5) == [11, 12] and trained(s, 6) == [11, 12]  # cut inside the question: no eos
+    assert trained(s, 2) == []  # cut before the answer: nothing at all
+    assert trained(Sample([10, T.EOS, 12, 13], loss_mask=[1, 1, 0, 1, 1]), 3) == [10, T.EOS]  # no eos after eos
+    assert trained(Sample([10, 11, 12, 13, 14, 15]), 5) == [10, 11, 12, 13, T.EOS]  # no mask: as before

@@ -160,7 +160,7 @@ def tiny_vlm(tok):
 def test_qa_generate_scores_generated_text(synth, monkeypatch):
     """With a stand-in for model.generate that answers a known text per prompt, qa_generate must give back
     each row's own answer (rows grouped by prompt length and batched) and score it by exact match."""
-    import model as M
+    import benchmarks.generate as M
     root = synth
     tok = T.load_tokenizer(str(root / "tok.json"))
     vlm = tiny_vlm(tok)

@@ -210,6 +210,7 @@ def test_llava_with_image_folder(tmp_path):
 
 
 def test_tar_shards_read_as_records(tmp_path):
+    import scale  # noqa: F401 (tar shards are scale/'s plug-in "shards")
     red, blue = png_bytes((255, 0, 0)), png_bytes((0, 0, 255), (12, 6))
     write_shard(tmp_path / "shard-000000.tar", [
         ("000001", {"jpg": red, "txt": b" a red square "}),

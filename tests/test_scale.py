@@ -4,6 +4,7 @@ frozen parts in bf16, --wandb, and the exported VLM folder (scale/export.py).
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_scale.py
 """
 import glob
+import os
 import json
 import struct
 
@@ -199,13 +200,45 @@ def test_exported_folder_reloads_to_identical_logits(tiny, tmp_path):
     assert folder["config"]["tokenizer"].endswith("vlm/tokenizer.json")
     # eval.py --ckpt FOLDER: the same results as on the checkpoint (its tokenizer comes from the folder)
     kw = dict(test_path=str(tiny["train"]), test_scores=str(tiny["scores"]), device="cpu")
-    assert evaluation._evaluate(str(tmp_path / "vlm"), **kw)[0] == evaluation._evaluate(ckpt, **kw)[0]
+    assert evaluation.evaluate_checkpoint(str(tmp_path / "vlm"), **kw) == evaluation.evaluate_checkpoint(ckpt, **kw)
     # train.py --init-from FOLDER starts from the same weights as --init-from the checkpoint
     x = train.main(config(tiny, tmp_path / "x", steps=1, init_from=ckpt))
     y = train.main(config(tiny, tmp_path / "y", steps=1, init_from=str(tmp_path / "vlm")))
     assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
     with pytest.raises(ValueError, match="not an exported VLM"):
         load_vlm(str(tmp_path / "run"))
+
+
+def test_export_never_mixes_or_overwrites_and_checks_its_bytes(tiny, tmp_path, monkeypatch):
+    """An export goes to a temporary folder and is swapped in whole: an interrupted re-export leaves the earlier
+    export as it was; a run folder or a file as --out is refused; flipped bytes in model.safetensors are refused
+    on load (the export records its sha256)."""
+    import scale.export as E
+    train.main(config(tiny, tmp_path / "run", loss="prior", steps=2, save_every=1))
+    first, second = str(tmp_path / "run" / "ckpt_000001.pt"), str(tmp_path / "run" / "ckpt_000002.pt")
+    out = str(tmp_path / "vlm")
+    E.export_vlm(first, out)
+    files = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(E.json, "dump", full_disk)  # the re-export fails after its weights are written
+    with pytest.raises(ValueError, match="nothing was changed"):
+        E.export_vlm(second, out)
+    monkeypatch.undo()
+    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == files
+    assert sorted(os.listdir(tmp_path)) == ["run", "vlm"]  # no temporary folder left behind
+    assert E.export_vlm(second, out)["step"] == 2 and load_vlm(out)[1]["step"] == 2
+    for bad in (str(tmp_path / "run"), first):  # a run folder, a file
+        with pytest.raises(ValueError, match="--out"):
+            E.export_vlm(second, bad)
+    assert os.path.isfile(os.path.join(tmp_path, "run", "config.json"))
+    weights = os.path.join(out, "model.safetensors")
+    blob = bytearray(open(weights, "rb").read())
+    blob[-10] ^= 0xFF
+    open(weights, "wb").write(bytes(blob))
+    with pytest.raises(ValueError, match="sha256"):
+        load_vlm(out)
 
 
 # ----------------------------------------------------------------------------- reference_lm.py under torchrun

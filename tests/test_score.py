@@ -184,3 +184,28 @@ def test_duplicate_record_ids_are_refused_at_scoring(tiny, tmp_path, stream):
     with pytest.raises(DataError, match=f"1 record ids appear more than once .first: '{rows[1]['id']}'"):
         score.main(_cfg(tiny, tmp_path / "s.pt", data=str(data), stream=stream))
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_an_interrupted_stream_rescore_keeps_the_previous_scores(tiny, tmp_path, monkeypatch):
+    """score.py --stream over an existing index: until the new shards are complete, the old index and shards stay
+    as they were (they were deleted first, so an interrupted re-score lost them); the new ones replace them at the
+    end."""
+    out = tmp_path / "scores.pt"
+    score.main(_cfg(tiny, out, stream=True, chunk=16))
+    before = load_scores(str(out), *_fps(tiny))
+    calls = []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stopped mid-way: one chunk scored, two to go
+        return real(*args, **kw)
+    real = score.label_probs
+    monkeypatch.setattr("scale.score_shards.label_probs", failing)
+    with pytest.raises(KeyboardInterrupt):
+        score.main(_cfg(tiny, out, stream=True, chunk=16))
+    after = load_scores(str(out), *_fps(tiny))
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    monkeypatch.setattr("scale.score_shards.label_probs", real)
+    score.main(_cfg(tiny, out, stream=True, chunk=16))  # and a completed re-score replaces them
+    assert load_scores(str(out), *_fps(tiny)).keys() == before.keys()

@@ -60,3 +60,23 @@ def test_max_bad_fraction_is_a_flag(tmp_path):
         T.main(["--data", data, "--out", str(tmp_path / "a.json"), "--vocab-size", "280"])
     T.main(["--data", data, "--out", str(tmp_path / "b.json"), "--vocab-size", "280", "--max-bad-fraction", "0.02"])
     assert T.load_tokenizer(str(tmp_path / "b.json")).get_vocab_size() <= 280
+
+
+def test_a_full_disk_leaves_the_previous_tokenizer_whole(tmp_path, monkeypatch):
+    """python -m data.tokenizer --out over an existing tokenizer: a failed write (a full disk) is one line, and the
+    old file stays as it was (it was written in place: a cut-off file that every later step refused)."""
+    import errno
+    from tokenizers import Tokenizer
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(f'{{"caption": "a red circle number {i}"}}\n' for i in range(30)))
+    out = tmp_path / "tok.json"
+    T.main(["--data", str(data), "--out", str(out), "--vocab-size", "300"])
+    before = out.read_bytes()
+
+    def full(self, path, *a):
+        open(path, "w").write('{"version": "1.0", "trunc')  # part of the file, then the error
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Tokenizer, "save", full)
+    with pytest.raises(ValueError, match="no space left"):
+        T.main(["--data", str(data), "--out", str(out), "--vocab-size", "301"])
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "tok.json"]

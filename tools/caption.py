@@ -1,4 +1,4 @@
-"""Caption an image with a train.py checkpoint, decoding with the KV cache (model.generate).
+"""Caption an image with a train.py checkpoint, decoding with the KV cache (benchmarks/generate.py).
 
     python -m tools.caption --ckpt runs/h_prior/last.pt --image my.png
     python -m tools.caption --ckpt runs/h_prior/last.pt --image my.png --prompt "a photo of" --greedy
@@ -7,8 +7,8 @@
 The model sees what it was trained on: the image's placeholder tokens (model.image_tokens()), <|bos|>, then the
 prompt's tokens; it continues until <|eos|> or --max-new-tokens. Prints the prompt and its continuation. The
 tokenizer is the one the checkpoint's run recorded (--tokenizer to point elsewhere; a different tokenizer is
-refused). For evaluators: `model.generate(model, input_ids, images, max_new_tokens, temperature=0)` decodes a
-batch greedily, and `caption()` below does one image end to end.
+refused). For evaluators: `benchmarks.generate.generate(model, input_ids, images, max_new_tokens, temperature=0)`
+decodes a batch greedily, and `caption()` below does one image end to end.
 """
 from dataclasses import dataclass
 
@@ -17,7 +17,8 @@ import torch
 from data import tokenizer as T
 from utils import UserError, autocast, check_fingerprint, flag, pick_device, run
 from data.images import load_image, normalize
-from model import generate
+from benchmarks.generate import generate
+import scale  # noqa: F401 (checkpoints with a timm encoder, hf: tokenizers, exported folders)
 
 
 @dataclass
