@@ -2,11 +2,11 @@
 
     python eval.py --ckpt runs/h_prior/ckpt_000300.pt --mc my_questions.jsonl      # your own questions, printed
     python eval.py --run-dir runs/h_prior --probes data/synth/probes --test data/synth/test.jsonl \
-        --test-scores out/scores_test.pt     # every ckpt_*.pt not yet in runs/h_prior/eval.json, into it
+        --test-scores out/scores_test.pt     # what runs/h_prior/eval.json lacks of each ckpt_*.pt, into it
     python -m benchmarks eval --ckpt CKPT --bench pope:coco_pope_random.json::coco/val2014   # docs/benchmarks.md
 
 A choice (docs/formats.md) scores log p(choice | image, prompt), summed over its tokens and per token (_norm).
-eval.json rows are {"arch", "loss", "seed", "lr", "step", "benchmark", "value"}; the benchmarks:
+eval.json rows are {"arch", "loss", "seed", "lr", "step", "benchmark", "value", "ckpt", "source"}; the benchmarks:
     <stem>(_norm, _blind)         accuracy on each file (_blind: each question given another's image)
     <stem>_chance, _const         a guesser's expected accuracy; the best constant answer's
     probe_avg(_norm, _blind)      mean over groups (files sharing the stem before "_": POPE's splits are one)
@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +35,16 @@ from data.packing import next_fit
 from data.record_types import BadRecord, DataError, Record, Tally
 from data.records import read_records
 from data.scores import load_scores
-from data.tags import CATEGORIES, token_tags
+from data.tags import ATTRIBUTES, CATEGORIES, token_attributes, token_tags
 from model import load_vlm  # a train.py checkpoint, or a folder scale/export.py wrote
-from utils import (EvalChecks, UserError, autocast, check_fingerprint, flag, join_repeated, pick_device, plugin, run,
-                   text_fingerprint)
+from utils import (EvalChecks, UserError, atomic_write, autocast, check_fingerprint, check_out, file_fingerprint, flag,
+                   join_repeated, pick_device, plugin, run, text_fingerprint)
 
 
 @dataclass
 class EvalConfig(EvalChecks):
     ckpt: str = flag("", "one train.py checkpoint to evaluate (results printed)")
-    run_dir: str = flag("", "evaluate every ckpt_*.pt here into RUN_DIR/eval.json, skipping those already in it")
+    run_dir: str = flag("", "evaluate every ckpt_*.pt here into RUN_DIR/eval.json, skipping what it has already")
     mc: str = flag("", "comma-separated multiple-choice JSONL files of your own")
     bench: str = flag("", "benchmark files KIND:PATH[::IMAGES], e.g. pope:coco_pope_random.json::val2014 (repeatable)")
     bench_generate: int = flag(0, "--bench: also answer by greedy decoding of up to N tokens (<bench>_gen_*; 0 = off)")
@@ -199,6 +200,9 @@ def token_analysis(model, tok, path, scores_path=None, device="cpu", max_rows=No
     if tags is not None:
         cat = torch.tensor([c for i in scored for c in tags[i][:-1]], dtype=torch.long)
         groups.update({name: cat == i for i, name in enumerate(CATEGORIES)})
+        kinds = token_attributes(tok, [records[i] for i in scored], [tags[i] for i in scored])
+        kind = torch.tensor([k for row in kinds for k in row[:-1]], dtype=torch.long)  # gap_shape, gap_colour, ...
+        groups.update({name: kind == i for i, name in enumerate(ATTRIBUTES)})
     if scores_path:
         p_ref = load_scores(scores_path, T.fingerprint(tok), data_fp, path)
         bad = [r.id for r, c in zip(records, captions) if r.id not in p_ref or len(p_ref[r.id]) != len(c) + 1]
@@ -271,38 +275,65 @@ def evaluate_model(model, tok, probes_dir=None, test_path=None, test_scores=None
     return out
 
 
-def evaluate_checkpoint(path, tokenizer=None, device="cpu", run_rows=False, **kw):
-    """[{"benchmark", "value"}] of one checkpoint; run_rows: eval.json's rows, with the run's arch, loss, seed,
-    lr and the step. kw: evaluate_model's."""
+def evaluate_checkpoint(path, tokenizer=None, device="cpu", run_rows=False, parts=None, **kw):
+    """[{"benchmark", "value"}] of one checkpoint; run_rows: eval.json's rows, with the run's arch, loss, seed, lr,
+    the step and the checkpoint's fingerprint; parts: {source: evaluate_model's arguments}, each row naming its
+    "source". kw: evaluate_model's."""
     model, ckpt = load_vlm(path, device)
     tok_path = tokenizer or ckpt["config"]["tokenizer"]
     tok = T.load_tokenizer(tok_path)
     check_fingerprint("tokenizer", ckpt["tokenizer"], T.fingerprint(tok), path, tok_path)
-    meta = {}
-    if run_rows:
-        c = ckpt["config"]
-        meta = {"arch": c["arch"], "loss": c["loss"], "seed": c["seed"], "lr": c["lr"], "step": ckpt["step"]}
-    return [{**meta, "benchmark": k, "value": v} for k, v in evaluate_model(model, tok, device=device, **kw).items()]
+    c = ckpt["config"]
+    meta = {"arch": c["arch"], "loss": c["loss"], "seed": c["seed"], "lr": c["lr"], "step": ckpt["step"],
+            "ckpt": ckpt_fingerprint(path)} if run_rows else {}
+    return [{**meta, "benchmark": k, "value": v, **({"source": s} if parts else {})} for s, part in
+            (parts or {"": {}}).items() for k, v in evaluate_model(model, tok, device=device, **kw, **part).items()]
+
+
+def ckpt_fingerprint(path):
+    """Which weights an eval.json row comes from: a hash of the CRC-32s of the checkpoint's tensors in torch.save's zip
+    directory (read at once; the same weights in any folder give the same), else of the whole file."""
+    if not zipfile.is_zipfile(path):
+        return file_fingerprint(path)
+    with zipfile.ZipFile(path) as z:
+        return hashlib.sha256(repr([i.CRC for i in z.infolist() if "/data/" in i.filename]).encode()).hexdigest()[:16]
 
 
 def evaluate_run(run_dir, out=None, **kw):
-    """Evaluate every ckpt_*.pt of run_dir not yet in `out` (default run_dir/eval.json); returns all rows.
-    The file is rewritten after each checkpoint, so an interrupted run loses at most one checkpoint's work."""
+    """Evaluate each ckpt_*.pt of run_dir on each source (an --mc file, the --bench specs, --probes, --test) `out`
+    (default run_dir/eval.json) has no rows of from it; returns all rows. Rows name their source and the weights
+    they come from (ckpt_fingerprint): other weights than the run's (another run's eval.json, or one left from
+    before train.py --overwrite) are refused. Rewritten after each checkpoint: a kill loses one checkpoint's work."""
+    ckpts = {int(re.search(r"ckpt_(\d+)\.pt$", p).group(1)): p for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt"))}
+    if not ckpts:
+        what = "has no ckpt_*.pt" if os.path.isdir(run_dir) else "is a file" if os.path.exists(run_dir) else "is absent"
+        raise UserError(f"--run-dir {run_dir} {what}: give a train.py --out-dir with its checkpoints")
     out = out or os.path.join(run_dir, "eval.json")
-    rows = []
-    if os.path.exists(out):
-        with open(out) as f:
-            rows = json.load(f)
-    done = {r["step"] for r in rows}
-    todo = [p for p in sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")))
-            if int(re.search(r"ckpt_(\d+)\.pt$", p).group(1)) not in done]
-    for path in tqdm(todo, desc=f"eval {os.path.basename(os.path.normpath(run_dir))}",
-                     disable=not todo or not sys.stderr.isatty()):
-        t0 = time.perf_counter()
-        results = evaluate_checkpoint(path, run_rows=True, **kw)
-        rows += results
-        write_rows(out, rows)
-        tqdm.write(f"{path}: {len(results)} benchmarks in {time.perf_counter() - t0:.1f}s")
+    check_out(out, "file", "--run-dir")
+    rows = json.load(open(out)) if os.path.exists(out) else []
+    fps = {step: ckpt_fingerprint(p) for step, p in ckpts.items()}
+    stale = next((r["step"] for r in rows if r["step"] in fps and r.get("ckpt") != fps[r["step"]]), None)
+    if stale is not None:
+        raise UserError(f"{out}: its rows of step {stale} come from other weights than {ckpts[stale]} (another run's, "
+                        f"or left from before train.py --overwrite): move it away and evaluate again")
+    probes, test, scores, bench = (kw.pop(k, None) for k in ("probes_dir", "test_path", "test_scores", "bench"))
+    asked = {f"--mc {os.path.abspath(f)}": {"mc_files": [f]} for f in kw.pop("mc_files", ())}  # evaluate_model's args
+    if bench:  # the specs together: POPE's splits are pooled
+        asked[f"--bench {','.join(bench)} --bench-generate {kw.get('bench_generate', 0)}"] = {"bench": bench}
+    if probes:
+        asked[f"--probes {os.path.abspath(probes)}"] = {"probes_dir": probes}
+    if test:
+        asked[f"--test {os.path.abspath(test)} --test-scores {scores}"] = {"test_path": test, "test_scores": scores}
+    for step, path in tqdm(sorted(ckpts.items()), desc=f"eval {os.path.basename(os.path.normpath(run_dir))}",
+                           disable=not sys.stderr.isatty()):
+        done, t0 = {r.get("source") for r in rows if r["step"] == step}, time.perf_counter()
+        parts = {k: a for k, a in asked.items() if k not in done}
+        if parts:
+            results = evaluate_checkpoint(path, run_rows=True, parts=parts, **kw)
+            names = {r["benchmark"] for r in results}  # evaluated again: the new rows replace the old
+            rows = [r for r in rows if r["step"] != step or r["benchmark"] not in names] + results
+            write_rows(out, rows)
+            tqdm.write(f"{path}: {len(results)} benchmarks in {time.perf_counter() - t0:.1f}s")
     alarm = run_alarm(run_dir)
     if alarm:
         print(f"{run_dir}: training raised an alarm at step {alarm[0]}: {alarm[1]}", file=sys.stderr)
@@ -310,10 +341,13 @@ def evaluate_run(run_dir, out=None, **kw):
 
 
 def write_rows(path, rows):
-    """eval.json, atomically: one row a line (readable, diffable), still one JSON list."""
-    with open(path + ".tmp", "w") as f:
-        f.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
-    os.replace(path + ".tmp", path)
+    """eval.json, atomically: one row a line (readable, diffable), still one JSON list. Rows without their
+    checkpoint's fingerprint (in-process evaluations) get that of the ckpt_<step>.pt beside the file."""
+    for r in rows:
+        ckpt = os.path.join(os.path.dirname(path), f"ckpt_{r['step']:06d}.pt")
+        if "ckpt" not in r and os.path.isfile(ckpt):
+            r["ckpt"] = ckpt_fingerprint(ckpt)
+    atomic_write(path, "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
 
 
 def run_alarm(run_dir):

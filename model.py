@@ -214,6 +214,9 @@ class VLMConfig:
     # With a timm model, image_size, patch_size and vit_* are read from it, so a checkpoint's config describes it.
     vision: str = ""
     vision_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments, e.g. {"img_size": 336}
+    # H-LVLM: image tokens the projector makes from each patch. 1 is LLaVA's; k > 1 gives the frozen LM k slots per
+    # patch, so one need not carry an object's colour, shape and size at once (docs/experiment.md)
+    tokens_per_patch: int = 1
 
     @staticmethod
     def from_dict(d):
@@ -249,8 +252,11 @@ class VLM(nn.Module):
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         self.cfg, self.grid = cfg, cfg.image_size // cfg.patch_size
         d = cfg.decoder.d_model
-        if cfg.arch == "h":  # LLaVA's "mlp2x_gelu" projector
-            self.projector = nn.Sequential(nn.Linear(cfg.vit_dim, d), nn.GELU(), nn.Linear(d, d))
+        if cfg.tokens_per_patch < 1 or (cfg.tokens_per_patch > 1 and cfg.arch != "h"):
+            raise ValueError(f"tokens_per_patch {cfg.tokens_per_patch}: 1, or more with arch 'h'")
+        if cfg.arch == "h":  # LLaVA's "mlp2x_gelu" projector, k embeddings out per patch
+            self.projector = nn.Sequential(nn.Linear(cfg.vit_dim, d), nn.GELU(),
+                                           nn.Linear(d, d * cfg.tokens_per_patch))
         else:
             self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, d, bias=False)
             init_weights(self.patch_embed)
@@ -259,7 +265,7 @@ class VLM(nn.Module):
     def image_tokens(self):
         """The token ids one image occupies in a sequence; each <|image|> receives one image embedding."""
         if self.cfg.arch == "h":
-            return [T.IMAGE] * self.grid ** 2
+            return [T.IMAGE] * self.grid ** 2 * self.cfg.tokens_per_patch
         return [T.VISION] + ([T.IMAGE] * self.grid + [T.VROW]) * self.grid + [T.VISION_END]
 
     def embed_images(self, images):
@@ -270,7 +276,8 @@ class VLM(nn.Module):
                 trainable = any(p.requires_grad for p in self.encoder.parameters())
                 with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
                     images = self.encoder.forward_features(images)
-            return self.projector(images)
+            out = self.projector(images)  # (N, P, k * d) -> (N, P * k, d): a patch's k tokens side by side
+            return out.view(out.shape[0], -1, self.cfg.decoder.d_model)
         p = self.cfg.patch_size
         patches = images.unfold(2, p, p).unfold(3, p, p)                  # N, 3, g, g, p, p
         patches = patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # N, g*g, 3*p*p
@@ -370,7 +377,7 @@ def build_model(cfg, tok, extra=None):
         vision_kwargs["vision_layer"] = cfg.vision_layer
     vcfg = VLMConfig(arch=cfg.arch, image_size=cfg.image_size, patch_size=cfg.patch_size, vit_dim=cfg.vit_dim,
                      vit_depth=cfg.vit_depth, vit_heads=cfg.vit_heads, decoder=dcfg, vision=cfg.vision,
-                     vision_kwargs=vision_kwargs)
+                     vision_kwargs=vision_kwargs, tokens_per_patch=getattr(cfg, "tokens_per_patch", 1))
     if cfg.init_encoder:
         enc = load_checkpoint(cfg.init_encoder, "vit", "--init-encoder")
         fields = ("image_size", "patch_size", "vit_dim", "vit_depth", "vit_heads")

@@ -22,9 +22,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import tokenizer as T
-from utils import (RefChecks, UserError, atomic_save, autocast, check_fingerprint, flag, full_weights, global_mean,
-                   load_checkpoint, lr_at, make_optimizer, memorising, pick_device, run, seed_everything,
-                   setup_distributed, plugin, text_fingerprint, val_split_size, wrap)
+from utils import (RefChecks, UserError, atomic_save, atomic_write, autocast, check_fingerprint, check_out, flag,
+                   full_weights, global_mean, load_checkpoint, lr_at, make_optimizer, memorising, pick_device, run,
+                   seed_everything, setup_distributed, plugin, text_fingerprint, val_split_size, wrap)
 from data.packing import make_samples, pack
 from data.records import read_records
 from loss import ntp_loss
@@ -97,6 +97,7 @@ def size_steps(cfg, epoch_rows):
 
 
 def train_lm(cfg):
+    check_out(cfg.out)
     rank, world, device = setup_distributed(pick_device(cfg.device))
     master, sharded = rank == 0, cfg.fsdp and world > 1
     if cfg.batch_rows % world:
@@ -197,9 +198,9 @@ def train_lm(cfg):
         atomic_save({"model": best[2] if sharded else model.state_dict(), "decoder_config": asdict(dcfg),
                      "config": asdict(cfg), "tokenizer": T.fingerprint(tok), "data": text_fingerprint(records),
                      "history": history, "train_tokens_per_s": train_tokens_per_s, **kept}, cfg.out)
-        with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-            json.dump({"history": history, "train_tokens_per_s": train_tokens_per_s, "params": n_params, **kept,
-                       "memorising": warning}, f, indent=1)
+        atomic_write(os.path.splitext(cfg.out)[0] + ".json", json.dumps({
+            "history": history, "train_tokens_per_s": train_tokens_per_s, "params": n_params, **kept,
+            "memorising": warning}, indent=1))
         print(f"saved {cfg.out}")
     if run is not None:
         run.finish()

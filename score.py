@@ -23,8 +23,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import tokenizer as T
-from utils import (ScoreChecks, file_fingerprint, flag, pick_device, plugin, run, setup_distributed, text_fingerprint,
-                   weight_collapse)
+from utils import (ScoreChecks, atomic_write, check_out, file_fingerprint, flag, pick_device, plugin, run,
+                   setup_distributed, text_fingerprint, weight_collapse)
 from data.packing import count_overlong, make_samples
 from data.record_types import DataError
 from data.records import read_records
@@ -153,6 +153,7 @@ def score_one_file(cfg, tok, model, ckpt, device):
 
 
 def main(cfg):
+    check_out(cfg.out)
     device, rank, world, started = pick_device(cfg.device), 0, int(os.environ.get("WORLD_SIZE", "1")), False
     if world > 1 and dist.is_initialized():  # a caller's own group: join it, leave it to the caller
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -217,7 +218,7 @@ def draw_weights(path, tok, samples, p_ref, n=6):
             if x > 0.97:
                 x, y = 0.005, y - 0.3 / (n + 0.3)
     fig.text(0.005, 0.01, "token weight w = 1 - p_ref (white = 0, dark red = 1)", fontsize=8)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -242,8 +243,7 @@ def _write_report(cfg, report, tok, records, samples, p_ref):
         if warning:
             report["weights"]["warning"] = warning
             print(warning, file=sys.stderr)
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=1)
+    atomic_write(base + ".json", json.dumps(report, indent=1))
     if samples:
         draw_weights(base + ".png", tok, samples, p_ref)
     print(f"saved {cfg.out}, {base}.json, {base}.png")

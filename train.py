@@ -36,10 +36,10 @@ from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
 from loss import prior_weights, shuffle_within_captions, token_losses, weighted_loss
 from model import VLMConfig, build_model, count_params
-from utils import (PLUGINS, Alarm, RunLog, TrainChecks, UserError, atomic_save, autocast, check_fingerprint,
-                   file_fingerprint, flag, full_state, load_checkpoint, lr_at, make_optimizer, pick_device, plugin,
-                   reduce_stats, run, seed_everything, setup_distributed, text_fingerprint, unwrap, wait_until, wrap,
-                   exit_distributed)
+from utils import (PLUGINS, Alarm, RunLog, TrainChecks, UserError, atomic_save, atomic_write, autocast,
+                   check_fingerprint, check_out, file_fingerprint, flag, full_state, load_checkpoint, lr_at,
+                   make_optimizer, option, pick_device, plugin, reduce_stats, run, seed_everything, setup_distributed,
+                   text_fingerprint, unwrap, wait_until, wrap, exit_distributed)
 
 
 @dataclass
@@ -65,6 +65,7 @@ class TrainConfig(TrainChecks):
     text_ratio: float = flag(1.0, "text-only samples per image-caption sample when --text-data is set")
     image_size: int = flag(48, "images are resized to this square size")
     patch_size: int = flag(8, "pixels per patch side (ViT patches, or U-LVLM pixel patches)")
+    tokens_per_patch: int = flag(1, "H-LVLM: image tokens the projector makes per patch (1 = LLaVA's)", min=1)
     vit_dim: int = flag(192, "ViT width (scratch encoder)")
     vit_depth: int = flag(4, "ViT depth (scratch encoder)")
     vit_heads: int = flag(3, "ViT heads (scratch encoder)")
@@ -78,7 +79,7 @@ class TrainConfig(TrainChecks):
     lr: float = flag(1e-3, "peak learning rate")
     warmup: int = flag(20, "linear warm-up steps, then cosine to lr/10")
     weight_decay: float = flag(0.0, "AdamW weight decay on matrices")
-    grad_clip: float = flag(1.0, "gradient-norm clip")
+    grad_clip: float = flag(1.0, "gradient-norm clip (0 = no clipping)")
     save_every: int = flag(100, "write ckpt_<step>.pt every N steps (the paper: 500 of 5,000)")
     seed: int = flag(0, "seed for initialisation and data order")
     resume: bool = flag(False, "continue from out_dir/last.pt")
@@ -282,6 +283,8 @@ def load_data(cfg, tok, model, extra, device, master, world):
         records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
     chat_text = [r for r in records if r.image is None]  # text-only conversations of instruction data
     records = [r for r in records if r.image is not None]
+    if not records:
+        raise UserError(f"--data {cfg.data}: none of its {len(chat_text)} entries has an image to train on")
     data_fp = text_fingerprint(records)
     inputs, files = {}, {}  # the weighting's per-token inputs; fingerprints of what else the run read (--resume)
     how = WEIGHTINGS[cfg.loss]
@@ -315,6 +318,9 @@ def load_data(cfg, tok, model, extra, device, master, world):
 def setup(cfg, rank, world, device):
     """(model, records, data, meta, resumed state or None). Every flag is checked, and the run folder and last.pt,
     before anything is built: a mistake is refused at once."""
+    check_out(cfg.out_dir, "dir", "--out-dir")
+    if cfg.init_from and (cfg.init_decoder or cfg.init_encoder):  # its weights would replace theirs
+        raise UserError("--init-from holds every weight: give it alone, without --init-decoder or --init-encoder")
     if cfg.fsdp and world > 1:
         plugin("fsdp", "--fsdp")
     for name, wanted in (("stream", cfg.stream), ("feature_cache", cfg.feature_cache), ("instruct", cfg.instruct),
@@ -335,6 +341,12 @@ def setup(cfg, rank, world, device):
     tok = T.load_tokenizer(cfg.tokenizer)
     torch.manual_seed(cfg.seed)  # the model first: its encoder decides the image size
     model = build_model(cfg, tok, extra).to(device)
+    loaded, dec = "--init-from" if cfg.init_from else "--init-decoder", model.decoder.cfg
+    for name in ("d_model", "n_layer", "n_head") if cfg.init_from or cfg.init_decoder else ():  # a loaded model's own
+        if getattr(cfg, name) not in (getattr(dec, name), getattr(TrainConfig, name)):
+            raise UserError(f"{option(name)} {getattr(cfg, name)}: the {loaded} model has {name} {getattr(dec, name)}")
+    if cfg.row_len > dec.max_seq_len:  # --init-from: its RoPE tables end there
+        raise UserError(f"--row-len {cfg.row_len}: the {loaded} model reads at most {dec.max_seq_len} tokens")
     if len(model.image_tokens()) + 2 > cfg.row_len:
         raise UserError(f"an image takes {len(model.image_tokens())} tokens: --row-len {cfg.row_len} leaves no "
                         f"room for a caption; raise --row-len")
@@ -353,8 +365,7 @@ def main(cfg, on_checkpoint=None):
     lock = claim_run_dir(cfg, master)  # one writer per folder (run.lock)
     step = restore(state, last_path, model, opt, cfg, meta, master) if state is not None else 0
     if master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(meta, f, indent=1)
+        atomic_write(os.path.join(cfg.out_dir, "config.json"), json.dumps(meta, indent=1))
         print(f"{cfg.arch}-LVLM, loss {cfg.loss}: {count_params(model) / 1e6:.2f}M params, "
               f"{count_params(model, True) / 1e6:.3f}M trainable; {len(data.samples)} pairs; "
               f"{world} process(es) on {device}")
@@ -369,7 +380,7 @@ def main(cfg, on_checkpoint=None):
         for g in opt.param_groups:
             g["lr"] = lr
         stats, nll_by_tag, batch_ids = train_step(cfg, step, train_model, data, device, rank, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf)  # the norm, for the log
         grad_norm = grad_norm.full_tensor() if sharded else grad_norm  # a DTensor when sharded
         if not math.isfinite(stats["loss"]) or not torch.isfinite(grad_norm):
             raise RuntimeError(f"non-finite loss or gradient at step {step}; batch sample ids "
@@ -492,6 +503,10 @@ def take_lock(out_dir):
             return path
         except FileExistsError:
             pass
+        except OSError as e:  # a full disk: no lock without its holder left behind
+            if os.path.exists(path):
+                os.remove(path)
+            raise UserError(f"--out-dir {out_dir}: cannot write its lock {path} ({e.strerror})") from None
         try:
             with open(path) as f:
                 holder = json.load(f)
@@ -556,9 +571,7 @@ def trim_log(path, step):
         if isinstance(n, int) and n <= step:
             kept.append(line.rstrip("\n") + "\n")
     if kept != lines:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        atomic_write(path, "".join(kept))
 
 
 def restore(state, path, model, opt, cfg, meta, master=True):

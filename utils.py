@@ -14,8 +14,10 @@ import importlib
 import json
 import math
 import os
+import pathlib
 import pickle
 import random
+import re
 import shutil
 import sys
 import time
@@ -111,14 +113,22 @@ def from_dict(cls, values):
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
+# OSErrors that run() says in one line: a write refused (read-only, full disk, a file for a folder or back) and a
+# missing file (None: a FileNotFoundError(message) of ours)
+WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
+                errno.EISDIR, errno.EEXIST, errno.ENOENT, None}
+IO_ERROR = re.compile(r"(No space left|Disk quota|unexpected pos)|iostream error|write failed|File too large|os error")
+
+
 def run(main, cls, argv=None, description=None):
-    """A script's entry point: main(parse_config(...)), a user's mistake one line `error: ...` and exit 2."""
+    """A script's entry point: main(parse_config(...)); a user's mistake or a refused file (WRITE_ERRORS) is one line
+    `error: ...` (naming the file) and exit code 2."""
     try:
         return main(parse_config(cls, argv, description))
-    except (UserError, FileNotFoundError) as e:  # a missing file is the user's too (the message names it)
-        if os.environ.get("PRIOR_DEBUG"):
+    except (UserError, OSError) as e:  # a missing file is the user's too (the message names it)
+        if os.environ.get("PRIOR_DEBUG") or isinstance(e, OSError) and e.errno not in WRITE_ERRORS:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.filename}: {e.strerror}" if getattr(e, "filename", None) else f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -190,6 +200,8 @@ def exit_distributed():
 def pick_device(name="auto"):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA device torch can use; give --device cpu or auto")
     return name
 
 
@@ -241,25 +253,39 @@ def atomic_save(obj, path):
 
 
 def atomic_write(path, write):
-    """write(temporary path), then rename to `path`: a crash mid-write never leaves a broken file. A failed write
-    (a full disk: one line saying so) removes the temporary file and leaves the old one as it was."""
+    """write(temporary path) (`write` a str: that text), then rename to `path`: a crash mid-write never leaves a
+    broken file. A failed write (a full disk: one line) removes the temporary file and leaves the old one as it was."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
     try:
-        write(tmp)
+        write(tmp) if callable(write) else pathlib.Path(tmp).write_text(write)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        # a full disk: OSError ENOSPC, or torch's zip writer's RuntimeError ("unexpected pos": its short write)
-        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-                isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "No space left" in str(e))):
-            free = shutil.disk_usage(folder).free
-            old = "the previous file is intact" if os.path.exists(path) else "no file was left"
-            raise UserError(f"{path}: no space left on the device ({free / 2**20:.1f} MiB free in {folder}) while "
-                            f"saving; {old}, and no {os.path.basename(tmp)}: free some space and run again") from None
-        raise
+        text = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0][:200]
+        failed = IO_ERROR.search(text)  # an OSError, or a library saying one stopped it (torch, tokenizers, ...)
+        if not isinstance(e, OSError) and not (isinstance(e, Exception) and failed):
+            raise
+        if failed and failed.group(1):  # ENOSPC, or torch's short write
+            text = f"no space left on the device ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free in {folder})"
+        old = "the previous file is intact" if os.path.exists(path) else "no file was left"
+        raise UserError(f"{path}: {text} while saving; {old}, and no {os.path.basename(tmp)}") from None
+
+
+def check_out(path, kind="file", flag="--out"):
+    """Before any long work: one line naming `flag` and `path` unless a `kind` ("file" or "dir") can be written
+    there: not the other kind, in a folder (or the nearest above it that exists) one may write to."""
+    folder = os.path.abspath(path if kind == "dir" else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    want, other = ("file", "folder") if kind == "file" else ("folder", "file")
+    if os.path.exists(path) and os.path.isdir(path) == (kind == "file"):
+        raise UserError(f"{flag} {path} is a {other}, not a {want}")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        what = "read-only" if os.path.isdir(folder) else "a file"
+        raise UserError(f"{flag} {path} cannot be written: {folder} is {what}")
 
 
 def check_zip(path, name, what="a checkpoint", error=UserError):
@@ -539,8 +565,11 @@ class RunLog:
             self.run = start(project, config or {}, out_dir, id_path=os.path.join(out_dir, "wandb_id"))
 
     def write(self, line):
-        self.file.write(json.dumps(line) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(line) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: the lines before are whole (a torn last one is skipped on --resume)
+            raise UserError(f"{self.file.name}: {e.strerror} while logging; its earlier lines are kept") from None
         if self.run is not None:
             self.run.log(line, step=int(line["step"]))
 
@@ -559,7 +588,7 @@ RANGES = {  # flag name: min, or (min, max)
     **dict.fromkeys(("steps", "batch_size", "row_len", "batch_rows", "chunk", "save_every", "image_size", "patch_size",
                      "vit_dim", "vit_depth", "vit_heads", "n_layer", "n_head", "d_model", "itc_dim"), 1),
     **dict.fromkeys(("micro_batch", "warmup", "stop_at", "eval_every", "patience", "max_rows", "report_captions",
-                     "workers", "threads"), 0),
+                     "workers", "threads", "bench_generate"), 0),
     **dict.fromkeys(("lr", "alpha", "weight_decay", "grad_clip", "text_ratio", "aux_weight", "pixel_noise", "budget",
                      "peak_tflops"), 0.0),
     **dict.fromkeys(("val_fraction", "rho1_keep", "oracle_low", "max_bad_fraction"), FRACTION),
@@ -567,10 +596,10 @@ RANGES = {  # flag name: min, or (min, max)
 
 
 class Checks:
-    """check(): each field's range (RANGES, then the script's OWN_RANGES), a --warmup below --steps, and attention
-    heads that split their width evenly (DIVISIBLE: --d-model 30 --n-head 4 cannot)."""
+    """check(): each field's range (RANGES, then the script's OWN_RANGES), a --warmup below --steps, attention
+    heads that split their width evenly (DIVISIBLE: --d-model 30 --n-head 4 cannot; RoPE: into even widths)."""
     OWN_RANGES = {}
-    DIVISIBLE = (("d_model", "n_head"), ("vit_dim", "vit_heads"))
+    DIVISIBLE = (("d_model", "n_head"), ("vit_dim", "vit_heads"), ("image_size", "patch_size"))
 
     def check(self):
         ranges = {**RANGES, **self.OWN_RANGES}
@@ -587,21 +616,19 @@ class Checks:
                 raise UserError(f"--warmup {warmup}: allowed values are 0 to --steps - 1 = {steps - 1} (a warm-up "
                                 f"of --steps {steps} or more never reaches --lr)")
         for width, heads in self.DIVISIBLE:
-            if hasattr(self, width) and getattr(self, width) % getattr(self, heads):
+            if hasattr(self, heads) and getattr(self, width) % getattr(self, heads):
                 raise UserError(f"{option(width)} {getattr(self, width)} is not divisible by {option(heads)} "
-                                f"{getattr(self, heads)}: allowed are widths that are a multiple of the number of "
-                                f"heads")
+                                f"{getattr(self, heads)}: allowed are multiples of {option(heads)}")
+        if hasattr(self, "d_model") and self.d_model // self.n_head % 2:
+            raise UserError(f"--d-model {self.d_model} / --n-head {self.n_head} = {self.d_model // self.n_head} per "
+                            f"head: allowed are even head widths (RoPE rotates pairs of channels)")
 
 
-TrainChecks = ScoreChecks = EvalChecks = Checks
+TrainChecks = ScoreChecks = EvalChecks = VisionChecks = Checks
 
 
 class RefChecks(Checks):
     OWN_RANGES = {"steps": 0, "row_len": 2}  # --steps 0: sized to the data (reference_lm.size_steps)
-
-
-class VisionChecks(Checks):
-    DIVISIBLE = (("vit_dim", "vit_heads"), ("image_size", "patch_size"))
 
 
 class TokenizerChecks(Checks):

@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import tokenizer as T
-from utils import (AttnChecks, atomic_save, autocast, check_fingerprint, flag, load_checkpoint, lr_at, make_optimizer,
-                   pick_device, run, seed_everything, text_fingerprint)
+from utils import (AttnChecks, atomic_save, autocast, check_fingerprint, check_out, flag, load_checkpoint, lr_at,
+                   make_optimizer, pick_device, run, seed_everything, text_fingerprint)
 from data.packing import make_samples
 from data.records import read_records
 from data.images import load_images, normalize
@@ -161,6 +161,8 @@ def train_attention_scorer(cfg):
     <|eos|>; the same layout and fingerprints as score.py's p_ref, so train.py --loss attn loads them with
     load_scores). Returns (scorer, {record id: weights}). Records share data/records.py's reader and
     its image decoding; images are used at the scorer's own size."""
+    if cfg.out:
+        check_out(cfg.out)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -74,13 +74,6 @@ def attach_heads(model, objective, itc_dim=64):
     return model.aux
 
 
-def split_state(state):
-    """(the VLM's own entries, the aux heads' entries without their 'aux.' prefix) of a model state dict."""
-    vlm = {k: v for k, v in state.items() if not k.startswith("aux.")}
-    aux = {k[4:]: v for k, v in state.items() if k.startswith("aux.")}
-    return vlm, aux
-
-
 def patchify(pixels, patch_size):
     """(N, 3, S, S) -> (N, g*g, 3*p*p): row-major patches, each flattened channel-first, as the U-LVLM's
     patch embedding reads them (and in the ViT's patch order)."""

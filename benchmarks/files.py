@@ -10,8 +10,8 @@ multiple-choice TSV (base64 PNGs; a second question about an image refers to the
         --bench pope:data/synth/bench/synth_pope_adversarial.json::data/synth \\
         --bench mmbench:data/synth/bench/synth_mcq.tsv
 
-write_bench_files returns those --bench specs; bench_files_report turns eval.json rows into the lines a report
-shows (POPE F1 and yes-ratio, circular accuracy), for the main job to call.
+write_bench_files returns those --bench specs (the main job evaluates them at the last step of its main runs:
+experiments/experiment.py's bench_specs).
 """
 import base64
 import csv
@@ -112,26 +112,6 @@ def write_bench_files(data_dir, out_dir=None, n_mcq=200, seed=0):
             write_tsv(os.path.join(out_dir, "synth_mcq.tsv"), rows)
             specs.append(f"mmbench:{os.path.join(out_dir, 'synth_mcq.tsv')}")
     return specs
-
-
-def bench_files_report(rows):
-    """Report lines from eval.json rows ({"arch", "loss", "seed", "step", "benchmark", "value"}) of runs evaluated
-    with write_bench_files' specs: per (arch, loss, seed, step) POPE F1 and yes-ratio (the splits pooled)
-    and circular / vanilla accuracy of the TSV (summed log-likelihood; percentages)."""
-    runs = {}
-    for r in rows:
-        key = (r.get("arch"), r.get("loss"), r.get("seed"), r.get("step"))
-        runs.setdefault(key, {})[r["benchmark"]] = r["value"]
-    lines = []
-    for (arch, loss, seed, step), v in sorted(runs.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        if not any(k.startswith(("pope_", "mmbench_")) for k in v):
-            continue
-        f1 = v.get("pope_f1", v.get("pope_random_f1"))
-        yes = v.get("pope_yes_ratio", v.get("pope_random_yes_ratio"))
-        fmt = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
-        lines.append(f"{arch}/{loss} seed {seed} step {step}: POPE F1 {fmt(f1)}, yes-ratio {fmt(yes)}; "
-                     f"MCQ circular {fmt(v.get('mmbench_circular'))}, vanilla {fmt(v.get('mmbench_vanilla'))}")
-    return lines
 
 
 @dataclass

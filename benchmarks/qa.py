@@ -33,7 +33,7 @@ import random
 from dataclasses import dataclass
 
 from data.scenes import COLOURS, NUMS, SHAPES, pos_words, text_of
-from utils import UserError, flag, run
+from utils import UserError, atomic_write, check_out, flag, run
 
 KINDS = ("count", "colour", "shape", "position", "presence")
 PROMPT = "question: {} answer:"
@@ -140,9 +140,7 @@ def build_qa(src, out, per_scene=2, seed=0, kinds=KINDS, max_scenes=0):
             records.append(dict(id=f"{sid}/{q['kind']}", image=rel, caption=f"{prompt} {q['target']}", prompt=prompt,
                                 target=q["target"], choices=q["choices"], answer=q["choices"].index(q["target"]),
                                 kind=q["kind"], source=sid))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(out, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    atomic_write(out, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
@@ -194,6 +192,7 @@ def main(cfg):
         raise UserError("give --data (a generator split with scenes) and --out (the QA file to write)")
     if not os.path.isfile(cfg.data):
         raise UserError(f"--data {cfg.data}: no such file")
+    check_out(cfg.out)
     kinds = tuple(k for k in cfg.kinds.split(",") if k)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:

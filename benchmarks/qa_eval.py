@@ -16,13 +16,6 @@ def normalise_answer(text):
     return " ".join(str(text).lower().split()).strip(" .,;:!?'\"")
 
 
-def exact_match(predictions, targets):
-    """Share of predictions equal to their target after normalise_answer (0 questions: an error)."""
-    if len(predictions) != len(targets) or not targets:
-        raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
-    return sum(normalise_answer(p) == normalise_answer(t) for p, t in zip(predictions, targets)) / len(targets)
-
-
 @torch.inference_mode()
 def generate_answers(model, tok, prompts, images, device="cpu", max_new_tokens=8, batch=32):
     """Greedy continuation (benchmarks.generate, KV-cached) of each prompt after its image and <|bos|>, decoded to
@@ -52,7 +45,7 @@ def generate_answers(model, tok, prompts, images, device="cpu", max_new_tokens=8
 def qa_generate(model, tok, path, device="cpu", max_rows=None, seed=0, max_new_tokens=8, max_bad_fraction=0.05):
     """Generated-answer evaluation of a multiple-choice file (the format of --mc; benchmarks/qa.py writes one): the
     model answers each prompt by greedy decoding, and is right when its answer equals the correct choice
-    (exact_match). The same rows as the likelihood evaluation (same --max-rows subset and seed).
+    (normalise_answer). The same rows as the likelihood evaluation (same --max-rows subset and seed).
     Returns [{"id", "prompt", "target", "prediction", "correct"}] in file order; a question whose prompt
     leaves no room in the model's context is left out, with a warning that counts them."""
     questions, images = load_mc(path, model.cfg.image_size, max_rows, seed, max_bad_fraction)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from data.scenes import (BOIL, COLOURS, GLUE, IMG, NOISE, PROBES, SHAPES, caption, label_words, make_sites,
                          noise_pools, probe, render, sample_scene, scene_key, text_document, text_of)
-from utils import flag, parse_config, run
+from utils import FRACTION, Checks, UserError, atomic_write, check_out, flag, parse_config, run
 
 # caption filler presets (fill the flags below left at None), all with one image share. PRIOR should down-weight
 # boilerplate but will UP-weight noise (it cannot predict it either); in "hard" the text gives image words away (a
@@ -35,7 +35,14 @@ MIXES = {"web": dict(image_share=0.30, noise_share=0.15, noise_vocab=300),    # 
 
 
 @dataclass
-class GenConfig:
+class GenConfig(Checks):
+    OWN_RANGES = {"n_train": 1, "min_objects": (1, 9), "max_objects": (1, 9), "n_shapes": (2, len(SHAPES)),
+                  "n_colours": (4, len(COLOURS)), "noise_vocab": (1, 10000), "n_sites": 1, **dict.fromkeys((
+                      "n_ref", "n_text", "n_label", "n_val", "n_test", "n_probe", "n_probe_val", "object_scale",
+                      "rotate", "colour_jitter", "colour_contrast", "bg_noise", "shape_skew"), 0), **dict.fromkeys((
+                      "image_share", "noise_share", "colour_corr", "site_shapes", "title_prob", "boiler_vary",
+                      "bare_noise", "small_ratio", "jitter", "pair_prob", "cooccur_prob", "pos_prob", "count_prob",
+                      "text_context", "size_prob", "colour_prob"), FRACTION)}
     out: str = flag("data/synth", "output folder")
     seed: int = flag(0, "master seed; same config gives byte-identical files")
     mix: str = flag("web", "caption filler preset: sets the next three flags unless given", list(MIXES))
@@ -82,21 +89,22 @@ class GenConfig:
 
 def resolve(cfg):
     """Fill the preset-controlled fields left at None from --mix."""
-    assert cfg.mix in MIXES, f"unknown --mix {cfg.mix}, choose from {list(MIXES)}"
     for k in ("colour_corr", "site_shapes", "title_prob", "boiler_vary", "bare_noise"):
         if getattr(cfg, k) is None and k not in MIXES[cfg.mix]:
             setattr(cfg, k, 0.0)
     for k, v in MIXES[cfg.mix].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    assert 1 <= cfg.min_objects <= cfg.max_objects <= 9 and cfg.max_objects < cfg.n_shapes <= len(SHAPES)
-    assert 4 <= cfg.n_colours <= len(COLOURS) and 1 <= cfg.noise_vocab <= 10000 and 0 < cfg.image_share < 1
+    cfg.check()  # ranges (OWN_RANGES), and what they cannot say:
+    if not (cfg.min_objects <= cfg.max_objects < cfg.n_shapes and 0 < cfg.image_share < 1):
+        raise UserError(f"--min-objects {cfg.min_objects} <= --max-objects {cfg.max_objects} < --n-shapes "
+                        f"{cfg.n_shapes} and 0 < --image-share {cfg.image_share} < 1 are needed")
     return cfg
 
 
 def _render_job(cfg, job):
     path, scene, key = job
-    render(scene, cfg, key).save(path)
+    atomic_write(path, lambda tmp: render(scene, cfg, key).save(tmp, format="PNG"))
 
 
 def shares(rows):
@@ -118,6 +126,7 @@ def probe_scene_cfg(cfg, i):
 
 def generate(cfg):
     cfg = resolve(cfg)
+    check_out(cfg.out, "dir")
     t0 = time.time()
     pools, sites, out = noise_pools(cfg), make_sites(cfg), cfg.out
     files, jobs, seen = {}, [], set()
@@ -219,16 +228,14 @@ def generate(cfg):
     for folder in ("probes", "probes_val"):
         os.makedirs(os.path.join(out, folder), exist_ok=True)
     for name, rows in {**files, **probes}.items():
-        with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        atomic_write(os.path.join(out, f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     meta = dict(config={k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")},  # no effect on data
                 counts={k: len(v) for k, v in {**files, **probes}.items()},
                 shares={k: shares(v) for k, v in files.items()},
                 shapes=SHAPES[:cfg.n_shapes], colours=list(COLOURS)[:cfg.n_colours],
                 train_shape_freq=dict(stats["freq"].most_common()),
                 dropped_as_duplicates=dict(sorted(dropped.items())))
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    atomic_write(os.path.join(out, "meta.json"), json.dumps(meta, indent=1))
     print(f"wrote {out} in {time.time() - t0:.1f}s  (mix={cfg.mix}: image_share={cfg.image_share} "
           f"noise_share={cfg.noise_share} noise_vocab={cfg.noise_vocab})")
     for k, s in meta["shares"].items():

@@ -7,7 +7,7 @@ from multiprocessing import Pool
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data.record_types import DataError, report_bad
@@ -34,6 +34,7 @@ def _decode(src, size):
     """Decode one image (a path or file object) to RGB bytes (size*size*3, HWC), bicubic-resized to size x size."""
     with Image.open(src) as im:
         im.load()  # decode now, so truncated files fail here and not later
+        ImageOps.exif_transpose(im, in_place=True)  # a camera's EXIF orientation: upright, as a viewer shows it
         if im.mode.startswith("I") or im.mode == "F":
             # 16-bit or float greyscale: convert("RGB") would clip the values at 255 (a 16-bit 39% grey would come
             # out white), so map them by value to 8 bits: I;16* and I (PIL's 16-bit greyscale) / 257, F as 0..1

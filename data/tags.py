@@ -3,8 +3,14 @@ carried down to tokens, so training and evaluation can report loss per category 
 import sys
 
 from data import tokenizer as T
+from data.scenes import COLOURS, NUMS, SHAPES, plural
 
 CATEGORIES = ("image", "boiler", "noise", "glue")
+# What an image word says (its vocabulary: data/scenes.py): the grounding gap per attribute (eval.py's gap_<kind>)
+ATTRIBUTES = ("shape", "colour", "count", "size", "position")
+ATTRIBUTE_OF = {**{w: "shape" for s in SHAPES for w in (s, plural(s, 2))}, **{c: "colour" for c in COLOURS},
+                **{n: "count" for n in NUMS}, "small": "size", "large": "size",
+                **{p: "position" for p in ("top", "bottom", "left", "right", "center")}}
 
 
 def token_tags(tok, records):
@@ -23,4 +29,15 @@ def token_tags(tok, records):
     if wrong:
         print(f"{len(wrong)} records have tags that do not match their caption's words (first: {wrong[0]}); "
               f"their tokens count as untagged", file=sys.stderr)
+    return out
+
+
+def token_attributes(tok, records, tags):
+    """ATTRIBUTES id of each label whose word is an image word (tags from token_tags) of a known kind; -1 else."""
+    image = CATEGORIES.index("image")
+    out = []
+    for r, index, row in zip(records, T.token_word_index(tok, [r.caption for r in records]), tags):
+        words = [w for w in r.caption.split(" ") if w]
+        kinds = [ATTRIBUTE_OF.get(words[w]) if w >= 0 and t == image else None for w, t in zip(index, row)]
+        out.append([ATTRIBUTES.index(k) if k else -1 for k in kinds] + [-1])
     return out

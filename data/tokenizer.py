@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data.records import read_records
-from utils import TokenizerChecks, UserError, atomic_write, flag, parse_config, plugin, run
+from utils import TokenizerChecks, UserError, atomic_write, check_out, flag, parse_config, plugin, run
 
 # always the first ids: sequence plumbing, one image embedding (a ViT token or a pixel patch), and the image
 # boundaries and row separator of the encoder-free model
@@ -85,6 +85,7 @@ def main(argv=None):
 
 
 def build(cfg):
+    check_out(cfg.out)
     captions = [r.caption for path in cfg.data.split(",") for r in
                 read_records(path, require_image=False, check_files=False, max_bad_fraction=cfg.max_bad_fraction)]
     tok = train_tokenizer(captions, cfg.vocab_size)

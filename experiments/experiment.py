@@ -6,12 +6,18 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from experiments.importance import ImportanceConfig
 from experiments.jobs import Jobs
 from experiments.protocol import PRIMARY, choose_lr, next_lr, tail_mean
-from data.generate import MIXES
-from train import WEIGHTINGS
+from data.generate import MIXES, GenConfig
+from data.tokenizer import TokenizerConfig
+from eval import EvalConfig
+from reference_lm import RefConfig
+from score import ScoreConfig
+from tools.vision import Config as VisionConfig
+from train import WEIGHTINGS, TrainConfig
 from utils import UserError, flag
 
 # Sizes per preset. "cpu" is sized for a 2-core laptop CPU (docs/performance.md has its measured time); "smoke"
@@ -93,40 +99,37 @@ class Experiment:
     def path(self, *parts):
         return os.path.join(self.out, *parts)
 
-    @staticmethod
-    def flags(d):
-        return [x for k, v in d.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-
     # ---- stages 1-4: data and the pretrained pieces -------------------------------------------------------
     def prepare(self, with_pretrain=False):
         for mix in self.mixes:
             data = self.path(f"data_{mix}")
             if not os.path.exists(os.path.join(data, "meta.json")):
                 step(f"data ({mix} mix)")
-                self.jobs.run(["-m", "data.generate", "--out", data, "--mix", mix, "--seed", str(self.cfg.seed),
-                               *self.flags(self.p["data"])], f"data_{mix}", threads=1)
+                gen = GenConfig(**{"out": data, "mix": mix, "seed": self.cfg.seed, **self.p["data"]})
+                self.jobs.run((gen, "data.generate"), f"data_{mix}", threads=1)
         tok = self.path("tokenizer.json")
         if not os.path.exists(tok):
             step("tokenizer")
             files = ",".join(self.path(f"data_{m}", f) for m in self.mixes for f in ("text.jsonl", "train.jsonl"))
-            self.jobs.run(["-m", "data.tokenizer", "--data", files, "--out", tok, "--vocab-size", str(self.p["vocab"])],
+            self.jobs.run((TokenizerConfig(data=files, out=tok, vocab_size=self.p["vocab"]), "data.tokenizer"),
                           "tokenizer")
         # Everything after the tokenizer runs as chains of jobs in one pool (a chain's jobs in order):
         # per mix, the reference LM and then its scores; with --stage all also the base LM and then the
         # U-LVLM's stage 1, and the ViT. The base-LM chain is the longest, so it starts first.
-        lm = self.flags(self.p["lm"]) + ["--tokenizer", tok, "--device", self.cfg.device]
+        lm = {**self.p["lm"], "tokenizer": tok, "device": self.cfg.device}
         chains, reports = [], []
         for mix in self.mixes:
             chain = []
             if not os.path.exists(self.path(f"ref_lm_{mix}.pt")):
-                chain.append((["reference_lm.py", "--data", self.path(f"data_{mix}", "ref.jsonl"),
-                               "--out", self.path(f"ref_lm_{mix}.pt"), *lm], f"ref_lm_{mix}"))
+                ref = RefConfig(**{"data": self.path(f"data_{mix}", "ref.jsonl"), "out": self.path(f"ref_lm_{mix}.pt"),
+                                   **lm})
+                chain.append(((ref, "reference_lm"), f"ref_lm_{mix}"))
             for split in ("train", "test"):
                 out = self.path(f"scores_{mix}_{split}.pt")
                 if not os.path.exists(out):
-                    chain.append((["score.py", "--ref", self.path(f"ref_lm_{mix}.pt"), "--tokenizer", tok,
-                                   "--data", self.path(f"data_{mix}", f"{split}.jsonl"), "--out", out,
-                                   "--device", self.cfg.device], f"score_{mix}_{split}"))
+                    cfg = ScoreConfig(ref=self.path(f"ref_lm_{mix}.pt"), tokenizer=tok,
+                                      data=self.path(f"data_{mix}", f"{split}.jsonl"), out=out, device=self.cfg.device)
+                    chain.append(((cfg, "score"), f"score_{mix}_{split}"))
                     if split == "train":
                         reports.append((mix, f"score_{mix}_{split}"))
             chains.append(chain)
@@ -152,20 +155,21 @@ class Experiment:
         if not os.path.exists(self.path("base_lm.pt")):
             text = ",".join(self.path(f"data_{m}", "text.jsonl") for m in self.mixes)
             base = {**self.p["lm"], **self.p["base_lm"]}
-            lm_chain.append((["reference_lm.py", "--data", text, "--out", self.path("base_lm.pt"), "--seed", "1",
-                              *self.flags(base), "--tokenizer", self.path("tokenizer.json"),
-                              "--device", self.cfg.device], "base_lm"))
+            cfg = RefConfig(**{"data": text, "out": self.path("base_lm.pt"), "seed": 1, **base,
+                               "tokenizer": self.path("tokenizer.json"), "device": self.cfg.device})
+            lm_chain.append(((cfg, "reference_lm"), "base_lm"))
         for mix in self.mixes:
             if "u" in self.archs_for(mix) and not os.path.exists(self.stage1_ckpt(mix)):
                 v = {**self.p["vlm"], "steps": self.p["stage1_steps"], "save_every": self.p["stage1_steps"]}
-                lm_chain.append((["train.py", "--data", self.path(f"data_{mix}", "label.jsonl"), "--arch", "u",
-                                  "--tokenizer", self.path("tokenizer.json"), "--init-decoder", self.path("base_lm.pt"),
-                                  "--out-dir", os.path.dirname(self.stage1_ckpt(mix)), "--lr", "1e-3", "--device",
-                                  self.cfg.device, "--resume", "--overwrite", *self.flags(v)], f"u_stage1_{mix}"))
+                cfg = TrainConfig(**{"data": self.path(f"data_{mix}", "label.jsonl"), "arch": "u",
+                                     "tokenizer": self.path("tokenizer.json"), "init_decoder": self.path("base_lm.pt"),
+                                     "out_dir": os.path.dirname(self.stage1_ckpt(mix)), "lr": 1e-3,
+                                     "device": self.cfg.device, "resume": True, "overwrite": True, **v})
+                lm_chain.append(((cfg, "train"), f"u_stage1_{mix}"))
         if "h" in self.archs and not os.path.exists(self.path("vit.pt")):
-            vit_chain.append((["-m", "tools.vision", "--data", self.path(f"data_{self.mixes[0]}", "label.jsonl"),
-                               "--out", self.path("vit.pt"), "--device", self.cfg.device,
-                               *self.flags(self.p["vit"])], "vit"))
+            cfg = VisionConfig(**{"data": self.path(f"data_{self.mixes[0]}", "label.jsonl"), "out": self.path("vit.pt"),
+                                  "device": self.cfg.device, **self.p["vit"]})
+            vit_chain.append(((cfg, "tools.vision"), "vit"))
         return [lm_chain, vit_chain]
 
     # ---- stages 5-8: the VLM runs ---------------------------------------------------------------------------
@@ -176,24 +180,23 @@ class Experiment:
     def archs_for(self, mix):
         return [a for m, a in self.settings if m == mix]
 
-    def train_args(self, mix, arch, loss, lr, seed, out_dir, low=None):
+    def train_config(self, mix, arch, loss, lr, seed, out_dir, low=None):
+        """train.TrainConfig of a VLM run in the main job's recipe."""
         data = self.path(f"data_{mix}")
-        v = self.p["vlm"]
-        args = ["train.py", "--data", os.path.join(data, "train.jsonl"), "--tokenizer", self.path("tokenizer.json"),
-                "--scores", self.path(f"scores_{mix}_train.pt"), "--out-dir", out_dir, "--arch", arch,
-                "--loss", loss, "--lr", str(lr), "--seed", str(seed), "--device", self.cfg.device,
-                "--init-decoder", self.path("base_lm.pt"), "--resume", "--overwrite", *self.flags(v)]
+        cfg = {"data": os.path.join(data, "train.jsonl"), "tokenizer": self.path("tokenizer.json"),
+               "scores": self.path(f"scores_{mix}_train.pt"), "out_dir": out_dir, "arch": arch, "loss": loss,
+               "lr": lr, "seed": seed, "device": self.cfg.device, "init_decoder": self.path("base_lm.pt"),
+               "resume": True, "overwrite": True, **self.p["vlm"]}
         if low is not None:
-            args += ["--oracle-low", str(low)]
+            cfg["oracle_low"] = low
         if getattr(self.cfg, "wandb", ""):  # paper.py's Setup builds these too, from a config without it
-            args += ["--wandb", self.cfg.wandb]
+            cfg["wandb"] = self.cfg.wandb
         if arch == "h":  # the paper's H-LVLM: pretrained, frozen encoder and LM; only the projector trains (its
             # frozen ViT's features are computed once per image set and shared by every run: --feature-cache)
-            args += ["--init-encoder", self.path("vit.pt"), "--train", "projector",
-                     "--feature-cache", self.path("features")]
+            cfg.update(init_encoder=self.path("vit.pt"), train="projector", feature_cache=self.path("features"))
         else:  # the paper's U-LVLM: starts from stage 1, all weights train, captions mixed 1:1 with text
-            args += ["--init-from", self.stage1_ckpt(mix), "--text-data", os.path.join(data, "text.jsonl")]
-        return args
+            cfg.update(init_from=self.stage1_ckpt(mix), init_decoder="", text_data=os.path.join(data, "text.jsonl"))
+        return TrainConfig(**cfg)
 
     def stage1_ckpt(self, mix):
         return self.path("runs", mix, "u_stage1", f"ckpt_{self.p['stage1_steps']:06d}.pt")
@@ -218,17 +221,16 @@ class Experiment:
     def finished(self, run_dir):
         return os.path.exists(os.path.join(run_dir, f"ckpt_{self.p['vlm']['steps']:06d}.pt"))
 
-    def eval_args(self, run_dir, mix, split, arch):
-        """eval.py on the validation probes and captions (final checkpoint, into <run>_val/) or on the test
-        probes and captions (every checkpoint, into <run>/eval.json): the paper commands' evaluation."""
+    def eval_config(self, run_dir, mix, split, arch):
+        """eval.EvalConfig on the validation probes and captions or on the test probes and captions (every
+        checkpoint of the run, into <run>/eval.json): the evaluation of a run trained under torchrun."""
         data = self.path(f"data_{mix}")
-        args = ["eval.py", "--run-dir", run_dir, "--max-rows", str(self.p["eval_rows"]), "--device", self.cfg.device]
-        if arch == "h":
-            args += ["--feature-cache", self.path("features")]
+        cfg = EvalConfig(run_dir=run_dir, max_rows=self.p["eval_rows"], device=self.cfg.device,
+                         feature_cache=self.path("features") if arch == "h" else "")
         if split == "val":
-            return args + ["--probes", os.path.join(data, "probes_val"), "--test", os.path.join(data, "val.jsonl")]
-        return args + ["--probes", os.path.join(data, "probes"), "--test", os.path.join(data, "test.jsonl"),
-                       "--test-scores", self.path(f"scores_{mix}_test.pt")]
+            return replace(cfg, probes=os.path.join(data, "probes_val"), test=os.path.join(data, "val.jsonl"))
+        return replace(cfg, probes=os.path.join(data, "probes"), test=os.path.join(data, "test.jsonl"),
+                       test_scores=self.path(f"scores_{mix}_test.pt"))
 
     def eval_spec(self, mix, arch, split):
         """What experiments/worker.py evaluates at each checkpoint of a run: the validation probes (pilot runs),
@@ -260,12 +262,13 @@ class Experiment:
         d = self.run_dir(mix, arch, loss, lr, seed)
         low = self.p["oracle_low"] if loss == "oracle" else None
         name = f"{split}_{mix}_{arch}_{os.path.basename(d)}"
-        args = self.train_args(mix, arch, loss, lr, seed, d, low)
+        cfg = self.train_config(mix, arch, loss, lr, seed, d, low)
         if arch == "h":  # decoded once per image set, then memory-mapped by every run
-            args += ["--image-cache", self.path(f"images_{mix}.u8")]
+            cfg = replace(cfg, image_cache=self.path(f"images_{mix}.u8"))
         if not self.jobs.workers:  # torchrun (--nproc > 1): train.py, then eval.py over every checkpoint
-            return [(args, "train_" + name), (self.eval_args(d, mix, split, arch), "eval_" + name)]
-        return [(("call", "experiments.worker:train_eval", (args[1:], [self.eval_spec(mix, arch, split)])), name)]
+            return [((cfg, "train"), "train_" + name),
+                    ((self.eval_config(d, mix, split, arch), "eval"), "eval_" + name)]
+        return [(("call", "experiments.worker:train_eval", (cfg, [self.eval_spec(mix, arch, split)])), name)]
 
     def parallel(self, jobs):
         """Run chains of jobs (jobs.Jobs.run_chains) and print how long they took."""
@@ -365,9 +368,10 @@ class Experiment:
         for mix in self.mixes:
             png = self.path(f"importance_{mix}.png")
             if not os.path.exists(png):
-                self.jobs.run(["-m", "experiments.importance", "--scores", self.path(f"scores_{mix}_train.pt"),
-                               "--data", self.path(f"data_{mix}", "train.jsonl"), "--tokenizer",
-                               self.path("tokenizer.json"), "--png", png], f"importance_{mix}")
+                cfg = ImportanceConfig(scores=self.path(f"scores_{mix}_train.pt"),
+                                       data=self.path(f"data_{mix}", "train.jsonl"),
+                                       tokenizer=self.path("tokenizer.json"), png=png)
+                self.jobs.run((cfg, "experiments.importance"), f"importance_{mix}")
             shutil.copy(self.path(f"scores_{mix}_train.png"), self.path(f"token_weights_{mix}.png"))
 
 

@@ -1,44 +1,97 @@
-"""The job runner of the experiment drivers (experiments/main.py, experiments/paper.py): each job runs one of the
-project's scripts in a subprocess on its share of the cores (OMP_NUM_THREADS), its output in a log file of its
-own; chains of jobs run --parallel at a time; a failed job stops the run with the last lines of its log.
+"""The job runner of the experiment drivers (experiments/main.py, experiments/paper.py). A job is one of the
+project's scripts given as (its config object, its module): the drivers build the config (train.TrainConfig(...),
+eval.EvalConfig(...), dataclasses.replace on a base one) and this file runs it, in a subprocess on its share of the
+cores (OMP_NUM_THREADS), its output in a log file of its own; chains of jobs run --parallel at a time; a failed job
+stops the run with the last lines of its log.
 
     jobs = Jobs("out/logs", parallel=2, nproc=1)
-    jobs.run(["eval.py", "--run-dir", d], "eval_x")                         # one job -> out/logs/eval_x.log
-    jobs.run_chains([[(train_args, "train_x"), (eval_args, "eval_x")], ...])   # each chain in order, 2 at a time
+    jobs.run((eval.EvalConfig(run_dir=d), "eval"), "eval_x")                    # one job -> out/logs/eval_x.log
+    jobs.run_chains([[((train_cfg, "train"), "train_x"), ((eval_cfg, "eval"), "eval_x")], ...])  # 2 at a time
 
-With in_process=True (paper.py's --parallel 1) the scripts in IN_PROCESS run in this process instead, one after
-the other: no start-up cost per job. With workers=True (the main job) each chain runs in one of --parallel worker
-processes started once (spawn), each on its share of the threads: the scripts of IN_PROCESS and ("call",
-"module:function", args) jobs run there without a new interpreter, torch import or data read per job. Every job's
-time goes into Jobs.timings (name, kind, seconds; a "call" job's own split when it returns one).
+A subprocess gets the config back as flags (flags(cfg): only the fields off their defaults), launched as
+`python -m experiments SCRIPT ...` for the core scripts of LAB (the script with every lab plug-in) and as
+`python -m MODULE ...` for the others. With in_process=True (paper.py's --parallel 1) the modules of IN_PROCESS run
+in this process instead, one after the other: their function is called with the config (checked(cfg): what
+parse_config would have made of those flags), no start-up cost per job. With workers=True (the main job) each
+chain runs in one of --parallel worker processes started once (spawn), each on its share of the threads: the
+modules of IN_PROCESS and ("call", "module:function", args) jobs run there without a new interpreter, torch import
+or data read per job. Every job's time goes into Jobs.timings (name, kind, seconds; a "call" job's own split when
+it returns one).
 """
 import contextlib
+import dataclasses
 import importlib
 import multiprocessing
 import os
 import subprocess
 import sys
 import time
+import typing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The scripts a job can run in this process: script (or, for ["-m", "pkg.mod", ...], the module) ->
-# (module to import, its config dataclass, the function that takes that config).
-IN_PROCESS = {"train.py": ("train", "TrainConfig", "main"),
-              "eval.py": ("eval", "EvalConfig", "main"),
-              "score.py": ("score", "ScoreConfig", "main"),
-              "reference_lm.py": ("reference_lm", "RefConfig", "train_lm"),
-              "tools.vision": ("tools.vision", "Config", "main"),
-              "experiments.importance": ("experiments.importance", "ImportanceConfig", "main"),
-              "baselines.attention": ("baselines.attention", "AttnConfig", "train_attention_scorer")}
+# The modules a job can run in this process: module -> the function that takes its config.
+IN_PROCESS = {"train": "main", "eval": "main", "score": "main", "reference_lm": "train_lm", "tools.vision": "main",
+              "experiments.importance": "main", "baselines.attention": "train_attention_scorer"}
+LAB = ("train", "eval", "score", "reference_lm")  # core scripts a subprocess runs as `python -m experiments SCRIPT`
 
 
-def lab_script(args):
-    """A core script's job (["train.py", ...]) as `-m experiments train ...`: the script with every lab plug-in."""
-    if args[0].endswith(".py"):
-        return ["-m", "experiments", args[0][:-3], *args[1:]]
-    return args
+def _default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def changed(cfg):
+    """{field: value} of the fields of cfg off their defaults (a positional field has none: always there)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != _default(f)}
+
+
+def flags(cfg):
+    """The command line utils.parse_config reads back as cfg: `--some-name value` for each field off its default
+    (a boolean as `--flag true` / `--flag false`), positional fields first, in field order."""
+    from utils import option
+    given, positional, named = changed(cfg), [], []
+    for f in dataclasses.fields(cfg):
+        if f.name not in given:
+            continue
+        value = given[f.name]
+        if value is None:
+            raise ValueError(f"{option(f.name)}: None is a default only, no command line gives it")
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if f.metadata.get("positional"):
+            positional.append(text)
+        else:
+            named += [option(f.name), text]
+    return positional + named
+
+
+def checked(cfg):
+    """A copy of cfg as parse_config makes it from flags(cfg): each value of the field's type (an int lr becomes
+    a float), the fields' min..max and the config's check() applied, `_given` = the fields off their defaults."""
+    from utils import check_range
+    hints, kw = typing.get_type_hints(type(cfg)), {}
+    for name, value in changed(cfg).items():
+        kind = hints[name]
+        kind = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind  # Optional[x]: x
+        if value is not None and kind in (int, float, str) and type(value) is not kind:
+            kw[name] = kind(str(value))
+    cfg = dataclasses.replace(cfg, **kw)
+    with contextlib.suppress(AttributeError, TypeError):
+        object.__setattr__(cfg, "_given", set(changed(cfg)))
+    for f in dataclasses.fields(cfg):
+        if "min" in f.metadata or "max" in f.metadata:
+            check_range(cfg, f.name, f.metadata.get("min"), f.metadata.get("max"))
+    if hasattr(cfg, "check"):
+        cfg.check()
+    return cfg
+
+
+def command(job):
+    """A (config, module) job's arguments after `python`: `-m experiments SCRIPT` for LAB, else `-m MODULE`."""
+    cfg, module = job
+    return ["-m", *(["experiments"] if module in LAB else []), module, *flags(cfg)]
 
 
 def _init_worker(threads):
@@ -58,17 +111,22 @@ def _call(args, log):
     fail([args[1]], log)
 
 
+def _link(job):
+    """("link", src, dst): hard-link a finished checkpoint (once)."""
+    if not os.path.exists(job[2]):
+        os.link(job[1], job[2])
+
+
 def _worker_chain(jobs_, chain):
     """A chain in a worker process: [(name, kind, seconds, returned split or None)] of its jobs."""
     done = []
-    for args, name in chain:
-        if args[0] == "link":
-            if not os.path.exists(args[2]):
-                os.link(args[1], args[2])
+    for job, name in chain:
+        if job[0] == "link":
+            _link(job)
             continue
         t0 = time.perf_counter()
-        split = _call(args, jobs_.log_path(name)) if args[0] == "call" else jobs_.run(args, name)
-        done.append((name, jobs_.kind(args), time.perf_counter() - t0, split if isinstance(split, dict) else None))
+        split = _call(job, jobs_.log_path(name)) if job[0] == "call" else jobs_.run(job, name)
+        done.append((name, jobs_.kind(job), time.perf_counter() - t0, split if isinstance(split, dict) else None))
     return done
 
 
@@ -80,16 +138,16 @@ def fail(cmd, log):
 class Jobs:
     def __init__(self, log_dir, parallel=1, nproc=1, record=None, in_process=False, workers=False):
         """log_dir: one <name>.log per job; parallel: jobs at once; nproc: processes per train.py run (torchrun);
-        record: an open file that gets every command line; in_process: run IN_PROCESS's scripts here; workers:
-        run chains in --parallel worker processes (IN_PROCESS scripts and "call" jobs in process there)."""
+        record: an open file that gets every command line; in_process: run IN_PROCESS's modules here; workers:
+        run chains in --parallel worker processes (IN_PROCESS modules and "call" jobs in process there)."""
         self.log_dir, self.parallel, self.nproc = log_dir, max(1, parallel), nproc
         self.record, self.in_process, self.workers = record, in_process, workers and nproc == 1
         self.threads = max(1, (os.cpu_count() or 2) // max(1, parallel))
         self.timings = []  # (name, kind, seconds, split) of every job run so far
         self._pool = None
 
-    def kind(self, args):
-        return args[1].split(":")[0] if args[0] == "call" else (args[1] if args[0] == "-m" else args[0])
+    def kind(self, job):
+        return job[1].split(":")[0] if job[0] == "call" else job[1]
 
     def __getstate__(self):  # what a worker needs: no pool, no open record file
         return {**self.__dict__, "_pool": None, "record": None, "workers": False,
@@ -112,14 +170,14 @@ class Jobs:
         os.makedirs(self.log_dir, exist_ok=True)
         return os.path.join(self.log_dir, name + ".log")
 
-    def run(self, args, log_name, threads=None):
-        """Run one of the project's scripts in a subprocess (here with in_process); its output goes to a log file
-        under out/logs."""
+    def run(self, job, log_name, threads=None):
+        """Run a (config, module) job in a subprocess (here with in_process); its output goes to a log file under
+        out/logs."""
         if self.in_process:
-            return self._in_process(args, log_name)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads_per_process(args))}
+            return self._in_process(job, log_name)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads_per_process(job))}
         log_path = self.log_path(log_name)
-        cmd = [sys.executable, *self.launcher(args), *lab_script(args)]
+        cmd = [sys.executable, *self.launcher(job), *command(job)]
         if self.record is not None:
             self.record.write(" ".join(cmd) + "\n")
             self.record.flush()
@@ -129,29 +187,27 @@ class Jobs:
             fail(cmd, log_path)
         return log_path
 
-    def threads_per_process(self, args):
+    def threads_per_process(self, job):
         """A run's share of the cores, split again over its torchrun processes: cores // parallel // nproc."""
-        return max(1, self.threads // (self.nproc if self.launcher(args) else 1))
+        return max(1, self.threads // (self.nproc if self.launcher(job) else 1))
 
-    def launcher(self, args):
+    def launcher(self, job):
         """train.py runs under torchrun when --nproc > 1 (DDP: NCCL on GPUs, gloo on CPU); the rest run plainly."""
-        if args[0] == "train.py" and self.nproc > 1:
+        if job[1] == "train" and self.nproc > 1:
             return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}"]
         return []
 
-    def _in_process(self, args, name):
-        """Run a script of IN_PROCESS by calling its function with its parsed flags; output into its log."""
-        from utils import parse_config
-        script, argv = (args[1], args[2:]) if args[0] == "-m" else (args[0], args[1:])
-        if script not in IN_PROCESS:
-            raise ValueError(script)
-        module, config, function = IN_PROCESS[script]
-        mod = importlib.import_module(module)
-        cfg = parse_config(getattr(mod, config), argv)
+    def _in_process(self, job, name):
+        """Run a job of IN_PROCESS's modules by calling its function with the checked config; output into its log."""
+        cfg, module = job
+        if module not in IN_PROCESS:
+            raise ValueError(module)
+        function = getattr(importlib.import_module(module), IN_PROCESS[module])
+        cfg = checked(cfg)
         log = self.log_path(name)
         with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             try:
-                getattr(mod, function)(cfg)
+                function(cfg)
             except (Exception, SystemExit) as e:
                 import traceback
                 traceback.print_exc(file=f)
@@ -159,23 +215,22 @@ class Jobs:
             else:
                 failed = None
         if failed is not None:
-            fail(args, log)
+            fail(["python", *command(job)], log)
         return log
 
     def run_chains(self, jobs, threads=None):
         """Run chains of jobs --parallel at a time, each on cpu_threads // parallel threads (never more threads
-        than cores: an oversubscribed OpenMP pool slows a run many times over). A chain is a list of (args, log
+        than cores: an oversubscribed OpenMP pool slows a run many times over). A chain is a list of (job, log
         name), run one after the other; ("link", src, dst) hard-links a finished checkpoint. threads: each
         job's OMP threads (default: threads_per_process). In process, every job runs here, in order, no bar."""
         chains = [j if isinstance(j, list) else [j] for j in jobs]
 
         def run_chain(chain, bar=None):
-            for args, name in chain:
-                if args[0] == "link":
-                    if not os.path.exists(args[2]):
-                        os.link(args[1], args[2])
+            for job, name in chain:
+                if job[0] == "link":
+                    _link(job)
                 else:
-                    self.run(args, name, threads)
+                    self.run(job, name, threads)
                 if bar is not None:
                     bar.update()
         if self.in_process:

@@ -28,7 +28,7 @@ import json
 import time
 from dataclasses import asdict
 
-from utils import run
+from utils import atomic_write, check_out, run
 from experiments.experiment import Experiment, ExperimentConfig
 from experiments.reporting import write_report
 
@@ -48,8 +48,7 @@ def time_split(exp, phases, wall):
     compute = jobs["train_s"] + jobs["eval_s"] + jobs["pretrain_s"]
     out = {"wall_s": wall, "slots": slots, "phases_s": phases, "jobs_s": jobs,
            "compute_share": compute / (slots * wall), "eval_over_train": jobs["eval_s"] / max(jobs["train_s"], 1e-9)}
-    with open(exp.path("timing.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    atomic_write(exp.path("timing.json"), json.dumps(out, indent=1))
     print("time split: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) +
           f"; in the runs: training {jobs['train_s'] / 60:.1f}, evaluation {jobs['eval_s'] / 60:.1f}, start/data/"
           f"saving {jobs['run_other_s'] / 60:.1f} slot-min; pretraining jobs {jobs['pretrain_s'] / 60:.1f} slot-min; "
@@ -59,12 +58,12 @@ def time_split(exp, phases, wall):
 
 def main(cfg):
     t0 = time.time()
+    check_out(cfg.out, "dir")
     exp = Experiment(cfg)
     print(f"PRIOR vs NTP, preset {cfg.preset}: settings {','.join(':'.join(x) for x in exp.settings)}, arms "
           f"{cfg.arms}, {cfg.seeds or exp.p['seeds']} paired seeds, {cfg.parallel} jobs at a time -> {exp.out}")
     print(exp.estimate())
-    with open(exp.path("experiment_config.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "preset": exp.p}, f, indent=1)
+    atomic_write(exp.path("experiment_config.json"), json.dumps({"config": asdict(cfg), "preset": exp.p}, indent=1))
     phases, t = {}, time.time()
     exp.prepare(with_pretrain=cfg.stage == "all")
     phases["prepare"], t = time.time() - t, time.time()

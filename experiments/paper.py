@@ -53,7 +53,7 @@ from experiments.paper_ablation import ablation
 from experiments.paper_baselines import baselines
 from experiments.paper_instruct import instruct
 from experiments.paper_scaling import scaling
-from utils import UserError, flag, parse_config, run
+from utils import UserError, flag, run
 
 
 @dataclass
@@ -132,14 +132,6 @@ def command_of(argv):
         raise UserError(f"the first argument is the command, one of {', '.join(COMMANDS)} "
                         f"(got {repr(argv[0]) if argv else 'nothing'}; --help says what each does)")
     return COMMANDS[argv[0]]
-
-
-def parse(argv):
-    """The config of `python -m experiments.paper <argv>`, without running it."""
-    _, cls = command_of(argv)
-    cfg = parse_config(cls, argv[1:], description=f"python -m experiments.paper {argv[0]}: {cls.__doc__}")
-    cfg.argv = list(argv)
-    return cfg
 
 
 def main(argv=None):

@@ -27,22 +27,22 @@ def ablation(args):
         lr = lrs[loss]
         for seed in range(seeds):
             d = os.path.join(s.out, "runs", s.mix, s.arch, f"{key}_lr{lr:g}_s{seed}_steps{steps}")
-            targs = s.train_args(loss, lr, seed, d, extra=["--alpha", alpha, "--no-k", str(no_k).lower()])
+            cfg = s.train_config(loss, lr, seed, d, changes={"alpha": alpha, "no_k": no_k})
             main = None if args.no_reuse or args.quick else s.main_run(loss, lr, seed)
-            if main and s.final_rows(main, steps) and s.same_run(main, targs):
+            if main and s.final_rows(main, steps) and s.same_run(main, cfg):
                 reused[key, seed] = main
                 continue
-            plan.append((key, seed, d, targs))
+            plan.append((key, seed, d, cfg))
     print(f"ablation ({s.mix}, {s.arch.upper()}-LVLM): {len(arms)} arms x {seeds} seeds, {steps} steps at lr "
           f"NTP {lrs['ntp']:g} / PRIOR {lrs['prior']:g}; {len(reused)} main-job runs reused, {len(plan)} to run")
     print(s.estimate(steps * len(plan), len(plan), len(plan)))
     if args.plan:
         return None
-    s.check_own([(d, a) for k, seed, d, a in plan])
-    todo = [(a, f"train_{k}_s{seed}") for k, seed, d, a in plan
+    s.check_own([(d, cfg) for k, seed, d, cfg in plan])
+    todo = [((cfg, "train"), f"train_{k}_s{seed}") for k, seed, d, cfg in plan
             if not os.path.exists(os.path.join(d, f"ckpt_{steps:06d}.pt"))]
     s.run_jobs(todo, "train")
-    s.run_jobs([(s.eval_args(d), f"eval_{k}_s{seed}") for k, seed, d, _ in plan
+    s.run_jobs([((s.eval_config(d), "eval"), f"eval_{k}_s{seed}") for k, seed, d, _ in plan
                 if not s.final_rows(d, steps)], "evaluate")
     values = {}  # key -> bench -> {seed: value}
     for k, seed, d, _ in plan:

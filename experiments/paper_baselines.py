@@ -4,19 +4,26 @@ a grid on the validation probes, next to the main job's NTP, PRIOR and oracle ru
 import os
 import time
 
+from baselines.attention import AttnConfig
 from experiments.paper_setup import Setup, bar_plot, table, write_json
+from utils import option
 
 
 def baseline_arms(attn_scores):
-    """(key, label, train.py flags) of each baseline; each replaces --loss (and adds an --objective) in the main
+    """(key, label, train.py fields) of each baseline; each replaces the loss (and adds an objective) in the main
     job's recipe. ITM, ITC and reconstruction are added to NTP, as the paper combines them."""
-    return [("rare", "rare-word weighting", ["--loss", "rare"]),
-            ("attn", "attention weighting", ["--loss", "attn", "--attn-scores", attn_scores]),
-            ("itm", "NTP + ITM", ["--loss", "ntp", "--objective", "itm"]),
-            ("itc", "NTP + ITC", ["--loss", "ntp", "--objective", "itc"]),
-            ("recon", "NTP + reconstruction", ["--loss", "ntp", "--objective", "recon", "--feature-cache", ""]),
-            ("rho1", "Rho-1 (not in the paper)", ["--loss", "rho1"]),
-            ("cal", "CAL (not in the paper)", ["--loss", "cal"])]
+    return [("rare", "rare-word weighting", {"loss": "rare"}),
+            ("attn", "attention weighting", {"loss": "attn", "attn_scores": attn_scores}),
+            ("itm", "NTP + ITM", {"loss": "ntp", "objective": "itm"}),
+            ("itc", "NTP + ITC", {"loss": "ntp", "objective": "itc"}),
+            ("recon", "NTP + reconstruction", {"loss": "ntp", "objective": "recon", "feature_cache": ""}),
+            ("rho1", "Rho-1 (not in the paper)", {"loss": "rho1"}),
+            ("cal", "CAL (not in the paper)", {"loss": "cal"})]
+
+
+def as_flags(fields):
+    """An arm's train.py fields as the flags results.json lists: ["--loss", "attn", "--attn-scores", PATH]."""
+    return [x for name, value in fields.items() for x in (option(name), str(value))]
 
 
 def weight_relevance(s, score_file, attention):
@@ -66,14 +73,14 @@ def baselines(args):
     for loss, _ in refs:
         for seed in range(seeds):
             d = run_dir(loss, chosen[loss], seed)
-            targs = s.train_args(loss, chosen[loss], seed, d)
+            cfg = s.train_config(loss, chosen[loss], seed, d)
             main = None if args.quick else s.main_run(loss, chosen[loss], seed)
-            if main and s.final_rows(main, steps) and s.same_run(main, targs):
+            if main and s.final_rows(main, steps) and s.same_run(main, cfg):
                 reused[loss, seed] = main
             else:
-                ref_plan.append((loss, seed, d, targs))
-    grid_plan = [(k, lr, run_dir(k, lr, 0), s.train_args("ntp", lr, 0, run_dir(k, lr, 0), extra=flags))
-                 for k, _, flags in arms for lr in grid]
+                ref_plan.append((loss, seed, d, cfg))
+    grid_plan = [(k, lr, run_dir(k, lr, 0), s.train_config("ntp", lr, 0, run_dir(k, lr, 0), changes=fields))
+                 for k, _, fields in arms for lr in grid]
     n_more = len(arms) * (seeds - 1)
     print(f"baselines ({s.mix}, {s.arch.upper()}-LVLM): {len(arms)} baselines; lr grid {grid} at seed 0 "
           f"({len(grid_plan)} runs, chosen on the validation probes), then seeds 1-{seeds - 1} at each one's "
@@ -86,18 +93,18 @@ def baselines(args):
                           "on every core"))
     if args.plan:
         return None
-    s.check_own([(d, a) for *_, d, a in grid_plan] + [(d, a) for *_, d, a in ref_plan])
+    s.check_own([(d, cfg) for *_, d, cfg in grid_plan + ref_plan])
 
     # 1. the attention-weighting baseline's scorer (the paper: CLIP's attention; ours: a small contrastive model
     #    on the same captions, its image side the main job's ViT)
     if "attn" in wanted and not os.path.exists(attn_scores):
-        s.run_jobs([(["-m", "baselines.attention", "--data", os.path.join(s.data, "train.jsonl"), "--tokenizer",
-                      s.path("tokenizer.json"), "--init-encoder", s.path("vit.pt"), "--device", s.device,
-                      "--out", attn_scores, *(["--steps", "3", "--batch-size", "8"] if args.quick else [])],
-                     "attn_scorer")], "attention scorer")
+        cfg = AttnConfig(**{"data": os.path.join(s.data, "train.jsonl"), "tokenizer": s.path("tokenizer.json"),
+                            "init_encoder": s.path("vit.pt"), "device": s.device, "out": attn_scores,
+                            **({"steps": 3, "batch_size": 8} if args.quick else {})})
+        s.run_jobs([((cfg, "baselines.attention"), "attn_scorer")], "attention scorer")
     # 2. the lr grid at seed 0, each final checkpoint evaluated on the validation probes and captions
     last = f"ckpt_{steps:06d}.pt"
-    s.run_jobs([(a, f"train_{k}_lr{lr:g}_s0") for k, lr, d, a in grid_plan
+    s.run_jobs([((cfg, "train"), f"train_{k}_lr{lr:g}_s0") for k, lr, d, cfg in grid_plan
                 if not os.path.exists(os.path.join(d, last))], "lr grid")
     val_jobs = []
     for k, lr, d, _ in grid_plan:
@@ -106,9 +113,9 @@ def baselines(args):
         if not os.path.exists(os.path.join(v, last)):
             os.link(os.path.join(d, last), os.path.join(v, last))
         if not s.final_rows(v, steps):
-            val_jobs.append((s.eval_args(v, probes=os.path.join(s.data, "probes_val"),
-                                         test=os.path.join(s.data, "val.jsonl"), test_scores=False),
-                             f"eval_{k}_lr{lr:g}_val"))
+            cfg = s.eval_config(v, probes=os.path.join(s.data, "probes_val"), test=os.path.join(s.data, "val.jsonl"),
+                                test_scores=False)
+            val_jobs.append(((cfg, "eval"), f"eval_{k}_lr{lr:g}_val"))
     s.run_jobs(val_jobs, "evaluate the lr grid on validation probes")
     val, lr_of = {}, {}
     for k, lr, d, _ in grid_plan:
@@ -119,17 +126,17 @@ def baselines(args):
         lr_of[k] = max(val[k],
                        key=lambda lr: (round(val[k][lr].get("probe_avg", -1), 6), -val[k][lr].get("nll_image", 0)))
     # 3. the other seeds at each baseline's chosen lr, and any missing reference run
-    flags_of = {k: f for k, _, f in arms}
-    seed_plan = [(k, sd, run_dir(k, lr_of[k], sd), s.train_args("ntp", lr_of[k], sd, run_dir(k, lr_of[k], sd),
-                                                               extra=flags_of[k]))
+    fields_of = {k: f for k, _, f in arms}
+    seed_plan = [(k, sd, run_dir(k, lr_of[k], sd), s.train_config("ntp", lr_of[k], sd, run_dir(k, lr_of[k], sd),
+                                                                 changes=fields_of[k]))
                  for k, _, _ in arms for sd in range(1, seeds)]
-    s.check_own([(d, a) for *_, d, a in seed_plan])
-    s.run_jobs([(a, f"train_{k}_s{sd}") for k, sd, d, a in seed_plan + ref_plan
+    s.check_own([(d, cfg) for *_, d, cfg in seed_plan])
+    s.run_jobs([((cfg, "train"), f"train_{k}_s{sd}") for k, sd, d, cfg in seed_plan + ref_plan
                 if not os.path.exists(os.path.join(d, last))], "train the other seeds")
     runs = {(k, 0): run_dir(k, lr_of[k], 0) for k, _, _ in arms}
     runs.update({(k, sd): d for k, sd, d, _ in seed_plan + ref_plan})
     runs.update(reused)
-    s.run_jobs([(s.eval_args(d), f"eval_{k}_s{sd}") for (k, sd), d in sorted(runs.items())
+    s.run_jobs([((s.eval_config(d), "eval"), f"eval_{k}_s{sd}") for (k, sd), d in sorted(runs.items())
                 if not s.final_rows(d, steps)], "evaluate on the test probes")
 
     values = {}
@@ -196,7 +203,7 @@ def baselines(args):
     open(os.path.join(s.out, "results.md"), "w").write("\n".join(md) + "\n")
     write_json(os.path.join(s.out, "results.json"), {
         "arms": [{"key": k, "label": labels[k], "lr": lr_used[k],
-                  "flags": flags_of.get(k, ["--loss", k])} for k in keys],
+                  "flags": as_flags(fields_of.get(k, {"loss": k}))} for k in keys],
         "steps": steps, "seeds": seeds, "stats": st, "vs_ntp": vs, "lr_grid": {k: {f"{lr:g}": v for lr, v in g.items()}
                                                                               for k, g in val.items()},
         "chosen_lr": lr_of, "relevance": relevance, "reused": {f"{k}/s{sd}": d for (k, sd), d in reused.items()}})

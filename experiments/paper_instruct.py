@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from experiments.paper_setup import Setup, _plt, table, write_json
+from train import TrainConfig
 
 
 def instruct(args):
@@ -35,21 +36,18 @@ def instruct(args):
                 step = s.steps()
                 d = os.path.join(s.out, "pretrain", f"{m}_lr{lrs[m]:g}_s{seed}_steps{step}")
                 pre[m, seed] = (os.path.join(d, f"ckpt_{step:06d}.pt"), d, step)
-                pre_jobs.append((s.train_args(m, lrs[m], seed, d), f"pretrain_{m}_s{seed}", pre[m, seed][0]))
+                pre_jobs.append((s.train_config(m, lrs[m], seed, d), f"pretrain_{m}_s{seed}", pre[m, seed][0]))
     runs = {}
     for m in methods:
         for seed in range(seeds):
             d = os.path.join(s.out, "runs", f"{m}_s{seed}_it{it_steps}_{args.it_loss}")
-            targs = ["train.py", "--data", qa_train, "--tokenizer", s.path("tokenizer.json"), "--arch", s.arch,
-                     "--out-dir", d,
-                     "--init-from", pre[m, seed][0], "--train", args.it_train, "--steps", str(it_steps),
-                     "--save-every", str(it_steps), "--lr", str(args.it_lr), "--warmup",
-                     str(min(10, max(1, it_steps // 10))),
-                     "--batch-size", str(s.batch()), "--row-len", str(s.p["vlm"]["row_len"]), "--seed", str(seed),
-                     "--device", s.device, "--resume", "--overwrite"]
-            targs += (["--loss", "prior", "--alpha", "1", "--scores", mask] if args.it_loss == "answer"
-                      else ["--loss", "ntp"])
-            runs[m, seed] = (d, targs)
+            cfg = TrainConfig(data=qa_train, tokenizer=s.path("tokenizer.json"), arch=s.arch, out_dir=d,
+                              init_from=pre[m, seed][0], train=args.it_train, steps=it_steps, save_every=it_steps,
+                              lr=args.it_lr, warmup=min(10, max(1, it_steps // 10)), batch_size=s.batch(),
+                              row_len=s.p["vlm"]["row_len"], seed=seed, device=s.device, resume=True, overwrite=True,
+                              **({"loss": "prior", "alpha": 1.0, "scores": mask} if args.it_loss == "answer"
+                                 else {"loss": "ntp"}))
+            runs[m, seed] = (d, cfg)
     print(f"instruct ({s.mix}, {s.arch.upper()}-LVLM): {', '.join(methods)} x {seeds} seed(s); pre-trained "
           f"checkpoints: {len(pre) - len(pre_jobs)} from the "
           f"main job, {len(pre_jobs)} to train; instruction tuning {it_steps} steps of batch {s.batch()} at lr "
@@ -73,15 +71,15 @@ def instruct(args):
             qa.build_qa(os.path.join(s.data, "test.jsonl"), qa_test[k], per_scene=0, seed=1, kinds=(k,))
     if args.it_loss == "answer" and not os.path.exists(mask):
         qa.answer_only_scores(qa_train, s.path("tokenizer.json"), mask)
-    s.check_own([(os.path.dirname(ckpt), a) for a, name, ckpt in pre_jobs] + list(runs.values()))
-    s.run_jobs([(a, name) for a, name, ckpt in pre_jobs if not os.path.exists(ckpt)],
+    s.check_own([(os.path.dirname(ckpt), cfg) for cfg, name, ckpt in pre_jobs] + list(runs.values()))
+    s.run_jobs([((cfg, "train"), name) for cfg, name, ckpt in pre_jobs if not os.path.exists(ckpt)],
                "pre-train (no main-job checkpoint)")
-    s.run_jobs([(a, f"it_{m}_s{seed}") for (m, seed), (d, a) in runs.items()
+    s.run_jobs([((cfg, "train"), f"it_{m}_s{seed}") for (m, seed), (d, cfg) in runs.items()
                 if not os.path.exists(os.path.join(d, f"ckpt_{it_steps:06d}.pt"))], "instruction tuning")
-    s.run_jobs([(s.eval_args(d), f"eval_it_{m}_s{seed}") for (m, seed), (d, a) in runs.items()
+    s.run_jobs([((s.eval_config(d), "eval"), f"eval_it_{m}_s{seed}") for (m, seed), (d, _) in runs.items()
                 if not s.final_rows(d, it_steps)], "likelihood evaluation (probes, token NLL) after tuning")
     # pre-trained checkpoints of this command (not the main job's, which have eval.json already)
-    s.run_jobs([(s.eval_args(d), f"eval_pre_{m}_s{seed}") for (m, seed), (c, d, step) in pre.items()
+    s.run_jobs([((s.eval_config(d), "eval"), f"eval_pre_{m}_s{seed}") for (m, seed), (c, d, step) in pre.items()
                 if not s.final_rows(d, step)],
                "likelihood evaluation of the pre-trained checkpoints")
 

@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from experiments.paper_setup import Setup, _plt, table, write_json
+from score import ScoreConfig
 from experiments.powerlaw import bootstrap_alpha, fit_power_law, holdout, log_sizes, predict
 
 
@@ -79,10 +80,8 @@ def scaling(args):
         for n in sizes:
             for seed in range(seeds):
                 d = os.path.join(s.out, "runs", s.mix, s.arch, f"{m}_n{n}_s{seed}_ep{args.epochs:g}_b{batch}")
-                extra = ["--data", subset[n], "--batch-size", batch]
-                if m == "prior":
-                    extra += ["--scores", scores[n]]
-                runs.append((m, n, seed, d, s.train_args(m, lrs[m], seed, d, steps=steps_of[n], extra=extra)))
+                changes = {"data": subset[n], "batch_size": batch, **({"scores": scores[n]} if m == "prior" else {})}
+                runs.append((m, n, seed, d, s.train_config(m, lrs[m], seed, d, steps_of[n], changes)))
     total_steps = sum(steps_of[n] for m, n, *_ in runs)
     print(f"scaling ({s.mix}, {s.arch.upper()}-LVLM): {', '.join(methods)} on {len(sizes)} subsets of {train_path} "
           f"({', '.join(map(str, sizes))} records; {args.epochs:g} epoch(s) of batch {batch}: "
@@ -100,8 +99,8 @@ def scaling(args):
     for n in sizes:
         if subset[n] != train_path and not os.path.exists(subset[n]):
             write_subset(train_path, subset[n], n)
-    s.run_jobs([(["score.py", "--ref", ref, "--tokenizer", s.path("tokenizer.json"), "--data", subset[n],
-                  "--out", scores[n], "--device", s.device], f"score_{n}") for n in need_scores], "score the subsets")
+    s.run_jobs([((ScoreConfig(ref=ref, tokenizer=s.path("tokenizer.json"), data=subset[n], out=scores[n],
+                               device=s.device), "score"), f"score_{n}") for n in need_scores], "score the subsets")
     score_check = {}
     if "prior" in methods:
         from data.records import read_records
@@ -116,10 +115,10 @@ def scaling(args):
             recs = read_records(subset[n], require_image=False, check_files=False)
             part = load_scores(scores[n], T.fingerprint(tok), text_fingerprint(recs), subset[n])
             score_check[n] = max(float((part[r.id] - full[r.id]).abs().max()) for r in recs)
-    s.check_own([(d, a) for m, n, seed, d, a in runs])
-    s.run_jobs([(a, f"train_{m}_n{n}_s{seed}") for m, n, seed, d, a in runs
+    s.check_own([(d, cfg) for m, n, seed, d, cfg in runs])
+    s.run_jobs([((cfg, "train"), f"train_{m}_n{n}_s{seed}") for m, n, seed, d, cfg in runs
                 if not os.path.exists(os.path.join(d, f"ckpt_{steps_of[n]:06d}.pt"))], "train")
-    s.run_jobs([(s.eval_args(d), f"eval_{m}_n{n}_s{seed}") for m, n, seed, d, a in runs
+    s.run_jobs([((s.eval_config(d), "eval"), f"eval_{m}_n{n}_s{seed}") for m, n, seed, d, _ in runs
                 if not s.final_rows(d, steps_of[n])], "evaluate")
 
     tok = T.load_tokenizer(s.path("tokenizer.json"))

@@ -1,5 +1,5 @@
 """The main job's artefacts for experiments/paper.py's commands: Setup reads what the main job (experiments/main.py)
-left in --from, builds train.py / eval.py arguments in its recipe and runs them as jobs (experiments/jobs.py); and
+left in --from, builds train.py / eval.py configs in its recipe and runs them as jobs (experiments/jobs.py); and
 the report helpers every command shares (tables, bar plots, JSON).
 """
 import contextlib
@@ -7,11 +7,12 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 
-from experiments.jobs import Jobs
+from eval import EvalConfig
+from experiments.jobs import Jobs, checked
 
 
 # ============================================================================= the main job's artefacts
@@ -71,24 +72,22 @@ class Setup:
     def batch(self):
         return self.args.batch_size or self.p["vlm"]["batch_size"]
 
-    def train_args(self, loss, lr, seed, out_dir, steps=None, extra=()):
-        """The main job's arguments for this run (same data, initialisation, recipe), with our changes last
-        (argparse keeps the last value of a flag)."""
+    def train_config(self, loss, lr, seed, out_dir, steps=None, changes=None):
+        """The main job's train.TrainConfig for this run (same data, initialisation, recipe) at this command's
+        steps and batch, with `changes` ({field: value} of train.py's, e.g. another loss) last."""
         steps = steps or self.steps()
-        args = self.exp.train_args(self.mix, self.arch, loss, lr, seed, out_dir)
-        return args + ["--steps", str(steps), "--save-every", str(steps), "--batch-size", str(self.batch()),
-                       "--warmup", str(self.warmup(steps)), *map(str, extra)]
+        cfg = self.exp.train_config(self.mix, self.arch, loss, lr, seed, out_dir)
+        return replace(cfg, **{"steps": steps, "save_every": steps, "batch_size": self.batch(),
+                               "warmup": self.warmup(steps), **(changes or {})})
 
     def warmup(self, steps):
         """The preset's warm-up share of the run (its exact warm-up at its own number of steps)."""
         v = self.p["vlm"]
         return max(1, round(v["warmup"] * steps / v["steps"]))
 
-    def same_run(self, run_dir, args):
-        """Whether run_dir's train.py config equals what `args` would train (all but where it is written,
+    def same_run(self, run_dir, cfg):
+        """Whether run_dir's train.py config equals the train.TrainConfig cfg (all but where it is written,
         how it runs and how often it saves): then its results can stand for this run."""
-        import train
-        from utils import parse_config
         path = os.path.join(run_dir, "config.json")
         if not os.path.exists(path):
             return False
@@ -99,20 +98,20 @@ class Setup:
         if old_root and old_root != self.src:
             have = {k: self.src + v[len(old_root):] if isinstance(v, str) and v.startswith(old_root + os.sep) else v
                     for k, v in have.items()}
-        want = asdict(parse_config(train.TrainConfig, [str(a) for a in args[1:]]))  # the fields, as config.json
-        default = asdict(parse_config(train.TrainConfig, []))  # a flag newer than the run: its default is what ran
+        want = asdict(checked(cfg))  # the fields, as config.json holds them
+        default = asdict(type(cfg)())  # a flag newer than the run: its default is what ran
         skip = {"out_dir", "resume", "overwrite", "device", "threads", "workers", "image_cache", "feature_cache",
                 "stop_at", "save_every", "compile", "fsdp", "micro_batch"}
         return all(have.get(k, default[k]) == v for k, v in want.items() if k not in skip)
 
-    def eval_args(self, run_dir, rows=None, test_scores=True, probes=None, test=None):
-        """eval.py on the test probes and captions (or the given ones: the validation split for an lr grid)."""
-        args = ["eval.py", "--run-dir", run_dir, "--max-rows", str(self.eval_rows if rows is None else rows),
-                "--device", self.device, "--probes", probes or os.path.join(self.data, "probes"),
-                "--test", test or os.path.join(self.data, "test.jsonl")]
-        if test_scores and os.path.exists(self.path(f"scores_{self.mix}_test.pt")):
-            args += ["--test-scores", self.path(f"scores_{self.mix}_test.pt")]
-        return args
+    def eval_config(self, run_dir, rows=None, test_scores=True, probes=None, test=None):
+        """eval.EvalConfig on the test probes and captions (or the given ones: the validation split for an lr
+        grid)."""
+        scores = self.path(f"scores_{self.mix}_test.pt")
+        return EvalConfig(run_dir=run_dir, max_rows=self.eval_rows if rows is None else rows, device=self.device,
+                          probes=probes or os.path.join(self.data, "probes"),
+                          test=test or os.path.join(self.data, "test.jsonl"),
+                          test_scores=scores if test_scores and os.path.exists(scores) else "")
 
     def main_run(self, loss, lr, seed):
         """The main job's run of this loss/lr/seed if it finished, else None."""
@@ -156,8 +155,8 @@ class Setup:
 
     # ---- jobs
     def run_jobs(self, jobs, title):
-        """Run [(args, log name)] --parallel at a time: subprocesses with cpu_count // parallel threads each,
-        or, with --parallel 1, in this process (no start-up cost; what --quick does)."""
+        """Run [((config, module), log name)] --parallel at a time: subprocesses with cpu_count // parallel threads
+        each, or, with --parallel 1, in this process (no start-up cost; what --quick does)."""
         if not jobs:
             return
         print(f"[{time.strftime('%H:%M:%S')}] {title}: {len(jobs)} jobs", flush=True)
@@ -168,8 +167,8 @@ class Setup:
     def check_own(self, planned):
         """Refuse to reuse a run folder of ours that holds a run with other settings (e.g. after a change of
         the preset or of this script): its checkpoint would be taken as finished."""
-        for run_dir, args in planned:
-            if os.path.exists(os.path.join(run_dir, "config.json")) and not self.same_run(run_dir, args):
+        for run_dir, cfg in planned:
+            if os.path.exists(os.path.join(run_dir, "config.json")) and not self.same_run(run_dir, cfg):
                 raise SystemExit(f"paper.py: {run_dir} holds a run with other settings than this command asks for; "
                                  f"remove it (or give another --out)")
 

@@ -4,7 +4,7 @@ no process start, no re-read probes and no reloaded weights per checkpoint.
 
     from experiments.worker import train_eval
     specs = [dict(out="eval.json", probes="data/probes", max_rows=150, test="data/test.jsonl")]
-    timing = train_eval(train_argv, specs)
+    timing = train_eval(train.TrainConfig(...), specs)
 
 Each evaluation spec writes rows {"arch", "loss", "seed", "lr", "step", "benchmark", "value"} to RUN/<out>;
 its FINAL_ONLY keys (test captions, benchmark files) are evaluated at the last step alone. A re-run skips what is
@@ -19,7 +19,8 @@ import time
 import eval as E
 import train
 from data import tokenizer as T
-from utils import parse_config, pick_device
+from experiments.jobs import checked
+from utils import pick_device
 from model import load_model
 
 FINAL_ONLY = ("test", "test_scores", "bench")  # read at the last step alone
@@ -62,11 +63,11 @@ def steps_seconds(log_path, after):
     return sum(x["seconds"] for x in lines if x["step"] > after)
 
 
-def train_eval(train_argv, specs):
-    """Train (or resume) the run train_argv describes, evaluating each checkpoint by `specs`; returns
+def train_eval(cfg, specs):
+    """Train (or resume) the run of train.TrainConfig cfg, evaluating each checkpoint by `specs`; returns
     {"wall_s", "train_s", "eval_s", "other_s"}: other = start-up, data, model building, checkpoint writing."""
     t0 = time.perf_counter()
-    cfg = parse_config(train.TrainConfig, train_argv)
+    cfg = checked(cfg)  # as train.py would read it from its flags
     tok = T.load_tokenizer(cfg.tokenizer)
     timing = {"train_s": 0.0, "eval_s": 0.0}
     log_path = os.path.join(cfg.out_dir, "log.jsonl")

@@ -15,5 +15,9 @@
     timm_encoder.py             --vision timm:<name> --vision-weights FILE: a pretrained ViT (CLIP) as the encoder
 docs/scale.md.
 """
-from scale import (export, features, flops, fsdp, hf, hf_tokenizer, image_cache,  # noqa: F401 (they register plug-ins)
+import warnings
+
+# `python -m scale.export` runs a module this package has imported already: runpy's warning would be a second line
+warnings.filterwarnings("ignore", r"'scale\.\w+' found in sys.modules after import of package 'scale'", RuntimeWarning)
+from scale import (export, features, flops, fsdp, hf, hf_tokenizer, image_cache,  # noqa: F401,E402 (plug-ins)
                    score_shards, shard_reader, stream, timm_encoder, wandb_log)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from data import tokenizer as T
 from data.images import IMAGENET_MEAN, IMAGENET_STD
 from model import read_vlm
-from utils import UserError, flag, register, run
+import utils
+from utils import UserError, atomic_write, flag, register, run
 
 FOLDER_FORMAT = "prior-vlm"  # config.json's "format" in a folder this script writes
 
@@ -32,10 +33,11 @@ def file_sha256(path):
 
 
 def check_out(out):
-    """--out must be a new folder or an earlier export: never a file, never a run folder (its config.json is the
-    run's), never a folder of something else."""
-    if os.path.isfile(out):
-        raise UserError(f"--out {out} is a file; give a folder to write the export into")
+    """--out must be a new folder or an earlier export: never a file, nor one where one cannot write (utils.check_out:
+    beside it too, where the export is written first), never a run folder (its config.json is the run's), never a
+    folder of something else."""
+    utils.check_out(out, "dir")
+    utils.check_out(os.path.dirname(os.path.abspath(out)), "dir")
     if os.path.isdir(out) and os.listdir(out):
         config = os.path.join(out, "config.json")
         meta = json.load(open(config)) if os.path.isfile(config) else {}
@@ -119,7 +121,8 @@ def export_vlm(ckpt_path, out, tokenizer=None):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": FOLDER_FORMAT})
+        atomic_write(os.path.join(tmp, "model.safetensors"),
+                     lambda path: save_file(state, path, metadata={"format": FOLDER_FORMAT}))
         meta["sha256"] = file_sha256(os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
             f.write(tok.to_str())
@@ -131,8 +134,9 @@ def export_vlm(ckpt_path, out, tokenizer=None):
         if os.path.isdir(out):
             os.rename(out, old)
         os.rename(tmp, out)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write the export ({e.strerror or e}); nothing was changed") from None
+    except (OSError, UserError) as e:  # a full disk (atomic_write says so), a read-only folder
+        raise UserError(f"--out {out}: cannot write the export ({getattr(e, 'strerror', None) or e}); nothing was "
+                        f"changed") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)

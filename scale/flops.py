@@ -40,11 +40,6 @@ def step_flops(model, positions, labelled, images, context):
     return flops
 
 
-def flops_per_token(model, context):
-    """Training FLOPs of one labelled text token in a row `context` wide (see step_flops)."""
-    return step_flops(model, 1, 1, 0, context)
-
-
 # Dense (no sparsity) bf16 tensor-core peak per GPU, FLOP/s, from NVIDIA's data sheets (their sparse figure / 2).
 # Keys are whole words of torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"); the
 # longest key whose words all appear wins, so "H100 NVL" is not taken for an H100 SXM, nor "L40S" for an L40.

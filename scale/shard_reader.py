@@ -1,6 +1,7 @@
 """
 Tar shards in webdataset layout read as Records: shard specs, member headers grouped into samples, one sample's
-Record. The layout, the specs and the bad-sample rules are in scale/shards.py's doc, which streams and writes shards.
+Record. The layout, the specs and the bad-sample rules are in scale/shards.py's doc, which writes shards; train.py
+--stream decodes the images of these Records per batch (scale/stream.py).
 """
 import glob
 import json

@@ -1,6 +1,8 @@
 """
-Tar shards in webdataset layout: reading them as Records, and streaming them across torchrun ranks and
-DataLoader workers with every sample seen exactly once per epoch.
+Tar shards in webdataset layout: writing them (python -m scale.shards), and the layout, specs and bad-sample rules
+that scale/shard_reader.py reads them by (iter_shard_records: their Records, for read_records and every script's
+--data). train.py decodes their images up front (data/images.load_images) or, with --stream, per batch from the
+members' byte spans (scale/stream.py's StreamedImages).
 
 Layout: each sample is a run of consecutive members sharing a key (the member name up to the first dot of
 its file name): key.jpg|jpeg|png|webp (the image) and key.txt (the caption, UTF-8) or key.json
@@ -15,144 +17,25 @@ Shard specs (anything read_records / every script's --data accepts ending in .ta
     "shards/{000000..000099}.tar"     a webdataset-style range
 
 Bad samples are skipped and counted with the same rule as data/records.py: a missing or non-UTF-8
-caption, a broken json member, a missing image member, an undecodable image (when streaming decoded
-images), a shard cut off mid-member (tarfile's "unexpected end of data"), and a shard that ends without
-tar's end-of-archive marker (cut at a member boundary, or a corrupt header: whatever followed is lost and
-we say so), or one that is not a tar at all (counted as one bad sample: its samples cannot be counted).
-
-Usage:
-    from scale.shards import ShardStream
-    ds = ShardStream("shards/{000000..000099}.tar", image_size=48, shuffle=True)   # rank/world from torchrun
-    for epoch in range(3):
-        ds.set_epoch(epoch)
-        for batch in torch.utils.data.DataLoader(ds, batch_size=32, num_workers=2):
-            batch["id"], batch["caption"], batch["image"]   # lists, and uint8 (32, 3, 48, 48)
+caption, a broken json member, a missing image member, a shard cut off mid-member (tarfile's "unexpected end
+of data"), and a shard that ends without tar's end-of-archive marker (cut at a member boundary, or a corrupt
+header: whatever followed is lost and we say so), or one that is not a tar at all (counted as one bad sample:
+its samples cannot be counted). An undecodable image is found when it is decoded: load_images drops and counts
+it; --stream, which cannot know before its batch comes, puts a black image in its place with a warning
+(StreamedImages.bad counts them).
 
 Writing shards from any readable caption source (e.g. to try the streaming path on a JSONL):
     python -m scale.shards --data data/synth/train.jsonl --out shards/train --per-shard 5000
     # -> shards/train/000000.tar, 000001.tar, ...: key.<image ext> + key.json {"caption", "id", other fields}
-
-Split: the shards (shuffled per epoch with a seed every rank shares) are dealt round-robin to the
-world * num_workers readers; when there are fewer shards than readers, every reader walks all shards and
-keeps every (world * num_workers)-th sample instead, so nothing is duplicated or lost either way.
 """
+import contextlib
 import json
 import os
-import random
 import tarfile
 from dataclasses import dataclass
 
-import torch
-
-from data.images import decode_image_bytes
-from data.record_types import BadRecord, Tally
-from scale.shard_reader import IMAGE_EXTS, expand_shards, tar_groups, tar_record
-from utils import UserError, flag, run
-
-
-def _rank_world():
-    """This process's (rank, world): from torch.distributed when it is running, else torchrun's env."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-class ShardStream(torch.utils.data.IterableDataset):
-    """Samples {"id", "caption", "image"} of tar shards, each to exactly one (rank, DataLoader worker).
-
-    image_size: decode images to uint8 (3, S, S); None keeps the encoded bytes (no decoding, no check).
-    rank / world: default to torch.distributed's or torchrun's; pass them to run a share by hand.
-    shuffle: shard order (and the samples within a reader, through a buffer of shuffle_buffer) changes
-    with set_epoch(e), the same way on every rank. Each reader checks its own bad fraction at its end."""
-
-    def __init__(self, spec, image_size=None, rank=None, world=None, shuffle=False, seed=0,
-                 shuffle_buffer=0, require_image=True, max_bad_fraction=0.01):
-        super().__init__()
-        self.spec, self.shards = spec, expand_shards(spec)
-        self.image_size, self.rank, self.world = image_size, rank, world
-        self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
-        self.require_image, self.max_bad_fraction = require_image, max_bad_fraction
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def plan(self, rank, world, worker, workers):
-        """(shards this reader walks, keep every n-th sample, starting at sample k): the split of the module doc."""
-        shards = list(self.shards)
-        if self.shuffle:
-            random.Random(self.seed * 1000003 + self.epoch).shuffle(shards)
-        readers, me = world * workers, rank * workers + worker
-        if len(shards) >= readers:
-            return shards[me::readers], 1, 0
-        return shards, readers, me
-
-    def __iter__(self):
-        rank, world = _rank_world()
-        rank = self.rank if self.rank is not None else rank
-        world = self.world if self.world is not None else world
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        shards, stride, start = self.plan(rank, world, worker, workers)
-        tally = Tally("samples", f"{self.spec} (rank {rank} of {world}, worker {worker} of {workers})")
-        samples = self._samples(shards, stride, start, tally)
-        if self.shuffle and self.shuffle_buffer > 1:
-            samples = _buffer_shuffle(samples, self.shuffle_buffer,
-                                      random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}"))
-        yield from samples
-        if tally.total:  # a reader with nothing to read has nothing to report
-            tally.report(self.max_bad_fraction)
-
-    def _samples(self, shards, stride, start, tally):
-        n = -1
-        for path in shards:
-            with open(path, "rb") as f:
-                for kind, key, detail in tar_groups(path):
-                    if kind == "shard":  # counted once, by the reader that owns sample 0 of a shared walk
-                        if start == 0:
-                            tally.total += 1
-                            tally.bad(path, key, detail)
-                        continue
-                    n += 1
-                    if n % stride != start:
-                        continue
-                    tally.total += 1
-                    loc = f"{path}:{key}"
-                    if kind == "cut":
-                        tally.bad(loc, "shard cut off mid-member", detail)
-                        continue
-                    try:
-                        rec, data = tar_record(path, key, detail, f, self.require_image, want_image_bytes=True)
-                    except BadRecord as e:
-                        tally.bad(loc, e.args[0], e.args[1] if len(e.args) > 1 else "")
-                        continue
-                    sample = {"id": rec.id, "caption": rec.caption}
-                    if data is not None:
-                        if self.image_size:
-                            try:
-                                sample["image"] = decode_image_bytes(data, self.image_size)
-                            except Exception as e:  # PIL raises many types for bad bytes: skip and count
-                                tally.bad(loc, "cannot decode image", f"{type(e).__name__}: {e}")
-                                continue
-                        else:
-                            sample["image"] = data
-                    tally.good += 1
-                    yield sample
-
-
-def _buffer_shuffle(items, size, rng):
-    """Shuffle a stream through a buffer of `size` items (webdataset's trick: no need to hold an epoch)."""
-    buf = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        i = rng.randrange(size)
-        buf[i], item = item, buf[i]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
+from scale.shard_reader import IMAGE_EXTS
+from utils import UserError, check_out, flag, run
 
 
 def _image_ext(data, name=""):
@@ -194,9 +77,17 @@ def write_shards(records, out, per_shard=10000):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-    finally:
         if tf is not None:
             tf.close()
+    except BaseException as e:  # a failed write (a full disk): no half-written shard (.tar.tmp) is left behind
+        with contextlib.suppress(Exception):
+            tf.close()
+        for p in paths:
+            with contextlib.suppress(OSError):
+                os.remove(p + ".tmp")
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # not a missing image: a write
+            raise UserError(f"{paths[-1]}: {e.strerror} while writing; no shard of it was left") from None
+        raise
     for p in paths:  # renamed only when complete, so a crash never leaves a shard that looks whole
         os.replace(p + ".tmp", p)
     return paths
@@ -217,6 +108,7 @@ def write(cfg):
     for name in ("data", "out"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
+    check_out(cfg.out, "dir")
     records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
     paths = write_shards(records, cfg.out, cfg.per_shard)
     print(f"wrote {len(records)} samples in {len(paths)} shards to {cfg.out}")

@@ -11,7 +11,7 @@ import os
 import torch
 import torch.nn as nn
 
-from utils import register, safe_load
+from utils import UserError, register, safe_load
 
 
 def unknown_timm_model(name):
@@ -41,31 +41,31 @@ class TimmEncoder(nn.Module):
         import timm
         from data.images import IMAGENET_MEAN, IMAGENET_STD
         if not timm.is_model(name):
-            raise ValueError(unknown_timm_model(name))
+            raise UserError(unknown_timm_model(name))
         self.name, self.kwargs = name, dict(kwargs or {})
         self.layer = self.kwargs.get("vision_layer", 0)
         timm_kwargs = {k: v for k, v in self.kwargs.items() if k != "vision_layer"}
         try:
             self.model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
         except Exception as e:  # bad kwargs, unknown pretrained tag, ...: say which model and arguments
-            raise ValueError(f"timm could not build {name!r} with {self.kwargs}: {type(e).__name__}: {e}") from e
+            raise UserError(f"timm could not build {name!r} with {self.kwargs}: {type(e).__name__}: {e}") from e
         pe = getattr(self.model, "patch_embed", None)
         if pe is None or not hasattr(pe, "grid_size") or not hasattr(self.model, "num_prefix_tokens"):
-            raise ValueError(f"timm model {name!r} is not a ViT-style model (patch_embed and a token sequence with "
-                             f"num_prefix_tokens); the H-LVLM needs one embedding per image patch")
+            raise UserError(f"timm model {name!r} is not a ViT-style model (patch_embed and a token sequence with "
+                            f"num_prefix_tokens); the H-LVLM needs one embedding per image patch")
         (gh, gw), (ih, iw) = pe.grid_size, pe.img_size
         if gh != gw or ih != iw:
-            raise ValueError(f"timm model {name!r}: images {ih}x{iw}, grid {gh}x{gw}; only square ones are supported")
+            raise UserError(f"timm model {name!r}: images {ih}x{iw}, grid {gh}x{gw}; only square ones are supported")
         self.grid, self.image_size, self.patch_size = gh, ih, pe.patch_size[0]
         self.dim, self.skip = self.model.num_features, self.model.num_prefix_tokens
         blocks = getattr(self.model, "blocks", [])
         self.depth = len(blocks)
         self.heads = getattr(getattr(blocks[0], "attn", None), "num_heads", 0) if self.depth else 0
         if not isinstance(self.layer, int) or not -self.depth <= self.layer <= 0:
-            raise ValueError(f"--vision-layer {self.layer!r}: timm model {name!r} has {self.depth} blocks; give 0 (the "
-                             f"final features) or -1 .. -{self.depth} (a block's output counted from the end)")
+            raise UserError(f"--vision-layer {self.layer!r}: timm model {name!r} has {self.depth} blocks; give 0 (the "
+                            f"final features) or -1 .. -{self.depth} (a block's output counted from the end)")
         if self.layer and not hasattr(self.model, "forward_intermediates"):
-            raise ValueError(f"--vision-layer: timm model {name!r} has no forward_intermediates; use 0")
+            raise UserError(f"--vision-layer: timm model {name!r} has no forward_intermediates; use 0")
         # The data pipeline normalises with ImageNet's mean/std (data.images.normalize). A model trained with
         # other statistics (CLIP: OpenAI's; many timm ViTs: 0.5) must see its own, or its features drift: one
         # affine map converts, x_model = (x * std_in + mean_in - mean) / std.
@@ -114,8 +114,8 @@ def load_vision_weights(encoder, path):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict (name -> tensor); save one with "
-                         "torch.save(model.state_dict(), path)")
+        raise UserError(f"{path} is not a state dict (name -> tensor); save one with "
+                        "torch.save(model.state_dict(), path)")
     own = encoder.model.state_dict()
     head = encoder.model.pretrained_cfg.get("classifier") or "head"
     heads = tuple(h + "." for h in ([head] if isinstance(head, str) else head))
@@ -129,8 +129,8 @@ def load_vision_weights(encoder, path):
             return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
         problems = [f"{len(v)} {what}: {show(v)}" for what, v in
                     (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)) if v]
-        raise ValueError(f"{path} does not fit timm model {encoder.name!r} (arguments {encoder.kwargs}): "
-                         + "; ".join(problems) + ". Save the state dict of timm.create_model with the same name "
-                         "and arguments (e.g. the same img_size).")
+        raise UserError(f"{path} does not fit timm model {encoder.name!r} (arguments {encoder.kwargs}): "
+                        + "; ".join(problems) + ". Save the state dict of timm.create_model with the same name "
+                        "and arguments (e.g. the same img_size).")
     encoder.model.load_state_dict(state)
     return ignored

@@ -13,7 +13,7 @@ from data import tokenizer as T
 from data.packing import IGNORE, Sample, cat, pack
 from loss import prior_weights, weighted_loss
 from model import VLM, Decoder, DecoderConfig, VLMConfig
-from scale.flops import flops_per_token, step_flops
+from scale.flops import step_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ("prior_over_ntp_step_time", "train_flops_per_s", "matmul_flops_per_s", "train_tokens_per_s",
@@ -145,8 +145,7 @@ def test_step_flops_counts_decoder_head_and_vision():
     one = step_flops(model, 1, 0, 0, 256)
     assert step_flops(model, 10, 0, 0, 256) == 10 * one
     assert step_flops(model, 1, 1, 0, 256) - one == 6 * d.vocab_size * d.d_model
-    assert (step_flops(model, 0, 0, 1, 256) > 0
-            and flops_per_token(model, 256) == one + 6 * d.vocab_size * d.d_model)
+    assert step_flops(model, 0, 0, 1, 256) > 0
 
 
 def test_compile_matches_eager(tmp_path):

@@ -1,5 +1,5 @@
 """Tests for benchmarks/files.py: the generator's presence probes written as POPE files and test-scene questions
-as a VLMEvalKit-style TSV, read back by benchmarks/load.py's readers, and the report lines of their metrics.
+as a VLMEvalKit-style TSV, read back by benchmarks/load.py's readers.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_bench_files.py
 """
@@ -59,11 +59,3 @@ def test_generator_writes_an_mcq_tsv(synth):
     _, images, index = B.load_bench(spec, 16)
     assert len(images) == len(test) and index == [i // 2 for i in range(len(recs))]
 
-
-def test_report_lines():
-    rows = [{"arch": "h", "loss": "prior", "seed": 0, "step": 10, "benchmark": b, "value": v}
-            for b, v in (("pope_f1", 66.67), ("pope_yes_ratio", 50.0), ("mmbench_circular", 25.0),
-                         ("mmbench_vanilla", 40.0), ("probe_avg", 0.5))]
-    rows.append({"arch": "h", "loss": "ntp", "seed": 0, "step": 10, "benchmark": "probe_avg", "value": 0.4})
-    assert F.bench_files_report(rows) == ["h/prior seed 0 step 10: POPE F1 66.7, yes-ratio 50.0; "
-                                          "MCQ circular 25.0, vanilla 40.0"]

@@ -258,7 +258,7 @@ def test_run_dir_resumes(world, tmp_path, monkeypatch):
     kw = dict(probes_dir=str(probes), test_path=world["test"], max_rows=4)
     rows = E.evaluate_run(str(run), **kw)
     assert len(calls) == 2 and sorted({r["step"] for r in rows}) == [10, 20]
-    assert all(set(r) == {"arch", "loss", "seed", "lr", "step", "benchmark", "value"} for r in rows)
+    assert all(set(r) == {"arch", "loss", "seed", "lr", "step", "benchmark", "value", "ckpt", "source"} for r in rows)
     assert all((r["arch"], r["loss"], r["seed"], r["lr"]) == ("h", "prior", 3, 2e-3) for r in rows)
     at10 = {r["benchmark"]: r["value"] for r in rows if r["step"] == 10}
     assert {"presence_a", "presence_b_norm", "colour", "nll_image", "gap_all", "nll_noise_shuffled"} <= set(at10)
@@ -347,3 +347,66 @@ def test_feature_cache_gives_the_same_results(world, tmp_path):
         assert cached == pytest.approx(plain, rel=1e-5, abs=1e-6)
         # one file: the questions and the test captions show the same 5 images (keyed by pixels, not by file)
         assert len([f for f in os.listdir(tmp_path) if f.endswith(".pt")]) == 1
+
+
+def test_attribute_gaps_by_what_an_image_word_says(world):
+    """gap_shape, gap_colour, gap_count, gap_position: the image words of each kind (data.tags.ATTRIBUTE_OF), each
+    the hand-computed mean over exactly those tokens."""
+    from data.tags import ATTRIBUTE_OF, ATTRIBUTES
+    model, tok = world["models"]["h"], world["tok"]
+    records = read_records(world["test"])
+    res = E.token_analysis(model, tok, world["test"], seed=5)
+    perm = E.derangement(len(records), 5)
+    nll, shuffled, kinds = [], [], []
+    for i, r in enumerate(records):
+        ids, words = enc(tok, r.caption), T.token_word_index(tok, [r.caption])[0]
+        nll.append(-hand_logprobs(model, r.image, [], ids))
+        shuffled.append(-hand_logprobs(model, records[perm[i]].image, [], ids))
+        split = r.caption.split(" ")
+        kinds += [ATTRIBUTE_OF.get(split[w]) if w >= 0 and r.extra["tags"][w] == "image" else None for w in words]
+    nll, shuffled = torch.cat(nll), torch.cat(shuffled)
+    assert {"shape", "colour", "count", "position"} <= set(kinds)  # "stars", "red", "three", "left"
+    for kind in ATTRIBUTES:
+        sel = torch.tensor([k == kind for k in kinds])
+        if not sel.any():
+            assert f"gap_{kind}" not in res  # no size word in these captions
+            continue
+        assert res[f"gap_{kind}"] == pytest.approx(float(shuffled[sel].mean() - nll[sel].mean()), abs=1e-4)
+
+
+def test_a_model_blind_to_the_image_has_exactly_zero_gap_and_one_that_sees_does_not(world):
+    """The endpoint cancels the text prior by construction: the same caption, the same model, only the image
+    differs. A model whose image input is a constant (the projector's output zeroed) gets exactly 0 on every gap,
+    whatever its text prior; the same model seeing the images does not."""
+    tok = world["tok"]
+    blind = VLM(world["models"]["h"].cfg)
+    blind.load_state_dict(world["models"]["h"].state_dict())
+    with torch.no_grad():
+        blind.projector[-1].weight.zero_()  # every image becomes the same embeddings (the bias)
+    res = E.token_analysis(blind.eval(), tok, world["test"], seed=5)
+    gaps = {k: v for k, v in res.items() if k.startswith("gap_")}
+    assert {"gap_image", "gap_shape", "gap_colour", "gap_all"} <= set(gaps)
+    assert all(v == 0.0 for v in gaps.values()), gaps
+    seeing = E.token_analysis(world["models"]["h"], tok, world["test"], seed=5)
+    assert abs(seeing["gap_image"]) > 1e-3 and abs(seeing["gap_colour"]) > 1e-3
+
+
+def test_several_image_tokens_per_patch(world):
+    """tokens_per_patch k: the projector gives k embeddings per patch, one <|image|> slot each, side by side; k = 1
+    is the model as before (same parameters, same initialisation)."""
+    cfg = world["models"]["h"].cfg
+    torch.manual_seed(3)
+    one = VLM(cfg)
+    torch.manual_seed(3)
+    same = VLM(dataclasses.replace(cfg, tokens_per_patch=1))
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), same.state_dict().values()))
+    three = VLM(dataclasses.replace(cfg, tokens_per_patch=3))
+    images = torch.randn(2, 3, 16, 16)
+    assert len(three.image_tokens()) == 3 * len(one.image_tokens()) == 12
+    emb = three.embed_images(images)
+    flat = three.projector(three.encoder.forward_features(images))  # (2, 4 patches, 3 * d)
+    assert emb.shape == (2, 12, 32) and torch.equal(emb[:, 3:6], flat[:, 1].view(2, 3, 32))  # patch 1's three
+    ids = torch.tensor([three.image_tokens() + [T.BOS, 20, 21]])
+    assert three(ids, images[:1]).shape == (1, 15, three.cfg.decoder.vocab_size)
+    with pytest.raises(ValueError, match="tokens_per_patch"):
+        VLM(dataclasses.replace(cfg, arch="u", tokens_per_patch=2))

@@ -72,9 +72,13 @@ def test_rerun_skips_finished_work(smoke):
 
 def test_torchrun_launcher():
     exp = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", nproc=4, out="/tmp/prior_launcher"))
-    assert exp.jobs.launcher(["train.py", "--arch", "h"]) == ["-m", "torch.distributed.run", "--standalone",
-                                                             "--nproc_per_node=4"]
-    assert exp.jobs.launcher(["eval.py"]) == []
+    train_job = (experiment.TrainConfig(arch="h"), "train")
+    assert exp.jobs.launcher(train_job) == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert exp.jobs.launcher((experiment.EvalConfig(), "eval")) == []
+    # under torchrun a run is two jobs: train.py, then eval.py over every checkpoint of the same folder
+    (train, name), (evaluate, eval_name) = exp.vlm_job(("web", "h", "prior", 3e-3, 0), "test")
+    assert train[1] == "train" and name == "train_test_web_h_prior_lr0.003_s0" and eval_name == "eval_" + name[6:]
+    assert evaluate[1] == "eval" and evaluate[0].run_dir == train[0].out_dir
 
 
 def fake_parallel(exp, score):
@@ -82,8 +86,8 @@ def fake_parallel(exp, score):
     whose every point is score(lr, seed)."""
     def run(jobs):
         for chain in jobs:
-            (_, _, (argv, _)), _ = chain[0]
-            d, lr, seed = (argv[argv.index(k) + 1] for k in ("--out-dir", "--lr", "--seed"))
+            (_, _, (cfg, _)), _ = chain[0]
+            d, lr, seed = cfg.out_dir, cfg.lr, cfg.seed
             os.makedirs(d, exist_ok=True)
             open(os.path.join(d, f"ckpt_{exp.p['vlm']['steps']:06d}.pt"), "w").close()
             rows = [{"step": s, "benchmark": "probe_img_avg", "value": score(float(lr), int(seed))} for s in (3, 6)]
@@ -123,10 +127,25 @@ def test_test_seeds_never_overlap_the_pilot_seeds(tmp_path):
 
 def test_wandb_reaches_every_vlm_run(tmp_path):
     exp = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path), wandb="prior-runs"))
-    args = exp.train_args("web", "h", "prior", 3e-3, 0, str(tmp_path / "r"))
-    assert args[args.index("--wandb") + 1] == "prior-runs"
+    assert exp.train_config("web", "h", "prior", 3e-3, 0, str(tmp_path / "r")).wandb == "prior-runs"
     plain = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path / "p")))
-    assert "--wandb" not in plain.train_args("web", "h", "prior", 3e-3, 0, str(tmp_path / "r"))
+    assert plain.train_config("web", "h", "prior", 3e-3, 0, str(tmp_path / "r")).wandb == ""
+
+
+def test_vlm_runs_in_the_papers_recipe(tmp_path):
+    """A main-job run as a worker job: train.TrainConfig in the recipe of its family, with the evaluation spec."""
+    exp = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path)))
+    [((kind, function, (h, specs)), name)] = exp.vlm_job(("web", "h", "oracle", 3e-3, 1), "val")
+    assert (kind, function, name) == ("call", "experiments.worker:train_eval", "val_web_h_oracle_lr0.003_s1")
+    assert (h.arch, h.loss, h.lr, h.seed, h.oracle_low, h.train, h.resume, h.overwrite) == (
+        "h", "oracle", 3e-3, 1, 0.1, "projector", True, True)
+    assert (h.steps, h.batch_size, h.save_every, h.warmup) == (6, 8, 3, 2)  # the preset's vlm sizes
+    assert h.init_encoder == str(tmp_path / "vit.pt") and h.image_cache == str(tmp_path / "images_web.u8")
+    assert h.out_dir == str(tmp_path / "runs" / "web" / "h" / "oracle_lr0.003_s1")
+    assert specs == [exp.eval_spec("web", "h", "val")]
+    u = exp.train_config("web", "u", "prior", 3e-3, 0, str(tmp_path / "r"))
+    assert (u.train, u.init_encoder, u.feature_cache, u.image_cache) == ("all", "", "", "")
+    assert u.init_from == exp.stage1_ckpt("web") and u.text_data == str(tmp_path / "data_web" / "text.jsonl")
 
 
 @pytest.mark.parametrize("flags,name", [(["--arms", "ntp,priorx"], "priorx"), (["--tune", "nope"], "nope"),

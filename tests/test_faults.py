@@ -29,7 +29,7 @@ from data.records import read_records
 from data.images import load_images
 from data.record_types import DataError
 from data.scores import load_scores
-from scale.shards import ShardStream
+from scale.stream import StreamedImages  # importing scale registers its tar-shard reader
 from utils import atomic_save, load_checkpoint, text_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,13 +66,18 @@ def test_bad_images_and_captions_in_a_shard_are_counted(tmp_path, capfd):
         assert reason in err, reason
     kept, imgs = load_images(recs, 4, max_bad_fraction=0.5)
     assert len(kept) == 20 and "cannot decode image x 3" in capfd.readouterr().err
-    # Streaming decodes as it goes, and counts all eight in one summary.
-    ids = [s["id"] for s in ShardStream(shard, image_size=4, rank=0, world=1, max_bad_fraction=0.5)]
-    assert ids == [f"{i:06d}" for i in range(20)]
+    with pytest.raises(DataError, match=r"5 of 28 records are bad .* max_bad_fraction"):
+        read_records(shard)  # default 1%
+    # train.py --stream decodes a member when its batch comes: each undecodable image is a black image, warned and
+    # counted (StreamedImages.bad), the good ones are load_images' pixels
+    capfd.readouterr()
+    streamed = StreamedImages(recs, 4)
+    got = streamed[range(len(recs))]
+    black = [r.id for r, image in zip(recs, got) if not image.any()]
+    assert black == ["bad01", "bad02", "bad03"] and streamed.bad == 3
+    assert torch.equal(got[:20], imgs)
     err = capfd.readouterr().err
-    assert "skipped 8 of 28 samples" in err and "cannot decode image x 3" in err
-    with pytest.raises(DataError, match=r"8 of 28 samples are bad .* max_bad_fraction"):
-        list(ShardStream(shard, image_size=4, rank=0, world=1))  # default 1%
+    assert all(f"--stream: record {k}: cannot decode image" in err for k in black)
 
 
 def test_zero_byte_files(tmp_path):
@@ -118,8 +123,8 @@ def test_shard_cut_off_mid_member_or_at_a_boundary(tmp_path, capfd):
     assert "shard cut off mid-member x 1" in err and "cut.tar" in err
     with pytest.raises(DataError, match="cut.tar: 1 of 1 shards are broken"):
         read_records(cut)  # over 1%: refused, not trained on quietly
-    ids = [s["id"] for s in ShardStream(cut, image_size=4, rank=0, world=1, max_bad_fraction=0.5)]
-    assert ids == [f"{i:06d}" for i in range(50)] and "shard cut off mid-member x 1" in capfd.readouterr().err
+    streamed = StreamedImages(recs, 4)  # what --stream reads of it: the 50 samples before the cut, every one whole
+    assert torch.equal(streamed[range(50)], load_images(recs, 4)[1]) and streamed.bad == 0
     # At a member boundary: tarfile itself would stop quietly; the missing end-of-archive marker is counted.
     boundary = tmp_path / "boundary.tar"
     boundary.write_bytes(full[: member.offset])  # ends right after sample 49's last member

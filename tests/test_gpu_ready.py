@@ -189,10 +189,10 @@ def test_threads_split_over_runs_and_torchrun_processes(tmp_path, monkeypatch):
     from experiments import experiment
     monkeypatch.setattr(experiment.os, "cpu_count", lambda: 16)
     exp = experiment.Experiment(experiment.ExperimentConfig(out=str(tmp_path), parallel=2, nproc=4))
-    assert exp.jobs.threads_per_process(["train.py", "--arch", "h"]) == 2  # 16 cores / 2 runs / 4 processes
-    assert exp.jobs.threads_per_process(["score.py"]) == 8                 # not under torchrun
+    assert exp.jobs.threads_per_process((train.TrainConfig(arch="h"), "train")) == 2  # 16 cores / 2 runs / 4 processes
+    assert exp.jobs.threads_per_process((experiment.ScoreConfig(), "score")) == 8   # not under torchrun
     one = experiment.Experiment(experiment.ExperimentConfig(out=str(tmp_path), parallel=1, nproc=32))
-    assert one.jobs.threads_per_process(["train.py"]) == 1
+    assert one.jobs.threads_per_process((train.TrainConfig(), "train")) == 1
 
 
 def test_gpus_without_bf16_are_refused(monkeypatch):

@@ -239,16 +239,23 @@ def test_baselines_quick(mini_out, tmp_path):
         paper.main(["baselines", "--from", str(mini_out), "--out", str(out), "--quick", "--arms", "clip"])
 
 
+def parse(argv):
+    """The config of `python -m experiments.paper <argv>`, without running it."""
+    from utils import parse_config
+    _, cls = paper.command_of(argv)
+    cfg = parse_config(cls, argv[1:], description=f"python -m experiments.paper {argv[0]}: {cls.__doc__}")
+    cfg.argv = list(argv)
+    return cfg
+
+
 def test_same_run_reads_a_moved_artefacts_folder(mini_out, tmp_path):
     """A main-job run made when the artefacts folder lived elsewhere (copied, renamed) still counts as the same
     run: its recorded paths are read relative to the folder it was in. Another setting does not."""
-    import train
-    from utils import parse_config
-    args = paper.parse(["ablation", "--from", str(mini_out), "--out", str(tmp_path / "o"), "--quick"])
+    args = parse(["ablation", "--from", str(mini_out), "--out", str(tmp_path / "o"), "--quick"])
     s = Setup(args, "ablation")
     run = os.path.join(s.src, "runs", "web", "h", "ntp_moved_folder")
-    targs = s.train_args("ntp", 3e-3, 0, run)
-    config = dataclasses.asdict(parse_config(train.TrainConfig, [str(a) for a in targs[1:]]))
+    targs = s.train_config("ntp", 3e-3, 0, run)
+    config = dataclasses.asdict(targs)
     old = "/elsewhere/out"
     moved = {k: old + v[len(s.src):] if isinstance(v, str) and v.startswith(s.src + os.sep) else v
              for k, v in config.items()}
@@ -265,12 +272,12 @@ def test_same_run_reads_a_moved_artefacts_folder(mini_out, tmp_path):
 def test_each_command_parses_its_own_flags(capsys):
     """One config per command: `--from` (the field from_) and the command's flags parse; another command's flag,
     an unknown command or none at all end as one `error:` line with exit code 2."""
-    cfg = paper.parse(["scaling", "--from", "elsewhere", "--epochs", "2", "--quick"])
+    cfg = parse(["scaling", "--from", "elsewhere", "--epochs", "2", "--quick"])
     assert isinstance(cfg, paper.ScalingConfig) and cfg.command == "scaling"
     assert (cfg.from_dir, cfg.epochs, cfg.quick, cfg.methods) == ("elsewhere", 2.0, True, "ntp,prior")
     assert cfg.argv == ["scaling", "--from", "elsewhere", "--epochs", "2", "--quick"]
     with pytest.raises(SystemExit) as e:
-        paper.parse(["scaling", "--alphas", "1"])  # ablation's flag
+        parse(["scaling", "--alphas", "1"])  # ablation's flag
     assert e.value.code == 2 and "unrecognized arguments: --alphas" in capsys.readouterr().err
     for argv in (["fig9"], []):
         with pytest.raises(SystemExit) as e:

@@ -63,10 +63,13 @@ def run_args(tiny, tmp_path_factory):
 
 def test_in_process_evaluation_equals_eval_py_and_repeats_bit_for_bit(run_args):
     import eval as E
+    import train
     from experiments.worker import train_eval
+    from utils import parse_config
     root, args = run_args
+    config = lambda argv: parse_config(train.TrainConfig, argv)  # noqa: E731
     spec = [{"out": "eval.json", "probes": str(root / "probes")}]
-    timing = train_eval(args("a"), spec)
+    timing = train_eval(config(args("a")), spec)
     assert timing["train_s"] > 0 and timing["eval_s"] > 0
     rows = json.loads((root / "a" / "eval.json").read_text())
     assert sorted({r["step"] for r in rows}) == [2, 4]
@@ -75,13 +78,13 @@ def test_in_process_evaluation_equals_eval_py_and_repeats_bit_for_bit(run_args):
         theirs = {r["benchmark"]: r["value"] for r in
                   E.evaluate_checkpoint(str(root / "a" / f"ckpt_{step:06d}.pt"), probes_dir=str(root / "probes"))}
         assert mine == theirs
-    train_eval(args("b"), spec)  # the same run again, on this machine: every number identical
+    train_eval(config(args("b")), spec)  # the same run again, on this machine: every number identical
     assert (root / "b" / "eval.json").read_text() == (root / "a" / "eval.json").read_text()
     log = lambda d: [json.loads(x)["loss"] for x in open(root / d / "log.jsonl")]  # noqa: E731
     assert log("a") == log("b")
     before = (root / "a" / "eval.json").read_text()
     (root / "a" / "eval.json").unlink()  # a finished run without its evaluations: they come from its checkpoints
-    assert train_eval(args("a"), spec)["train_s"] == 0 and (root / "a" / "eval.json").read_text() == before
+    assert train_eval(config(args("a")), spec)["train_s"] == 0 and (root / "a" / "eval.json").read_text() == before
 
 
 def test_evaluation_changes_no_training(run_args):

@@ -101,11 +101,13 @@ def test_vision_layer_flag_is_saved_and_rebuilt(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------- frozen parts in bf16
-def test_frozen_parts_go_bf16_on_cuda_only(tiny, tmp_path):
+def test_frozen_parts_go_bf16_on_cuda_only(tiny, tmp_path, monkeypatch):
     tok = train.T.load_tokenizer(str(tiny["tokenizer"]))
     cpu = build_model(config(tiny, tmp_path, train="projector"), tok)
     assert {p.dtype for p in cpu.parameters()} == {torch.float32}  # CPU: unchanged
-    # device "cuda" only decides the dtype; the tensors stay on the CPU here, so no GPU is needed
+    # device "cuda" only decides the dtype; the tensors stay on the CPU here, so no GPU is needed (but
+    # utils.pick_device refuses --device cuda where torch sees none)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = build_model(config(tiny, tmp_path, train="projector", device="cuda"), tok)
     for name, part in gpu.parts().items():
         assert {p.dtype for p in part.parameters()} == {torch.float32 if name == "projector" else torch.bfloat16}

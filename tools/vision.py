@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import (VisionChecks, atomic_save, autocast, flag, lr_at, make_optimizer, pick_device, run, seed_everything,
-                   text_fingerprint)
+from utils import (VisionChecks, atomic_save, atomic_write, autocast, check_out, flag, lr_at, make_optimizer,
+                   pick_device, run, seed_everything, text_fingerprint)
 from data.records import read_records
 from data.images import load_images, normalize
 from data.record_types import DataError
@@ -70,7 +70,7 @@ class Config(VisionChecks):
     lr: float = flag(2e-3, "peak learning rate")
     warmup: int = flag(50, "linear warm-up steps, then cosine to lr/10")
     weight_decay: float = flag(0.05, "AdamW weight decay on matrices")
-    grad_clip: float = flag(1.0, "gradient-norm clip")
+    grad_clip: float = flag(1.0, "gradient-norm clip (0 = no clipping)")
     pixel_noise: float = flag(0.0, "std of Gaussian noise added to normalised pixels (0 = none)")
     eval_every: int = flag(250, "print validation accuracy every N steps (0 = only at the end)")
     seed: int = flag(0, "seed for initialisation, split and batch order")
@@ -196,12 +196,11 @@ def show(acc):
 # ----------------------------------------------------------------------------- training
 def main(cfg):
     t_start, cpu_start = time.time(), time.process_time()
+    check_out(cfg.out)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    if cfg.image_size % cfg.patch_size:
-        raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
 
     records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
     scenes_of(records, cfg.data)  # fail before spending time decoding images
@@ -253,7 +252,7 @@ def main(cfg):
             loss = cell_loss(heads(encoder.forward_features(x)), train_labels[idx].to(device))
         loss.backward()
         loss = loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
         if not math.isfinite(loss) or not torch.isfinite(grad_norm):
             raise RuntimeError(f"non-finite loss or gradient at step {step}; try a lower --lr")
         opt.step()
@@ -272,8 +271,7 @@ def main(cfg):
                "batch_size": cfg.batch_size, "final_loss": loss, "seconds": round(seconds, 1),
                "cpu_seconds": round(cpu_seconds, 1), "threads": torch.get_num_threads(), "data": data_fp,
                "checkpoint": cfg.out}
-    with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump(summary, f, indent=1)
+    atomic_write(os.path.splitext(cfg.out)[0] + ".json", json.dumps(summary, indent=1))
     print(f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.json")
     return encoder, heads, summary
 
