@@ -95,10 +95,14 @@ def parse_config(cls, argv=None, description=None):
     args = vars(parser.parse_args(argv))
     if args.pop("debug", False) and "debug" not in names:
         os.environ["PRIOR_DEBUG"] = "1"
-    cfg = cls(**args)
-    # the flags the command line set: some checks are stricter for those (a slots dataclass has no room: all strict)
+    return validate(cls(**args), {k for k, v in args.items() if v != parser.get_default(k)})
+
+
+def validate(cfg, given):
+    """cfg with its flag ranges and check() run; `given`: the flags set, for which some checks are stricter (a slots
+    dataclass has no room for them: all strict)."""
     with contextlib.suppress(AttributeError, TypeError):
-        object.__setattr__(cfg, "_given", {k for k, v in args.items() if v != parser.get_default(k)})
+        object.__setattr__(cfg, "_given", set(given))
     for f in dataclasses.fields(cfg):
         if "min" in f.metadata or "max" in f.metadata:
             check_range(cfg, f.name, f.metadata.get("min"), f.metadata.get("max"))

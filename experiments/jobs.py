@@ -70,7 +70,7 @@ def flags(cfg):
 def checked(cfg):
     """A copy of cfg as parse_config makes it from flags(cfg): each value of the field's type (an int lr becomes
     a float), the fields' min..max and the config's check() applied, `_given` = the fields off their defaults."""
-    from utils import check_range
+    from utils import validate
     hints, kw = typing.get_type_hints(type(cfg)), {}
     for name, value in changed(cfg).items():
         kind = hints[name]
@@ -78,14 +78,7 @@ def checked(cfg):
         if value is not None and kind in (int, float, str) and type(value) is not kind:
             kw[name] = kind(str(value))
     cfg = dataclasses.replace(cfg, **kw)
-    with contextlib.suppress(AttributeError, TypeError):
-        object.__setattr__(cfg, "_given", set(changed(cfg)))
-    for f in dataclasses.fields(cfg):
-        if "min" in f.metadata or "max" in f.metadata:
-            check_range(cfg, f.name, f.metadata.get("min"), f.metadata.get("max"))
-    if hasattr(cfg, "check"):
-        cfg.check()
-    return cfg
+    return validate(cfg, changed(cfg))
 
 
 def command(job):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scale.hf_tokenizer import convert_tokenizer
+from scale import hf_tokenizer
 from utils import UserError, flag, positional, register, run
 from data import tokenizer as T
 from scale.hf_tokenizer import read_json
@@ -66,7 +66,7 @@ def decoder_config(path, max_seq_len=None):
 
 def convert_tokenizer(path):
     """hf_tokenizer.convert_tokenizer with the project's special tokens: (tokenizer, perm, n_new)."""
-    return convert_tokenizer(path, T.SPECIALS)
+    return hf_tokenizer.convert_tokenizer(path, T.SPECIALS)
 
 
 def read_weights(path):
