@@ -392,7 +392,7 @@ _features = {}  # (hash of ViT weights, data_key) -> ViT patch features
 
 
 def image_embeds(model, images, key, device, chunk=256, feature_cache=""):
-    """(N, grid*grid, d) embeddings of uint8 images. The paper trains only the H-LVLM's projector, so its ViT is
+    """(N, image tokens, d) embeddings of uint8 images. The paper trains only the H-LVLM's projector, so its ViT is
     the same in every checkpoint: its features are cached by a hash of its weights and the ViT runs once per file
     and process; with feature_cache (a folder, scale/features.py) once per file and encoder, across processes."""
     def run(fn):
@@ -410,7 +410,7 @@ def image_embeds(model, images, key, device, chunk=256, feature_cache=""):
             _features[h, key] = (plugin("feature_cache", "--feature-cache")(model.encoder, images, feature_cache,
                                                                               device) if feature_cache
                                  else run(model.encoder.forward_features))
-        return model.projector(_features[h, key])
+        return model.embed_images(_features[h, key])  # features in: the projector, k tokens a patch out
 
 
 def derangement(n, seed=0):

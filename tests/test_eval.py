@@ -410,3 +410,12 @@ def test_several_image_tokens_per_patch(world):
     assert three(ids, images[:1]).shape == (1, 15, three.cfg.decoder.vocab_size)
     with pytest.raises(ValueError, match="tokens_per_patch"):
         VLM(dataclasses.replace(cfg, arch="u", tokens_per_patch=2))
+
+
+def test_token_analysis_with_several_tokens_per_patch(world):
+    """Evaluation's cached-feature path goes through the projector as training does: k tokens a patch."""
+    cfg = world["models"]["h"].cfg
+    torch.manual_seed(4)
+    three = VLM(dataclasses.replace(cfg, tokens_per_patch=3)).eval()
+    res = E.token_analysis(three, world["tok"], world["test"], seed=5)
+    assert "gap_image" in res and all(v == v for v in res.values())  # scored, no NaN
