@@ -1,5 +1,6 @@
 """Does the H-LVLM use the image? A small grid over what the tiny world may lack, measured by the grounding gap: the
-test captions' NLL with another caption's image minus with the right one, in nats per token, over all image words
+captions' NLL (validation split by default: design choices are made there) with another caption's image minus with
+the right one, in nats per token, over all image words
 and per attribute (eval.token_analysis: gap_image, gap_shape, gap_colour, gap_count, gap_size, gap_position). A model
 that ignores the image has a gap of 0 whatever its text prior: the prior is the same on both sides.
 
@@ -34,10 +35,49 @@ class SeeConfig:
     lr: float = flag(3e-3, "peak learning rate of every run")
     steps: int = flag(240, "steps per run (the cpu preset's)")
     batch_size: int = flag(32, "image-caption pairs per step")
-    max_rows: int = flag(300, "test captions scored (0 = all)")
+    split: str = flag("val", "captions the gaps are measured on: val (design choices) or test", ["val", "test"])
+    max_rows: int = flag(300, "captions scored (0 = all)")
     prepare: bool = flag(False, "first train the base LM and the ViT if the folder lacks them (the main job's recipe)")
+    lm_check: bool = flag(True, "also measure whether the frozen base LM reads colour and shape from its context")
     out: str = flag("", "folder for the runs, see.json and see.md ('' = FROM/see)")
     device: str = flag("cpu", "cpu or cuda")
+
+
+def context_use(src, mix, n=200, seed=0):
+    """Does the frozen base LM read an attribute from its context? For n validation scenes: the caption's NLL of its
+    shape and colour words after the scene's full description (as in the base LM's text documents) minus after
+    the same description with that attribute of every object changed. {kind: gap in nats per token}."""
+    import random
+    import torch
+    from data.scenes import COLOURS, SHAPES, describe, groups_of, text_of
+    from data.tags import ATTRIBUTE_OF
+    from model import load_lm
+    tok = T.load_tokenizer(os.path.join(src, "tokenizer.json"))
+    lm, _ = load_lm(os.path.join(src, "base_lm.pt"), tok)
+    lm.eval()
+    rng = random.Random(seed)
+    with open(os.path.join(src, f"data_{mix}", "val.jsonl")) as f:
+        rows = [json.loads(line) for line in f][:n]
+
+    def nll(context, caption, kind):
+        words, ids = caption.split(" "), T.encode_captions(tok, [context, caption])
+        seq = torch.tensor([[T.BOS] + ids[0] + ids[1]])
+        with torch.no_grad():
+            logp = lm(seq).log_softmax(-1)[0]
+        start = len(ids[0])  # logp[start + j] predicts caption token j
+        index = T.token_word_index(tok, [caption])[0]
+        return [-float(logp[start + j, t]) for j, (t, w) in enumerate(zip(ids[1], index))
+                if w >= 0 and ATTRIBUTE_OF.get(words[w]) == kind]
+    out = {}
+    for kind, values in (("colour", list(COLOURS)), ("shape", SHAPES)):
+        right, wrong = [], []
+        for r in rows:
+            other = [dict(o, **{kind: rng.choice([v for v in values if v != o[kind]])}) for o in r["scene"]]
+            right += nll(text_of(describe(groups_of(r["scene"], True))) + " .", r["caption"], kind)
+            wrong += nll(text_of(describe(groups_of(other, True))) + " .", r["caption"], kind)
+        out[kind] = {"tokens": len(right), "nll_right": sum(right) / len(right), "nll_wrong": sum(wrong) / len(wrong),
+                     "gap": (sum(wrong) - sum(right)) / len(right)}
+    return out
 
 
 def summary(rows):
@@ -68,7 +108,7 @@ def main(cfg):
         exp.prepare(with_pretrain=True)
         exp.jobs.close()
     need = [os.path.join(src, f) for f in ("tokenizer.json", "base_lm.pt", "vit.pt", f"scores_{cfg.mix}_train.pt")]
-    missing = [p for p in need + [os.path.join(data, "test.jsonl")] if not os.path.exists(p)]
+    missing = [p for p in need + [os.path.join(data, f"{cfg.split}.jsonl")] if not os.path.exists(p)]
     if missing:
         raise UserError(f"--from {cfg.from_}: {missing[0]} is missing (python -m experiments.see --prepare makes it)")
     out = os.path.abspath(cfg.out or os.path.join(src, "see"))
@@ -88,17 +128,27 @@ def main(cfg):
                     save_every=cfg.steps, warmup=10, row_len=256, patch_size=16, tokens_per_patch=k,
                     resume=os.path.exists(os.path.join(run_dir, "last.pt")), device=cfg.device)
                 model = train.main(tcfg).eval()
-                gaps = E.token_analysis(model, tok, os.path.join(data, "test.jsonl"), device=cfg.device,
+                gaps = E.token_analysis(model, tok, os.path.join(data, f"{cfg.split}.jsonl"), device=cfg.device,
                                         max_rows=cfg.max_rows or None, feature_cache=os.path.join(src, "features"))
                 rows.append({"tokens": k, "arm": arm, "seed": seed, **{key: gaps[key] for key in KEYS if key in gaps}})
                 print(f"k={k} {arm} seed {seed}: " + ", ".join(f"{key} {gaps.get(key, float('nan')):.3f}"
                                                             for key in KEYS))
                 with open(os.path.join(out, "see.json"), "w") as f:
                     json.dump({"config": asdict(cfg), "rows": rows}, f, indent=1)
-    md = table(rows)
+    md, lm = table(rows), context_use(src, cfg.mix) if cfg.lm_check else {}
+    if lm:
+        with open(os.path.join(out, "see.json"), "w") as f:
+            json.dump({"config": asdict(cfg), "rows": rows, "base_lm_context": lm}, f, indent=1)
+        md += "\n\nThe frozen base LM alone, the caption after its scene's description (right) or after the " \
+              "description with that attribute of every object changed (wrong), NLL in nats per token:\n\n" \
+              "| attribute | tokens | " \
+              "right | wrong | gap |\n|---|---|---|---|---|\n" + "\n".join(
+                  f"| {k} | {v['tokens']} | {v['nll_right']:.3f} | {v['nll_wrong']:.3f} | {v['gap']:.3f} |"
+                  for k, v in lm.items())
     with open(os.path.join(out, "see.md"), "w") as f:
         f.write(f"`python -m experiments.see --from {cfg.from_} --tokens {cfg.tokens} --arms {cfg.arms} --seeds "
-                f"{cfg.seeds} --lr {cfg.lr:g} --steps {cfg.steps}`\n\nFinal-step grounding gaps on the test captions "
+                f"{cfg.seeds} --lr {cfg.lr:g} --steps {cfg.steps} --split {cfg.split}`\n\nFinal-step grounding gaps on "
+                f"the {cfg.split} captions "
                 f"(nats per token; mean over seeds, min over seeds):\n\n{md}\n")
     print(md)
     return rows
