@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scale import hf_tokenizer
+import scale.hf_tokenizer as hf_tokenizer
 from utils import UserError, flag, positional, register, run
 from data import tokenizer as T
 from scale.hf_tokenizer import read_json
