@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import subprocess
@@ -473,3 +474,26 @@ def test_resume_follows_moved_files_but_not_other_contents(tiny, tmp_path):
     with pytest.raises(ValueError, match="--init-decoder '' -> "):
         train.main(config(tiny, run, loss="prior", steps=4, save_every=2, resume=True,
                           init_decoder=str(tiny["ref_lm"])))
+
+
+def test_a_weighting_registered_from_a_test_file_trains(tiny, tmp_path):
+    """One extension point: a new --loss is a function registered by name, here from this file alone (no edit to
+    packing, checkpoints or flag checks). Its per-token input rides in Sample.inputs / Batch.inputs like p_ref: the
+    weights are what it says (tokens of even id 100 times lighter, scaled by 1 + p_ref) and change the run."""
+    seen = []
+
+    @train.weighting("test_squared_first_half", inputs={"p_ref": "scores"})
+    def squared_first_half(cfg, batch, state):
+        seen.append(batch.inputs["p_ref"].shape == batch.labels.shape)
+        return (1 + batch.inputs["p_ref"]) * torch.where(batch.labels % 2 == 0, 0.01, 1.0)
+    try:
+        new = train.main(config(tiny, tmp_path / "new", loss="test_squared_first_half", steps=2, save_every=2))
+        ntp = train.main(config(tiny, tmp_path / "ntp", loss="ntp", steps=2, save_every=2))
+    finally:
+        del train.WEIGHTINGS["test_squared_first_half"]
+    assert seen and all(seen)
+    assert json.load(open(tmp_path / "new" / "config.json"))["config"]["loss"] == "test_squared_first_half"
+    assert not all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), ntp.state_dict().values()))
+    assert abs(log_losses(tmp_path / "new" / "log.jsonl")[0] - log_losses(tmp_path / "ntp" / "log.jsonl")[0]) > 1e-3
+    with pytest.raises(ValueError, match="no such weighting"):  # gone again: --loss names only what is registered
+        train.main(config(tiny, tmp_path / "gone", loss="test_squared_first_half", steps=1))
