@@ -341,12 +341,13 @@ def evaluate_run(run_dir, out=None, **kw):
 
 
 def write_rows(path, rows):
-    """eval.json, atomically: one row a line (readable, diffable), still one JSON list. Rows without their
-    checkpoint's fingerprint (in-process evaluations) get that of the ckpt_<step>.pt beside the file."""
+    """eval.json atomically, a row a line; rows without a "ckpt" (in-process) get their ckpt_<step>.pt's fingerprint."""
+    missing = {r["step"] for r in rows if "ckpt" not in r}  # each checkpoint fingerprinted once, not once a row
+    ckpts = {s: os.path.join(os.path.dirname(path), "ckpt_%06d.pt" % s) for s in missing}
+    fps = {s: ckpt_fingerprint(c) for s, c in ckpts.items() if os.path.isfile(c)}
     for r in rows:
-        ckpt = os.path.join(os.path.dirname(path), f"ckpt_{r['step']:06d}.pt")
-        if "ckpt" not in r and os.path.isfile(ckpt):
-            r["ckpt"] = ckpt_fingerprint(ckpt)
+        if "ckpt" not in r and r["step"] in fps:
+            r["ckpt"] = fps[r["step"]]
     atomic_write(path, "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
 
 
