@@ -240,20 +240,20 @@ class VLM(nn.Module):
             raise ValueError(f"arch must be 'h' or 'u', got {cfg.arch!r}")
         if cfg.vision and cfg.arch != "h":
             raise ValueError(f"vision {cfg.vision!r} needs arch 'h' (the encoder-free U-LVLM has no encoder)")
-        if cfg.arch == "h" and not cfg.vision:
-            self.encoder = build_vit(cfg)
-        elif cfg.arch == "h":
+        if cfg.vision:
             if not cfg.vision.startswith("timm:") or not cfg.vision[5:]:
                 raise ValueError(f"vision must be '' (the built-in ViT) or 'timm:<model name>', got {cfg.vision!r}")
             e = self.encoder = plugin("timm_encoder", "--vision timm:<name>")(cfg.vision[5:], cfg.vision_kwargs)
             cfg = replace(cfg, image_size=e.image_size, patch_size=e.patch_size, vit_dim=e.dim,
                           vit_depth=e.depth, vit_heads=e.heads)
+        elif cfg.arch == "h":
+            self.encoder = build_vit(cfg)
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-        self.cfg, self.grid = cfg, cfg.image_size // cfg.patch_size
-        d = cfg.decoder.d_model
         if cfg.tokens_per_patch < 1 or (cfg.tokens_per_patch > 1 and cfg.arch != "h"):
             raise ValueError(f"tokens_per_patch {cfg.tokens_per_patch}: 1, or more with arch 'h'")
+        self.cfg, self.grid = cfg, cfg.image_size // cfg.patch_size
+        d = cfg.decoder.d_model
         if cfg.arch == "h":  # LLaVA's "mlp2x_gelu" projector, k embeddings out per patch
             self.projector = nn.Sequential(nn.Linear(cfg.vit_dim, d), nn.GELU(),
                                            nn.Linear(d, d * cfg.tokens_per_patch))
@@ -365,7 +365,7 @@ def build_model(cfg, tok, extra=None):
                         "give one")
     if cfg.vision_weights and not cfg.vision:
         raise UserError("--vision-weights needs --vision timm:<name>, the model the weights belong to")
-    if getattr(cfg, "vision_layer", 0) and not cfg.vision:
+    if cfg.vision_layer and not cfg.vision:
         raise UserError("--vision-layer needs --vision timm:<name> (the built-in ViT gives its last layer)")
     if cfg.vision_weights and cfg.init_from:
         raise UserError("--init-from already holds the encoder's weights: drop --vision-weights")
@@ -373,11 +373,11 @@ def build_model(cfg, tok, extra=None):
         vision_kwargs = json.loads(cfg.vision_kwargs) if cfg.vision_kwargs else {}
     except json.JSONDecodeError as e:
         raise UserError(f"--vision-kwargs is not JSON ({e}): {cfg.vision_kwargs!r}") from None
-    if getattr(cfg, "vision_layer", 0):  # kept with the kwargs, so the checkpoint's model_config rebuilds it
+    if cfg.vision_layer:  # kept with the kwargs, so the checkpoint's model_config rebuilds it
         vision_kwargs["vision_layer"] = cfg.vision_layer
     vcfg = VLMConfig(arch=cfg.arch, image_size=cfg.image_size, patch_size=cfg.patch_size, vit_dim=cfg.vit_dim,
                      vit_depth=cfg.vit_depth, vit_heads=cfg.vit_heads, decoder=dcfg, vision=cfg.vision,
-                     vision_kwargs=vision_kwargs, tokens_per_patch=getattr(cfg, "tokens_per_patch", 1))
+                     vision_kwargs=vision_kwargs, tokens_per_patch=cfg.tokens_per_patch)
     if cfg.init_encoder:
         enc = load_checkpoint(cfg.init_encoder, "vit", "--init-encoder")
         fields = ("image_size", "patch_size", "vit_dim", "vit_depth", "vit_heads")
@@ -405,7 +405,7 @@ def build_model(cfg, tok, extra=None):
             part.requires_grad_(name == "projector")
     if extra is not None:  # after everything else, and trained even with --train projector
         extra.attach(model, start)
-    model.decoder.grad_checkpoint = getattr(cfg, "grad_checkpoint", False)
+    model.decoder.grad_checkpoint = cfg.grad_checkpoint
     if cfg.train == "projector" and not cfg.fsdp:  # FSDP2 wants one dtype per sharding unit: fp32 there
         frozen_to_bf16(model, pick_device(cfg.device))
     return model

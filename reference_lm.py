@@ -28,7 +28,7 @@ from utils import (RefChecks, UserError, atomic_save, atomic_write, autocast, ch
 from data.packing import make_samples, pack
 from data.records import read_records
 from loss import ntp_loss
-from model import Decoder, DecoderConfig
+from model import Decoder, DecoderConfig, count_params
 
 
 MAX_EPOCHS, MAX_STEPS = 40, 600  # sized runs: 150 captions -> 40 steps; 10,000 captions -> 600 (docs/performance.md)
@@ -107,32 +107,30 @@ def train_lm(cfg):
     records = [r for path in cfg.data.split(",")
                for r in read_records(path, require_image=False, check_files=False,
                                      max_bad_fraction=cfg.max_bad_fraction)]
-    order = list(range(len(records)))
-    random.Random(cfg.seed).shuffle(order)
-    n_val = val_split_size(len(records), cfg.val_fraction)
     samples = make_samples(tok, records)
-    val, train = [samples[i] for i in order[:n_val]], [samples[i] for i in order[n_val:]]
+    random.Random(cfg.seed).shuffle(samples)  # the held-out captions: a random share, the same for one --seed
+    n_val = val_split_size(len(samples), cfg.val_fraction)
+    val, train = samples[:n_val], samples[n_val:]
     given, epoch_rows = cfg.steps, len(pack(train, cfg.row_len).input_ids)
     cfg = size_steps(cfg, epoch_rows)
-    if not given and rank == 0:
+    if not given and master:
         print(f"--steps 0: {cfg.steps} steps of up to {cfg.batch_rows} rows ({cfg.max_epochs:g} passes over the "
               f"{epoch_rows} rows of training captions at most), validation every {cfg.eval_every}, "
               f"warm-up {cfg.warmup}")
 
     dcfg = DecoderConfig(vocab_size=tok.get_vocab_size(), n_layer=cfg.n_layer, n_head=cfg.n_head,
                          d_model=cfg.d_model, max_seq_len=cfg.row_len)
-    base = None
     if cfg.init_decoder:  # a pretrained LM trained further on captions (the paper's reference LM: Llama-3-8B)
         base = load_checkpoint(cfg.init_decoder, "lm", "--init-decoder")  # hf:FOLDER: scale/hf.py
         check_fingerprint("tokenizer", base["tokenizer"], T.fingerprint(tok), cfg.init_decoder, cfg.tokenizer)
         dc = base["decoder_config"]
         dcfg = DecoderConfig(**{**dc, "max_seq_len": max(cfg.row_len, dc["max_seq_len"])})
     model = Decoder(dcfg)
-    if base is not None:
+    if cfg.init_decoder:
         model.load_state_dict(base["model"])
     model = model.to(device)
     model.grad_checkpoint = cfg.grad_checkpoint
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_params(model)
     train_model, opt = wrap(model, make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay), cfg, world, device,
                             master)
     run = plugin("wandb", "--wandb")(cfg.wandb, {"config": asdict(cfg), "decoder_config": asdict(dcfg)},
@@ -143,16 +141,15 @@ def train_lm(cfg):
               f"{world} process(es)")
 
     rng = random.Random(cfg.seed + 1)
-    epoch_rows, cursor, tokens_seen, t_train = [], 0, 0, 0.0
+    epoch, cursor, tokens_seen, t_train = None, 0, 0, 0.0
     history, best = [], None  # best: (val_nll, step, weights on the CPU) of the best validation so far
     bar = tqdm(range(cfg.steps), desc=f"train {os.path.basename(cfg.out)}", dynamic_ncols=True, disable=not master)
     for step in bar:
-        if cursor + cfg.batch_rows > len(epoch_rows):  # new epoch: reshuffle captions and re-pack
+        if epoch is None or cursor + cfg.batch_rows > len(epoch[0]):  # new epoch: reshuffle captions and re-pack
             rng.shuffle(train)
-            epoch = pack(train, cfg.row_len)
-            epoch_rows = list(zip(epoch.input_ids, epoch.labels, epoch.position_ids, epoch.doc_ids))
-            cursor = 0
-        rows = [torch.stack(x) for x in zip(*epoch_rows[cursor:cursor + cfg.batch_rows])]
+            packed, cursor = pack(train, cfg.row_len), 0
+            epoch = (packed.input_ids, packed.labels, packed.position_ids, packed.doc_ids)
+        rows = [t[cursor:cursor + cfg.batch_rows] for t in epoch]
         cursor += cfg.batch_rows
         n_tokens = int((rows[1] != -100).sum())  # the step's labelled tokens, over all processes
         input_ids, labels, position_ids, doc_ids = (x[rank::world].to(device) for x in rows)  # this process's rows

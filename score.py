@@ -1,16 +1,15 @@
 """Offline token scoring: p_ref(t_i | t_<i) from the text-only reference LM for every caption token.
 
     python score.py --ref out/ref_lm.pt --data data/synth/train.jsonl --out out/scores_train.pt
-    # big data: one shard file per process, scored and written in chunks (memory stays flat), and an index
-    torchrun --standalone --nproc_per_node=4 score.py --ref out/ref_lm.pt --data "shards/{000000..000099}.tar" \\
+    # big data (scale/'s plug-in): a shard file per process, scored and written in chunks (flat memory), an index
+    torchrun --standalone --nproc_per_node=4 -m scale score --ref out/ref_lm.pt --data "shards/{000000..000099}.tar" \\
         --out out/scores_train.pt
-    python score.py --stream ...     # the same streaming, sharded format from one process
+    python -m scale score --stream ...     # the same streaming, sharded format from one process
 
-Writes --out in data/scores.py's format (one score per label: caption tokens, then <|eos|>; with the tokenizer's,
-the reference LM's and the captions' fingerprints), and beside it a report (.json) and a picture of token weights
-like the paper's Fig. 1 (.png). Captions longer than the reference LM's context get p_ref = 0 past it (weight 1,
-as in NTP): counted, never dropped (docs/formats.md). With the generator's word tags the report says how well
-w = 1 - p_ref finds image words: mean w and ROC-AUC by tag, and the share the reference LM predicts (p_ref > 0.5).
+Writes --out in data/scores.py's format (one score per label: caption tokens, then <|eos|>), and beside it a
+report (.json) and a picture of token weights like the paper's Fig. 1 (.png). Captions longer than the reference
+LM's context get p_ref = 0 past it (weight 1, as in NTP): counted, never dropped (docs/formats.md). With the
+generator's word tags the report says how well w = 1 - p_ref finds image words (mean w and ROC-AUC by tag).
 """
 import json
 import os
@@ -19,12 +18,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from data import tokenizer as T
 from utils import (ScoreChecks, atomic_write, check_out, file_fingerprint, flag, pick_device, plugin, run,
-                   setup_distributed, text_fingerprint, weight_collapse)
+                   text_fingerprint, weight_collapse)
 from data.packing import count_overlong, make_samples
 from data.record_types import DataError
 from data.records import read_records
@@ -60,14 +58,13 @@ def context_len(model, row_len):
 
 @torch.inference_mode()
 def label_probs(model, samples, row_len, batch_rows, device, progress=True):
-    """p_ref of every label of every sample, as one tensor per sample (forward only), and the positions run.
-
-    Each batch holds captions of one length (row_len * batch_rows tokens at most): no padding and no
-    cross-document mask, so attention is the fast causal kernel over one caption. A caption longer than the
-    context is scored on its first ctx labels; its later labels (and <|eos|>) get 0 (count_overlong counts them)."""
+    """p_ref of every label of every sample, one tensor per sample (forward only), and the positions run. Each batch
+    holds captions of one length (row_len * batch_rows tokens at most): no padding and no cross-document mask, so
+    attention is the fast causal kernel over one caption. A caption longer than the context is scored on its first
+    ctx labels; its later labels (and <|eos|>) get 0 (count_overlong counts them)."""
     model.eval().to(device)
     ctx = context_len(model, row_len)
-    clipped = [s.caption_ids if len(s.caption_ids) + 1 <= ctx else s.caption_ids[:ctx] for s in samples]
+    clipped = [s.caption_ids[:ctx] for s in samples]
     by_length = {}
     for i, ids in enumerate(clipped):
         by_length.setdefault(len(ids), []).append(i)
@@ -123,8 +120,15 @@ def overlong_note(n_long, n_labels, ctx, where):
               f"their {n_labels} labels past it got p_ref = 0 (weight 1, as in NTP)", file=sys.stderr)
 
 
-def score_one_file(cfg, tok, model, ckpt, device):
-    """Everything in memory, one file out (the default for one process)."""
+def main(cfg):
+    check_out(cfg.out)
+    device = pick_device(cfg.device)
+    tok = T.load_tokenizer(cfg.tokenizer)
+    model, ckpt = load_lm(cfg.ref, tok)
+    if cfg.stream or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # one shard per process and an index: scale/score_shards.py's plug-in, which also sets up torchrun's group
+        return plugin("score_sharded", "--stream" if cfg.stream else "torchrun")(cfg, tok, model, ckpt, device)
+    # one process: everything in memory, one file out
     records = read_records(cfg.data, max_bad_fraction=cfg.max_bad_fraction)
     refuse_duplicate_ids((r.id for r in records), cfg.data)
     data_fp = text_fingerprint(records)
@@ -136,7 +140,6 @@ def score_one_file(cfg, tok, model, ckpt, device):
     p_ref, positions = label_probs(model, samples, cfg.row_len, cfg.batch_rows, device)
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(p) for p in p_ref) - n_past  # labels scored; those past the context are counted apart
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     save_scores(cfg.out, [r.id for r in records], p_ref, fingerprints_of(cfg, tok, data_fp))
     overlong_note(n_long, n_past, ctx, cfg.data)
     speed, ref_speed = positions / seconds, ckpt.get("train_tokens_per_s")
@@ -147,34 +150,9 @@ def score_one_file(cfg, tok, model, ckpt, device):
     print(f"scored {len(records)} captions, {n_tokens} tokens in {seconds:.1f}s: {speed:,.0f} tokens/s scoring vs "
           f"{ref_speed or float('nan'):,.0f} tokens/s reference-LM training "
           f"({speed / (ref_speed or float('nan')):.1f}x)")
-    _relevance(report, tok, records, samples, p_ref)
-    _write_report(cfg, report, tok, records, samples, p_ref)
+    _relevance(report, tok, records, p_ref)
+    _write_report(cfg, report, tok, samples, p_ref)
     return report
-
-
-def main(cfg):
-    check_out(cfg.out)
-    device, rank, world, started = pick_device(cfg.device), 0, int(os.environ.get("WORLD_SIZE", "1")), False
-    if world > 1 and dist.is_initialized():  # a caller's own group: join it, leave it to the caller
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    elif world > 1:  # gloo on CPU, NCCL on a GPU: the group only gathers the shard summaries
-        (rank, world, device), started = setup_distributed(device, bf16=False), True  # scoring runs in float32
-    tok = T.load_tokenizer(cfg.tokenizer)
-    model, ckpt = load_lm(cfg.ref, tok)
-    try:
-        if cfg.stream or world > 1:  # one shard per process and an index (plug-in: scale/score_shards.py)
-            result = plugin("score_sharded", "--stream" if cfg.stream else "torchrun")(cfg, tok, model, ckpt, device,
-                                                                                      rank, world)
-        else:
-            result = score_one_file(cfg, tok, model, ckpt, device)
-        if started:  # tear down together (see the end of train.main)
-            dist.barrier()
-        return result
-    finally:
-        if started:
-            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- report and picture
@@ -222,7 +200,7 @@ def draw_weights(path, tok, samples, p_ref, n=6):
     plt.close(fig)
 
 
-def _relevance(report, tok, records, samples, p_ref):
+def _relevance(report, tok, records, p_ref):
     tags = token_tags(tok, records)
     if tags is None:
         return
@@ -230,15 +208,14 @@ def _relevance(report, tok, records, samples, p_ref):
     print("mean weight w = 1 - p_ref by ground-truth category: " +
           ", ".join(f"{k} {v:.3f} ({rel['share'][k]:.0%} of tokens)"
                     for k, v in rel["mean_w"].items() if v is not None))
-    print("ROC-AUC of w for image-related tokens: " +
-          ", ".join(f"{k} {v:.3f}" for k, v in rel["auc"].items() if v is not None))
-    print("share predicted by the reference LM (p_ref > 0.5): " +
-          ", ".join(f"{k} {v:.3f}" for k, v in rel["predicted"].items() if v is not None))
+    for key, title in (("auc", "ROC-AUC of w for image-related tokens"),
+                       ("predicted", "share predicted by the reference LM (p_ref > 0.5)")):
+        print(f"{title}: " + ", ".join(f"{k} {v:.3f}" for k, v in rel[key].items() if v is not None))
 
 
-def _write_report(cfg, report, tok, records, samples, p_ref):
+def _write_report(cfg, report, tok, samples, p_ref):
     base = os.path.splitext(cfg.out)[0]
-    if p_ref:  # do the weights collapse (a memorising reference LM)? health.weight_collapse, numbers in the report
+    if p_ref:  # do the weights collapse (a memorising reference LM)? utils.weight_collapse; numbers in the report
         report["weights"], warning = weight_collapse(p_ref)
         if warning:
             report["weights"]["warning"] = warning

@@ -138,16 +138,14 @@ def run(main, cls, argv=None, description=None):
 
 def join_repeated(argv, name="--bench"):
     """argv with every `--bench X` / `--bench=X` joined into one `--bench X,Y,...` (argparse keeps only the last)."""
-    values, rest, i = [], [], 0
-    while i < len(argv):
-        if argv[i] == name and i + 1 < len(argv):
-            i += 1
-            values.append(argv[i])
-        elif argv[i].startswith(name + "="):
-            values.append(argv[i][len(name) + 1:])
+    values, rest, args = [], [], iter(argv)
+    for arg in args:
+        if arg == name and (value := next(args, None)) is not None:
+            values.append(value)
+        elif arg.startswith(name + "="):
+            values.append(arg[len(name) + 1:])
         else:
-            rest.append(argv[i])
-        i += 1
+            rest.append(arg)
     return rest + ([name, ",".join(values)] if values else [])
 
 
@@ -179,11 +177,11 @@ def plugin(name, flag):
 def run_script(folder, argv=None):
     """`python -m FOLDER SCRIPT [flags]`: `python SCRIPT.py [flags]` with FOLDER's plug-ins registered."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].removesuffix(".py") not in SCRIPTS:
+    name = argv[0].removesuffix(".py") if argv else ""
+    if name not in SCRIPTS:
         print(f"usage: python -m {folder} {{{','.join(SCRIPTS)}}} [flags] (--help: the script's flags)",
               file=sys.stderr)
         raise SystemExit(2)
-    name = argv[0].removesuffix(".py")
     module = importlib.import_module(name)
     config, function = SCRIPTS[name]
     sys.argv[0] = f"python -m {folder} {name}"
@@ -238,11 +236,8 @@ def text_fingerprint(records):
 
 
 def file_fingerprint(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def check_fingerprint(what, expected, found, expected_from, found_from):
@@ -292,27 +287,22 @@ def check_out(path, kind="file", flag="--out"):
         raise UserError(f"{flag} {path} cannot be written: {folder} is {what}")
 
 
-def check_zip(path, name, what="a checkpoint", error=UserError):
-    """Refuse a damaged file: torch.save writes a zip whose members carry CRC-32s that torch.load never checks (a
-    flipped byte loads as a wrong weight); testzip checks them, cheaper than a stored sha256 (docs/formats.md)."""
-    if not isinstance(path, (str, os.PathLike)) or not zipfile.is_zipfile(path):
-        return  # not a zip: left to torch.load
+def safe_load(source, name, what="a checkpoint", error=UserError, mmap=None):
+    """torch.load with weights_only=True (a file from an untrusted source cannot run code); every failure is one
+    `error` naming the file, never torch's advice to retry with weights_only=False."""
+    # torch.save writes a zip whose members carry CRC-32s that torch.load never checks (a flipped byte loads as a
+    # wrong weight); testzip checks them, cheaper than a stored sha256 (docs/formats.md). Not a zip: left to torch.
+    if isinstance(source, (str, os.PathLike)) and zipfile.is_zipfile(source):
+        try:
+            with zipfile.ZipFile(source) as z:
+                bad = z.testzip()
+        except Exception as e:  # a damaged member header: zipfile cannot even walk the members
+            bad = f"? ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+        if bad is not None:
+            raise error(f"{name}: damaged: its member {bad} fails the zip CRC check (bytes changed since it was "
+                        f"saved); it is not {what} as it was written: make it again, or copy it again") from None
     try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except Exception as e:  # a damaged member header: zipfile cannot even walk the members
-        bad = f"? ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
-    if bad is not None:
-        raise error(f"{name}: damaged: its member {bad} fails the zip CRC check (bytes changed since it was saved); "
-                    f"it is not {what} as it was written: make it again, or copy it again") from None
-
-
-def safe_load(source, name, what="a checkpoint", error=UserError, mmap=False):
-    """torch.load with weights_only=True (a file from an untrusted source cannot run code) after check_zip; every
-    failure is one `error` naming the file, never torch's advice to retry with weights_only=False."""
-    check_zip(source, name, what, error)
-    try:
-        return torch.load(source, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # objects a weights-only load refuses (not any file pickle cannot read:
         if "global" not in str(e).lower():  # a JSON or text file is not a pickle at all: "Unsupported operand")
             detail = next((": " + x.strip() for x in str(e).splitlines() if x.strip().startswith("Unsupported")), "")
@@ -363,17 +353,12 @@ def make_optimizer(params, lr, weight_decay):
 
 # ---- several processes (torchrun). Alone, setup_distributed returns rank 0 of 1 and the scripts train the bare
 # model; sharding (--fsdp) is scale/fsdp.py's.
-def check_bf16(device):
-    """Refuse GPUs without bf16 (V100, T4): their fp16 would need a GradScaler this project does not have."""
-    if str(device).startswith("cuda") and not torch.cuda.is_bf16_supported(including_emulation=False):
+def setup_distributed(device, bf16=True):
+    """(rank, world size, this process's device). bf16: refuse GPUs without it (V100, T4), whose fp16 would need a
+    GradScaler this project does not have; bf16=False: a float32 job (score.py's) on any GPU."""
+    if bf16 and str(device).startswith("cuda") and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16, which training on a GPU needs (fp16 "
                          f"with loss scaling is not implemented): use --device cpu or a GPU with bf16 (A100 or newer)")
-
-
-def setup_distributed(device, bf16=True):
-    """(rank, world size, this process's device); bf16=False: a float32 job (score.py's) on any GPU."""
-    if bf16:
-        check_bf16(device)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
     if device.startswith("cuda"):  # bind the process to its GPU before NCCL starts, and tell NCCL which one
@@ -421,11 +406,11 @@ def full_weights(model, sharded):
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def wait_until(ready, poll=1.0):
-    """Poll ready(): for files another rank writes. Not a barrier: decoding a large image set can outlast a
-    collective's timeout (if that rank fails, torchrun stops the others)."""
+def wait_until(ready):
+    """Poll ready() each second: for files another rank writes. Not a barrier: decoding a large image set can outlast
+    a collective's timeout (if that rank fails, torchrun stops the others)."""
     while not ready():
-        time.sleep(poll)
+        time.sleep(1.0)
 
 
 def reduce_stats(stats, nll_by_tag, world, device):
@@ -469,14 +454,14 @@ def memorising(history):
     return None
 
 
-def nll_rise(ntp, warmup, window=20, margin=0.1, min_rise=0.2, hold=None):
+def nll_rise(ntp, warmup, window=20, margin=0.1, min_rise=0.2):
     """(baseline, current) when the plain caption NLL (ntp: per-step values, step 1 first) has risen clearly and
     lastingly above its level at the end of warm-up, else None. Levels are running means over `window` steps (one
     bad batch does not count); the threshold is baseline + max(min_rise, margin x baseline). A healthy run often
     climbs for a while after warm-up (the lr at its peak) and then falls; unlearning keeps climbing. So it takes
-    both: the level above the threshold for the last `hold` steps (2 x window: longer than that bump), and the level
-    now at least half way from the threshold to the highest of those (not a bump on its way down)."""
-    hold = 2 * window if hold is None else hold
+    both: the level above the threshold for the last 2 x window steps (longer than that bump), and the level now at
+    least half way from the threshold to the highest of those (not a bump on its way down)."""
+    hold = 2 * window
     end = max(warmup, window)  # without warm-up, the first `window` steps are the baseline
     if len(ntp) < end + window + hold - 1:
         return None
@@ -560,13 +545,13 @@ class Alarm:
 class RunLog:
     """log.jsonl, one flushed JSON line per write (a killed run keeps its lines), and with --wandb PROJECT the same
     dicts in a Weights & Biases run (scale/wandb_log.py)."""
-    def __init__(self, path, project="", config=None, out_dir=None):
+    def __init__(self, path, project="", config=None):
         self.file = open(path, "a")
-        out_dir = out_dir or os.path.dirname(path) or "."
+        out_dir = os.path.dirname(path) or "."
         self.run = None
         if project:
-            start = plugin("wandb", "--wandb")
-            self.run = start(project, config or {}, out_dir, id_path=os.path.join(out_dir, "wandb_id"))
+            self.run = plugin("wandb", "--wandb")(project, config or {}, out_dir,
+                                                  id_path=os.path.join(out_dir, "wandb_id"))
 
     def write(self, line):
         try:
@@ -628,7 +613,7 @@ class Checks:
                             f"head: allowed are even head widths (RoPE rotates pairs of channels)")
 
 
-TrainChecks = ScoreChecks = EvalChecks = VisionChecks = Checks
+TrainChecks = ScoreChecks = EvalChecks = Checks
 
 
 class RefChecks(Checks):
@@ -638,7 +623,3 @@ class RefChecks(Checks):
 class TokenizerChecks(Checks):
     SMALLEST_VOCAB = 7 + 256  # byte-level BPE starts from the 7 specials (data/tokenizer.SPECIALS) and all 256 bytes
     OWN_RANGES = {"vocab_size": SMALLEST_VOCAB}
-
-
-class AttnChecks(Checks):
-    OWN_RANGES = {"n_layer": 0}  # 0: each token's own embedding

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import tokenizer as T
-from utils import (AttnChecks, atomic_save, autocast, check_fingerprint, check_out, flag, load_checkpoint, lr_at,
+from utils import (Checks, atomic_save, autocast, check_fingerprint, check_out, flag, load_checkpoint, lr_at,
                    make_optimizer, pick_device, run, seed_everything, text_fingerprint)
 from data.packing import make_samples
 from data.records import read_records
@@ -122,7 +122,8 @@ def caption_rows(samples, max_len):
 
 
 @dataclass
-class AttnConfig(AttnChecks):
+class AttnConfig(Checks):
+    OWN_RANGES = {"n_layer": 0}  # 0: each token's own embedding
     data: str = flag("data/synth/train.jsonl",
                      "image-caption pairs to train the scorer on and to score (train.py's --data)")
     tokenizer: str = flag("out/tokenizer.json", "tokenizer.json (train.py's)")

@@ -7,6 +7,7 @@ items a model could not score.
     from benchmarks.load import load_bench
     records, images, image_index = load_bench("pope:coco_pope_random.json::coco/val2014", size=48)"""
 import base64
+import io
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import sys
 import torch
 
 from benchmarks.formats import KINDS, mc_prompt, read_mme, read_pope, read_seed, read_tsv  # noqa: F401 (API)
-from data.images import decode_image_bytes, load_images
+from data.images import load_image, load_images
 from data.record_types import DataError, report_bad
 from eval import _data, data_key, load_mc, read_mc, report_skipped, subsample  # noqa: F401 (API)
 from utils import UserError
@@ -99,7 +100,7 @@ def load_bench(spec, size, max_rows=None, seed=0, max_bad_fraction=0.05):
         decoded, bad = {}, []
         for r in uniq:
             try:
-                decoded[r.extra["image_b64"]] = decode_image_bytes(base64.b64decode(r.extra["image_b64"]), size)
+                decoded[r.extra["image_b64"]] = load_image(io.BytesIO(base64.b64decode(r.extra["image_b64"])), size)
             except Exception as e:  # binascii.Error or any of PIL's errors: this image is unusable
                 bad.append((f"row {r.id}", "cannot decode base64 image", f"{type(e).__name__}: {e}"))
         report_bad("images", spec, bad, len(uniq), max_bad_fraction)

@@ -1,7 +1,9 @@
 """Scoring the paper's benchmarks (eval.py --bench) with the project's multiple-choice scorer, by likelihood:
-each choice's log p(choice | image, prompt), summed over its tokens (the official numbers) and per-token mean
-(`<name>_norm_<metric>`); the highest is the model's answer, a yes/no question a two-choice one. The metrics are
-benchmarks/metrics.py's; the files are read by benchmarks/load.py. See docs/benchmarks.md.
+each choice's log p(choice | image, prompt), summed over its tokens, and per-token mean (`<name>_norm_<metric>`);
+the highest is the model's answer, a yes/no question a two-choice one. Yes/no benchmarks (POPE, MME) are decided
+by each answer's first token instead (the summed score: `<name>_sum_<metric>`): "yes" is 2 BPE tokens and "no" 1
+in a small vocabulary, and a greedy decoder, whose answer the official parsers read, decides by the first token.
+The metrics are benchmarks/metrics.py's; the files are read by benchmarks/load.py. See docs/benchmarks.md.
 
     python -m benchmarks eval --ckpt runs/x/ckpt_000300.pt --bench pope:coco_pope_random.json::coco/val2014 \\
         --bench pope:coco_pope_popular.json::coco/val2014 --bench mme:MME_Benchmark_release_version \\
@@ -12,7 +14,8 @@ the benchmark's own scoring code (answer_rule, match_answer): <bench>_gen_<metri
 % of answers that rule cannot place. Results are named <bench>_<metric> (pope_random_f1, mme_perception,
 mmbench_circular, mmstar_acc, seed_acc, ...); POPE's splits are scored together, so pope_f1 pools them, as
 VLMEvalKit's "Overall". Registered as eval.py's plug-ins "bench" and "bench_table" (utils.register): the core never
-imports this folder.
+imports this folder. Yes/no benchmarks also give <bench>_tail_logp: the mean log p of a choice's tokens after its
+first, in nats (the "es" of "yes"): how far the summed score holds a 2-token "yes" back (docs/benchmarks.md).
 """
 import math
 import os
@@ -49,11 +52,12 @@ def _prompt(extra, options):
     return mc_prompt(extra["question"], options, extra.get("hint", ""))
 
 
-def predictions(logps, normalise=False):
-    """The choice with the highest summed (or per-token mean) log-likelihood; None where not scored."""
-    return [None if lp is None else max(range(len(lp)), key=lambda j: float(lp[j].sum()) / (len(lp[j]) if normalise
-                                                                                             else 1))
-            for lp in logps]
+def predictions(logps, normalise=False, first=False):
+    """The choice with the highest summed (or per-token mean, or first-token) log-likelihood; None where not
+    scored."""
+    def score(c):
+        return float(c[0]) if first else float(c.sum()) / (len(c) if normalise else 1)
+    return [None if lp is None else max(range(len(lp)), key=lambda j: score(lp[j])) for lp in logps]
 
 
 def score_spec(spec, model, tok, device="cpu", max_rows=None, seed=0,
@@ -191,10 +195,18 @@ def bench_results(specs, model, tok, device="cpu", generate=0, **kw):
         if not scored:
             out[f"{name}_skipped"] = len(records)
             continue
-        for suffix, norm in (("", False), ("_norm", True)):
-            preds = predictions(logps, norm)
+        # yes/no: decided by each answer's first token ("yes" is 2 BPE tokens, "no" 1: summed, the 2-token answer
+        # pays for its second token as well), which is also what a greedy decoder decides first and what the
+        # benchmarks' own parsers read of a generated answer; the summed score stays as <bench>_sum_<metric>
+        yes_no = kind in ("pope", "mme")
+        for suffix, norm, first in ((("", False, True), ("_sum", False, False)) if yes_no else (("", False, False),)) \
+                + (("_norm", True, False),):
+            preds = predictions(logps, norm, first)
             metrics = bench_metrics(kind, [records[i] for i in scored], [preds[i] for i in scored])
             out.update({f"{name}{suffix}_{k}": v for k, v in metrics.items()})
+        tails = [float(c[1:].sum()) for i in scored for c in logps[i] if len(c) > 1]
+        if kind in ("pope", "mme") and tails:  # "yes" is often 2 BPE tokens, "no" 1: is its 2nd token learnt?
+            out[f"{name}_tail_logp"] = sum(tails) / len(tails)
         answered = [i for i, p in enumerate(gen) if p is not None]
         if answered:  # generation-based, as VLMEvalKit scores (exact matching, no LLM judge)
             metrics = bench_metrics(kind, [records[i] for i in answered], [gen[i] for i in answered])

@@ -17,22 +17,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _open(path, span=None):
-    """The image's bytes as a file object: the whole file, or `span` = (offset, size) inside it (a tar member)."""
-    if span is None:
-        return path
-    offset, size = span
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise OSError(f"{path}: image member at byte {offset} is cut short ({len(data)} of {size} bytes)")
-    return io.BytesIO(data)
-
-
-def _decode(src, size):
-    """Decode one image (a path or file object) to RGB bytes (size*size*3, HWC), bicubic-resized to size x size."""
-    with Image.open(src) as im:
+def _decode(path, size, span=None):
+    """Decode one image (a file name or object, or the tar member at `span` = (offset, length) inside the file) to
+    RGB bytes (size*size*3, HWC), bicubic-resized to size x size."""
+    if span is not None:
+        offset, length = span
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+        if len(data) != length:
+            raise OSError(f"{path}: image member at byte {offset} is cut short ({len(data)} of {length} bytes)")
+        path = io.BytesIO(data)
+    with Image.open(path) as im:
         im.load()  # decode now, so truncated files fail here and not later
         ImageOps.exif_transpose(im, in_place=True)  # a camera's EXIF orientation: upright, as a viewer shows it
         if im.mode.startswith("I") or im.mode == "F":
@@ -56,13 +52,8 @@ def _to_tensor(buf, size):
 
 
 def load_image(path, size, span=None):
-    """Decode one image file (or the tar member at `span` inside it) to uint8 (3, size, size) RGB."""
-    return _to_tensor(_decode(_open(path, span), size), size).contiguous()
-
-
-def decode_image_bytes(data, size):
-    """Encoded image bytes (e.g. a tar member) -> uint8 (3, size, size) RGB; raises on undecodable bytes."""
-    return _to_tensor(_decode(io.BytesIO(data), size), size).contiguous()
+    """_decode's image (io.BytesIO(data) for bytes in memory) as uint8 (3, size, size) RGB; raises if undecodable."""
+    return _to_tensor(_decode(path, size, span), size).contiguous()
 
 
 def _try_load(job):
@@ -70,7 +61,7 @@ def _try_load(job):
     tensors: torch sends tensors between processes through shared memory, ~10x slower for many tiny images."""
     path, size, span = job
     try:
-        return _decode(_open(path, span), size)
+        return _decode(path, size, span)
     except FileNotFoundError:
         return ("missing image file", path)
     except Exception as e:  # PIL raises many types for bad files; any of them means "skip this one"
@@ -126,7 +117,6 @@ def normalize(images_uint8):
     """uint8 (N,3,S,S) or (3,S,S) on any device -> float32 normalized with ImageNet mean/std."""
     x = images_uint8.float().div_(255)
     if x.device not in _STATS:
-        _STATS[x.device] = (torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1),
-                            torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1))
+        _STATS[x.device] = torch.tensor([IMAGENET_MEAN, IMAGENET_STD], device=x.device).view(2, 3, 1, 1)
     mean, std = _STATS[x.device]
     return (x - mean) / std

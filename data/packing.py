@@ -1,20 +1,16 @@
-"""Turning captions (and image placeholders) into packed training rows.
+"""Captions (and image placeholders) packed into training rows.
 
-One sample = prefix + <|bos|> + caption + <|eos|>, where prefix is the image's placeholder tokens (empty for
-the text-only LMs). Inputs are the sequence without its last token, labels the sequence shifted by one, so
-labels are the caption tokens and <|eos|>; everything before (image, separators, bos) gets -100, no loss.
+One sample = prefix + <|bos|> + caption + <|eos|>, the prefix being the image's placeholder tokens (none for the
+text-only LMs). Labels are the sequence shifted by one: the caption tokens and <|eos|>; everything before (image,
+bos) gets -100, no loss. Samples go back to back into rows of `row_len` tokens: `doc_ids` number them inside a row
+(padding has its own) so attention never crosses samples, and `position_ids` restart at 0 for each, so a packed
+sample sees exactly what it would see alone.
 
-Samples are packed back to back into rows of `row_len` tokens. `doc_ids` numbers the samples inside a
-row (padding gets its own id) so attention never crosses samples, and `position_ids` restart at 0 for each
-sample, so a packed sample sees exactly what it would see alone.
-
-Two packers. The default keeps the samples in order and starts a new row when the next one does not fit
-(next-fit): callers such as score.py read results back in sample order. `tight=True` is for training, where
-the order inside a batch does not matter (the loss is a sum over tokens): it spreads the samples evenly
-over the fewest rows that hold them and makes the batch only as wide as its fullest row (<= row_len), so
-almost no position is padding. It matters because padding costs as much compute as a real token: next-fit
-leaves most of a row's tail empty when a few long samples fill it. Its cost is host time. `python -m
-bench.bench` reports the padding of both on the same batches (pad_fraction, pad_fraction_next_fit).
+Two packers. The default keeps sample order and starts a new row when the next sample does not fit (next-fit):
+score.py reads results back in order. `tight=True`, for training, where order inside a batch does not matter,
+spreads the samples evenly over the fewest rows that hold them, and the batch is only as wide as its fullest row:
+padding costs as much compute as a real token, and next-fit leaves a row's tail empty when a few long samples fill
+it. The price is host time. `python -m bench.bench` compares the padding of both (pad_fraction_next_fit).
 """
 import array
 import heapq
@@ -28,7 +24,7 @@ from data import tokenizer as T
 
 IGNORE = -100
 FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "tags")
-# fill of each field where padding goes (doc_ids: see pad_to); every per-token input (Batch.inputs) is 0 there
+# each field's value where padding goes (doc_ids: a new document); every per-token input (Batch.inputs) is 0 there
 FILL = {"input_ids": T.PAD, "labels": IGNORE, "position_ids": 0, "tags": -1}
 
 
@@ -72,10 +68,9 @@ class Batch:
         if extra <= 0:
             return self
 
-        def padded(t, fill):
-            pad = torch.empty(t.shape[0], extra, dtype=t.dtype, device=t.device)
-            pad[:] = fill
-            return torch.cat([t, pad], dim=1)
+        def padded(t, fill):  # fill: a number, or one per row (R, 1)
+            fill = torch.as_tensor(fill, dtype=t.dtype, device=t.device)
+            return torch.cat([t, fill.expand(len(t), extra)], dim=1)
         for name in FIELDS:
             fill = self.doc_ids.max(dim=1, keepdim=True).values + 1 if name == "doc_ids" else FILL[name]
             setattr(self, name, padded(getattr(self, name), fill))
@@ -105,10 +100,9 @@ def next_fit(sizes, row_len):
 
 
 def balance(sizes, n_rows):
-    """Spread samples over n_rows rows so that the fullest row is as short as we can cheaply make it:
-    longest first onto the emptiest row (LPT), then, while it helps, move or swap one sample of the
-    fullest row with one of the 8 emptiest rows (at most 64 times: a bounded cost for big batches).
-    Returns (rows of sample numbers, length of the fullest row)."""
+    """(rows of sample numbers, length of the fullest row): samples spread over n_rows rows, the fullest as short as
+    is cheap: longest first onto the emptiest row (LPT), then, while it helps, move or swap one sample of the fullest
+    row with one of the 8 emptiest rows (at most 64 times: a bounded cost for big batches)."""
     rows, loads = [[] for _ in range(n_rows)], [0] * n_rows
     heap = [(0, r) for r in range(n_rows)]
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):  # stable sort: deterministic
@@ -190,8 +184,9 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
 
     # Build every field as one flat Python list and convert once: a few tensor ops per batch instead of
     # several per sample (this runs on the host every step, while the GPU waits for the batch).
-    ids, labels, pos, docs, tags, indices = [], [], [], [], [], []
-    inputs = {k: [] for s in kept for k in s.inputs}
+    cols = {name: [] for name in FIELDS}
+    ids, labels, pos, docs, tags = cols.values()
+    inputs, indices = {k: [] for s in kept for k in s.inputs}, []
     for row in rows:
         for d, i in enumerate(row):
             s, n = kept[i], sizes[i]
@@ -207,19 +202,15 @@ def pack(samples, row_len, prefix=(), truncate=True, tight=False):
                 values += [0.0] * len(prefix) + (list(s.inputs[k]) if k in s.inputs else [0.0] * (n - len(prefix)))
             indices.append(s.index)
         pad = width - sum(sizes[i] for i in row)
-        ids += [T.PAD] * pad
-        labels += [IGNORE] * pad
-        pos += [0] * pad
-        docs += [len(row)] * pad  # padding: its own document at position 0, attends only to padding
-        tags += [-1] * pad
+        for name, values in cols.items():  # padding: its own document at position 0, attends only to padding
+            values += [len(row) if name == "doc_ids" else FILL[name]] * pad
         for values in inputs.values():
             values += [0.0] * pad
     # list -> tensor through array.array: ~4x faster than torch.tensor(list) for long lists
     shape = (len(rows), width)
-    ids, labels, pos, docs, tags = (torch.frombuffer(array.array("q", x), dtype=torch.long).view(shape)
-                                    for x in (ids, labels, pos, docs, tags))
+    cols = {k: torch.frombuffer(array.array("q", v), dtype=torch.long).view(shape) for k, v in cols.items()}
     inputs = {k: torch.frombuffer(array.array("f", v), dtype=torch.float).view(shape) for k, v in inputs.items()}
-    return Batch(ids, labels, pos, docs, tags, inputs, indices)
+    return Batch(**cols, inputs=inputs, indices=indices)
 
 
 def n_labels(s):
@@ -244,10 +235,9 @@ def warn_overlong(samples, row_len, prefix_len, what):
 
 
 def warn_unanswered(row_len, *groups):
-    """Warn (stderr, one line) about instruction samples (those with a loss_mask) that pack() cuts before their
-    first answer token; groups are (samples, prefix length) pairs, e.g. the image rows' and the text rows'. By
-    pack's rule such a sample keeps no trained label (not even <|eos|>): it costs its row space and trains nothing,
-    so this line is the only sign that it is lost. A cut sample trains a label iff a kept caption label trains."""
+    """Warn (stderr, one line) about instruction samples (with a loss_mask) that pack() cuts before their first
+    answer token, and return their number; groups are (samples, prefix length) pairs. By pack's rule such a sample
+    keeps no trained label, not even <|eos|>: it fills row space and trains nothing, and this line is the only sign."""
     lost = masked = 0
     for samples, prefix_len in groups:
         room = row_len - prefix_len - 1  # caption tokens a row keeps (pack)

@@ -33,26 +33,22 @@ class Tally:
         self.total = self.good = 0  # records seen (good or bad), records handed on
         self.counts = Counter()
         self.first = []  # (location, reason, detail) of the first five problems
-        self.shards, self.broken = 0, []  # tar shards read, and the broken ones: (path, reason)
+        # tar shards read, and the broken ones (path, reason): a broken shard lost every sample after the break,
+        # which no count of records can say, so the bad-fraction rule counts shards too
+        self.shards, self.broken = 0, []
 
     def bad(self, location, reason, detail=""):
         self.counts[reason] += 1
         if len(self.first) < 5:
             self.first.append((location, reason, detail))
 
-    def broken_shard(self, path, reason):
-        """A tar shard that broke off (cut, corrupt header, not a tar) lost every sample after the break, and no
-        count of records can say how many, so the bad-fraction rule counts it as a whole shard too."""
-        self.broken.append((path, reason))
-
     def report(self, max_bad_fraction):
         """Print the skip summary (if anything was skipped) and raise DataError above max_bad_fraction."""
         if not self.counts:
             return
-        n_bad = sum(self.counts.values())
-        counts = sorted(self.counts.items(), key=lambda kv: -kv[1])  # stable: first seen first among ties
-        summary = (f"skipped {n_bad} of {self.total} {self.what} in {self.where}: "
-                   + ", ".join(f"{r} x {n}" for r, n in counts))
+        n_bad = self.counts.total()
+        summary = (f"skipped {n_bad} of {self.total} {self.what} in {self.where}: "  # ties: first seen first
+                   + ", ".join(f"{r} x {n}" for r, n in self.counts.most_common()))
         first = "\n".join(f"  {loc}: {reason}{': ' + detail if detail else ''}" for loc, reason, detail in self.first)
         if self.broken:
             summary += (f"; {len(self.broken)} of {self.shards} shards are broken (lost every sample after the "

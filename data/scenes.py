@@ -156,9 +156,8 @@ def pos_words(row, col):
 def object_words(g, with_shape=True):
     """'a large red circle at the top left' / 'two blue stars'. The article is glue (it says "one"), a number word
     image content. Always "a", never "an": "an" would announce "orange" before it comes."""
-    attrs = [a for a in (g.get("size"), g.get("colour")) if a]
     w = [("a", GLUE)] if g["n"] == 1 else [(NUMS[g["n"]], IMG)]
-    w += [(a, IMG) for a in attrs]
+    w += [(a, IMG) for a in (g.get("size"), g.get("colour")) if a]
     if with_shape:
         w.append((plural(g["shape"], g["n"]), IMG))
         if g.get("pos"):
@@ -213,7 +212,8 @@ def make_sites(cfg):
     """The web sites captions come from. A site writes all its alt-text from one template (intro, separator, stock
     phrases, noise fields, habits): what makes real boilerplate predictable from text, once a caption's first
     words give the site away; only the noise values (and the image words) are not."""
-    rng = random.Random(f"{cfg.seed}/sites")
+    # habits (favourite shapes, title) draw from their own stream: adding them left the other draws as they were
+    rng, habits = random.Random(f"{cfg.seed}/sites"), random.Random(f"{cfg.seed}/site-habits")
     sites = []
     for _ in range(cfg.n_sites):
         noise = [[(kind, rng.choice(NOISE_TEMPLATES[kind]))
@@ -222,11 +222,8 @@ def make_sites(cfg):
         sites.append(dict(intro=rng.choices(INTROS, INTRO_WEIGHTS)[0], sep=rng.choice(SEPARATORS),
                           boiler=rng.sample(BOILER, 6), noise=noise, desc_first=rng.random() < 0.8,
                           noise_first=rng.random() < 0.5, pos=rng.random() < cfg.pos_prob,
-                          count=rng.random() < cfg.count_prob))
-    extra = random.Random(f"{cfg.seed}/site-habits")
-    for site in sites:
-        site.update(shapes=extra.sample(SHAPES[:cfg.n_shapes], 2), title=extra.random() < cfg.title_prob,
-                    title_first=extra.random() < 0.5)
+                          count=rng.random() < cfg.count_prob, shapes=habits.sample(SHAPES[:cfg.n_shapes], 2),
+                          title=habits.random() < cfg.title_prob, title_first=habits.random() < 0.5))
     return sites
 
 

@@ -35,11 +35,6 @@ def save_scores(path, ids, p_ref, fingerprints):
                  "fingerprint": {**fingerprints, "ids": ids_fingerprint(ids)}}, path)
 
 
-def _torch_load(source, name):
-    """A weights-only torch.load (a score file cannot run code), every failure a DataError naming the file."""
-    return safe_load(source, name, "a score file", DataError)
-
-
 def _block(name, blob):
     """Check one {"ids", "offsets", "p_ref"} block; returns (ids, offsets list, float p_ref)."""
     if not isinstance(blob, dict) or not {"ids", "offsets", "p_ref"} <= set(blob):
@@ -74,7 +69,7 @@ def load_scores(path, tokenizer_fp, data_fp, data_from="the training captions"):
     made with another tokenizer or other captions, and damaged files, with a message naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no score file at {path}: make one with `python score.py --out {path}`")
-    blob = _torch_load(path, path)
+    blob = safe_load(path, path, "a score file", DataError)  # weights-only: a score file cannot run code
     if not isinstance(blob, dict) or not isinstance(blob.get("fingerprint"), dict):
         raise DataError(f"{path}: not a score file (no fingerprint)")
     fp = blob["fingerprint"]
@@ -91,11 +86,8 @@ def load_scores(path, tokenizer_fp, data_fp, data_from="the training captions"):
             raise DataError(f"{path}: its record ids are not those score.py wrote (hash {ids_fingerprint(blocks[0][0])}"
                             f", written {fp['ids']}): ids were changed or reordered, so scores would go to the wrong "
                             f"records; re-run score.py")
-    out, n = {}, 0
-    for ids, off, values in blocks:
-        n += len(ids)
-        for i, a, b in zip(ids, off[:-1], off[1:]):
-            out[i] = values[a:b]
+    out = {i: values[a:b] for ids, off, values in blocks for i, a, b in zip(ids, off[:-1], off[1:])}
+    n = sum(len(ids) for ids, _, _ in blocks)
     if len(out) != n:
         raise DataError(f"{path}: {n - len(out)} record ids appear more than once; every record needs its own "
                         f"id (an \"id\" field, or leave it out to get file:line ids)")

@@ -59,9 +59,8 @@ def encode_captions(tok, captions):
 
 
 def token_word_index(tok, captions):
-    """For each caption, the index of the space-separated word each token belongs to (to read per-word ground
-    truth per token). A byte-level token like 'Ġred' spans the space before its word: a token belongs to the word
-    of its first non-space character (-1: none)."""
+    """For each caption, the index of the space-separated word each token belongs to: that of its first non-space
+    character, as a byte-level token like 'Ġred' spans the space before its word (-1: none)."""
     out = []
     for caption, enc in zip(captions, tok.encode_batch(captions, add_special_tokens=False)):
         word_of_char = [-1] * len(caption)

@@ -1,7 +1,7 @@
 """results.md's first section: the main job's verdicts under the rules of experiments/protocol.py, from the rows
 alone. The positive control comes first (if the tag oracle does not beat NTP, the endpoint cannot judge PRIOR),
 then the paper's three claims, each arm against NTP: the final model, the peak (the step the arm's pilot
-validation curve peaks at, read on the test probes) and stability (the largest drop from the running best along
+validation curve peaks at, read on the test captions) and stability (the largest drop from the running best along
 the test curve), with the minimum detectable effect beside each verdict and PRIOR's share of the oracle's gain.
 """
 import math
@@ -57,8 +57,9 @@ def setting_claims(mix, arch, fam):
         seeds = sorted(set(ntp_val) & set(pilot["oracle"][2]))
         d = [tail_mean(pilot["oracle"][2][s]) - tail_mean(ntp_val[s]) for s in seeds]
         ok = bool(d) and all(x > 0 for x in d)
-        lines.append(f"- **Positive control ({'passed' if ok else 'FAILED'})**: on the validation probes (pilot seeds "
-                     f"{', '.join(map(str, seeds))}, each arm at its chosen lr) the oracle − NTP on `{PRIMARY}` is "
+        lines.append(f"- **Positive control ({'passed' if ok else 'FAILED'})**: on the validation captions (pilot "
+                     f"seeds {', '.join(map(str, seeds))}, each arm at its chosen lr) the oracle − NTP on "
+                     f"`{PRIMARY}` is "
                      f"{', '.join(fmt(x, sign=True) for x in d)}. " +
                      ("The endpoint can see a right weighting." if ok else
                       "The endpoint did not register a weighting that is right by construction: the verdicts on "
@@ -84,7 +85,7 @@ def setting_claims(mix, arch, fam):
         c = paired({s: max_drop(cv) for s, cv in curves[arm].items()},
                    {s: max_drop(cv) for s, cv in curves["ntp"].items()}, lower_is_better=True)
         table.append(verdict_row(f"{NAMES[arm]} vs NTP, stability (largest drop, NTP − arm)", c, None))
-    lines += ["", *md_table(["comparison on the test probes", "n pairs", "mean d [95% CI]", "verdict", "MDE (80%)",
+    lines += ["", *md_table(["comparison on the test captions", "n pairs", "mean d [95% CI]", "verdict", "MDE (80%)",
                              "MDE / NTP"], table)]
     ntp_mean = summary(last["ntp"])
     lines += ["", f"NTP's final `{PRIMARY}`: {pm(ntp_mean)} over {ntp_mean['n']} seeds."]

@@ -28,21 +28,26 @@ PRESETS = {
         vocab=512, lm=dict(n_layer=1, n_head=2, d_model=32, steps=30, batch_rows=4, row_len=128, lr=3e-3, warmup=5),
         base_lm=dict(steps=40),
         vit=dict(steps=20, batch_size=32, patch_size=16), seeds=2, lrs={"h": [3e-3], "u": [3e-3]},
+        tokens_per_patch=3,
         vlm=dict(steps=6, batch_size=8, save_every=3, warmup=2, row_len=128, patch_size=16), stage1_steps=4,
         eval_rows=24, eval_rows_val=12, settings="web:h,web:u", pilot_seeds=[100], extend=0, oracle_low=0.1),
-    # 48 px scenes on a 3x3 grid, 16 px patches: one image token per grid cell (9 for the H-LVLM's ViT,
-    # 14 with the U-LVLM's row markers), so a caption, not the image, is most of a sequence.
+    # 48 px scenes on a 3x3 grid, 16 px patches: one patch per grid cell. The H-LVLM's projector makes 3 image
+    # tokens of each (27): with one, a cell's colour, shape and size had to share one token and the frozen LM read
+    # almost nothing of them (gap_image 0.02 nats vs 0.28 with 3: docs/experiment.md). The U-LVLM: 14 tokens.
     "cpu": dict(
         data=dict(n_ref=10000, n_text=10000, n_label=3000, n_train=8000, n_val=300, n_test=600, n_probe=160,
                   n_probe_val=64),
         vocab=1024, lm=dict(n_layer=4, n_head=4, d_model=128, steps=300, batch_rows=8, row_len=256, lr=3e-3, warmup=30),
-        base_lm=dict(steps=1200),
-        vit=dict(steps=300, batch_size=64, patch_size=16), seeds=10,
+        # 3,000 steps: at 1,200 the base LM copied a shape from its context but not a colour (context gap 0.006
+        # nats per colour token; 4.9 at 3,000), and a frozen LM that cannot read a colour from its context cannot
+        # read it from image tokens either (docs/experiment.md, "Does the H-LVLM see?")
+        base_lm=dict(steps=3000),
+        vit=dict(steps=300, batch_size=64, patch_size=16), seeds=10, tokens_per_patch=3,
         lrs={"h": [1e-3, 3e-3, 1e-2], "u": [3e-4, 1e-3, 3e-3]},
         # 240 steps (~1 epoch of the 8,000 pairs), a checkpoint every 24: curves of 10 points. In the pilot of
         # docs/experiment.md NTP's validation curve was flat from about step 120 of 300.
         vlm=dict(steps=240, batch_size=32, save_every=24, warmup=10, row_len=256, patch_size=16), stage1_steps=600,
-        eval_rows=160, eval_rows_val=64, settings="web:h", pilot_seeds=[100, 101, 102], extend=1, oracle_low=0.1),
+        eval_rows=160, eval_rows_val=160, settings="web:h", pilot_seeds=[100, 101, 102], extend=1, oracle_low=0.1),
     "gpu": dict(
         data=dict(n_ref=100000, n_text=100000, n_label=20000, n_train=100000, n_val=1000, n_test=2000, n_probe=1000,
                   n_probe_val=500),
@@ -193,7 +198,8 @@ class Experiment:
             cfg["wandb"] = self.cfg.wandb
         if arch == "h":  # the paper's H-LVLM: pretrained, frozen encoder and LM; only the projector trains (its
             # frozen ViT's features are computed once per image set and shared by every run: --feature-cache)
-            cfg.update(init_encoder=self.path("vit.pt"), train="projector", feature_cache=self.path("features"))
+            cfg.update(init_encoder=self.path("vit.pt"), train="projector", feature_cache=self.path("features"),
+                       tokens_per_patch=self.p.get("tokens_per_patch", 1))  # image tokens per 16-px cell
         else:  # the paper's U-LVLM: starts from stage 1, all weights train, captions mixed 1:1 with text
             cfg.update(init_from=self.stage1_ckpt(mix), init_decoder="", text_data=os.path.join(data, "text.jsonl"))
         return TrainConfig(**cfg)
@@ -233,21 +239,32 @@ class Experiment:
                        test_scores=self.path(f"scores_{mix}_test.pt"))
 
     def eval_spec(self, mix, arch, split):
-        """What experiments/worker.py evaluates at each checkpoint of a run: the validation probes (pilot runs),
-        or the test probes plus, at the last step, the test captions' NLL by tag (main runs)."""
+        """What experiments/worker.py evaluates at each checkpoint of a run: the captions' grounding gaps (the
+        primary endpoint, protocol.PRIMARY), on validation (pilot runs) or test (main runs); at the last step also
+        the probes, and in main runs the NLL by reference weight and the benchmark-format files. The files are
+        asked of a copy of the checkpoint instruction-tuned for the preset's it_steps (default 20; 0 = of the raw
+        checkpoint) at its it_lr, training its it_train part ('' = the run's): the paper's protocol,
+        experiments/bench_instruct.py."""
+        from experiments.bench_instruct import IT_LR, IT_STEPS, qa_train_file
         data = self.path(f"data_{mix}")
         spec = {"out": "eval.json", "feature_cache": self.path("features") if arch == "h" else ""}
         if split == "val":
-            return {**spec, "probes": os.path.join(data, "probes_val"), "max_rows": self.p["eval_rows_val"]}
-        return {**spec, "probes": os.path.join(data, "probes"), "max_rows": self.p["eval_rows"],
-                "test": os.path.join(data, "test.jsonl"), "test_scores": self.path(f"scores_{mix}_test.pt"),
-                "bench": self.bench_specs(data)}
+            return {**spec, "probes": os.path.join(data, "probes_val"), "max_rows": self.p["eval_rows_val"],
+                    "test": os.path.join(data, "val.jsonl")}  # max_rows: probe questions and captions alike
+        spec.update(probes=os.path.join(data, "probes"), max_rows=self.p["eval_rows"],
+                    test=os.path.join(data, "test.jsonl"), test_scores=self.path(f"scores_{mix}_test.pt"),
+                    bench=self.bench_specs(data))  # before qa_train_file: it writes bench/ only where none exists
+        steps = self.p.get("it_steps", IT_STEPS)
+        if steps and spec["bench"]:
+            spec["instruct"] = {"data": qa_train_file(data), "steps": steps, "lr": self.p.get("it_lr", IT_LR),
+                                "train": self.p.get("it_train", "")}
+        return spec
 
     @staticmethod
     def bench_specs(data):
         """eval.py --bench specs of the generator's files in the benchmarks' formats (benchmarks/files.py, written on
         first use): its presence probes as POPE files, scene questions as a VLMEvalKit TSV; read at the last step of
-        main runs."""
+        main runs, after a short instruction tuning (eval_spec)."""
         from benchmarks.files import POPE_SPLITS, write_bench_files
         if not os.path.isdir(os.path.join(data, "bench")):
             write_bench_files(data)
@@ -289,7 +306,7 @@ class Experiment:
 
     # ---- the pilot: learning rates and the positive control, on validation, on seeds the test never uses ----
     def pilot(self):
-        """Grid runs (pilot seeds, validation probes at every checkpoint) for every tuned arm, until each arm's
+        """Grid runs (pilot seeds, validation captions at every checkpoint) for every tuned arm, until each arm's
         choice (protocol.choose_lr) is inside its grid or the grid has grown `extend` values per side."""
         tune = [a for a in self.cfg.tune.split(",") if a in self.arms()]
         grids = {(m, a, loss): list(self.p["lrs"][a]) for m, a in self.settings for loss in tune}
@@ -300,7 +317,7 @@ class Experiment:
                     and not (self.finished(self.run_dir(m, a, loss, lr, seed))
                              and self.rows(self.run_dir(m, a, loss, lr, seed)))]
             if jobs:
-                step(f"pilot, round {round_}: {len(jobs)} runs (train + validation probes at every checkpoint)")
+                step(f"pilot, round {round_}: {len(jobs)} runs (train + validation captions at every checkpoint)")
                 self.parallel(jobs)
             for key, grid in grids.items():
                 if key in choice:
@@ -344,7 +361,7 @@ class Experiment:
                  for s in seeds]
         jobs = [self.vlm_job(spec, "test") for spec in specs
                 if not (self.finished(self.run_dir(*spec)) and self.rows(self.run_dir(*spec)))]
-        step(f"main runs: {len(specs)} ({len(jobs)} to train or evaluate), test probes at every checkpoint")
+        step(f"main runs: {len(specs)} ({len(jobs)} to train or evaluate), test captions at every checkpoint")
         self.parallel(jobs)
         results = []
         for m, a in self.settings:  # every pilot run's validation curve, then the main runs' test curves

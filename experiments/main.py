@@ -12,12 +12,14 @@ holds the rules, which the report applies again to results.json alone):
              that the text predicts: PRIOR's risk), "noisy" (noise is most of the non-image words).
   arms       ntp, prior, prior_shuffled (PRIOR's weights permuted within each caption), oracle (the generator's
              tags: the positive control; a reference point, not a bound).
-  pilot      seeds the test never uses: each tuned arm at every lr of the grid, validation probes at every
+  pilot      seeds the test never uses: each tuned arm at every lr of the grid, validation captions at every
              checkpoint; lr = best mean of the last 3 checkpoints (near-ties: the smaller lr); a grid edge adds
              one value. The oracle must beat NTP there (the positive control), or the setting cannot judge PRIOR.
-  main       seed s gives every arm the same initialisation and data order; test probes at every checkpoint.
-  primary    probe_img_avg on the test probes: the mean over probe groups of accuracy - blind accuracy (each
-             question with another question's image), what the image adds; PRIOR - NTP at the final step.
+  main       seed s gives every arm the same initialisation and data order; test captions and probes at every
+             checkpoint; the benchmark-format files at the last, after 20 steps of instruction tuning of a copy.
+  primary    gap_image on the test captions: the NLL of their image words with another caption's image minus
+             with their own (nats per token; 0 for a model that ignores the image, whatever its text prior), what
+             the image adds; PRIOR - NTP at the final step.
              Also peak (step chosen on the pilot's validation curve) and stability (largest drop), with MDEs.
 Stages (each skipped when its output exists, so a re-run resumes): data, tokenizer, then in parallel the
 reference LM + scores per mix, the base LM (+ the U-LVLM's stage 1) and the ViT; the pilot; the main runs (each

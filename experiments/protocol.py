@@ -1,7 +1,13 @@
 """The main job's rules, declared before any result is read (docs/experiment.md gives the reasons), as small
 pure functions that experiment.py applies while it runs and reporting.py applies again to results.json alone:
 
-    PRIMARY       probe_img_avg: mean over probe groups of (accuracy - blind accuracy), what the image adds.
+    PRIMARY       gap_image: the grounding gap on image words, in nats per token. The NLL of the captions'
+                  image-tagged tokens with another caption's image (a fixed derangement) minus with their own
+                  image, on a fixed set of captions (validation captions in the pilot, test captions for the
+                  claims). A model that ignores its image scores exactly 0 whatever its text prior (both sides
+                  read the same text), and the gap moves continuously with what the image adds: no threshold
+                  turns a small effect into 0. The probes' probe_img_avg (accuracy - blind accuracy) is secondary:
+                  a multiple-choice margin hides image effects smaller than the text prior's.
     lr choice     per arm: the mean over pilot seeds of the mean of the validation PRIMARY over the last
                   TAIL checkpoints; the best lr, and among lrs within TIE of the best the smallest (a float-noise
                   margin: a near-tie must not flip the choice between machines). At a grid edge: one more value.
@@ -9,8 +15,8 @@ pure functions that experiment.py applies while it runs and reporting.py applies
     control       A setting that fails it is reported as unable to judge PRIOR.
     converged     NTP's validation curve (pilot mean) rose by at most FLAT of its total rise over the last
                   third of the steps.
-    claims        final: PRIMARY at the last checkpoint (test probes). Peak: PRIMARY at the step where the
-                  arm's pilot validation curve peaks, read on the test probes. Stability: the largest drop from
+    claims        final: PRIMARY at the last checkpoint (test captions). Peak: PRIMARY at the step where the
+                  arm's pilot validation curve peaks, read on the test captions. Stability: the largest drop from
                   the running best along the test curve (lower is better), per seed.
     statistics    paired differences over seeds with a t interval (stats.paired); the minimum detectable
                   effect at 80% power; PRIOR's share of the oracle's gain with a seeded bootstrap interval.
@@ -20,7 +26,7 @@ import statistics
 
 from experiments.stats import t_quantile
 
-PRIMARY = "probe_img_avg"
+PRIMARY = "gap_image"
 TAIL = 3          # checkpoints averaged for an lr choice
 TIE = 0.005       # lr scores this close to the best count as tied (the smallest lr of them wins)
 FLAT = 0.1        # converged: the last third of the steps added at most this share of the curve's rise

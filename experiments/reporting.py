@@ -6,9 +6,10 @@ results.json is a list of rows {"mix", "arch", "loss", "seed", "lr", "step", "ph
 curves_*, average_*, token_nll_* and lr_grid_*.png. results.md depends on the rows alone (no paths, dates or
 machine details), so report.py regenerates it byte for byte.
 
-Primary endpoint (experiments/protocol.py's PRIMARY, declared in docs/experiment.md): "probe_img_avg" at the
-final step, what the image adds: the mean over probe groups (presence, colour, count, retrieval) of accuracy
-minus blind accuracy (each question with another question's image). The verdicts section (claims.py) applies
+Primary endpoint (experiments/protocol.py's PRIMARY, declared in docs/experiment.md): "gap_image" at the
+final step, what the image adds: the NLL of the test captions' image words with another caption's image minus
+with their own, in nats per token (0 for a model that ignores the image, whatever its text prior). The
+verdicts section (claims.py) applies
 the protocol's rules: the positive control first, then final, peak and stability. "probe_cc_avg" (the
 chance-corrected average; computed here from probe and chance_* rows where eval.py wrote none) is secondary.
 
@@ -328,7 +329,8 @@ def write_report(rows, out_dir, source="results.json", plots=True):
           "better.",
           "", *claims_section(summ),
           f"## Primary endpoint: `{PRIMARY}` (final step)", "",
-          f"`{PRIMARY}`: mean over probe groups of accuracy − blind accuracy (what the image adds); declared in "
+          f"`{PRIMARY}`: NLL of the test captions' image words with another caption's image minus with their own, "
+          f"nats per token (what the image adds; exactly 0 for a model that ignores it); declared in "
           f"experiments/protocol.py. One comparison per setting is primary: PRIOR vs NTP; the other arms are "
           f"controls. Columns arm / NTP: mean ± std over each one's seeds; n: the seeds both ran.", ""]
     md += _primary(summ, PRIMARY)

@@ -7,8 +7,12 @@ no process start, no re-read probes and no reloaded weights per checkpoint.
     timing = train_eval(train.TrainConfig(...), specs)
 
 Each evaluation spec writes rows {"arch", "loss", "seed", "lr", "step", "benchmark", "value"} to RUN/<out>;
-its FINAL_ONLY keys (test captions, benchmark files) are evaluated at the last step alone. A re-run skips what is
-done: a finished run only evaluates the checkpoints its files lack (from ckpt_*.pt). Returns the job's time split.
+its FINAL_ONLY keys (the probes, the NLL by reference weight, benchmark files: secondary) are evaluated at the
+last step alone; the captions' grounding gaps (the primary endpoint) at every checkpoint. A spec with "instruct"
+asks its "bench" files of an instruction-tuned copy of that last checkpoint (experiments/bench_instruct.py), the
+paper's protocol; its rows are written with the step's other rows, so a step that has rows is done. A re-run skips
+what is done: a finished run only evaluates the checkpoints its files lack (from ckpt_*.pt). Returns the job's time
+split (the copy's tuning counts as evaluation).
 """
 import glob
 import json
@@ -19,11 +23,12 @@ import time
 import eval as E
 import train
 from data import tokenizer as T
+from experiments.bench_instruct import tuned_bench
 from experiments.jobs import checked
 from utils import pick_device
 from model import load_model
 
-FINAL_ONLY = ("test", "test_scores", "bench")  # read at the last step alone
+FINAL_ONLY = ("probes", "test_scores", "bench", "instruct")  # read at the last step alone
 
 
 def read_rows(path):
@@ -42,8 +47,12 @@ def evaluate_into(cfg, specs, tok, step, model, timing):
             continue
         t0 = time.perf_counter()
         kw = {k: v for k, v in spec.items() if k != "out" and (k not in FINAL_ONLY or step == cfg.steps)}
+        it = kw.pop("instruct", None)
+        tuned = kw.pop("bench", None) if it else None  # asked of the tuned copy, below
         out = E.evaluate_model(model, tok, probes_dir=kw.pop("probes", None), test_path=kw.pop("test", None),
                                test_scores=kw.pop("test_scores", None), device=model_device(model), **kw)
+        if tuned:  # the model in hand stays as it is: the copy starts from its checkpoint file
+            out.update(tuned_bench(cfg, step, it, tuned, tok, device=model_device(model), **kw))
         rows += [{"arch": cfg.arch, "loss": cfg.loss, "seed": cfg.seed, "lr": cfg.lr, "step": step,
                   "benchmark": k, "value": v} for k, v in out.items()]
         E.write_rows(path, rows)

@@ -28,7 +28,7 @@ import uuid
 
 import torch
 
-from utils import autocast, check_zip, register
+from utils import autocast, register, safe_load
 
 VERSION = "features-v1"
 
@@ -69,8 +69,8 @@ def compute_features(encoder, images, device, chunk=256):
 
 def _load(path, key, n):
     try:
-        check_zip(path, path, "a feature-cache file")  # a flipped byte keeps the key right: the CRCs catch it
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # a flipped byte keeps the key right: safe_load's CRC check catches it
+        obj = safe_load(path, path, "a feature-cache file", mmap=True)
         if obj.get("key") == key and obj["features"].shape[0] == n:
             return obj["features"]
     except Exception:  # missing, truncated or foreign file: compute again

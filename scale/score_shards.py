@@ -18,7 +18,6 @@ import hashlib
 import io
 import os
 import struct
-import sys
 import time
 from dataclasses import asdict
 
@@ -29,10 +28,10 @@ from tqdm import tqdm
 from data.packing import count_overlong, make_samples
 from data.record_types import DataError, Tally
 from data.records import iter_records
-from data.scores import INDEX_FORMAT, _block, _torch_load, quantise
+from data.scores import INDEX_FORMAT, _block, quantise
 from score import (_relevance, _write_report, context_len, fingerprints_of, label_probs, overlong_note,
                    refuse_duplicate_ids, warn_if_trained_on)
-from utils import atomic_save, register
+from utils import atomic_save, register, safe_load, setup_distributed
 
 SHARD_MAGIC = b"PRIOR-SCORES-SHARD-1\n"
 
@@ -136,9 +135,29 @@ def score_stream(cfg, tok, score, ctx, n_records, fingerprints, rank, world):
 
 
 @register("score_sharded")
-def score_sharded(cfg, tok, model, ckpt, device, rank, world):
-    """--stream or torchrun: one shard per process and an index, written by scale/score_shards.py with this
-    file's label_probs; rank 0 reports on its first --report-captions captions."""
+def score_sharded(cfg, tok, model, ckpt, device):
+    """score.py --stream or under torchrun: one shard per process and an index, scored by score.label_probs;
+    rank 0 reports on its first --report-captions captions. Under torchrun it joins the caller's process group, or
+    starts one (gloo on CPU, NCCL on a GPU: it only gathers the shard summaries) and ends it."""
+    rank, world, started = 0, int(os.environ.get("WORLD_SIZE", "1")), False
+    if world > 1 and dist.is_initialized():  # a caller's own group: join it, leave it to the caller
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    elif world > 1:
+        (rank, world, device), started = setup_distributed(device, bf16=False), True  # scoring runs in float32
+    try:
+        report = _score_shards(cfg, tok, model, ckpt, device, rank, world)
+        if started:  # tear down together (see the end of train.main)
+            dist.barrier()
+        return report
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _score_shards(cfg, tok, model, ckpt, device, rank, world):
+    """score_sharded in this process's group: its shard; on rank 0 the index, the report and the picture."""
     n_records, data_fp = data_pass(cfg)
     if rank == 0:
         warn_if_trained_on(cfg, ckpt, data_fp)
@@ -150,8 +169,8 @@ def score_sharded(cfg, tok, model, ckpt, device, rank, world):
     if report is None:  # not rank 0
         return None
     report["ref_train_tokens_per_s"] = ckpt.get("train_tokens_per_s")
-    _relevance(report, tok, kept["records"], kept["samples"], kept["p_ref"])
-    _write_report(cfg, report, tok, kept["records"], kept["samples"], kept["p_ref"])
+    _relevance(report, tok, kept["records"], kept["p_ref"])
+    _write_report(cfg, report, tok, kept["samples"], kept["p_ref"])
     return report
 
 
@@ -178,7 +197,7 @@ def _read_frames(path):
             sha.update(data)
             if len(data) != n:
                 raise DataError(f"{path}: cut short: a frame of {n} bytes has only {len(data)}")
-            yield _torch_load(io.BytesIO(data), path)
+            yield safe_load(io.BytesIO(data), path, "a score file", DataError)
 
 
 def _load_shard(path):

@@ -148,7 +148,7 @@ def tar_record(path, key, members, f, require_image=True, want_image_bytes=False
 def iter_shard_records(spec, require_image=True, check_files=True, tally=None):
     """Records of every sample of every shard, in order (data/records.iter_records for .tar specs).
     check_files is accepted for symmetry: a member cut off by the end of the file is always caught. A broken shard
-    is a bad record and a broken shard in `tally` (Tally.broken_shard: the bad fraction counts shards too)."""
+    is a bad record and a broken shard in `tally` (Tally.broken: the bad fraction counts shards too)."""
     tally = tally if tally is not None else Tally("records", spec)
     for path in expand_shards(spec):
         tally.shards += 1
@@ -157,11 +157,11 @@ def iter_shard_records(spec, require_image=True, check_files=True, tally=None):
                 tally.total += 1
                 if kind == "shard":
                     tally.bad(path, key, detail)
-                    tally.broken_shard(path, key)
+                    tally.broken.append((path, key))
                     continue
                 if kind == "cut":
                     tally.bad(f"{path}:{key}", "shard cut off mid-member", detail)
-                    tally.broken_shard(path, "shard cut off mid-member")
+                    tally.broken.append((path, "shard cut off mid-member"))
                     continue
                 try:
                     rec, _ = tar_record(path, key, detail, f, require_image)

@@ -500,3 +500,11 @@ def test_not_utf8_and_byte_order_marks(tmp_path):
     seed = write_seed(tmp_path)
     seed.write_bytes(bom + seed.read_bytes())
     assert len(B.read_seed(str(seed), str(tmp_path / "SEED-Bench-image"))) == 2
+
+
+def test_yes_no_answers_are_decided_by_their_first_token():
+    """"yes" as 2 tokens against a 1-token "no": summed, the second token's cost decides; by the first token (the
+    headline of yes/no benchmarks), the model's preference for starting "y" does."""
+    lp = [torch.tensor([-0.5, -3.0]), torch.tensor([-1.0])]  # p(Ġy) > p(Ġno), but p(es | Ġy) small
+    assert S.predictions([lp])[0] == 1 and S.predictions([lp], first=True)[0] == 0
+    assert S.predictions([lp], normalise=True)[0] == 1  # per-token mean: -1.75 vs -1.0

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import experiment  # noqa: E402
+from experiments.protocol import PRIMARY  # noqa: E402
 
 
 def run(out, *extra):
@@ -90,7 +91,7 @@ def fake_parallel(exp, score):
             d, lr, seed = cfg.out_dir, cfg.lr, cfg.seed
             os.makedirs(d, exist_ok=True)
             open(os.path.join(d, f"ckpt_{exp.p['vlm']['steps']:06d}.pt"), "w").close()
-            rows = [{"step": s, "benchmark": "probe_img_avg", "value": score(float(lr), int(seed))} for s in (3, 6)]
+            rows = [{"step": s, "benchmark": PRIMARY, "value": score(float(lr), int(seed))} for s in (3, 6)]
             with open(os.path.join(d, "eval.json"), "w") as f:
                 json.dump(rows, f)
             exp.ran.append((float(lr), int(seed)))

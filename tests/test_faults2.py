@@ -45,17 +45,17 @@ def test_every_caption_length_up_to_and_past_the_context_gets_one_score_per_labe
 
 def test_16_bit_greyscale_png_is_converted_by_value():
     import numpy as np
-    from data.images import decode_image_bytes
+    from data.images import load_image
     buf = io.BytesIO()
     Image.fromarray(np.full((6, 6), 25700, dtype=np.uint16)).save(buf, format="PNG")
     assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
-    assert (decode_image_bytes(buf.getvalue(), 6) == 100).all()  # 25700 / 65535 x 255 = 100, not white
+    assert (load_image(io.BytesIO(buf.getvalue()), 6) == 100).all()  # 25700 / 65535 x 255 = 100, not white
     buf = io.BytesIO()
     Image.new("I", (6, 6), 65535).save(buf, format="TIFF")  # 32-bit integer mode, 16-bit values
-    assert (decode_image_bytes(buf.getvalue(), 6) == 255).all()
+    assert (load_image(io.BytesIO(buf.getvalue()), 6) == 255).all()
     buf = io.BytesIO()
     Image.fromarray(np.full((6, 6), 0.4, dtype=np.float32)).save(buf, format="TIFF")  # float 0..1
-    assert (decode_image_bytes(buf.getvalue(), 6) == 102).all()
+    assert (load_image(io.BytesIO(buf.getvalue()), 6) == 102).all()
 
 
 # ----------------------------------------------------------------------------- 3. one writer per run folder

@@ -13,7 +13,7 @@ from data.packing import Sample
 from model import VLM, Decoder, DecoderConfig, VLMConfig
 from baselines.heads import attach_heads
 from data.packing import global_batch
-from utils import check_bf16
+from utils import setup_distributed
 from scale.flops import peak_flops, peak_for_name, step_flops
 from train import attended_pairs
 
@@ -199,5 +199,6 @@ def test_gpus_without_bf16_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     with pytest.raises(ValueError, match="V100-SXM2-16GB has no bf16"):
-        check_bf16("cuda")
-    check_bf16("cpu")
+        setup_distributed("cuda")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # alone: no process group
+    assert setup_distributed("cpu") == (0, 1, "cpu")

@@ -98,7 +98,7 @@ def test_broken_setup_raises_both_alarms_healthy_neither(tiny, tmp_path, capsys)
     blob = _collapsed_scores(tiny, bad)
     p_ref = [blob["p_ref"][a:b].float() / 65535 for a, b in zip(blob["offsets"][:-1], blob["offsets"][1:])]
     report = {}
-    score._write_report(score.ScoreConfig(out=str(tmp_path / "r.pt")), report, None, [], [], p_ref)
+    score._write_report(score.ScoreConfig(out=str(tmp_path / "r.pt")), report, None, [], p_ref)
     assert "memorised" in report["weights"]["warning"] and report["weights"]["tokens_near_zero"] > 0.8
     # training: whole decoder from a trained LM, no text mix, PRIOR on collapsed weights -> the alarm fires once
     kw = dict(data=str(tiny["train"]), tokenizer=str(tiny["tokenizer"]), init_decoder=str(tiny["ref_lm"]),

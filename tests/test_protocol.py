@@ -68,16 +68,18 @@ def test_in_process_evaluation_equals_eval_py_and_repeats_bit_for_bit(run_args):
     from utils import parse_config
     root, args = run_args
     config = lambda argv: parse_config(train.TrainConfig, argv)  # noqa: E731
-    spec = [{"out": "eval.json", "probes": str(root / "probes")}]
+    captions = args("a")[1]  # the captions' gaps at every checkpoint, the probes at the last (worker.FINAL_ONLY)
+    spec = [{"out": "eval.json", "probes": str(root / "probes"), "test": captions}]
     timing = train_eval(config(args("a")), spec)
     assert timing["train_s"] > 0 and timing["eval_s"] > 0
     rows = json.loads((root / "a" / "eval.json").read_text())
     assert sorted({r["step"] for r in rows}) == [2, 4]
     for step in (2, 4):  # the same numbers as eval.py on the saved checkpoint
         mine = {r["benchmark"]: r["value"] for r in rows if r["step"] == step}
-        theirs = {r["benchmark"]: r["value"] for r in
-                  E.evaluate_checkpoint(str(root / "a" / f"ckpt_{step:06d}.pt"), probes_dir=str(root / "probes"))}
-        assert mine == theirs
+        probes = str(root / "probes") if step == 4 else None
+        theirs = {r["benchmark"]: r["value"] for r in E.evaluate_checkpoint(
+            str(root / "a" / f"ckpt_{step:06d}.pt"), probes_dir=probes, test_path=captions)}
+        assert mine == theirs and ("count" in mine) == (step == 4) and "gap_image" in mine
     train_eval(config(args("b")), spec)  # the same run again, on this machine: every number identical
     assert (root / "b" / "eval.json").read_text() == (root / "a" / "eval.json").read_text()
     log = lambda d: [json.loads(x)["loss"] for x in open(root / d / "log.jsonl")]  # noqa: E731

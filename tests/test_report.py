@@ -6,6 +6,7 @@ import random
 import pytest
 
 from experiments import report, reporting, stats
+from experiments.protocol import PRIMARY
 
 ARMS = ("ntp", "prior", "prior_shuffled", "oracle")
 GAIN = {"ntp": 0.0, "prior": 0.03, "prior_shuffled": 0.0, "oracle": 0.08}
@@ -26,9 +27,9 @@ def fake_rows(mixes=("web", "noisy"), archs=("h", "u"), arms=ARMS, seeds=range(5
                         vals = {"presence_random": 0.6 + 0.2 * t + g, "colour": 0.3 + 0.2 * t + g, "count": 0.3 + g,
 
                                 "probe_avg": 0.4 + 0.2 * t + g, "nll_image": 3.0 - t - 5 * g, "nll_glue": 2.0,
-                                "nll_boiler": 1.0, "nll_noise": 5.0, "nll_image_shuffled": 4.0, "gap_image": 1 + g}
+                                "nll_boiler": 1.0, "nll_noise": 5.0, "nll_image_shuffled": 4.0, "gap_colour": 1 + g}
                         if cc:
-                            vals["probe_cc_avg"], vals["probe_img_avg"] = 0.2 + 0.2 * t + g, 0.1 + 0.2 * t + g
+                            vals["probe_cc_avg"], vals[PRIMARY] = 0.2 + 0.2 * t + g, 0.1 + 0.2 * t + g
                         for b, v in vals.items():
                             rows.append({"mix": mix, "arch": arch, "loss": arm, "seed": seed, "lr": 1e-3, "step": step,
                                          "phase": "main", "benchmark": b, "value": v + rng.gauss(0, noise)})
@@ -36,7 +37,7 @@ def fake_rows(mixes=("web", "noisy"), archs=("h", "u"), arms=ARMS, seeds=range(5
                     for lr, score in ((3e-4, 0.1), (1e-3, 0.3), (3e-3, 0.2)):
                         for step in steps:
                             rows.append({"mix": mix, "arch": arch, "loss": arm, "seed": 100, "lr": lr, "step": step,
-                                         "phase": "grid", "benchmark": "probe_img_avg",
+                                         "phase": "grid", "benchmark": PRIMARY,
                                          "value": score + gain[arm] * step / steps[-1]})
     return rows
 
@@ -130,7 +131,7 @@ def test_results_md_regenerates_byte_for_byte(tmp_path):
     assert _cli(tmp_path, shuffled, "c", "--no-plots") == a  # row order does not matter
     md = a.decode()
     assert str(tmp_path) not in md and "`results.json`" in md and not list((tmp_path / "a").glob("*.png"))
-    primary, second = md.index("## Primary endpoint: `probe_img_avg`"), md.index("## Secondary (not corrected")
+    primary, second = md.index(f"## Primary endpoint: `{PRIMARY}`"), md.index("## Secondary (not corrected")
     assert md.index("## Verdicts") < md.index("**Positive control (passed)**") < primary < second
     assert "PRIOR (shuffled) − NTP" in md[primary:second] and "Oracle − NTP" in md[primary:second]
     assert md.count("mix `noisy` · U-LVLM: PRIOR − NTP = ") == 1
@@ -140,9 +141,9 @@ def test_results_md_regenerates_byte_for_byte(tmp_path):
 def test_secondary_lists_each_benchmark_once_and_counts_only_base_rows(tmp_path):
     md = open(reporting.write_report(fake_rows(mixes=("web",), archs=("h",)), tmp_path, plots=False)).read()
     final = md[md.index("#### Final step"):md.index("#### Best step")]
-    for b in ("colour", "probe_avg", "nll_image", "nll_glue", "gap_image"):
+    for b in ("colour", "probe_avg", "nll_image", "nll_glue", "gap_colour"):
         assert final.count(f"| `{b}` ") == 1
-    assert "| `probe_img_avg` " not in final and "nll_image_shuffled" not in final  # primary rows sit above
+    assert f"| `{PRIMARY}` " not in final and "nll_image_shuffled" not in final  # primary rows sit above
     assert "Counted over the 7 base rows only" in md  # 3 probe files + 4 nll categories, no averages
     assert "Best step (flattering" in md
 
@@ -174,7 +175,7 @@ def test_still_improving_adds_auc_row(tmp_path):
 def test_grid_chosen_lr_and_edge():
     fam = reporting.summarize(fake_rows(mixes=("web",), archs=("h",)))["web"]["h"]
     g = fam["grid"]["prior"]
-    assert fam["grid_by"] == "probe_img_avg" and g["tried"] == [3e-4, 1e-3, 3e-3]
+    assert fam["grid_by"] == PRIMARY and g["tried"] == [3e-4, 1e-3, 3e-3]
     assert g["chosen"] == 1e-3 and not g["edge"]
     rows = [dict(r, value=100 * r["lr"]) if r["phase"] == "grid" else r  # scores 0.03, 0.1, 0.3: the top lr wins
             for r in fake_rows(mixes=("web",), archs=("h",))]
@@ -198,7 +199,7 @@ def test_data_rows_become_the_data_table(tmp_path, capsys):
 def test_missing_parts_do_not_crash(tmp_path):
     rows = fake_rows(mixes=("web",), archs=("h",), arms=("ntp", "prior"), grid=False, cc=False)
     md = open(reporting.write_report(rows, tmp_path, plots=False)).read()
-    assert "No grid runs" in md and "Oracle" not in md and "no `probe_img_avg` for NTP and another arm" in md
+    assert "No grid runs" in md and "Oracle" not in md and f"no `{PRIMARY}` for NTP and another arm" in md
     only_ntp = reporting.write_report(fake_rows(mixes=("web",), archs=("h",), arms=("ntp",)), tmp_path / "n",
                                       plots=False)
     assert "NTP (n=5, step 300)" in open(only_ntp).read()
@@ -209,11 +210,11 @@ def test_missing_parts_do_not_crash(tmp_path):
 def test_nan_values_stay_visible(tmp_path):
     rows = fake_rows(mixes=("web",), archs=("h",), grid=False)
     for r in rows:
-        if r["loss"] == "prior" and r["seed"] == 0 and r["benchmark"] == "probe_img_avg":
+        if r["loss"] == "prior" and r["seed"] == 0 and r["benchmark"] == PRIMARY:
             r["value"] = None  # a diverged run
     fam = reporting.summarize(rows)["web"]["h"]
-    assert math.isnan(stats.summary(fam["final"]["vals"]["prior"]["probe_img_avg"])["mean"])
-    assert fam["final"]["vs"]["prior"]["probe_img_avg"]["verdict"] == "not computable (NaN)"
+    assert math.isnan(stats.summary(fam["final"]["vals"]["prior"][PRIMARY])["mean"])
+    assert fam["final"]["vs"]["prior"][PRIMARY]["verdict"] == "not computable (NaN)"
     reporting.write_report(rows, tmp_path, plots=False)
 
 
@@ -222,7 +223,7 @@ def test_names_order_and_paper_helpers():
     assert "glue" in reporting.CATS
     order = sorted(["nll_noise", "gap_image", "nll_glue", "probe_cc_avg", "colour", "nll_image", "probe_avg"],
                    key=reporting.bench_key)
-    assert order == ["colour", "probe_avg", "probe_cc_avg", "nll_image", "nll_glue", "nll_noise", "gap_image"]
+    assert order == ["colour", "probe_avg", "gap_image", "probe_cc_avg", "nll_image", "nll_glue", "nll_noise"]
     a, b = reporting.stats({0: 0.5, 1: 0.6, 2: 0.7}), reporting.stats({0: 0.4, 1: 0.4, 2: 0.4})
     # paper.py's Welch test
     assert a["std"] == pytest.approx(0.1) and reporting.compare(a, b, "colour", "prior")["clear"]

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import (VisionChecks, atomic_save, atomic_write, autocast, check_out, flag, lr_at, make_optimizer,
+from utils import (Checks, atomic_save, atomic_write, autocast, check_out, flag, lr_at, make_optimizer,
                    pick_device, run, seed_everything, text_fingerprint)
 from data.records import read_records
 from data.images import load_images, normalize
@@ -56,7 +56,7 @@ COL_NAMES = ("left", "center", "right")
 
 
 @dataclass
-class Config(VisionChecks):
+class Config(Checks):
     data: str = flag("data/synth/label.jsonl", "JSONL with the generator's 'scene' field per record")
     out: str = flag("out/vit.pt", "checkpoint path; accuracies go to <stem>.json beside it")
     val_fraction: float = flag(0.05, "share of records held out for validation")
