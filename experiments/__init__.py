@@ -4,3 +4,4 @@ them: `python -m experiments train ...` is train.py with the whole lab."""
 import baselines  # noqa: F401 (plug-ins)
 import benchmarks  # noqa: F401
 import scale  # noqa: F401
+import experiments.controls  # noqa: F401,E402 (anti_prior, prior_shuffled_tag: train.WEIGHTINGS)

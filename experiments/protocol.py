@@ -12,7 +12,9 @@ pure functions that experiment.py applies while it runs and reporting.py applies
                   TAIL checkpoints; the best lr, and among lrs within TIE of the best the smallest (a float-noise
                   margin: a near-tie must not flip the choice between machines). At a grid edge: one more value.
     positive      the oracle beats NTP on validation: oracle - NTP > 0 on every pilot seed (each arm at its lr).
-    control       A setting that fails it is reported as unable to judge PRIOR.
+    control       A setting that fails it is reported as unable to judge PRIOR. Declared for the next main job
+                  (gate, simulated_power below; docs/experiment.md): a one-sided 95% paired t interval over >= 5
+                  pilot seeds that excludes 0, the rule "every seed" failing whenever one NTP seed does well.
     converged     NTP's validation curve (pilot mean) rose by at most FLAT of its total rise over the last
                   third of the steps.
     claims        final: PRIMARY at the last checkpoint (test captions). Peak: PRIMARY at the step where the
@@ -115,3 +117,46 @@ def share_of_oracle(prior_d, oracle_d, resamples=2000, seed=0, level=0.95):
 
 def sd(values):
     return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+# ---- the positive control's gate with power (issue "Which tokens matter"; applied by the next main job) ------------
+GATE_SEEDS = 5    # fewest pilot seeds the gate reads
+GATE_LEVEL = 0.95  # one-sided
+
+
+def gate(d, level=GATE_LEVEL, min_seeds=GATE_SEEDS):
+    """The positive control passes when the one-sided paired t interval of oracle - NTP over the pilot seeds
+    excludes 0: mean(d) - t_{level, n-1} x sd(d) / sqrt(n) > 0, with n >= min_seeds. Unlike "> 0 on every seed",
+    one seed where NTP happens to do well does not fail it on its own. (passed, lower bound)."""
+    n = len(d)
+    if n < max(2, min_seeds):
+        return False, float("nan")
+    lower = statistics.mean(d) - t_quantile(level, n - 1) * statistics.stdev(d) / n ** 0.5
+    return lower > 0, lower
+
+
+def every_seed(d):
+    """The old rule: oracle - NTP > 0 on every pilot seed."""
+    return bool(d) and all(x > 0 for x in d)
+
+
+def simulated_power(rule, draw, n, sims=4000, seed=0):
+    """Share of `sims` simulated pilots of n seeds that `rule` passes (rule(d) -> passed, or (passed, ...) like
+    gate), each seed's difference from draw(rng)."""
+    rng, passed = random.Random(seed), 0
+    for _ in range(sims):
+        verdict = rule([draw(rng) for _ in range(n)])
+        passed += bool(verdict[0] if isinstance(verdict, tuple) else verdict)
+    return passed / sims
+
+
+if __name__ == "__main__":  # the power numbers of docs/experiment.md: python -m experiments.protocol
+    see = [0.596, 0.272]  # oracle - NTP on validation gap_image, results/see (3 tokens per patch, seeds 0 and 1)
+    m, s = statistics.mean(see), statistics.stdev(see)
+
+    def switching(rng):  # NTP "switches on" the image in 15% of seeds, erasing the oracle's edge there
+        return rng.gauss(m, s) if rng.random() > 0.15 else rng.gauss(-0.02, 0.05)
+    for name, draw in ((f"normal(mean {m:.3f}, sd {s:.3f})", lambda rng: rng.gauss(m, s)),
+                       ("15% switching", switching)):
+        print(f"{name}: gate " + ", ".join(f"{n} seeds {simulated_power(gate, draw, n):.2f}" for n in (5, 10)) +
+              "; every seed " + ", ".join(f"{n} seeds {simulated_power(every_seed, draw, n):.2f}" for n in (3, 5, 10)))
