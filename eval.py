@@ -10,10 +10,11 @@ eval.json rows are {"arch", "loss", "seed", "lr", "step", "benchmark", "value", 
     <stem>(_norm, _blind)         accuracy on each file (_blind: each question given another's image)
     <stem>_chance, _const         a guesser's expected accuracy; the best constant answer's
     probe_avg(_norm, _blind)      mean over groups (files sharing the stem before "_": POPE's splits are one)
-    probe_img_avg, <group>_img    mean over groups of accuracy - blind accuracy (the primary endpoint)
+    probe_img_avg, <group>_img    mean over groups of accuracy - blind accuracy
     probe_cc_avg(_nocount)        mean over groups (_nocount: all but count) of (acc - chance)/(1 - chance)
-    nll_<c>(_shuffled), gap_<c>   mean NLL of caption tokens of tag c (image/glue/boiler/noise/all) with the true
-                                  and another record's image; the grounding gap is their difference
+    nll_<c>(_shuffled), gap_<c>   mean NLL of caption tokens of tag c (image/glue/boiler/noise/all; an image word's
+                                  attribute: shape/colour/count/size/position) with the true and another record's
+                                  image; the grounding gap is their difference (gap_image: the primary endpoint)
     nll_w_gt_0.5, nll_w_le_0.5..  (--test-scores) the same for tokens of PRIOR weight 1 - p_ref > or <= 0.25/0.5/0.75
 """
 import glob
@@ -52,8 +53,7 @@ class EvalConfig(EvalChecks):
     test: str = flag("", "held-out caption JSONL with word 'tags', for the token NLL")
     test_scores: str = flag("", "score.py output for --test: adds NLL by PRIOR weight w = 1 - p_ref")
     tokenizer: str = flag("", "tokenizer.json ('' = the path in the checkpoint's config); its fingerprint is checked")
-    max_rows: int = flag(0,
-                         "evaluate a fixed random subset of this many rows of each probe file and of --test (0 = all)")
+    max_rows: int = flag(0, "a fixed random subset of this many rows of each probe file and of --test (0 = all)")
     row_len: int = flag(256, "tokens per packed row (grown to fit the longest question or caption)")
     batch_rows: int = flag(8, "rows per forward pass")
     seed: int = flag(0, "seed of the image derangement and of --max-rows subsets")
