@@ -11,7 +11,9 @@ from experiments.protocol import (PRIMARY, choose_lr, converged, max_drop, mde, 
 from experiments.stats import ci, fmt, md_table, paired, pm, summary
 
 ARMS = ["oracle", "prior", "prior_shuffled"]
-NAMES = {"ntp": "NTP", "prior": "PRIOR", "prior_shuffled": "PRIOR (shuffled)", "oracle": "Oracle"}
+NAMES = {"ntp": "NTP", "prior": "PRIOR", "prior_shuffled": "PRIOR (shuffled)", "oracle": "Oracle",
+         "anti_prior": "anti-PRIOR", "prior_shuffled_tag": "PRIOR (shuffled in tags)",
+         "prior_alpha0.5": "PRIOR (α 0.5)", "prior_alpha2": "PRIOR (α 2)"}  # experiments/controls.py's arms
 
 
 def seed_curves(steps, bench=PRIMARY):

@@ -4,6 +4,7 @@ token weighting registered like PRIOR (train.weighting), so every driver and `--
     python -m experiments train --loss anti_prior ...              # w = p_ref^alpha: PRIOR's spread, opposite tokens
     python -m experiments train --loss prior_shuffled_tag ...      # PRIOR's weights permuted within each word tag
     python -m experiments train --loss prior --alpha 2 ...         # the dose: w = (1 - p_ref)^alpha (paper Fig. 5)
+    python -m experiments.main --arms ntp,prior_alpha0.5,prior,prior_alpha2 --tune ntp,prior_alpha0.5,prior,prior_alpha2
 
 Beside train.py's prior_shuffled (PRIOR's weights permuted within a caption: the same weights on random tokens):
 - anti_prior puts a spread of the same kind on the opposite tokens, the ones the reference LM finds easy
@@ -12,7 +13,8 @@ Beside train.py's prior_shuffled (PRIOR's weights permuted within a caption: the
 - prior_shuffled_tag keeps PRIOR's allocation across the generator's word tags (image, glue, boiler, noise: how
   much of a caption's loss each tag gets) and randomises it inside them: if it matches PRIOR, what PRIOR gets right
   is the share per kind of word, not the token within a kind.
-Both permutations depend on the record id alone (not on the training seed), as prior_shuffled's.
+Both permutations depend on the record id alone (not on the training seed), as prior_shuffled's. prior_alpha0.5 and
+prior_alpha2 are PRIOR at a fixed alpha, so a dose-response is a list of arms of one main job.
 """
 import hashlib
 
@@ -54,3 +56,13 @@ def shuffle_p_ref_by_tag(cfg, samples, records, tok, device):
 
 
 weighting("prior_shuffled_tag", inputs={"p_ref": "scores"}, prepare=shuffle_p_ref_by_tag)(prior)
+
+
+def prior_at(alpha):
+    def weights(cfg, batch, state):
+        return prior_weights(batch.inputs["p_ref"], alpha)
+    return weights
+
+
+for _alpha in (0.5, 2.0):  # the paper's Fig. 5 doses beside alpha = 1 (prior)
+    weighting(f"prior_alpha{_alpha:g}", inputs={"p_ref": "scores"})(prior_at(_alpha))

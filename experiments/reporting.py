@@ -29,7 +29,7 @@ mean over checkpoints) is added as a secondary row.
 import math
 import os
 
-from experiments.claims import claims_section, seed_curves
+from experiments.claims import NAMES as ARM_NAMES, claims_section, seed_curves
 from experiments.protocol import PRIMARY, choose_lr, tail_mean
 from experiments.report_plots import plot_specs, primary_plot
 from experiments.stats import (NAN, ci, fmt, lr_key, lr_str, md_table, paired, pm, seed_key, series,  # noqa: F401
@@ -42,8 +42,8 @@ CHANCE = {"presence_random": 0.5, "presence_popular": 0.5, "presence_adversarial
 CATS = ["image", "glue", "boiler", "noise", "all"]
 COUNTED = PROBES + ["nll_image", "nll_glue", "nll_boiler", "nll_noise"]  # the rows a verdict count counts
 LOSSES = ["ntp", "prior", "prior_shuffled", "oracle", "rare", "attn", "rho1", "cal"]
-NAMES = {"ntp": "NTP", "prior": "PRIOR", "prior_shuffled": "PRIOR (shuffled)", "oracle": "Oracle", "rare": "Rare",
-         "attn": "Attention", "rho1": "Rho-1", "cal": "CAL", "itm": "ITM", "itc": "ITC", "h": "H-LVLM", "u": "U-LVLM"}
+NAMES = {**ARM_NAMES, "rare": "Rare", "attn": "Attention", "rho1": "Rho-1", "cal": "CAL", "itm": "ITM", "itc": "ITC",
+         "h": "H-LVLM", "u": "U-LVLM"}
 COLOURS = {"ntp": "tab:gray", "prior": "tab:orange", "prior_shuffled": "tab:brown", "oracle": "tab:green",
            "rare": "tab:purple", "attn": "tab:blue", "rho1": "tab:red", "cal": "tab:olive"}
 
