@@ -47,7 +47,9 @@ PRESETS = {
         # 240 steps (~1 epoch of the 8,000 pairs), a checkpoint every 24: curves of 10 points. In the pilot of
         # docs/experiment.md NTP's validation curve was flat from about step 120 of 300.
         vlm=dict(steps=240, batch_size=32, save_every=24, warmup=10, row_len=256, patch_size=16), stage1_steps=600,
-        eval_rows=160, eval_rows_val=160, settings="web:h", pilot_seeds=[100, 101, 102], extend=1, oracle_low=0.1),
+        # 5 pilot seeds: the positive control's gate (protocol.gate) reads a paired t interval over >= 5
+        eval_rows=160, eval_rows_val=160, settings="web:h", pilot_seeds=[100, 101, 102, 103, 104], extend=1,
+        oracle_low=0.1),
     "gpu": dict(
         data=dict(n_ref=100000, n_text=100000, n_label=20000, n_train=100000, n_val=1000, n_test=2000, n_probe=1000,
                   n_probe_val=500),
@@ -70,8 +72,9 @@ class ExperimentConfig:
     preset: str = flag("cpu", "sizes: smoke, cpu or gpu (see PRESETS)", list(PRESETS))
     stage: str = flag("all", "prepare = data, tokenizer, reference LM, scores; all = everything", ["prepare", "all"])
     settings: str = flag("", "mix:family pairs to compare ('' = the preset's), e.g. web:h,hard:u")
-    arms: str = flag("ntp,prior,prior_shuffled,oracle", "arms of the comparison (train.py losses)")
-    tune: str = flag("ntp,prior,oracle", "arms whose lr is chosen on validation; others borrow")
+    arms: str = flag("ntp,prior,prior_shuffled,anti_prior,oracle", "arms of the comparison (registered weightings)")
+    tune: str = flag("ntp,prior,prior_shuffled,anti_prior,oracle",
+                     "arms whose lr is chosen on validation (one grid for all); others borrow PRIOR's or NTP's")
     seeds: int = flag(0, "paired seeds per arm (0 = the preset's)")
     parallel: int = flag(2, "jobs at once (each with cpu_threads // parallel threads)")
     nproc: int = flag(1, "processes per training run, under torchrun (e.g. the GPU count)")
