@@ -23,7 +23,7 @@ Every number is the median over --steps repetitions after --warmup untimed ones:
                 row_len tokens, paired (bench_parts.reference_stack; decoder_over_gpt2). docs/performance.md.
   eval          one checkpoint's eval.evaluate_model on generated probes (160 rows per kind) over training the 30
                 steps between two checkpoints (eval_over_train; bench_parts.eval_cost). train_over_matmul: FLOP/s.
-Data: the built-in generator (python -m data.generate, realistic caption lengths) writes a few captions and
+Data: the built-in generator (python -m world.generate, realistic caption lengths) writes a few captions and
 PNGs into a temporary folder; if it cannot run, synthetic 25-45-token captions and random PNGs stand in.
 The reference LM and the VLM are freshly initialised: speed does not depend on the weights.
 
@@ -109,16 +109,17 @@ class BenchConfig:
 def make_data(folder, pairs, n_ref, image_size, seed):
     """(train records with images, reference captions): from the built-in generator if it runs, else synthetic."""
     out = os.path.join(folder, "synth")
-    cmd = [sys.executable, "-m", "data.generate", "--out", out, "--seed", str(seed), "--n-train", str(pairs),
+    cmd = [sys.executable, "-m", "world.generate", "--out", out, "--seed", str(seed), "--n-train", str(pairs),
            "--n-ref", str(n_ref), "--image-size", str(image_size), "--workers", "1"]
     cmd += [x for k in ("text", "label", "val", "test", "probe") for x in (f"--n-{k}", "0")]
     try:
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
         train_recs = read_records(os.path.join(out, "train.jsonl"))
         ref = [r.caption for r in read_records(os.path.join(out, "ref.jsonl"), require_image=False, check_files=False)]
-        return train_recs, ref, "data.generate"
+        return train_recs, ref, "world.generate"
     except (subprocess.SubprocessError, OSError, ValueError) as e:
-        print(f"data.generate unavailable ({type(e).__name__}); synthetic 25-45-word captions instead", file=sys.stderr)
+        print(f"world.generate unavailable ({type(e).__name__}); synthetic 25-45-word captions instead",
+              file=sys.stderr)
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(500)]
     caption = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(25, 45)))

@@ -123,14 +123,14 @@ def eval_cost(tcfg, tok, step_s, n_probe=160, max_rows=160, every=30, reps=3, se
     """eval_over_train: the seconds of eval.evaluate_model on the probes (blind probes included), at the main
     job's cpu preset's sizes (160 rows per probe kind, --max-rows 160, H-LVLM with its probe features cached as
     the worker's --feature-cache does after a run's first checkpoint), over `every` train steps of step_s each
-    (a checkpoint every 30 steps). The probes come from data.generate in a temporary folder; median of reps."""
+    (a checkpoint every 30 steps). The probes come from world.generate in a temporary folder; median of reps."""
     import eval as E  # the evaluation the worker runs; imported here so bench.py's other numbers do not need it
     cfg = dataclasses.replace(tcfg, arch="h", train="projector")
     torch.manual_seed(seed)
     model = build_model(cfg, tok).to(cfg.device)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "synth")
-        cmd = [sys.executable, "-m", "data.generate", "--out", out, "--seed", str(seed), "--n-probe", str(n_probe),
+        cmd = [sys.executable, "-m", "world.generate", "--out", out, "--seed", str(seed), "--n-probe", str(n_probe),
                "--image-size", str(cfg.image_size), "--workers", "1"]
         cmd += [x for k in ("train", "ref", "text", "label", "val", "test", "probe-val") for x in (f"--n-{k}", "1")]
         subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True,

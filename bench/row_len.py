@@ -2,7 +2,7 @@
 (whole rows under a mask) over the attention the documents need (causal, inside each document), per row_len;
 with the FLOP counts at the main job's gpu preset (d 512 x 8 layers). docs/gpu.md has the numbers.
 
-    python -m data.generate --out /tmp/g/synth --n-train 3000 --n-ref 3000 --n-text 0 --n-label 0 --n-val 0 \\
+    python -m world.generate --out /tmp/g/synth --n-train 3000 --n-ref 3000 --n-text 0 --n-label 0 --n-val 0 \\
         --n-test 0 --n-probe 0
     python -m bench.row_len /tmp/g/synth/train.jsonl /tmp/g/synth/ref.jsonl
 """

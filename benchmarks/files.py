@@ -2,7 +2,7 @@
 end to end on every generated data set: the presence probes as POPE files, scene questions as a VLMEvalKit-style
 multiple-choice TSV (base64 PNGs; a second question about an image refers to the first one's row).
 
-    python -m data.generate --out data/synth ...
+    python -m world.generate --out data/synth ...
     python -m benchmarks.files --data data/synth         # write_bench_files: data/synth/bench/
     python -m benchmarks eval --ckpt runs/x/ckpt_000300.pt \
         --bench pope:data/synth/bench/synth_pope_random.json::data/synth \\
@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 
 from benchmarks import qa
-from data.scenes import SHAPES, plural
+from world.scenes import SHAPES, plural
 from utils import UserError, flag, run
 
 POPE_SPLITS = ("random", "popular", "adversarial")
@@ -116,14 +116,14 @@ def write_bench_files(data_dir, out_dir=None, n_mcq=200, seed=0):
 
 @dataclass
 class FilesConfig:
-    data: str = flag("data/synth", "a folder data.generate wrote (probes/, test.jsonl); the files go into its bench/")
+    data: str = flag("data/synth", "a folder world.generate wrote (probes/, test.jsonl); the files go into its bench/")
     n_mcq: int = flag(200, "scene questions in synth_mcq.tsv", min=0)
     seed: int = flag(0, "seed of the questions")
 
 
 def main(cfg):
     if not os.path.isdir(cfg.data):
-        raise UserError(f"--data {cfg.data}: no such folder (python -m data.generate --out {cfg.data} makes one)")
+        raise UserError(f"--data {cfg.data}: no such folder (python -m world.generate --out {cfg.data} makes one)")
     for spec in write_bench_files(cfg.data, n_mcq=cfg.n_mcq, seed=cfg.seed):
         print(f"--bench {spec}")
 

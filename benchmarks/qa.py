@@ -13,7 +13,7 @@ from train.jsonl's scenes, the evaluation set from test.jsonl's (neither from th
     position   where is the red circle?            -> at the top left  (asked only of a unique shape+colour)
     presence   is there a star?                    -> yes / no         (present or absent shape, 50:50)
 
-Position phrases are the generator's own (`data.scenes.pos_words`): "at the top left", "at the left"
+Position phrases are the generator's own (`world.scenes.pos_words`): "at the top left", "at the left"
 (middle row), "at the top" (centre column), "at the center".
 
 One output line per question, in both formats the project reads:
@@ -32,7 +32,7 @@ import os
 import random
 from dataclasses import dataclass
 
-from data.scenes import COLOURS, NUMS, SHAPES, pos_words, text_of
+from world.scenes import COLOURS, NUMS, SHAPES, pos_words, text_of
 from utils import UserError, atomic_write, check_out, flag, run
 
 KINDS = ("count", "colour", "shape", "position", "presence")
@@ -111,7 +111,7 @@ def read_scenes(path):
             r = json.loads(line)
             if not isinstance(r.get("scene"), list) or "image" not in r:
                 raise UserError(f"{path}:{n}: no 'scene' or 'image' field: QA needs the generator's ground truth "
-                                 f"(python -m data.generate)")
+                                 f"(python -m world.generate)")
             rows.append((str(r.get("id", f"{os.path.basename(path)}:{n}")), r["image"], r["scene"]))
     return rows
 

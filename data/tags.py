@@ -1,14 +1,24 @@
-"""The generator's ground-truth word tags ("tags" in a record: one category per caption word, data/generate.py)
-carried down to tokens, so training and evaluation can report loss per category and the tag oracle weight by it."""
+"""The generator's ground-truth word tags ("tags" in a record: one category per caption word, world/generate.py)
+carried down to tokens, so training and evaluation can report loss per category and the tag oracle weight by it,
+and the vocabulary of the image words (world/scenes.py draws what they say), so the grounding gap splits by
+attribute."""
 import sys
 
 from data import tokenizer as T
-from data.scenes import COLOURS, NUMS, SHAPES, plural
 
 CATEGORIES = ("image", "boiler", "noise", "glue")
-# What an image word says (its vocabulary: data/scenes.py): the grounding gap per attribute (eval.py's gap_<kind>)
+SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring"]
+COLOUR_WORDS = "red green blue yellow purple orange cyan pink white black brown".split()
+NUMS = "zero one two three four five six seven eight nine ten".split()
+
+
+def plural(shape, n):
+    return shape if n == 1 else shape + ("es" if shape.endswith("s") else "s")
+
+
+# What an image word says: the grounding gap per attribute (eval.py's gap_<kind>)
 ATTRIBUTES = ("shape", "colour", "count", "size", "position")
-ATTRIBUTE_OF = {**{w: "shape" for s in SHAPES for w in (s, plural(s, 2))}, **{c: "colour" for c in COLOURS},
+ATTRIBUTE_OF = {**{w: "shape" for s in SHAPES for w in (s, plural(s, 2))}, **{c: "colour" for c in COLOUR_WORDS},
                 **{n: "count" for n in NUMS}, "small": "size", "large": "size",
                 **{p: "position" for p in ("top", "bottom", "left", "right", "center")}}
 

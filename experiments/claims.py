@@ -1,16 +1,18 @@
 """results.md's first section: the main job's verdicts under the rules of experiments/protocol.py, from the rows
-alone. The positive control comes first (if the tag oracle does not beat NTP, the endpoint cannot judge PRIOR),
-then the paper's three claims, each arm against NTP: the final model, the peak (the step the arm's pilot
-validation curve peaks at, read on the test captions) and stability (the largest drop from the running best along
-the test curve), with the minimum detectable effect beside each verdict and PRIOR's share of the oracle's gain.
+alone. The positive control comes first (the gate: if the tag oracle does not beat NTP, the endpoint cannot judge
+PRIOR), then the two co-primary comparisons (PRIOR - NTP, PRIOR - shuffled: 97.5% intervals, Bonferroni), their
+robustness at every common learning rate of the pilot grid, how firm each lr choice was per seed, and the paper's
+three claims, each arm against NTP: the final model, the peak (the step the arm's pilot validation curve peaks at,
+read on the test captions) and stability (the largest drop from the running best along the test curve), with the
+minimum detectable effect beside each verdict and PRIOR's share of the oracle's gain.
 """
 import math
 
-from experiments.protocol import (PRIMARY, choose_lr, converged, max_drop, mde, mean_curve, peak_step,
-                                  share_of_oracle, tail_mean)
+from experiments.protocol import (CO_LEVEL, CO_PRIMARY, GATE_SEEDS, PRIMARY, choose_lr, converged, every_seed, gate,
+                                  max_drop, mde, mean_curve, peak_step, share_of_oracle, tail_mean)
 from experiments.stats import ci, fmt, md_table, paired, pm, summary
 
-ARMS = ["oracle", "prior", "prior_shuffled"]
+ARMS = ["oracle", "prior", "prior_shuffled", "anti_prior", "prior_shuffled_tag", "prior_alpha0.5", "prior_alpha2"]
 NAMES = {"ntp": "NTP", "prior": "PRIOR", "prior_shuffled": "PRIOR (shuffled)", "oracle": "Oracle",
          "anti_prior": "anti-PRIOR", "prior_shuffled_tag": "PRIOR (shuffled in tags)",
          "prior_alpha0.5": "PRIOR (α 0.5)", "prior_alpha2": "PRIOR (α 2)"}  # experiments/controls.py's arms
@@ -22,6 +24,14 @@ def seed_curves(steps, bench=PRIMARY):
     for step, benches in steps.items():
         for seed, v in benches.get(bench, {}).items():
             out.setdefault(seed, {})[step] = v
+    return out
+
+
+def pilot_scores(grid_runs):
+    """{loss: {lr: {seed: validation score}}}: each pilot run's score is the mean of its last TAIL checkpoints."""
+    out = {}
+    for (loss, lr), steps in grid_runs.items():
+        out.setdefault(loss, {})[lr] = {s: tail_mean(c) for s, c in seed_curves(steps).items()}
     return out
 
 
@@ -58,11 +68,13 @@ def setting_claims(mix, arch, fam):
     if "oracle" in pilot:
         seeds = sorted(set(ntp_val) & set(pilot["oracle"][2]))
         d = [tail_mean(pilot["oracle"][2][s]) - tail_mean(ntp_val[s]) for s in seeds]
-        ok = bool(d) and all(x > 0 for x in d)
+        ok, lower = gate(d)
         lines.append(f"- **Positive control ({'passed' if ok else 'FAILED'})**: on the validation captions (pilot "
                      f"seeds {', '.join(map(str, seeds))}, each arm at its chosen lr) the oracle − NTP on "
-                     f"`{PRIMARY}` is "
-                     f"{', '.join(fmt(x, sign=True) for x in d)}. " +
+                     f"`{PRIMARY}` is {', '.join(fmt(x, sign=True) for x in d)}; the gate's one-sided 95% lower "
+                     f"bound is {fmt(lower, sign=True) if len(d) >= GATE_SEEDS else f'not read ({len(d)} seeds)'} "
+                     f"(protocol.gate: passes above 0, over ≥ {GATE_SEEDS} seeds; the old rule "
+                     f"\"> 0 on every seed\" {'passes' if every_seed(d) else 'fails'}). " +
                      ("The endpoint can see a right weighting." if ok else
                       "The endpoint did not register a weighting that is right by construction: the verdicts on "
                       "PRIOR below cannot be read as evidence either way."))
@@ -89,6 +101,8 @@ def setting_claims(mix, arch, fam):
         table.append(verdict_row(f"{NAMES[arm]} vs NTP, stability (largest drop, NTP − arm)", c, None))
     lines += ["", *md_table(["comparison on the test captions", "n pairs", "mean d [95% CI]", "verdict", "MDE (80%)",
                              "MDE / NTP"], table)]
+    lines += ["", *co_primary(last, pilot_scores(fam.get("grid_runs", {})))]
+    lines += ["", *lr_firmness(pilot_scores(fam.get("grid_runs", {})), pilot)]
     ntp_mean = summary(last["ntp"])
     lines += ["", f"NTP's final `{PRIMARY}`: {pm(ntp_mean)} over {ntp_mean['n']} seeds."]
     if "prior" in diffs and "oracle" in diffs:
@@ -97,6 +111,57 @@ def setting_claims(mix, arch, fam):
         lines.append(f"PRIOR's share of the oracle's gain at the final step: {fmt(share)} [{fmt(lo)}, {fmt(hi)}] "
                      f"(bootstrap over {len(seeds)} seeds; meaningful only when the oracle's gain is clear).")
     return lines
+
+
+def co_primary(last, scores):
+    """The two declared comparisons at the final step on the test captions, each at CO_LEVEL (Bonferroni), and
+    their robustness: the same differences on validation (pilot seeds) at every lr of the grid both arms ran."""
+    rows, robust = [], []
+    for arm, ref in CO_PRIMARY:
+        if arm not in last or ref not in last:
+            continue
+        c = paired(last[arm], last[ref], level=CO_LEVEL)
+        bound = mde(c["sd_d"], c["n"], level=CO_LEVEL)
+        rows.append([f"{NAMES[arm]} − {NAMES[ref]}", str(c["n"]), ci(c), c["verdict"], fmt(bound),
+                     f"{bound / abs(c['ref_mean']):.0%}" if abs(c["ref_mean"]) >= 0.01 else "–"])
+        for lr in sorted(set(scores.get(arm, {})) & set(scores.get(ref, {}))):
+            v = paired(scores[arm][lr], scores[ref][lr], level=CO_LEVEL)
+            robust.append([f"{NAMES[arm]} − {NAMES[ref]}", f"{lr:g}", str(v["n"]), ci(v), v["verdict"]])
+    if not rows:
+        return []
+    out = [f"**Co-primary comparisons** (declared; final step, test captions, each arm at its own lr; "
+           f"{CO_LEVEL:.1%} intervals: Bonferroni for two):", "",
+           *md_table(["comparison", "n pairs", f"mean d [{CO_LEVEL:.1%} CI]", "verdict", "MDE (80%)", "MDE / ref"],
+                     rows)]
+    if robust:
+        out += ["", "Robustness: the same differences on validation at each common lr of the pilot grid (pilot "
+                "seeds; each run's mean of its last 3 checkpoints):", "",
+                *md_table(["comparison", "lr", "n pairs", f"mean d [{CO_LEVEL:.1%} CI]", "verdict"], robust)]
+    return out
+
+
+def lr_firmness(scores, pilot):
+    """Per arm: the chosen lr's validation advantage over each grid neighbour, per pilot seed (is the choice
+    noise?): mean ± sd over seeds and the seeds where the chosen lr won."""
+    rows = []
+    for arm, (chosen, _, _) in sorted(pilot.items()):
+        grid = sorted(scores.get(arm, {}))
+        if chosen not in grid:
+            continue
+        i = grid.index(chosen)
+        for other in grid[max(0, i - 1):i] + grid[i + 1:i + 2]:
+            seeds = sorted(set(scores[arm][chosen]) & set(scores[arm][other]))
+            d = [scores[arm][chosen][s] - scores[arm][other][s] for s in seeds]
+            if len(d) < 2:
+                continue
+            mean = sum(d) / len(d)
+            sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+            rows.append([NAMES.get(arm, arm), f"{chosen:g}", f"{other:g}", f"{fmt(mean, sign=True)} ± {fmt(sd)}",
+                         f"{sum(x > 0 for x in d)} of {len(d)}"])
+    if not rows:
+        return []
+    return ["How firm each lr choice is: the chosen lr's validation score minus its grid neighbour's, per pilot seed:",
+            "", *md_table(["arm", "chosen", "neighbour", "mean ± sd over seeds", "seeds where chosen wins"], rows)]
 
 
 def claims_section(summ):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from experiments.importance import ImportanceConfig
 from experiments.jobs import Jobs
 from experiments.protocol import PRIMARY, choose_lr, next_lr, tail_mean
-from data.generate import MIXES, GenConfig
+from world.generate import MIXES, GenConfig
 from data.tokenizer import TokenizerConfig
 from eval import EvalConfig
 from reference_lm import RefConfig
@@ -114,7 +114,7 @@ class Experiment:
             if not os.path.exists(os.path.join(data, "meta.json")):
                 step(f"data ({mix} mix)")
                 gen = GenConfig(**{"out": data, "mix": mix, "seed": self.cfg.seed, **self.p["data"]})
-                self.jobs.run((gen, "data.generate"), f"data_{mix}", threads=1)
+                self.jobs.run((gen, "world.generate"), f"data_{mix}", threads=1)
         tok = self.path("tokenizer.json")
         if not os.path.exists(tok):
             step("tokenizer")

@@ -11,10 +11,13 @@ pure functions that experiment.py applies while it runs and reporting.py applies
     lr choice     per arm: the mean over pilot seeds of the mean of the validation PRIMARY over the last
                   TAIL checkpoints; the best lr, and among lrs within TIE of the best the smallest (a float-noise
                   margin: a near-tie must not flip the choice between machines). At a grid edge: one more value.
-    positive      the oracle beats NTP on validation: oracle - NTP > 0 on every pilot seed (each arm at its lr).
-    control       A setting that fails it is reported as unable to judge PRIOR. Declared for the next main job
-                  (gate, simulated_power below; docs/experiment.md): a one-sided 95% paired t interval over >= 5
-                  pilot seeds that excludes 0, the rule "every seed" failing whenever one NTP seed does well.
+    positive      the gate (below): the oracle beats NTP on validation when a one-sided 95% paired t interval of
+    control       oracle - NTP over >= 5 pilot seeds (each arm at its lr) excludes 0. A setting that fails it is
+                  reported as unable to judge PRIOR. (The old rule, "> 0 on every pilot seed", failed whenever one
+                  NTP seed did well: simulated_power; docs/experiment.md.)
+    co-primary    PRIOR - NTP and PRIOR - shuffled (CO_PRIMARY) on PRIMARY at the final step, each judged by a
+                  CO_LEVEL paired interval (Bonferroni for the two), with its MDE at that level. Robustness: the
+                  same differences on validation at every lr of the one grid all arms ran.
     converged     NTP's validation curve (pilot mean) rose by at most FLAT of its total rise over the last
                   third of the steps.
     claims        final: PRIMARY at the last checkpoint (test captions). Peak: PRIMARY at the step where the
@@ -29,6 +32,8 @@ import statistics
 from experiments.stats import t_quantile
 
 PRIMARY = "gap_image"
+CO_PRIMARY = (("prior", "ntp"), ("prior", "prior_shuffled"))  # (arm, reference)
+CO_LEVEL = 0.975  # two-sided, each: 0.05 / 2 comparisons
 TAIL = 3          # checkpoints averaged for an lr choice
 TIE = 0.005       # lr scores this close to the best count as tied (the smallest lr of them wins)
 FLAT = 0.1        # converged: the last third of the steps added at most this share of the curve's rise
@@ -119,7 +124,7 @@ def sd(values):
     return statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
-# ---- the positive control's gate with power (issue "Which tokens matter"; applied by the next main job) ------------
+# ---- the positive control's gate with power ------------------------------------------------------------------------
 GATE_SEEDS = 5    # fewest pilot seeds the gate reads
 GATE_LEVEL = 0.95  # one-sided
 

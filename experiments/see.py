@@ -49,7 +49,7 @@ def context_use(src, mix, n=200, seed=0):
     the same description with that attribute of every object changed. {kind: gap in nats per token}."""
     import random
     import torch
-    from data.scenes import COLOURS, SHAPES, describe, groups_of, text_of
+    from world.scenes import COLOURS, SHAPES, describe, groups_of, text_of
     from data.tags import ATTRIBUTE_OF
     from model import load_lm
     tok = T.load_tokenizer(os.path.join(src, "tokenizer.json"))

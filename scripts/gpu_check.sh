@@ -52,7 +52,7 @@ PY
 echo "== 3. 50 steps of the gpu preset, H and U"
 DATA="$OUT/data"
 if [ ! -f "$DATA/synth/train.jsonl" ]; then
-  $PY -m data.generate --out "$DATA/synth" --n-train 20000 --n-ref 20000 --n-text 20000 --n-label 0 --n-val 0 \
+  $PY -m world.generate --out "$DATA/synth" --n-train 20000 --n-ref 20000 --n-text 20000 --n-label 0 --n-val 0 \
       --n-test 0 --n-probe 0 > "$OUT/generate.log" 2>&1
   $PY -m data.tokenizer --data "$DATA/synth/ref.jsonl,$DATA/synth/train.jsonl" --out "$DATA/tok.json" --vocab-size 2048
 fi

@@ -10,8 +10,8 @@ import pytest
 
 from benchmarks import files as F
 from benchmarks import load as B
-from data.generate import GenConfig, generate
-from data.scenes import plural
+from world.generate import GenConfig, generate
+from world.scenes import plural
 
 
 @pytest.fixture(scope="module")

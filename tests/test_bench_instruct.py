@@ -14,7 +14,7 @@ import torch
 import experiments  # noqa: F401 (the lab's plug-ins: --instruct, --feature-cache, the bench scorer)
 import train
 from data import tokenizer as T
-from data.generate import GenConfig, generate
+from world.generate import GenConfig, generate
 from experiments import experiment
 from experiments.bench_instruct import MARKER, qa_train_file
 from experiments.worker import train_eval

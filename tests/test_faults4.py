@@ -2,7 +2,7 @@
 Issue 30, the second adversarial pass (tests/test_writes.py has the sweep of every script's writes):
 A. eval.py --run-dir evaluates what a checkpoint lacks, and refuses another run's eval.json and a folder that is no run;
 B. flags that were ignored or misread: --d-model/--n-layer/--n-head against an --init-* model, --init-from with
-   --init-decoder, --grad-clip 0 (no clipping), data.generate's ranges, EXIF-rotated JPEGs;
+   --init-decoder, --grad-clip 0 (no clipping), world.generate's ranges, EXIF-rotated JPEGs;
 C. mistakes that ended in a traceback, now one line; D. the write helpers (utils.check_out, atomic_write, run).
 
     .venv/bin/python -m pytest -q tests/test_faults4.py
@@ -177,14 +177,14 @@ def test_grad_clip_0_is_no_clipping(tiny, tmp_path):
     (["--noise-vocab", "0"], "--noise-vocab 0: allowed values are an integer >= 1 and <= 10000"),
 ])
 def test_generate_flags_are_checked(argv, message):
-    from data.generate import GenConfig
+    from world.generate import GenConfig
     with pytest.raises(UserError) as err:
         parse_config(GenConfig, argv)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 def test_generate_checks_what_ranges_cannot_say_before_writing(tmp_path):
-    from data.generate import GenConfig, generate
+    from world.generate import GenConfig, generate
     for kw in (dict(min_objects=3, max_objects=2), dict(max_objects=6, n_shapes=6), dict(image_share=0.0)):
         with pytest.raises(UserError, match="--min-objects .* <= --max-objects .* < --n-shapes .* and 0 < --image"):
             generate(GenConfig(out=str(tmp_path / "out"), **kw))  # a config built in code is checked too

@@ -17,8 +17,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data.generate import MIXES, GenConfig, generate, parse_args  # noqa
-from data.scenes import COLOURS, COLS, NUMS, PROBES, ROWS, SHAPES  # noqa
+from world.generate import MIXES, GenConfig, generate, parse_args  # noqa
+from world.scenes import COLOURS, COLS, NUMS, PROBES, ROWS, SHAPES  # noqa
 
 TINY = dict(n_ref=300, n_text=40, n_label=20, n_train=300, n_val=20, n_test=20, n_probe=40, n_probe_val=20, workers=1)
 
@@ -230,7 +230,7 @@ def test_presets_and_cli():
     cfg = parse_args(["--mix", "noisy", "--noise-vocab", "7", "--image-size", "32"])
     assert (cfg.mix, cfg.noise_vocab, cfg.image_size, cfg.noise_share) == ("noisy", 7, 32, None)
     assert all(f.metadata.get("help") for f in fields(GenConfig))
-    help_text = subprocess.run([sys.executable, "-m", "data.generate", "--help"], cwd=ROOT,
+    help_text = subprocess.run([sys.executable, "-m", "world.generate", "--help"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout
     assert all("--" + f.name.replace("_", "-") in help_text for f in fields(GenConfig))
 

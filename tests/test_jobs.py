@@ -105,7 +105,7 @@ def test_a_config_as_flags_parses_back_to_itself():
     reads it back as the config that checked(cfg) makes in process, down to the fields it counts as given."""
     import eval as E
     import train
-    from data.generate import GenConfig
+    from world.generate import GenConfig
     from utils import parse_config
     cfg = train.TrainConfig(data="d/train.jsonl", lr=3e-3, resume=True, overwrite=True, steps=6, warmup=2,
                             seed=1, oracle_low=0.25, feature_cache="", no_k=False, tokenizer="a b.json")
@@ -113,7 +113,7 @@ def test_a_config_as_flags_parses_back_to_itself():
                                "--steps", "6", "--lr", "0.003", "--warmup", "2", "--seed", "1", "--resume", "true",
                                "--overwrite", "true"]  # in field order
     assert jobs.command((cfg, "train"))[:3] == ["-m", "experiments", "train"]
-    assert jobs.command((GenConfig(mix="hard"), "data.generate")) == ["-m", "data.generate", "--mix", "hard"]
+    assert jobs.command((GenConfig(mix="hard"), "world.generate")) == ["-m", "world.generate", "--mix", "hard"]
     for c in (cfg, train.TrainConfig(), train.TrainConfig(alpha=2, compile=True), E.EvalConfig(blind=False),
               GenConfig(image_share=0.3, n_train=10)):
         back = parse_config(type(c), jobs.flags(c))

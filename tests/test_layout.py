@@ -8,10 +8,9 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SKIP = {"tests", "docs", "results", "out", "runs", "__pycache__"}
-# The target is 3,500 lines (the core's budget); the core holds about 4,250 today: about 3,100 lines of code, the
-# rest docstrings and blank lines, and what would still have to go is core by definition (the generator, the
-# readers, exact resume). Until it is met this is a ratchet: the core may not grow past today's size.
-CORE_TARGET, CORE_BUDGET = 3500, 4249
+# The target is 3,500 lines (the core's budget). Until it is met this is a ratchet: the core may not grow past
+# today's size (the synthetic world, world/, is lab: the core reads any captions, tagged or not).
+CORE_TARGET, CORE_BUDGET = 3500, 3658
 
 
 def sources():

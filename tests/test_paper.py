@@ -102,7 +102,7 @@ def mini_out(tmp_path_factory):
     import score
     from data import tokenizer
     from tools import vision
-    from data.generate import GenConfig, generate
+    from world.generate import GenConfig, generate
     root = tmp_path_factory.mktemp("paper_from")
     data = root / "data_web"
     sizes = dict(n_ref=300, n_text=300, n_label=64, n_train=120, n_val=16, n_test=30, n_probe=8)

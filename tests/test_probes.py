@@ -80,7 +80,7 @@ def test_groups_and_primary_by_hand():
 
 
 def test_generated_probes_are_balanced(tmp_path):
-    from data.generate import GenConfig, generate
+    from world.generate import GenConfig, generate
     generate(GenConfig(out=str(tmp_path), mix="hard", n_ref=40, n_text=40, n_label=20, n_train=300, n_val=10,
                        n_test=10, n_probe=40, n_probe_val=8))
     rows = {k: [json.loads(line) for line in open(tmp_path / "probes" / f"{k}.jsonl")]
@@ -93,7 +93,7 @@ def test_generated_probes_are_balanced(tmp_path):
     assert not os.path.exists(tmp_path / "probes" / "position.jsonl")
     # the hard mix's shape -> usual colour correlation is off in probe scenes: the usual colour answers near
     # chance, not the 70% of training scenes
-    from data.scenes import COLOURS, SHAPES, usual_colour
+    from world.scenes import COLOURS, SHAPES, usual_colour
     usual = sum(o["colour"] == usual_colour(o["shape"], list(COLOURS)) for r in rows["colour"] for o in r["scene"])
     assert usual / sum(len(r["scene"]) for r in rows["colour"]) < 0.35
     assert len(SHAPES) >= 8

@@ -10,8 +10,8 @@ from benchmarks import qa_eval as Q
 from data import tokenizer as T
 from benchmarks import qa
 from benchmarks.load import read_mc
-from data.generate import GenConfig, generate, resolve
-from data.scenes import NUMS, sample_scene
+from world.generate import GenConfig, generate, resolve
+from world.scenes import NUMS, sample_scene
 from data.scores import load_scores
 
 

@@ -33,12 +33,12 @@ def fake_rows(mixes=("web", "noisy"), archs=("h", "u"), arms=ARMS, seeds=range(5
                         for b, v in vals.items():
                             rows.append({"mix": mix, "arch": arch, "loss": arm, "seed": seed, "lr": 1e-3, "step": step,
                                          "phase": "main", "benchmark": b, "value": v + rng.gauss(0, noise)})
-                if grid:  # a pilot: validation curves per lr on seed 100
+                if grid:  # a pilot: validation curves per lr on seeds 100-104 (the gate reads >= 5)
                     for lr, score in ((3e-4, 0.1), (1e-3, 0.3), (3e-3, 0.2)):
-                        for step in steps:
-                            rows.append({"mix": mix, "arch": arch, "loss": arm, "seed": 100, "lr": lr, "step": step,
+                        for step, seed in ((step, seed) for step in steps for seed in range(100, 105)):
+                            rows.append({"mix": mix, "arch": arch, "loss": arm, "seed": seed, "lr": lr, "step": step,
                                          "phase": "grid", "benchmark": PRIMARY,
-                                         "value": score + gain[arm] * step / steps[-1]})
+                                         "value": score + gain[arm] * step / steps[-1] + 0.01 * (seed - 102)})
     return rows
 
 

@@ -14,7 +14,7 @@ MAX_LINE = 120
 MAX_HELP = 100
 # Modules whose config dataclasses become command-line flags through cli.parse_config.
 CONFIG_MODULES = ["train", "eval", "score", "reference_lm", "experiments.experiment", "bench.bench",
-                  "tools.vision", "baselines.attention", "tools.caption", "data.tokenizer", "data.generate",
+                  "tools.vision", "baselines.attention", "tools.caption", "data.tokenizer", "world.generate",
                   "experiments.paper", "experiments.report", "scale.hf", "scale.shards", "benchmarks.qa"]
 # Scripts that build their flags with argparse directly.
 ARGPARSE_SCRIPTS = []
@@ -54,7 +54,7 @@ def test_config_help_texts_are_short():
     classes = config_classes()
     names = {f"{c.__module__}.{c.__name__}" for c in classes}
     assert {"train.TrainConfig", "score.ScoreConfig", "reference_lm.RefConfig", "tools.vision.Config",
-            "eval.EvalConfig", "experiments.experiment.ExperimentConfig", "data.generate.GenConfig",
+            "eval.EvalConfig", "experiments.experiment.ExperimentConfig", "world.generate.GenConfig",
             "experiments.paper.AblationConfig", "experiments.paper.ScalingConfig", "experiments.paper.BaselinesConfig",
             "experiments.paper.InstructConfig", "experiments.report.ReportConfig", "scale.hf.HfConfig",
             "scale.shards.ShardsConfig"} <= names, names

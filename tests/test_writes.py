@@ -43,7 +43,7 @@ def scripts(t, made):
         "reference_lm": (["reference_lm.py", "--data", t["ref"], "--tokenizer", t["tokenizer"], "--steps", "1",
                           "--warmup", "0", "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--row-len", "64",
                           "--batch-rows", "4", "--device", "cpu"], "--out", "file"),
-        "data.generate": (["-m", "data.generate", "--workers", "0", *(x for k in ("ref", "text", "label", "train",
+        "world.generate": (["-m", "world.generate", "--workers", "0", *(x for k in ("ref", "text", "label", "train",
                            "val", "test") for x in (f"--n-{k}", "3")), "--n-probe", "2", "--n-probe-val", "2"],
                           "--out", "dir"),
         "data.tokenizer": (["-m", "data.tokenizer", "--data", t["ref"], "--vocab-size", "300"], "--out", "file"),

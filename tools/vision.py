@@ -5,7 +5,7 @@ frozen LM. We have no weights to download, so we pretrain our own small ViT here
 generator gives us for free: every image is a 3x3 grid of cells, each empty or holding one object with a
 shape, a colour and a size. The ViT learns to say, for every cell, what is in it.
 
-    python -m data.generate --out data/synth                          # the data (once)
+    python -m world.generate --out data/synth                          # the data (once)
     python -m tools.vision --data data/synth/label.jsonl --out out/vit.pt   # this stage alone
     python train.py --arch h --init-decoder out/base_lm.pt --init-encoder out/vit.pt --train projector ...
 
@@ -103,7 +103,7 @@ def scenes_of(records, path="data"):
             what = ("has no 'scene' field" if scene is None
                     else f"has a 'scene' that is not a list ({type(scene).__name__})")
             raise DataError(f"{path}: record {r.id} {what}. tools/vision.py trains on the generator's ground truth: "
-                            f"use data/synth/label.jsonl or train.jsonl from `python -m data.generate`")
+                            f"use data/synth/label.jsonl or train.jsonl from `python -m world.generate`")
         for obj in scene:
             missing = [k for k in ("row", "col") + ATTRS if not isinstance(obj, dict) or k not in obj]
             if missing:

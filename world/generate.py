@@ -1,9 +1,9 @@
 """
 Built-in synthetic image-caption data for PRIOR, with a ground-truth tag for every caption word: image, glue,
-boiler or noise (docs/formats.md). The world itself (scenes, captions, probes) is data/scenes.py.
+boiler or noise (docs/formats.md). The world itself (scenes, captions, probes) is world/scenes.py.
 
-    python -m data.generate --out data/synth                    # default 'web' mix, about a minute on 2 cores
-    python -m data.generate --out data/synth_hard --mix hard    # presets: web, hard, boiler, noisy
+    python -m world.generate --out data/synth                   # default 'web' mix, about a minute on 2 cores
+    python -m world.generate --out data/synth_hard --mix hard   # presets: web, hard, boiler, noisy
 
 No validation, test or probe scene equals a training scene, and no training-side text (reference LM, base LM,
 labels) holds one of their scenes or captions. Same config -> byte-identical files, whatever --workers.
@@ -20,7 +20,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from data.scenes import (BOIL, COLOURS, GLUE, IMG, NOISE, PROBES, SHAPES, caption, label_words, make_sites,
+from world.scenes import (BOIL, COLOURS, GLUE, IMG, NOISE, PROBES, SHAPES, caption, label_words, make_sites,
                          noise_pools, probe, render, sample_scene, scene_key, text_document, text_of)
 from utils import FRACTION, Checks, UserError, atomic_write, check_out, flag, parse_config, run
 

@@ -1,4 +1,4 @@
-"""The world of the synthetic data (data/generate.py writes it): its vocabulary, scenes of 1-4 coloured shapes on a
+"""The world of the synthetic data (world/generate.py writes it): its vocabulary, scenes of 1-4 coloured shapes on a
 3x3 grid and how one is drawn, the caption grammar that tags every word (image, glue, boiler, noise), the web sites
 captions come from, web-style captions, text-only documents and the multiple-choice probes."""
 import math
@@ -7,13 +7,12 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring"]
-COLOURS = {  # clearly distinct hues; --colour-contrast pulls them towards grey (harder)
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 215, 40),
-    "purple": (140, 60, 190), "orange": (245, 135, 25), "cyan": (40, 205, 215), "pink": (245, 120, 190),
-    "white": (250, 250, 250), "black": (15, 15, 15), "brown": (130, 80, 35)}
+from data.tags import COLOUR_WORDS, NUMS, SHAPES, plural  # the image words' vocabulary
+
+COLOURS = dict(zip(COLOUR_WORDS, [  # clearly distinct hues; --colour-contrast pulls them towards grey (harder)
+    (220, 40, 40), (40, 170, 60), (40, 80, 230), (240, 215, 40), (140, 60, 190), (245, 135, 25), (40, 205, 215),
+    (245, 120, 190), (250, 250, 250), (15, 15, 15), (130, 80, 35)]))
 ROWS, COLS = ["top", "middle", "bottom"], ["left", "center", "right"]
-NUMS = "zero one two three four five six seven eight nine ten".split()
 IMG, BOIL, NOISE, GLUE = "image", "boiler", "noise", "glue"
 # caption intros and their weights: "a photo of" dominates, so probe prompts are common caption prefixes
 INTROS = ["a photo of", "an image of", "a picture of", "photo of", "close up of", "an illustration of", ""]
@@ -140,10 +139,6 @@ def W(text, tag):  # "a photo of" -> [("a", tag), ("photo", tag), ("of", tag)]
 
 def text_of(words):  # [(word, tag), ...] -> "word word ..."
     return " ".join(w for w, _ in words)
-
-
-def plural(shape, n):
-    return shape if n == 1 else shape + ("es" if shape.endswith("s") else "s")
 
 
 def pos_words(row, col):
