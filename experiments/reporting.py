@@ -332,7 +332,8 @@ def write_report(rows, out_dir, source="results.json", plots=True):
           f"`{PRIMARY}`: NLL of the test captions' image words with another caption's image minus with their own, "
           f"nats per token (what the image adds; exactly 0 for a model that ignores it); declared in "
           f"experiments/protocol.py. Two comparisons per setting are co-primary (PRIOR vs NTP, PRIOR vs shuffled: "
-          f"their 97.5% intervals are in Verdicts); below, every arm vs NTP at 95%. Columns arm / NTP: mean ± std over each one's seeds; n: the seeds both ran.", ""]
+          f"their 97.5% intervals are in Verdicts); below, every arm vs NTP at 95%. Columns arm / NTP: mean ± std "
+          f"over each one's seeds; n: the seeds both ran.", ""]
     md += _primary(summ, PRIMARY)
     points = [(f"{m}:{a} {name(arm)}", c["mean_d"], c["lo"], c["hi"]) for m, fams in summ.items()
               for a, fam in fams.items() for arm, cmp in (fam["final"]["vs"] if fam["arms"] else {}).items()

@@ -90,7 +90,8 @@ def test_ntp_share_is_the_fraction_of_image_labels(job):
     job["p"] = write_scores(job, low_on_image)
     got = shares(job, "ntp")
     labels = [t for tags in job["tags"] for t in tags]  # caption tokens and <|eos|>: every label the loss counts
-    assert len(labels) == sum(len(ids) + 1 for ids in T.encode_captions(job["tok"], [r.caption for r in job["records"]]))
+    ids = T.encode_captions(job["tok"], [r.caption for r in job["records"]])
+    assert len(labels) == sum(len(x) + 1 for x in ids)
     assert got["image"] == pytest.approx(labels.count(IMAGE) / len(labels), abs=1e-12)
     assert got["untagged"] == pytest.approx(labels.count(-1) / len(labels), abs=1e-12)  # <|eos|>, lone spaces
     assert labels.count(-1) >= len(job["tags"])  # one <|eos|> a caption at least
@@ -137,11 +138,15 @@ def test_cli_table_json_and_errors(job, tmp_path, capsys):
     root, out = str(job["root"]), str(tmp_path / "shares.json")
     got = run(S.main, S.SharesConfig, ["--from", root, "--arms", "ntp,oracle", "--max-captions", "0", "--json", out])
     saved = json.load(open(out))
-    assert saved == json.loads(json.dumps(got)) and saved["captions"] == 24 and set(saved["ntp"]) == {*S.TAGS, "cv"}
-    assert saved["command"].startswith("python -m experiments.shares --from ") and "--arms ntp,oracle" in saved["command"]
+    assert saved == json.loads(json.dumps(got)) and saved["captions"] == 24
+    assert set(saved["ntp"]) == {*S.TAGS, "cv"} and saved["oracle"]["image"] > saved["ntp"]["image"]
+    assert saved["command"] == f"python -m experiments.shares --from {root} --mix web --arms ntp,oracle " \
+                               f"--max-captions 0 --json {out}"
     assert "| oracle | " in capsys.readouterr().out
-    for argv, words in ((["--from", str(tmp_path / "none")], "--from"), (["--from", root, "--arms", "ntp,nope"], "nope"),
-                        (["--from", root, "--mix", "hard"], "data_hard"), (["--from", root, "--arms", "rho1"], "online")):
+    for argv, words in ((["--from", str(tmp_path / "none")], "--from"),
+                        (["--from", root, "--arms", "ntp,nope"], "--arms ntp,nope"),
+                        (["--from", root, "--mix", "hard"], "data_hard"),
+                        (["--from", root, "--arms", "rho1"], "online")):  # rho1 weighs online, from the model
         with pytest.raises(SystemExit) as e:
             run(S.main, S.SharesConfig, argv)
         err = capsys.readouterr().err.strip()
