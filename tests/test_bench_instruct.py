@@ -114,3 +114,21 @@ def test_main_job_spec_asks_for_the_tuning(setup, tmp_path, monkeypatch):
     assert spec["bench"] and "instruct" not in exp.eval_spec("web", "u", "val")
     monkeypatch.setitem(experiment.PRESETS["smoke"], "it_steps", 0)
     assert "instruct" not in exp.eval_spec("web", "u", "test")  # the raw checkpoint, as before
+
+
+def test_yes_no_diagnostic_rows_and_errors(setup, capsys):
+    """experiments/yes_no.py on a tiny run: a row per PART:STEPS, shares in [0, 1], every question asked; one-line
+    errors for a folder that is not a run and for a malformed --tune."""
+    from experiments import yes_no
+    from utils import UserError
+    root, data, _, config = setup
+    cfg = config("yes_no_run")
+    train.main(cfg)
+    rows = yes_no.main(yes_no.YesNoConfig(run=cfg.out_dir, data=str(data), tune="all:2,:1", max_rows=0))
+    assert [(r["part"], r["steps"]) for r in rows] == [("all", 2), ("all", 1)]  # '' = the run's own part
+    assert all(0 <= r["yes_share"] <= 1 and r["n"] == 4 for r in rows)  # one presence question per val scene
+    assert "what the image adds" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--run"):
+        yes_no.main(yes_no.YesNoConfig(run=str(root), data=str(data)))
+    with pytest.raises(UserError, match="--tune all"):
+        yes_no.main(yes_no.YesNoConfig(run=cfg.out_dir, data=str(data), tune="all"))
