@@ -15,6 +15,7 @@ differ.
 """
 import json
 import os
+import shlex
 import tempfile
 from dataclasses import dataclass
 
@@ -70,9 +71,11 @@ def main(cfg):
     for r in rows:
         print(f"| {r['part']} | {r['steps']} | {r['mean_d_yes']:+.3f} | {r['mean_d_no']:+.3f} | "
               f"{r['mean_d_yes'] - r['mean_d_no']:+.3f} | {r['yes_share']:.1%} of {r['n']} |")
-    if cfg.json:
+    if cfg.json:  # the rows and the command that regenerates them
+        command = ["python", "-m", "experiments.yes_no", "--run", cfg.run, "--data", cfg.data, "--tune", cfg.tune,
+                   "--max-rows", str(cfg.max_rows), "--json", cfg.json]
         with open(cfg.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"command": shlex.join(command), "rows": rows}, f, indent=1)
     return rows
 
 
