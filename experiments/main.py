@@ -3,6 +3,8 @@
     bash run.sh                               # = python -m experiments.main (the CPU preset; prints its estimate)
     python -m experiments.main --preset smoke       # a 2-minute miniature of every stage (tests/test_experiment.py)
     python -m experiments.main --settings web:u     # another setting (mix:family) with the same protocol
+    python -m experiments.main --arms ntp,prior_alpha0.5,prior,prior_alpha2 --tune ntp,prior_alpha0.5,prior,prior_alpha2
+                                                    # the dose-response in the same --out: finished runs are reused
     python -m experiments.main --preset gpu --parallel 1 --nproc 8  # bigger data, models, steps (experiment.PRESETS)
     python -m experiments.main --stage prepare      # only data -> tokenizer -> reference LM -> scores
 
@@ -10,16 +12,18 @@ The design, fixed before any result was read (docs/experiment.md explains each c
 holds the rules, which the report applies again to results.json alone):
   settings   mix:family pairs (--settings; the cpu preset: web:h, the primary). Mixes: "web", "hard" (image words
              that the text predicts: PRIOR's risk), "noisy" (noise is most of the non-image words).
-  arms       ntp, prior, prior_shuffled (PRIOR's weights permuted within each caption), oracle (the generator's
-             tags: the positive control; a reference point, not a bound).
-  pilot      seeds the test never uses: each tuned arm at every lr of the grid, validation captions at every
+  arms       ntp, prior, prior_shuffled (PRIOR's weights permuted within each caption), anti_prior (w = p_ref:
+             the same spread on the opposite tokens), oracle (the generator's tags: the positive control; a
+             reference point, not a bound). --arms takes any registered weighting (experiments/controls.py).
+  pilot      5 seeds the test never uses: every arm at every lr of one grid, validation captions at every
              checkpoint; lr = best mean of the last 3 checkpoints (near-ties: the smaller lr); a grid edge adds
-             one value. The oracle must beat NTP there (the positive control), or the setting cannot judge PRIOR.
+             one value. The oracle must beat NTP there (the gate: a one-sided 95% paired interval above 0), or
+             the setting cannot judge PRIOR.
   main       seed s gives every arm the same initialisation and data order; test captions and probes at every
              checkpoint; the benchmark-format files at the last, after 20 steps of instruction tuning of a copy.
   primary    gap_image on the test captions: the NLL of their image words with another caption's image minus
              with their own (nats per token; 0 for a model that ignores the image, whatever its text prior), what
-             the image adds; PRIOR - NTP at the final step.
+             the image adds; co-primary PRIOR - NTP and PRIOR - shuffled at the final step (97.5% each).
              Also peak (step chosen on the pilot's validation curve) and stability (largest drop), with MDEs.
 Stages (each skipped when its output exists, so a re-run resumes): data, tokenizer, then in parallel the
 reference LM + scores per mix, the base LM (+ the U-LVLM's stage 1) and the ViT; the pilot; the main runs (each
