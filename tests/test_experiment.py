@@ -32,14 +32,14 @@ def smoke(tmp_path_factory):
 
 def test_smoke_writes_every_output(smoke):
     out, log = smoke
-    assert log.splitlines()[1].startswith("estimate: 6 pilot runs (lr grid, validation) + 16 main runs (test)")
+    assert log.splitlines()[1].startswith("estimate: 10 pilot runs (lr grid, validation) + 20 main runs (test)")
     rows = json.loads((out / "results.json").read_text())
     assert rows and all({"arch", "loss", "seed", "step", "benchmark", "value"} <= set(r) for r in rows)
     main = [r for r in rows if r.get("phase") == "main"]
-    arms = ("ntp", "prior", "prior_shuffled", "oracle")
+    arms = ("ntp", "prior", "prior_shuffled", "anti_prior", "oracle")
     assert {(r["arch"], r["loss"]) for r in main} == {(a, l) for a in "hu" for l in arms}
-    grid = [r for r in rows if r.get("phase") == "grid"]  # validation rows of the tuned arms
-    assert {(r["arch"], r["loss"]) for r in grid} == {(a, l) for a in "hu" for l in ("ntp", "prior", "oracle")}
+    grid = [r for r in rows if r.get("phase") == "grid"]  # validation rows of the tuned arms: every arm, one grid
+    assert {(r["arch"], r["loss"]) for r in grid} == {(a, l) for a in "hu" for l in arms}
     assert {r["seed"] for r in main} == {0, 1}
     assert {r["step"] for r in main} == {3, 6}  # every checkpoint evaluated
     for b in ("probe_img_avg", "probe_cc_avg", "count_blind", "count_const", "nll_image", "gap_image", "presence"):
