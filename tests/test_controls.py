@@ -47,7 +47,8 @@ def test_every_arm_weights_are_not_ones():
     vary (the shuffles after their prepare step)."""
     p_ref, tags = [0.1, 0.9, 0.3, 0.7, 0.5], [0, 2, 0, 2, 1]
     cfg = SimpleNamespace(alpha=1.0, oracle_low=0.1)
-    for name in ("prior", "anti_prior", "prior_shuffled", "prior_shuffled_tag", "oracle"):
+    for name in ("prior", "anti_prior", "prior_shuffled", "prior_shuffled_tag", "oracle", "prior_alpha0.5",
+                 "prior_alpha2"):
         arm = train.WEIGHTINGS[name]
         sample = SimpleNamespace(inputs={"p_ref": list(p_ref)}, tags=list(tags), index=0)
         if arm.prepare:
@@ -55,6 +56,10 @@ def test_every_arm_weights_are_not_ones():
         w = arm.weights(cfg, batch_of(sample.inputs["p_ref"], tags), None)
         assert len(set(w.flatten().tolist())) > 1, name
     assert set(train.WEIGHTINGS["ntp"].weights(cfg, batch_of(p_ref, tags), None).flatten().tolist()) == {1.0}
+    # the doses are (1 - p_ref)^alpha at their own alpha, whatever --alpha says
+    for name, alpha in (("prior_alpha0.5", 0.5), ("prior_alpha2", 2.0)):
+        w = train.WEIGHTINGS[name].weights(cfg, batch_of(p_ref, tags), None).flatten().tolist()
+        assert w == pytest.approx([(1 - p) ** alpha for p in p_ref], abs=1e-6), name
 
 
 @pytest.mark.parametrize("loss", ["anti_prior", "prior_shuffled_tag"])
