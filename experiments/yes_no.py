@@ -24,7 +24,7 @@ import train
 from benchmarks.qa import build_qa
 from data import tokenizer as T
 from experiments.bench_instruct import IT_LR, instruct_config, qa_train_file
-from utils import UserError, flag, from_dict, run
+from utils import UserError, atomic_write, check_out, flag, from_dict, run
 
 
 @dataclass
@@ -49,6 +49,8 @@ def main(cfg):
         raise UserError(f"--run {cfg.run}: no config.json and ckpt_*.pt there (a train.py run folder)")
     if not os.path.exists(os.path.join(cfg.data, "val.jsonl")):
         raise UserError(f"--data {cfg.data}: no val.jsonl there (a world.generate folder)")
+    if cfg.json:  # before minutes of tuning, not after
+        check_out(cfg.json, "file", "--json")
     run_cfg = from_dict(train.TrainConfig, json.load(open(config))["config"])
     tok = T.load_tokenizer(run_cfg.tokenizer)
     rows = []
@@ -74,8 +76,7 @@ def main(cfg):
     if cfg.json:  # the rows and the command that regenerates them
         command = ["python", "-m", "experiments.yes_no", "--run", cfg.run, "--data", cfg.data, "--tune", cfg.tune,
                    "--max-rows", str(cfg.max_rows), "--json", cfg.json]
-        with open(cfg.json, "w") as f:
-            json.dump({"command": shlex.join(command), "rows": rows}, f, indent=1)
+        atomic_write(cfg.json, json.dumps({"command": shlex.join(command), "rows": rows}, indent=1) + "\n")
     return rows
 
 
