@@ -325,9 +325,6 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
-load_vlm = load_model  # eval.py's name: a checkpoint or a folder
-
-
 def load_lm(path, tok=None):
     """Decoder from a reference_lm.py checkpoint; checks the tokenizer fingerprint when `tok` is given."""
     ckpt = load_checkpoint(path, "lm")

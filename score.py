@@ -7,9 +7,9 @@
     python -m scale score --stream ...     # the same streaming, sharded format from one process
 
 Writes --out in data/scores.py's format (one score per label: caption tokens, then <|eos|>), and beside it a
-report (.json) and a picture of token weights like the paper's Fig. 1 (.png). Captions longer than the reference
-LM's context get p_ref = 0 past it (weight 1, as in NTP): counted, never dropped (docs/formats.md). With the
-generator's word tags the report says how well w = 1 - p_ref finds image words (mean w and ROC-AUC by tag).
+report (.json: speed, captions past the context, whether the weights collapse). Captions longer than the reference
+LM's context get p_ref = 0 past it (weight 1, as in NTP): counted, never dropped (docs/formats.md). How well
+w = 1 - p_ref finds the generator's image words, and the paper's Fig. 1 picture: `python -m experiments.importance`.
 """
 import json
 import os
@@ -27,7 +27,6 @@ from data.packing import count_overlong, make_samples
 from data.record_types import DataError
 from data.records import read_records
 from data.scores import save_scores
-from data.tags import CATEGORIES, token_tags
 from model import load_lm
 
 
@@ -47,7 +46,7 @@ class ScoreConfig(ScoreChecks):
                         "score in chunks, write a shard per process and an index at --out (always on under torchrun)")
     chunk: int = flag(2048, "with --stream: captions scored and written at a time")
     report_captions: int = flag(
-        2000, "with --stream: captions (the first of rank 0's share) kept for the relevance report and picture")
+        2000, "with --stream: captions (the first of rank 0's share) the report checks for collapsed weights")
     max_bad_fraction: float = flag(0.01, "stop if more than this share of records is bad")
 
 
@@ -150,70 +149,12 @@ def main(cfg):
     print(f"scored {len(records)} captions, {n_tokens} tokens in {seconds:.1f}s: {speed:,.0f} tokens/s scoring vs "
           f"{ref_speed or float('nan'):,.0f} tokens/s reference-LM training "
           f"({speed / (ref_speed or float('nan')):.1f}x)")
-    _relevance(report, tok, records, p_ref)
-    _write_report(cfg, report, tok, samples, p_ref)
+    _write_report(cfg, report, p_ref)
     return report
 
 
-# ----------------------------------------------------------------------------- report and picture
-def roc_auc(pos, neg):
-    """P(a random positive scores above a random negative), ties count half (Mann-Whitney U)."""
-    _, inverse, counts = torch.unique(torch.cat([pos, neg]).double(), return_inverse=True, return_counts=True)
-    ranks = (counts.cumsum(0).double() - (counts.double() - 1) / 2)[inverse]  # average rank of tied values, 1-based
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
-
-
-def relevance_report(p_ref, tags):
-    w = 1 - torch.cat(p_ref).clamp(0, 1)  # alpha = 1, the paper's default
-    t = torch.tensor([c for row in tags for c in row])
-    by = {name: w[t == i] for i, name in enumerate(CATEGORIES)}
-    report = {"mean_w": {k: float(v.mean()) if len(v) else None for k, v in by.items()},
-              "share": {k: len(v) / max(1, int((t >= 0).sum())) for k, v in by.items()},
-              # tokens the reference LM predicts well (p_ref > 0.5, w < 0.5): for image words, PRIOR's risk
-              "predicted": {k: float((v < 0.5).float().mean()) if len(v) else None for k, v in by.items()}, "auc": {}}
-    for name, neg in (("image_vs_boiler", by["boiler"]), ("image_vs_noise", by["noise"]),
-                      ("image_vs_rest", torch.cat([by["boiler"], by["noise"]]))):
-        report["auc"][name] = roc_auc(by["image"], neg) if len(by["image"]) and len(neg) else None
-    return report
-
-
-def draw_weights(path, tok, samples, p_ref, n=6):
-    """The paper's Fig. 1 in miniature: tokens shaded by w = 1 - p_ref (darker = more weight)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = min(n, len(samples))
-    fig = plt.figure(figsize=(14, 0.75 * n + 0.6))
-    cmap = plt.get_cmap("Reds")
-    for row in range(n):
-        x, y = 0.005, 1 - (row + 0.8) / (n + 0.3)
-        for token_id, p in zip(samples[row].caption_ids, p_ref[row].tolist()):
-            text, w = tok.decode([token_id]).replace(" ", ""), 1 - p
-            fig.text(x, y, text, family="monospace", fontsize=9, color="white" if w > 0.6 else "black",
-                     bbox=dict(boxstyle="square,pad=0.15", fc=cmap(w), ec="none"))
-            x += 0.0072 * (len(text) + 1)
-            if x > 0.97:
-                x, y = 0.005, y - 0.3 / (n + 0.3)
-    fig.text(0.005, 0.01, "token weight w = 1 - p_ref (white = 0, dark red = 1)", fontsize=8)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
-
-def _relevance(report, tok, records, p_ref):
-    tags = token_tags(tok, records)
-    if tags is None:
-        return
-    report["relevance"] = rel = relevance_report(p_ref, tags)
-    print("mean weight w = 1 - p_ref by ground-truth category: " +
-          ", ".join(f"{k} {v:.3f} ({rel['share'][k]:.0%} of tokens)"
-                    for k, v in rel["mean_w"].items() if v is not None))
-    for key, title in (("auc", "ROC-AUC of w for image-related tokens"),
-                       ("predicted", "share predicted by the reference LM (p_ref > 0.5)")):
-        print(f"{title}: " + ", ".join(f"{k} {v:.3f}" for k, v in rel[key].items() if v is not None))
-
-
-def _write_report(cfg, report, tok, samples, p_ref):
+# ----------------------------------------------------------------------------- report
+def _write_report(cfg, report, p_ref):
     base = os.path.splitext(cfg.out)[0]
     if p_ref:  # do the weights collapse (a memorising reference LM)? utils.weight_collapse; numbers in the report
         report["weights"], warning = weight_collapse(p_ref)
@@ -221,9 +162,7 @@ def _write_report(cfg, report, tok, samples, p_ref):
             report["weights"]["warning"] = warning
             print(warning, file=sys.stderr)
     atomic_write(base + ".json", json.dumps(report, indent=1))
-    if samples:
-        draw_weights(base + ".png", tok, samples, p_ref)
-    print(f"saved {cfg.out}, {base}.json, {base}.png")
+    print(f"saved {cfg.out}, {base}.json")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ Losses (--loss): ntp; prior (w = (1 - p_ref)^alpha, p_ref from score.py, normali
 prior_shuffled (each caption's PRIOR weights permuted among its own tokens: the control); oracle (the generator's tags:
 image and glue words 1, the rest --oracle-low). The baselines register theirs: python -m baselines train ...
 
-Writes to --out-dir: config.json, log.jsonl (a line per step; "alarm" once if a weighted loss's plain caption NLL
-rises: the model is unlearning the language), ckpt_<step>.pt (weights, for eval.py), last.pt (for --resume, which
+Writes to --out-dir: config.json, log.jsonl (a line per step; through the lab, "alarm" once if a weighted loss's
+plain caption NLL rises: scale/alarm.py), ckpt_<step>.pt (weights, for eval.py), last.pt (for --resume, which
 continues bit for bit) and run.lock while it runs. Resume, locks, FSDP: docs/scale.md; data formats: docs/formats.md.
 """
 import atexit
@@ -36,7 +36,7 @@ from data.scores import load_scores
 from data.tags import CATEGORIES, token_tags
 from loss import prior_weights, shuffle_within_captions, token_losses, weighted_loss
 from model import VLMConfig, build_model, count_params
-from utils import (PLUGINS, Alarm, RunLog, TrainChecks, UserError, atomic_save, atomic_write, autocast,
+from utils import (PLUGINS, RunLog, TrainChecks, UserError, atomic_save, atomic_write, autocast,
                    check_fingerprint, check_out, file_fingerprint, flag, full_state, load_checkpoint, lr_at,
                    make_optimizer, option, pick_device, plugin, reduce_stats, run, seed_everything, setup_distributed,
                    text_fingerprint, unwrap, wait_until, wrap, exit_distributed)
@@ -246,23 +246,13 @@ def train_step(cfg, step, train_model, data, device, rank=0, world=1):
 
 
 def count_work(counts, batch, keep, n_images):
-    """Add a micro-batch's sizes to `counts`: labelled tokens, positions, padding, context (non-padding positions x
-    row width: what a masked attention kernel computes), attended pairs (what step_flops counts), images."""
+    """Add a micro-batch's sizes to `counts`: labelled tokens, positions, padding, images; with scale/flops.py's
+    plug-in also the attention work (its FLOPs and MFU in the log)."""
     R, L = batch.input_ids.shape
     padding = int((batch.input_ids == T.PAD).sum())
-    for key, n in (("tokens", len(keep)), ("positions", R * L), ("padding", padding),
-                   ("context", (R * L - padding) * L),
-                   ("attended", attended_pairs(batch.doc_ids, batch.input_ids != T.PAD)), ("images", n_images)):
+    for key, n in (("tokens", len(keep)), ("positions", R * L), ("padding", padding), ("images", n_images),
+                   *(PLUGINS["attention_work"](batch) if "attention_work" in PLUGINS else ())):
         counts[key] = counts.get(key, 0) + n
-
-
-def attended_pairs(doc_ids, real):
-    """Query-key pairs causal attention inside each document needs: n (n + 1) / 2 per document of n positions;
-    padding (real False) counts nothing. Host tensors."""
-    R, L = doc_ids.shape
-    docs = (doc_ids + torch.arange(R)[:, None] * (L + 1))[real]  # unique over the batch
-    n = torch.bincount(docs - docs.min()) if docs.numel() else docs
-    return int((n * (n + 1) // 2).sum())
 
 
 def open_images(cfg, records, size, master=True, world=1):
@@ -372,7 +362,8 @@ def main(cfg, on_checkpoint=None):
     train_model, opt = wrap(model, opt, cfg, world, device, master)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    alarm, log = Alarm(cfg, log_path, step, master), RunLog(log_path, cfg.wandb, meta) if master else None
+    log = RunLog(log_path, cfg.wandb, meta) if master else None
+    alarm = PLUGINS["alarm"](cfg, log_path, step, master) if "alarm" in PLUGINS else None  # the lab's: scale/alarm.py
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=os.path.basename(cfg.out_dir),
                disable=not master, dynamic_ncols=True)
     for step in bar:
@@ -402,7 +393,8 @@ def main(cfg, on_checkpoint=None):
             for i, name in enumerate(CATEGORIES):
                 if nll_by_tag[1][i] > 0:
                     line[f"nll_{name}"] = float(nll_by_tag[0][i] / nll_by_tag[1][i])
-            alarm.watch(line, step)
+            if alarm:
+                alarm.watch(line, step)
             log.write(line)  # log.jsonl, and wandb with --wandb
             bar.set_postfix(loss=f"{line['loss']:.3f}", ntp=f"{line['ntp']:.3f}")
         done = step + 1
@@ -423,7 +415,8 @@ def main(cfg, on_checkpoint=None):
     if log:
         log.close()
         release_lock(lock)
-    alarm.summary()
+    if alarm:
+        alarm.summary()
     if world > 1:  # leave together: a rank gone while a peer is in the last all-reduce can abort it at exit
         dist.barrier()
         del train_model  # DDP's reducer holds the group; let it go before the group does

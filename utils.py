@@ -1,5 +1,5 @@
 """What every script shares: flags from a config dataclass and what each may be, checked saves and loads, the
-plug-in registry, torchrun helpers, the own-data health alarms and the run's log.
+plug-in registry, torchrun helpers, the own-data health warnings and the run's log.
 
 A script's settings are one dataclass (`steps: int = flag(300, "optimizer steps")`), saved in every checkpoint
 (from_dict rebuilds it). Its entry point, run(main, Config), ends a user's mistake (UserError) as one line
@@ -26,7 +26,6 @@ import zipfile
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 
 class UserError(ValueError):
@@ -134,19 +133,6 @@ def run(main, cls, argv=None, description=None):
             raise
         print(f"error: {e.filename}: {e.strerror}" if getattr(e, "filename", None) else f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def join_repeated(argv, name="--bench"):
-    """argv with every `--bench X` / `--bench=X` joined into one `--bench X,Y,...` (argparse keeps only the last)."""
-    values, rest, args = [], [], iter(argv)
-    for arg in args:
-        if arg == name and (value := next(args, None)) is not None:
-            values.append(value)
-        elif arg.startswith(name + "="):
-            values.append(arg[len(name) + 1:])
-        else:
-            rest.append(arg)
-    return rest + ([name, ",".join(values)] if values else [])
 
 
 # ---- plug-ins: the core never imports the lab (scale/, baselines/, benchmarks/, experiments/). A lab folder registers
@@ -417,7 +403,7 @@ def reduce_stats(stats, nll_by_tag, world, device):
     """Sum every figure over the processes, so the log covers the global batch."""
     if world > 1:
         keys = ("loss", "ntp", "aux", "tokens", "positions", "padding", "images", "context", "attended")
-        packed = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)  # NCCL: GPU only
+        packed = torch.tensor([stats.get(k, 0) for k in keys], dtype=torch.float64, device=device)  # NCCL: GPU only
         dist.all_reduce(packed)
         stats.update(zip(keys, packed.tolist()))
         dist.all_reduce(nll_by_tag)
@@ -433,8 +419,8 @@ def global_mean(x, world):
     return x / world
 
 
-# ---- health: alarms for the ways PRIOR goes wrong on a user's own data, as pure functions (tests feed them made-up
-# numbers); docs/own_data.md explains each alarm and what to do about it.
+# ---- health: warnings for the ways PRIOR goes wrong on a user's own data, as pure functions (tests feed them made-up
+# numbers); docs/own_data.md explains each and what to do about it (train.py's alarm: scale/alarm.py).
 def val_split_size(n, fraction=0.05, minimum=64):
     """Captions to hold out for validation: fraction x n, but at least `minimum` (a smaller split's NLL is too
     noisy to pick a checkpoint by), at most a quarter (the rest must train the LM), and 1 when n >= 2."""
@@ -451,26 +437,6 @@ def memorising(history):
                     f"(step {b['step']}) while the training loss fell ({a['train_loss']:.3f} -> "
                     f"{b['train_loss']:.3f}): the LM is memorising its captions (too few captions for --steps; "
                     f"fewer --steps, more captions or a smaller model fit better)")
-    return None
-
-
-def nll_rise(ntp, warmup, window=20, margin=0.1, min_rise=0.2):
-    """(baseline, current) when the plain caption NLL (ntp: per-step values, step 1 first) has risen clearly and
-    lastingly above its level at the end of warm-up, else None. Levels are running means over `window` steps (one
-    bad batch does not count); the threshold is baseline + max(min_rise, margin x baseline). A healthy run often
-    climbs for a while after warm-up (the lr at its peak) and then falls; unlearning keeps climbing. So it takes
-    both: the level above the threshold for the last 2 x window steps (longer than that bump), and the level now at
-    least half way from the threshold to the highest of those (not a bump on its way down)."""
-    hold = 2 * window
-    end = max(warmup, window)  # without warm-up, the first `window` steps are the baseline
-    if len(ntp) < end + window + hold - 1:
-        return None
-    base = ntp[max(0, end - window):end]
-    baseline = sum(base) / len(base)
-    threshold = baseline + max(min_rise, margin * baseline)
-    levels = [sum(ntp[t - window:t]) / window for t in range(len(ntp) - hold + 1, len(ntp) + 1)]
-    if min(levels) > threshold and levels[-1] - threshold >= (max(levels) - threshold) / 2:
-        return baseline, levels[-1]
     return None
 
 
@@ -495,51 +461,6 @@ def weight_collapse(p_ref, near_zero=0.05, caption_share=0.9, max_token_share=0.
                    f"(limit {max_caption_share:.0%}). The reference LM predicts these captions almost perfectly: "
                    f"has it memorised them (are REF and TRAIN disjoint? did it overfit?). PRIOR would then barely "
                    f"train on them; see docs/own_data.md")
-
-
-def past_ntp(log_path, upto):
-    """(ntp values of steps 1..upto, the alarm already raised or None) from a run's log.jsonl, for --resume."""
-    if not upto or not os.path.exists(log_path):
-        return [], None
-    values, alarm = {}, None
-    with open(log_path, errors="replace") as f:  # a torn line (a full disk while logging) is skipped, never fatal
-        for text in f:
-            try:
-                line = json.loads(text)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(line, dict) and isinstance(line.get("step"), int) and line["step"] <= upto:
-                values[line["step"]] = line.get("ntp", float("nan"))
-                alarm = alarm or line.get("alarm")
-    return [values[k] for k in sorted(values)], alarm
-
-
-class Alarm:
-    """train.py's unlearning alarm (nll_rise) over a weighted run's plain caption NLL; a resumed run reads the log."""
-    def __init__(self, cfg, log_path, step, master):
-        self.cfg, self.on = cfg, master and cfg.loss != "ntp"
-        self.ntp, self.message = past_ntp(log_path, step) if self.on else ([], None)
-
-    def watch(self, line, step):
-        if not self.on:
-            return
-        self.ntp.append(line["ntp"])
-        rise = None if self.message else nll_rise(self.ntp, self.cfg.warmup, window=max(5, min(20, self.cfg.warmup)))
-        if rise:
-            baseline, current = rise
-            self.message = line["alarm"] = (
-                f"ALARM: the plain caption NLL (ntp) rose from {baseline:.3f} at the end of warm-up to {current:.3f} "
-                f"(mean of the last steps, step {step + 1}) while --loss {self.cfg.loss} trains: the model is "
-                f"unlearning the caption language. Likely causes: an overfit reference LM (p_ref near 1, weights near "
-                f"0: check reference_lm.py's kept step and score.py's report), the whole decoder training without a "
-                f"text mix (use --train projector for the H-LVLM, --text-data for the U-LVLM), or --alpha too high. "
-                f"See docs/own_data.md")
-            tqdm.write(self.message, file=sys.stderr)
-
-    def summary(self):
-        if self.on and self.ntp:
-            print(f"caption NLL (ntp): {self.ntp[0]:.3f} at step 1, {self.ntp[-1]:.3f} at step {len(self.ntp)}"
-                  + (f"\n{self.message}" if self.message else ""), file=sys.stderr if self.message else sys.stdout)
 
 
 class RunLog:

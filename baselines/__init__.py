@@ -20,6 +20,7 @@ from baselines.losses import inverse_frequency_table
 from data.packing import pack, to_device
 from train import ntp_weights, weighting
 from utils import register
+import scale.alarm  # noqa: F401,E402 (the training alarm, for the weighted losses too)
 
 LOSSES = ("rare", "attn", "rho1", "cal")
 

@@ -15,7 +15,7 @@ from data.records import read_records
 from model import VLM, DecoderConfig, VLMConfig
 from data.packing import global_batch, make_samples
 from scale.flops import step_flops
-from train import attended_pairs
+from scale.flops import attended_pairs
 
 if len(sys.argv) != 3:
     raise SystemExit("usage: python -m bench.row_len TRAIN.jsonl REF.jsonl (captions to tokenize with)")

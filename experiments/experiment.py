@@ -133,13 +133,18 @@ class Experiment:
                                    **lm})
                 chain.append(((ref, "reference_lm"), f"ref_lm_{mix}"))
             for split in ("train", "test"):
-                out = self.path(f"scores_{mix}_{split}.pt")
+                out, data = self.path(f"scores_{mix}_{split}.pt"), self.path(f"data_{mix}", f"{split}.jsonl")
                 if not os.path.exists(out):
-                    cfg = ScoreConfig(ref=self.path(f"ref_lm_{mix}.pt"), tokenizer=tok,
-                                      data=self.path(f"data_{mix}", f"{split}.jsonl"), out=out, device=self.cfg.device)
+                    cfg = ScoreConfig(ref=self.path(f"ref_lm_{mix}.pt"), tokenizer=tok, data=data, out=out,
+                                      device=self.cfg.device)
                     chain.append(((cfg, "score"), f"score_{mix}_{split}"))
+                # what the weights pick out: the relevance report (into scores_*.json), Fig. 1 and Fig. 8 pictures
+                png = self.path(f"importance_{mix}.png" if split == "train" else f"scores_{mix}_{split}_importance.png")
+                if not os.path.exists(png):
+                    cfg = ImportanceConfig(scores=out, data=data, tokenizer=tok, png=png)
+                    chain.append(((cfg, "experiments.importance"), f"importance_{mix}_{split}"))
                     if split == "train":
-                        reports.append((mix, f"score_{mix}_{split}"))
+                        reports.append((mix, f"importance_{mix}_{split}"))
             chains.append(chain)
         names = ["reference LM and scores per mix"]
         if with_pretrain:
@@ -151,7 +156,7 @@ class Experiment:
         for mix, name in reports:
             print(f"  relevance report ({mix} mix, weights of the training captions):")
             for line in open(self.path("logs", name + ".log")):
-                if line.startswith(("scored", "mean weight", "ROC-AUC", "share predicted")):
+                if line.startswith(("mean weight", "ROC-AUC", "share predicted")):
                     print("   ", line.rstrip())
 
     def pretrain_chains(self):
@@ -386,12 +391,6 @@ class Experiment:
 
     def analyses(self):
         for mix in self.mixes:
-            png = self.path(f"importance_{mix}.png")
-            if not os.path.exists(png):
-                cfg = ImportanceConfig(scores=self.path(f"scores_{mix}_train.pt"),
-                                       data=self.path(f"data_{mix}", "train.jsonl"),
-                                       tokenizer=self.path("tokenizer.json"), png=png)
-                self.jobs.run((cfg, "experiments.importance"), f"importance_{mix}")
             shutil.copy(self.path(f"scores_{mix}_train.png"), self.path(f"token_weights_{mix}.png"))
 
 

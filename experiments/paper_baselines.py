@@ -31,7 +31,7 @@ def weight_relevance(s, score_file, attention):
     captions: w = 1 - p_ref for PRIOR's file, the stored weight for the attention scorer's."""
     from data import tokenizer as T
     from data.records import read_records
-    from score import relevance_report
+    from experiments.importance import relevance_report
     from data.scores import load_scores
     from data.tags import token_tags
     from utils import text_fingerprint

@@ -8,6 +8,7 @@
     features.py                 --feature-cache: the frozen ViT's features computed once (train.py, eval.py)
     score_shards.py             score.py --stream / torchrun: p_ref written in shards as it is computed
     flops.py                    FLOPs of a step, FLOP/s and MFU in train.py's log lines
+    alarm.py                    train.py's alarm when a weighted loss unlearns the caption language
     fsdp.py                     --fsdp: FSDP2 sharding under torchrun (utils.wrap)
     hf.py, hf_tokenizer.py      Hugging Face Llama folders: --init-decoder hf:FOLDER, --tokenizer hf:FOLDER, export
     export.py                   a trained VLM as a self-contained folder (--init-from FOLDER, eval.py --ckpt FOLDER)
@@ -19,5 +20,5 @@ import warnings
 
 # `python -m scale.export` runs a module this package has imported already: runpy's warning would be a second line
 warnings.filterwarnings("ignore", r"'scale\.\w+' found in sys.modules after import of package 'scale'", RuntimeWarning)
-from scale import (export, features, flops, fsdp, hf, hf_tokenizer, image_cache,  # noqa: F401,E402 (plug-ins)
+from scale import (alarm, export, features, flops, fsdp, hf, hf_tokenizer, image_cache,  # noqa: F401,E402 (plug-ins)
                    score_shards, shard_reader, stream, timm_encoder, wandb_log)

@@ -6,7 +6,7 @@ The folder holds config.json (format "prior-vlm": the model config, the encoder'
 training flags, tokenizer and data fingerprints, step), model.safetensors (every VLM weight, in the checkpoint's
 dtypes; a tied output head stored once; no optimizer, no --objective heads) and tokenizer.json (the run's
 tokenizer, also when it was hf:FOLDER: converted, with the fingerprint the checkpoint records). It loads back
-wherever a checkpoint does: `train.py --init-from FOLDER`, `eval.py --ckpt FOLDER`, model.load_vlm(FOLDER)
+wherever a checkpoint does: `train.py --init-from FOLDER`, `eval.py --ckpt FOLDER`, model.load_model(FOLDER)
 (tests/test_scale.py: identical logits). Nothing of it needs the run folder, the --vision-weights file or network.
 """
 import hashlib

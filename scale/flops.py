@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from data import tokenizer as T
 from model import count_params
 from utils import register
 
@@ -71,6 +72,24 @@ def peak_flops(device, peak_tflops=0.0):
     if not str(device).startswith("cuda"):
         return None
     return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def attended_pairs(doc_ids, real):
+    """Query-key pairs causal attention inside each document needs: n (n + 1) / 2 per document of n positions;
+    padding (real False) counts nothing. Host tensors."""
+    R, L = doc_ids.shape
+    docs = (doc_ids + torch.arange(R)[:, None] * (L + 1))[real]  # unique over the batch
+    n = torch.bincount(docs - docs.min()) if docs.numel() else docs
+    return int((n * (n + 1) // 2).sum())
+
+
+@register("attention_work")
+def attention_work(batch):
+    """train.count_work's attention counts of a packed batch: context (non-padding positions x row width: what a
+    masked attention kernel computes) and attended pairs (what each document needs: what step_flops counts)."""
+    R, L = batch.input_ids.shape
+    real = batch.input_ids != T.PAD
+    return ("context", int(real.sum()) * L), ("attended", attended_pairs(batch.doc_ids, real))
 
 
 _told = set()  # devices already told that their peak is unknown

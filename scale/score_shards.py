@@ -29,7 +29,7 @@ from data.packing import count_overlong, make_samples
 from data.record_types import DataError, Tally
 from data.records import iter_records
 from data.scores import INDEX_FORMAT, _block, quantise
-from score import (_relevance, _write_report, context_len, fingerprints_of, label_probs, overlong_note,
+from score import (_write_report, context_len, fingerprints_of, label_probs, overlong_note,
                    refuse_duplicate_ids, warn_if_trained_on)
 from utils import atomic_save, register, safe_load, setup_distributed
 
@@ -52,9 +52,9 @@ def data_pass(cfg):
 def write_shard(cfg, tok, score, ctx, n_records, fingerprints, rank, world):
     """Second pass: this process's records scored (score(samples) -> (p_ref list, positions)) and written chunk
     by chunk. Returns the shard's summary, the timing and overlong counts, and rank 0's first --report-captions
-    (records, samples, p_ref) for the relevance report and picture."""
+    p_ref, which the report checks for collapsed weights."""
     writer = ShardWriter(shard_path(cfg.out, rank, world))
-    kept = {"records": [], "samples": [], "p_ref": []}
+    kept = {"records": [], "p_ref": []}
     stats = {"positions": 0, "seconds": 0.0, "long": 0, "past": 0}
 
     def flush(chunk):
@@ -70,7 +70,6 @@ def write_shard(cfg, tok, score, ctx, n_records, fingerprints, rank, world):
         room = cfg.report_captions - len(kept["records"]) if rank == 0 else 0
         if room > 0:
             kept["records"] += chunk[:room]
-            kept["samples"] += samples[:room]
             kept["p_ref"] += p_ref[:room]
 
     chunk = []
@@ -157,7 +156,7 @@ def score_sharded(cfg, tok, model, ckpt, device):
 
 
 def _score_shards(cfg, tok, model, ckpt, device, rank, world):
-    """score_sharded in this process's group: its shard; on rank 0 the index, the report and the picture."""
+    """score_sharded in this process's group: its shard; on rank 0 the index and the report."""
     n_records, data_fp = data_pass(cfg)
     if rank == 0:
         warn_if_trained_on(cfg, ckpt, data_fp)
@@ -169,8 +168,7 @@ def _score_shards(cfg, tok, model, ckpt, device, rank, world):
     if report is None:  # not rank 0
         return None
     report["ref_train_tokens_per_s"] = ckpt.get("train_tokens_per_s")
-    _relevance(report, tok, kept["records"], kept["p_ref"])
-    _write_report(cfg, report, tok, kept["samples"], kept["p_ref"])
+    _write_report(cfg, report, kept["p_ref"])
     return report
 
 

@@ -20,7 +20,8 @@ from benchmarks import scoring as S
 from data import tokenizer as T
 from data.record_types import DataError
 from data.images import load_image, normalize
-from utils import UserError, join_repeated, parse_config
+from benchmarks import join_repeated
+from utils import UserError, parse_config
 from model import DecoderConfig, VLM, VLMConfig
 
 

@@ -242,7 +242,7 @@ def test_a_full_disk_while_saving_says_so_and_leaves_no_tmp(tmp_path, monkeypatc
 def test_resume_after_half_a_log_line(tiny, tmp_path):
     import train
     from train import trim_log
-    from utils import past_ntp
+    from scale.alarm import past_ntp
     run = tmp_path / "run"
     train.main(_train_cfg(tiny, run, steps=4, save_every=2, stop_at=2))
     with open(run / "log.jsonl", "ab") as f:

@@ -120,9 +120,9 @@ def curve(points, steps, wiggle=0.03):
 
 
 def alarm_step(ntp, warmup=10):
-    """The step at which train.py's alarm (utils.Alarm, as train.py drives it) fires, or None."""
+    """The step at which train.py's alarm (scale/alarm.py's Alarm, as train.py drives it) fires, or None."""
     import types
-    from utils import Alarm
+    from scale.alarm import Alarm
     alarm = Alarm(types.SimpleNamespace(loss="prior", warmup=warmup), "no-such-log.jsonl", 0, True)
     for step, value in enumerate(ntp):
         line = {"ntp": value}

@@ -15,7 +15,7 @@ from baselines.heads import attach_heads
 from data.packing import global_batch
 from utils import setup_distributed
 from scale.flops import peak_flops, peak_for_name, step_flops
-from train import attended_pairs
+from scale.flops import attended_pairs
 
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
 

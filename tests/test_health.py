@@ -1,12 +1,13 @@
-"""The own-data alarms (utils.py): a memorising reference LM, PRIOR unlearning the caption language, collapsed
-weights; on made-up numbers, plus one small end-to-end run of each script that raises them."""
+"""The own-data alarms (utils.py; training's: scale/alarm.py): a memorising reference LM, PRIOR unlearning the
+caption language, collapsed weights; on made-up numbers, plus one small end-to-end run of each script that raises
+them."""
 import json
 
 import pytest
 import torch
 
-import eval as evaluation
 import utils as health
+from scale import alarm as A  # registers the training alarm (a lab plug-in)
 import reference_lm
 import score
 import train
@@ -30,19 +31,19 @@ def test_memorising_needs_val_up_and_train_down():
 def test_nll_rise_on_synthetic_sequences():
     warm, window = 10, 5
     falling = [4.0 - 0.02 * i for i in range(60)]
-    assert health.nll_rise(falling, warm, window) is None
+    assert A.nll_rise(falling, warm, window) is None
     flat_noisy = [3.0 + (0.3 if i % 2 else -0.3) for i in range(60)]
-    assert health.nll_rise(flat_noisy, warm, window) is None
+    assert A.nll_rise(flat_noisy, warm, window) is None
     spike = falling[:40] + [9.0] + falling[41:]                      # one bad batch: the running mean absorbs it
-    assert health.nll_rise(spike, warm, window) is None
+    assert A.nll_rise(spike, warm, window) is None
     rising = [3.0] * 10 + [3.0 + 0.05 * i for i in range(50)]       # the issue's run: 3.3 -> 5.8 after warm-up
-    baseline, current = health.nll_rise(rising, warm, window)
+    baseline, current = A.nll_rise(rising, warm, window)
     assert baseline == pytest.approx(3.0) and current > 5.0
-    first = next(n for n in range(1, 61) if health.nll_rise(rising[:n], warm, window))
+    first = next(n for n in range(1, 61) if A.nll_rise(rising[:n], warm, window))
     # the level (mean of the last 5) first passes 3.0 + max(0.2, 0.1 x 3.0) at step 20 (values 3.25..3.45: 3.35);
     # the alarm waits until it has stayed above for hold = 2 x 5 steps: steps 20..29
     assert first == 29
-    assert health.nll_rise(rising[:28], warm, window) is None        # never before warm-up + window + hold
+    assert A.nll_rise(rising[:28], warm, window) is None        # never before warm-up + window + hold
 
 
 def test_weight_collapse_on_synthetic_scores():
@@ -58,8 +59,8 @@ def test_past_ntp_reads_the_log_for_resume(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps(l) + "\n" for l in
                            [{"step": 1, "ntp": 3.0}, {"step": 2, "ntp": 2.5, "alarm": "x"}, {"step": 3, "ntp": 9.0}]))
-    assert health.past_ntp(str(log), 2) == ([3.0, 2.5], "x")
-    assert health.past_ntp(str(log), 0) == ([], None)
+    assert A.past_ntp(str(log), 2) == ([3.0, 2.5], "x")
+    assert A.past_ntp(str(log), 0) == ([], None)
 
 
 def test_reference_lm_keeps_the_best_validation_step(tiny, tmp_path, monkeypatch, capsys):
@@ -98,7 +99,7 @@ def test_broken_setup_raises_both_alarms_healthy_neither(tiny, tmp_path, capsys)
     blob = _collapsed_scores(tiny, bad)
     p_ref = [blob["p_ref"][a:b].float() / 65535 for a, b in zip(blob["offsets"][:-1], blob["offsets"][1:])]
     report = {}
-    score._write_report(score.ScoreConfig(out=str(tmp_path / "r.pt")), report, None, [], p_ref)
+    score._write_report(score.ScoreConfig(out=str(tmp_path / "r.pt")), report, p_ref)
     assert "memorised" in report["weights"]["warning"] and report["weights"]["tokens_near_zero"] > 0.8
     # training: whole decoder from a trained LM, no text mix, PRIOR on collapsed weights -> the alarm fires once
     kw = dict(data=str(tiny["train"]), tokenizer=str(tiny["tokenizer"]), init_decoder=str(tiny["ref_lm"]),
@@ -107,8 +108,9 @@ def test_broken_setup_raises_both_alarms_healthy_neither(tiny, tmp_path, capsys)
     train.main(train.TrainConfig(scores=str(bad), out_dir=str(tmp_path / "bad"), **kw))
     lines = [json.loads(l) for l in open(tmp_path / "bad" / "log.jsonl")]
     assert sum("alarm" in l for l in lines) == 1 and "unlearning" in capsys.readouterr().err
-    assert evaluation.run_alarm(str(tmp_path / "bad"))[1].startswith("ALARM")  # eval.py --run-dir repeats it
+    assert A.run_alarm(str(tmp_path / "bad"))[1].startswith("ALARM")  # eval.py --run-dir repeats it
+    assert "training raised an alarm at step" in capsys.readouterr().err
     train.main(train.TrainConfig(scores=str(tiny["scores"]), out_dir=str(tmp_path / "good"), train="projector", **kw))
     assert not any("alarm" in json.loads(l) for l in open(tmp_path / "good" / "log.jsonl"))
     assert "ALARM" not in capsys.readouterr().err
-    assert evaluation.run_alarm(str(tmp_path / "good")) is None
+    assert A.run_alarm(str(tmp_path / "good")) is None

@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SKIP = {"tests", "docs", "results", "out", "runs", "__pycache__"}
 # The target is 3,500 lines (the core's budget). Until it is met this is a ratchet: the core may not grow past
 # today's size (the synthetic world, world/, is lab: the core reads any captions, tagged or not).
-CORE_TARGET, CORE_BUDGET = 3500, 3658
+CORE_BUDGET = 3500  # the design card's ceiling on the core (root .py files and data/)
 
 
 def sources():
@@ -101,8 +101,8 @@ def test_no_two_folders_import_each_other_and_no_cycle():
 
 def test_the_core_within_its_line_budget():
     n = core_lines(sources())
-    assert n <= CORE_BUDGET, f"the core (root .py files and data/) has {n} lines, budget {CORE_BUDGET} (target " \
-                             f"{CORE_TARGET}): move a lab feature out through a plug-in, or make it simpler"
+    assert n <= CORE_BUDGET, f"the core (root .py files and data/) has {n} lines, budget {CORE_BUDGET}: move a lab " \
+                             f"feature out through a plug-in, or make it simpler"
 
 
 def test_the_checkers_can_fail():
@@ -155,7 +155,7 @@ def main():
         counts[key] = counts.get(key, 0) + text.count("\n")
     for key, n in sorted(counts.items(), key=lambda kv: ("/" in kv[0] or not kv[0].endswith(".py"), kv[0])):
         print(f"{key:20s} {n:6d}")
-    print(f"{'core':20s} {core_lines(sources()):6d}   (target {CORE_TARGET}, today's ceiling {CORE_BUDGET})")
+    print(f"{'core':20s} {core_lines(sources()):6d}   (budget {CORE_BUDGET})")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 
 import scale  # noqa: F401 (plug-ins: exported folders, hf:FOLDER)
 import train
-from model import build_model, frozen_to_bf16, load_vlm
+from model import build_model, frozen_to_bf16, load_model
 from scale.timm_encoder import TimmEncoder
 from model import Decoder, DecoderConfig, load_model
 from tests.test_train import config
@@ -195,7 +195,7 @@ def test_exported_folder_reloads_to_identical_logits(tiny, tmp_path):
         "decoder.head.weight": "decoder.embed.weight"}
     assert "decoder.head.weight" not in load_file(str(tmp_path / "vlm" / "model.safetensors"))
     a, _ = load_model(ckpt)
-    b, folder = load_vlm(str(tmp_path / "vlm"))
+    b, folder = load_model(str(tmp_path / "vlm"))
     ids = torch.tensor([a.image_tokens() + [1, 20, 21, 22]] * 2)
     images = torch.randn(2, 3, 16, 16)
     assert torch.equal(a(ids, images), b(ids, images))
@@ -208,7 +208,7 @@ def test_exported_folder_reloads_to_identical_logits(tiny, tmp_path):
     y = train.main(config(tiny, tmp_path / "y", steps=1, init_from=str(tmp_path / "vlm")))
     assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
     with pytest.raises(ValueError, match="not an exported VLM"):
-        load_vlm(str(tmp_path / "run"))
+        load_model(str(tmp_path / "run"))
 
 
 def test_export_never_mixes_or_overwrites_and_checks_its_bytes(tiny, tmp_path, monkeypatch):
@@ -230,7 +230,7 @@ def test_export_never_mixes_or_overwrites_and_checks_its_bytes(tiny, tmp_path, m
     monkeypatch.undo()
     assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == files
     assert sorted(os.listdir(tmp_path)) == ["run", "vlm"]  # no temporary folder left behind
-    assert E.export_vlm(second, out)["step"] == 2 and load_vlm(out)[1]["step"] == 2
+    assert E.export_vlm(second, out)["step"] == 2 and load_model(out)[1]["step"] == 2
     for bad in (str(tmp_path / "run"), first):  # a run folder, a file
         with pytest.raises(ValueError, match="--out"):
             E.export_vlm(second, bad)
@@ -240,7 +240,7 @@ def test_export_never_mixes_or_overwrites_and_checks_its_bytes(tiny, tmp_path, m
     blob[-10] ^= 0xFF
     open(weights, "wb").write(bytes(blob))
     with pytest.raises(ValueError, match="sha256"):
-        load_vlm(out)
+        load_model(out)
 
 
 # ----------------------------------------------------------------------------- reference_lm.py under torchrun

@@ -47,19 +47,10 @@ def test_two_bytes_per_token(tiny):
     assert blob["offsets"][-1] == len(blob["p_ref"])
 
 
-def test_roc_auc_matches_pair_counting():
-    g = torch.Generator().manual_seed(0)
-    pos = torch.randint(0, 5, (40,), generator=g).float()
-    neg = torch.randint(0, 5, (30,), generator=g).float()
-    brute = ((pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()).mean()
-    assert score.roc_auc(pos, neg) == pytest.approx(float(brute))
-
-
 def test_report_written(tiny):
     import json
     report = json.load(open(str(tiny["scores"]).replace(".pt", ".json")))
-    assert set(report["relevance"]["auc"]) == {"image_vs_boiler", "image_vs_noise", "image_vs_rest"}
-    assert report["score_tokens_per_s"] > 0
+    assert report["score_tokens_per_s"] > 0 and 0 <= report["weights"]["tokens_near_zero"] <= 1
 
 
 # ----------------------------------------------------------------------------- streaming, sharded scoring
@@ -94,7 +85,7 @@ def test_stream_one_process_matches_one_file(tiny, tmp_path):
     assert [s["file"] for s in index["shards"]] == [os.path.join("scores.shards", "rank-00000-of-00001.bin")]
     blocks, end, _ = _load_shard(str(tmp_path / "s" / index["shards"][0]["file"]))
     assert len(blocks) == 7 and end["records"] == 48
-    assert report["captions"] == 48 and "relevance" in report and (tmp_path / "s" / "scores.png").exists()
+    assert report["captions"] == 48 and "weights" in report and (tmp_path / "s" / "scores.json").exists()
     _same_scores(load_scores(str(out), *_fps(tiny)), load_scores(str(tiny["scores"]), *_fps(tiny)))
 
 
