@@ -4,14 +4,14 @@
     python -m experiments.yes_no --run OUT/runs/web/h/ntp_lr0.003_s0 --data OUT/data_web --tune all:20,all:100
 
 For each PART:STEPS of --tune, a copy of the run's last checkpoint is instruction-tuned exactly as the main job's
-evaluation does (experiments/bench_instruct.instruct_config: its QA data about the training scenes, lr 1e-3,
-PART = projector, all, or '' for the run's own), then asked presence questions about the validation scenes, which
-no tuning saw ("question: is there a star? answer:", half yes, half no; benchmarks/qa.py). Each is decided, as
-the POPE rows are, by the answer's first token: d = log p(" y" | image, question) - log p(" no" | image, question).
-Printed per row: the mean d on questions whose answer is yes and on those whose answer is no (their difference is
-what the image adds: 0 for a model that ignores it), and the share answered yes (d > 0). POPE's yes ratio is far
-from 50% when the mean d is far from 0 whatever the image; its accuracy is above chance only when the two means
-differ.
+evaluation does (STEPS 0: asked untuned; experiments/bench_instruct.instruct_config: QA about the training scenes,
+lr 1e-3, PART = projector, all, or '' for the run's own), then asked presence questions about the validation
+scenes, which no tuning saw ("question: is there a star? answer:", half yes, half no; benchmarks/qa.py). Each is
+decided, as the POPE rows are, by the answer's first token: d = log p(" y" | image, question) -
+log p(" no" | image, question). Printed per row: the mean d on questions whose answer is yes and on those whose
+answer is no (their difference is what the image adds: 0 for a model that ignores it), and the share answered yes
+(d > 0). POPE's yes ratio is far from 50% when the mean d is far from 0 whatever the image; its accuracy is above
+chance only when the two means differ.
 """
 import json
 import os
@@ -24,6 +24,7 @@ import train
 from benchmarks.qa import build_qa
 from data import tokenizer as T
 from experiments.bench_instruct import IT_LR, instruct_config, qa_train_file
+from model import load_model
 from utils import UserError, atomic_write, check_out, flag, from_dict, run
 
 
@@ -31,7 +32,8 @@ from utils import UserError, atomic_write, check_out, flag, from_dict, run
 class YesNoConfig:
     run: str = flag("", "a main-job run folder (config.json and its last ckpt_*.pt)")
     data: str = flag("", "the run's data folder (OUT/data_MIX: train.jsonl for the tuning, val.jsonl asked)")
-    tune: str = flag("projector:20,all:20", "comma-separated PART:STEPS of instruction tuning (PART '' = the run's)")
+    tune: str = flag("projector:20,all:20",
+                     "comma-separated PART:STEPS of instruction tuning (PART '' = the run's; STEPS 0 = untuned)")
     max_rows: int = flag(160, "presence questions asked (one per validation scene)")
     json: str = flag("", "also write the rows here ('' = print only)")
 
@@ -61,10 +63,13 @@ def main(cfg):
             part, _, steps = item.partition(":")
             if not steps.isdigit():
                 raise UserError(f"--tune {item}: expected PART:STEPS, e.g. all:20")
-            it = {"data": qa_train_file(cfg.data), "steps": int(steps), "lr": IT_LR, "train": part}
-            tuned = instruct_config(run_cfg, os.path.join(cfg.run, ckpts[-1]), it, os.path.join(tmp, "tuned"))
-            model = train.main(tuned).eval()
-            d = first_token_margins(model, tok, asked, tuned.feature_cache, cfg.max_rows)
+            if int(steps):
+                it = {"data": qa_train_file(cfg.data), "steps": int(steps), "lr": IT_LR, "train": part}
+                tuned = instruct_config(run_cfg, os.path.join(cfg.run, ckpts[-1]), it, os.path.join(tmp, "tuned"))
+                model, cache = train.main(tuned).eval(), tuned.feature_cache
+            else:  # the checkpoint as it is: it has never seen a question
+                model, cache = load_model(os.path.join(cfg.run, ckpts[-1]))[0], run_cfg.feature_cache
+            d = first_token_margins(model, tok, asked, cache, cfg.max_rows)
             yes, no = [x for x, y in d if y], [x for x, y in d if not y]
             rows.append({"part": part or run_cfg.train, "steps": int(steps), "mean_d_yes": sum(yes) / len(yes),
                          "mean_d_no": sum(no) / len(no), "yes_share": sum(x > 0 for x, _ in d) / len(d), "n": len(d)})

@@ -124,8 +124,8 @@ def test_yes_no_diagnostic_rows_and_errors(setup, capsys):
     root, data, _, config = setup
     cfg = config("yes_no_run")
     train.main(cfg)
-    rows = yes_no.main(yes_no.YesNoConfig(run=cfg.out_dir, data=str(data), tune="all:2,:1", max_rows=0))
-    assert [(r["part"], r["steps"]) for r in rows] == [("all", 2), ("all", 1)]  # '' = the run's own part
+    rows = yes_no.main(yes_no.YesNoConfig(run=cfg.out_dir, data=str(data), tune="all:2,:1,:0", max_rows=0))
+    assert [(r["part"], r["steps"]) for r in rows] == [("all", 2), ("all", 1), ("all", 0)]  # '': the run's part
     assert all(0 <= r["yes_share"] <= 1 and r["n"] == 4 for r in rows)  # one presence question per val scene
     assert "what the image adds" in capsys.readouterr().out
     with pytest.raises(UserError, match="--run"):
