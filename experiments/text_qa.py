@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.qa import PROMPT, scene_questions, vocabulary
+from benchmarks.qa import PROMPT, read_scenes, scene_questions, vocabulary
 from data import tokenizer as T
 from model import load_lm
 from reference_lm import RefConfig, train_lm
@@ -42,11 +42,6 @@ class TextQAConfig:
 
 def description(scene):
     return text_of(describe(groups_of(scene, True)))
-
-
-def read_scenes(path):
-    with open(path) as f:
-        return [json.loads(line)["scene"] for line in f if line.strip()]
 
 
 def qa_documents(scenes, rng, shapes, colours, per_doc=3):
@@ -88,9 +83,9 @@ def main(cfg):
     tok_path = cfg.tokenizer or torch.load(cfg.base, weights_only=True, map_location="cpu")["config"]["tokenizer"]
     tok = T.load_tokenizer(tok_path)
     meta = os.path.join(cfg.data, "meta.json")
-    train_scenes = read_scenes(os.path.join(cfg.data, "train.jsonl"))
+    train_scenes = [scene for _, _, scene in read_scenes(os.path.join(cfg.data, "train.jsonl"))]
     shapes, colours, _ = vocabulary(train_scenes, json.load(open(meta)) if os.path.exists(meta) else None)
-    asked = read_scenes(os.path.join(cfg.data, "val.jsonl"))[:cfg.max_rows]
+    asked = [scene for _, _, scene in read_scenes(os.path.join(cfg.data, "val.jsonl"))][:cfg.max_rows]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         docs = os.path.join(tmp, "qa_text.jsonl")
