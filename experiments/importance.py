@@ -34,10 +34,10 @@ def read_scored(scores_path, data_path=None, tokenizer_path="out/tokenizer.json"
     return tok, records, load_scores(scores_path, T.fingerprint(tok), text_fingerprint(records), data_path)
 
 
-def importance_analysis(scores_path, data_path=None, tokenizer_path="out/tokenizer.json", png_path=None, n_bins=8):
+def importance_analysis(scored, png_path=None, n_bins=8):
     """Mean PRIOR weight w = 1 - p_ref (caption tokens, eos excluded) against caption length in tokens (binned,
-    and Pearson r between a caption's length and its mean w) and against token position."""
-    tok, records, p_ref = read_scored(scores_path, data_path, tokenizer_path)
+    and Pearson r between a caption's length and its mean w) and against token position; scored: read_scored's."""
+    _, records, p_ref = scored
     ws = [1 - p_ref[r.id][:-1].double() for r in records if len(p_ref[r.id]) > 1]
     lengths = torch.tensor([len(w) for w in ws], dtype=torch.float64)
     means = torch.stack([w.mean() for w in ws])
@@ -119,9 +119,10 @@ def draw_weights(path, tok, captions, p_ref, n=6):
     plt.close(fig)
 
 
-def relevance(scores_path, data_path=None, tokenizer_path="out/tokenizer.json"):
-    """The relevance report (None without word tags) into the score file's report .json, and the Fig. 1 picture."""
-    tok, records, p_ref = read_scored(scores_path, data_path, tokenizer_path)
+def relevance(scored, scores_path):
+    """The relevance report (None without word tags) into the report .json beside scores_path, and the Fig. 1
+    picture beside it; scored: read_scored(scores_path, ...)."""
+    tok, records, p_ref = scored
     base = os.path.splitext(scores_path)[0]
     shown = records[:6]
     draw_weights(base + ".png", tok, T.encode_captions(tok, [r.caption for r in shown]), [p_ref[r.id] for r in shown])
@@ -150,8 +151,9 @@ class ImportanceConfig:
 
 def main(cfg):
     png = cfg.png or os.path.splitext(cfg.scores)[0] + "_importance.png"
-    relevance(cfg.scores, cfg.data or None, cfg.tokenizer)
-    rep = importance_analysis(cfg.scores, cfg.data or None, cfg.tokenizer, png)
+    scored = read_scored(cfg.scores, cfg.data or None, cfg.tokenizer)  # read once for both analyses
+    relevance(scored, cfg.scores)
+    rep = importance_analysis(scored, png)
     print(f"{rep['captions']} captions, mean w {rep['mean_w']:.3f}, Pearson r(length, mean w) = "
           f"{rep['pearson_r']:.3f}")
     for b in rep["length_bins"]:

@@ -26,7 +26,7 @@ def test_importance_pearson(world, tmp_path):
     save_scores(scores, [r.id for r in records], p,
                 {"tokenizer": T.fingerprint(tok), "data": text_fingerprint(records)})
     png = str(tmp_path / "fig.png")
-    rep = I.importance_analysis(scores, world["test"], world["tok_path"], png, n_bins=3)
+    rep = I.importance_analysis(I.read_scored(scores, world["test"], world["tok_path"]), png, n_bins=3)
     lengths = [len(enc(tok, r.caption)) for r in records]
     means = [float((1 - q[:-1]).mean()) for q in p]  # eos excluded
     assert rep["pearson_r"] == pytest.approx(statistics.correlation(lengths, means), abs=1e-3)
@@ -59,7 +59,7 @@ def test_relevance_from_the_score_file(world, tmp_path):
     save_scores(scores, [r.id for r in records], p,
                 {"tokenizer": T.fingerprint(tok), "data": text_fingerprint(records)})
     (tmp_path / "s.json").write_text(json.dumps({"captions": len(records)}))
-    rel = I.relevance(scores, world["test"], world["tok_path"])
+    rel = I.relevance(I.read_scored(scores, world["test"], world["tok_path"]), scores)
     assert rel["mean_w"]["image"] == 1.0 and rel["mean_w"]["boiler"] == 0.0 and rel["auc"]["image_vs_rest"] == 1.0
     assert rel["predicted"]["image"] == 0.0 and rel["predicted"]["noise"] == 1.0
     report = json.loads((tmp_path / "s.json").read_text())
