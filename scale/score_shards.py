@@ -54,7 +54,7 @@ def write_shard(cfg, tok, score, ctx, n_records, fingerprints, rank, world):
     by chunk. Returns the shard's summary, the timing and overlong counts, and rank 0's first --report-captions
     p_ref, which the report checks for collapsed weights."""
     writer = ShardWriter(shard_path(cfg.out, rank, world))
-    kept = {"records": [], "p_ref": []}
+    kept = []  # rank 0's first --report-captions p_ref
     stats = {"positions": 0, "seconds": 0.0, "long": 0, "past": 0}
 
     def flush(chunk):
@@ -67,10 +67,9 @@ def write_shard(cfg, tok, score, ctx, n_records, fingerprints, rank, world):
         stats["long"] += n_long
         stats["past"] += n_past
         writer.write([r.id for r in chunk], p_ref)
-        room = cfg.report_captions - len(kept["records"]) if rank == 0 else 0
+        room = cfg.report_captions - len(kept) if rank == 0 else 0
         if room > 0:
-            kept["records"] += chunk[:room]
-            kept["p_ref"] += p_ref[:room]
+            kept.extend(p_ref[:room])
 
     chunk = []
     bar = tqdm(total=n_records, desc=f"score (rank {rank} of {world})", dynamic_ncols=True, disable=rank != 0)
@@ -115,8 +114,8 @@ def gather_index(cfg, summary, writer, n_records, fingerprints, rank, world):
 
 
 def score_stream(cfg, tok, score, ctx, n_records, fingerprints, rank, world):
-    """This process's shard, then (rank 0) the index and the report's numbers: (report, kept captions) on rank
-    0, (None, None) elsewhere. The caller has run data_pass (n_records, fingerprints' data)."""
+    """This process's shard, then (rank 0) the index and the report's numbers: (report, kept captions' p_ref) on
+    rank 0, (None, None) elsewhere. The caller has run data_pass (n_records, fingerprints' data)."""
     summary, stats, kept, writer = write_shard(cfg, tok, score, ctx, n_records, fingerprints, rank, world)
     overlong_note(stats["long"], stats["past"], ctx, f"{cfg.data} (rank {rank})")
     summaries = gather_index(cfg, summary, writer, n_records, fingerprints, rank, world)
@@ -127,7 +126,7 @@ def score_stream(cfg, tok, score, ctx, n_records, fingerprints, rank, world):
     report = {"config": asdict(cfg), "captions": records, "tokens": tokens, "processes": world,
               "score_tokens_per_s": per_s, "score_tokens_per_s_all_processes": per_s * world,
               "overlong": {"captions": sum(s.get("overlong", 0) for s in summaries), "context": ctx},
-              "report_captions": len(kept["records"])}
+              "report_captions": len(kept)}
     print(f"scored {records} captions, {tokens} tokens in {world} shard(s) under "
           f"{os.path.dirname(shard_path(cfg.out, rank, world))}; rank 0 at {per_s:,.0f} tokens/s")
     return report, kept
@@ -168,7 +167,7 @@ def _score_shards(cfg, tok, model, ckpt, device, rank, world):
     if report is None:  # not rank 0
         return None
     report["ref_train_tokens_per_s"] = ckpt.get("train_tokens_per_s")
-    _write_report(cfg, report, kept["p_ref"])
+    _write_report(cfg, report, kept)
     return report
 
 
