@@ -32,21 +32,9 @@ import os
 import random
 from dataclasses import dataclass
 
-from world.scenes import COLOURS, NUMS, SHAPES, pos_words, text_of
+from world.scenes import (COLOURS, KINDS, PROMPT, SHAPES, all_positions, position_phrase,  # noqa: F401 (API)
+                          scene_questions)
 from utils import UserError, atomic_write, check_out, flag, run
-
-KINDS = ("count", "colour", "shape", "position", "presence")
-PROMPT = "question: {} answer:"
-
-
-def position_phrase(row, col):
-    """'at the top left', 'at the left', 'at the top', 'at the center' (the generator's wording)."""
-    return text_of(pos_words(row, col))
-
-
-def all_positions():
-    return [position_phrase(r, c) for r in ("top", "middle", "bottom") for c in ("left", "center", "right")]
-
 
 def vocabulary(scenes, meta=None):
     """(shapes, colours, max objects) of a data set: from its meta.json when given, else from its scenes."""
@@ -57,48 +45,6 @@ def vocabulary(scenes, meta=None):
     colours = sorted({o["colour"] for s in scenes for o in s},
                      key=lambda x: list(COLOURS).index(x) if x in COLOURS else 99)
     return shapes, colours, max(4, max((len(s) for s in scenes), default=4))
-
-
-def scene_questions(scene, rng, shapes, colours, max_objects=4, kinds=KINDS):
-    """Every question of `kinds` that has one unambiguous answer in this scene: a list of
-    {"kind", "question", "target", "choices"} (the target is one of the choices)."""
-    out = []
-    shape_count = {s: sum(o["shape"] == s for o in scene) for s in {o["shape"] for o in scene}}
-    pair_count = {}
-    for o in scene:
-        pair_count[o["shape"], o["colour"]] = pair_count.get((o["shape"], o["colour"]), 0) + 1
-    for kind in kinds:
-        if kind == "count":
-            choices = NUMS[1:max(max_objects, len(scene)) + 1]
-            out.append(dict(kind=kind, question="how many shapes are there?", target=NUMS[len(scene)], choices=choices))
-        elif kind == "colour":
-            single = [o for o in scene if shape_count[o["shape"]] == 1]
-            if single:
-                o = rng.choice(single)
-                out.append(dict(kind=kind, question=f"what colour is the {o['shape']}?", target=o["colour"],
-                                choices=list(colours)))
-        elif kind == "shape":
-            o = rng.choice(scene)  # one object per grid cell, so the cell names it
-            out.append(dict(kind=kind, question=f"what shape is {position_phrase(o['row'], o['col'])}?",
-                            target=o["shape"], choices=list(shapes)))
-        elif kind == "position":
-            unique = [o for o in scene if pair_count[o["shape"], o["colour"]] == 1]
-            if unique:
-                o = rng.choice(unique)
-                out.append(dict(kind=kind, question=f"where is the {o['colour']} {o['shape']}?",
-                                target=position_phrase(o["row"], o["col"]), choices=all_positions()))
-        elif kind == "presence":
-            present = sorted(shape_count)
-            absent = [s for s in shapes if s not in shape_count]
-            if absent and rng.random() < 0.5:
-                out.append(dict(kind=kind, question=f"is there a {rng.choice(absent)}?", target="no",
-                                choices=["yes", "no"]))
-            else:
-                out.append(dict(kind=kind, question=f"is there a {rng.choice(present)}?", target="yes",
-                                choices=["yes", "no"]))
-        else:
-            raise ValueError(f"unknown question kind {kind!r}; choose from {KINDS}")
-    return out
 
 
 def read_scenes(path):

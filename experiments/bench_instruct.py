@@ -50,14 +50,16 @@ def instruct_config(run_cfg, ckpt, it, out_dir):
     steps, part = int(it["steps"]), it.get("train") or run_cfg.train
     cfg = replace(run_cfg, data=it["data"], instruct=True, loss="ntp", init_from=ckpt, init_decoder="",
                   init_encoder="", text_data="", steps=steps, save_every=steps, warmup=steps // 10, lr=float(it["lr"]),
-                  out_dir=out_dir, resume=False, overwrite=True, stop_at=0, image_cache="", wandb="", train=part,
+                  out_dir=out_dir, resume=False, overwrite=True, stop_at=0, wandb="", train=part,
+                  image_cache=it.get("image_cache", ""),  # the QA file's own: the run's holds its captions' images
                   feature_cache=run_cfg.feature_cache if part == "projector" else "")  # a training ViT: no cache
-    return checked(cfg)  # image_cache "": the run's cache holds its caption images in its own order, not these
+    return checked(cfg)
 
 
 def tuned_bench(run_cfg, step, it, bench, tok, device="cpu", **kw):
     """{benchmark: value} of the `bench` specs on a copy of RUN/ckpt_<step>.pt tuned by `it` ({"data", "steps",
-    "lr"}, optional "train": all or projector, '' = the run's), plus {MARKER: steps}. kw: eval.evaluate_model's
+    "lr"}, optional "train": all or projector, '' = the run's; optional "image_cache": the QA file's images decoded
+    once for every run, --image-cache), plus {MARKER: steps}. kw: eval.evaluate_model's
     (max_rows, feature_cache)."""
     ckpt = os.path.join(run_cfg.out_dir, f"ckpt_{step:06d}.pt")
     out_dir = os.path.join(run_cfg.out_dir, "instruct")

@@ -18,7 +18,7 @@ from reference_lm import RefConfig
 from score import ScoreConfig
 from tools.vision import Config as VisionConfig
 from train import WEIGHTINGS, TrainConfig
-from utils import UserError, flag
+from utils import UserError, flag, pick_device
 
 # Sizes per preset. "cpu" is sized for a 2-core laptop CPU (docs/performance.md has its measured time); "smoke"
 # exercises every stage in miniature; "gpu" is a starting point for GPUs.
@@ -44,9 +44,11 @@ PRESETS = {
         base_lm=dict(steps=3000),
         vit=dict(steps=300, batch_size=64, patch_size=16), seeds=10, tokens_per_patch=3,
         lrs={"h": [1e-3, 3e-3, 1e-2], "u": [3e-4, 1e-3, 3e-3]},
-        # 240 steps (~1 epoch of the 8,000 pairs), a checkpoint every 24: curves of 10 points. In the pilot of
+        # 240 steps (~1 epoch of the 8,000 pairs), a checkpoint every 24: test curves of 10 points; the pilot's
+        # validation curves every 48 (5 points: what its rules read, at half the evaluation). In the pilot of
         # docs/experiment.md NTP's validation curve was flat from about step 120 of 300.
         vlm=dict(steps=240, batch_size=32, save_every=24, warmup=10, row_len=256, patch_size=16), stage1_steps=600,
+        pilot_save_every=48,
         # 5 pilot seeds: the positive control's gate (protocol.gate) reads a paired t interval over >= 5
         eval_rows=160, eval_rows_val=160, settings="web:h", pilot_seeds=[100, 101, 102, 103, 104], extend=1,
         oracle_low=0.1),
@@ -123,7 +125,7 @@ class Experiment:
                           "tokenizer")
         # Everything after the tokenizer runs as chains of jobs in one pool (a chain's jobs in order):
         # per mix, the reference LM and then its scores; with --stage all also the base LM and then the
-        # U-LVLM's stage 1, and the ViT. The base-LM chain is the longest, so it starts first.
+        # U-LVLM's stage 1, and the ViT (the base-LM chain, the longest, alone afterwards on CPUs: below).
         lm = {**self.p["lm"], "tokenizer": tok, "device": self.cfg.device}
         chains, reports = [], []
         for mix in self.mixes:
@@ -146,13 +148,22 @@ class Experiment:
                     if split == "train":
                         reports.append((mix, f"importance_{mix}_{split}"))
             chains.append(chain)
-        names = ["reference LM and scores per mix"]
+        names, lm_chain = ["reference LM and scores per mix"], []
         if with_pretrain:
-            chains = self.pretrain_chains() + chains
+            lm_chain, vit_chain = self.pretrain_chains()
+            chains.append(vit_chain)
             names += ["base LM", "vision encoder"] + (["U-LVLM stage 1"] if "u" in self.archs else [])
         chains = [c for c in chains if c]
-        step(", ".join(names) + (" (done)" if not chains else ""))
-        self.parallel(chains)
+        step(", ".join(names) + (" (done)" if not chains and not lm_chain else ""))
+        cores = os.cpu_count() or 1
+        if lm_chain and self.jobs.threads < cores and not pick_device(self.cfg.device).startswith("cuda"):
+            # On CPUs the base LM is the one long job (minutes; the others take about one together): the short
+            # ones run side by side first, then the base LM alone on every core (on 2 cores 1.6x as fast as on
+            # one, docs/performance.md), instead of one core idling while it trains
+            self.parallel(chains)
+            self.parallel([lm_chain], threads=cores)
+        else:
+            self.parallel([lm_chain] + chains if lm_chain else chains)
         for mix, name in reports:
             print(f"  relevance report ({mix} mix, weights of the training captions):")
             for line in open(self.path("logs", name + ".log")):
@@ -222,7 +233,8 @@ class Experiment:
         main = len(self.settings) * len(self.arms()) * (self.cfg.seeds or self.p["seeds"])
         v = self.p["vlm"]
         return (f"estimate: {grid} pilot runs (lr grid, validation) + {main} main runs (test), {v['steps']} steps "
-                f"each, {v['steps'] // v['save_every']} evaluated checkpoints a run; grid edges add "
+                f"each, {v['steps'] // self.p.get('pilot_save_every', v['save_every'])} evaluated checkpoints a pilot "
+                f"run and {v['steps'] // v['save_every']} a main run; grid edges add "
                 f"{len(self.p['pilot_seeds'])} runs each. Re-running skips finished runs and evaluations.")
 
     def arms(self):
@@ -256,16 +268,15 @@ class Experiment:
         from experiments.bench_instruct import IT_LR, IT_STEPS, qa_train_file
         data = self.path(f"data_{mix}")
         spec = {"out": "eval.json", "feature_cache": self.path("features") if arch == "h" else ""}
-        if split == "val":
-            return {**spec, "probes": os.path.join(data, "probes_val"), "max_rows": self.p["eval_rows_val"],
-                    "test": os.path.join(data, "val.jsonl")}  # max_rows: probe questions and captions alike
+        if split == "val":  # what the pilot's rules read, nothing else: the validation captions' gaps
+            return {**spec, "max_rows": self.p["eval_rows_val"], "test": os.path.join(data, "val.jsonl")}
         spec.update(probes=os.path.join(data, "probes"), max_rows=self.p["eval_rows"],
                     test=os.path.join(data, "test.jsonl"), test_scores=self.path(f"scores_{mix}_test.pt"),
                     bench=self.bench_specs(data))  # before qa_train_file: it writes bench/ only where none exists
         steps = self.p.get("it_steps", IT_STEPS)
         if steps and spec["bench"]:
             spec["instruct"] = {"data": qa_train_file(data), "steps": steps, "lr": self.p.get("it_lr", IT_LR),
-                                "train": self.p.get("it_train", "")}
+                                "train": self.p.get("it_train", ""), "image_cache": self.path(f"images_{mix}_qa.u8")}
         return spec
 
     @staticmethod
@@ -288,6 +299,8 @@ class Experiment:
         low = self.p["oracle_low"] if loss == "oracle" else None
         name = f"{split}_{mix}_{arch}_{os.path.basename(d)}"
         cfg = self.train_config(mix, arch, loss, lr, seed, d, low)
+        if split == "val":  # the pilot's curves: a checkpoint every pilot_save_every steps (protocol.TAIL)
+            cfg = replace(cfg, save_every=self.p.get("pilot_save_every", cfg.save_every))
         if arch == "h":  # decoded once per image set, then memory-mapped by every run
             cfg = replace(cfg, image_cache=self.path(f"images_{mix}.u8"))
         if not self.jobs.workers:  # torchrun (--nproc > 1): train.py, then eval.py over every checkpoint
@@ -295,12 +308,13 @@ class Experiment:
                     ((self.eval_config(d, mix, split, arch), "eval"), "eval_" + name)]
         return [(("call", "experiments.worker:train_eval", (cfg, [self.eval_spec(mix, arch, split)])), name)]
 
-    def parallel(self, jobs):
-        """Run chains of jobs (jobs.Jobs.run_chains) and print how long they took."""
+    def parallel(self, jobs, threads=None):
+        """Run chains of jobs (jobs.Jobs.run_chains, each job on `threads` threads if given) and print how long they
+        took."""
         if not jobs:
             return
         t0 = time.time()
-        self.jobs.run_chains(jobs)
+        self.jobs.run_chains(jobs, threads)
         print(f"  {len(jobs)} chains in {(time.time() - t0) / 60:.1f} min "
               f"({(time.time() - t0) * max(1, self.cfg.parallel) / len(jobs):.0f} s per chain per slot)", flush=True)
 

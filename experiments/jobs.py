@@ -110,16 +110,23 @@ def _link(job):
         os.link(job[1], job[2])
 
 
-def _worker_chain(jobs_, chain):
-    """A chain in a worker process: [(name, kind, seconds, returned split or None)] of its jobs."""
-    done = []
-    for job, name in chain:
-        if job[0] == "link":
-            _link(job)
-            continue
-        t0 = time.perf_counter()
-        split = _call(job, jobs_.log_path(name)) if job[0] == "call" else jobs_.run(job, name)
-        done.append((name, jobs_.kind(job), time.perf_counter() - t0, split if isinstance(split, dict) else None))
+def _worker_chain(jobs_, chain, threads=None):
+    """A chain in a worker process: [(name, kind, seconds, returned split or None)] of its jobs. threads: the
+    torch threads its jobs run on here (in process), and the OMP threads of any it starts as a subprocess."""
+    import torch
+    done, before = [], torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for job, name in chain:
+            if job[0] == "link":
+                _link(job)
+                continue
+            t0 = time.perf_counter()
+            split = _call(job, jobs_.log_path(name)) if job[0] == "call" else jobs_.run(job, name, threads)
+            done.append((name, jobs_.kind(job), time.perf_counter() - t0, split if isinstance(split, dict) else None))
+    finally:
+        torch.set_num_threads(before)  # the worker's own share again, for the next chain
     return done
 
 
@@ -215,7 +222,7 @@ class Jobs:
         """Run chains of jobs --parallel at a time, each on cpu_threads // parallel threads (never more threads
         than cores: an oversubscribed OpenMP pool slows a run many times over). A chain is a list of (job, log
         name), run one after the other; ("link", src, dst) hard-links a finished checkpoint. threads: each
-        job's OMP threads (default: threads_per_process). In process, every job runs here, in order, no bar."""
+        job's threads (default: threads_per_process). In process, every job runs here, in order, no bar."""
         chains = [j if isinstance(j, list) else [j] for j in jobs]
 
         def run_chain(chain, bar=None):
@@ -236,7 +243,7 @@ class Jobs:
             with tqdm(total=len(chains), desc="  runs", leave=False) as bar:
                 while pending or running:
                     while pending and len(running) < self.parallel:
-                        running.add(self.pool().submit(_worker_chain, self, pending.pop(0)))
+                        running.add(self.pool().submit(_worker_chain, self, pending.pop(0), threads))
                     done, running = wait(running, return_when=FIRST_COMPLETED)
                     for f in done:
                         self.timings += f.result()  # a failed job raises here: nothing more is submitted

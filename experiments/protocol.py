@@ -8,6 +8,9 @@ pure functions that experiment.py applies while it runs and reporting.py applies
                   read the same text), and the gap moves continuously with what the image adds: no threshold
                   turns a small effect into 0. The probes' probe_img_avg (accuracy - blind accuracy) is secondary:
                   a multiple-choice margin hides image effects smaller than the text prior's.
+    pilot curves  validation PRIMARY at a checkpoint every pilot_save_every steps (cpu preset: 48, 5 points;
+                  the test curves: every 24, 10 points): the pilot's rules need no finer curve, and evaluation
+                  is half of a pilot run's time at 10 points. (Before: every 24 steps, TAIL 3, the same span.)
     lr choice     per arm: the mean over pilot seeds of the mean of the validation PRIMARY over the last
                   TAIL checkpoints; the best lr, and among lrs within TIE of the best the smallest (a float-noise
                   margin: a near-tie must not flip the choice between machines). At a grid edge: one more value.
@@ -34,7 +37,7 @@ from experiments.stats import t_quantile
 PRIMARY = "gap_image"
 CO_PRIMARY = (("prior", "ntp"), ("prior", "prior_shuffled"))  # (arm, reference)
 CO_LEVEL = 0.975  # two-sided, each: 0.05 / 2 comparisons
-TAIL = 3          # checkpoints averaged for an lr choice
+TAIL = 2          # pilot checkpoints averaged for an lr choice (cpu preset: steps 192 and 240 of 240)
 TIE = 0.005       # lr scores this close to the best count as tied (the smallest lr of them wins)
 FLAT = 0.1        # converged: the last third of the steps added at most this share of the curve's rise
 

@@ -108,7 +108,7 @@ def test_main_job_spec_asks_for_the_tuning(setup, tmp_path, monkeypatch):
     exp = experiment.Experiment(experiment.ExperimentConfig(preset="smoke", out=str(tmp_path)))
     spec = exp.eval_spec("web", "u", "test")
     assert spec["instruct"] == {"data": str(tmp_path / "data_web" / "bench" / "qa_train.jsonl"), "steps": 20,
-                                "lr": 1e-3, "train": ""}
+                                "lr": 1e-3, "train": "", "image_cache": str(tmp_path / "images_web_qa.u8")}
     qa = [json.loads(x) for x in open(spec["instruct"]["data"])]
     assert qa and all(q["source"].startswith("train") for q in qa)  # never the test scenes the files ask about
     assert spec["bench"] and "instruct" not in exp.eval_spec("web", "u", "val")
@@ -132,3 +132,16 @@ def test_yes_no_diagnostic_rows_and_errors(setup, capsys):
         yes_no.main(yes_no.YesNoConfig(run=str(root), data=str(data)))
     with pytest.raises(UserError, match="--tune all"):
         yes_no.main(yes_no.YesNoConfig(run=cfg.out_dir, data=str(data), tune="all"))
+
+
+def test_the_question_images_cache_changes_no_row(setup):
+    """The tuning's images read from the main job's cache of the QA file (decoded once, not once per run) give
+    the same tuned copy as decoding them: every bench row equal, and the cache file is written."""
+    root, _, spec, config = setup
+    cache = str(root / "images_qa.u8")
+    rows = []
+    for name, it in (("decoded", spec["instruct"]), ("cached", {**spec["instruct"], "image_cache": cache})):
+        cfg = config(name)
+        train_eval(cfg, [{**spec, "instruct": it, "probes": None, "test": None}])
+        rows.append(rows_at(cfg.out_dir, 4))
+    assert rows[0] == rows[1] and "pope_f1" in rows[0] and os.path.exists(cache)

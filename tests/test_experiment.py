@@ -144,6 +144,10 @@ def test_vlm_runs_in_the_papers_recipe(tmp_path):
     assert h.init_encoder == str(tmp_path / "vit.pt") and h.image_cache == str(tmp_path / "images_web.u8")
     assert h.out_dir == str(tmp_path / "runs" / "web" / "h" / "oracle_lr0.003_s1")
     assert specs == [exp.eval_spec("web", "h", "val")]
+    assert set(specs[0]) == {"out", "feature_cache", "max_rows", "test"}  # the pilot reads the gaps alone
+    cpu = experiment.Experiment(experiment.ExperimentConfig(out=str(tmp_path / "cpu")))  # pilot curves: half as dense
+    assert [cpu.vlm_job(("web", "h", "ntp", 3e-3, s), split)[0][0][2][0].save_every
+            for s, split in ((100, "val"), (1, "test"))] == [48, 24]
     u = exp.train_config("web", "u", "prior", 3e-3, 0, str(tmp_path / "r"))
     assert (u.train, u.init_encoder, u.feature_cache, u.image_cache) == ("all", "", "", "")
     assert u.init_from == exp.stage1_ckpt("web") and u.text_data == str(tmp_path / "data_web" / "text.jsonl")

@@ -142,9 +142,35 @@ def test_no_evaluation_scene_or_caption_in_training(web):
     eval_captions = {r["caption"] for r in rows["val"] + rows["test"]}
     assert not eval_captions & {r["caption"] for r in rows["train"]}
     for r in rows["text"] + rows["ref"]:
-        assert r["caption"] not in eval_captions and r["caption"].partition(" . ")[2] not in eval_captions
+        caption = r["caption"].split(" . question: ")[0]  # a text document's questions come after its caption
+        assert caption not in eval_captions and caption.partition(" . ")[2] not in eval_captions
     meta = json.loads((web / "meta.json").read_text())
     assert sum(meta["dropped_as_duplicates"].values()) > 0  # at these sizes some draws repeat: they were dropped
+
+
+def test_text_documents_end_with_true_answers(web, tmp_path):
+    """With --text-questions 0.5 about half the text documents end with 3 questions about their scene, answered
+    as the scene's full description at their start says, tags aligned; at the default 0 none does, and every
+    other file is byte for byte what it was without the flag."""
+    make(tmp_path, image_size=40, text_questions=0.5)
+    for name in ("train.jsonl", "ref.jsonl", "test.jsonl", "probes/colour.jsonl"):
+        assert filecmp.cmp(web / name, tmp_path / name, shallow=False), name
+    assert not any(" . question: " in d["caption"] for d in read(web / "text.jsonl"))
+    docs = read(tmp_path / "text.jsonl")
+    assert all(len(d["caption"].split(" ")) == len(d["tags"]) for d in docs)
+    asked = [d for d in docs if " . question: " in d["caption"]]
+    assert 0.25 < len(asked) / len(docs) < 0.75
+    for d in asked:
+        description, _, rest = d["caption"].partition(" . ")
+        qa = rest.split(" . question: ", 1)[1].split(" question: ")
+        assert len(qa) == 3
+        for q in qa:
+            question, answer = q.split("? answer: ")
+            if question.startswith("is there a "):
+                shape = question.removeprefix("is there a ")
+                assert answer == ("yes" if shape in description.split() else "no"), d["caption"]
+            elif question == "how many shapes are there":
+                assert answer == NUMS[description.count(" and ") + 1], d["caption"]
 
 
 def test_glue_is_what_depends_on_the_image(web):

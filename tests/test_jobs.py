@@ -30,6 +30,11 @@ def say(cfg):
         raise ValueError("the fake script failed")
 
 
+def threads(out):  # a "call" job: the torch threads it runs on
+    import torch
+    open(out, "a").write(f"{torch.get_num_threads()},")
+
+
 if __name__ == "__main__":
     from utils import run
     run(say, FakeConfig)
@@ -77,6 +82,15 @@ def test_chains_run_in_order_with_their_threads_and_links(tmp_path, fake):
     runner.run_chains([[(append("d"), "d")]])
     assert out.read_text() == f"d{runner.threads_per_process(append('d'))},"
     record.close()
+    # in the worker processes (the main job's pool) too: the base LM's chain runs alone on every core
+    pooled = jobs.Jobs(str(tmp_path / "logs"), parallel=1, workers=True)
+    out.unlink()
+    call = (("call", "fake_script:threads", (str(out),)), "g")
+    pooled.run_chains([[call]], threads=3)
+    pooled.run_chains([[call]])  # the same worker, its own share again
+    pooled.close()
+    assert out.read_text() == f"3,{pooled.threads},"
+    assert [name for name, *_ in pooled.timings] == ["g", "g"]  # and their time is counted
 
 
 def test_in_process_jobs_use_the_table(tmp_path, fake):

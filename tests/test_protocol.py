@@ -26,7 +26,7 @@ def test_curve_rules_on_synthetic_curves():
     assert P.converged(linear)[1] == pytest.approx(0.3 / 0.9)  # steps 70 -> 100 of a 0.1 -> 1.0 rise
     peaked = {10: 0.1, 20: 0.5, 30: 0.4, 40: 0.45, 50: 0.2}
     assert P.peak_step(peaked) == 20 and P.max_drop(peaked) == pytest.approx(0.3) and P.max_drop(rising) == 0
-    assert P.tail_mean(peaked) == pytest.approx((0.4 + 0.45 + 0.2) / 3)
+    assert P.tail_mean(peaked) == pytest.approx((0.45 + 0.2) / 2) and P.tail_mean(peaked, 3) == pytest.approx(1.05 / 3)
     assert P.mean_curve([{1: 1.0, 2: 2.0}, {1: 3.0, 2: 4.0, 3: 9.0}]) == {1: 2.0, 2: 3.0}
 
 

@@ -20,8 +20,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from world.scenes import (BOIL, COLOURS, GLUE, IMG, NOISE, PROBES, SHAPES, caption, label_words, make_sites,
-                         noise_pools, probe, render, sample_scene, scene_key, text_document, text_of)
+from world.scenes import (BOIL, COLOURS, GLUE, IMG, NOISE, PROBES, PROMPT, SHAPES, caption, label_words, make_sites,
+                         noise_pools, probe, render, sample_scene, scene_key, scene_questions, text_document, text_of)
 from utils import FRACTION, Checks, UserError, atomic_write, check_out, flag, parse_config, run
 
 # caption filler presets (fill the flags below left at None), all with one image share. PRIOR should down-weight
@@ -42,7 +42,7 @@ class GenConfig(Checks):
                       "rotate", "colour_jitter", "colour_contrast", "bg_noise", "shape_skew"), 0), **dict.fromkeys((
                       "image_share", "noise_share", "colour_corr", "site_shapes", "title_prob", "boiler_vary",
                       "bare_noise", "small_ratio", "jitter", "pair_prob", "cooccur_prob", "pos_prob", "count_prob",
-                      "text_context", "size_prob", "colour_prob"), FRACTION)}
+                      "text_context", "text_questions", "size_prob", "colour_prob"), FRACTION)}
     out: str = flag("data/synth", "output folder")
     seed: int = flag(0, "master seed; same config gives byte-identical files")
     mix: str = flag("web", "caption filler preset: sets the next three flags unless given", list(MIXES))
@@ -82,9 +82,25 @@ class GenConfig(Checks):
     pos_prob: float = flag(0.5, "chance a site's captions give object positions")
     count_prob: float = flag(0.25, "chance a site's captions count the objects ('three shapes :')")
     text_context: float = flag(1.0, "chance a text-only document starts with a full description of its scene")
+    text_questions: float = flag(0.0, "chance a text-only document ends with 3 questions about its scene, answered")
     size_prob: float = flag(0.35, "chance an object phrase keeps its size")
     colour_prob: float = flag(0.85, "chance an object phrase keeps its colour")
     workers: int = flag(2, "processes rendering images (the output does not depend on it)")
+
+
+def ask_about(scene, rng, cfg, text, tags, n=3):
+    """A text document with n questions about its scene and their answers after it, in the instruction data's
+    words (benchmarks/qa.py): "... . question: is there a star? answer: no question: ...". A base LM pre-trained
+    on them answers a question from what its context says, which the H-LVLM's frozen LM would need to answer one
+    from an image; with them it did so from text, not from images (docs/experiment.md, "A frozen LM that
+    answers"), so the main job leaves them out. The template's words are tagged boilerplate, the answers image
+    words (they depend on the scene)."""
+    qs = scene_questions(scene, rng, SHAPES[:cfg.n_shapes], list(COLOURS)[:cfg.n_colours], cfg.max_objects)
+    rng.shuffle(qs)
+    words = [(".", BOIL)]
+    for q in qs[:n]:
+        words += [(w, BOIL) for w in PROMPT.format(q["question"]).split()] + [(w, IMG) for w in q["target"].split()]
+    return f"{text} {text_of(words)}", tags + [t for _, t in words]
 
 
 def resolve(cfg):
@@ -205,6 +221,9 @@ def generate(cfg):
             if scene_key(scene) in eval_scenes or text in seen or text.partition(" . ")[2] in seen:
                 dropped[split] += 1
                 continue
+            if split == "text" and cfg.text_questions and rng.random() < cfg.text_questions:  # 0: no draw, the
+                # documents byte for byte as before the flag
+                text, tags = ask_about(scene, rng, cfg, text, tags)
             rows.append(dict(id=f"{split}-{len(rows):06d}", caption=text, tags=tags))
         files[split] = rows
     rng, rows = random.Random(f"{cfg.seed}/label"), []
