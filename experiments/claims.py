@@ -8,8 +8,8 @@ minimum detectable effect beside each verdict and PRIOR's share of the oracle's 
 """
 import math
 
-from experiments.protocol import (CO_LEVEL, CO_PRIMARY, GATE_SEEDS, PRIMARY, choose_lr, converged, every_seed, gate,
-                                  max_drop, mde, mean_curve, peak_step, share_of_oracle, tail_mean)
+from experiments.protocol import (CO_LEVEL, CO_PRIMARY, GATE_SEEDS, PRIMARY, TAIL, choose_lr, converged, every_seed,
+                                  gate, max_drop, mde, mean_curve, peak_step, share_of_oracle, tail_mean)
 from experiments.stats import ci, fmt, md_table, paired, pm, summary
 
 ARMS = ["oracle", "prior", "prior_shuffled", "anti_prior", "prior_shuffled_tag", "prior_alpha0.5", "prior_alpha2"]
@@ -135,7 +135,7 @@ def co_primary(last, scores):
                      rows)]
     if robust:
         out += ["", "Robustness: the same differences on validation at each common lr of the pilot grid (pilot "
-                "seeds; each run's mean of its last 3 checkpoints):", "",
+                f"seeds; each run's mean of its last {TAIL} checkpoints):", "",
                 *md_table(["comparison", "lr", "n pairs", f"mean d [{CO_LEVEL:.1%} CI]", "verdict"], robust)]
     return out
 

@@ -339,7 +339,7 @@ class Experiment:
                     and not (self.finished(self.run_dir(m, a, loss, lr, seed))
                              and self.rows(self.run_dir(m, a, loss, lr, seed)))]
             if jobs:
-                step(f"pilot, round {round_}: {len(jobs)} runs (train + validation captions at every checkpoint)")
+                step(f"pilot, round {round_}: {len(jobs)} runs (train + validation captions at each checkpoint)")
                 self.parallel(jobs)
             for key, grid in grids.items():
                 if key in choice:

@@ -15,18 +15,20 @@ holds the rules, which the report applies again to results.json alone):
   arms       ntp, prior, prior_shuffled (PRIOR's weights permuted within each caption), anti_prior (w = p_ref:
              the same spread on the opposite tokens), oracle (the generator's tags: the positive control; a
              reference point, not a bound). --arms takes any registered weighting (experiments/controls.py).
-  pilot      5 seeds the test never uses: every arm at every lr of one grid, validation captions at every
-             checkpoint; lr = best mean of the last 3 checkpoints (near-ties: the smaller lr); a grid edge adds
-             one value. The oracle must beat NTP there (the gate: a one-sided 95% paired interval above 0), or
+  pilot      5 seeds the test never uses: every arm at every lr of one grid, validation captions at a checkpoint
+             every 48 steps (nothing else); lr = best mean of the last 2 (near-ties: the smaller lr); a grid edge
+             adds one value. The oracle must beat NTP there (the gate: a one-sided 95% paired interval above 0), or
              the setting cannot judge PRIOR.
-  main       seed s gives every arm the same initialisation and data order; test captions and probes at every
-             checkpoint; the benchmark-format files at the last, after 20 steps of instruction tuning of a copy.
+  main       seed s gives every arm the same initialisation and data order; test captions at every checkpoint
+             (every 24 steps); probes and the benchmark-format files at the last, the latter after 20 steps of
+             instruction tuning of a copy.
   primary    gap_image on the test captions: the NLL of their image words with another caption's image minus
              with their own (nats per token; 0 for a model that ignores the image, whatever its text prior), what
              the image adds; co-primary PRIOR - NTP and PRIOR - shuffled at the final step (97.5% each).
              Also peak (step chosen on the pilot's validation curve) and stability (largest drop), with MDEs.
 Stages (each skipped when its output exists, so a re-run resumes): data, tokenizer, then in parallel the
-reference LM + scores per mix, the base LM (+ the U-LVLM's stage 1) and the ViT; the pilot; the main runs (each
+reference LM + scores per mix and the ViT, then the base LM (+ the U-LVLM's stage 1) alone on every core (on a
+GPU beside them); the pilot; the main runs (each
 run trains and evaluates its checkpoints in one worker process: experiments/worker.py); report (results.json,
 results.md, plots: reporting.py), timing.json (where the time went).
 """

@@ -30,7 +30,7 @@ import math
 import os
 
 from experiments.claims import NAMES as ARM_NAMES, claims_section, seed_curves
-from experiments.protocol import PRIMARY, choose_lr, tail_mean
+from experiments.protocol import PRIMARY, TAIL, choose_lr, tail_mean
 from experiments.report_plots import plot_specs, primary_plot
 from experiments.stats import (NAN, ci, fmt, lr_key, lr_str, md_table, paired, pm, seed_key, series,  # noqa: F401
                                still_rising, summary, welch)  # paper.py calls report.fmt / report.pm)
@@ -283,8 +283,8 @@ def _grid_table(fam):
     if not fam["grid"]:
         return ["No grid runs (phase \"grid\") for this setting."]
     by = f"`{fam['grid_by']}` {'↓' if lower_better(fam['grid_by'] or '') else '↑'}"
-    head = ["loss", "lrs tried", f"mean validation {by} per lr (n seeds; each run: its last 3 checkpoints)", "chosen",
-            "main runs used", "note"]
+    head = ["loss", "lrs tried", f"mean validation {by} per lr (n seeds; each run: its last {TAIL} checkpoints)",
+            "chosen", "main runs used", "note"]
     rows = []
     for loss, g in fam["grid"].items():
         per = "; ".join(f"{lr_str(lr)}: {fmt(s['mean']) if s else '–'} (n={s['n'] if s else 0})"

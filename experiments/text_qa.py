@@ -101,13 +101,14 @@ def main(cfg):
             d = margins(load_lm(path, tok)[0], tok, asked, random.Random(cfg.seed + 1), shapes, colours)
             yes, no = [x for x, y in d if y], [x for x, y in d if not y]
             rows.append({"steps": n, "mean_d_yes": sum(yes) / len(yes), "mean_d_no": sum(no) / len(no),
-                         "yes_share": sum(x > 0 for x, _ in d) / len(d), "n": len(d)})
+                         "yes_share": sum(x > 0 for x, _ in d) / len(d),
+                         "right": sum((x > 0) == y for x, y in d) / len(d), "n": len(d)})
     print("| further steps on question documents | mean d, answer yes | mean d, answer no | what the context adds "
-          "| answered yes |")
-    print("|---|---|---|---|---|")
+          "| answered yes | answered right (d > 0 iff yes) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['steps']} | {r['mean_d_yes']:+.3f} | {r['mean_d_no']:+.3f} | "
-              f"{r['mean_d_yes'] - r['mean_d_no']:+.3f} | {r['yes_share']:.1%} of {r['n']} |")
+              f"{r['mean_d_yes'] - r['mean_d_no']:+.3f} | {r['yes_share']:.1%} of {r['n']} | {r['right']:.1%} |")
     if cfg.json:
         command = ["python", "-m", "experiments.text_qa", "--base", cfg.base, "--data", cfg.data, "--steps",
                    cfg.steps, "--max-rows", str(cfg.max_rows), "--seed", str(cfg.seed), "--json", cfg.json]

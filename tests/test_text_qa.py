@@ -65,6 +65,7 @@ def test_rows_json_and_one_line_errors(folder, capsys):
     out = root / "qa.json"
     rows = text_qa.main(text_qa.TextQAConfig(base=str(root / "base.pt"), data=str(data), steps="0,2", json=str(out)))
     assert [r["steps"] for r in rows] == [0, 2] and all(r["n"] == 6 and 0 <= r["yes_share"] <= 1 for r in rows)
+    assert all(r["right"] in {k / 6 for k in range(7)} for r in rows)  # a share of the 6 questions
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and "--steps 0,2" in saved["command"]
     assert "what the context adds" in capsys.readouterr().out
