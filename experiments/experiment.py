@@ -248,13 +248,13 @@ class Experiment:
         return os.path.exists(os.path.join(run_dir, f"ckpt_{self.p['vlm']['steps']:06d}.pt"))
 
     def eval_config(self, run_dir, mix, split, arch):
-        """eval.EvalConfig on the validation probes and captions or on the test probes and captions (every
+        """eval.EvalConfig on the validation captions (a pilot run) or on the test probes and captions (every
         checkpoint of the run, into <run>/eval.json): the evaluation of a run trained under torchrun."""
         data = self.path(f"data_{mix}")
         cfg = EvalConfig(run_dir=run_dir, max_rows=self.p["eval_rows"], device=self.cfg.device,
                          feature_cache=self.path("features") if arch == "h" else "")
         if split == "val":
-            return replace(cfg, probes=os.path.join(data, "probes_val"), test=os.path.join(data, "val.jsonl"))
+            return replace(cfg, max_rows=self.p["eval_rows_val"], test=os.path.join(data, "val.jsonl"))
         return replace(cfg, probes=os.path.join(data, "probes"), test=os.path.join(data, "test.jsonl"),
                        test_scores=self.path(f"scores_{mix}_test.pt"))
 
