@@ -26,7 +26,7 @@ from data import tokenizer as T
 from model import load_lm
 from reference_lm import RefConfig, train_lm
 from utils import UserError, atomic_write, check_out, flag, run
-from world.scenes import describe, groups_of, text_of
+from world.scenes import answered_questions, describe, groups_of, text_of
 
 
 @dataclass
@@ -46,13 +46,9 @@ def description(scene):
 
 def qa_documents(scenes, rng, shapes, colours, per_doc=3):
     """One text document per scene: its description, then `per_doc` of its questions with their answers."""
-    docs = []
-    for i, scene in enumerate(scenes):
-        qs = scene_questions(scene, rng, shapes, colours)
-        rng.shuffle(qs)
-        asked = " ".join(f"{PROMPT.format(q['question'])} {q['target']}" for q in qs[:per_doc])
-        docs.append({"id": f"qa-{i:06d}", "caption": f"{description(scene)} . {asked}"})
-    return docs
+    return [{"id": f"qa-{i:06d}",
+             "caption": f"{description(scene)} {text_of(answered_questions(scene, rng, shapes, colours, n=per_doc))}"}
+            for i, scene in enumerate(scenes)]
 
 
 @torch.no_grad()

@@ -20,8 +20,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from world.scenes import (BOIL, COLOURS, GLUE, IMG, NOISE, PROBES, PROMPT, SHAPES, caption, label_words, make_sites,
-                         noise_pools, probe, render, sample_scene, scene_key, scene_questions, text_document, text_of)
+from world.scenes import (BOIL, COLOURS, GLUE, IMG, NOISE, PROBES, SHAPES, answered_questions, caption, label_words,
+                         make_sites, noise_pools, probe, render, sample_scene, scene_key, text_document, text_of)
 from utils import FRACTION, Checks, UserError, atomic_write, check_out, flag, parse_config, run
 
 # caption filler presets (fill the flags below left at None), all with one image share. PRIOR should down-weight
@@ -86,21 +86,6 @@ class GenConfig(Checks):
     size_prob: float = flag(0.35, "chance an object phrase keeps its size")
     colour_prob: float = flag(0.85, "chance an object phrase keeps its colour")
     workers: int = flag(2, "processes rendering images (the output does not depend on it)")
-
-
-def ask_about(scene, rng, cfg, text, tags, n=3):
-    """A text document with n questions about its scene and their answers after it, in the instruction data's
-    words (benchmarks/qa.py): "... . question: is there a star? answer: no question: ...". A base LM pre-trained
-    on them answers a question from what its context says, which the H-LVLM's frozen LM would need to answer one
-    from an image; with them it did so from text, not from images (docs/experiment.md, "A frozen LM that
-    answers"), so the main job leaves them out. The template's words are tagged boilerplate, the answers image
-    words (they depend on the scene)."""
-    qs = scene_questions(scene, rng, SHAPES[:cfg.n_shapes], list(COLOURS)[:cfg.n_colours], cfg.max_objects)
-    rng.shuffle(qs)
-    words = [(".", BOIL)]
-    for q in qs[:n]:
-        words += [(w, BOIL) for w in PROMPT.format(q["question"]).split()] + [(w, IMG) for w in q["target"].split()]
-    return f"{text} {text_of(words)}", tags + [t for _, t in words]
 
 
 def resolve(cfg):
@@ -223,7 +208,12 @@ def generate(cfg):
                 continue
             if split == "text" and cfg.text_questions and rng.random() < cfg.text_questions:  # 0: no draw, the
                 # documents byte for byte as before the flag
-                text, tags = ask_about(scene, rng, cfg, text, tags)
+                # questions about the scene, answered: a base LM pre-trained on them answers from its context,
+                # which the H-LVLM's frozen LM would need to answer from an image; it then did so from text, not
+                # from images (docs/experiment.md, "A frozen LM that answers"), so the main job leaves them out
+                words = answered_questions(scene, rng, SHAPES[:cfg.n_shapes], list(COLOURS)[:cfg.n_colours],
+                                           cfg.max_objects)
+                text, tags = f"{text} {text_of(words)}", tags + [t for _, t in words]
             rows.append(dict(id=f"{split}-{len(rows):06d}", caption=text, tags=tags))
         files[split] = rows
     rng, rows = random.Random(f"{cfg.seed}/label"), []

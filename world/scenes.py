@@ -401,3 +401,15 @@ def scene_questions(scene, rng, shapes, colours, max_objects=4, kinds=KINDS):
         else:
             raise ValueError(f"unknown question kind {kind!r}; choose from {KINDS}")
     return out
+
+
+def answered_questions(scene, rng, shapes, colours, max_objects=4, n=3):
+    """[(word, tag)]: " . " then n of the scene's questions, each with its answer, in the instruction data's words
+    ("question: is there a star? answer: no ..."), to end a text document with. The template's words are tagged
+    boilerplate, the answers image words (they depend on the scene)."""
+    qs = scene_questions(scene, rng, shapes, colours, max_objects)
+    rng.shuffle(qs)
+    words = [(".", BOIL)]
+    for q in qs[:n]:
+        words += [(w, BOIL) for w in PROMPT.format(q["question"]).split()] + [(w, IMG) for w in q["target"].split()]
+    return words
