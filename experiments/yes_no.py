@@ -2,16 +2,17 @@
 (docs/experiment.md, "The benchmark-format files"):
 
     python -m experiments.yes_no --run OUT/runs/web/h/ntp_lr0.003_s0 --data OUT/data_web --tune all:20,all:100
+    python -m experiments.yes_no ... --tune projector:20:0.01,all:60:3e-4       # other tuning lrs
 
-For each PART:STEPS of --tune, a copy of the run's last checkpoint is instruction-tuned exactly as the main job's
-evaluation does (STEPS 0: asked untuned; experiments/bench_instruct.instruct_config: QA about the training scenes,
-lr 1e-3, PART = projector, all, or '' for the run's own), then asked presence questions about the validation
-scenes, which no tuning saw ("question: is there a star? answer:", half yes, half no; benchmarks/qa.py). Each is
-decided, as the POPE rows are, by the answer's first token: d = log p(" y" | image, question) -
-log p(" no" | image, question). Printed per row: the mean d on questions whose answer is yes and on those whose
-answer is no (their difference is what the image adds: 0 for a model that ignores it), and the share answered yes
-(d > 0). POPE's yes ratio is far from 50% when the mean d is far from 0 whatever the image; its accuracy is above
-chance only when the two means differ.
+For each PART:STEPS[:LR] of --tune, a copy of the run's last checkpoint is instruction-tuned exactly as the main
+job's evaluation does (STEPS 0: asked untuned; experiments/bench_instruct.instruct_config: QA about the training
+scenes, at LR (default the main job's 1e-3), PART = projector, all, or '' for the run's own), then asked presence
+questions about the validation scenes, which no tuning saw ("question: is there a star? answer:", half yes, half
+no; benchmarks/qa.py). Each is decided, as the POPE rows are, by the answer's first token: d = log p(" y" | image,
+question) - log p(" no" | image, question). Printed per row: the mean d on questions whose answer is yes and on
+those whose answer is no (their difference is what the image adds: 0 for a model that ignores it), and the share
+answered yes (d > 0). POPE's yes ratio is far from 50% when the mean d is far from 0 whatever the image; its
+accuracy is above chance only when the two means differ.
 """
 import json
 import os
@@ -33,7 +34,8 @@ class YesNoConfig:
     run: str = flag("", "a main-job run folder (config.json and its last ckpt_*.pt)")
     data: str = flag("", "the run's data folder (OUT/data_MIX: train.jsonl for the tuning, val.jsonl asked)")
     tune: str = flag("projector:20,all:20",
-                     "comma-separated PART:STEPS of instruction tuning (PART '' = the run's; STEPS 0 = untuned)")
+                     "comma-separated PART:STEPS[:LR] of instruction tuning (PART '' = the run's; STEPS 0 = untuned; "
+                     "LR: default the main job's tuning lr)")
     max_rows: int = flag(160, "presence questions asked (one per validation scene)")
     json: str = flag("", "also write the rows here ('' = print only)")
 
@@ -42,6 +44,18 @@ def first_token_margins(model, tok, path, feature_cache, max_rows):
     """[(d, answer is yes)] of a presence QA file (choices ["yes", "no"]), d from the first tokens."""
     logps, answers = E.mc_eval(model, tok, path, feature_cache=feature_cache, max_rows=max_rows)
     return [(float(lp[0][0] - lp[1][0]), a == 0) for lp, a in zip(logps, answers)]
+
+
+def parse_tune(item):
+    """"PART:STEPS[:LR]" -> (part, steps, lr); a mistake names the flag."""
+    part, steps, lr = (item.split(":") + [""])[:3] if item.count(":") in (1, 2) else (item, "", "")
+    try:
+        lr = float(lr) if lr else IT_LR
+    except ValueError:
+        lr = -1.0
+    if not steps.isdigit() or not lr > 0:
+        raise UserError(f"--tune {item}: expected PART:STEPS or PART:STEPS:LR, e.g. all:20 or projector:20:0.01")
+    return part, int(steps), lr
 
 
 def main(cfg):
@@ -60,23 +74,22 @@ def main(cfg):
         asked = os.path.join(tmp, "presence_val.jsonl")  # its image paths are relative to it (build_qa)
         build_qa(os.path.join(cfg.data, "val.jsonl"), asked, per_scene=0, kinds=("presence",))
         for item in cfg.tune.split(","):
-            part, _, steps = item.partition(":")
-            if not steps.isdigit():
-                raise UserError(f"--tune {item}: expected PART:STEPS, e.g. all:20")
-            if int(steps):
-                it = {"data": qa_train_file(cfg.data), "steps": int(steps), "lr": IT_LR, "train": part}
+            part, steps, lr = parse_tune(item)
+            if steps:
+                it = {"data": qa_train_file(cfg.data), "steps": steps, "lr": lr, "train": part}
                 tuned = instruct_config(run_cfg, os.path.join(cfg.run, ckpts[-1]), it, os.path.join(tmp, "tuned"))
                 model, cache = train.main(tuned).eval(), tuned.feature_cache
             else:  # the checkpoint as it is: it has never seen a question
                 model, cache = load_model(os.path.join(cfg.run, ckpts[-1]))[0], run_cfg.feature_cache
             d = first_token_margins(model, tok, asked, cache, cfg.max_rows)
             yes, no = [x for x, y in d if y], [x for x, y in d if not y]
-            rows.append({"part": part or run_cfg.train, "steps": int(steps), "mean_d_yes": sum(yes) / len(yes),
-                         "mean_d_no": sum(no) / len(no), "yes_share": sum(x > 0 for x, _ in d) / len(d), "n": len(d)})
-    print("| tuned part | steps | mean d, answer yes | mean d, answer no | what the image adds | answered yes |")
-    print("|---|---|---|---|---|---|")
+            rows.append({"part": part or run_cfg.train, "steps": steps, "lr": lr if steps else 0.0,
+                         "mean_d_yes": sum(yes) / len(yes), "mean_d_no": sum(no) / len(no),
+                         "yes_share": sum(x > 0 for x, _ in d) / len(d), "n": len(d)})
+    print("| tuned part | steps | lr | mean d, answer yes | mean d, answer no | what the image adds | answered yes |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['part']} | {r['steps']} | {r['mean_d_yes']:+.3f} | {r['mean_d_no']:+.3f} | "
+        print(f"| {r['part']} | {r['steps']} | {r['lr']:g} | {r['mean_d_yes']:+.3f} | {r['mean_d_no']:+.3f} | "
               f"{r['mean_d_yes'] - r['mean_d_no']:+.3f} | {r['yes_share']:.1%} of {r['n']} |")
     if cfg.json:  # the rows and the command that regenerates them
         command = ["python", "-m", "experiments.yes_no", "--run", cfg.run, "--data", cfg.data, "--tune", cfg.tune,

@@ -116,22 +116,28 @@ def test_main_job_spec_asks_for_the_tuning(setup, tmp_path, monkeypatch):
     assert "instruct" not in exp.eval_spec("web", "u", "test")  # the raw checkpoint, as before
 
 
-def test_yes_no_diagnostic_rows_and_errors(setup, capsys):
+def test_yes_no_diagnostic_rows_and_errors(setup, capsys, monkeypatch):
     """experiments/yes_no.py on a tiny run: a row per PART:STEPS, shares in [0, 1], every question asked; one-line
     errors for a folder that is not a run and for a malformed --tune."""
     from experiments import yes_no
+    from experiments.bench_instruct import IT_LR
     from utils import UserError
     root, data, _, config = setup
     cfg = config("yes_no_run")
     train.main(cfg)
-    rows = yes_no.main(yes_no.YesNoConfig(run=cfg.out_dir, data=str(data), tune="all:2,:1,:0", max_rows=0))
-    assert [(r["part"], r["steps"]) for r in rows] == [("all", 2), ("all", 1), ("all", 0)]  # '': the run's part
+    tune, lrs, tune_main = "all:2,:1,:0,all:2:0.05", [], train.main
+    monkeypatch.setattr(train, "main", lambda c: lrs.append(c.lr) or tune_main(c))  # the copies' tuning lrs
+    rows = yes_no.main(yes_no.YesNoConfig(run=cfg.out_dir, data=str(data), tune=tune, max_rows=0))
+    assert [(r["part"], r["steps"], r["lr"]) for r in rows] == [("all", 2, IT_LR), ("all", 1, IT_LR), ("all", 0, 0.0),
+                                                                ("all", 2, 0.05)]  # '': the run's part
     assert all(0 <= r["yes_share"] <= 1 and r["n"] == 4 for r in rows)  # one presence question per val scene
+    assert lrs == [IT_LR, IT_LR, 0.05]  # the row's lr is the one its copy was tuned at (none for 0 steps)
     assert "what the image adds" in capsys.readouterr().out
+    for bad in ("all", "all:2:x", "all:2:0", "all:2:1e-3:4"):
+        with pytest.raises(UserError, match="--tune all"):
+            yes_no.main(yes_no.YesNoConfig(run=cfg.out_dir, data=str(data), tune=bad))
     with pytest.raises(UserError, match="--run"):
         yes_no.main(yes_no.YesNoConfig(run=str(root), data=str(data)))
-    with pytest.raises(UserError, match="--tune all"):
-        yes_no.main(yes_no.YesNoConfig(run=cfg.out_dir, data=str(data), tune="all"))
 
 
 def test_the_question_images_cache_changes_no_row(setup):

@@ -18,7 +18,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from world.generate import MIXES, GenConfig, generate, parse_args  # noqa
-from world.scenes import COLOURS, COLS, NUMS, PROBES, ROWS, SHAPES  # noqa
+from world.scenes import COLOURS, COLS, NUMS, PROBES, ROWS, SHAPES, position_phrase  # noqa
 
 TINY = dict(n_ref=300, n_text=40, n_label=20, n_train=300, n_val=20, n_test=20, n_probe=40, n_probe_val=20, workers=1)
 
@@ -171,6 +171,29 @@ def test_text_documents_end_with_true_answers(web, tmp_path):
                 assert answer == ("yes" if shape in description.split() else "no"), d["caption"]
             elif question == "how many shapes are there":
                 assert answer == NUMS[description.count(" and ") + 1], d["caption"]
+
+
+def test_grid_descriptions_follow_the_image_tokens_order(web, tmp_path):
+    """With --text-grid 1 every described text document starts with its scene cell by cell, row-major like the
+    H-LVLM's image tokens: 'size colour shape' where an object is, 'empty empty empty' elsewhere, 27 words, tags
+    aligned; the caption after it and every other file are byte for byte what they are without the flag."""
+    make(tmp_path, image_size=40, text_grid=1.0)
+    for name in ("train.jsonl", "ref.jsonl", "test.jsonl", "probes/colour.jsonl"):
+        assert filecmp.cmp(web / name, tmp_path / name, shallow=False), name
+    cells = [(r, c) for r in ("top", "middle", "bottom") for c in ("left", "center", "right")]
+    docs = read(tmp_path / "text.jsonl")
+    assert all(len(d["caption"].split(" ")) == len(d["tags"]) for d in docs)
+    for plain, d in zip(read(web / "text.jsonl"), docs):
+        grid, _, caption = d["caption"].partition(" . ")
+        assert caption == plain["caption"].partition(" . ")[2]  # the same caption; only its description differs
+        words = grid.split(" ")
+        assert len(words) == 27
+        objects = [tuple(words[3 * i:3 * i + 3]) for i in range(9)]
+        assert sum(o != ("empty",) * 3 for o in objects) == plain["caption"].partition(" . ")[0].count(" and ") + 1
+        for (r, c), o in zip(cells, objects):
+            if o != ("empty",) * 3:
+                assert o[0] in ("small", "large") and f"{o[0]} {o[1]} {o[2]} {position_phrase(r, c)}" in \
+                    plain["caption"].partition(" . ")[0], (o, r, c, plain["caption"])
 
 
 def test_glue_is_what_depends_on_the_image(web):

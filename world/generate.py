@@ -42,7 +42,7 @@ class GenConfig(Checks):
                       "rotate", "colour_jitter", "colour_contrast", "bg_noise", "shape_skew"), 0), **dict.fromkeys((
                       "image_share", "noise_share", "colour_corr", "site_shapes", "title_prob", "boiler_vary",
                       "bare_noise", "small_ratio", "jitter", "pair_prob", "cooccur_prob", "pos_prob", "count_prob",
-                      "text_context", "text_questions", "size_prob", "colour_prob"), FRACTION)}
+                      "text_context", "text_questions", "text_grid", "size_prob", "colour_prob"), FRACTION)}
     out: str = flag("data/synth", "output folder")
     seed: int = flag(0, "master seed; same config gives byte-identical files")
     mix: str = flag("web", "caption filler preset: sets the next three flags unless given", list(MIXES))
@@ -82,6 +82,7 @@ class GenConfig(Checks):
     pos_prob: float = flag(0.5, "chance a site's captions give object positions")
     count_prob: float = flag(0.25, "chance a site's captions count the objects ('three shapes :')")
     text_context: float = flag(1.0, "chance a text-only document starts with a full description of its scene")
+    text_grid: float = flag(0.0, "chance a text document's description is a 3x3 grid, cell by cell (scenes.grid_words)")
     text_questions: float = flag(0.0, "chance a text-only document ends with 3 questions about its scene, answered")
     size_prob: float = flag(0.35, "chance an object phrase keeps its size")
     colour_prob: float = flag(0.85, "chance an object phrase keeps its colour")

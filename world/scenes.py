@@ -171,6 +171,18 @@ def describe(groups):
     return w
 
 
+def grid_words(scene):
+    """The scene cell by cell in the order an H-LVLM's image tokens come (row-major, 3 tokens per 16-px cell):
+    'size colour shape' for an object, 'empty empty empty' for an empty cell: 27 words."""
+    at = {(o["row"], o["col"]): o for o in scene}
+    words = []
+    for r in ROWS:
+        for c in COLS:
+            o = at.get((r, c))
+            words += [(w, IMG) for w in (o["size"], o["colour"], o["shape"])] if o else [("empty", BOIL)] * 3
+    return words
+
+
 def label_words(scene):  # short label: 'two red circles and a blue square' (no size, no position)
     return describe([dict(g, size=None) for g in groups_of(scene, False)])
 
@@ -287,7 +299,9 @@ def text_document(scene, rng, cfg, pools, sites, site=None):
     text, tags = caption(scene, rng, cfg, pools, sites, site)
     if rng.random() >= cfg.text_context:
         return text, tags
-    full = describe(groups_of(scene, True)) + [(".", BOIL)]
+    grid = getattr(cfg, "text_grid", 0.0)  # 0 or 1: no draw, the same documents but for their descriptions
+    grid = grid >= 1 or (grid > 0 and rng.random() < grid)
+    full = (grid_words(scene) if grid else describe(groups_of(scene, True))) + [(".", BOIL)]
     return f"{text_of(full)} {text}", [t for _, t in full] + tags
 
 
