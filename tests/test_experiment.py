@@ -65,6 +65,24 @@ def test_report_regenerates_results_md_from_results_json(smoke, tmp_path):
     assert {r["benchmark"] for r in data} >= {"predicted_image", "predicted_glue", "share_boiler"}
 
 
+def test_eval_split_times_every_part_and_leaves_the_run_alone(smoke, tmp_path):
+    """experiments/eval_split.py on a finished smoke run: every part timed, a main run's evaluation is its
+    checkpoints' gaps + probes + tuned copy, and the run's folder is byte for byte as it was."""
+    from experiments import eval_split
+    out = smoke[0]
+    run_dir = out / "runs" / "web" / "h" / "ntp_lr0.003_s0"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    got = eval_split.main(eval_split.EvalSplitConfig(out=str(out), run="runs/web/h/ntp_lr0.003_s0", preset="smoke",
+                                                     reps=1, json=str(tmp_path / "split.json")))
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert all(got[k] > 0 for k in ("test_gaps_s", "probes_s", "val_gaps_s", "tuned_copy_s", "tuning_s", "train_s"))
+    assert got["tuning_s"] < got["tuned_copy_s"] and got["checkpoints"] == 2  # smoke: 6 steps, one every 3
+    assert got["main_run_eval_s"] == 2 * got["test_gaps_s"] + got["probes_s"] + got["tuned_copy_s"]
+    assert json.loads((tmp_path / "split.json").read_text())["command"].startswith("python -m experiments.eval_split")
+    with pytest.raises(Exception, match="--run"):
+        eval_split.main(eval_split.EvalSplitConfig(out=str(out), run="runs/nothing", preset="smoke"))
+
+
 def test_rerun_skips_finished_work(smoke):
     out, _ = smoke
     log = run(out)
