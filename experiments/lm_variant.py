@@ -30,11 +30,13 @@ READ = ("gap_image", "gap_shape", "gap_colour", "gap_count", "gap_size", "gap_po
 
 @dataclass
 class VariantConfig(Checks):
-    OWN_RANGES = {"text_grid": FRACTION, "text_questions": FRACTION, "base_steps": 1, "seed": 0, "lr": 0.0}
+    OWN_RANGES = {"text_grid": FRACTION, "text_questions": FRACTION, "pope_wording": FRACTION, "base_steps": 1,
+                  "seed": 0, "lr": 0.0}
     out: str = flag("", "output folder (data, tokenizer, base LM, the run)")
     preset: str = flag("cpu", "experiments.main's preset the rest comes from", list(X.PRESETS))
     text_grid: float = flag(0.0, "world.generate --text-grid: share of text documents described cell by cell")
     text_questions: float = flag(0.0, "world.generate --text-questions: share ending with answered questions")
+    pope_wording: float = flag(0.0, "world.generate --pope-wording: share of presence questions in POPE's words")
     base_steps: int = flag(3000, "base LM training steps (the cpu preset's: 3000)")
     seed: int = flag(1, "the NTP run's seed")
     lr: float = flag(0.03, "the NTP run's lr (the main job's choice for NTP)")
@@ -51,13 +53,15 @@ def main(cfg):
         check_out(cfg.json, "file", "--json")
     made = os.path.join(cfg.out, "variant.json")
     asked = {k: getattr(cfg, k) for k in ("preset", "text_grid", "text_questions", "base_steps")}
+    if cfg.pope_wording:  # only when given: the folders made before the flag stay valid
+        asked["pope_wording"] = cfg.pope_wording
     if os.path.exists(made) and json.load(open(made)) != asked:
         raise UserError(f"--out {cfg.out}: made with {json.load(open(made))}, not {asked}; give a new folder")
     os.makedirs(cfg.out, exist_ok=True)
     atomic_write(made, json.dumps(asked))
     saved = X.PRESETS[cfg.preset]
     X.PRESETS[cfg.preset] = preset = copy.deepcopy(saved)  # this process only: the workers get whole configs
-    preset["data"].update(text_grid=cfg.text_grid, text_questions=cfg.text_questions)
+    preset["data"].update(text_grid=cfg.text_grid, text_questions=cfg.text_questions, pope_wording=cfg.pope_wording)
     preset["base_lm"]["steps"] = cfg.base_steps
     try:
         exp = X.Experiment(X.ExperimentConfig(out=cfg.out, preset=cfg.preset, settings="web:h"))
@@ -76,9 +80,10 @@ def main(cfg):
     print(json.dumps(row, indent=1))
     if cfg.json:
         command = ["python", "-m", "experiments.lm_variant", "--out", cfg.out, "--preset", cfg.preset,
-                   "--text-grid", f"{cfg.text_grid:g}",
-                   "--text-questions", f"{cfg.text_questions:g}", "--base-steps", str(cfg.base_steps),
-                   "--seed", str(cfg.seed), "--lr", f"{cfg.lr:g}", "--json", cfg.json]
+                   "--text-grid", f"{cfg.text_grid:g}", "--text-questions", f"{cfg.text_questions:g}",
+                   *(["--pope-wording", f"{cfg.pope_wording:g}"] if cfg.pope_wording else []),
+                   "--base-steps", str(cfg.base_steps), "--seed", str(cfg.seed), "--lr", f"{cfg.lr:g}",
+                   "--json", cfg.json]
         atomic_write(cfg.json, json.dumps({"command": shlex.join(command), "row": row}, indent=1) + "\n")
     return row
 

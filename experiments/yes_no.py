@@ -25,6 +25,7 @@ import train
 from benchmarks.qa import build_qa
 from data import tokenizer as T
 from experiments.bench_instruct import IT_LR, instruct_config, qa_train_file
+from experiments.experiment import Experiment
 from model import load_model
 from utils import UserError, atomic_write, check_out, flag, from_dict, run
 
@@ -37,6 +38,7 @@ class YesNoConfig:
                      "comma-separated PART:STEPS[:LR] of instruction tuning (PART '' = the run's; STEPS 0 = untuned; "
                      "LR: default the main job's tuning lr)")
     max_rows: int = flag(160, "presence questions asked (one per validation scene)")
+    pope: bool = flag(False, "also ask each copy the main job's POPE-style files (test scenes, POPE's wording)")
     json: str = flag("", "also write the rows here ('' = print only)")
 
 
@@ -86,14 +88,20 @@ def main(cfg):
             rows.append({"part": part or run_cfg.train, "steps": steps, "lr": lr if steps else 0.0,
                          "mean_d_yes": sum(yes) / len(yes), "mean_d_no": sum(no) / len(no),
                          "yes_share": sum(x > 0 for x, _ in d) / len(d), "n": len(d)})
+            if cfg.pope:  # as the main job asks them (experiment.bench_specs), POPE's metrics only
+                pope = [b for b in Experiment.bench_specs(cfg.data) if b.startswith("pope:")]
+                got = E.evaluate_model(model, tok, bench=pope, feature_cache=cache, max_rows=cfg.max_rows)
+                rows[-1].update({k: got[k] for k in ("pope_acc", "pope_f1", "pope_yes_ratio")})
     print("| tuned part | steps | lr | mean d, answer yes | mean d, answer no | what the image adds | answered yes |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        pope = (f" POPE acc {r['pope_acc']:.1f}, F1 {r['pope_f1']:.1f}, yes {r['pope_yes_ratio']:.1f}%"
+                if cfg.pope else "")
         print(f"| {r['part']} | {r['steps']} | {r['lr']:g} | {r['mean_d_yes']:+.3f} | {r['mean_d_no']:+.3f} | "
-              f"{r['mean_d_yes'] - r['mean_d_no']:+.3f} | {r['yes_share']:.1%} of {r['n']} |")
+              f"{r['mean_d_yes'] - r['mean_d_no']:+.3f} | {r['yes_share']:.1%} of {r['n']} |{pope}")
     if cfg.json:  # the rows and the command that regenerates them
         command = ["python", "-m", "experiments.yes_no", "--run", cfg.run, "--data", cfg.data, "--tune", cfg.tune,
-                   "--max-rows", str(cfg.max_rows), "--json", cfg.json]
+                   "--max-rows", str(cfg.max_rows), *(["--pope"] if cfg.pope else []), "--json", cfg.json]
         atomic_write(cfg.json, json.dumps({"command": shlex.join(command), "rows": rows}, indent=1) + "\n")
     return rows
 

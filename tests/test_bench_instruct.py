@@ -133,6 +133,8 @@ def test_yes_no_diagnostic_rows_and_errors(setup, capsys, monkeypatch):
     assert all(0 <= r["yes_share"] <= 1 and r["n"] == 4 for r in rows)  # one presence question per val scene
     assert lrs == [IT_LR, IT_LR, 0.05]  # the row's lr is the one its copy was tuned at (none for 0 steps)
     assert "what the image adds" in capsys.readouterr().out
+    rows = yes_no.main(yes_no.YesNoConfig(run=cfg.out_dir, data=str(data), tune=":0", max_rows=0, pope=True))
+    assert 0 <= rows[0]["pope_acc"] <= 100 and 0 <= rows[0]["pope_yes_ratio"] <= 100  # --pope: the bench files too
     for bad in ("all", "all:2:x", "all:2:0", "all:2:1e-3:4"):
         with pytest.raises(UserError, match="--tune all"):
             yes_no.main(yes_no.YesNoConfig(run=cfg.out_dir, data=str(data), tune=bad))

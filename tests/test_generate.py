@@ -173,6 +173,19 @@ def test_text_documents_end_with_true_answers(web, tmp_path):
                 assert answer == NUMS[description.count(" and ") + 1], d["caption"]
 
 
+def test_pope_wording_asks_presence_in_popes_words_with_true_answers(tmp_path):
+    """--pope-wording 1: every presence question of a text document is asked as POPE asks it ("Is there a star in
+    the image?"), answered as the description says; no other question changes its words."""
+    make(tmp_path, image_size=40, text_questions=0.5, pope_wording=1.0)
+    asked = [d["caption"] for d in read(tmp_path / "text.jsonl") if " . question: " in d["caption"]]
+    assert asked and not any("question: is there a " in c for c in asked)
+    pope = [(c.partition(" . ")[0], q) for c in asked for q in c.split("question: ")[1:] if q.startswith("Is there")]
+    assert len(pope) > 10
+    for description, q in pope:
+        shape, answer = q.removeprefix("Is there a ").split(" in the image? answer: ")
+        assert answer.strip() == ("yes" if shape in description.split() else "no"), (description, q)
+
+
 def test_grid_descriptions_follow_the_image_tokens_order(web, tmp_path):
     """With --text-grid 1 every described text document starts with its scene cell by cell, row-major like the
     H-LVLM's image tokens: 'size colour shape' where an object is, 'empty empty empty' elsewhere, 27 words, tags

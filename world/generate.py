@@ -42,7 +42,8 @@ class GenConfig(Checks):
                       "rotate", "colour_jitter", "colour_contrast", "bg_noise", "shape_skew"), 0), **dict.fromkeys((
                       "image_share", "noise_share", "colour_corr", "site_shapes", "title_prob", "boiler_vary",
                       "bare_noise", "small_ratio", "jitter", "pair_prob", "cooccur_prob", "pos_prob", "count_prob",
-                      "text_context", "text_questions", "text_grid", "size_prob", "colour_prob"), FRACTION)}
+                      "text_context", "text_questions", "text_grid", "pope_wording", "size_prob", "colour_prob"),
+                     FRACTION)}
     out: str = flag("data/synth", "output folder")
     seed: int = flag(0, "master seed; same config gives byte-identical files")
     mix: str = flag("web", "caption filler preset: sets the next three flags unless given", list(MIXES))
@@ -84,6 +85,8 @@ class GenConfig(Checks):
     text_context: float = flag(1.0, "chance a text-only document starts with a full description of its scene")
     text_grid: float = flag(0.0, "chance a text document's description is a 3x3 grid, cell by cell (scenes.grid_words)")
     text_questions: float = flag(0.0, "chance a text-only document ends with 3 questions about its scene, answered")
+    pope_wording: float = flag(0.0, "share of those questions about presence asked in POPE's words ('Is there a "
+                                    "star in the image?')")
     size_prob: float = flag(0.35, "chance an object phrase keeps its size")
     colour_prob: float = flag(0.85, "chance an object phrase keeps its colour")
     workers: int = flag(2, "processes rendering images (the output does not depend on it)")
@@ -213,7 +216,7 @@ def generate(cfg):
                 # which the H-LVLM's frozen LM would need to answer from an image; it then did so from text, not
                 # from images (docs/experiment.md, "A frozen LM that answers"), so the main job leaves them out
                 words = answered_questions(scene, rng, SHAPES[:cfg.n_shapes], list(COLOURS)[:cfg.n_colours],
-                                           cfg.max_objects)
+                                           cfg.max_objects, pope_share=cfg.pope_wording)
                 text, tags = f"{text} {text_of(words)}", tags + [t for _, t in words]
             rows.append(dict(id=f"{split}-{len(rows):06d}", caption=text, tags=tags))
         files[split] = rows

@@ -417,13 +417,17 @@ def scene_questions(scene, rng, shapes, colours, max_objects=4, kinds=KINDS):
     return out
 
 
-def answered_questions(scene, rng, shapes, colours, max_objects=4, n=3):
+def answered_questions(scene, rng, shapes, colours, max_objects=4, n=3, pope_share=0.0):
     """[(word, tag)]: " . " then n of the scene's questions, each with its answer, in the instruction data's words
-    ("question: is there a star? answer: no ..."), to end a text document with. The template's words are tagged
+    ("question: is there a star? answer: no ..."), to end a text document with; a share pope_share of the presence
+    questions in POPE's words instead ("Is there a star in the image?"; 0: no draw). The template's words are tagged
     boilerplate, the answers image words (they depend on the scene)."""
     qs = scene_questions(scene, rng, shapes, colours, max_objects)
     rng.shuffle(qs)
     words = [(".", BOIL)]
     for q in qs[:n]:
-        words += [(w, BOIL) for w in PROMPT.format(q["question"]).split()] + [(w, IMG) for w in q["target"].split()]
+        text = q["question"]
+        if q["kind"] == "presence" and pope_share and rng.random() < pope_share:
+            text = f"Is there a {text.removeprefix('is there a ').removesuffix('?')} in the image?"
+        words += [(w, BOIL) for w in PROMPT.format(text).split()] + [(w, IMG) for w in q["target"].split()]
     return words
