@@ -23,7 +23,7 @@ import eval as E
 import train
 from data import tokenizer as T
 from experiments.bench_instruct import tuned_bench
-from experiments.experiment import Experiment, ExperimentConfig
+from experiments.experiment import PRESETS, Experiment, ExperimentConfig
 from experiments.worker import steps_seconds
 from model import load_model
 from utils import UserError, atomic_write, check_out, flag, from_dict, run
@@ -33,7 +33,7 @@ from utils import UserError, atomic_write, check_out, flag, from_dict, run
 class EvalSplitConfig:
     out: str = flag("out", "the main job's output folder (experiments.main --out)")
     run: str = flag("runs/web/h/ntp_lr0.03_s0", "a finished main run, relative to --out")
-    preset: str = flag("cpu", "the preset the main job ran")
+    preset: str = flag("cpu", "the preset the main job ran", list(PRESETS))
     reps: int = flag(3, "timings per part (the median is reported)", min=1)
     json: str = flag("", "also write the numbers and the command here")
 
