@@ -59,8 +59,8 @@ def main(cfg):
     exp = Experiment(ExperimentConfig(out=cfg.out, preset=cfg.preset, settings="web:h"))
     spec, val = exp.eval_spec("web", run_cfg.arch, "test"), exp.eval_spec("web", run_cfg.arch, "val")
     tok = T.load_tokenizer(run_cfg.tokenizer)
-    step = int(ckpts[-1][5:11])
-    model = load_model(os.path.join(run_dir, ckpts[-1]))[0].eval()
+    model, ckpt = load_model(os.path.join(run_dir, ckpts[-1]))
+    model, step = model.eval(), ckpt["step"]
     kw = dict(feature_cache=spec["feature_cache"], max_rows=spec["max_rows"])
     parts = {"test_gaps_s": lambda: E.evaluate_model(model, tok, test_path=spec["test"], **kw),
              "probes_s": lambda: E.evaluate_model(model, tok, probes_dir=spec["probes"], **kw),

@@ -47,11 +47,11 @@ def main(cfg):
     cfg.check()
     if not cfg.out:
         raise UserError("--out: give an output folder for the data, the base LM and the run")
-    if os.path.exists(cfg.out) and os.listdir(cfg.out) and not os.path.exists(os.path.join(cfg.out, "variant.json")):
+    made = os.path.join(cfg.out, "variant.json")
+    if os.path.exists(cfg.out) and os.listdir(cfg.out) and not os.path.exists(made):
         raise UserError(f"--out {cfg.out}: not empty and not made by this command (no variant.json); give a new folder")
     if cfg.json:
         check_out(cfg.json, "file", "--json")
-    made = os.path.join(cfg.out, "variant.json")
     asked = {k: getattr(cfg, k) for k in ("preset", "text_grid", "text_questions", "base_steps")}
     if cfg.pope_wording:  # only when given: the folders made before the flag stay valid
         asked["pope_wording"] = cfg.pope_wording

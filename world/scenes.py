@@ -299,8 +299,8 @@ def text_document(scene, rng, cfg, pools, sites, site=None):
     text, tags = caption(scene, rng, cfg, pools, sites, site)
     if rng.random() >= cfg.text_context:
         return text, tags
-    grid = getattr(cfg, "text_grid", 0.0)  # 0 or 1: no draw, the same documents but for their descriptions
-    grid = grid >= 1 or (grid > 0 and rng.random() < grid)
+    # text_grid 0 or 1: no draw, so the documents are the same but for their descriptions
+    grid = cfg.text_grid >= 1 or (cfg.text_grid > 0 and rng.random() < cfg.text_grid)
     full = (grid_words(scene) if grid else describe(groups_of(scene, True))) + [(".", BOIL)]
     return f"{text_of(full)} {text}", [t for _, t in full] + tags
 
