@@ -34,12 +34,13 @@ IT_STEPS, IT_LR = 20, 1e-3  # the paper's 20 steps; one lr for every arm, so the
 MARKER = "bench_it_steps"   # eval.json row: the bench rows of this step come after this many steps of tuning
 
 
-def qa_train_file(data, per_scene=2):
+def qa_train_file(data, per_scene=2, scenes=0):
     """data/bench/qa_train.jsonl: questions about train.jsonl's scenes (never the test scenes the files ask about),
-    written once per data folder, on first use."""
-    path = os.path.join(data, "bench", "qa_train.jsonl")
+    written once per data folder, on first use; with `scenes`, qa_train_<scenes>.jsonl, about the first that many
+    scenes alone (a tuning that reads 640 pairs need not load 16,000: the preset's it_scenes)."""
+    path = os.path.join(data, "bench", f"qa_train_{scenes}.jsonl" if scenes else "qa_train.jsonl")
     if not os.path.exists(path):
-        build_qa(os.path.join(data, "train.jsonl"), path, per_scene=per_scene)  # an atomic write
+        build_qa(os.path.join(data, "train.jsonl"), path, per_scene=per_scene, max_scenes=scenes)  # atomic write
     return path
 
 

@@ -63,6 +63,7 @@ def main(cfg):
     X.PRESETS[cfg.preset] = preset = copy.deepcopy(saved)  # this process only: the workers get whole configs
     preset["data"].update(text_grid=cfg.text_grid, text_questions=cfg.text_questions, pope_wording=cfg.pope_wording)
     preset["base_lm"]["steps"] = cfg.base_steps
+    preset["it_scenes"] = 0  # the tuned copy's questions about every training scene, as its rows in results/ were made
     try:
         exp = X.Experiment(X.ExperimentConfig(out=cfg.out, preset=cfg.preset, settings="web:h"))
         exp.prepare(with_pretrain=True)

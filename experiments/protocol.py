@@ -11,6 +11,8 @@ pure functions that experiment.py applies while it runs and reporting.py applies
     pilot curves  validation PRIMARY at a checkpoint every pilot_save_every steps (cpu preset: 48, 5 points;
                   the test curves: every 24, 10 points): the pilot's rules need no finer curve, and evaluation
                   is half of a pilot run's time at 10 points. (Before: every 24 steps, TAIL 3, the same span.)
+                  On eval_rows_val validation captions (cpu: 96; before: 160, the test's number), which made
+                  the same choices on the recorded pilot (experiments/pilot_rows.py).
     lr choice     per arm: the mean over pilot seeds of the mean of the validation PRIMARY over the last
                   TAIL checkpoints; the best lr, and among lrs within TIE of the best the smallest (a float-noise
                   margin: a near-tie must not flip the choice between machines). At a grid edge: one more value.
@@ -67,6 +69,16 @@ def next_lr(grid, chosen):
     grid = sorted(grid)
     ratio = grid[1] / grid[0]
     return float(f"{(chosen / ratio if chosen == grid[0] else chosen * ratio):.3g}")
+
+
+def settle(scores, base, extend):
+    """One round of an arm's lr choice on {lr: score} (the lrs run so far): (chosen, at_edge, lr to add): the lr
+    is one value past the edge the choice sits at, None once the choice stands (inside the grid, or the grid has
+    grown `extend` values past that side of the preset's `base` grid)."""
+    chosen, edge = choose_lr(scores)
+    grid = sorted(scores)
+    beyond = sum(lr < min(base) for lr in grid) if chosen == grid[0] else sum(lr > max(base) for lr in grid)
+    return chosen, edge, next_lr(grid, chosen) if edge and beyond < extend else None
 
 
 def peak_step(curve):

@@ -4,9 +4,10 @@
     python -m experiments.yes_no --run OUT/runs/web/h/ntp_lr0.003_s0 --data OUT/data_web --tune all:20,all:100
     python -m experiments.yes_no ... --tune projector:20:0.01,all:60:3e-4       # other tuning lrs
 
-For each PART:STEPS[:LR] of --tune, a copy of the run's last checkpoint is instruction-tuned exactly as the main
-job's evaluation does (STEPS 0: asked untuned; experiments/bench_instruct.instruct_config: QA about the training
-scenes, at LR (default the main job's 1e-3), PART = projector, all, or '' for the run's own), then asked presence
+For each PART:STEPS[:LR] of --tune, a copy of the run's last checkpoint is instruction-tuned as the main job's
+evaluation does (STEPS 0: asked untuned; experiments/bench_instruct.instruct_config: QA about the training scenes,
+all of them, where the main job reads its first it_scenes: pairs of the same kind; at LR, default the main job's
+1e-3; PART = projector, all, or '' for the run's own), then asked presence
 questions about the validation scenes, which no tuning saw ("question: is there a star? answer:", half yes, half
 no; benchmarks/qa.py). Each is decided, as the POPE rows are, by the answer's first token: d = log p(" y" | image,
 question) - log p(" no" | image, question). Printed per row: the mean d on questions whose answer is yes and on

@@ -112,6 +112,12 @@ def test_main_job_spec_asks_for_the_tuning(setup, tmp_path, monkeypatch):
     qa = [json.loads(x) for x in open(spec["instruct"]["data"])]
     assert qa and all(q["source"].startswith("train") for q in qa)  # never the test scenes the files ask about
     assert spec["bench"] and "instruct" not in exp.eval_spec("web", "u", "val")
+    monkeypatch.setitem(experiment.PRESETS["smoke"], "it_scenes", 3)  # questions about the first 3 scenes alone
+    few = exp.eval_spec("web", "u", "test")["instruct"]
+    assert few["data"].endswith("qa_train_3.jsonl") and few["image_cache"] == str(tmp_path / "images_web_qa3.u8")
+    sources = [json.loads(x)["source"] for x in open(few["data"])]
+    first = list(dict.fromkeys(q["source"] for q in qa))[:3]  # the full file's scenes, in train.jsonl's order
+    assert set(sources) == set(first) and len(sources) <= 6  # per_scene 2
     monkeypatch.setitem(experiment.PRESETS["smoke"], "it_steps", 0)
     assert "instruct" not in exp.eval_spec("web", "u", "test")  # the raw checkpoint, as before
 

@@ -83,6 +83,24 @@ def test_eval_split_times_every_part_and_leaves_the_run_alone(smoke, tmp_path):
         eval_split.main(eval_split.EvalSplitConfig(out=str(out), run="runs/nothing", preset="smoke"))
 
 
+
+def test_pilot_rows_rescoring_at_the_recorded_size_reproduces_the_pilot(smoke, tmp_path):
+    """experiments/pilot_rows.py on the smoke job: scored again on the pilot's own number of validation captions,
+    every checkpoint gives the recorded value, so the rules choose as the pilot did; a smaller size runs too."""
+    from experiments import pilot_rows
+    out = smoke[0]
+    got = pilot_rows.main(pilot_rows.PilotRowsConfig(out=str(out), rows="12,6", json=str(tmp_path / "rows.json")))
+    assert set(got) == {"web/h", "web/u"}
+    for setting in got.values():
+        recorded, again = setting["recorded"], setting["12"]
+        assert recorded["rows"] == 12 and again["same_choices"]
+        for arm in ("ntp", "oracle"):
+            assert again[arm]["scores"] == pytest.approx(recorded[arm]["scores"], rel=1e-6, abs=1e-6)
+        assert setting["6"]["rows"] == 6 and setting["6"]["eval_s_median"] > 0
+    assert json.loads((tmp_path / "rows.json").read_text())["command"].startswith("python -m experiments.pilot_rows")
+    with pytest.raises(Exception, match="--rows"):
+        pilot_rows.main(pilot_rows.PilotRowsConfig(out=str(out), rows="12,x"))
+
 def test_rerun_skips_finished_work(smoke):
     out, _ = smoke
     log = run(out)
