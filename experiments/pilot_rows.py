@@ -100,9 +100,11 @@ def main(cfg):
             rules = pilot_rules(curves, base, extend, seeds)
             same = all(rules[a]["chosen"] == out["recorded"][a]["chosen"] and not rules[a]["needs"] for a in tuned)
             out[str(n)] = {"rows": n, "eval_s_median": statistics.median(times), "same_choices": same, **rules}
-            print(f"{setting} at {n} rows: " + ", ".join(f"{a} {rules[a]['chosen']:g}" for a in tuned) +
-                  (f"; gate lower bound {rules['gate']['lower']:+.3f}" if "gate" in rules else "") +
-                  f"; {'the same choices' if same else 'OTHER CHOICES'} as the recorded pilot "
+            g = rules.get("gate")
+            gate_says = "" if g is None else f"; gate not read ({len(g['d'])} seeds)" if g["lower"] != g["lower"] \
+                else f"; gate lower bound {g['lower']:+.3f} ({'passed' if g['passed'] else 'FAILED'})"
+            print(f"{setting} at {n} rows: " + ", ".join(f"{a} {rules[a]['chosen']:g}" for a in tuned) + gate_says +
+                  f"; {'the same lrs' if same else 'OTHER LRS'} as the recorded pilot "
                   f"({out['recorded']['rows']} rows); {statistics.median(times):.2f} s per checkpoint")
         result[setting] = out
     if cfg.json:
