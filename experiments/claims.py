@@ -9,7 +9,7 @@ minimum detectable effect beside each verdict and PRIOR's share of the oracle's 
 import math
 
 from experiments.protocol import (CO_LEVEL, CO_PRIMARY, GATE_SEEDS, PRIMARY, TAIL, choose_lr, converged, every_seed,
-                                  gate, max_drop, mde, mean_curve, peak_step, share_of_oracle, tail_mean)
+                                  gate, lr_score, max_drop, mde, mean_curve, peak_step, share_of_oracle, tail_mean)
 from experiments.stats import ci, fmt, md_table, paired, pm, summary
 
 ARMS = ["oracle", "prior", "prior_shuffled", "anti_prior", "prior_shuffled_tag", "prior_alpha0.5", "prior_alpha2"]
@@ -42,7 +42,7 @@ def pilot_choice(grid_runs):
         by_loss.setdefault(loss, {})[lr] = seed_curves(steps)
     out = {}
     for loss, lrs in by_loss.items():
-        scores = {lr: sum(tail_mean(c) for c in curves.values()) / len(curves) for lr, curves in lrs.items() if curves}
+        scores = {lr: lr_score(list(curves.values())) for lr, curves in lrs.items() if curves}
         if scores:
             chosen, edge = choose_lr(scores)
             out[loss] = (chosen, edge, lrs[chosen])

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from experiments.importance import ImportanceConfig
 from experiments.jobs import Jobs
-from experiments.protocol import PRIMARY, settle, tail_mean
+from experiments.protocol import PRIMARY, lr_score, settle
 from world.generate import MIXES, GenConfig
 from data.tokenizer import TokenizerConfig
 from eval import EvalConfig
@@ -349,8 +349,7 @@ class Experiment:
             for key, grid in grids.items():
                 if key in choice:
                     continue
-                scores = {lr: sum(tail_mean(self.curve(*key, lr, s)) for s in self.p["pilot_seeds"])
-                          / len(self.p["pilot_seeds"]) for lr in grid}
+                scores = {lr: lr_score([self.curve(*key, lr, s) for s in self.p["pilot_seeds"]]) for lr in grid}
                 chosen, edge, more = settle(scores, self.p["lrs"][key[1]], self.p["extend"])
                 if more:  # one more value past that edge, then choose again
                     grid.append(more)

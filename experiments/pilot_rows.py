@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import eval as E
 from data import tokenizer as T
 from experiments.experiment import Experiment, ExperimentConfig
-from experiments.protocol import PRIMARY, gate, settle, tail_mean
+from experiments.protocol import PRIMARY, gate, lr_score, settle, tail_mean
 from model import load_model
 from utils import UserError, atomic_write, check_out, flag, run
 
@@ -40,7 +40,7 @@ def pilot_rules(curves, base, extend, seeds):
     for arm, by_lr in sorted(curves.items()):
         grid = [lr for lr in base if lr in by_lr]
         while True:
-            scores = {lr: statistics.mean(tail_mean(by_lr[lr][s]) for s in seeds) for lr in grid}
+            scores = {lr: lr_score([by_lr[lr][s] for s in seeds]) for lr in grid}
             chosen, edge, more = settle(scores, base, extend)
             if more and more in by_lr:
                 grid.append(more)

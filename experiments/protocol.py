@@ -50,6 +50,12 @@ def tail_mean(curve, k=TAIL):
     return sum(curve[s] for s in steps) / len(steps)
 
 
+def lr_score(curves):
+    """An lr's score in the pilot: the mean over its seeds' curves of each one's tail_mean (summed, then divided:
+    the experiment, its report and pilot_rows compute it alike, so a near-tie falls the same way in each)."""
+    return sum(tail_mean(c) for c in curves) / len(curves)
+
+
 def mean_curve(curves):
     """{step: mean over curves} over the steps every curve has."""
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []

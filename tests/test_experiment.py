@@ -83,7 +83,6 @@ def test_eval_split_times_every_part_and_leaves_the_run_alone(smoke, tmp_path):
         eval_split.main(eval_split.EvalSplitConfig(out=str(out), run="runs/nothing", preset="smoke"))
 
 
-
 def test_pilot_rows_rescoring_at_the_recorded_size_reproduces_the_pilot(smoke, tmp_path):
     """experiments/pilot_rows.py on the smoke job: scored again on the pilot's own number of validation captions,
     every checkpoint gives the recorded value, so the rules choose as the pilot did; a smaller size runs too."""
@@ -100,6 +99,7 @@ def test_pilot_rows_rescoring_at_the_recorded_size_reproduces_the_pilot(smoke, t
     assert json.loads((tmp_path / "rows.json").read_text())["command"].startswith("python -m experiments.pilot_rows")
     with pytest.raises(Exception, match="--rows"):
         pilot_rows.main(pilot_rows.PilotRowsConfig(out=str(out), rows="12,x"))
+
 
 def test_rerun_skips_finished_work(smoke):
     out, _ = smoke

@@ -19,7 +19,6 @@ def test_lr_choice_takes_the_smallest_of_near_ties():
     assert P.next_lr([1e-3, 3e-3, 1e-2], 1e-2) == 3e-2 and P.next_lr([1e-3, 3e-3, 1e-2], 1e-3) == 3.33e-4
 
 
-
 def test_settle_extends_a_grid_once_past_its_edge():
     base = [1e-3, 3e-3, 1e-2]
     assert P.settle({1e-3: 0.3, 3e-3: 0.4, 1e-2: 0.35}, base, 1) == (3e-3, False, None)  # inside: stands
@@ -27,6 +26,7 @@ def test_settle_extends_a_grid_once_past_its_edge():
     assert P.settle({1e-3: 0.3, 3e-3: 0.4, 1e-2: 0.45, 3e-2: 0.5}, base, 1) == (3e-2, True, None)  # grown: capped
     assert P.settle({1e-3: 0.5, 3e-3: 0.4, 1e-2: 0.45}, base, 1) == (1e-3, True, 3.33e-4)  # the other side
     assert P.settle({1e-3: 0.3, 3e-3: 0.4, 1e-2: 0.45}, base, 0) == (1e-2, True, None)     # extend 0: never
+
 
 def test_curve_rules_on_synthetic_curves():
     rising = {s: 1 - math.exp(-s / 20) for s in range(10, 110, 10)}  # saturating: flat by the end
