@@ -51,7 +51,7 @@ PRESETS = {
         pilot_save_every=48,
         # 5 pilot seeds: the positive control's gate (protocol.gate) reads a paired t interval over >= 5. The
         # pilot reads 96 validation captions, the test 160: on the pilot of results/main at 160, 96 makes the same
-        # lr choices and passes the gate (80 fails it, 64 moves NTP's lr: pilot_rows.json), at 0.6 of the time.
+        # lr choices and passes the gate (80 fails it, 64 moves NTP's lr: pilot_rows.json), for less evaluation.
         # The tuned copy reads 640 question pairs (20 steps x 32): it_scenes 2,000 loads 4,000, not all 16,000.
         eval_rows=160, eval_rows_val=96, settings="web:h", pilot_seeds=[100, 101, 102, 103, 104], extend=1,
         oracle_low=0.1, it_scenes=2000),
