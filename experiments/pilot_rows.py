@@ -77,15 +77,15 @@ def main(cfg):
         tuned = {loss: c["grid"] for loss, c in arms.items() if "grid" in c}
         dirs = {(loss, lr, s): exp.run_dir(mix, arch, loss, lr, s) for loss, grid in tuned.items() for lr in grid
                 for s in seeds}
+        ckpts = {k: sorted(glob.glob(os.path.join(d, "ckpt_*.pt"))) for k, d in dirs.items()}
         recorded = {}
         for (loss, lr, s), d in dirs.items():
-            recorded.setdefault(loss, {}).setdefault(lr, {})[s] = exp.curve(mix, arch, loss, lr, s)
+            recorded.setdefault(loss, {}).setdefault(lr, {})[s] = curve = exp.curve(mix, arch, loss, lr, s)
+            if not ckpts[loss, lr, s] or not curve:
+                raise UserError(f"--out {cfg.out}: no ckpt_*.pt or no {PRIMARY} rows in {d}/eval.json (the pilot's "
+                                f"checkpoints and curves are needed)")
         base, extend = exp.p["lrs"][arch], exp.p["extend"]
         out = {"recorded": {"rows": spec["max_rows"], **pilot_rules(recorded, base, extend, seeds)}}
-        ckpts = {k: sorted(glob.glob(os.path.join(d, "ckpt_*.pt"))) for k, d in dirs.items()}
-        missing = [dirs[k] for k, c in ckpts.items() if not c]
-        if missing:
-            raise UserError(f"--out {cfg.out}: no ckpt_*.pt in {missing[0]} (the pilot's checkpoints are needed)")
         for n in sizes:
             curves, times = {}, []
             for (loss, lr, s), paths in ckpts.items():

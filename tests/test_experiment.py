@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import experiment  # noqa: E402
 from experiments.protocol import PRIMARY  # noqa: E402
+from utils import UserError  # noqa: E402
 
 
 def run(out, *extra):
@@ -99,6 +100,12 @@ def test_pilot_rows_rescoring_at_the_recorded_size_reproduces_the_pilot(smoke, t
     assert json.loads((tmp_path / "rows.json").read_text())["command"].startswith("python -m experiments.pilot_rows")
     with pytest.raises(Exception, match="--rows"):
         pilot_rows.main(pilot_rows.PilotRowsConfig(out=str(out), rows="12,x"))
+    bare = tmp_path / "bare"  # the job's choices and config, but none of its pilot runs
+    bare.mkdir()
+    for name in ("lr_choice.json", "experiment_config.json", "tokenizer.json"):
+        (bare / name).write_bytes((out / name).read_bytes())
+    with pytest.raises(UserError, match="--out .*no ckpt_"):
+        pilot_rows.main(pilot_rows.PilotRowsConfig(out=str(bare), rows="12"))
 
 
 def test_rerun_skips_finished_work(smoke):
